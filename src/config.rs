@@ -1,0 +1,368 @@
+//! Configuration: the TOML file (`config/default.toml` is the reference), read once at start
+//! and passed down by value. Every section rejects unknown keys so a typo is an error naming the
+//! key, and every field has a default so an empty file (or no file) is a working server.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// The whole configuration, one struct per `[section]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listener and connection-level settings.
+    pub server: ServerConfig,
+    /// Where the embedded store keeps its files.
+    pub store: StoreConfig,
+    /// Built-in tick sources.
+    pub feed: FeedConfig,
+    /// Tokens for clients and producers.
+    pub auth: AuthConfig,
+    /// Per-connection and per-process limits.
+    pub limits: LimitsConfig,
+    /// The four-level priority queue between ingest and dispatch.
+    pub queue: QueueConfig,
+    /// Tick validation and de-duplication.
+    pub validation: ValidationConfig,
+    /// Fan-out to clients.
+    pub dispatch: DispatchConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the one HTTP + WebSocket listener binds. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Interval of the application heartbeat message and of WebSocket pings. A connection that
+    /// sends nothing (not even a pong) for three heartbeats is closed.
+    pub heartbeat_ms: u64,
+    /// How long shutdown waits for connections to close before giving up on them.
+    pub shutdown_grace_ms: u64,
+    /// Allowed `Origin` header values for browser connections; empty allows any origin.
+    pub allowed_origins: Vec<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            heartbeat_ms: 15_000,
+            shutdown_grace_ms: 5_000,
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Folder of the redb file and anything else the store keeps.
+    pub dir: PathBuf,
+    /// Dead-letter entries kept (oldest dropped first).
+    pub dlq_capacity: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("data"),
+            dlq_capacity: 10_000,
+        }
+    }
+}
+
+/// `[feed]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FeedConfig {
+    /// Run the built-in market simulator.
+    pub simulator: bool,
+    /// Simulator rate, ticks per second over all its symbols.
+    pub simulator_rate: u32,
+    /// Share of simulator ticks sent with `critical` priority, in parts per thousand.
+    pub simulator_critical_permille: u32,
+}
+
+impl Default for FeedConfig {
+    fn default() -> Self {
+        Self {
+            simulator: true,
+            simulator_rate: 1_000,
+            simulator_critical_permille: 2,
+        }
+    }
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Tokens accepted on `/ws`; empty means clients need no token.
+    pub client_tokens: Vec<String>,
+    /// Tokens accepted on `/ingest` and `POST /api/ticks`; empty means producers need none.
+    pub ingest_tokens: Vec<String>,
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Symbols one connection may subscribe to (`*` counts as one).
+    pub max_symbols: usize,
+    /// Client requests per second per connection; bursts of twice this pass.
+    pub ops_per_sec: u32,
+    /// Rate-limited requests in a row after which the connection is closed with 1008.
+    pub max_rate_limited: u32,
+    /// Largest inbound WebSocket frame or message; bigger closes the connection with 1009.
+    pub max_message_bytes: usize,
+    /// Largest `POST /api/ticks` body; bigger answers 413.
+    pub max_body_bytes: usize,
+    /// Bytes queued for one connection before slow-consumer handling.
+    pub outbound_buffer_bytes: usize,
+    /// Open WebSocket connections per client IP address.
+    pub max_connections_per_ip: usize,
+    /// Open WebSocket connections in the whole process; further upgrades answer 503.
+    pub max_connections: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_symbols: 1_000,
+            ops_per_sec: 20,
+            max_rate_limited: 50,
+            max_message_bytes: 65_536,
+            max_body_bytes: 16 * 1024 * 1024,
+            outbound_buffer_bytes: 4 * 1024 * 1024,
+            max_connections_per_ip: 10_000,
+            max_connections: 100_000,
+        }
+    }
+}
+
+/// `[queue]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Ticks the four-level priority queue holds in all.
+    pub capacity: usize,
+    /// Fill level (percent of capacity) up to which `high` ticks are admitted.
+    pub high_limit_pct: u8,
+    /// Fill level up to which `normal` ticks are admitted.
+    pub normal_limit_pct: u8,
+    /// Fill level up to which `low` ticks are admitted. `critical` ticks use all capacity.
+    pub low_limit_pct: u8,
+    /// Time to live in the queue per priority, in ms; 0 never expires. Expired ticks are dropped
+    /// at dequeue, counted and written to the dead-letter list with code `expired`.
+    pub ttl_ms: TtlConfig,
+    /// `retry_after_ms` told to a producer whose ticks were refused.
+    pub retry_after_ms: u64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            capacity: 65_536,
+            high_limit_pct: 95,
+            normal_limit_pct: 85,
+            low_limit_pct: 70,
+            ttl_ms: TtlConfig::default(),
+            retry_after_ms: 100,
+        }
+    }
+}
+
+/// `[queue.ttl_ms]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TtlConfig {
+    /// TTL of critical ticks (0: never expire).
+    pub critical: u64,
+    /// TTL of high ticks.
+    pub high: u64,
+    /// TTL of normal ticks.
+    pub normal: u64,
+    /// TTL of low ticks.
+    pub low: u64,
+}
+
+impl Default for TtlConfig {
+    fn default() -> Self {
+        Self {
+            critical: 0,
+            high: 30_000,
+            normal: 10_000,
+            low: 5_000,
+        }
+    }
+}
+
+/// `[validation]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// A `ts` further ahead of the server clock than this is `future_timestamp`.
+    pub max_future_ms: i64,
+    /// A `ts` older than this on live ingest is `stale_timestamp` (import ignores it).
+    pub max_age_ms: i64,
+    /// Recent ticks remembered per symbol for duplicate detection.
+    pub dedup_window: usize,
+    /// Distinct symbols the server tracks in all; ticks for further symbols are
+    /// `invalid_symbol`. Bounds the memory a producer can make the server spend.
+    pub max_total_symbols: usize,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self {
+            max_future_ms: 5_000,
+            max_age_ms: 86_400_000,
+            dedup_window: 1_024,
+            max_total_symbols: 100_000,
+        }
+    }
+}
+
+/// `[dispatch]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DispatchConfig {
+    /// Default `interval_ms` for throttled and batch modes when a request names none.
+    pub default_interval_ms: u64,
+    /// Smallest `interval_ms` a client may ask for.
+    pub min_interval_ms: u64,
+    /// Queued bytes (percent of `outbound_buffer_bytes`) past which smart mode leaves realtime.
+    pub smart_batch_pct: u8,
+    /// Queued bytes (percent) past which smart mode conflates.
+    pub smart_conflate_pct: u8,
+    /// Dispatcher timer resolution for throttled/batch/smart flushes, in ms.
+    pub timer_ms: u64,
+    /// Commands (subscribe, configure, ...) waiting for the dispatcher.
+    pub command_capacity: usize,
+    /// Messages queued per connection (on top of the byte limit).
+    pub outbound_messages: usize,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        Self {
+            default_interval_ms: 100,
+            min_interval_ms: 10,
+            smart_batch_pct: 10,
+            smart_conflate_pct: 50,
+            timer_ms: 5,
+            command_capacity: 4_096,
+            outbound_messages: 65_536,
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// Filter directives when `RUST_LOG` is unset.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses a TOML document and validates it.
+    ///
+    /// # Errors
+    /// Malformed TOML, an unknown key (named in the message) or an out-of-range value.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses a config file.
+    ///
+    /// # Errors
+    /// The file cannot be read, or [`Config::from_toml`] fails.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse(msg) => ConfigError::Parse(format!("{}: {msg}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Checks values serde cannot: ranges and relations between keys.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, why: &str| Err(ConfigError::Invalid(format!("{key}: {why}")));
+        if self.queue.capacity == 0 {
+            return invalid("queue.capacity", "must be at least 1");
+        }
+        for (key, pct) in [
+            ("queue.high_limit_pct", self.queue.high_limit_pct),
+            ("queue.normal_limit_pct", self.queue.normal_limit_pct),
+            ("queue.low_limit_pct", self.queue.low_limit_pct),
+        ] {
+            if pct == 0 || pct > 100 {
+                return invalid(key, "must be 1..=100");
+            }
+        }
+        if !(self.queue.low_limit_pct <= self.queue.normal_limit_pct
+            && self.queue.normal_limit_pct <= self.queue.high_limit_pct)
+        {
+            return invalid(
+                "queue.low_limit_pct",
+                "limits must not increase with lower priority (low <= normal <= high)",
+            );
+        }
+        if self.limits.ops_per_sec == 0 {
+            return invalid("limits.ops_per_sec", "must be at least 1");
+        }
+        if self.limits.max_symbols == 0 {
+            return invalid("limits.max_symbols", "must be at least 1");
+        }
+        if self.limits.max_message_bytes < 256 {
+            return invalid("limits.max_message_bytes", "must be at least 256");
+        }
+        if self.limits.outbound_buffer_bytes < 1024 {
+            return invalid("limits.outbound_buffer_bytes", "must be at least 1024");
+        }
+        if self.server.heartbeat_ms < 100 {
+            return invalid("server.heartbeat_ms", "must be at least 100");
+        }
+        if self.dispatch.timer_ms == 0 || self.dispatch.min_interval_ms == 0 {
+            return invalid("dispatch.timer_ms", "timer_ms and min_interval_ms must be >= 1");
+        }
+        if self.dispatch.outbound_messages == 0 || self.dispatch.command_capacity == 0 {
+            return invalid("dispatch.outbound_messages", "capacities must be >= 1");
+        }
+        if self.validation.dedup_window == 0 {
+            return invalid("validation.dedup_window", "must be at least 1");
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return invalid("log.format", "must be \"text\" or \"json\"");
+        }
+        Ok(())
+    }
+}

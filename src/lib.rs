@@ -1,0 +1,45 @@
+//! # tickfan
+//!
+//! A WebSocket real-time market-data fan-out server.
+//!
+//! # Layout
+//!
+//! Data flows left to right:
+//! `producers / simulator → ingest → queue → dispatch → per-client outbound queue → socket`,
+//! with `dispatch → store` beside it (durable history, snapshots and resume).
+//!
+//! - [`config`]: the TOML configuration, read once and passed down.
+//! - [`tick`]: the validated tick, its priority and its one serialization.
+//! - [`ingest`]: parse (simd-json), validate, score quality, de-duplicate, enqueue.
+//! - [`queue`]: the four-level bounded priority queue with admission limits and TTL.
+//! - [`dispatch`]: the one owner of routing state; stamps `seq`, fans out with `try_send`.
+//! - [`client`]: one task per `/ws` connection; requests in, queued frames out.
+//! - [`producer`]: the `/ingest` WebSocket.
+//! - [`http`]: the router and the plain HTTP routes.
+//! - [`store`]: the redb store (history, bars, dead letters, epoch).
+//! - [`dlq`]: the bounded dead-letter list.
+//! - [`ack`]: ingest acks that wait for the tick's durable fate.
+//! - [`simulator`]: the built-in market simulator.
+//! - [`protocol`]: client request and reply messages.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`server`]: wires everything and owns shutdown order; `server::run` is the entry point.
+
+pub mod ack;
+pub mod client;
+pub mod config;
+pub mod dispatch;
+pub mod dlq;
+pub mod error;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod producer;
+pub mod protocol;
+pub mod queue;
+pub mod server;
+pub mod simulator;
+pub mod store;
+pub mod tick;
+
+pub use config::Config;
+pub use server::run;
