@@ -1,1 +1,439 @@
-//! placeholder
+//! One `/ws` client connection, served by a single task (no split halves, no per-connection
+//! channels beyond the outbound queue) to keep idle connections small. Inbound: requests are
+//! rate-limited, parsed and turned into dispatcher commands, or answered here (ping, errors).
+//! Outbound: frames queued by the dispatcher and by this task are written in coalesced bursts
+//! (feed many, flush once). The task also runs the heartbeat, reaps silent peers, applies the
+//! late `auth` op, and closes with the right code when told to (slow consumer, shutdown).
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde_json::{json, Value};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::dispatch::outbound::{self, Frame, Outbound, OutboundReceiver};
+use crate::dispatch::registry::ClientKey;
+use crate::dispatch::{Command, DispatcherHandle};
+use crate::protocol::{self, close, error_message, ErrorCode, Request};
+use crate::tick::now_ms;
+
+/// How a connection stands with authentication when it is upgraded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthState {
+    /// No token needed, or a valid one came with the upgrade request.
+    Authorized,
+    /// A token came and it is wrong: close 4001 at once.
+    Rejected,
+    /// Tokens are required and none came: wait for the `auth` op.
+    Pending,
+}
+
+/// Time a client has to send `{"op":"auth"}` when it connected without a token.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes written per flush, so one busy client cannot hog its task's turn.
+const WRITE_BURST_BYTES: usize = 256 * 1024;
+
+/// What every client connection needs from the server.
+#[derive(Debug)]
+pub struct ClientContext {
+    /// Configuration.
+    pub config: Arc<Config>,
+    /// Commands to the dispatcher.
+    pub dispatcher: DispatcherHandle,
+    /// Cancelled on shutdown: close with 1001.
+    pub shutdown: CancellationToken,
+    /// Store epoch for the welcome.
+    pub epoch: u64,
+    /// Session id source.
+    pub sessions: AtomicU64,
+    /// Counters.
+    pub stats: ClientStats,
+}
+
+/// Per-server client counters.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    /// Connections currently open.
+    pub open: AtomicU64,
+    /// Frames written.
+    pub frames_sent: AtomicU64,
+    /// Bytes written (payload).
+    pub bytes_sent: AtomicU64,
+    /// Requests answered `rate_limited`.
+    pub rate_limited: AtomicU64,
+    /// Requests answered `bad_request` (or another request error).
+    pub bad_requests: AtomicU64,
+    /// Connections closed for not authenticating.
+    pub unauthorized: AtomicU64,
+    /// Connections closed for oversized frames.
+    pub too_big: AtomicU64,
+    /// Connections closed for silence (3 heartbeats).
+    pub idle_closed: AtomicU64,
+    /// Connections closed for sustained request abuse.
+    pub abuse_closed: AtomicU64,
+}
+
+struct Conn {
+    ctx: Arc<ClientContext>,
+    out: Outbound,
+    key: Option<ClientKey>,
+    auth: AuthState,
+    limiter: DefaultDirectRateLimiter,
+    limited_in_a_row: u32,
+    last_heard: Instant,
+}
+
+enum Flow {
+    Continue,
+    Close(u16, &'static str),
+}
+
+/// Serves one upgraded connection until it closes.
+pub async fn serve(socket: WebSocket, ctx: Arc<ClientContext>, auth: AuthState, peer: SocketAddr) {
+    ctx.stats.open.fetch_add(1, Ordering::Relaxed);
+    let (out, rx) = outbound::channel(
+        ctx.config.dispatch.outbound_messages,
+        ctx.config.limits.outbound_buffer_bytes,
+    );
+    let ops = ctx.config.limits.ops_per_sec;
+    let quota = Quota::per_second(NonZeroU32::new(ops).unwrap_or(NonZeroU32::MIN))
+        .allow_burst(NonZeroU32::new(ops.saturating_mul(2)).unwrap_or(NonZeroU32::MIN));
+    let mut conn = Conn {
+        ctx: ctx.clone(),
+        out,
+        key: None,
+        auth,
+        limiter: RateLimiter::direct(quota),
+        limited_in_a_row: 0,
+        last_heard: Instant::now(),
+    };
+    let key = run(&mut conn, socket, &rx).await;
+    if let Some(key) = key {
+        ctx.dispatcher.deregister(key);
+    }
+    ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
+    tracing::debug!(%peer, "client connection closed");
+}
+
+async fn run(conn: &mut Conn, mut socket: WebSocket, rx: &OutboundReceiver) -> Option<ClientKey> {
+    let ctx = conn.ctx.clone();
+    let heartbeat = Duration::from_millis(ctx.config.server.heartbeat_ms);
+    let session = format!(
+        "{:x}-{:x}",
+        ctx.epoch & 0xffff,
+        ctx.sessions.fetch_add(1, Ordering::Relaxed)
+    );
+    let limits = &ctx.config.limits;
+    let welcome = json!({
+        "type": "welcome", "protocol": 1,
+        "server": concat!("tickfan/", env!("CARGO_PKG_VERSION")),
+        "session": session, "epoch": ctx.epoch, "heartbeat_ms": ctx.config.server.heartbeat_ms,
+        "limits": {
+            "max_symbols": limits.max_symbols, "ops_per_sec": limits.ops_per_sec,
+            "max_message_bytes": limits.max_message_bytes,
+            "outbound_buffer_bytes": limits.outbound_buffer_bytes,
+            "history_max": protocol::MAX_HISTORY,
+        },
+    });
+    if socket
+        .send(Message::Text(welcome.to_string().into()))
+        .await
+        .is_err()
+    {
+        return None;
+    }
+    match conn.auth {
+        AuthState::Rejected => {
+            ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+            let err = error_message(None, ErrorCode::Unauthorized, "invalid token", None);
+            close_with(&mut socket, Some(err), close::UNAUTHORIZED, "unauthorized").await;
+            return None;
+        }
+        AuthState::Authorized => {
+            conn.key = Some(ctx.dispatcher.register(conn.out.clone()).await.ok()?);
+        }
+        AuthState::Pending => {}
+    }
+    let auth_deadline = Instant::now() + AUTH_TIMEOUT;
+    let mut beat = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+    beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let reason = loop {
+        let pending_auth = conn.auth == AuthState::Pending;
+        tokio::select! {
+            biased;
+            () = ctx.shutdown.cancelled() => break (close::GOING_AWAY, "server shutting down"),
+            code = rx.killed() => break (code, close_reason(code)),
+            frame = rx.recv() => {
+                let Some(frame) = frame else { break (close::GOING_AWAY, "server shutting down") };
+                tokio::select! {
+                    biased;
+                    () = ctx.shutdown.cancelled() => break (close::GOING_AWAY, "server shutting down"),
+                    code = rx.killed() => break (code, close_reason(code)),
+                    res = write_burst(&mut socket, frame, rx, &ctx.stats) => if res.is_err() { return conn.key },
+                }
+            }
+            msg = socket.next() => match msg {
+                None => return conn.key,
+                Some(msg) => {
+                    conn.last_heard = Instant::now();
+                    match on_message(conn, msg).await {
+                        Flow::Continue => {}
+                        Flow::Close(code, why) => break (code, why),
+                    }
+                }
+            },
+            _ = beat.tick() => {
+                if conn.last_heard.elapsed() > heartbeat * 3 {
+                    ctx.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                    break (close::NORMAL, "heartbeat timeout: nothing received for 3 heartbeats");
+                }
+                let hb = json!({"type": "heartbeat", "server_time": now_ms()}).to_string();
+                if conn.out.push_control(Frame::from(hb)).is_err() {
+                    break (close::SLOW_CONSUMER, "slow consumer");
+                }
+                // A WebSocket ping too: browsers answer it with a pong we count as life.
+                if socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                    return conn.key;
+                }
+            }
+            () = tokio::time::sleep_until(auth_deadline), if pending_auth => {
+                ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+                let err = error_message(None, ErrorCode::Unauthorized, "no token within 10 s", None);
+                close_with(&mut socket, Some(err), close::UNAUTHORIZED, "unauthorized").await;
+                return conn.key;
+            }
+        }
+    };
+    let (code, why) = reason;
+    let notice = (code == close::SLOW_CONSUMER).then(|| {
+        error_message(
+            None,
+            ErrorCode::SlowConsumer,
+            "outbound buffer overflow: reconnect and resume with since_seq",
+            None,
+        )
+    });
+    close_with(&mut socket, notice, code, why).await;
+    conn.key
+}
+
+fn close_reason(code: u16) -> &'static str {
+    match code {
+        close::SLOW_CONSUMER => "slow consumer",
+        close::GOING_AWAY => "server shutting down",
+        _ => "closed by server",
+    }
+}
+
+/// Writes `first` and whatever else is queued (up to a burst budget), then flushes once.
+async fn write_burst(
+    socket: &mut WebSocket,
+    first: Frame,
+    rx: &OutboundReceiver,
+    stats: &ClientStats,
+) -> Result<(), axum::Error> {
+    let mut bytes = first.len();
+    let mut frames = 1u64;
+    socket.feed(Message::Text(first)).await?;
+    while bytes < WRITE_BURST_BYTES {
+        let Some(next) = rx.try_recv() else { break };
+        bytes += next.len();
+        frames += 1;
+        socket.feed(Message::Text(next)).await?;
+    }
+    socket.flush().await?;
+    stats.frames_sent.fetch_add(frames, Ordering::Relaxed);
+    stats.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Sends an optional error message and a close frame, then waits briefly for the peer's close.
+async fn close_with(socket: &mut WebSocket, notice: Option<String>, code: u16, reason: &str) {
+    let grace = Duration::from_secs(5);
+    let _ = tokio::time::timeout(grace, async {
+        if let Some(text) = notice {
+            socket.feed(Message::Text(text.into())).await?;
+        }
+        socket
+            .send(Message::Close(Some(CloseFrame {
+                code,
+                reason: Utf8Bytes::from(reason),
+            })))
+            .await
+    })
+    .await;
+    // Read until the peer's close (or EOF) so the TCP connection ends cleanly.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(_)) = socket.next().await {}
+    })
+    .await;
+}
+
+async fn on_message(conn: &mut Conn, msg: Result<Message, axum::Error>) -> Flow {
+    let stats = &conn.ctx.stats;
+    match msg {
+        Ok(Message::Text(text)) => on_request(conn, text.as_str()).await,
+        Ok(Message::Binary(_)) => {
+            stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+            reply(
+                conn,
+                error_message(
+                    None,
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported; send JSON text",
+                    None,
+                ),
+            )
+        }
+        Ok(Message::Close(_)) => Flow::Close(close::NORMAL, "bye"),
+        Ok(Message::Ping(_) | Message::Pong(_)) => Flow::Continue,
+        Err(e) => {
+            let too_big = e
+                .into_inner()
+                .downcast::<tokio_tungstenite::tungstenite::Error>()
+                .is_ok_and(|e| matches!(*e, tokio_tungstenite::tungstenite::Error::Capacity(_)));
+            if too_big {
+                stats.too_big.fetch_add(1, Ordering::Relaxed);
+                Flow::Close(close::TOO_BIG, "message too big")
+            } else {
+                Flow::Close(close::NORMAL, "protocol error")
+            }
+        }
+    }
+}
+
+fn reply(conn: &Conn, text: String) -> Flow {
+    match conn.out.push_control(Frame::from(text)) {
+        Ok(()) => Flow::Continue,
+        Err(_) => Flow::Close(close::SLOW_CONSUMER, "slow consumer"),
+    }
+}
+
+async fn on_request(conn: &mut Conn, text: &str) -> Flow {
+    let ctx = conn.ctx.clone();
+    let parsed = protocol::parse_request(text);
+    let is_ping = matches!(parsed, Ok((_, Request::Ping)));
+    if !is_ping {
+        if let Err(not_until) = conn.limiter.check() {
+            conn.limited_in_a_row += 1;
+            ctx.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            if conn.limited_in_a_row > ctx.config.limits.max_rate_limited {
+                ctx.stats.abuse_closed.fetch_add(1, Ordering::Relaxed);
+                return Flow::Close(close::POLICY, "request rate abuse");
+            }
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            let retry = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+            let id = parsed.as_ref().ok().and_then(|(id, _)| id.clone());
+            return reply(
+                conn,
+                error_message(
+                    id.as_ref(),
+                    ErrorCode::RateLimited,
+                    "too many requests",
+                    Some(retry),
+                ),
+            );
+        }
+        conn.limited_in_a_row = 0;
+    }
+    let (id, request) = match parsed {
+        Ok(ok) => ok,
+        Err(bad) => {
+            ctx.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+            return reply(
+                conn,
+                error_message(bad.id.as_ref(), ErrorCode::BadRequest, &bad.message, None),
+            );
+        }
+    };
+    match request {
+        Request::Ping => reply(
+            conn,
+            json!({"type":"pong","id":id,"server_time":now_ms()}).to_string(),
+        ),
+        Request::Auth { token } => on_auth(conn, id, &token).await,
+        _ if conn.key.is_none() => reply(
+            conn,
+            error_message(
+                id.as_ref(),
+                ErrorCode::Unauthorized,
+                "authenticate first: {\"op\":\"auth\",\"token\":...}",
+                None,
+            ),
+        ),
+        request => {
+            let key = conn.key.unwrap_or_default();
+            let cmd = match request {
+                Request::Subscribe {
+                    symbols,
+                    settings,
+                    history,
+                    since_seq,
+                } => Command::Subscribe {
+                    key,
+                    id,
+                    symbols,
+                    settings,
+                    history,
+                    since_seq,
+                },
+                Request::Unsubscribe { symbols } => Command::Unsubscribe { key, id, symbols },
+                Request::Configure(settings) => Command::Configure { key, id, settings },
+                _ => Command::ClientSymbols { key, id },
+            };
+            match ctx.dispatcher.send(cmd).await {
+                Ok(()) => Flow::Continue,
+                Err(_) => Flow::Close(close::GOING_AWAY, "server shutting down"),
+            }
+        }
+    }
+}
+
+async fn on_auth(conn: &mut Conn, id: Option<Value>, token: &str) -> Flow {
+    let ctx = conn.ctx.clone();
+    if conn.key.is_some() {
+        return reply(conn, json!({"type":"ack","id":id,"op":"auth"}).to_string());
+    }
+    if !token_ok(&ctx.config.auth.client_tokens, Some(token)) {
+        ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+        let _ = reply(
+            conn,
+            error_message(id.as_ref(), ErrorCode::Unauthorized, "invalid token", None),
+        );
+        return Flow::Close(close::UNAUTHORIZED, "unauthorized");
+    }
+    conn.auth = AuthState::Authorized;
+    match ctx.dispatcher.register(conn.out.clone()).await {
+        Ok(key) => {
+            conn.key = Some(key);
+            reply(conn, json!({"type":"ack","id":id,"op":"auth"}).to_string())
+        }
+        Err(_) => Flow::Close(close::GOING_AWAY, "server shutting down"),
+    }
+}
+
+/// Whether `token` is acceptable for a route guarded by `tokens` (empty: no token needed).
+#[must_use]
+pub fn token_ok(tokens: &[String], token: Option<&str>) -> bool {
+    tokens.is_empty()
+        || token.is_some_and(|t| {
+            tokens
+                .iter()
+                .any(|k| constant_time_eq(k.as_bytes(), t.as_bytes()))
+        })
+}
+
+/// Compares without an early exit so response timing does not leak how much of a token matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -248,6 +248,9 @@ pub struct DispatchConfig {
     pub command_capacity: usize,
     /// Messages queued per connection (on top of the byte limit).
     pub outbound_messages: usize,
+    /// Most recent ticks the dispatcher keeps per symbol in memory. Snapshots and resumes
+    /// within this window are served from memory, exactly in step with live delivery.
+    pub recent_ticks: usize,
 }
 
 impl Default for DispatchConfig {
@@ -260,6 +263,7 @@ impl Default for DispatchConfig {
             timer_ms: 5,
             command_capacity: 4_096,
             outbound_messages: 65_536,
+            recent_ticks: 1_000,
         }
     }
 }
@@ -289,8 +293,7 @@ impl Config {
     /// # Errors
     /// Malformed TOML, an unknown key (named in the message) or an out-of-range value.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let config: Config =
-            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -352,7 +355,10 @@ impl Config {
             return invalid("server.heartbeat_ms", "must be at least 100");
         }
         if self.dispatch.timer_ms == 0 || self.dispatch.min_interval_ms == 0 {
-            return invalid("dispatch.timer_ms", "timer_ms and min_interval_ms must be >= 1");
+            return invalid(
+                "dispatch.timer_ms",
+                "timer_ms and min_interval_ms must be >= 1",
+            );
         }
         if self.dispatch.outbound_messages == 0 || self.dispatch.command_capacity == 0 {
             return invalid("dispatch.outbound_messages", "capacities must be >= 1");

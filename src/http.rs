@@ -1,1 +1,465 @@
-//! placeholder
+//! The one listener's routes: WebSocket upgrades for clients (`/ws`) and producers
+//! (`/ingest`), the producer batch endpoint, read-only JSON APIs, health, metrics and the
+//! embedded dashboard. Checks that must happen before an upgrade (tokens, origin, connection
+//! limits) live here; everything after the upgrade belongs to `client` and `producer`.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use parking_lot::Mutex;
+use serde::Deserialize;
+use serde_json::json;
+use tokio_util::task::TaskTracker;
+
+use crate::client::{self, token_ok, AuthState, ClientContext};
+use crate::config::Config;
+use crate::dispatch::{DispatchStats, DispatcherHandle};
+use crate::dlq::DeadLetters;
+use crate::ingest::Ingestor;
+use crate::metrics::Metrics;
+use crate::producer;
+use crate::queue::PriorityQueue;
+use crate::tick::Priority;
+
+/// Everything the routes need; cloned per request (an `Arc`).
+pub struct AppState {
+    /// Configuration.
+    pub config: Arc<Config>,
+    /// The ingest stage.
+    pub ingestor: Arc<Ingestor>,
+    /// The priority queue (depth for health and stats).
+    pub queue: Arc<PriorityQueue>,
+    /// Commands to the dispatcher.
+    pub dispatcher: DispatcherHandle,
+    /// Dispatcher counters.
+    pub dispatch_stats: Arc<DispatchStats>,
+    /// Shared by client connections.
+    pub clients: Arc<ClientContext>,
+    /// Dead letters.
+    pub dead_letters: Arc<DeadLetters>,
+    /// Upgraded connections, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Connection limits.
+    pub limits: ConnectionLimits,
+    /// Prometheus exposition.
+    pub metrics: Metrics,
+    /// Start time for uptime.
+    pub started: Instant,
+    /// Open-files limit in force (reported by /health).
+    pub fd_limit: u64,
+}
+
+/// Global and per-IP caps on open WebSocket connections.
+#[derive(Debug, Default)]
+pub struct ConnectionLimits {
+    open: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Upgrades refused because the global cap was reached.
+    pub refused_global: AtomicU64,
+    /// Upgrades refused because the client's IP was at its cap.
+    pub refused_per_ip: AtomicU64,
+}
+
+/// Holds one connection slot; frees it on drop.
+pub struct ConnectionSlot {
+    state: Arc<AppState>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let limits = &self.state.limits;
+        limits.open.fetch_sub(1, Ordering::AcqRel);
+        let mut per_ip = limits.per_ip.lock();
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl ConnectionLimits {
+    /// Open connections.
+    #[must_use]
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    fn acquire(state: &Arc<AppState>, ip: IpAddr) -> Result<ConnectionSlot, LimitRefusal> {
+        let limits = &state.limits;
+        let cfg = &state.config.limits;
+        let admitted = limits
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cfg.max_connections).then_some(n + 1)
+            })
+            .is_ok();
+        if !admitted {
+            limits.refused_global.fetch_add(1, Ordering::Relaxed);
+            return Err(LimitRefusal::Global);
+        }
+        let mut per_ip = limits.per_ip.lock();
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= cfg.max_connections_per_ip {
+            drop(per_ip);
+            limits.open.fetch_sub(1, Ordering::AcqRel);
+            limits.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+            return Err(LimitRefusal::PerIp);
+        }
+        *n += 1;
+        Ok(ConnectionSlot {
+            state: state.clone(),
+            ip,
+        })
+    }
+}
+
+/// Which connection cap refused an upgrade.
+#[derive(Debug, Clone, Copy)]
+enum LimitRefusal {
+    Global,
+    PerIp,
+}
+
+impl IntoResponse for LimitRefusal {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Global => error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_connections",
+                "server connection limit reached (limits.max_connections)",
+            ),
+            Self::PerIp => error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                "connection limit for this address reached (limits.max_connections_per_ip)",
+            ),
+        }
+    }
+}
+
+/// Builds the router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let body_limit = state.config.limits.max_body_bytes;
+    Router::new()
+        .route("/", get(crate::dashboard::index))
+        .route("/app.js", get(crate::dashboard::app_js))
+        .route("/style.css", get(crate::dashboard::style_css))
+        .route(
+            "/vendor/lightweight-charts.js",
+            get(crate::dashboard::chart_js),
+        )
+        .route("/ws", get(ws_client))
+        .route("/ingest", get(ws_ingest))
+        .route(
+            "/api/ticks",
+            post(post_ticks).layer(DefaultBodyLimit::max(body_limit)),
+        )
+        .route("/api/symbols", get(symbols))
+        .route("/api/dlq", get(dlq))
+        .route("/api/stats", get(stats))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// `Authorization: Bearer T` or `?token=T`.
+fn request_token<'a>(headers: &'a HeaderMap, query: &'a TokenQuery) -> Option<&'a str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .or(query.token.as_deref())
+}
+
+/// The `?token=` query parameter (other parameters are ignored).
+#[derive(Debug, Default, Deserialize)]
+pub struct TokenQuery {
+    token: Option<String>,
+}
+
+fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({"type": "error", "code": code, "message": message})),
+    )
+        .into_response()
+}
+
+fn unauthorized() -> Response {
+    error_response(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing or invalid token",
+    )
+}
+
+fn origin_allowed(config: &Config, headers: &HeaderMap) -> bool {
+    let allowed = &config.server.allowed_origins;
+    allowed.is_empty()
+        || headers
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .is_none_or(|o| allowed.iter().any(|a| a == o))
+}
+
+fn sized(ws: WebSocketUpgrade, config: &Config) -> WebSocketUpgrade {
+    let max = config.limits.max_message_bytes;
+    // A small read buffer keeps idle connections cheap; it grows only for big frames.
+    ws.read_buffer_size(4 * 1024)
+        .write_buffer_size(64 * 1024)
+        .max_write_buffer_size(config.limits.outbound_buffer_bytes + 1024 * 1024)
+        .max_message_size(max)
+        .max_frame_size(max)
+}
+
+async fn ws_client(
+    ws: WebSocketUpgrade,
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(query): Query<TokenQuery>,
+) -> Response {
+    if !origin_allowed(&state.config, &headers) {
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            "origin not allowed (server.allowed_origins)",
+        );
+    }
+    let slot = match ConnectionLimits::acquire(&state, peer.ip()) {
+        Ok(slot) => slot,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let tokens = &state.config.auth.client_tokens;
+    let auth = match request_token(&headers, &query) {
+        _ if tokens.is_empty() => AuthState::Authorized,
+        Some(t) if token_ok(tokens, Some(t)) => AuthState::Authorized,
+        Some(_) => AuthState::Rejected,
+        None => AuthState::Pending,
+    };
+    let ctx = state.clients.clone();
+    let tracker = state.tracker.clone();
+    sized(ws, &state.config).on_upgrade(move |socket| {
+        tracker.track_future(async move {
+            client::serve(socket, ctx, auth, peer).await;
+            drop(slot);
+        })
+    })
+}
+
+async fn ws_ingest(
+    ws: WebSocketUpgrade,
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(query): Query<TokenQuery>,
+) -> Response {
+    if !token_ok(
+        &state.config.auth.ingest_tokens,
+        request_token(&headers, &query),
+    ) {
+        return unauthorized();
+    }
+    let slot = match ConnectionLimits::acquire(&state, peer.ip()) {
+        Ok(slot) => slot,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let ingestor = state.ingestor.clone();
+    let shutdown = state.clients.shutdown.clone();
+    let tracker = state.tracker.clone();
+    sized(ws, &state.config).on_upgrade(move |socket| {
+        tracker.track_future(async move {
+            producer::serve(socket, ingestor, shutdown).await;
+            drop(slot);
+        })
+    })
+}
+
+async fn post_ticks(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<TokenQuery>,
+    body: Bytes,
+) -> Response {
+    if !token_ok(
+        &state.config.auth.ingest_tokens,
+        request_token(&headers, &query),
+    ) {
+        return unauthorized();
+    }
+    let ingestor = state.ingestor.clone();
+    // Parsing a large body is CPU work; keep it off the async workers' fast path.
+    let report = match tokio::task::spawn_blocking(move || ingestor.ingest_body(&body)).await {
+        Ok(report) => report,
+        Err(_) => {
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "ingest failed",
+            )
+        }
+    };
+    let (ack, backpressure) = report.settle().await;
+    match backpressure {
+        None => Json(ack).into_response(),
+        Some(bp) => {
+            let secs = bp.retry_after_ms.div_ceil(1000).max(1);
+            let mut body = serde_json::to_value(&bp).unwrap_or_default();
+            // The ack's counts ride along so the producer knows what did get in.
+            if let (Some(obj), Ok(serde_json::Value::Object(ack))) =
+                (body.as_object_mut(), serde_json::to_value(&ack))
+            {
+                for key in ["accepted", "duplicates", "rejected"] {
+                    if let Some(v) = ack.get(key) {
+                        obj.insert(key.into(), v.clone());
+                    }
+                }
+            }
+            let mut resp = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp
+        }
+    }
+}
+
+fn read_allowed(state: &AppState, headers: &HeaderMap, query: &TokenQuery) -> bool {
+    token_ok(
+        &state.config.auth.client_tokens,
+        request_token(headers, query),
+    )
+}
+
+async fn symbols(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<TokenQuery>,
+) -> Response {
+    if !read_allowed(&state, &headers, &query) {
+        return unauthorized();
+    }
+    match state.dispatcher.symbols().await {
+        Ok(list) => Json(json!({ "symbols": list })).into_response(),
+        Err(_) => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "shutting down",
+        ),
+    }
+}
+
+/// `?limit=N` (and `?token=`).
+#[derive(Debug, Deserialize)]
+pub struct LimitQuery {
+    limit: Option<usize>,
+    token: Option<String>,
+}
+
+async fn dlq(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<LimitQuery>,
+) -> Response {
+    let tq = TokenQuery {
+        token: q.token.clone(),
+    };
+    if !read_allowed(&state, &headers, &tq) {
+        return unauthorized();
+    }
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    Json(json!({ "entries": state.dead_letters.recent(limit) })).into_response()
+}
+
+async fn stats(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<TokenQuery>,
+) -> Response {
+    if !read_allowed(&state, &headers, &query) {
+        return unauthorized();
+    }
+    let ing = &state.ingestor.stats;
+    let d = &state.dispatch_stats;
+    let lanes: serde_json::Map<_, _> = Priority::ALL
+        .iter()
+        .map(|p| {
+            (
+                p.as_str().to_owned(),
+                state.queue.stats(*p).depth.load(Ordering::Relaxed).into(),
+            )
+        })
+        .collect();
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    Json(json!({
+        "uptime_s": state.started.elapsed().as_secs(),
+        "connections": state.clients.stats.open.load(Ordering::Relaxed),
+        "clients": load(&d.clients),
+        "ticks_received": load(&ing.received),
+        "ticks_accepted": load(&ing.accepted),
+        "ticks_rejected": ing.rejected_total(),
+        "ticks_duplicate": load(&ing.duplicates),
+        "ticks_refused": load(&ing.refused),
+        "ticks_dispatched": load(&d.dispatched),
+        "ingest_rate": state.metrics.ingest_rate(load(&ing.accepted)),
+        "messages_sent": load(&state.clients.stats.frames_sent),
+        "queue_depth": lanes,
+        "queue_capacity": state.queue.capacity(),
+        "dropped": {
+            "ttl_expired": load(&d.expired),
+            "slow_consumer_closes": load(&d.slow_consumer_closes),
+            "conflated": load(&d.conflated),
+        },
+        "epoch": state.clients.epoch,
+    }))
+    .into_response()
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let mut reasons = Vec::new();
+    let depth = state.queue.depth();
+    if depth * 100 >= state.queue.capacity() * 95 {
+        reasons.push(format!(
+            "priority queue {depth}/{} full",
+            state.queue.capacity()
+        ));
+    }
+    if state.clients.shutdown.is_cancelled() {
+        reasons.push("shutting down".to_owned());
+    }
+    let body = json!({
+        "status": if reasons.is_empty() { "ok" } else { "degraded" },
+        "reasons": reasons,
+        "uptime_s": state.started.elapsed().as_secs(),
+        "connections": state.limits.open(),
+        "max_connections": state.config.limits.max_connections,
+        "fd_limit": state.fd_limit,
+        "queue_depth": depth,
+        "epoch": state.clients.epoch,
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    let status = if reasons.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let text = state.metrics.render(&state);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}

@@ -16,6 +16,7 @@
 //! - [`client`]: one task per `/ws` connection; requests in, queued frames out.
 //! - [`producer`]: the `/ingest` WebSocket.
 //! - [`http`]: the router and the plain HTTP routes.
+//! - [`dashboard`]: the embedded browser dashboard (`web/`).
 //! - [`store`]: the redb store (history, bars, dead letters, epoch).
 //! - [`dlq`]: the bounded dead-letter list.
 //! - [`ack`]: ingest acks that wait for the tick's durable fate.
@@ -23,20 +24,24 @@
 //! - [`protocol`]: client request and reply messages.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`server`]: wires everything and owns shutdown order; `server::run` is the entry point.
+//! - [`shutdown`]: the SIGINT/SIGTERM signal; [`logging`]: tracing setup.
 
 pub mod ack;
 pub mod client;
 pub mod config;
+pub mod dashboard;
 pub mod dispatch;
 pub mod dlq;
 pub mod error;
 pub mod http;
 pub mod ingest;
+pub mod logging;
 pub mod metrics;
 pub mod producer;
 pub mod protocol;
 pub mod queue;
 pub mod server;
+pub mod shutdown;
 pub mod simulator;
 pub mod store;
 pub mod tick;

@@ -1,1 +1,159 @@
-//! placeholder
+//! Prometheus metrics through `metrics-exporter-prometheus`. Each server owns its own recorder
+//! (no global state, so tests can run several servers in one process). Counters live as atomics
+//! next to the code that counts (ingest, queue, dispatcher, connections); at scrape time they are
+//! copied into the recorder, which does the exposition. Latency histograms are recorded directly
+//! by the dispatcher through handles taken from here.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use metrics::{Key, Label, Recorder};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
+use parking_lot::Mutex;
+
+use crate::http::AppState;
+use crate::ingest::RejectCode;
+use crate::tick::Priority;
+
+static METADATA: metrics::Metadata<'static> =
+    metrics::Metadata::new("tickfan", metrics::Level::INFO, Some(module_path!()));
+
+/// Histogram buckets in seconds: 10 µs .. 5 s.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 1.0, 5.0,
+];
+
+/// The recorder of one server plus the state `/api/stats` derives rates from.
+pub struct Metrics {
+    recorder: PrometheusRecorder,
+    rate: Mutex<(Instant, u64, f64)>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh recorder.
+    #[must_use]
+    pub fn new() -> Self {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&LATENCY_BUCKETS)
+            .map_or_else(
+                |_| PrometheusBuilder::new().build_recorder(),
+                PrometheusBuilder::build_recorder,
+            );
+        Self {
+            recorder,
+            rate: Mutex::new((Instant::now(), 0, 0.0)),
+        }
+    }
+
+    /// Histogram of seconds from server receipt (`t_in`) to the dispatcher stamping the tick.
+    pub fn ingest_to_dispatch(&self) -> metrics::Histogram {
+        self.recorder.register_histogram(
+            &Key::from_name("tickfan_ingest_to_dispatch_seconds"),
+            &METADATA,
+        )
+    }
+
+    /// Accepted ticks per second, averaged since the previous call (at least 1 s apart).
+    pub fn ingest_rate(&self, accepted: u64) -> f64 {
+        let mut r = self.rate.lock();
+        let elapsed = r.0.elapsed().as_secs_f64();
+        if elapsed >= 1.0 {
+            #[allow(clippy::cast_precision_loss)]
+            let rate = (accepted.saturating_sub(r.1)) as f64 / elapsed;
+            *r = (Instant::now(), accepted, rate);
+        }
+        r.2
+    }
+
+    fn counter(&self, name: &'static str, labels: Vec<Label>, value: u64) {
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &METADATA)
+            .absolute(value);
+    }
+
+    fn gauge(&self, name: &'static str, labels: Vec<Label>, value: u64) {
+        #[allow(clippy::cast_precision_loss)]
+        self.recorder
+            .register_gauge(&Key::from_parts(name, labels), &METADATA)
+            .set(value as f64);
+    }
+
+    /// Copies every counter into the recorder and renders the exposition text.
+    #[must_use]
+    pub fn render(&self, s: &AppState) -> String {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let ing = &s.ingestor.stats;
+        self.counter("tickfan_ticks_received_total", vec![], load(&ing.received));
+        self.counter("tickfan_ticks_accepted_total", vec![], load(&ing.accepted));
+        self.counter(
+            "tickfan_ticks_duplicate_total",
+            vec![],
+            load(&ing.duplicates),
+        );
+        for (i, code) in RejectCode::ALL.iter().enumerate() {
+            let v = load(&ing.rejected[i]);
+            self.counter(
+                "tickfan_ticks_rejected_total",
+                vec![Label::new("code", code.as_str())],
+                v,
+            );
+        }
+        for p in Priority::ALL {
+            let lane = s.queue.stats(p);
+            let l = || vec![Label::new("priority", p.as_str())];
+            self.gauge(
+                "tickfan_queue_depth",
+                l(),
+                lane.depth.load(Ordering::Relaxed) as u64,
+            );
+            self.counter("tickfan_queue_pushed_total", l(), load(&lane.pushed));
+            self.counter("tickfan_queue_refused_total", l(), load(&lane.refused));
+            self.counter("tickfan_queue_expired_total", l(), load(&lane.expired));
+        }
+        self.gauge("tickfan_queue_capacity", vec![], s.queue.capacity() as u64);
+        let d = &s.dispatch_stats;
+        self.counter(
+            "tickfan_ticks_dispatched_total",
+            vec![],
+            load(&d.dispatched),
+        );
+        self.counter("tickfan_messages_queued_total", vec![], load(&d.messages));
+        self.counter("tickfan_conflated_ticks_total", vec![], load(&d.conflated));
+        self.counter(
+            "tickfan_mode_switches_total",
+            vec![],
+            load(&d.mode_switches),
+        );
+        self.gauge("tickfan_clients", vec![], load(&d.clients));
+        let c = &s.clients.stats;
+        self.gauge("tickfan_connections", vec![], load(&c.open));
+        self.counter("tickfan_messages_sent_total", vec![], load(&c.frames_sent));
+        self.counter("tickfan_sent_bytes_total", vec![], load(&c.bytes_sent));
+        let limit = |name: &'static str, v: u64| {
+            self.counter(
+                "tickfan_limit_hits_total",
+                vec![Label::new("limit", name)],
+                v,
+            );
+        };
+        limit("slow_consumer", load(&d.slow_consumer_closes));
+        limit("ops_per_sec", load(&c.rate_limited));
+        limit("abuse_close", load(&c.abuse_closed));
+        limit("max_message_bytes", load(&c.too_big));
+        limit("unauthorized", load(&c.unauthorized));
+        limit("heartbeat_timeout", load(&c.idle_closed));
+        limit("max_connections", load(&s.limits.refused_global));
+        limit("max_connections_per_ip", load(&s.limits.refused_per_ip));
+        limit("queue_full", load(&ing.refused));
+        self.counter("tickfan_bad_requests_total", vec![], load(&c.bad_requests));
+        self.gauge("tickfan_dead_letters", vec![], s.dead_letters.len() as u64);
+        self.recorder.handle().render()
+    }
+}

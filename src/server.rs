@@ -1,1 +1,152 @@
-//! placeholder
+//! Wires the stages together and owns the shutdown order. `run` takes an already-bound
+//! listener (tests bind `127.0.0.1:0`) and a shutdown future (the binary passes SIGINT/SIGTERM).
+//!
+//! Shutdown order, so that nothing accepted is lost: (1) stop accepting, close clients with
+//! 1001, stop the simulator and producers' reads; (2) wait for connections, which lets producers
+//! receive the acks of what they already sent while the dispatcher still runs; (3) stop the
+//! dispatcher, which drains the queue into the sink; (4) flush and close the sink.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::client::{ClientContext, ClientStats};
+use crate::config::Config;
+use crate::dispatch::{DispatchStats, Dispatcher, NoSink};
+use crate::dlq::DeadLetters;
+use crate::error::ServerError;
+use crate::http::{self, AppState, ConnectionLimits};
+use crate::ingest::Ingestor;
+use crate::metrics::Metrics;
+use crate::queue::PriorityQueue;
+use crate::simulator;
+
+/// Runs the server on `listener` until `shutdown` resolves, then shuts down in order.
+///
+/// # Errors
+/// Serving failed (I/O on the listener).
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let config = Arc::new(config);
+    let stop = CancellationToken::new();
+    let queue = Arc::new(PriorityQueue::new(&config.queue));
+    let dead_letters = Arc::new(DeadLetters::new(config.store.dlq_capacity));
+    let ingestor = Arc::new(Ingestor::new(
+        config.validation.clone(),
+        queue.clone(),
+        dead_letters.clone(),
+    ));
+    let dispatch_stats = Arc::new(DispatchStats::default());
+    let metrics = Metrics::new();
+    let epoch = new_epoch();
+    let (dispatcher, handle) = Dispatcher::new(
+        &config,
+        queue.clone(),
+        NoSink,
+        dead_letters.clone(),
+        dispatch_stats.clone(),
+        Vec::new(),
+    );
+    let dispatcher = dispatcher.with_latency_histogram(metrics.ingest_to_dispatch());
+    let dispatcher_stop = CancellationToken::new();
+    let dispatcher_task = tokio::spawn(dispatcher.run(dispatcher_stop.clone()));
+
+    let tracker = TaskTracker::new();
+    if config.feed.simulator {
+        tracker.spawn(simulator::run(
+            config.feed.clone(),
+            ingestor.clone(),
+            stop.clone(),
+        ));
+    }
+    let clients = Arc::new(ClientContext {
+        config: config.clone(),
+        dispatcher: handle.clone(),
+        shutdown: stop.clone(),
+        epoch,
+        sessions: AtomicU64::new(1),
+        stats: ClientStats::default(),
+    });
+    let state = Arc::new(AppState {
+        config: config.clone(),
+        ingestor,
+        queue,
+        dispatcher: handle,
+        dispatch_stats,
+        clients,
+        dead_letters,
+        tracker: tracker.clone(),
+        limits: ConnectionLimits::default(),
+        metrics,
+        started: Instant::now(),
+        fd_limit: fd_limit(),
+    });
+    let app = http::router(state);
+    let local = listener.local_addr()?;
+    tracing::info!(%local, simulator = config.feed.simulator, "tickfan serving");
+
+    let stop_on_signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        stop_on_signal.cancel();
+    });
+    let serve = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop.clone().cancelled_owned());
+    serve.await?;
+    stop.cancel();
+    tracing::info!("shutting down: closing connections");
+    tracker.close();
+    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("connections still open after the shutdown grace period");
+    }
+    dispatcher_stop.cancel();
+    let _sink = dispatcher_task
+        .await
+        .map_err(|e| ServerError::Io(std::io::Error::other(e)))?;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+/// A fresh nonzero epoch (replaced by the store's persisted epoch when a store is attached).
+fn new_epoch() -> u64 {
+    use rand::Rng;
+    rand::thread_rng().gen_range(1..u64::from(u32::MAX))
+}
+
+/// Raises the soft open-files limit to the hard limit and returns the limit in force.
+#[must_use]
+pub fn fd_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+        lim.rlim_cur
+    }
+}

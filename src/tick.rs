@@ -26,8 +26,7 @@ impl Symbol {
     pub fn is_valid(s: &str) -> bool {
         !s.is_empty()
             && s.len() <= Self::MAX_LEN
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'/' | b':'))
     }
 

@@ -1,1 +1,466 @@
-fn main() {}
+//! `tickfan-loadtest`: opens N subscribed client connections to a tickfan server,
+//! optionally drives a producer at R ticks/s, and reports delivery rate, seq gaps and
+//! duplicates, latency from `t_in`, closes and errors, and (with `--server-pid`) the
+//! server's CPU per delivered message and memory per connection.
+//!
+//! This file is only the command line: parse, validate, build the runtime, run, report.
+//! `run` owns the timeline, `client` one connection, `producer` the `/ingest` feed,
+//! `stats` the counters, `report` the output, `sysinfo` `/proc` and rlimits.
+
+mod client;
+mod producer;
+mod report;
+mod run;
+mod stats;
+mod sysinfo;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use tokio_tungstenite::tungstenite::http::Uri;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::client::{ClientCtx, Subscription};
+use crate::producer::ProducerConfig;
+use crate::report::{ConfigEcho, ConnSummary, IdleMemory, Latency, ProcSummary, Summary};
+use crate::run::{RunConfig, Samples};
+use crate::stats::CONNS;
+
+/// File descriptors kept free for everything that is not a client connection (the
+/// producer, /proc reads, the runtime's own fds, stdout/stderr).
+const SPARE_FDS: u64 = 64;
+
+/// Delivery mode requested in every client's subscribe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Realtime,
+    Throttled,
+    Batch,
+    Smart,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Realtime => "realtime",
+            Mode::Throttled => "throttled",
+            Mode::Batch => "batch",
+            Mode::Smart => "smart",
+        }
+    }
+}
+
+/// Load-test client for the tickfan WebSocket fan-out server.
+#[derive(Debug, Parser)]
+#[command(name = "tickfan-loadtest", version, about)]
+struct Args {
+    /// Server base URL (ws:// or http://, no path); /ws and /ingest are appended.
+    #[arg(long, default_value = "ws://127.0.0.1:8080")]
+    url: String,
+    /// Allow a server that is not on a loopback address.
+    #[arg(long)]
+    allow_remote: bool,
+    /// Client connections to open (N).
+    #[arg(short = 'c', long, default_value_t = 100)]
+    connections: usize,
+    /// Symbol universe: a count S (named PREFIX0..PREFIX{S-1}) or a comma-separated list.
+    #[arg(long, default_value = "100")]
+    symbols: String,
+    /// Prefix of generated symbol names.
+    #[arg(long, default_value = "LT")]
+    symbol_prefix: String,
+    /// Symbols each client subscribes to (K of S, spread evenly).
+    #[arg(short = 'k', long, default_value_t = 10)]
+    symbols_per_client: usize,
+    /// Delivery mode asked for in the subscribe.
+    #[arg(long, value_enum, default_value_t = Mode::Realtime)]
+    mode: Mode,
+    /// interval_ms of throttled/batch/smart modes.
+    #[arg(long, default_value_t = 100)]
+    interval_ms: u64,
+    /// min_quality filter (0-100).
+    #[arg(long, default_value_t = 0)]
+    min_quality: u32,
+    /// min_volume filter.
+    #[arg(long, default_value_t = 0.0)]
+    min_volume: f64,
+    /// Client token (sent as Authorization: Bearer).
+    #[arg(long)]
+    token: Option<String>,
+    /// Producer token for /ingest (defaults to --token).
+    #[arg(long)]
+    ingest_token: Option<String>,
+    /// Producer rate in ticks per second over /ingest (0: no producer).
+    #[arg(short = 'r', long, default_value_t = 0.0)]
+    rate: f64,
+    /// Producer pacing step in ms: each step sends the ticks that are due as one frame.
+    #[arg(long, default_value_t = 5)]
+    batch_ms: u64,
+    /// Length of the measurement window in seconds (after the ramp-up).
+    #[arg(short = 'd', long, default_value_t = 10.0)]
+    duration: f64,
+    /// How long clients keep counting after the producer stops, for ticks in flight.
+    #[arg(long, default_value_t = 1000)]
+    drain_ms: u64,
+    /// Hold N subscribed connections with no producer and report the server's RSS
+    /// growth per connection.
+    #[arg(long)]
+    idle: bool,
+    /// Server process id: report its CPU time and RSS.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Write the summary as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Runtime worker threads (the server wants the other core).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Connections in their connect/handshake phase at once.
+    #[arg(long, default_value_t = 200)]
+    connect_concurrency: usize,
+    /// Connections per loopback source address (127.0.0.1, then .2, ...). Below both the
+    /// ephemeral port range and the server's default max_connections_per_ip.
+    #[arg(long, default_value_t = 10_000)]
+    conns_per_ip: usize,
+    /// Timeout of one TCP connect plus WebSocket handshake, in ms.
+    #[arg(long, default_value_t = 10_000)]
+    connect_timeout_ms: u64,
+    /// Give up waiting for connections to come up after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    ramp_timeout: u64,
+    /// Per-connection WebSocket read buffer in KiB (tungstenite's default is 128).
+    #[arg(long, default_value_t = 8)]
+    read_buffer_kb: usize,
+    /// No live line on stderr.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+/// The server address and the two endpoint URLs derived from `--url`.
+#[derive(Debug)]
+struct Target {
+    addr: SocketAddr,
+    ws_url: String,
+    ingest_url: String,
+}
+
+fn parse_target(url: &str, allow_remote: bool) -> anyhow::Result<Target> {
+    let uri: Uri = url
+        .parse()
+        .with_context(|| format!("--url {url:?} is not a URL"))?;
+    match uri.scheme_str() {
+        Some("ws" | "http") => {}
+        Some("wss" | "https") => bail!("--url: TLS is not supported; use ws://"),
+        _ => bail!("--url must start with ws:// (or http://)"),
+    }
+    if !matches!(uri.path(), "" | "/") {
+        bail!("--url takes the server base (ws://HOST:PORT); /ws and /ingest are appended");
+    }
+    let host = uri.host().context("--url has no host")?;
+    let port = uri.port_u16().unwrap_or(80);
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let addrs: Vec<SocketAddr> = (bare, port)
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {host}"))?
+        .collect();
+    // Prefer IPv4: source-address spreading works over 127.0.0.0/8 only.
+    let addr = addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .with_context(|| format!("{host} resolves to nothing"))?;
+    if !addr.ip().is_loopback() && !allow_remote {
+        bail!(
+            "{host} ({}) is not a loopback address; pass --allow-remote to load-test it",
+            addr.ip()
+        );
+    }
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or(host);
+    Ok(Target {
+        addr,
+        ws_url: format!("ws://{authority}/ws"),
+        ingest_url: format!("ws://{authority}/ingest"),
+    })
+}
+
+/// `--symbols`: a count or a list.
+fn parse_symbols(spec: &str, prefix: &str) -> anyhow::Result<Vec<String>> {
+    let spec = spec.trim();
+    if let Ok(n) = spec.parse::<usize>() {
+        if n == 0 {
+            bail!("--symbols must be at least 1");
+        }
+        return Ok((0..n).map(|i| format!("{prefix}{i}")).collect());
+    }
+    let mut list: Vec<String> = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    let before = list.len();
+    list.sort();
+    list.dedup();
+    if list.len() != before {
+        eprintln!("--symbols: duplicate names removed");
+    }
+    if list.is_empty() {
+        bail!("--symbols is empty");
+    }
+    Ok(list)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !(args.duration > 0.0 && args.duration <= 86_400.0) {
+        bail!("--duration must be > 0 and at most 86400 seconds");
+    }
+    if args.idle && args.rate > 0.0 {
+        bail!("--idle runs without a producer; drop --rate");
+    }
+    if !(args.rate >= 0.0 && args.rate.is_finite()) {
+        bail!("--rate must be a finite number >= 0");
+    }
+    if args.threads == 0 {
+        bail!("--threads must be at least 1");
+    }
+    let target = parse_target(&args.url, args.allow_remote)?;
+    let symbols: Arc<[String]> = parse_symbols(&args.symbols, &args.symbol_prefix)?.into();
+
+    let nofile = sysinfo::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
+    if args.connections as u64 + SPARE_FDS > nofile {
+        bail!(
+            "{} connections need about {} open files but the limit is {nofile}; \
+             raise the hard limit (ulimit -Hn) or use fewer connections",
+            args.connections,
+            args.connections as u64 + SPARE_FDS
+        );
+    }
+    let spread_source = matches!(target.addr, SocketAddr::V4(a) if a.ip().is_loopback());
+    if let Some(ports) = sysinfo::ephemeral_port_count() {
+        if args.conns_per_ip > ports {
+            eprintln!(
+                "warning: --conns-per-ip {} exceeds the {ports} ephemeral ports per source address",
+                args.conns_per_ip
+            );
+        }
+    }
+
+    let symbol_index: HashMap<String, u32> = symbols
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.clone(), i as u32))
+        .collect();
+    stats::init_subscribers(symbols.len());
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(args.read_buffer_kb.max(1) * 1024)
+        .write_buffer_size(0);
+    let ctx = Arc::new(ClientCtx {
+        server: target.addr,
+        ws_url: target.ws_url.clone(),
+        token: args.token.clone(),
+        spread_source,
+        conns_per_ip: args.conns_per_ip.max(1),
+        symbols: Arc::clone(&symbols),
+        symbol_index,
+        symbols_per_client: args.symbols_per_client,
+        subscription: Subscription {
+            mode: args.mode.as_str(),
+            interval_ms: args.interval_ms,
+            min_quality: args.min_quality,
+            min_volume: args.min_volume,
+        },
+        ws_config,
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+    });
+    let producer = (args.rate > 0.0).then(|| ProducerConfig {
+        url: target.ingest_url.clone(),
+        token: args.ingest_token.clone().or_else(|| args.token.clone()),
+        rate: args.rate,
+        symbols: Arc::clone(&symbols),
+        batch_ms: args.batch_ms,
+    });
+    let cfg = RunConfig {
+        ctx,
+        connections: args.connections,
+        connect_concurrency: args.connect_concurrency,
+        ramp_timeout: Duration::from_secs(args.ramp_timeout),
+        duration: Duration::from_secs_f64(args.duration),
+        drain: Duration::from_millis(args.drain_ms),
+        idle: args.idle,
+        producer,
+        server_pid: args.server_pid,
+        live: !args.quiet,
+    };
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads)
+        .enable_all()
+        // Each worker folds its thread-local counters into the totals on its way out.
+        .on_thread_stop(stats::flush_thread)
+        .build()
+        .context("building the runtime")?;
+    let outcome = rt.block_on(run::run(cfg))?;
+    // Joins the workers, so every thread-local counter has been flushed after this.
+    drop(rt);
+
+    let summary = summarize(&args, &symbols, outcome);
+    print!("{}", summary.text());
+    if let Some(path) = &args.json {
+        let file =
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        serde_json::to_writer_pretty(std::io::BufWriter::new(file), &summary)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// CPU/RSS over the measurement from two samples.
+fn proc_summary(
+    pid: Option<u32>,
+    s: Samples,
+    secs: f64,
+    deliveries: u64,
+    open: i64,
+) -> Option<ProcSummary> {
+    let (start, end) = (s.start?, s.end?);
+    let cpu_ns = end.cpu_ns.saturating_sub(start.cpu_ns);
+    Some(ProcSummary {
+        pid,
+        cpu_secs: cpu_ns as f64 / 1e9,
+        cpu_percent: 100.0 * cpu_ns as f64 / (secs.max(1e-9) * 1e9),
+        cpu_ns_per_delivery: (deliveries > 0).then(|| cpu_ns as f64 / deliveries as f64),
+        rss_bytes: end.rss_bytes,
+        rss_per_connection: end
+            .rss_bytes
+            .filter(|_| open > 0)
+            .map(|r| r as f64 / open as f64),
+    })
+}
+
+fn summarize(args: &Args, symbols: &[String], outcome: run::Outcome) -> Summary {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (counters, hist) = stats::final_totals();
+    let tallies = stats::tallies();
+    let measured_secs = outcome.window_secs + outcome.drain_secs;
+    let window = outcome.window_secs.max(1e-9);
+    let filtered = args.min_quality > 0 || args.min_volume > 0.0;
+    let lossless_mode = matches!(args.mode, Mode::Realtime | Mode::Batch);
+    let (expected, exact) = match &outcome.producer {
+        Some(p) if lossless_mode && !filtered => (
+            Some(report::expected_deliveries(
+                &p.sent_per_symbol,
+                &stats::subscribers(),
+            )),
+            p.accepted == p.ticks_sent,
+        ),
+        _ => (None, false),
+    };
+    let open = outcome.open_at_end;
+    Summary {
+        config: ConfigEcho {
+            url: args.url.clone(),
+            connections: args.connections,
+            symbols: symbols.len(),
+            symbols_per_client: args.symbols_per_client,
+            mode: args.mode.as_str().to_string(),
+            interval_ms: args.interval_ms,
+            min_quality: args.min_quality,
+            min_volume: args.min_volume,
+            rate: args.rate,
+            duration_secs: args.duration,
+            drain_ms: args.drain_ms,
+            idle: args.idle,
+            threads: args.threads,
+            conns_per_ip: args.conns_per_ip,
+        },
+        connections: ConnSummary {
+            attempted: CONNS.attempted.load(Relaxed),
+            connected: CONNS.connected.load(Relaxed),
+            subscribed: CONNS.subscribed.load(Relaxed),
+            failed: CONNS.failed.load(Relaxed),
+            lost: CONNS.lost.load(Relaxed),
+            open_at_end: open,
+            ramp_secs: outcome.ramp_secs,
+        },
+        window_secs: outcome.window_secs,
+        drain_secs: outcome.drain_secs,
+        counters,
+        deliveries_per_sec: counters.deliveries as f64 / window,
+        messages_per_sec: counters.messages as f64 / window,
+        bytes_per_sec: counters.bytes as f64 / window,
+        expected_deliveries: expected,
+        expected_exact: exact,
+        latency_us: Latency::of(&hist),
+        tallies,
+        producer: outcome.producer,
+        server: args.server_pid.and_then(|pid| {
+            proc_summary(
+                Some(pid),
+                outcome.server,
+                measured_secs,
+                counters.deliveries,
+                open,
+            )
+        }),
+        client: proc_summary(None, outcome.client, measured_secs, counters.deliveries, 0)
+            .unwrap_or_default(),
+        idle_memory: outcome.idle_rss.map(|(before, after, up)| IdleMemory {
+            rss_before: before,
+            rss_after: after,
+            connections: up.max(0) as u64,
+            delta_per_connection: (after as f64 - before as f64) / up.max(1) as f64,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_from_url() {
+        let t = parse_target("ws://127.0.0.1:9000", false).unwrap();
+        assert_eq!(t.addr, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(t.ws_url, "ws://127.0.0.1:9000/ws");
+        assert_eq!(t.ingest_url, "ws://127.0.0.1:9000/ingest");
+        // The server prints http://HOST:PORT; accept it as is.
+        assert!(parse_target("http://127.0.0.1:9000/", false).is_ok());
+        assert!(parse_target("ws://127.0.0.1:9000/ws", false).is_err());
+        assert!(parse_target("wss://127.0.0.1:9000", false).is_err());
+    }
+
+    #[test]
+    fn remote_hosts_need_allow_remote() {
+        let err = parse_target("ws://192.0.2.1:80", false).unwrap_err();
+        assert!(err.to_string().contains("--allow-remote"), "{err}");
+        // With the flag it resolves (no connection is made here).
+        assert!(parse_target("ws://192.0.2.1:80", true).is_ok());
+    }
+
+    #[test]
+    fn symbols_by_count_or_list() {
+        assert_eq!(parse_symbols("3", "LT").unwrap(), vec!["LT0", "LT1", "LT2"]);
+        assert_eq!(
+            parse_symbols("BTC-USD, AAPL,AAPL", "LT").unwrap(),
+            vec!["AAPL", "BTC-USD"]
+        );
+        assert!(parse_symbols("0", "LT").is_err());
+        assert!(parse_symbols(" , ", "LT").is_err());
+    }
+
+    #[test]
+    fn cli_parses_and_idle_conflicts_are_caught() {
+        let a =
+            Args::try_parse_from(["tickfan-loadtest", "--mode", "throttled", "-c", "5"]).unwrap();
+        assert_eq!(a.mode, Mode::Throttled);
+        assert_eq!(a.connections, 5);
+        assert_eq!(a.duration, 10.0);
+    }
+}

@@ -1,0 +1,707 @@
+//! One client connection to `/ws`: connect from its source address, subscribe, then read
+//! until told to stop, checking every tick's `seq` against the previous one for its symbol
+//! and timing it from the server's `t_in`. It owns its seq state; everything it counts goes
+//! to the thread-local accumulators in `stats`, so the hot path takes no lock.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
+use tokio_tungstenite::tungstenite::http::header::{HeaderValue, AUTHORIZATION};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::stats::{self, Counters, Tally, CONNS};
+
+/// How long the final close handshake may take before the socket is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The `id` of the one subscribe request, so its ack or error can be recognised.
+const SUBSCRIBE_ID: u64 = 1;
+const SUBSCRIBE_ID_JSON: &str = "1";
+
+/// Subscription parameters, identical for every client.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    /// `realtime`, `throttled`, `batch` or `smart`.
+    pub mode: &'static str,
+    pub interval_ms: u64,
+    pub min_quality: u32,
+    pub min_volume: f64,
+}
+
+/// What every connection shares: built once, read-only, behind an `Arc`.
+#[derive(Debug)]
+pub struct ClientCtx {
+    /// Resolved server address (connecting needs no DNS per connection).
+    pub server: SocketAddr,
+    /// Full `ws://HOST:PORT/ws` URL for the handshake's Host header and path.
+    pub ws_url: String,
+    /// Sent as `Authorization: Bearer TOKEN` when set.
+    pub token: Option<String>,
+    /// Bind each socket to 127.0.0.x first (only when the server is on IPv4 loopback).
+    pub spread_source: bool,
+    /// Connections per source address before moving to the next one.
+    pub conns_per_ip: usize,
+    /// All symbol names; a tick's symbol is mapped to its index in here.
+    pub symbols: Arc<[String]>,
+    pub symbol_index: HashMap<String, u32>,
+    /// K: symbols each client subscribes to.
+    pub symbols_per_client: usize,
+    pub subscription: Subscription,
+    /// Small read buffers: tungstenite's default allocates 128 KiB per connection.
+    pub ws_config: WebSocketConfig,
+    /// Bound on TCP connect plus WebSocket handshake.
+    pub connect_timeout: Duration,
+}
+
+/// Source address of the `index`-th connection: 127.0.0.1 for the first `per_ip`
+/// connections, 127.0.0.2 for the next `per_ip`, and so on. One source address can hold
+/// only as many connections to the server as there are ephemeral ports (and the server
+/// caps connections per peer IP), so big tests spread over several loopback addresses.
+pub fn source_ip(index: usize, per_ip: usize) -> Ipv4Addr {
+    let offset = (index / per_ip.max(1)) as u32;
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 1)) + offset)
+}
+
+/// The symbol indexes client `client` subscribes to: K consecutive symbols starting at
+/// `client * K`, wrapping around, so that every symbol gets (nearly) the same number of
+/// subscribers. K is capped at S.
+pub fn symbols_for(client: usize, k: usize, s: usize) -> Vec<u32> {
+    if s == 0 {
+        return Vec::new();
+    }
+    let k = k.min(s);
+    let start = client.wrapping_mul(k) % s;
+    let mut v: Vec<u32> = (0..k).map(|j| ((start + j) % s) as u32).collect();
+    v.sort_unstable();
+    v
+}
+
+/// What one tick's seq said about delivery order for its (client, symbol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeqEvent {
+    /// First tick seen for this symbol: nothing to compare with.
+    First,
+    /// Exactly the expected next seq, or a jump fully explained by `conflated`.
+    InOrder,
+    /// A jump: `missing` ticks were skipped that `conflated` did not account for.
+    Gap { missing: u64 },
+    /// seq <= the previous one (a duplicate or out of order); the previous seq is kept.
+    Duplicate,
+    /// A symbol this client did not subscribe to.
+    Unexpected,
+}
+
+/// Last seq seen per subscribed symbol of one connection. A sorted vector: K is small and
+/// a binary search over it is cheaper and smaller than a hash map per connection.
+#[derive(Debug, Clone)]
+pub struct SeqTracker {
+    /// (symbol index, last seq); 0 = none yet (seqs start at 1).
+    last: Vec<(u32, u64)>,
+}
+
+impl SeqTracker {
+    pub fn new(mut symbols: Vec<u32>) -> Self {
+        symbols.sort_unstable();
+        symbols.dedup();
+        Self {
+            last: symbols.into_iter().map(|s| (s, 0)).collect(),
+        }
+    }
+
+    /// Accounts one tick. `conflated` is the tick's `conflated` field (0 when absent):
+    /// throttled and smart modes skip ticks on purpose and say how many, so a jump of
+    /// exactly `conflated + 1` is in order.
+    pub fn observe(&mut self, symbol: u32, seq: u64, conflated: u64) -> SeqEvent {
+        let Ok(i) = self.last.binary_search_by_key(&symbol, |e| e.0) else {
+            return SeqEvent::Unexpected;
+        };
+        let last = &mut self.last[i].1;
+        if *last == 0 {
+            *last = seq;
+            return SeqEvent::First;
+        }
+        if seq <= *last {
+            return SeqEvent::Duplicate;
+        }
+        let skipped = seq - *last - 1;
+        *last = seq;
+        if skipped > conflated {
+            SeqEvent::Gap {
+                missing: skipped - conflated,
+            }
+        } else {
+            SeqEvent::InOrder
+        }
+    }
+
+    /// Counts `event` into `c`.
+    pub fn count(event: SeqEvent, c: &mut Counters) {
+        match event {
+            SeqEvent::First | SeqEvent::InOrder => {}
+            SeqEvent::Gap { missing } => {
+                c.gaps += 1;
+                c.missing += missing;
+            }
+            SeqEvent::Duplicate => c.duplicates += 1,
+            SeqEvent::Unexpected => c.unexpected_symbol += 1,
+        }
+    }
+}
+
+/// The fields of any server message that this client looks at; everything else is
+/// skipped by serde without being materialised. Strings borrow from the frame when they
+/// have no escapes.
+#[derive(Debug, Deserialize)]
+struct Incoming<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    /// Request id echoed in replies, kept raw (a tick's `id` is the producer's trade id,
+    /// which may be any JSON value and must not cost an allocation).
+    #[serde(default, borrow)]
+    id: Option<&'a RawValue>,
+    /// A `tick` message is itself a tick: its fields sit at the top level. (Not
+    /// `#[serde(flatten)]`: that buffers every field and would double the parse cost.)
+    #[serde(default, borrow)]
+    symbol: Option<Text<'a>>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(default)]
+    t_in: Option<f64>,
+    #[serde(default)]
+    conflated: Option<u64>,
+    /// `batch` and `snapshot`.
+    #[serde(default, borrow)]
+    ticks: Vec<TickIn<'a>>,
+    /// `error`.
+    #[serde(default, borrow)]
+    code: Option<Text<'a>>,
+    /// `mode`.
+    #[serde(default, borrow)]
+    mode: Option<Text<'a>>,
+    /// subscribe `ack`.
+    #[serde(default, borrow)]
+    rejected: Vec<Rejected<'a>>,
+}
+
+/// A string field that borrows from the frame when it can. serde borrows a bare
+/// `Cow<str>` field but not one inside `Option`, hence the newtype.
+#[derive(Debug, Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct TickIn<'a> {
+    #[serde(default, borrow)]
+    symbol: Option<Text<'a>>,
+    #[serde(default)]
+    seq: Option<u64>,
+    /// Integer µs by contract; read as f64 so that a float does not fail the whole message
+    /// (f64 holds today's µs timestamps exactly).
+    #[serde(default)]
+    t_in: Option<f64>,
+    #[serde(default)]
+    conflated: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Rejected<'a> {
+    #[serde(borrow)]
+    symbol: Cow<'a, str>,
+    #[serde(default, borrow)]
+    code: Option<Text<'a>>,
+}
+
+/// Microseconds since the Unix epoch, the unit of `t_in`.
+pub fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Per-connection state while it reads.
+struct Conn {
+    ctx: Arc<ClientCtx>,
+    seqs: SeqTracker,
+    /// Symbols the subscribe ack accepted (counted in the per-symbol subscriber totals).
+    subscribed: Vec<u32>,
+    /// Whether this connection has reached a final ramp state (see `stats::Conns`).
+    settled: bool,
+}
+
+impl Conn {
+    fn settle(&mut self) {
+        if !self.settled {
+            self.settled = true;
+            CONNS
+                .settled
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Handles one text message. `now_us` is taken once per message: all ticks of a batch
+    /// arrived together.
+    fn on_text(&mut self, text: &str, now_us: u64) {
+        let counting = stats::measuring();
+        let msg: Incoming<'_> = match serde_json::from_str(text) {
+            Ok(m) => m,
+            Err(_) => {
+                if counting {
+                    stats::with_local(|c, _| c.parse_errors += 1);
+                }
+                return;
+            }
+        };
+        let kind = msg.kind.as_ref();
+        // Ticks are the hot path: one thread-local borrow per message.
+        match kind {
+            "tick" | "batch" | "snapshot" => {
+                let seqs = &mut self.seqs;
+                let index = &self.ctx.symbol_index;
+                let mut scratch = Counters::default();
+                stats::with_local(|local, hist| {
+                    let c = if counting { local } else { &mut scratch };
+                    c.messages += 1;
+                    c.bytes += text.len() as u64;
+                    match kind {
+                        "tick" => {
+                            c.tick_msgs += 1;
+                            let t = TickIn {
+                                symbol: msg.symbol,
+                                seq: msg.seq,
+                                t_in: msg.t_in,
+                                conflated: msg.conflated,
+                            };
+                            live_tick(seqs, index, &t, now_us, c, hist, counting);
+                        }
+                        "batch" => {
+                            c.batch_msgs += 1;
+                            for t in &msg.ticks {
+                                live_tick(seqs, index, t, now_us, c, hist, counting);
+                            }
+                        }
+                        _ => {
+                            // History, not a live delivery: it only advances the seqs.
+                            c.snapshot_msgs += 1;
+                            c.snapshot_ticks += msg.ticks.len() as u64;
+                            for t in &msg.ticks {
+                                if let (Some(sym), Some(seq)) = (&t.symbol, t.seq) {
+                                    match index.get(&**sym) {
+                                        Some(&i) => SeqTracker::count(seqs.observe(i, seq, 0), c),
+                                        None => c.unexpected_symbol += 1,
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+                return;
+            }
+            _ => {}
+        }
+        if counting {
+            stats::with_local(|c, _| {
+                c.messages += 1;
+                c.bytes += text.len() as u64;
+                match kind {
+                    "heartbeat" => c.heartbeats += 1,
+                    "welcome" | "ack" | "error" | "mode" | "pong" | "symbols" => {}
+                    _ => c.other_msgs += 1,
+                }
+            });
+        }
+        let is_subscribe_reply = msg.id.is_some_and(|raw| raw.get() == SUBSCRIBE_ID_JSON);
+        match kind {
+            "ack" if is_subscribe_reply => {
+                for r in &msg.rejected {
+                    stats::tally(
+                        Tally::RejectedSymbol,
+                        r.code.as_deref().unwrap_or("unknown"),
+                    );
+                    if let Some(&i) = self.ctx.symbol_index.get(r.symbol.as_ref()) {
+                        self.subscribed.retain(|&s| s != i);
+                    }
+                }
+                for &s in &self.subscribed {
+                    stats::add_subscriber(s, 1);
+                }
+                CONNS
+                    .subscribed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.settle();
+            }
+            "error" => {
+                stats::tally(Tally::Error, msg.code.as_deref().unwrap_or("unknown"));
+                if is_subscribe_reply {
+                    // The subscribe failed as a whole: this connection gets no ticks.
+                    self.subscribed.clear();
+                    self.settle();
+                }
+            }
+            "mode" => stats::tally(Tally::ModeSwitch, msg.mode.as_deref().unwrap_or("unknown")),
+            _ => {}
+        }
+    }
+}
+
+/// Counts one live tick: seq accounting, conflation, and latency from `t_in`.
+fn live_tick(
+    seqs: &mut SeqTracker,
+    index: &HashMap<String, u32>,
+    t: &TickIn<'_>,
+    now_us: u64,
+    c: &mut Counters,
+    hist: &mut Histogram<u64>,
+    counting: bool,
+) {
+    c.deliveries += 1;
+    let (Some(sym), Some(seq)) = (&t.symbol, t.seq) else {
+        c.malformed_ticks += 1;
+        return;
+    };
+    let conflated = t.conflated.unwrap_or(0);
+    c.conflated += conflated;
+    match index.get(&**sym) {
+        Some(&i) => SeqTracker::count(seqs.observe(i, seq, conflated), c),
+        None => c.unexpected_symbol += 1,
+    }
+    match t.t_in {
+        Some(t_in) if t_in.is_finite() && t_in > 0.0 => {
+            if counting {
+                hist.saturating_record(now_us.saturating_sub(t_in as u64));
+            }
+        }
+        _ => c.malformed_ticks += 1,
+    }
+}
+
+/// Short, stable name for a failed connect or handshake, used as a tally key.
+fn io_reason(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "refused".into(),
+        Some(libc::EADDRNOTAVAIL) => "no_source_port".into(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) => "too_many_open_files".into(),
+        Some(libc::ECONNRESET) => "reset".into(),
+        Some(libc::ETIMEDOUT) => "timeout".into(),
+        _ => format!("io_{:?}", e.kind()).to_lowercase(),
+    }
+}
+
+fn ws_reason(e: &WsError) -> String {
+    match e {
+        WsError::Http(resp) => format!("http_{}", resp.status().as_u16()),
+        WsError::Io(io) => io_reason(io),
+        WsError::ConnectionClosed | WsError::AlreadyClosed => "closed".into(),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            "reset_without_close".into()
+        }
+        WsError::Protocol(p) => {
+            let s = format!("{p:?}");
+            let name = s
+                .split(|c: char| !c.is_alphanumeric())
+                .next()
+                .unwrap_or("protocol");
+            format!("protocol_{name}").to_lowercase()
+        }
+        WsError::Capacity(_) => "too_big".into(),
+        WsError::Utf8(_) => "utf8".into(),
+        other => {
+            let s = format!("{other:?}");
+            s.split(|c: char| !c.is_alphanumeric())
+                .next()
+                .unwrap_or("other")
+                .to_lowercase()
+        }
+    }
+}
+
+/// TCP connect (from this connection's source address) plus WebSocket handshake.
+async fn connect(ctx: &ClientCtx, index: usize) -> Result<WebSocketStream<TcpStream>, String> {
+    let socket = match ctx.server {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|e| io_reason(&e))?;
+    if ctx.spread_source {
+        // Let connect() pick the port from the full 4-tuple instead of bind() reserving
+        // one per source address; otherwise a source address runs out of ports sooner.
+        let one: libc::c_int = 1;
+        // SAFETY: valid fd, option value is a c_int that outlives the call.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        let src = SocketAddr::new(source_ip(index, ctx.conns_per_ip).into(), 0);
+        socket.bind(src).map_err(|e| io_reason(&e))?;
+    }
+    let stream = socket
+        .connect(ctx.server)
+        .await
+        .map_err(|e| io_reason(&e))?;
+    // Our only writes are the subscribe and the close: send them at once.
+    let _ = stream.set_nodelay(true);
+    let mut request = ctx
+        .ws_url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| ws_reason(&e))?;
+    if let Some(token) = &ctx.token {
+        let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| "bad_token")?;
+        request.headers_mut().insert(AUTHORIZATION, value);
+    }
+    let (ws, _response) =
+        tokio_tungstenite::client_async_with_config(request, stream, Some(ctx.ws_config))
+            .await
+            .map_err(|e| ws_reason(&e))?;
+    Ok(ws)
+}
+
+fn subscribe_message(ctx: &ClientCtx, symbols: &[u32]) -> String {
+    let names: Vec<&str> = symbols
+        .iter()
+        .map(|&i| ctx.symbols[i as usize].as_str())
+        .collect();
+    let s = &ctx.subscription;
+    serde_json::json!({
+        "op": "subscribe",
+        "id": SUBSCRIBE_ID,
+        "symbols": names,
+        "mode": s.mode,
+        "interval_ms": s.interval_ms,
+        "min_quality": s.min_quality,
+        "min_volume": s.min_volume,
+    })
+    .to_string()
+}
+
+/// Runs connection `index` until `stop` turns true. `permit` bounds how many
+/// connections are in their connect/handshake phase at once; it is released as soon as
+/// the subscribe is sent.
+pub async fn run(
+    ctx: Arc<ClientCtx>,
+    index: usize,
+    permit: OwnedSemaphorePermit,
+    mut stop: watch::Receiver<bool>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    CONNS.attempted.fetch_add(1, Relaxed);
+    let symbols = symbols_for(index, ctx.symbols_per_client, ctx.symbols.len());
+    let connected = tokio::time::timeout(ctx.connect_timeout, connect(&ctx, index)).await;
+    let mut ws = match connected {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(reason)) => return fail(&reason),
+        Err(_) => return fail("timeout"),
+    };
+    CONNS.connected.fetch_add(1, Relaxed);
+    CONNS.open.fetch_add(1, Relaxed);
+    if let Err(e) = ws
+        .send(Message::text(subscribe_message(&ctx, &symbols)))
+        .await
+    {
+        CONNS.open.fetch_sub(1, Relaxed);
+        return fail(&format!("subscribe_{}", ws_reason(&e)));
+    }
+    drop(permit);
+
+    let mut conn = Conn {
+        seqs: SeqTracker::new(symbols.clone()),
+        subscribed: symbols,
+        settled: false,
+        ctx,
+    };
+    let stopped = stop.wait_for(|s| *s);
+    tokio::pin!(stopped);
+    let ended_by_server = loop {
+        tokio::select! {
+            biased;
+            _ = &mut stopped => break None,
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(text))) => conn.on_text(text.as_str(), now_micros()),
+                Some(Ok(Message::Binary(_))) => {
+                    if stats::measuring() {
+                        stats::with_local(|c, _| c.binary_msgs += 1);
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    break Some(match frame {
+                        Some(f) => u16::from(f.code).to_string(),
+                        None => "no_code".to_string(),
+                    });
+                }
+                // Pings are answered by tungstenite itself on the next read.
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break Some(ws_reason(&e)),
+                None => break Some("eof".to_string()),
+            },
+        }
+    };
+    conn.settle();
+    stats::flush_thread();
+    CONNS.open.fetch_sub(1, Relaxed);
+    match ended_by_server {
+        Some(why) => {
+            // Lost before the end: its symbols stop counting toward expected deliveries.
+            CONNS.lost.fetch_add(1, Relaxed);
+            stats::tally(Tally::Close, &why);
+            for &s in &conn.subscribed {
+                stats::add_subscriber(s, -1);
+            }
+        }
+        None => close(&mut ws).await,
+    }
+}
+
+fn fail(reason: &str) {
+    use std::sync::atomic::Ordering::Relaxed;
+    CONNS.failed.fetch_add(1, Relaxed);
+    CONNS.settled.fetch_add(1, Relaxed);
+    stats::tally(Tally::ConnectFailure, reason);
+}
+
+/// Clean close at the end of the test: send 1000, read (and ignore) until the server's
+/// close arrives or [`CLOSE_TIMEOUT`] passes.
+async fn close(ws: &mut WebSocketStream<TcpStream>) {
+    let frame = CloseFrame {
+        code: CloseCode::Normal,
+        reason: "load test done".into(),
+    };
+    let outcome = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        ws.close(Some(frame)).await?;
+        while let Some(m) = ws.next().await {
+            if let Message::Close(_) = m? {
+                break;
+            }
+        }
+        Ok::<(), WsError>(())
+    })
+    .await;
+    let key = match outcome {
+        Ok(Ok(())) | Ok(Err(WsError::ConnectionClosed)) => "clean".to_string(),
+        Ok(Err(e)) => ws_reason(&e),
+        Err(_) => "timeout".to_string(),
+    };
+    stats::tally(Tally::FinalClose, &key);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_in_order_gap_duplicate() {
+        let mut t = SeqTracker::new(vec![3, 1]);
+        assert_eq!(t.observe(1, 10, 0), SeqEvent::First);
+        assert_eq!(t.observe(1, 11, 0), SeqEvent::InOrder);
+        assert_eq!(t.observe(1, 15, 0), SeqEvent::Gap { missing: 3 });
+        assert_eq!(t.observe(1, 15, 0), SeqEvent::Duplicate);
+        assert_eq!(t.observe(1, 12, 0), SeqEvent::Duplicate);
+        // After a duplicate the high-water mark stays at 15.
+        assert_eq!(t.observe(1, 16, 0), SeqEvent::InOrder);
+        // Symbols are tracked independently.
+        assert_eq!(t.observe(3, 1, 0), SeqEvent::First);
+        assert_eq!(t.observe(3, 3, 0), SeqEvent::Gap { missing: 1 });
+        assert_eq!(t.observe(2, 1, 0), SeqEvent::Unexpected);
+    }
+
+    #[test]
+    fn seq_conflated_explains_jumps() {
+        let mut t = SeqTracker::new(vec![0]);
+        t.observe(0, 100, 0);
+        // Throttled: 4 skipped on purpose, next message carries conflated=4.
+        assert_eq!(t.observe(0, 105, 4), SeqEvent::InOrder);
+        // Says 2 conflated but 5 are missing: 3 unexplained.
+        assert_eq!(t.observe(0, 111, 2), SeqEvent::Gap { missing: 3 });
+    }
+
+    #[test]
+    fn seq_counts_into_counters() {
+        let mut c = Counters::default();
+        let mut t = SeqTracker::new(vec![7]);
+        for (seq, conf) in [(1, 0), (2, 0), (5, 0), (5, 0), (4, 0), (9, 3), (20, 0)] {
+            SeqTracker::count(t.observe(7, seq, conf), &mut c);
+        }
+        SeqTracker::count(t.observe(8, 1, 0), &mut c);
+        assert_eq!(c.gaps, 2); // 2->5 and 9->20
+        assert_eq!(c.missing, 2 + 10);
+        assert_eq!(c.duplicates, 2);
+        assert_eq!(c.unexpected_symbol, 1);
+    }
+
+    #[test]
+    fn source_ips_spread_by_block() {
+        assert_eq!(source_ip(0, 10_000), Ipv4Addr::new(127, 0, 0, 1));
+        assert_eq!(source_ip(9_999, 10_000), Ipv4Addr::new(127, 0, 0, 1));
+        assert_eq!(source_ip(10_000, 10_000), Ipv4Addr::new(127, 0, 0, 2));
+        assert_eq!(source_ip(18_999, 10_000), Ipv4Addr::new(127, 0, 0, 2));
+        assert_eq!(source_ip(5, 2), Ipv4Addr::new(127, 0, 0, 3));
+        // Past .255 it carries into the next octet instead of wrapping.
+        assert_eq!(source_ip(255, 1), Ipv4Addr::new(127, 0, 1, 0));
+        // A zero per-address count is treated as one rather than dividing by zero.
+        assert_eq!(source_ip(3, 0), Ipv4Addr::new(127, 0, 0, 4));
+    }
+
+    #[test]
+    fn symbols_spread_evenly() {
+        assert_eq!(symbols_for(0, 3, 10), vec![0, 1, 2]);
+        assert_eq!(symbols_for(3, 3, 10), vec![0, 1, 9]);
+        assert_eq!(symbols_for(1, 20, 5), vec![0, 1, 2, 3, 4]);
+        let mut per_symbol = [0u32; 100];
+        for c in 0..100 {
+            for s in symbols_for(c, 10, 100) {
+                per_symbol[s as usize] += 1;
+            }
+        }
+        assert!(per_symbol.iter().all(|&n| n == 10));
+    }
+
+    #[test]
+    fn parses_tick_batch_and_ack() {
+        let m: Incoming<'_> = serde_json::from_str(
+            r#"{"type":"tick","symbol":"LT1","seq":5,"ts":1,"price":1.5,"volume":2,"quality":95,"t_in":1700000000000123,"bid":1.4}"#,
+        )
+        .unwrap();
+        assert_eq!(m.kind, "tick");
+        assert_eq!(m.seq, Some(5));
+        assert_eq!(m.t_in, Some(1_700_000_000_000_123.0));
+        assert!(matches!(m.symbol, Some(Text(Cow::Borrowed("LT1")))));
+        let b: Incoming<'_> = serde_json::from_str(
+            r#"{"type":"batch","ticks":[{"symbol":"A","seq":1,"t_in":5},{"symbol":"B","seq":2,"t_in":6,"conflated":3}]}"#,
+        )
+        .unwrap();
+        assert_eq!(b.ticks.len(), 2);
+        assert_eq!(b.ticks[1].conflated, Some(3));
+        let a: Incoming<'_> = serde_json::from_str(
+            r#"{"type":"ack","id":1,"op":"subscribe","symbols":["A"],"rejected":[{"symbol":"B/\u0041","code":"invalid_symbol"}],"last_seq":{"A":3}}"#,
+        )
+        .unwrap();
+        assert_eq!(a.rejected[0].symbol, "B/A");
+        assert_eq!(a.id.map(RawValue::get), Some(SUBSCRIBE_ID_JSON));
+    }
+}

@@ -1,0 +1,279 @@
+//! The run's timeline: ramp up the connections (bounded concurrency), then the measurement
+//! window (producer on), then a short drain, then a clean close. While it waits it ticks
+//! the stats epoch every 100 ms and prints the live line once a second; around the window
+//! it samples the server's and its own CPU and RSS. It returns the raw [`Outcome`]; the
+//! summary is built after the runtime has shut down (see `main`), when every thread has
+//! flushed its counters.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::client::{self, ClientCtx};
+use crate::producer::{self, ProducerConfig, ProducerLive, ProducerReport};
+use crate::report::{self, Latency, LiveSnapshot};
+use crate::stats::{self, Counters, Phase, CONNS};
+use crate::sysinfo::{self, ProcSample};
+
+/// How often threads are asked to flush their counters.
+const EPOCH_STEP: Duration = Duration::from_millis(100);
+
+/// Pause after the ramp before reading the server's memory in `--idle`, so that
+/// allocations made right after the last subscribe are in.
+const IDLE_SETTLE: Duration = Duration::from_millis(500);
+
+/// Extra time, past the close timeout, that connection tasks get to finish.
+const JOIN_GRACE: Duration = Duration::from_secs(4);
+
+/// Everything `run` needs, already validated by `main`.
+#[derive(Debug)]
+pub struct RunConfig {
+    pub ctx: Arc<ClientCtx>,
+    pub connections: usize,
+    pub connect_concurrency: usize,
+    pub ramp_timeout: Duration,
+    pub duration: Duration,
+    pub drain: Duration,
+    /// `--idle`: measure the server's memory per connection instead of throughput.
+    pub idle: bool,
+    /// The producer, when `--rate` > 0.
+    pub producer: Option<ProducerConfig>,
+    pub server_pid: Option<u32>,
+    /// Print the live line (off with `--quiet`).
+    pub live: bool,
+}
+
+/// CPU/RSS readings at the start and end of the measurement.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Samples {
+    pub start: Option<ProcSample>,
+    pub end: Option<ProcSample>,
+}
+
+/// What the run measured, before the final counter flush.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub ramp_secs: f64,
+    pub window_secs: f64,
+    pub drain_secs: f64,
+    pub producer: Option<ProducerReport>,
+    pub server: Samples,
+    pub client: Samples,
+    /// Server RSS before connecting, RSS after all connections settled, and the number
+    /// of connections open at that moment (`--idle`).
+    pub idle_rss: Option<(u64, u64, i64)>,
+    /// Connections still open when the window ended.
+    pub open_at_end: i64,
+}
+
+/// The live reporter: remembers the previous totals to print per-second deltas.
+struct Live {
+    enabled: bool,
+    started: Instant,
+    last_print: Instant,
+    last_counters: Counters,
+    producer: Option<Arc<ProducerLive>>,
+    last_producer: (u64, u64, u64),
+    server_pid: Option<u32>,
+    last_server: Option<ProcSample>,
+    phase: &'static str,
+}
+
+impl Live {
+    /// Sleeps until `until` or until `done()` is true, flushing and reporting meanwhile.
+    async fn wait(&mut self, until: Instant, done: impl Fn() -> bool) {
+        loop {
+            if done() {
+                return;
+            }
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            tokio::time::sleep((until - now).min(EPOCH_STEP)).await;
+            stats::bump_epoch();
+            if self.last_print.elapsed() >= Duration::from_secs(1) {
+                self.print();
+            }
+        }
+    }
+
+    fn print(&mut self) {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last_print).as_secs_f64();
+        self.last_print = now;
+        let (total, interval) = stats::take_interval();
+        let mut delta = total;
+        delta.messages -= self.last_counters.messages;
+        delta.bytes -= self.last_counters.bytes;
+        delta.deliveries -= self.last_counters.deliveries;
+        self.last_counters = total;
+        let producer = self.producer.as_ref().map(|p| {
+            let cur = (
+                p.ticks_sent.load(Relaxed),
+                p.accepted.load(Relaxed),
+                p.refused.load(Relaxed),
+            );
+            let prev = std::mem::replace(&mut self.last_producer, cur);
+            (cur.0 - prev.0, cur.1 - prev.1, cur.2 - prev.2)
+        });
+        let server = self.server_pid.and_then(|p| sysinfo::sample(Some(p)).ok());
+        let server_cpu_pct = match (server, self.last_server) {
+            (Some(now_s), Some(prev)) => {
+                Some(100.0 * (now_s.cpu_ns.saturating_sub(prev.cpu_ns)) as f64 / (dt * 1e9))
+            }
+            _ => None,
+        };
+        if server.is_some() {
+            self.last_server = server;
+        }
+        if !self.enabled {
+            return;
+        }
+        let snap = LiveSnapshot {
+            phase: self.phase,
+            elapsed_secs: self.started.elapsed().as_secs_f64(),
+            dt_secs: dt,
+            open: CONNS.open.load(Relaxed),
+            subscribed: CONNS.subscribed.load(Relaxed),
+            failed: CONNS.failed.load(Relaxed),
+            lost: CONNS.lost.load(Relaxed),
+            delta,
+            total,
+            latency: Latency::of(&interval),
+            producer,
+            server_cpu_pct,
+            server_rss: server.and_then(|s| s.rss_bytes),
+        };
+        eprintln!("{}", report::live_line(&snap));
+    }
+}
+
+/// Runs the whole test.
+///
+/// # Errors
+/// Fails only on setup problems; connection failures are counted, not returned.
+pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
+    let mut out = Outcome::default();
+    let sample_server = || cfg.server_pid.and_then(|p| sysinfo::sample(Some(p)).ok());
+    if let Some(pid) = cfg.server_pid {
+        sysinfo::sample(Some(pid))
+            .map_err(|e| anyhow::anyhow!("cannot read /proc/{pid} (--server-pid): {e}"))?;
+    }
+    let started = Instant::now();
+    let mut live = Live {
+        enabled: cfg.live,
+        started,
+        last_print: started,
+        last_counters: Counters::default(),
+        producer: None,
+        last_producer: (0, 0, 0),
+        server_pid: cfg.server_pid,
+        last_server: sample_server(),
+        phase: "ramp",
+    };
+    let rss_before = sample_server().and_then(|s| s.rss_bytes);
+
+    // Ramp: a spawner task hands out connect permits; we report until all settle.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let n = cfg.connections;
+    let ramp_deadline = started + cfg.ramp_timeout;
+    let spawner: JoinHandle<Vec<JoinHandle<()>>> = {
+        let sem = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
+        let ctx = Arc::clone(&cfg.ctx);
+        let stop_rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut handles = Vec::with_capacity(n);
+            for i in 0..n {
+                let permit = tokio::select! {
+                    p = Arc::clone(&sem).acquire_owned() => p.expect("semaphore never closed"),
+                    _ = tokio::time::sleep_until(ramp_deadline.into()) => break,
+                };
+                handles.push(tokio::spawn(client::run(
+                    Arc::clone(&ctx),
+                    i,
+                    permit,
+                    stop_rx.clone(),
+                )));
+            }
+            handles
+        })
+    };
+    live.wait(ramp_deadline, || CONNS.settled.load(Relaxed) >= n as u64)
+        .await;
+    out.ramp_secs = started.elapsed().as_secs_f64();
+    if CONNS.settled.load(Relaxed) < n as u64 {
+        eprintln!(
+            "ramp timeout after {:.1} s: {} of {n} connections settled; measuring what is up",
+            out.ramp_secs,
+            CONNS.settled.load(Relaxed)
+        );
+    }
+    let handles = spawner.await.unwrap_or_default();
+
+    if cfg.idle {
+        tokio::time::sleep(IDLE_SETTLE).await;
+        let after = sample_server().and_then(|s| s.rss_bytes);
+        if let (Some(b), Some(a)) = (rss_before, after) {
+            let up = CONNS.open.load(Relaxed);
+            out.idle_rss = Some((b, a, up));
+            eprintln!(
+                "idle: server RSS {} before, {} with {up} connections up: {} per connection",
+                report::fmt_bytes(b as f64),
+                report::fmt_bytes(a as f64),
+                report::fmt_bytes((a as f64 - b as f64) / up.max(1) as f64)
+            );
+        }
+    }
+
+    // Measurement window.
+    stats::bump_epoch();
+    stats::set_phase(Phase::Measure);
+    live.phase = if cfg.idle { "idle" } else { "run" };
+    out.server.start = sample_server();
+    out.client.start = sysinfo::sample(None).ok();
+    let window_start = Instant::now();
+    let (prod_stop_tx, prod_stop_rx) = watch::channel(false);
+    let producer = cfg.producer.clone().map(|pc| {
+        let plive = Arc::new(ProducerLive::default());
+        live.producer = Some(Arc::clone(&plive));
+        producer::spawn(pc, plive, prod_stop_rx)
+    });
+    live.wait(window_start + cfg.duration, || false).await;
+    let _ = prod_stop_tx.send(true);
+    out.window_secs = window_start.elapsed().as_secs_f64();
+
+    // Drain: ticks already accepted are still on their way to the clients.
+    live.phase = "drain";
+    let drain_start = Instant::now();
+    live.wait(drain_start + cfg.drain, || false).await;
+    out.drain_secs = drain_start.elapsed().as_secs_f64();
+    out.server.end = sample_server();
+    out.client.end = sysinfo::sample(None).ok();
+    out.open_at_end = CONNS.open.load(Relaxed);
+    stats::set_phase(Phase::Done);
+    if let Some(h) = producer {
+        out.producer = tokio::task::spawn_blocking(move || h.join().ok())
+            .await
+            .ok()
+            .flatten();
+    }
+
+    // Close everything cleanly, but do not wait forever on a stuck server.
+    let _ = stop_tx.send(true);
+    let join_deadline = Instant::now() + JOIN_GRACE;
+    for h in handles {
+        let abort = h.abort_handle();
+        if tokio::time::timeout_at(join_deadline.into(), h)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
+    stats::flush_thread();
+    Ok(out)
+}

@@ -1,0 +1,858 @@
+//! The dispatcher: the one owner of routing state. It pops the priority queue, stamps each
+//! symbol's `seq` as ticks leave it, serializes each tick once, and offers the shared bytes to
+//! every matching client's bounded outbound queue without ever awaiting a client. Connections
+//! talk to it only through [`Command`]s, so subscribe/unsubscribe acks are ordered with the
+//! ticks around them. Accepted ticks then go on to the sink (the store) or, without one, have
+//! their producer acks settled here.
+
+pub mod delivery;
+pub mod filter;
+pub mod outbound;
+pub mod recent;
+pub mod registry;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use slab::Slab;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use self::delivery::{Delivery, Outcome, SmartThresholds, Tally};
+use self::filter::Filter;
+use self::outbound::{Frame, Outbound};
+use self::recent::RecentTicks;
+use self::registry::{ClientKey, Registry};
+use crate::config::Config;
+use crate::dlq::{DeadLetter, DeadLetters};
+use crate::protocol::{self, close, ErrorCode, Settings};
+use crate::queue::{PriorityQueue, Queued};
+use crate::tick::{now_ms, Symbol, Tick};
+
+/// A request to the dispatcher.
+#[derive(Debug)]
+pub enum Command {
+    /// A new connection; the reply is its key for later commands.
+    Register {
+        /// Its outbound queue.
+        out: Outbound,
+        /// Receives the key.
+        reply: oneshot::Sender<ClientKey>,
+    },
+    /// The connection has gone.
+    Deregister {
+        /// Whose.
+        key: ClientKey,
+    },
+    /// `subscribe`
+    Subscribe {
+        /// Whose.
+        key: ClientKey,
+        /// Request id to echo.
+        id: Option<Value>,
+        /// Symbols as sent.
+        symbols: Vec<String>,
+        /// Connection-wide settings.
+        settings: Settings,
+        /// Last N ticks per symbol.
+        history: usize,
+        /// Resume points.
+        since_seq: HashMap<String, u64>,
+    },
+    /// `unsubscribe`
+    Unsubscribe {
+        /// Whose.
+        key: ClientKey,
+        /// Request id to echo.
+        id: Option<Value>,
+        /// Symbols as sent.
+        symbols: Vec<String>,
+    },
+    /// `configure`
+    Configure {
+        /// Whose.
+        key: ClientKey,
+        /// Request id to echo.
+        id: Option<Value>,
+        /// New settings.
+        settings: Settings,
+    },
+    /// `symbols` from a client: answered on its queue.
+    ClientSymbols {
+        /// Whose.
+        key: ClientKey,
+        /// Request id to echo.
+        id: Option<Value>,
+    },
+    /// `/api/symbols`
+    ListSymbols {
+        /// Receives the list.
+        reply: oneshot::Sender<Vec<SymbolInfo>>,
+    },
+}
+
+/// What `/api/symbols` and the `symbols` op report per symbol.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SymbolInfo {
+    /// Name.
+    pub symbol: Symbol,
+    /// Last assigned seq.
+    pub seq: u64,
+    /// Last price.
+    pub price: f64,
+    /// Last event time, ms.
+    pub ts: i64,
+}
+
+/// Counters for metrics and `/api/stats`.
+#[derive(Debug, Default)]
+pub struct DispatchStats {
+    /// Registered clients.
+    pub clients: AtomicU64,
+    /// Ticks that got a seq.
+    pub dispatched: AtomicU64,
+    /// Frames pushed to clients (ticks, batches, throttled ticks, mode messages).
+    pub messages: AtomicU64,
+    /// Clients closed with 4008.
+    pub slow_consumer_closes: AtomicU64,
+    /// Ticks skipped by conflation.
+    pub conflated: AtomicU64,
+    /// Smart-mode switches.
+    pub mode_switches: AtomicU64,
+    /// Ticks dropped because their queue TTL ran out.
+    pub expired: AtomicU64,
+}
+
+/// Where dispatched ticks go next (the store, from the store issue on).
+pub trait TickSink: Send + 'static {
+    /// Takes ownership of dispatched ticks (seq set, serialized). The sink settles their acks
+    /// once it is done with them; awaiting here is the backpressure from the sink.
+    fn accept(
+        &mut self,
+        ticks: Vec<(Queued, Frame)>,
+    ) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// No sink: ticks are done once fanned out, so their acks settle at once.
+#[derive(Debug, Default)]
+pub struct NoSink;
+
+impl TickSink for NoSink {
+    async fn accept(&mut self, ticks: Vec<(Queued, Frame)>) {
+        for (q, _) in ticks {
+            if let Some(ack) = q.ack {
+                ack.settle();
+            }
+        }
+    }
+}
+
+/// A handle for sending commands.
+#[derive(Debug, Clone)]
+pub struct DispatcherHandle {
+    tx: flume::Sender<Command>,
+}
+
+impl DispatcherHandle {
+    /// Sends a command, waiting while the dispatcher's command queue is full.
+    ///
+    /// # Errors
+    /// The dispatcher has stopped.
+    pub async fn send(&self, cmd: Command) -> Result<(), DispatcherGone> {
+        self.tx.send_async(cmd).await.map_err(|_| DispatcherGone)
+    }
+
+    /// Registers a connection.
+    ///
+    /// # Errors
+    /// The dispatcher has stopped.
+    pub async fn register(&self, out: Outbound) -> Result<ClientKey, DispatcherGone> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Register { out, reply }).await?;
+        rx.await.map_err(|_| DispatcherGone)
+    }
+
+    /// Lists known symbols.
+    ///
+    /// # Errors
+    /// The dispatcher has stopped.
+    pub async fn symbols(&self) -> Result<Vec<SymbolInfo>, DispatcherGone> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::ListSymbols { reply }).await?;
+        rx.await.map_err(|_| DispatcherGone)
+    }
+
+    /// Tells the dispatcher a connection has gone, without waiting.
+    pub fn deregister(&self, key: ClientKey) {
+        // If the command queue is full, fall back to a task so the entry is still removed.
+        if let Err(flume::TrySendError::Full(cmd)) = self.tx.try_send(Command::Deregister { key }) {
+            let tx = self.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send_async(cmd).await;
+            });
+        }
+    }
+}
+
+/// The dispatcher has stopped (server shutting down).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("dispatcher stopped")]
+pub struct DispatcherGone;
+
+struct Client {
+    out: Outbound,
+    /// Detached by the dispatcher (slow consumer, gone): no more delivery or commands.
+    detached: bool,
+    symbols: HashSet<Symbol>,
+    wildcard: bool,
+    filter: Filter,
+    delivery: Delivery,
+}
+
+struct SymbolState {
+    seq: u64,
+    price: f64,
+    ts: i64,
+    recent: RecentTicks,
+}
+
+/// Last known state of a symbol at start (from the store), so seqs continue.
+#[derive(Debug, Clone)]
+pub struct Seed {
+    /// Symbol.
+    pub symbol: Symbol,
+    /// Last seq.
+    pub seq: u64,
+    /// Last price.
+    pub price: f64,
+    /// Last event time.
+    pub ts: i64,
+}
+
+/// The dispatcher actor.
+pub struct Dispatcher<S: TickSink> {
+    queue: Arc<PriorityQueue>,
+    commands: flume::Receiver<Command>,
+    clients: Slab<Client>,
+    registry: Registry,
+    symbols: HashMap<Symbol, SymbolState>,
+    timers: BinaryHeap<Reverse<(Instant, ClientKey)>>,
+    sink: S,
+    dead_letters: Arc<DeadLetters>,
+    stats: Arc<DispatchStats>,
+    smart: SmartThresholds,
+    max_symbols: usize,
+    recent_cap: usize,
+    default_interval: Duration,
+    min_interval: Duration,
+    /// Seconds from `t_in` to stamping, when metrics are attached.
+    latency: Option<metrics::Histogram>,
+}
+
+/// Commands handled per loop turn before looking at the queue again.
+const COMMAND_CHUNK: usize = 64;
+/// Ticks per snapshot message.
+const SNAPSHOT_CHUNK: usize = 500;
+
+impl<S: TickSink> Dispatcher<S> {
+    /// Builds a dispatcher and its handle.
+    #[must_use]
+    pub fn new(
+        config: &Config,
+        queue: Arc<PriorityQueue>,
+        sink: S,
+        dead_letters: Arc<DeadLetters>,
+        stats: Arc<DispatchStats>,
+        seeds: Vec<Seed>,
+    ) -> (Self, DispatcherHandle) {
+        let (tx, rx) = flume::bounded(config.dispatch.command_capacity);
+        let limit = config.limits.outbound_buffer_bytes;
+        let symbols = seeds
+            .into_iter()
+            .map(|s| {
+                let state = SymbolState {
+                    seq: s.seq,
+                    price: s.price,
+                    ts: s.ts,
+                    recent: RecentTicks::default(),
+                };
+                (s.symbol, state)
+            })
+            .collect();
+        let dispatcher = Self {
+            queue,
+            commands: rx,
+            clients: Slab::new(),
+            registry: Registry::default(),
+            symbols,
+            timers: BinaryHeap::new(),
+            sink,
+            dead_letters,
+            stats,
+            smart: SmartThresholds {
+                batch: limit * usize::from(config.dispatch.smart_batch_pct) / 100,
+                conflate: limit * usize::from(config.dispatch.smart_conflate_pct) / 100,
+            },
+            max_symbols: config.limits.max_symbols,
+            recent_cap: config.dispatch.recent_ticks,
+            default_interval: Duration::from_millis(config.dispatch.default_interval_ms),
+            min_interval: Duration::from_millis(config.dispatch.min_interval_ms),
+            latency: None,
+        };
+        (dispatcher, DispatcherHandle { tx })
+    }
+
+    /// Records ingest-to-dispatch latency into `histogram`.
+    #[must_use]
+    pub fn with_latency_histogram(mut self, histogram: metrics::Histogram) -> Self {
+        self.latency = Some(histogram);
+        self
+    }
+
+    /// Runs until `shutdown`, then drains the queue (so every accepted tick gets its seq and
+    /// reaches the sink) and returns the sink.
+    pub async fn run(mut self, shutdown: CancellationToken) -> S {
+        loop {
+            let mut busy = false;
+            for _ in 0..COMMAND_CHUNK {
+                match self.commands.try_recv() {
+                    Ok(cmd) => {
+                        self.handle(cmd);
+                        busy = true;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if self.dispatch_round().await {
+                busy = true;
+            }
+            self.fire_timers(Instant::now());
+            if busy {
+                // Let connection tasks run between rounds on a busy runtime.
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                cmd = self.commands.recv_async() => match cmd {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(_) => break,
+                },
+                () = self.queue.wait_ready() => {}
+                () = sleep_until(next_timer) => {}
+            }
+        }
+        while self.dispatch_round().await {}
+        for (_, client) in &self.clients {
+            client.out.kill(close::GOING_AWAY);
+        }
+        self.sink
+    }
+
+    /// One bounded round from the queue. Returns whether anything was taken.
+    async fn dispatch_round(&mut self) -> bool {
+        let drained = self.queue.drain_round(Instant::now());
+        if drained.ready.is_empty() && drained.expired.is_empty() {
+            return false;
+        }
+        if !drained.expired.is_empty() {
+            self.expire(drained.expired);
+        }
+        let now = Instant::now();
+        let now_us = crate::tick::now_us();
+        let mut tally = Tally::default();
+        let mut gone = Vec::new();
+        let mut done = Vec::with_capacity(drained.ready.len());
+        for mut item in drained.ready {
+            if let Some(h) = &self.latency {
+                #[allow(clippy::cast_precision_loss)]
+                h.record((now_us - item.tick.t_in).max(0) as f64 / 1e6);
+            }
+            let frame = self.stamp(&mut item.tick);
+            self.fan_out(&item.tick, &frame, now, &mut tally, &mut gone);
+            done.push((item, frame));
+        }
+        self.stats
+            .dispatched
+            .fetch_add(done.len() as u64, Ordering::Relaxed);
+        self.record(tally);
+        for (key, code) in gone {
+            self.drop_client(key, code);
+        }
+        self.sink.accept(done).await;
+        true
+    }
+
+    /// Assigns the next seq and serializes the tick once.
+    fn stamp(&mut self, tick: &mut Tick) -> Frame {
+        let state = self
+            .symbols
+            .entry(tick.symbol.clone())
+            .or_insert_with(|| SymbolState {
+                seq: 0,
+                price: tick.price,
+                ts: tick.ts,
+                recent: RecentTicks::default(),
+            });
+        state.seq += 1;
+        state.price = tick.price;
+        state.ts = tick.ts;
+        tick.seq = state.seq;
+        let frame = Frame::from(tick.to_json());
+        state.recent.push(tick.seq, frame.clone(), self.recent_cap);
+        frame
+    }
+
+    fn fan_out(
+        &mut self,
+        tick: &Tick,
+        frame: &Frame,
+        now: Instant,
+        tally: &mut Tally,
+        gone: &mut Vec<(ClientKey, u16)>,
+    ) {
+        let clients = &mut self.clients;
+        let timers = &mut self.timers;
+        let smart = self.smart;
+        self.registry.for_each_subscriber(&tick.symbol, |key| {
+            let Some(client) = clients.get_mut(key) else {
+                return;
+            };
+            if !client.filter.matches(tick) {
+                return;
+            }
+            match client
+                .delivery
+                .deliver(tick, frame, &client.out, now, smart, tally)
+            {
+                Outcome::Done => {}
+                Outcome::Scheduled(at) => timers.push(Reverse((at, key))),
+                Outcome::SlowConsumer => gone.push((key, close::SLOW_CONSUMER)),
+                Outcome::Gone => gone.push((key, 0)),
+            }
+        });
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        let mut tally = Tally::default();
+        let mut gone = Vec::new();
+        while let Some(Reverse((at, key))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(client) = self.clients.get_mut(key) else {
+                continue;
+            };
+            // Stale entries (rescheduled or already flushed) are skipped.
+            if client.delivery.next_flush() != Some(at) {
+                continue;
+            }
+            match client
+                .delivery
+                .flush(&client.out, now, self.smart, &mut tally)
+            {
+                Outcome::Done => {}
+                Outcome::Scheduled(next) => self.timers.push(Reverse((next, key))),
+                Outcome::SlowConsumer => gone.push((key, close::SLOW_CONSUMER)),
+                Outcome::Gone => gone.push((key, 0)),
+            }
+        }
+        self.record(tally);
+        for (key, code) in gone {
+            self.drop_client(key, code);
+        }
+    }
+
+    fn record(&self, tally: Tally) {
+        let s = &self.stats;
+        s.messages.fetch_add(tally.messages, Ordering::Relaxed);
+        s.conflated.fetch_add(tally.conflated, Ordering::Relaxed);
+        s.mode_switches
+            .fetch_add(tally.mode_switches, Ordering::Relaxed);
+    }
+
+    fn expire(&self, expired: Vec<Queued>) {
+        self.stats
+            .expired
+            .fetch_add(expired.len() as u64, Ordering::Relaxed);
+        let received_at = now_ms();
+        let letters: Vec<_> = expired
+            .iter()
+            .map(|q| {
+                DeadLetter::new(
+                    "expired",
+                    format!(
+                        "{} tick expired in the queue before dispatch (queue TTL)",
+                        q.tick.priority.as_str()
+                    ),
+                    q.tick.to_json(),
+                    received_at,
+                )
+            })
+            .collect();
+        self.dead_letters.extend(letters);
+        for q in expired {
+            if let Some(ack) = &q.ack {
+                ack.expire(q.index);
+            }
+        }
+    }
+
+    /// Stops delivering to a client; `code` non-zero also tells its connection to close with
+    /// it. The slab entry stays until the connection's own `Deregister`, so a key is never
+    /// reused while its old connection may still send commands.
+    fn drop_client(&mut self, key: ClientKey, code: u16) {
+        let Some(client) = self.clients.get_mut(key) else {
+            return;
+        };
+        if client.detached {
+            return;
+        }
+        client.detached = true;
+        for symbol in client.symbols.drain() {
+            self.registry.remove(&symbol, key);
+        }
+        if client.wildcard {
+            client.wildcard = false;
+            self.registry.remove_wildcard(key);
+        }
+        if code == close::SLOW_CONSUMER {
+            self.stats
+                .slow_consumer_closes
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(client = key, "slow consumer closed");
+        }
+        if code != 0 {
+            client.out.kill(code);
+        }
+    }
+
+    fn deregister(&mut self, key: ClientKey) {
+        self.drop_client(key, 0);
+        if self.clients.try_remove(key).is_some() {
+            self.stats.clients.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        let detached = |key: ClientKey| self.clients.get(key).is_none_or(|c| c.detached);
+        match &cmd {
+            Command::Subscribe { key, .. }
+            | Command::Unsubscribe { key, .. }
+            | Command::Configure { key, .. }
+            | Command::ClientSymbols { key, .. }
+                if detached(*key) =>
+            {
+                return;
+            }
+            _ => {}
+        }
+        match cmd {
+            Command::Register { out, reply } => {
+                let key = self.clients.insert(Client {
+                    out,
+                    detached: false,
+                    symbols: HashSet::new(),
+                    wildcard: false,
+                    filter: Filter::default(),
+                    delivery: Delivery::new(self.default_interval),
+                });
+                self.stats.clients.fetch_add(1, Ordering::Relaxed);
+                if reply.send(key).is_err() {
+                    self.deregister(key);
+                }
+            }
+            Command::Deregister { key } => self.deregister(key),
+            Command::Subscribe {
+                key,
+                id,
+                symbols,
+                settings,
+                history,
+                since_seq,
+            } => self.subscribe(key, id, &symbols, &settings, history, &since_seq),
+            Command::Unsubscribe { key, id, symbols } => self.unsubscribe(key, id, &symbols),
+            Command::Configure { key, id, settings } => {
+                if self.clients.contains(key) {
+                    self.apply_settings(key, &settings);
+                    let mode = self.clients[key].delivery.mode();
+                    self.reply(
+                        key,
+                        &json!({"type":"ack","id":id,"op":"configure","mode":mode}),
+                    );
+                }
+            }
+            Command::ClientSymbols { key, id } => {
+                let list = self.symbol_list();
+                self.reply(key, &json!({"type":"symbols","id":id,"symbols":list}));
+            }
+            Command::ListSymbols { reply } => {
+                let _ = reply.send(self.symbol_list());
+            }
+        }
+    }
+
+    fn symbol_list(&self) -> Vec<SymbolInfo> {
+        let mut list: Vec<_> = self
+            .symbols
+            .iter()
+            .filter(|(_, s)| s.seq > 0)
+            .map(|(sym, s)| SymbolInfo {
+                symbol: sym.clone(),
+                seq: s.seq,
+                price: s.price,
+                ts: s.ts,
+            })
+            .collect();
+        list.sort_by(|a, b| a.symbol.cmp(&b.symbol));
+        list
+    }
+
+    /// Queues a control reply; a client whose queue cannot take even that is gone.
+    fn reply(&mut self, key: ClientKey, msg: &Value) {
+        if let Some(client) = self.clients.get(key) {
+            if client
+                .out
+                .push_control(Frame::from(msg.to_string()))
+                .is_err()
+            {
+                self.drop_client(key, close::SLOW_CONSUMER);
+            }
+        }
+    }
+
+    fn apply_settings(&mut self, key: ClientKey, settings: &Settings) {
+        let now = Instant::now();
+        let (default_interval, min_interval) = (self.default_interval, self.min_interval);
+        let client = &mut self.clients[key];
+        if let Some(q) = settings.min_quality {
+            client.filter.min_quality = q;
+        }
+        if let Some(v) = settings.min_volume {
+            client.filter.min_volume = v;
+        }
+        let mode = settings.mode.unwrap_or(client.delivery.mode());
+        let interval = settings
+            .interval_ms
+            .map_or(client.delivery.interval(), Duration::from_millis)
+            .max(min_interval);
+        let interval = if interval.is_zero() {
+            default_interval
+        } else {
+            interval
+        };
+        let mut tally = Tally::default();
+        let outcome = client
+            .delivery
+            .reconfigure(mode, interval, &client.out, now, &mut tally);
+        self.record(tally);
+        match outcome {
+            Outcome::Scheduled(at) => self.timers.push(Reverse((at, key))),
+            Outcome::SlowConsumer => self.drop_client(key, close::SLOW_CONSUMER),
+            Outcome::Gone => self.drop_client(key, 0),
+            Outcome::Done => {}
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        key: ClientKey,
+        id: Option<Value>,
+        requested: &[String],
+        settings: &Settings,
+        history: usize,
+        since_seq: &HashMap<String, u64>,
+    ) {
+        let Some(client) = self.clients.get(key) else {
+            return;
+        };
+        let mut accepted: Vec<Symbol> = Vec::new();
+        let mut wildcard = false;
+        let mut rejected = Vec::new();
+        for name in requested {
+            if name == "*" {
+                wildcard = true;
+            } else if let Some(sym) = Symbol::parse(name) {
+                if !accepted.contains(&sym) {
+                    accepted.push(sym);
+                }
+            } else {
+                rejected.push(json!({"symbol": name, "code": ErrorCode::InvalidSymbol.as_str()}));
+            }
+        }
+        let new_count = accepted
+            .iter()
+            .filter(|s| !client.symbols.contains(*s))
+            .count()
+            + usize::from(wildcard && !client.wildcard);
+        let total = client.symbols.len() + usize::from(client.wildcard) + new_count;
+        if total > self.max_symbols {
+            let msg = protocol::error_message(
+                id.as_ref(),
+                ErrorCode::TooManySymbols,
+                &format!(
+                    "subscription would hold {total} symbols; the limit is {} per connection",
+                    self.max_symbols
+                ),
+                None,
+            );
+            if client.out.push_control(Frame::from(msg)).is_err() {
+                self.drop_client(key, close::SLOW_CONSUMER);
+            }
+            return;
+        }
+        self.apply_settings(key, settings);
+        let Some(client) = self.clients.get_mut(key) else {
+            return;
+        };
+        for sym in &accepted {
+            if client.symbols.insert(sym.clone()) {
+                self.registry.add(sym, key);
+            }
+        }
+        if wildcard {
+            client.wildcard = true;
+            self.registry.add_wildcard(key);
+        }
+        let mut last_seq = serde_json::Map::new();
+        for sym in &accepted {
+            let seq = self.symbols.get(sym).map_or(0, |s| s.seq);
+            last_seq.insert(sym.to_string(), seq.into());
+        }
+        let mut names: Vec<Value> = accepted.iter().map(|s| s.as_str().into()).collect();
+        if wildcard {
+            names.push("*".into());
+        }
+        let mode = client.delivery.mode();
+        let ack = json!({
+            "type": "ack", "id": id, "op": "subscribe", "symbols": names,
+            "rejected": rejected, "last_seq": last_seq, "mode": mode,
+        });
+        self.reply(key, &ack);
+        // Snapshots: from the dispatcher's ring, so they join live delivery with no gap.
+        let mut wanted: Vec<(Symbol, Option<u64>)> = Vec::new();
+        for sym in &accepted {
+            match since_seq.get(sym.as_str()) {
+                Some(s) => wanted.push((sym.clone(), Some(*s))),
+                None if history > 0 => wanted.push((sym.clone(), None)),
+                None => {}
+            }
+        }
+        if wildcard && history > 0 {
+            for sym in self.symbols.keys() {
+                if !accepted.contains(sym) {
+                    wanted.push((sym.clone(), None));
+                }
+            }
+        }
+        for (sym, since) in wanted {
+            self.send_snapshot(key, &sym, history, since);
+        }
+    }
+
+    fn send_snapshot(
+        &mut self,
+        key: ClientKey,
+        symbol: &Symbol,
+        history: usize,
+        since: Option<u64>,
+    ) {
+        let Some(client) = self.clients.get(key) else {
+            return;
+        };
+        let (frames, gap): (Vec<Frame>, bool) = match self.symbols.get(symbol) {
+            None => (Vec::new(), false),
+            Some(state) => match since {
+                Some(s) => {
+                    let frames: Vec<Frame> =
+                        state.recent.after(s).map(|(_, f)| f.clone()).collect();
+                    // A gap when the ring no longer reaches back to s + 1.
+                    let gap =
+                        s < state.seq && state.recent.first_seq().is_none_or(|first| first > s + 1);
+                    (frames, gap)
+                }
+                None => (
+                    state
+                        .recent
+                        .last_n(history)
+                        .map(|(_, f)| f.clone())
+                        .collect(),
+                    false,
+                ),
+            },
+        };
+        let chunks: Vec<&[Frame]> = if frames.is_empty() {
+            vec![&[][..]]
+        } else {
+            frames.chunks(SNAPSHOT_CHUNK).collect()
+        };
+        let mut failed = false;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let mut text =
+                String::with_capacity(64 + chunk.iter().map(|f| f.len() + 1).sum::<usize>());
+            text.push_str(r#"{"type":"snapshot","symbol":"#);
+            text.push_str(&serde_json::to_string(symbol.as_str()).unwrap_or_default());
+            text.push_str(r#","ticks":["#);
+            for (j, f) in chunk.iter().enumerate() {
+                if j > 0 {
+                    text.push(',');
+                }
+                text.push_str(f.as_str());
+            }
+            text.push_str(r#"],"gap":"#);
+            text.push_str(if i == 0 && gap { "true" } else { "false" });
+            text.push('}');
+            if client.out.push_control(Frame::from(text)).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        if failed {
+            self.drop_client(key, close::SLOW_CONSUMER);
+        }
+    }
+
+    fn unsubscribe(&mut self, key: ClientKey, id: Option<Value>, requested: &[String]) {
+        let Some(client) = self.clients.get_mut(key) else {
+            return;
+        };
+        let mut removed = Vec::new();
+        for name in requested {
+            if name == "*" {
+                if client.wildcard {
+                    client.wildcard = false;
+                    self.registry.remove_wildcard(key);
+                }
+                removed.push(Value::from("*"));
+            } else if let Some(sym) = Symbol::parse(name) {
+                if client.symbols.remove(&sym) {
+                    self.registry.remove(&sym, key);
+                }
+                removed.push(Value::from(sym.as_str()));
+            }
+        }
+        if !client.wildcard {
+            let still = &client.symbols;
+            client.delivery.retain(|s| still.contains(s));
+        }
+        self.reply(
+            key,
+            &json!({"type":"ack","id":id,"op":"unsubscribe","symbols":removed}),
+        );
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,559 @@
+//! Ingest: producer bytes in (an `/ingest` frame, a `POST /api/ticks` body, or the simulator),
+//! accepted ticks out into the priority queue, and a report back to the producer. Parsing and
+//! validation run on the caller's task without locks; only de-duplication, quality scoring and
+//! the queue push take the per-server symbol lock, so a refused tick leaves no trace and can be
+//! resent. Rejections go to the dead-letter list.
+
+pub mod dedup;
+pub mod parse;
+pub mod quality;
+pub mod validate;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::ack::AckGroup;
+use crate::config::ValidationConfig;
+use crate::dlq::{DeadLetter, DeadLetters};
+use crate::queue::{PriorityQueue, Queued};
+use crate::tick::{now_us, Symbol, Tick};
+
+use self::dedup::RecentKeys;
+use self::parse::{parse_document, Element};
+use self::quality::QualityState;
+pub use self::validate::{Reject, RejectCode, TimeRules};
+
+/// Per-symbol ingest memory: dedup window and quality history.
+#[derive(Debug, Default)]
+pub struct SymbolIngest {
+    /// Recent tick keys.
+    pub recent: RecentKeys,
+    /// Scoring history.
+    pub quality: QualityState,
+}
+
+/// One rejected tick of a frame.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Rejection {
+    /// 0-based position in the frame or body.
+    pub index: u32,
+    /// Reject code.
+    pub code: &'static str,
+    /// Human message.
+    pub message: String,
+}
+
+/// Counters for metrics and `/api/stats`.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    /// Ticks seen (accepted, duplicate, rejected or refused).
+    pub received: AtomicU64,
+    /// Ticks accepted into the queue.
+    pub accepted: AtomicU64,
+    /// Duplicates dropped.
+    pub duplicates: AtomicU64,
+    /// Ticks refused for backpressure.
+    pub refused: AtomicU64,
+    /// Rejections by code, indexed like `RejectCode::ALL`.
+    pub rejected: [AtomicU64; RejectCode::ALL.len()],
+}
+
+impl IngestStats {
+    fn reject(&self, code: RejectCode) {
+        let i = RejectCode::ALL.iter().position(|c| *c == code).unwrap_or(0);
+        self.rejected[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Rejections summed over codes.
+    #[must_use]
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// What happened to one frame; the producer's ack is built from it once `ack` has settled.
+#[derive(Debug)]
+pub struct IngestReport {
+    /// Ticks accepted into the queue.
+    pub accepted: usize,
+    /// Duplicates dropped.
+    pub duplicates: usize,
+    /// Rejected ticks.
+    pub rejected: Vec<Rejection>,
+    /// Indices refused for backpressure (not stored, no seq: resend them).
+    pub refused: Vec<u32>,
+    /// Settles when every accepted tick is stored (or dispatched, without a store).
+    pub ack: Arc<AckGroup>,
+    /// What to tell a refused producer.
+    pub retry_after_ms: u64,
+}
+
+/// The ack a producer receives, after the frame's ticks have settled.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct IngestAck {
+    /// Always `ingest_ack`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Ticks accepted and durably settled.
+    pub accepted: usize,
+    /// Duplicates dropped.
+    pub duplicates: usize,
+    /// Rejected ticks (including any that expired in the queue, code `expired`).
+    pub rejected: Vec<Rejection>,
+}
+
+/// The backpressure error sent beside (WebSocket) or instead of (HTTP 503) the ack.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Backpressure {
+    /// Always `error`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Always `backpressure`.
+    pub code: &'static str,
+    /// Human message.
+    pub message: String,
+    /// Wait at least this long before resending.
+    pub retry_after_ms: u64,
+    /// Number of refused ticks.
+    pub refused: usize,
+    /// Extension: their 0-based indices in the frame, so exactly those can be resent.
+    pub refused_indices: Vec<u32>,
+}
+
+impl IngestReport {
+    /// Waits until the accepted ticks have settled and builds the ack. Ticks that expired in
+    /// the queue are moved from `accepted` to `rejected` with code `expired`.
+    pub async fn settle(self) -> (IngestAck, Option<Backpressure>) {
+        let expired = self.ack.settled().await;
+        let mut rejected = self.rejected;
+        for index in &expired {
+            rejected.push(Rejection {
+                index: *index,
+                code: RejectCode::Expired.as_str(),
+                message: "expired in the queue before dispatch (queue TTL)".into(),
+            });
+        }
+        rejected.sort_by_key(|r| r.index);
+        let backpressure = (!self.refused.is_empty()).then(|| Backpressure {
+            kind: "error",
+            code: "backpressure",
+            message: format!(
+                "queue full: {} tick(s) refused, resend them after retry_after_ms",
+                self.refused.len()
+            ),
+            retry_after_ms: self.retry_after_ms,
+            refused: self.refused.len(),
+            refused_indices: self.refused,
+        });
+        let ack = IngestAck {
+            kind: "ingest_ack",
+            accepted: self.accepted - expired.len(),
+            duplicates: self.duplicates,
+            rejected,
+        };
+        (ack, backpressure)
+    }
+}
+
+/// The ingest stage of one server.
+pub struct Ingestor {
+    queue: Arc<PriorityQueue>,
+    symbols: Mutex<HashMap<Symbol, SymbolIngest>>,
+    dead_letters: Arc<DeadLetters>,
+    config: ValidationConfig,
+    /// Counters.
+    pub stats: IngestStats,
+}
+
+impl Ingestor {
+    /// An ingest stage feeding `queue`.
+    #[must_use]
+    pub fn new(
+        config: ValidationConfig,
+        queue: Arc<PriorityQueue>,
+        dead_letters: Arc<DeadLetters>,
+    ) -> Self {
+        Self {
+            queue,
+            symbols: Mutex::new(HashMap::new()),
+            dead_letters,
+            config,
+            stats: IngestStats::default(),
+        }
+    }
+
+    /// Ingests one WebSocket frame: one tick object or an array of them.
+    pub fn ingest_frame(&self, bytes: &[u8]) -> IngestReport {
+        let mut batch = Batch::default();
+        self.parse_into(bytes, &mut batch);
+        self.admit(batch)
+    }
+
+    /// Ingests a `POST /api/ticks` body: a JSON array, one object, or NDJSON (one tick, or an
+    /// array, per line; blank lines skipped). Indices run over the ticks of the whole body.
+    pub fn ingest_body(&self, bytes: &[u8]) -> IngestReport {
+        let mut batch = Batch::default();
+        let trimmed = bytes.trim_ascii_start();
+        let one_document = trimmed.first() == Some(&b'[')
+            || !has_second_line(trimmed)
+            || !first_line_is_json(trimmed);
+        if one_document {
+            self.parse_into(bytes, &mut batch);
+        } else {
+            for line in bytes.split(|b| *b == b'\n') {
+                if !line.trim_ascii().is_empty() {
+                    self.parse_into(line, &mut batch);
+                }
+            }
+        }
+        self.admit(batch)
+    }
+
+    /// Parses and validates one JSON document into `batch`.
+    fn parse_into(&self, bytes: &[u8], batch: &mut Batch) {
+        let t_in = now_us();
+        let rules = TimeRules {
+            now_ms: t_in / 1000,
+            max_future_ms: self.config.max_future_ms,
+            max_age_ms: Some(self.config.max_age_ms),
+        };
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            batch.reject(
+                RejectCode::BadJson,
+                "not valid UTF-8".into(),
+                String::from_utf8_lossy(bytes).into_owned(),
+            );
+            return;
+        };
+        let mut scratch = bytes.to_vec();
+        match parse_document(&mut scratch, text) {
+            Ok(parsed) => parsed.for_each_element(|element| match element {
+                Element::Object(obj) => match validate::validate(&obj, rules, t_in) {
+                    Ok(tick) => batch.push_valid(tick),
+                    Err(reject) => batch.reject(reject.code, reject.message, obj.to_text()),
+                },
+                Element::NotObject(raw) => {
+                    batch.reject(
+                        RejectCode::BadJson,
+                        "a tick must be a JSON object".into(),
+                        raw,
+                    );
+                }
+            }),
+            Err(message) => batch.reject(RejectCode::BadJson, message, text.to_owned()),
+        };
+    }
+
+    /// De-duplicates, scores and enqueues the valid ticks of a batch.
+    fn admit(&self, batch: Batch) -> IngestReport {
+        let received_at = now_us() / 1000;
+        let ack = Arc::new(AckGroup::new(batch.valid.len()));
+        let mut report = IngestReport {
+            accepted: 0,
+            duplicates: 0,
+            rejected: Vec::new(),
+            refused: Vec::new(),
+            ack: ack.clone(),
+            retry_after_ms: self.queue.retry_after_ms(),
+        };
+        let mut dead = Vec::new();
+        for (index, code, message, raw) in batch.rejected {
+            self.stats.reject(code);
+            dead.push(DeadLetter::new(
+                code.as_str(),
+                message.clone(),
+                raw,
+                received_at,
+            ));
+            report.rejected.push(Rejection {
+                index,
+                code: code.as_str(),
+                message,
+            });
+        }
+        if !batch.valid.is_empty() {
+            let now = Instant::now();
+            let mut symbols = self.symbols.lock();
+            for (index, mut tick) in batch.valid {
+                let outcome = self.admit_one(&mut symbols, &mut tick, index, &ack, now);
+                match outcome {
+                    Admission::Accepted => report.accepted += 1,
+                    Admission::Duplicate => {
+                        report.duplicates += 1;
+                        ack.settle();
+                    }
+                    Admission::Refused => {
+                        report.refused.push(index);
+                        ack.settle();
+                    }
+                    Admission::Rejected(reject) => {
+                        self.stats.reject(reject.code);
+                        dead.push(DeadLetter::new(
+                            reject.code.as_str(),
+                            reject.message.clone(),
+                            tick.to_json(),
+                            received_at,
+                        ));
+                        report.rejected.push(Rejection {
+                            index,
+                            code: reject.code.as_str(),
+                            message: reject.message,
+                        });
+                        ack.settle();
+                    }
+                }
+            }
+        }
+        report.rejected.sort_by_key(|r| r.index);
+        let stats = &self.stats;
+        let seen =
+            report.accepted + report.duplicates + report.rejected.len() + report.refused.len();
+        stats.received.fetch_add(seen as u64, Ordering::Relaxed);
+        stats
+            .accepted
+            .fetch_add(report.accepted as u64, Ordering::Relaxed);
+        stats
+            .duplicates
+            .fetch_add(report.duplicates as u64, Ordering::Relaxed);
+        stats
+            .refused
+            .fetch_add(report.refused.len() as u64, Ordering::Relaxed);
+        if !dead.is_empty() {
+            self.dead_letters.extend(dead);
+        }
+        report
+    }
+
+    fn admit_one(
+        &self,
+        symbols: &mut HashMap<Symbol, SymbolIngest>,
+        tick: &mut Tick,
+        index: u32,
+        ack: &Arc<AckGroup>,
+        now: Instant,
+    ) -> Admission {
+        if !symbols.contains_key(&tick.symbol) && symbols.len() >= self.config.max_total_symbols {
+            return Admission::Rejected(Reject {
+                code: RejectCode::InvalidSymbol,
+                message: format!(
+                    "symbol limit reached ({} symbols, validation.max_total_symbols)",
+                    self.config.max_total_symbols
+                ),
+            });
+        }
+        let state = symbols.entry(tick.symbol.clone()).or_default();
+        let key = dedup::key_of(tick);
+        if state.recent.contains(key) {
+            return Admission::Duplicate;
+        }
+        tick.quality = state.quality.score(tick);
+        let (price, volume, ts) = (tick.price, tick.volume, tick.ts);
+        let queued = Queued {
+            tick: tick.clone(),
+            ack: Some(ack.clone()),
+            index,
+            enqueued: now,
+        };
+        match self.queue.push(queued) {
+            Ok(()) => {
+                state.recent.insert(key, self.config.dedup_window);
+                state.quality.update(price, volume, ts);
+                Admission::Accepted
+            }
+            Err(_) => Admission::Refused,
+        }
+    }
+}
+
+enum Admission {
+    Accepted,
+    Duplicate,
+    Refused,
+    Rejected(Reject),
+}
+
+/// Ticks of one frame or body between parsing and admission, with running indices.
+#[derive(Default)]
+struct Batch {
+    next_index: u32,
+    valid: Vec<(u32, Tick)>,
+    rejected: Vec<(u32, RejectCode, String, String)>,
+}
+
+impl Batch {
+    fn push_valid(&mut self, tick: Tick) {
+        self.valid.push((self.next_index, tick));
+        self.next_index += 1;
+    }
+
+    fn reject(&mut self, code: RejectCode, message: String, raw: String) {
+        self.rejected.push((self.next_index, code, message, raw));
+        self.next_index += 1;
+    }
+}
+
+/// Whether the first line is a JSON document by itself; if not, a multi-line body is one
+/// pretty-printed document rather than NDJSON.
+fn first_line_is_json(bytes: &[u8]) -> bool {
+    let line = bytes.split(|b| *b == b'\n').next().unwrap_or_default();
+    let mut scratch = line.to_vec();
+    simd_json::to_borrowed_value(&mut scratch).is_ok()
+        || serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok()
+}
+
+/// Whether non-blank text follows the first line (NDJSON rather than one document).
+fn has_second_line(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .position(|b| *b == b'\n')
+        .is_some_and(|nl| !bytes[nl..].trim_ascii().is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::QueueConfig;
+    use crate::tick::{now_ms, Priority};
+
+    fn ingestor(capacity: usize) -> (Ingestor, Arc<PriorityQueue>, Arc<DeadLetters>) {
+        let queue = Arc::new(PriorityQueue::new(&QueueConfig {
+            capacity,
+            ..QueueConfig::default()
+        }));
+        let dlq = Arc::new(DeadLetters::new(100));
+        let ing = Ingestor::new(ValidationConfig::default(), queue.clone(), dlq.clone());
+        (ing, queue, dlq)
+    }
+
+    fn tick(sym: &str, price: f64, extra: &str) -> String {
+        format!(
+            r#"{{"symbol":"{sym}","ts":{},"price":{price},"volume":1{extra}}}"#,
+            now_ms()
+        )
+    }
+
+    #[test]
+    fn array_frame_with_mixed_ticks() {
+        let (ing, queue, dlq) = ingestor(100);
+        let frame = format!(
+            "[{},{},{},7]",
+            tick("A", 1.0, ""),
+            tick("A", -1.0, ""),
+            tick("B", 2.0, r#","id":"x""#)
+        );
+        let r = ing.ingest_frame(frame.as_bytes());
+        assert_eq!(r.accepted, 2);
+        assert_eq!(
+            r.rejected
+                .iter()
+                .map(|r| (r.index, r.code))
+                .collect::<Vec<_>>(),
+            vec![(1, "invalid_price"), (3, "bad_json")]
+        );
+        assert_eq!(queue.depth(), 2);
+        assert_eq!(dlq.len(), 2);
+        assert_eq!(dlq.recent(1)[0].raw, "7");
+    }
+
+    #[test]
+    fn duplicates_by_id_and_by_content() {
+        let (ing, queue, _) = ingestor(100);
+        let with_id = tick("A", 1.0, r#","id":42"#);
+        let plain = tick("A", 5.0, "");
+        let frame = format!("[{with_id},{plain},{with_id},{plain}]");
+        let r = ing.ingest_frame(frame.as_bytes());
+        assert_eq!((r.accepted, r.duplicates), (2, 2));
+        let again = ing.ingest_frame(with_id.as_bytes());
+        assert_eq!(again.duplicates, 1);
+        assert_eq!(queue.depth(), 2);
+    }
+
+    #[test]
+    fn refused_ticks_are_reported_and_may_be_resent() {
+        let (ing, queue, _) = ingestor(4);
+        let frame = format!(
+            "[{},{},{},{},{}]",
+            tick("A", 1.0, r#","priority":"low""#),
+            tick("A", 2.0, r#","priority":"low""#),
+            tick("A", 3.0, r#","priority":"low""#),
+            tick("A", 4.0, r#","priority":"critical""#),
+            tick("A", 5.0, r#","priority":"low""#),
+        );
+        let r = ing.ingest_frame(frame.as_bytes());
+        // low admitted up to 70% of 4 = 2 ticks; critical still fits.
+        assert_eq!(r.accepted, 3);
+        assert_eq!(r.refused, vec![2, 4]);
+        let drained = queue.drain_round(Instant::now());
+        assert_eq!(drained.ready[0].tick.priority, Priority::Critical);
+        let resend = ing.ingest_frame(tick("A", 3.0, r#","priority":"low""#).as_bytes());
+        assert_eq!(
+            resend.accepted, 1,
+            "a refused tick was not remembered as seen"
+        );
+    }
+
+    #[test]
+    fn ndjson_body_indices_and_bad_lines() {
+        let (ing, _, _) = ingestor(100);
+        let body = format!(
+            "{}\nnot json\n\n[{},{}]\n",
+            tick("A", 1.0, ""),
+            tick("B", 1.0, ""),
+            tick("C", 0.0, "")
+        );
+        let r = ing.ingest_body(body.as_bytes());
+        assert_eq!(r.accepted, 2);
+        assert_eq!(
+            r.rejected
+                .iter()
+                .map(|r| (r.index, r.code))
+                .collect::<Vec<_>>(),
+            vec![(1, "bad_json"), (3, "invalid_price")]
+        );
+    }
+
+    #[test]
+    fn pretty_printed_single_object_body() {
+        let (ing, _, _) = ingestor(100);
+        let body = format!(
+            "{{\n \"symbol\":\"A\",\n \"ts\":{},\n \"price\":1,\n \"volume\":2\n}}",
+            now_ms()
+        );
+        assert_eq!(ing.ingest_body(body.as_bytes()).accepted, 1);
+    }
+
+    #[tokio::test]
+    async fn ack_waits_for_settlement_and_reports_expiry() {
+        let (ing, queue, _) = ingestor(100);
+        let r =
+            ing.ingest_frame(format!("[{},{}]", tick("A", 1.0, ""), tick("A", 2.0, "")).as_bytes());
+        let ack = r.ack.clone();
+        let waiter = tokio::spawn(r.settle());
+        let drained = queue.drain_round(Instant::now());
+        assert!(!waiter.is_finished());
+        ack.settle();
+        ack.expire(drained.ready[1].index);
+        let (ack_msg, bp) = waiter.await.unwrap();
+        assert!(bp.is_none());
+        assert_eq!(ack_msg.accepted, 1);
+        assert_eq!(ack_msg.rejected[0].code, "expired");
+    }
+
+    #[test]
+    fn quality_drops_on_a_big_jump() {
+        let (ing, queue, _) = ingestor(100);
+        ing.ingest_frame(tick("A", 100.0, "").as_bytes());
+        ing.ingest_frame(tick("A", 160.0, "").as_bytes());
+        let d = queue.drain_round(Instant::now());
+        assert!(d.ready[0].tick.quality >= 90);
+        assert!(d.ready[1].tick.quality < 70);
+    }
+}

@@ -1,0 +1,242 @@
+//! Turns producer bytes into per-tick field accessors. The fast path is simd-json on the
+//! producer's (copied, mutable) buffer. A document simd-json refuses (it rejects numbers such
+//! as `1e400` that overflow f64) is re-read through serde_json's `RawValue`, which scans
+//! numbers without converting them, so an overflowing price becomes `invalid_price` for that
+//! one tick rather than `bad_json` for the whole frame. Only text that neither parser accepts
+//! is `bad_json`.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+
+use serde_json::value::RawValue;
+use simd_json::prelude::*;
+use simd_json::BorrowedValue;
+
+/// One field of a tick object as the validator sees it, whatever parser produced it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Field<'a> {
+    /// Not present in the object.
+    Absent,
+    /// `null`
+    Null,
+    /// A string.
+    Str(Cow<'a, str>),
+    /// An integer that fits i64.
+    Int(i64),
+    /// Any other number (possibly infinite when the text overflowed).
+    Float(f64),
+    /// A bool, object or array.
+    Other,
+}
+
+impl Field<'_> {
+    /// The number, when the field is one.
+    #[must_use]
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            #[allow(clippy::cast_precision_loss)]
+            Field::Int(i) => Some(*i as f64),
+            Field::Float(f) => Some(*f),
+            _ => None,
+        }
+    }
+}
+
+/// A tick object from either parser.
+pub enum TickObject<'v, 'a> {
+    /// From simd-json.
+    Simd(&'v BorrowedValue<'a>),
+    /// From the serde_json fallback.
+    Raw(HashMap<Cow<'a, str>, &'a RawValue>),
+}
+
+impl TickObject<'_, '_> {
+    /// Looks a field up.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Field<'_> {
+        match self {
+            TickObject::Simd(v) => v.get(name).map_or(Field::Absent, simd_field),
+            TickObject::Raw(map) => map.get(name).map_or(Field::Absent, |r| raw_field(r)),
+        }
+    }
+
+    /// The object as JSON text, for the dead-letter list.
+    #[must_use]
+    pub fn to_text(&self) -> String {
+        match self {
+            TickObject::Simd(v) => v.encode(),
+            TickObject::Raw(map) => {
+                let mut s = String::from("{");
+                for (i, (k, v)) in map.iter().enumerate() {
+                    if i > 0 {
+                        s.push(',');
+                    }
+                    s.push_str(&serde_json::to_string(k).unwrap_or_default());
+                    s.push(':');
+                    s.push_str(v.get());
+                }
+                s.push('}');
+                s
+            }
+        }
+    }
+}
+
+fn simd_field<'v>(v: &'v BorrowedValue<'_>) -> Field<'v> {
+    if v.is_null() {
+        Field::Null
+    } else if let Some(s) = v.as_str() {
+        Field::Str(Cow::Borrowed(s))
+    } else if let Some(i) = v.as_i64() {
+        Field::Int(i)
+    } else if let Some(f) = v.cast_f64() {
+        Field::Float(f)
+    } else {
+        Field::Other
+    }
+}
+
+fn raw_field<'a>(r: &'a RawValue) -> Field<'a> {
+    let text = r.get();
+    match text.as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<Cow<'a, str>>(text).map_or(Field::Other, Field::Str),
+        Some(b'n') => Field::Null,
+        Some(b'-' | b'0'..=b'9') => text.parse::<i64>().map_or_else(
+            // Rust's float parser saturates overflow to ±inf, which validation rejects.
+            |_| text.parse::<f64>().map_or(Field::Other, Field::Float),
+            Field::Int,
+        ),
+        _ => Field::Other,
+    }
+}
+
+/// One element of a frame: a tick object, or the reason it is not one.
+pub enum Element<'v, 'a> {
+    /// A JSON object to validate.
+    Object(TickObject<'v, 'a>),
+    /// Not an object; the text for the dead-letter list.
+    NotObject(String),
+}
+
+/// A parsed frame or line: one tick object or an array of elements.
+pub enum Parsed<'a> {
+    /// simd-json's tree.
+    Simd(BorrowedValue<'a>),
+    /// serde_json fallback: the top-level value.
+    Raw(&'a RawValue),
+}
+
+/// Parses one JSON document. `scratch` is the mutable copy simd-json works in; `original` is
+/// the same text, untouched, for the fallback.
+///
+/// # Errors
+/// The text is not JSON for either parser.
+pub fn parse_document<'a>(scratch: &'a mut [u8], original: &'a str) -> Result<Parsed<'a>, String> {
+    match simd_json::to_borrowed_value(scratch) {
+        Ok(v) => Ok(Parsed::Simd(v)),
+        Err(simd_err) => serde_json::from_str::<&RawValue>(original)
+            .map(Parsed::Raw)
+            .map_err(|_| format!("not valid JSON: {simd_err}")),
+    }
+}
+
+impl<'a> Parsed<'a> {
+    /// Calls `f` with each tick element, with its index within this document.
+    pub fn for_each_element(&self, mut f: impl FnMut(Element<'_, '_>)) {
+        match self {
+            Parsed::Simd(v) => {
+                if let Some(items) = v.as_array() {
+                    for item in items {
+                        f(simd_element(item));
+                    }
+                } else {
+                    f(simd_element(v));
+                }
+            }
+            Parsed::Raw(raw) => {
+                if raw.get().starts_with('[') {
+                    match serde_json::from_str::<Vec<&RawValue>>(raw.get()) {
+                        Ok(items) => items.into_iter().for_each(|r| f(raw_element(r))),
+                        Err(_) => f(Element::NotObject(raw.get().to_owned())),
+                    }
+                } else {
+                    f(raw_element(raw));
+                }
+            }
+        }
+    }
+}
+
+fn simd_element<'v, 'a>(v: &'v BorrowedValue<'a>) -> Element<'v, 'a> {
+    if v.is_object() {
+        Element::Object(TickObject::Simd(v))
+    } else {
+        Element::NotObject(v.encode())
+    }
+}
+
+fn raw_element<'v, 'a: 'v>(r: &'a RawValue) -> Element<'v, 'a> {
+    match serde_json::from_str::<HashMap<Cow<'a, str>, &'a RawValue>>(r.get()) {
+        Ok(map) => Element::Object(TickObject::Raw(map)),
+        Err(_) => Element::NotObject(r.get().to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(text: &str, name: &str) -> Vec<Field<'static>> {
+        let mut scratch = text.as_bytes().to_vec();
+        let parsed = parse_document(&mut scratch, text).unwrap();
+        let mut out = Vec::new();
+        parsed.for_each_element(|e| match e {
+            Element::Object(o) => out.push(match o.get(name) {
+                Field::Str(s) => Field::Str(Cow::Owned(s.into_owned())),
+                Field::Absent => Field::Absent,
+                Field::Null => Field::Null,
+                Field::Int(i) => Field::Int(i),
+                Field::Float(f) => Field::Float(f),
+                Field::Other => Field::Other,
+            }),
+            Element::NotObject(_) => out.push(Field::Other),
+        });
+        out
+    }
+
+    #[test]
+    fn simd_path_reads_fields() {
+        assert_eq!(fields(r#"{"price":1.5}"#, "price"), vec![Field::Float(1.5)]);
+        assert_eq!(
+            fields(r#"[{"ts":5},{"ts":"x"}]"#, "ts"),
+            vec![Field::Int(5), Field::Str("x".into())]
+        );
+    }
+
+    #[test]
+    fn overflowing_number_falls_back_to_infinity_not_bad_json() {
+        let got = fields(r#"[{"price":1e400,"s":"a\"b"},{"price":2}]"#, "price");
+        assert_eq!(got, vec![Field::Float(f64::INFINITY), Field::Int(2)]);
+        assert_eq!(
+            fields(r#"{"s":"a\"b","price":1e400}"#, "s"),
+            vec![Field::Str("a\"b".into())]
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        let text = "{not json";
+        let mut scratch = text.as_bytes().to_vec();
+        assert!(parse_document(&mut scratch, text).is_err());
+    }
+
+    #[test]
+    fn non_objects_are_reported() {
+        let text = "[1,{\"a\":1}]";
+        let mut scratch = text.as_bytes().to_vec();
+        let parsed = parse_document(&mut scratch, text).unwrap();
+        let mut kinds = Vec::new();
+        parsed.for_each_element(|e| kinds.push(matches!(e, Element::Object(_))));
+        assert_eq!(kinds, vec![false, true]);
+    }
+}

@@ -1,0 +1,291 @@
+//! Test harness: a real tickfan server on `127.0.0.1:0` inside the test's runtime, with a temp
+//! data dir, plus WebSocket and HTTP client helpers that wait on events with deadlines (no
+//! sleeps, no fixed ports).
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tickfan::Config;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long any single wait in a test may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A running server.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub config: Config,
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), tickfan::error::ServerError>>>,
+}
+
+/// A config for tests: no simulator, temp store, port 0.
+pub fn test_config() -> Config {
+    let mut c = Config::default();
+    c.feed.simulator = false;
+    c.server.listen = "127.0.0.1:0".parse().unwrap();
+    c.server.shutdown_grace_ms = 10_000;
+    c
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(test_config()).await
+    }
+
+    pub async fn start_with(config: Config) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(config, dir).await
+    }
+
+    /// Starts on an existing data dir (restart tests).
+    pub async fn start_in(mut config: Config, dir: tempfile::TempDir) -> Self {
+        config.store.dir = dir.path().to_path_buf();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(tickfan::run(listener, config.clone(), async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            config,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Connects to `/ws` and reads the welcome.
+    pub async fn client(&self) -> (Ws, Value) {
+        let mut ws = Ws::connect(&self.ws_url("/ws")).await;
+        let welcome = ws.recv().await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        (ws, welcome)
+    }
+
+    /// Connects to `/ingest`.
+    pub async fn producer(&self) -> Ws {
+        Ws::connect(&self.ws_url("/ingest")).await
+    }
+
+    /// Stops the server and waits for `run` to return; gives back the data dir.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.shutdown().await;
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
+    }
+
+    pub async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(DEADLINE, task)
+                .await
+                .expect("server did not stop in time")
+                .unwrap()
+                .expect("server returned an error");
+        }
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let resp = reqwest::get(self.http(path)).await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_ticks(
+        &self,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let resp = reqwest::Client::new()
+            .post(self.http("/api/ticks"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        (status, headers, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls `/api/stats` until `pred` holds.
+    pub async fn wait_stats(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let (_, stats) = self.get_json("/api/stats").await;
+            if pred(&stats) {
+                return stats;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {stats}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A WebSocket test client.
+pub struct Ws {
+    pub inner: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// How a connection ended.
+#[derive(Debug, PartialEq)]
+pub enum Ended {
+    Close(u16),
+    Eof,
+}
+
+impl Ws {
+    pub async fn connect(url: &str) -> Self {
+        let (inner, _) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect timed out")
+            .expect("connect failed");
+        Self { inner }
+    }
+
+    pub async fn send_json(&mut self, v: &Value) {
+        self.inner
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_text(&mut self, s: &str) {
+        self.inner
+            .send(Message::Text(s.to_owned().into()))
+            .await
+            .unwrap();
+    }
+
+    /// The next JSON text message (pings and heartbeats are skipped).
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(DEADLINE, self.inner.next())
+                .await
+                .expect("timed out waiting for a message")
+                .expect("connection ended")
+                .expect("websocket error");
+            match msg {
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    if v["type"] != "heartbeat" {
+                        return v;
+                    }
+                }
+                Message::Close(c) => panic!("closed while waiting for a message: {c:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads until a message satisfies `pred`, returning everything read (including it).
+    pub async fn recv_until(&mut self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let mut seen = Vec::new();
+        loop {
+            let v = self.recv().await;
+            let done = pred(&v);
+            seen.push(v);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    /// Reads until the reply with `"id": id`.
+    pub async fn reply(&mut self, id: u64) -> Value {
+        self.recv_until(|v| v["id"] == id).await.pop().unwrap()
+    }
+
+    /// Sends a request and returns its reply.
+    pub async fn request(&mut self, v: Value) -> Value {
+        let id = v["id"].as_u64().expect("request needs a numeric id");
+        self.send_json(&v).await;
+        self.reply(id).await
+    }
+
+    /// Reads until the connection ends, returning the data messages seen before.
+    pub async fn until_closed(&mut self) -> (Vec<Value>, Ended) {
+        let mut seen = Vec::new();
+        loop {
+            let msg = tokio::time::timeout(DEADLINE, self.inner.next())
+                .await
+                .expect("timed out waiting for close");
+            match msg {
+                Some(Ok(Message::Text(t))) => seen.push(serde_json::from_str(t.as_str()).unwrap()),
+                Some(Ok(Message::Close(frame))) => {
+                    let code = frame.map_or(1005, |f| u16::from(f.code));
+                    return (seen, Ended::Close(code));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return (seen, Ended::Eof),
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.inner.close(None).await;
+    }
+}
+
+/// Builds a tick object for `symbol` at the current time.
+pub fn tick(symbol: &str, price: f64, volume: f64) -> Value {
+    serde_json::json!({"symbol": symbol, "ts": now_ms(), "price": price, "volume": volume})
+}
+
+pub fn now_ms() -> i64 {
+    tickfan::tick::now_ms()
+}
+
+/// Sends ticks as one `/ingest` frame and returns the ack.
+pub async fn ingest(producer: &mut Ws, ticks: &[Value]) -> Value {
+    producer.send_json(&Value::Array(ticks.to_vec())).await;
+    let ack = producer.recv().await;
+    assert_eq!(ack["type"], "ingest_ack", "{ack}");
+    ack
+}
+
+/// Subscribes and returns the ack.
+pub async fn subscribe(ws: &mut Ws, id: u64, body: Value) -> Value {
+    let mut req = body;
+    req["op"] = "subscribe".into();
+    req["id"] = id.into();
+    let ack = ws.request(req).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    ack
+}
+
+/// Close code helper for readability.
+pub fn code(c: CloseCode) -> u16 {
+    u16::from(c)
+}
