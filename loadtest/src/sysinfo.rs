@@ -99,7 +99,7 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
         }
         lim.rlim_cur = lim.rlim_max;
     }
-    Ok(lim.rlim_cur as u64)
+    Ok(lim.rlim_cur)
 }
 
 /// Size of the kernel's ephemeral port range: how many connections one source address can
