@@ -60,13 +60,53 @@ impl Default for ServerConfig {
 }
 
 /// `[store]`
+///
+/// The embedded redb store: durable history, bars, dead letters and the epoch. Ingest acks wait
+/// for the store's durable commit, so the group-commit keys trade ack latency for throughput.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     /// Folder of the redb file and anything else the store keeps.
     pub dir: PathBuf,
-    /// Dead-letter entries kept (oldest dropped first).
+    /// Dead-letter entries kept (oldest dropped first), so a flood of bad input cannot grow the
+    /// file without bound. 0 keeps none.
     pub dlq_capacity: usize,
+    /// How long the writer keeps collecting batches into one write transaction after the first
+    /// one arrives, in ms. Every transaction pays one fdatasync, so a short window lets many
+    /// producers share it; 0 commits as soon as the queue is momentarily empty (lowest ack
+    /// latency when idle). A flush request always ends the window early.
+    pub group_commit_ms: u64,
+    /// Most ticks in one write transaction. Bounds the latency of a single commit (and so the
+    /// ack latency of the first tick in it) when a large backlog is waiting.
+    pub group_commit_max_ticks: usize,
+    /// Batches waiting for the writer thread. When full, `append` waits: this is the
+    /// backpressure that reaches the dispatcher and ingest instead of unbounded memory.
+    pub writer_queue: usize,
+    /// Raw ticks kept per symbol, newest kept; 0 keeps any number. Bounds the file size for
+    /// busy symbols while bars keep the long view.
+    pub max_ticks_per_symbol: u64,
+    /// Raw ticks older than this (by their `ts`) are removed, in ms; 0 keeps ticks by age.
+    pub max_age_ms: u64,
+    /// Bars older than this (by bucket start) are removed, in ms; 0 keeps bars by age. Bars are
+    /// small, so this is normally much longer than `max_age_ms`: charts outlive raw history.
+    pub bars_max_age_ms: u64,
+    /// Bars kept per symbol and timeframe, counted in buckets back from the symbol's newest
+    /// bar; 0 keeps any number. Keeps 1m bars from growing forever while 1d bars reach far back.
+    pub bars_max_per_symbol: u64,
+    /// Interval of the background retention pass, in ms. The pass runs in small transactions
+    /// between group commits, so it never stalls ingest for long; 0 disables it.
+    pub retention_interval_ms: u64,
+    /// Rows a retention transaction deletes at most before the writer goes back to pending
+    /// ticks. Smaller keeps ack latency flat while a large backlog of old data is removed.
+    pub retention_batch: usize,
+    /// Memory redb may use to cache file pages, in MiB. Recent history is read far more often
+    /// than old history, so a modest cache serves most snapshot and resume reads.
+    pub cache_mb: usize,
+    /// Verify every page checksum when opening a store that was shut down cleanly. A file
+    /// damaged outside the server then fails to open with a clear error instead of failing
+    /// later; turn off to start faster on very large stores. (After an unclean stop redb
+    /// always verifies and repairs.)
+    pub verify_on_open: bool,
 }
 
 impl Default for StoreConfig {
@@ -74,6 +114,17 @@ impl Default for StoreConfig {
         Self {
             dir: PathBuf::from("data"),
             dlq_capacity: 10_000,
+            group_commit_ms: 1,
+            group_commit_max_ticks: 100_000,
+            writer_queue: 256,
+            max_ticks_per_symbol: 1_000_000,
+            max_age_ms: 0,
+            bars_max_age_ms: 0,
+            bars_max_per_symbol: 100_000,
+            retention_interval_ms: 10_000,
+            retention_batch: 20_000,
+            cache_mb: 256,
+            verify_on_open: true,
         }
     }
 }
@@ -251,6 +302,9 @@ pub struct DispatchConfig {
     /// Most recent ticks the dispatcher keeps per symbol in memory. Snapshots and resumes
     /// within this window are served from memory, exactly in step with live delivery.
     pub recent_ticks: usize,
+    /// Most ticks one `since_seq` resume replays per symbol. A longer backlog is cut (the
+    /// snapshot says `gap: true`) and the client can page the rest from `/api/history`.
+    pub max_replay_ticks: usize,
 }
 
 impl Default for DispatchConfig {
@@ -264,6 +318,7 @@ impl Default for DispatchConfig {
             command_capacity: 4_096,
             outbound_messages: 65_536,
             recent_ticks: 1_000,
+            max_replay_ticks: 10_000,
         }
     }
 }

@@ -8,6 +8,8 @@ use std::collections::VecDeque;
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use crate::store::Store;
+
 /// Longest raw text kept per entry; producers can send large garbage.
 const MAX_RAW_BYTES: usize = 2_048;
 
@@ -50,6 +52,7 @@ impl DeadLetter {
 pub struct DeadLetters {
     entries: Mutex<VecDeque<DeadLetter>>,
     capacity: usize,
+    store: Option<Store>,
 }
 
 impl DeadLetters {
@@ -59,11 +62,32 @@ impl DeadLetters {
         Self {
             entries: Mutex::new(VecDeque::with_capacity(capacity.min(1024))),
             capacity: capacity.max(1),
+            store: None,
         }
+    }
+
+    /// A list backed by `store`: starts with the entries persisted there (so dead letters
+    /// survive a restart) and persists new ones.
+    #[must_use]
+    pub fn with_store(capacity: usize, store: Store) -> Self {
+        let mut list = Self::new(capacity);
+        match store.dead_letters(capacity) {
+            Ok(mut old) => {
+                old.reverse();
+                list.entries.get_mut().extend(old);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not load dead letters"),
+        }
+        list.store = Some(store);
+        list
     }
 
     /// Adds entries, evicting the oldest past capacity.
     pub fn extend(&self, new: impl IntoIterator<Item = DeadLetter>) {
+        let new: Vec<DeadLetter> = new.into_iter().collect();
+        if let Some(store) = &self.store {
+            store.push_dead_letters(new.clone());
+        }
         let mut entries = self.entries.lock();
         for e in new {
             if entries.len() == self.capacity {

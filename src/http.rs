@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -29,7 +29,8 @@ use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
 use crate::producer;
 use crate::queue::PriorityQueue;
-use crate::tick::Priority;
+use crate::store::{Store, Timeframe};
+use crate::tick::{Priority, Symbol};
 
 /// Everything the routes need; cloned per request (an `Arc`).
 pub struct AppState {
@@ -57,6 +58,8 @@ pub struct AppState {
     pub started: Instant,
     /// Open-files limit in force (reported by /health).
     pub fd_limit: u64,
+    /// The store (history, bars).
+    pub store: Store,
 }
 
 /// Global and per-IP caps on open WebSocket connections.
@@ -168,6 +171,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(post_ticks).layer(DefaultBodyLimit::max(body_limit)),
         )
         .route("/api/symbols", get(symbols))
+        .route("/api/history/{symbol}", get(history))
+        .route("/api/bars/{symbol}", get(bars))
         .route("/api/dlq", get(dlq))
         .route("/api/stats", get(stats))
         .route("/health", get(health))
@@ -462,4 +467,134 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let text = state.metrics.render(&state);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// `?limit=N&since_seq=S` (and `?token=`).
+#[derive(Debug, Deserialize)]
+pub struct HistoryQuery {
+    limit: Option<usize>,
+    since_seq: Option<u64>,
+    token: Option<String>,
+}
+
+/// Largest `limit` of `/api/history` and `/api/bars`.
+const MAX_HTTP_LIMIT: usize = 10_000;
+
+async fn history(
+    State(state): State<Arc<AppState>>,
+    Path(symbol): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<HistoryQuery>,
+) -> Response {
+    if !read_allowed(
+        &state,
+        &headers,
+        &TokenQuery {
+            token: q.token.clone(),
+        },
+    ) {
+        return unauthorized();
+    }
+    if !Symbol::is_valid(&symbol) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_symbol",
+            "symbol must be 1-32 of A-Z a-z 0-9 . - _ / :",
+        );
+    }
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_HTTP_LIMIT);
+    let store = state.store.clone();
+    let sym = symbol.clone();
+    let read = tokio::task::spawn_blocking(move || store.history(&sym, limit, q.since_seq)).await;
+    match read {
+        Ok(Ok(h)) => {
+            let mut body =
+                String::with_capacity(64 + h.ticks.iter().map(|t| t.len() + 1).sum::<usize>());
+            body.push_str(r#"{"symbol":"#);
+            body.push_str(&serde_json::to_string(&symbol).unwrap_or_default());
+            body.push_str(r#","epoch":"#);
+            body.push_str(itoa::Buffer::new().format(state.clients.epoch));
+            body.push_str(r#","first_seq":"#);
+            body.push_str(&h.first_seq.map_or("null".to_owned(), |s| s.to_string()));
+            body.push_str(r#","last_seq":"#);
+            body.push_str(itoa::Buffer::new().format(h.last_seq));
+            body.push_str(r#","ticks":["#);
+            for (i, t) in h.ticks.iter().enumerate() {
+                if i > 0 {
+                    body.push(',');
+                }
+                body.push_str(std::str::from_utf8(t).unwrap_or("null"));
+            }
+            body.push_str("]}");
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+        Ok(Err(e)) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &e.to_string(),
+        ),
+        Err(_) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "history read failed",
+        ),
+    }
+}
+
+/// `?tf=1m&limit=N` (and `?token=`).
+#[derive(Debug, Deserialize)]
+pub struct BarsQuery {
+    tf: Option<String>,
+    limit: Option<usize>,
+    token: Option<String>,
+}
+
+async fn bars(
+    State(state): State<Arc<AppState>>,
+    Path(symbol): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<BarsQuery>,
+) -> Response {
+    if !read_allowed(
+        &state,
+        &headers,
+        &TokenQuery {
+            token: q.token.clone(),
+        },
+    ) {
+        return unauthorized();
+    }
+    if !Symbol::is_valid(&symbol) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_symbol",
+            "symbol must be 1-32 of A-Z a-z 0-9 . - _ / :",
+        );
+    }
+    let tf_name = q.tf.unwrap_or_else(|| "1m".to_owned());
+    let Some(tf) = Timeframe::parse(&tf_name) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "tf must be one of 1m, 5m, 15m, 1h, 4h, 1d",
+        );
+    };
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_HTTP_LIMIT);
+    let store = state.store.clone();
+    let sym = symbol.clone();
+    match tokio::task::spawn_blocking(move || store.bars(&sym, tf, limit)).await {
+        Ok(Ok(bars)) => {
+            Json(json!({"symbol": symbol, "tf": tf.as_str(), "bars": bars})).into_response()
+        }
+        Ok(Err(e)) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &e.to_string(),
+        ),
+        Err(_) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "bars read failed",
+        ),
+    }
 }

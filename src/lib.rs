@@ -19,6 +19,7 @@
 //! - [`dashboard`]: the embedded browser dashboard (`web/`).
 //! - [`store`]: the redb store (history, bars, dead letters, epoch).
 //! - [`dlq`]: the bounded dead-letter list.
+//! - [`import`]: `tickfan import`, bulk loading of CSV/NDJSON history into the store.
 //! - [`ack`]: ingest acks that wait for the tick's durable fate.
 //! - [`simulator`]: the built-in market simulator.
 //! - [`protocol`]: client request and reply messages.
@@ -34,6 +35,7 @@ pub mod dispatch;
 pub mod dlq;
 pub mod error;
 pub mod http;
+pub mod import;
 pub mod ingest;
 pub mod logging;
 pub mod metrics;

@@ -1,7 +1,7 @@
-//! The `tickfan` binary: parse the command line, load the config, bind, and hand over to
-//! `tickfan::run` (serve) or the importer.
+//! The `tickfan` binary: parse the command line, load the config, then hand over to
+//! `tickfan::run` (serve, on an already-bound listener) or `tickfan::import::run`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -35,11 +35,22 @@ enum Cmd {
         #[arg(long)]
         no_simulator: bool,
     },
+    /// Bulk-load CSV or NDJSON ticks into the store of a server that is not running.
+    Import {
+        /// TOML config file (see config/default.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Store folder, overriding [store] dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Files to load: .csv (header row naming the tick fields), .ndjson or .jsonl.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Cmd::Serve {
+    let command = Cli::parse().command.unwrap_or(Cmd::Serve {
         config: None,
         listen: None,
         data_dir: None,
@@ -51,29 +62,40 @@ fn main() -> ExitCode {
             listen,
             data_dir,
             no_simulator,
-        } => {
-            let mut cfg = match config
-                .as_deref()
-                .map_or_else(|| Ok(Config::default()), Config::load)
-            {
-                Ok(cfg) => cfg,
-                Err(e) => {
-                    eprintln!("tickfan: {e}");
-                    return ExitCode::from(2);
+        } => match load_config(config.as_deref(), data_dir) {
+            Ok(mut cfg) => {
+                if let Some(listen) = listen {
+                    cfg.server.listen = listen;
                 }
-            };
-            if let Some(listen) = listen {
-                cfg.server.listen = listen;
+                if no_simulator {
+                    cfg.feed.simulator = false;
+                }
+                serve(cfg)
             }
-            if let Some(dir) = data_dir {
-                cfg.store.dir = dir;
-            }
-            if no_simulator {
-                cfg.feed.simulator = false;
-            }
-            serve(cfg)
-        }
+            Err(code) => code,
+        },
+        Cmd::Import {
+            config,
+            data_dir,
+            files,
+        } => match load_config(config.as_deref(), data_dir) {
+            Ok(cfg) => import(&cfg, &files),
+            Err(code) => code,
+        },
     }
+}
+
+fn load_config(path: Option<&Path>, data_dir: Option<PathBuf>) -> Result<Config, ExitCode> {
+    let mut cfg = path
+        .map_or_else(|| Ok(Config::default()), Config::load)
+        .map_err(|e| {
+            eprintln!("tickfan: {e}");
+            ExitCode::from(2)
+        })?;
+    if let Some(dir) = data_dir {
+        cfg.store.dir = dir;
+    }
+    Ok(cfg)
 }
 
 fn serve(cfg: Config) -> ExitCode {
@@ -108,4 +130,37 @@ fn serve(cfg: Config) -> ExitCode {
             }
         }
     })
+}
+
+fn import(cfg: &Config, files: &[PathBuf]) -> ExitCode {
+    use std::io::IsTerminal;
+    tickfan::logging::init(&cfg.log);
+    match tickfan::import::run(cfg, files, std::io::stderr().is_terminal()) {
+        Ok(summary) => {
+            println!("{}", summary.line());
+            if !summary.rejected.is_empty() {
+                let by_code: Vec<String> = summary
+                    .rejected
+                    .iter()
+                    .map(|(c, n)| format!("{c}={n}"))
+                    .collect();
+                println!("rejected by code: {}", by_code.join(", "));
+            }
+            if summary.resumed > 0 {
+                println!(
+                    "resumed: skipped {} rows imported by an earlier run",
+                    summary.resumed
+                );
+            }
+            if summary.failed_files.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("tickfan import: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

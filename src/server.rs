@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::client::{ClientContext, ClientStats};
 use crate::config::Config;
-use crate::dispatch::{DispatchStats, Dispatcher, NoSink};
+use crate::dispatch::{DispatchStats, Dispatcher, Seed, StoreSink};
 use crate::dlq::DeadLetters;
 use crate::error::ServerError;
 use crate::http::{self, AppState, ConnectionLimits};
@@ -26,6 +26,7 @@ use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
 use crate::queue::PriorityQueue;
 use crate::simulator;
+use crate::store::Store;
 
 /// Runs the server on `listener` until `shutdown` resolves, then shuts down in order.
 ///
@@ -39,7 +40,23 @@ pub async fn run(
     let config = Arc::new(config);
     let stop = CancellationToken::new();
     let queue = Arc::new(PriorityQueue::new(&config.queue));
-    let dead_letters = Arc::new(DeadLetters::new(config.store.dlq_capacity));
+    // Open the store off the runtime: recovery may verify the whole file.
+    let store_config = config.store.clone();
+    let (store, recovery) = tokio::task::spawn_blocking(move || Store::open(&store_config))
+        .await
+        .map_err(|e| ServerError::Store(e.to_string()))?
+        .map_err(|e| ServerError::Store(e.to_string()))?;
+    tracing::info!(
+        epoch = recovery.epoch,
+        clean = recovery.clean,
+        symbols = recovery.symbols.len(),
+        dir = %config.store.dir.display(),
+        "store opened"
+    );
+    let dead_letters = Arc::new(DeadLetters::with_store(
+        config.store.dlq_capacity,
+        store.clone(),
+    ));
     let ingestor = Arc::new(Ingestor::new(
         config.validation.clone(),
         queue.clone(),
@@ -47,16 +64,28 @@ pub async fn run(
     ));
     let dispatch_stats = Arc::new(DispatchStats::default());
     let metrics = Metrics::new();
-    let epoch = new_epoch();
+    let epoch = recovery.epoch;
+    let seeds = recovery
+        .symbols
+        .into_iter()
+        .map(|s| Seed {
+            symbol: s.symbol,
+            seq: s.seq,
+            price: s.price,
+            ts: s.ts,
+        })
+        .collect();
     let (dispatcher, handle) = Dispatcher::new(
         &config,
         queue.clone(),
-        NoSink,
+        StoreSink(store.clone()),
         dead_letters.clone(),
         dispatch_stats.clone(),
-        Vec::new(),
+        seeds,
     );
-    let dispatcher = dispatcher.with_latency_histogram(metrics.ingest_to_dispatch());
+    let dispatcher = dispatcher
+        .with_latency_histogram(metrics.ingest_to_dispatch())
+        .with_store(store.clone());
     let dispatcher_stop = CancellationToken::new();
     let dispatcher_task = tokio::spawn(dispatcher.run(dispatcher_stop.clone()));
 
@@ -89,6 +118,7 @@ pub async fn run(
         metrics,
         started: Instant::now(),
         fd_limit: fd_limit(),
+        store: store.clone(),
     });
     let app = http::router(state);
     let local = listener.local_addr()?;
@@ -116,14 +146,18 @@ pub async fn run(
     let _sink = dispatcher_task
         .await
         .map_err(|e| ServerError::Io(std::io::Error::other(e)))?;
+    // Last: everything the dispatcher handed over is committed, then the store is marked clean
+    // so the next start keeps the epoch.
+    store
+        .flush()
+        .await
+        .map_err(|e| ServerError::Store(e.to_string()))?;
+    tokio::task::spawn_blocking(move || store.close())
+        .await
+        .map_err(|e| ServerError::Store(e.to_string()))?
+        .map_err(|e| ServerError::Store(e.to_string()))?;
     tracing::info!("shutdown complete");
     Ok(())
-}
-
-/// A fresh nonzero epoch (replaced by the store's persisted epoch when a store is attached).
-fn new_epoch() -> u64 {
-    use rand::Rng;
-    rand::thread_rng().gen_range(1..u64::from(u32::MAX))
 }
 
 /// Raises the soft open-files limit to the hard limit and returns the limit in force.

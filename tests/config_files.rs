@@ -14,7 +14,10 @@ fn every_config_file_parses() {
             seen += 1;
         }
     }
-    assert!(seen >= 3, "config/ should hold default, dev and loadtest configs");
+    assert!(
+        seen >= 3,
+        "config/ should hold default, dev and loadtest configs"
+    );
 }
 
 #[test]
@@ -29,9 +32,15 @@ fn default_toml_documents_the_defaults() {
     let defaults: toml::Table = toml::Table::try_from(Config::default()).unwrap();
     for (section, keys) in &defaults {
         let keys = keys.as_table().unwrap();
-        let in_file = file.get(section).and_then(|v| v.as_table()).unwrap_or_else(|| panic!("[{section}] missing"));
+        let in_file = file
+            .get(section)
+            .and_then(|v| v.as_table())
+            .unwrap_or_else(|| panic!("[{section}] missing"));
         for key in keys.keys() {
-            assert!(in_file.contains_key(key), "{section}.{key} missing from config/default.toml");
+            assert!(
+                in_file.contains_key(key),
+                "{section}.{key} missing from config/default.toml"
+            );
         }
     }
 }
@@ -39,7 +48,9 @@ fn default_toml_documents_the_defaults() {
 #[test]
 fn empty_config_is_the_default_and_unknown_keys_fail() {
     assert_eq!(Config::from_toml("").unwrap(), Config::default());
-    let err = Config::from_toml("[queue]\ncapacityy = 1").unwrap_err().to_string();
+    let err = Config::from_toml("[queue]\ncapacityy = 1")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("capacityy"), "{err}");
     let err = Config::from_toml("[nope]\n").unwrap_err().to_string();
     assert!(err.contains("nope"), "{err}");

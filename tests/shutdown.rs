@@ -32,19 +32,32 @@ async fn shutdown_closes_clients_with_1001_and_returns() {
 fn binary_prints_listening_line_and_exits_0_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tickfan"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--no-simulator", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-simulator",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("listening on http://").expect("listening line");
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .expect("listening line");
     let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
     assert_ne!(port, 0, "the real port is printed");
     // The server answers before we stop it.
-    let health = std::process::Command::new("curl").args(["-s", &format!("http://{addr}/health")]).output();
+    let health = std::process::Command::new("curl")
+        .args(["-s", &format!("http://{addr}/health")])
+        .output();
     if let Ok(out) = health {
         if out.status.success() {
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -23,7 +23,11 @@ async fn slow_client_is_closed_with_4008_and_fast_client_gets_everything() {
         let mut expect = 1;
         while expect <= BATCHES * PER_BATCH {
             let m = fast.recv().await;
-            assert_eq!(m["seq"].as_u64(), Some(expect), "fast client must see every tick in order");
+            assert_eq!(
+                m["seq"].as_u64(),
+                Some(expect),
+                "fast client must see every tick in order"
+            );
             expect += 1;
         }
     });
@@ -41,7 +45,11 @@ async fn slow_client_is_closed_with_4008_and_fast_client_gets_everything() {
         assert_eq!(ack["accepted"], PER_BATCH);
     }
     reader.await.unwrap();
-    server.wait_stats("slow consumer close", |s| s["dropped"]["slow_consumer_closes"] == 1).await;
+    server
+        .wait_stats("slow consumer close", |s| {
+            s["dropped"]["slow_consumer_closes"] == 1
+        })
+        .await;
     // Now the slow client reads: what was buffered, then the error, then close 4008.
     let (seen, ended) = slow.until_closed().await;
     assert_eq!(ended, Ended::Close(4008));
@@ -49,7 +57,11 @@ async fn slow_client_is_closed_with_4008_and_fast_client_gets_everything() {
     assert_eq!(last["type"], "error");
     assert_eq!(last["code"], "slow_consumer");
     // Whatever it did get was in order, so it can resume from its last seq.
-    let seqs: Vec<u64> = seen.iter().filter(|m| m["type"] == "tick").map(|m| m["seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = seen
+        .iter()
+        .filter(|m| m["type"] == "tick")
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
     assert!((seqs.len() as u64) < BATCHES * PER_BATCH);
 }

@@ -6,7 +6,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -76,6 +76,13 @@ pub struct ClientCtx {
 pub fn source_ip(index: usize, per_ip: usize) -> Ipv4Addr {
     let offset = (index / per_ip.max(1)) as u32;
     Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 1)) + offset)
+}
+
+/// Source address for the producer: the first one after the clients' blocks, so that it
+/// never competes with them for ports or for the server's per-IP connection cap.
+pub fn producer_source_ip(connections: usize, per_ip: usize) -> Ipv4Addr {
+    let per_ip = per_ip.max(1);
+    source_ip(connections.div_ceil(per_ip) * per_ip, per_ip)
 }
 
 /// The symbol indexes client `client` subscribes to: K consecutive symbols starting at
@@ -437,14 +444,16 @@ fn ws_reason(e: &WsError) -> String {
     }
 }
 
-/// TCP connect (from this connection's source address) plus WebSocket handshake.
-async fn connect(ctx: &ClientCtx, index: usize) -> Result<WebSocketStream<TcpStream>, String> {
-    let socket = match ctx.server {
+/// Opens a TCP connection to `server`, first binding to `source` when given.
+///
+/// # Errors
+/// The socket, bind or connect error.
+pub async fn open_tcp(server: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
+    let socket = match server {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .map_err(|e| io_reason(&e))?;
-    if ctx.spread_source {
+    }?;
+    if let Some(ip) = source {
         // Let connect() pick the port from the full 4-tuple instead of bind() reserving
         // one per source address; otherwise a source address runs out of ports sooner.
         let one: libc::c_int = 1;
@@ -458,15 +467,22 @@ async fn connect(ctx: &ClientCtx, index: usize) -> Result<WebSocketStream<TcpStr
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             );
         }
-        let src = SocketAddr::new(source_ip(index, ctx.conns_per_ip).into(), 0);
-        socket.bind(src).map_err(|e| io_reason(&e))?;
+        socket.bind(SocketAddr::new(ip, 0))?;
     }
-    let stream = socket
-        .connect(ctx.server)
+    let stream = socket.connect(server).await?;
+    // Small frames must leave at once: Nagle would hold them for the previous ACK.
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// TCP connect (from this connection's source address) plus WebSocket handshake.
+async fn connect(ctx: &ClientCtx, index: usize) -> Result<WebSocketStream<TcpStream>, String> {
+    let source = ctx
+        .spread_source
+        .then(|| IpAddr::V4(source_ip(index, ctx.conns_per_ip)));
+    let stream = open_tcp(ctx.server, source)
         .await
         .map_err(|e| io_reason(&e))?;
-    // Our only writes are the subscribe and the close: send them at once.
-    let _ = stream.set_nodelay(true);
     let mut request = ctx
         .ws_url
         .as_str()
@@ -665,6 +681,17 @@ mod tests {
         assert_eq!(source_ip(255, 1), Ipv4Addr::new(127, 0, 1, 0));
         // A zero per-address count is treated as one rather than dividing by zero.
         assert_eq!(source_ip(3, 0), Ipv4Addr::new(127, 0, 0, 4));
+        // The producer takes the next unused address.
+        assert_eq!(producer_source_ip(100, 10_000), Ipv4Addr::new(127, 0, 0, 2));
+        assert_eq!(
+            producer_source_ip(10_000, 10_000),
+            Ipv4Addr::new(127, 0, 0, 2)
+        );
+        assert_eq!(
+            producer_source_ip(19_000, 10_000),
+            Ipv4Addr::new(127, 0, 0, 3)
+        );
+        assert_eq!(producer_source_ip(0, 10_000), Ipv4Addr::new(127, 0, 0, 1));
     }
 
     #[test]

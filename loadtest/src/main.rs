@@ -15,8 +15,9 @@ mod stats;
 mod sysinfo;
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -216,7 +217,19 @@ fn parse_symbols(spec: &str, prefix: &str) -> anyhow::Result<Vec<String>> {
     Ok(list)
 }
 
-fn main() -> anyhow::Result<()> {
+/// Exit codes: 0 the test ran; 1 it ran but measured nothing useful (no connection came
+/// up, or the producer failed); 2 bad arguments or setup.
+fn main() -> ExitCode {
+    match try_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tickfan-loadtest: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn try_main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
     if !(args.duration > 0.0 && args.duration <= 86_400.0) {
         bail!("--duration must be > 0 and at most 86400 seconds");
@@ -229,6 +242,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.threads == 0 {
         bail!("--threads must be at least 1");
+    }
+    if args.idle && args.server_pid.is_none() {
+        eprintln!("warning: --idle without --server-pid cannot report memory per connection");
     }
     let target = parse_target(&args.url, args.allow_remote)?;
     let symbols: Arc<[String]> = parse_symbols(&args.symbols, &args.symbol_prefix)?.into();
@@ -281,6 +297,13 @@ fn main() -> anyhow::Result<()> {
     });
     let producer = (args.rate > 0.0).then(|| ProducerConfig {
         url: target.ingest_url.clone(),
+        server: target.addr,
+        source: spread_source.then(|| {
+            IpAddr::V4(client::producer_source_ip(
+                args.connections,
+                args.conns_per_ip,
+            ))
+        }),
         token: args.ingest_token.clone().or_else(|| args.token.clone()),
         rate: args.rate,
         symbols: Arc::clone(&symbols),
@@ -318,7 +341,14 @@ fn main() -> anyhow::Result<()> {
         serde_json::to_writer_pretty(std::io::BufWriter::new(file), &summary)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(())
+    let producer_failed = summary
+        .producer
+        .as_ref()
+        .is_some_and(|p| p.failure.is_some());
+    if summary.connections.connected == 0 || producer_failed {
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// CPU/RSS over the measurement from two samples.

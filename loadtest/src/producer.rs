@@ -7,6 +7,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,11 +28,19 @@ const MAX_FRAME_BYTES: usize = 48 * 1024;
 /// How long to wait for the acks of frames still in flight when the window ends.
 const ACK_DRAIN: Duration = Duration::from_secs(2);
 
+/// Bound on the producer's TCP connect plus WebSocket handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What the producer needs to know.
 #[derive(Debug, Clone)]
 pub struct ProducerConfig {
     /// Full `ws://HOST:PORT/ingest` URL.
     pub url: String,
+    /// Resolved server address.
+    pub server: SocketAddr,
+    /// Source address to bind to: one the clients do not use, so the producer is not
+    /// refused by the server's per-IP connection cap that the clients already fill.
+    pub source: Option<IpAddr>,
     /// Sent as `Authorization: Bearer TOKEN` when set.
     pub token: Option<String>,
     /// Target ticks per second.
@@ -189,6 +198,14 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Records a failure that stops the producer, and says so at once: a test whose producer
+/// never ran measures nothing, and the summary comes only at the end.
+fn fail(mut report: ProducerReport, why: String) -> ProducerReport {
+    eprintln!("producer failed: {why}");
+    report.failure = Some(why);
+    report
+}
+
 async fn run(
     cfg: ProducerConfig,
     live: Arc<ProducerLive>,
@@ -201,23 +218,25 @@ async fn run(
     };
     let mut request = match cfg.url.as_str().into_client_request() {
         Ok(r) => r,
-        Err(e) => {
-            report.failure = Some(format!("bad url: {e}"));
-            return report;
-        }
+        Err(e) => return fail(report, format!("bad url: {e}")),
     };
     if let Some(token) = &cfg.token {
         if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
             request.headers_mut().insert(AUTHORIZATION, v);
         }
     }
-    // Nagle would hold each small frame until the previous one is acked: no steady pace.
-    let ws = match tokio_tungstenite::connect_async_with_config(request, None, true).await {
-        Ok((ws, _)) => ws,
-        Err(e) => {
-            report.failure = Some(format!("connect {}: {e}", cfg.url));
-            return report;
-        }
+    let connected = async {
+        let stream = crate::client::open_tcp(cfg.server, cfg.source)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio_tungstenite::client_async(request, stream)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let ws = match tokio::time::timeout(CONNECT_TIMEOUT, connected).await {
+        Ok(Ok((ws, _))) => ws,
+        Ok(Err(e)) => return fail(report, format!("connect {}: {e}", cfg.url)),
+        Err(_) => return fail(report, format!("connect {}: timed out", cfg.url)),
     };
     let (mut sink, mut stream) = ws.split();
 
@@ -242,7 +261,9 @@ async fn run(
                 }
                 Ok(_) => continue,
                 Err(e) => {
-                    failure = Some(format!("/ingest read: {e}"));
+                    let why = format!("/ingest read: {e}");
+                    eprintln!("producer: {why}");
+                    failure = Some(why);
                     break;
                 }
             };
@@ -331,7 +352,9 @@ async fn run(
                 _ = stop.wait_for(|s| *s) => break 'outer,
                 r = sink.send(Message::text(frame.clone())) => {
                     if let Err(e) = r {
-                        report.failure = Some(format!("/ingest send: {e}"));
+                        let why = format!("/ingest send: {e}");
+                        eprintln!("producer failed: {why}");
+                        report.failure = Some(why);
                         break 'outer;
                     }
                 }

@@ -378,6 +378,12 @@ impl Summary {
             fmt_count(k.unexpected_symbol),
             fmt_count(k.malformed_ticks)
         );
+        if c.min_quality > 0 || c.min_volume > 0.0 {
+            let _ = writeln!(
+                o,
+                "  note       filters are on: ticks they hold back show up as gaps"
+            );
+        }
         let _ = writeln!(o, "latency      {}", self.latency_us.line());
         let _ = writeln!(o, "closes       {}", fmt_tally(&self.tallies.closes));
         let _ = writeln!(o, "errors       {}", fmt_tally(&self.tallies.errors));

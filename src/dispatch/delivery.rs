@@ -8,7 +8,8 @@
 //!   consumer; a critical tick flushes at once.
 //! - throttled: keep the latest tick per symbol with a count of the ones it replaced; flush
 //!   every interval with `conflated`; a full queue just keeps conflating (never closed).
-//!   A critical tick is sent at once, taking over the pending tick's count.
+//!   A critical tick is sent at once, taking over the pending tick's count, even past the
+//!   byte limit (like a control frame), so a lagging client never loses one.
 //! - smart: realtime → batch when the queue backs up → conflation when it backs up further,
 //!   and back to realtime once drained; each switch is announced with a `mode` message.
 
@@ -213,7 +214,10 @@ impl Delivery {
                 let skipped = pending.map_or(0, |(_, k)| k + 1);
                 tally.conflated += u64::from(skipped > 0);
                 if critical {
-                    match out.push(with_conflated(frame, skipped)) {
+                    // Never held back or skipped: a critical tick skips the byte limit like a
+                    // control frame (held as pending, a later tick would replace it). Only the
+                    // message-count bound can refuse it.
+                    match out.push_control(with_conflated(frame, skipped)) {
                         Ok(()) => {
                             tally.messages += 1;
                             return Outcome::Done;
@@ -530,6 +534,33 @@ mod tests {
             .map(|m| (m["seq"].as_u64().unwrap(), m["conflated"].as_u64().unwrap()))
             .collect();
         assert_eq!(got, vec![(1, 0), (4, 2)]);
+    }
+
+    #[test]
+    fn throttled_critical_is_not_skipped_when_the_queue_is_full() {
+        let (t1, f1) = tick("A", 1, Priority::Normal);
+        // Room for exactly one tick frame (with its conflated count).
+        let (out, rx) = channel(100, f1.len() + 20);
+        let mut d = Delivery::new(Duration::from_millis(100));
+        let t0 = Instant::now();
+        set(&mut d, Mode::Throttled, &out, t0);
+        let mut tally = Tally::default();
+        d.deliver(&t1, &f1, &out, t0, SMART, &mut tally);
+        let (t2, f2) = tick("A", 2, Priority::Critical);
+        let (t3, f3) = tick("A", 3, Priority::Normal);
+        d.deliver(&t2, &f2, &out, t0, SMART, &mut tally);
+        d.deliver(&t3, &f3, &out, t0, SMART, &mut tally);
+        let seqs: Vec<_> = drain(&rx)
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, vec![1, 2], "the critical tick went past the full queue");
+        d.flush(&out, t0 + Duration::from_millis(100), SMART, &mut tally);
+        let seqs: Vec<_> = drain(&rx)
+            .iter()
+            .map(|m| m["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, vec![3]);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod filter;
 pub mod outbound;
 pub mod recent;
 pub mod registry;
+pub mod sink;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -28,10 +29,12 @@ use self::filter::Filter;
 use self::outbound::{Frame, Outbound};
 use self::recent::RecentTicks;
 use self::registry::{ClientKey, Registry};
+pub use self::sink::{NoSink, StoreSink, TickSink};
 use crate::config::Config;
 use crate::dlq::{DeadLetter, DeadLetters};
 use crate::protocol::{self, close, ErrorCode, Settings};
 use crate::queue::{PriorityQueue, Queued};
+use crate::store::{History, Store};
 use crate::tick::{now_ms, Symbol, Tick};
 
 /// A request to the dispatcher.
@@ -89,6 +92,21 @@ pub enum Command {
         /// Request id to echo.
         id: Option<Value>,
     },
+    /// A snapshot read from the store finished (sent by the dispatcher's own reader task).
+    SnapshotLoaded {
+        /// Whose.
+        key: ClientKey,
+        /// Which registration of that key asked (keys are reused).
+        serial: u64,
+        /// Which symbol.
+        symbol: Symbol,
+        /// The request's `history`.
+        history: usize,
+        /// The request's `since_seq` for this symbol.
+        since: Option<u64>,
+        /// The read's outcome.
+        result: Result<History, String>,
+    },
     /// `/api/symbols`
     ListSymbols {
         /// Receives the list.
@@ -126,30 +144,6 @@ pub struct DispatchStats {
     pub mode_switches: AtomicU64,
     /// Ticks dropped because their queue TTL ran out.
     pub expired: AtomicU64,
-}
-
-/// Where dispatched ticks go next (the store, from the store issue on).
-pub trait TickSink: Send + 'static {
-    /// Takes ownership of dispatched ticks (seq set, serialized). The sink settles their acks
-    /// once it is done with them; awaiting here is the backpressure from the sink.
-    fn accept(
-        &mut self,
-        ticks: Vec<(Queued, Frame)>,
-    ) -> impl std::future::Future<Output = ()> + Send;
-}
-
-/// No sink: ticks are done once fanned out, so their acks settle at once.
-#[derive(Debug, Default)]
-pub struct NoSink;
-
-impl TickSink for NoSink {
-    async fn accept(&mut self, ticks: Vec<(Queued, Frame)>) {
-        for (q, _) in ticks {
-            if let Some(ack) = q.ack {
-                ack.settle();
-            }
-        }
-    }
 }
 
 /// A handle for sending commands.
@@ -205,6 +199,10 @@ impl DispatcherHandle {
 pub struct DispatcherGone;
 
 struct Client {
+    /// Distinguishes registrations that reuse a slab key.
+    serial: u64,
+    /// Symbols whose snapshot is being read from the store: live ticks wait in the ring.
+    awaiting: HashSet<Symbol>,
     out: Outbound,
     /// Detached by the dispatcher (slow consumer, gone): no more delivery or commands.
     detached: bool,
@@ -252,6 +250,12 @@ pub struct Dispatcher<S: TickSink> {
     min_interval: Duration,
     /// Seconds from `t_in` to stamping, when metrics are attached.
     latency: Option<metrics::Histogram>,
+    /// For snapshot reads older than the in-memory ring.
+    store: Option<Store>,
+    /// The dispatcher's own command sender, for results of its background reads.
+    self_tx: flume::Sender<Command>,
+    next_serial: u64,
+    max_replay: usize,
 }
 
 /// Commands handled per loop turn before looking at the queue again.
@@ -303,8 +307,19 @@ impl<S: TickSink> Dispatcher<S> {
             default_interval: Duration::from_millis(config.dispatch.default_interval_ms),
             min_interval: Duration::from_millis(config.dispatch.min_interval_ms),
             latency: None,
+            store: None,
+            self_tx: tx.clone(),
+            next_serial: 0,
+            max_replay: config.dispatch.max_replay_ticks,
         };
         (dispatcher, DispatcherHandle { tx })
+    }
+
+    /// Reads snapshots older than the in-memory ring from `store`.
+    #[must_use]
+    pub fn with_store(mut self, store: Store) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Records ingest-to-dispatch latency into `histogram`.
@@ -425,7 +440,9 @@ impl<S: TickSink> Dispatcher<S> {
             let Some(client) = clients.get_mut(key) else {
                 return;
             };
-            if !client.filter.matches(tick) {
+            if !client.filter.matches(tick)
+                || (!client.awaiting.is_empty() && client.awaiting.contains(&tick.symbol))
+            {
                 return;
             }
             match client
@@ -557,7 +574,10 @@ impl<S: TickSink> Dispatcher<S> {
         }
         match cmd {
             Command::Register { out, reply } => {
+                self.next_serial += 1;
                 let key = self.clients.insert(Client {
+                    serial: self.next_serial,
+                    awaiting: HashSet::new(),
                     out,
                     detached: false,
                     symbols: HashSet::new(),
@@ -594,6 +614,14 @@ impl<S: TickSink> Dispatcher<S> {
                 let list = self.symbol_list();
                 self.reply(key, &json!({"type":"symbols","id":id,"symbols":list}));
             }
+            Command::SnapshotLoaded {
+                key,
+                serial,
+                symbol,
+                history,
+                since,
+                result,
+            } => self.snapshot_loaded(key, serial, &symbol, history, since, result),
             Command::ListSymbols { reply } => {
                 let _ = reply.send(self.symbol_list());
             }
@@ -758,6 +786,9 @@ impl<S: TickSink> Dispatcher<S> {
         }
     }
 
+    /// Answers `history`/`since_seq` for one symbol: from the ring when it reaches back far
+    /// enough, else from the store in the background while live ticks of that symbol wait in
+    /// the ring (the client's delivery of it is paused until the read returns).
     fn send_snapshot(
         &mut self,
         key: ClientKey,
@@ -765,29 +796,162 @@ impl<S: TickSink> Dispatcher<S> {
         history: usize,
         since: Option<u64>,
     ) {
-        let Some(client) = self.clients.get(key) else {
+        let covered = match self.symbols.get(symbol) {
+            None => true,
+            Some(state) => match since {
+                Some(s) => s >= state.seq || state.recent.first_seq().is_some_and(|f| f <= s + 1),
+                None => {
+                    state.recent.len()
+                        >= history.min(usize::try_from(state.seq).unwrap_or(usize::MAX))
+                }
+            },
+        };
+        let Some(store) = self.store.clone().filter(|_| !covered) else {
+            let (frames, gap) = self.ring_snapshot(symbol, history, since, 0);
+            self.push_snapshot(key, symbol, &frames, gap);
             return;
         };
-        let (frames, gap): (Vec<Frame>, bool) = match self.symbols.get(symbol) {
-            None => (Vec::new(), false),
-            Some(state) => match since {
-                Some(s) => {
-                    let frames: Vec<Frame> =
-                        state.recent.after(s).map(|(_, f)| f.clone()).collect();
-                    // A gap when the ring no longer reaches back to s + 1.
-                    let gap =
-                        s < state.seq && state.recent.first_seq().is_none_or(|first| first > s + 1);
-                    (frames, gap)
-                }
-                None => (
-                    state
+        let Some(client) = self.clients.get_mut(key) else {
+            return;
+        };
+        client.awaiting.insert(symbol.clone());
+        let serial = client.serial;
+        let tx = self.self_tx.clone();
+        let limit = since.map_or(history, |_| self.max_replay);
+        let symbol = symbol.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = store
+                .history(symbol.as_str(), limit, since)
+                .map_err(|e| e.to_string());
+            let _ = tx.send(Command::SnapshotLoaded {
+                key,
+                serial,
+                symbol,
+                history,
+                since,
+                result,
+            });
+        });
+    }
+
+    /// Ring ticks for a snapshot, only those with seq > `after`; and whether the ring misses
+    /// ticks the request needs.
+    fn ring_snapshot(
+        &self,
+        symbol: &Symbol,
+        history: usize,
+        since: Option<u64>,
+        after: u64,
+    ) -> (Vec<Frame>, bool) {
+        let Some(state) = self.symbols.get(symbol) else {
+            return (Vec::new(), false);
+        };
+        match since {
+            Some(s) => {
+                let from = s.max(after);
+                let frames: Vec<Frame> = state.recent.after(from).map(|(_, f)| f.clone()).collect();
+                let gap = from < state.seq
+                    && state
                         .recent
-                        .last_n(history)
-                        .map(|(_, f)| f.clone())
-                        .collect(),
-                    false,
-                ),
-            },
+                        .first_seq()
+                        .is_none_or(|first| first > from + 1);
+                (frames, gap)
+            }
+            None => {
+                let frames = state
+                    .recent
+                    .last_n(history)
+                    .filter(|(seq, _)| *seq > after)
+                    .map(|(_, f)| f.clone())
+                    .collect();
+                (frames, false)
+            }
+        }
+    }
+
+    /// Joins a finished store read with the ring (ticks dispatched since, possibly not yet
+    /// committed) and sends the snapshot; live delivery of the symbol resumes after it.
+    fn snapshot_loaded(
+        &mut self,
+        key: ClientKey,
+        serial: u64,
+        symbol: &Symbol,
+        history: usize,
+        since: Option<u64>,
+        result: Result<History, String>,
+    ) {
+        match self.clients.get_mut(key) {
+            Some(c) if c.serial == serial && !c.detached => {
+                c.awaiting.remove(symbol);
+            }
+            _ => return,
+        }
+        let stored = match result {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, %symbol, "snapshot read failed");
+                let msg = protocol::error_message(
+                    None,
+                    ErrorCode::Internal,
+                    &format!("snapshot of {symbol} failed"),
+                    None,
+                );
+                self.reply_text(key, msg);
+                let (frames, _) = self.ring_snapshot(symbol, history, since, 0);
+                self.push_snapshot(key, symbol, &frames, true);
+                return;
+            }
+        };
+        let n = stored.ticks.len() as u64;
+        // Seqs are consecutive per symbol, so the stored part ends at a computable seq.
+        let (stored_last, mut gap) = match since {
+            Some(s) => {
+                let start = stored.first_seq.map_or(s + 1, |f| f.max(s + 1));
+                let gap = stored.first_seq.is_some_and(|f| f > s + 1);
+                (if n == 0 { s } else { start + n - 1 }, gap)
+            }
+            None => (stored.last_seq, false),
+        };
+        let mut frames: Vec<Frame> = stored
+            .ticks
+            .into_iter()
+            .filter_map(|b| Frame::try_from(b).ok())
+            .collect();
+        let (ring, _) = self.ring_snapshot(symbol, history, since, stored_last);
+        let current = self.symbols.get(symbol).map_or(0, |s| s.seq);
+        let ring_first = ring.first().and_then(|_| {
+            self.symbols
+                .get(symbol)?
+                .recent
+                .after(stored_last)
+                .next()
+                .map(|(s, _)| *s)
+        });
+        // The ring must join the stored part: a hole there (a replay cut at max_replay_ticks,
+        // or more uncommitted ticks than the ring holds) is reported as a gap.
+        match ring_first {
+            Some(first) => gap |= first > stored_last + 1,
+            None => gap |= since.is_some() && stored_last < current,
+        }
+        frames.extend(ring);
+        if since.is_none() && frames.len() > history {
+            frames.drain(..frames.len() - history);
+        }
+        self.push_snapshot(key, symbol, &frames, gap);
+    }
+
+    fn reply_text(&mut self, key: ClientKey, text: String) {
+        if let Some(client) = self.clients.get(key) {
+            if client.out.push_control(Frame::from(text)).is_err() {
+                self.drop_client(key, close::SLOW_CONSUMER);
+            }
+        }
+    }
+
+    /// Sends snapshot messages (chunked; `gap` on the first).
+    fn push_snapshot(&mut self, key: ClientKey, symbol: &Symbol, frames: &[Frame], gap: bool) {
+        let Some(client) = self.clients.get(key) else {
+            return;
         };
         let chunks: Vec<&[Frame]> = if frames.is_empty() {
             vec![&[][..]]

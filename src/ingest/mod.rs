@@ -37,6 +37,26 @@ pub struct SymbolIngest {
     pub quality: QualityState,
 }
 
+impl SymbolIngest {
+    /// First half of admission: `None` for a duplicate; otherwise scores the tick (sets its
+    /// `quality`) and returns its dedup key. Nothing is remembered yet, so a tick that is then
+    /// refused downstream leaves no trace and can be resent.
+    pub fn check(&self, tick: &mut Tick) -> Option<u64> {
+        let key = dedup::key_of(tick);
+        if self.recent.contains(key) {
+            return None;
+        }
+        tick.quality = self.quality.score(tick);
+        Some(key)
+    }
+
+    /// Second half: remembers a tick that was taken (queued, or stored by import).
+    pub fn commit(&mut self, key: u64, tick: &Tick, dedup_window: usize) {
+        self.recent.insert(key, dedup_window);
+        self.quality.update(tick.price, tick.volume, tick.ts);
+    }
+}
+
 /// One rejected tick of a frame.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Rejection {
@@ -350,12 +370,9 @@ impl Ingestor {
             });
         }
         let state = symbols.entry(tick.symbol.clone()).or_default();
-        let key = dedup::key_of(tick);
-        if state.recent.contains(key) {
+        let Some(key) = state.check(tick) else {
             return Admission::Duplicate;
-        }
-        tick.quality = state.quality.score(tick);
-        let (price, volume, ts) = (tick.price, tick.volume, tick.ts);
+        };
         let queued = Queued {
             tick: tick.clone(),
             ack: Some(ack.clone()),
@@ -364,8 +381,7 @@ impl Ingestor {
         };
         match self.queue.push(queued) {
             Ok(()) => {
-                state.recent.insert(key, self.config.dedup_window);
-                state.quality.update(price, volume, ts);
+                state.commit(key, tick, self.config.dedup_window);
                 Admission::Accepted
             }
             Err(_) => Admission::Refused,

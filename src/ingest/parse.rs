@@ -42,12 +42,74 @@ impl Field<'_> {
     }
 }
 
-/// A tick object from either parser.
+/// A tick object from either parser, or a CSV row.
 pub enum TickObject<'v, 'a> {
     /// From simd-json.
     Simd(&'v BorrowedValue<'a>),
     /// From the serde_json fallback.
     Raw(HashMap<Cow<'a, str>, &'a RawValue>),
+    /// A CSV row (import), read through its header's column map.
+    Csv(&'v CsvColumns, &'v csv::StringRecord),
+}
+
+/// Tick fields a CSV header may name, in `CsvColumns` index order.
+const CSV_FIELDS: [&str; 12] = [
+    "symbol", "ts", "price", "volume", "bid", "ask", "open", "high", "low", "close", "id",
+    "priority",
+];
+
+/// Where each tick field sits in a CSV file's rows, from its header row.
+#[derive(Debug, Clone)]
+pub struct CsvColumns {
+    index: [Option<usize>; 12],
+}
+
+impl CsvColumns {
+    /// Maps a header row (names are trimmed and matched case-insensitively; unknown columns are
+    /// ignored).
+    #[must_use]
+    pub fn new(headers: &csv::StringRecord) -> Self {
+        let mut index = [None; 12];
+        for (col, name) in headers.iter().enumerate() {
+            let name = name.trim().to_ascii_lowercase();
+            if let Some(f) = CSV_FIELDS.iter().position(|f| *f == name) {
+                index[f] = Some(col);
+            }
+        }
+        Self { index }
+    }
+
+    /// Required fields the header lacks.
+    #[must_use]
+    pub fn missing_required(&self) -> Vec<&'static str> {
+        (0..4)
+            .filter(|i| self.index[*i].is_none())
+            .map(|i| CSV_FIELDS[i])
+            .collect()
+    }
+
+    fn field<'r>(&self, record: &'r csv::StringRecord, name: &str) -> Field<'r> {
+        let Some(f) = CSV_FIELDS.iter().position(|f| *f == name) else {
+            return Field::Absent;
+        };
+        let Some(text) = self.index[f].and_then(|c| record.get(c)).map(str::trim) else {
+            return Field::Absent;
+        };
+        if text.is_empty() {
+            return Field::Absent;
+        }
+        // CSV is untyped: numeric columns are read as numbers, text ones as strings.
+        match name {
+            "symbol" | "id" | "priority" => Field::Str(Cow::Borrowed(text)),
+            _ => text.parse::<i64>().map_or_else(
+                |_| {
+                    text.parse::<f64>()
+                        .map_or(Field::Str(Cow::Borrowed(text)), Field::Float)
+                },
+                Field::Int,
+            ),
+        }
+    }
 }
 
 impl TickObject<'_, '_> {
@@ -57,6 +119,7 @@ impl TickObject<'_, '_> {
         match self {
             TickObject::Simd(v) => v.get(name).map_or(Field::Absent, simd_field),
             TickObject::Raw(map) => map.get(name).map_or(Field::Absent, |r| raw_field(r)),
+            TickObject::Csv(columns, record) => columns.field(record, name),
         }
     }
 
@@ -78,6 +141,7 @@ impl TickObject<'_, '_> {
                 s.push('}');
                 s
             }
+            TickObject::Csv(_, record) => record.iter().collect::<Vec<_>>().join(","),
         }
     }
 }

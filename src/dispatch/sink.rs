@@ -1,0 +1,53 @@
+//! Where dispatched ticks go after fan-out. The dispatcher hands each round's ticks (seq set,
+//! serialized) to a `TickSink`; the sink owns settling their producers' acks. With the store,
+//! acks settle after the durable commit; awaiting `append` when the store's queue is full is
+//! the backpressure that reaches the dispatcher, the queue and finally producers.
+
+use super::outbound::Frame;
+use crate::queue::Queued;
+use crate::store::{Store, StoredTick};
+
+/// The next stage after fan-out.
+pub trait TickSink: Send + 'static {
+    /// Takes ownership of dispatched ticks.
+    fn accept(
+        &mut self,
+        ticks: Vec<(Queued, Frame)>,
+    ) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// No sink: ticks are done once fanned out, so their acks settle at once.
+#[derive(Debug, Default)]
+pub struct NoSink;
+
+impl TickSink for NoSink {
+    async fn accept(&mut self, ticks: Vec<(Queued, Frame)>) {
+        for (q, _) in ticks {
+            if let Some(ack) = q.ack {
+                ack.settle();
+            }
+        }
+    }
+}
+
+/// The redb store: group-committed appends; acks settle after the commit.
+#[derive(Debug, Clone)]
+pub struct StoreSink(pub Store);
+
+impl TickSink for StoreSink {
+    async fn accept(&mut self, ticks: Vec<(Queued, Frame)>) {
+        let batch: Vec<StoredTick> = ticks
+            .into_iter()
+            .map(|(q, frame)| StoredTick {
+                tick: q.tick,
+                json: frame.into(),
+                ack: q.ack,
+            })
+            .collect();
+        if let Err(e) = self.0.append(batch).await {
+            // The writer has stopped (shutdown or a fatal disk error): acks of these ticks
+            // never settle, so producers see no ack rather than a false one.
+            tracing::error!(error = %e, "store append failed");
+        }
+    }
+}

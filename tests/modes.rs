@@ -1,0 +1,720 @@
+//! Delivery modes end to end, with exact accounting: batch (lossless, only `batch` messages),
+//! throttled (`1 + conflated` adds up to what was published, the latest tick always arrives,
+//! critical ticks are never skipped), smart (lags into batch/conflation and comes back to
+//! realtime, never closed), mode switches mid-stream, filters combined with modes, and priority
+//! lanes overtaking a flood of low-priority ticks.
+//!
+//! Ticks go in through `/ingest`, whose ack is sent once the frame's ticks have left the priority
+//! queue (got their seq), so after an ack the dispatcher has offered those ticks to every client.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A normal tick for `sym` with a unique trade id `{sym}-{n}` (no duplicate suppression) and a
+/// price that moves by at most 0.1% (no quality penalty).
+fn mk(sym: &str, n: u64) -> Value {
+    let mut t = tick(sym, 100.0 + (n % 1000) as f64 * 0.0001, 1.0);
+    t["id"] = json!(format!("{sym}-{n}"));
+    t
+}
+
+fn critical(mut t: Value) -> Value {
+    t["priority"] = json!("critical");
+    t
+}
+
+/// The tick objects a message carries: itself for `tick`, its list for `batch`, none otherwise.
+fn ticks_of(m: &Value) -> Vec<Value> {
+    match m["type"].as_str() {
+        Some("tick") => vec![m.clone()],
+        Some("batch") => m["ticks"].as_array().expect("batch.ticks").clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// Per-symbol seq bookkeeping over everything one client receives.
+#[derive(Default)]
+struct Seqs {
+    last: HashMap<String, u64>,
+}
+
+impl Seqs {
+    /// Records a tick; panics unless its seq is above every earlier seq of its symbol.
+    fn strictly_after(&mut self, t: &Value) -> u64 {
+        let sym = t["symbol"].as_str().expect("symbol").to_owned();
+        let seq = t["seq"].as_u64().expect("seq");
+        let prev = self.last.insert(sym.clone(), seq).unwrap_or(0);
+        assert!(
+            seq > prev,
+            "{sym}: seq {seq} after {prev} (duplicate or out of order)"
+        );
+        seq
+    }
+
+    /// Records a tick; panics unless it is exactly the next seq of its symbol (lossless).
+    fn next(&mut self, t: &Value) -> u64 {
+        let sym = t["symbol"].as_str().expect("symbol").to_owned();
+        let seq = t["seq"].as_u64().expect("seq");
+        let prev = self.last.insert(sym.clone(), seq).unwrap_or(0);
+        assert_eq!(
+            seq,
+            prev + 1,
+            "{sym}: seq {seq} after {prev} (lost, duplicated or reordered)"
+        );
+        seq
+    }
+
+    fn last(&self, sym: &str) -> u64 {
+        self.last.get(sym).copied().unwrap_or(0)
+    }
+}
+
+/// Scrapes one sample from `/metrics` (0 when the series is absent).
+async fn metric(server: &TestServer, series: &str) -> f64 {
+    let text = reqwest::get(server.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Connects to `/ws` over a socket with a tiny kernel receive buffer, so that a client that
+/// stops reading backs the server up after little data, and reads the welcome.
+async fn client_with_small_rcvbuf(server: &TestServer) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4 * 1024).unwrap();
+    let stream = socket.connect(server.addr).await.unwrap();
+    let (inner, _) = tokio::time::timeout(
+        DEADLINE,
+        tokio_tungstenite::client_async(
+            server.ws_url("/ws"),
+            tokio_tungstenite::MaybeTlsStream::Plain(stream),
+        ),
+    )
+    .await
+    .expect("connect timed out")
+    .expect("connect failed");
+    let mut ws = Ws { inner };
+    assert_eq!(ws.recv().await["type"], "welcome");
+    ws
+}
+
+// ---------------------------------------------------------------------------------------------
+// batch
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_mode_is_lossless_in_order_and_never_sends_a_lone_tick() {
+    let server = TestServer::start().await;
+    let (mut client, _) = server.client().await;
+    let ack = subscribe(
+        &mut client,
+        1,
+        json!({"symbols": ["BA", "BB"], "mode": "batch", "interval_ms": 50}),
+    )
+    .await;
+    assert_eq!(ack["mode"], "batch", "{ack}");
+    let mut producer = server.producer().await;
+    const FRAMES: u64 = 10;
+    const PER: u64 = 100;
+    for f in 0..FRAMES {
+        let ticks: Vec<Value> = (0..PER)
+            .map(|i| {
+                let n = f * PER + i;
+                mk(if n % 2 == 0 { "BA" } else { "BB" }, n)
+            })
+            .collect();
+        assert_eq!(ingest(&mut producer, &ticks).await["accepted"], PER);
+    }
+    let mut seqs = Seqs::default();
+    let (mut got, mut batches) = (0, 0);
+    while got < FRAMES * PER {
+        let m = client.recv().await;
+        assert_eq!(
+            m["type"], "batch",
+            "in batch mode no tick travels alone: {m}"
+        );
+        let ticks = ticks_of(&m);
+        assert!(!ticks.is_empty(), "no empty batch messages");
+        for t in &ticks {
+            assert_eq!(t["type"], "tick");
+            seqs.next(t);
+        }
+        got += ticks.len() as u64;
+        batches += 1;
+    }
+    assert_eq!(got, FRAMES * PER, "nothing extra");
+    assert_eq!((seqs.last("BA"), seqs.last("BB")), (500, 500));
+    assert!(
+        batches < FRAMES * PER,
+        "ticks are grouped into batches ({batches} batches for {got} ticks)"
+    );
+
+    // With an interval of an hour nothing would leave on the timer: a critical tick flushes
+    // what is held at once, in one batch, and in seq order.
+    let ack = client
+        .request(json!({"op": "configure", "id": 2, "interval_ms": 3_600_000}))
+        .await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["mode"].as_str()),
+        (Some("ack"), Some("batch"))
+    );
+    ingest(&mut producer, &[mk("BA", 10_000)]).await;
+    ingest(&mut producer, &[critical(mk("BA", 10_001))]).await;
+    let m = client.recv().await;
+    assert_eq!(m["type"], "batch", "{m}");
+    let ticks = ticks_of(&m);
+    assert_eq!(ticks.len(), 2, "{m}");
+    assert_eq!(
+        (ticks[0]["seq"].as_u64(), ticks[1]["seq"].as_u64()),
+        (Some(501), Some(502))
+    );
+    assert_eq!(ticks[1]["priority"], "critical");
+
+    // Held ticks are not lost by switching away from batch: they are flushed before the ack.
+    ingest(&mut producer, &[mk("BB", 10_002), mk("BB", 10_003)]).await;
+    client
+        .send_json(&json!({"op": "configure", "id": 3, "mode": "realtime"}))
+        .await;
+    let m = client.recv().await;
+    assert_eq!(
+        m["type"], "batch",
+        "held ticks come before the configure ack: {m}"
+    );
+    let seqs_in: Vec<u64> = ticks_of(&m)
+        .iter()
+        .map(|t| t["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs_in, [501, 502]);
+    let ack = client.recv().await;
+    assert_eq!(
+        (ack["id"].as_u64(), ack["mode"].as_str()),
+        (Some(3), Some("realtime"))
+    );
+    ingest(&mut producer, &[mk("BB", 10_004)]).await;
+    let m = client.recv().await;
+    assert_eq!(
+        (m["type"].as_str(), m["seq"].as_u64()),
+        (Some("tick"), Some(503))
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// throttled
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_mode_accounts_for_every_tick_and_never_skips_critical() {
+    let server = TestServer::start().await;
+    let (mut client, _) = server.client().await;
+    let ack = subscribe(
+        &mut client,
+        1,
+        json!({"symbols": ["TA", "TB"], "mode": "throttled", "interval_ms": 20}),
+    )
+    .await;
+    assert_eq!(ack["mode"], "throttled");
+    let mut producer = server.producer().await;
+    const FRAMES: u64 = 20;
+    const PER: u64 = 100;
+    let mut critical_ids = HashSet::new();
+    for f in 0..FRAMES {
+        let ticks: Vec<Value> = (0..PER)
+            .map(|i| {
+                let n = f * PER + i;
+                let t = mk(if n % 2 == 0 { "TA" } else { "TB" }, n);
+                if n % 25 == 3 {
+                    critical_ids.insert(t["id"].as_str().unwrap().to_owned());
+                    critical(t)
+                } else {
+                    t
+                }
+            })
+            .collect();
+        assert_eq!(ingest(&mut producer, &ticks).await["accepted"], PER);
+    }
+    let published = FRAMES * PER / 2; // per symbol
+    assert_eq!(critical_ids.len(), 80);
+
+    let mut seqs = Seqs::default();
+    let mut accounted: HashMap<String, u64> = HashMap::new();
+    let (mut messages, mut conflated_total) = (0u64, 0u64);
+    while seqs.last("TA") < published || seqs.last("TB") < published {
+        let m = client.recv().await;
+        assert_eq!(m["type"], "tick", "throttled mode sends single ticks: {m}");
+        seqs.strictly_after(&m);
+        let conflated = m["conflated"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("every throttled message carries `conflated`: {m}"));
+        conflated_total += conflated;
+        messages += 1;
+        *accounted
+            .entry(m["symbol"].as_str().unwrap().to_owned())
+            .or_default() += 1 + conflated;
+        if m["priority"] == "critical" {
+            critical_ids.remove(m["id"].as_str().unwrap());
+        }
+    }
+    // The last message of each symbol carries the latest tick, and the counts add up exactly.
+    assert_eq!((seqs.last("TA"), seqs.last("TB")), (published, published));
+    assert_eq!(accounted["TA"], published, "TA: sum of 1 + conflated");
+    assert_eq!(accounted["TB"], published, "TB: sum of 1 + conflated");
+    assert!(
+        critical_ids.is_empty(),
+        "critical ticks skipped by conflation: {critical_ids:?}"
+    );
+    assert!(
+        conflated_total > 0 && messages < 2 * published,
+        "bursts of 100 ticks per frame conflate ({messages} messages)"
+    );
+    // Nothing else is pending: a ping round trip shows no stray message, and the server's
+    // conflation counter matches what the client was told.
+    let pong = client.request(json!({"op": "ping", "id": 9})).await;
+    assert_eq!(pong["type"], "pong");
+    let counted = metric(&server, "tickfan_conflated_ticks_total").await;
+    assert!(counted >= 1.0, "conflation is counted in /metrics");
+}
+
+/// A throttled client that stops reading keeps its queue full; a critical tick that arrives then
+/// must still reach it ("critical ticks are never held back or skipped"), even when a normal
+/// tick of the same symbol follows right after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_stalled_client_still_gets_every_critical_tick() {
+    let mut config = test_config();
+    config.limits.outbound_buffer_bytes = 16 * 1024;
+    config.limits.max_message_bytes = 4 * 1024 * 1024;
+    config.server.heartbeat_ms = 120_000;
+    let server = TestServer::start_with(config).await;
+    let mut stalled = client_with_small_rcvbuf(&server).await;
+    subscribe(
+        &mut stalled,
+        1,
+        json!({"symbols": ["*"], "mode": "throttled", "interval_ms": 10}),
+    )
+    .await;
+    let mut producer = server.producer().await;
+    // Filler: ticks of many distinct symbols, so throttling cannot shrink them much, until the
+    // client's queue is full (messages queued stop growing while ticks keep coming).
+    let pad = "p".repeat(100);
+    let mut n = 0u64;
+    let mut stuck_rounds = 0;
+    let mut last_queued = metric(&server, "tickfan_messages_queued_total").await;
+    for _round in 0..200 {
+        let ticks: Vec<Value> = (0..500)
+            .map(|_| {
+                n += 1;
+                let mut t = tick(&format!("F{}", n % 5000), 100.0, 1.0);
+                t["id"] = json!(format!("{pad}{n}"));
+                t
+            })
+            .collect();
+        assert_eq!(ingest(&mut producer, &ticks).await["accepted"], 500);
+        let queued = metric(&server, "tickfan_messages_queued_total").await;
+        if queued - last_queued < 50.0 {
+            stuck_rounds += 1;
+            if stuck_rounds >= 3 {
+                break;
+            }
+        } else {
+            stuck_rounds = 0;
+        }
+        last_queued = queued;
+    }
+    assert!(
+        stuck_rounds >= 3,
+        "the stalled client's queue never filled up"
+    );
+    // Now, per symbol: a critical tick, then a normal one.
+    let mut frame = Vec::new();
+    for s in 0..20u64 {
+        let sym = format!("CR{s}");
+        frame.push(critical(mk(&sym, 1)));
+        frame.push(mk(&sym, 2));
+    }
+    assert_eq!(ingest(&mut producer, &frame).await["accepted"], 40);
+    // Read everything until each CR symbol's latest tick (seq 2) has arrived.
+    let mut seqs = Seqs::default();
+    let mut critical_seen = HashSet::new();
+    let mut done = HashSet::new();
+    while done.len() < 20 {
+        let m = stalled.recv().await;
+        for t in ticks_of(&m) {
+            seqs.strictly_after(&t);
+            let sym = t["symbol"].as_str().unwrap().to_owned();
+            if sym.starts_with("CR") {
+                if t["priority"] == "critical" {
+                    critical_seen.insert(sym.clone());
+                }
+                if t["seq"] == 2 {
+                    done.insert(sym);
+                }
+            }
+        }
+    }
+    assert_eq!(
+        critical_seen.len(),
+        20,
+        "every critical tick reaches a stalled throttled client; got only {critical_seen:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// smart
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smart_mode_degrades_while_lagging_and_returns_to_realtime_without_closing() {
+    let mut config = test_config();
+    config.limits.outbound_buffer_bytes = 64 * 1024;
+    // The paused client answers no pings while paused; do not let the heartbeat reap it.
+    config.server.heartbeat_ms = 120_000;
+    let server = TestServer::start_with(config).await;
+    let mut client = client_with_small_rcvbuf(&server).await;
+    let symbols = ["SA", "SB", "SC", "SD"];
+    let ack = subscribe(
+        &mut client,
+        1,
+        json!({"symbols": symbols, "mode": "smart", "interval_ms": 50}),
+    )
+    .await;
+    assert_eq!(ack["mode"], "smart");
+    let mut producer = server.producer().await;
+    // The client does not read while the producer pushes; push until the server reports that
+    // smart mode switched twice (batch, then conflation), plus a few more frames.
+    let pad = "s".repeat(100);
+    let mut published: HashMap<&str, u64> = HashMap::new();
+    let mut n = 0u64;
+    let mut extra = None;
+    for _ in 0..400 {
+        let ticks: Vec<Value> = (0..500)
+            .map(|_| {
+                n += 1;
+                let sym = symbols[(n % 4) as usize];
+                *published.entry(sym).or_default() += 1;
+                let mut t = mk(sym, n);
+                t["id"] = json!(format!("{pad}{n}"));
+                t
+            })
+            .collect();
+        assert_eq!(ingest(&mut producer, &ticks).await["accepted"], 500);
+        match &mut extra {
+            Some(0) => break,
+            Some(k) => *k -= 1,
+            None => {
+                if metric(&server, "tickfan_mode_switches_total").await >= 2.0 {
+                    extra = Some(5);
+                }
+            }
+        }
+    }
+    assert!(
+        extra.is_some(),
+        "smart mode never left realtime while the client lagged"
+    );
+
+    // Resume reading: everything queued, the switch announcements among it, and finally the
+    // switch back to realtime once the client has caught up.
+    let mut seqs = Seqs::default();
+    let mut accounted: HashMap<String, u64> = HashMap::new();
+    let mut modes = Vec::new();
+    loop {
+        let msg = tokio::time::timeout(DEADLINE, client.inner.next())
+            .await
+            .expect("timed out waiting for the switch back to realtime")
+            .expect("connection ended")
+            .expect("websocket error");
+        let m: Value = match msg {
+            Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
+            Message::Close(c) => panic!("smart mode must never close a lagging client: {c:?}"),
+            _ => continue,
+        };
+        match m["type"].as_str().unwrap() {
+            "mode" => {
+                assert!(m["reason"].is_string(), "{m}");
+                modes.push(m["mode"].as_str().unwrap().to_owned());
+                if m["mode"] == "realtime" {
+                    break;
+                }
+            }
+            "tick" | "batch" => {
+                for t in ticks_of(&m) {
+                    seqs.strictly_after(&t);
+                    let skipped = t["conflated"].as_u64().unwrap_or(0);
+                    *accounted
+                        .entry(t["symbol"].as_str().unwrap().to_owned())
+                        .or_default() += 1 + skipped;
+                }
+            }
+            "heartbeat" => {}
+            other => panic!("unexpected message {other}: {m}"),
+        }
+    }
+    assert_eq!(
+        modes.first().map(String::as_str),
+        Some("batch"),
+        "{modes:?}"
+    );
+    assert_eq!(modes.last().map(String::as_str), Some("realtime"));
+    assert!(
+        modes
+            .iter()
+            .all(|m| ["batch", "throttled", "realtime"].contains(&m.as_str())),
+        "{modes:?}"
+    );
+    assert!(modes.len() >= 2);
+    // Everything published was delivered or counted as conflated, and the latest tick of
+    // every symbol arrived.
+    for sym in symbols {
+        assert_eq!(
+            seqs.last(sym),
+            published[sym],
+            "{sym}: latest tick delivered"
+        );
+        assert_eq!(
+            accounted[sym], published[sym],
+            "{sym}: delivered + conflated"
+        );
+    }
+    // Back in realtime: single ticks again, continuing the seqs, and the connection is fine.
+    let more: Vec<Value> = (0..10).map(|i| mk("SA", 1_000_000 + i)).collect();
+    ingest(&mut producer, &more).await;
+    for i in 1..=10 {
+        let m = client.recv().await;
+        assert_eq!(m["type"], "tick", "{m}");
+        assert!(
+            m.get("conflated").is_none(),
+            "realtime ticks are not conflated: {m}"
+        );
+        assert_eq!(m["seq"].as_u64(), Some(published["SA"] + i));
+    }
+    let pong = client.request(json!({"op": "ping", "id": 5})).await;
+    assert_eq!(pong["type"], "pong");
+    assert_eq!(
+        metric(&server, "tickfan_limit_hits_total{limit=\"slow_consumer\"}").await,
+        0.0,
+        "smart mode is never closed as a slow consumer"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// switching modes
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_between_lossless_modes_mid_stream_loses_nothing() {
+    let server = TestServer::start().await;
+    let (mut client, _) = server.client().await;
+    subscribe(&mut client, 1, json!({"symbols": ["SW"]})).await;
+    let mut producer = server.producer().await;
+    const FRAMES: u64 = 60;
+    const PER: u64 = 50;
+    let feeder = tokio::spawn(async move {
+        for f in 0..FRAMES {
+            let ticks: Vec<Value> = (0..PER).map(|i| mk("SW", f * PER + i)).collect();
+            assert_eq!(ingest(&mut producer, &ticks).await["accepted"], PER);
+        }
+        producer
+    });
+    // Flip realtime <-> batch while ticks flow; every reply and tick is read in one stream.
+    let mut seqs = Seqs::default();
+    let (mut singles, mut batched) = (0u64, 0u64);
+    let mut next_id = 10u64;
+    let mut waiting_ack = false;
+    while seqs.last("SW") < FRAMES * PER {
+        if !waiting_ack {
+            let mode = if next_id % 2 == 0 {
+                "batch"
+            } else {
+                "realtime"
+            };
+            client
+                .send_json(
+                    &json!({"op": "configure", "id": next_id, "mode": mode, "interval_ms": 10}),
+                )
+                .await;
+            waiting_ack = true;
+        }
+        let m = client.recv().await;
+        match m["type"].as_str().unwrap() {
+            "ack" => {
+                assert_eq!(m["id"], next_id, "{m}");
+                next_id += 1;
+                waiting_ack = false;
+            }
+            "tick" => {
+                seqs.next(&m);
+                singles += 1;
+            }
+            "batch" => {
+                for t in ticks_of(&m) {
+                    seqs.next(&t);
+                    batched += 1;
+                }
+            }
+            other => panic!("unexpected {other}: {m}"),
+        }
+    }
+    let mut producer = feeder.await.unwrap();
+    assert_eq!(singles + batched, FRAMES * PER, "every tick exactly once");
+    assert!(next_id > 12, "the mode changed several times mid-stream");
+
+    // The deterministic part: ticks held by batch mode with a long interval are flushed, in
+    // order and before the ack, by a switch to realtime; then realtime goes on from there.
+    if waiting_ack {
+        client.reply(next_id).await;
+    }
+    let ack = client
+        .request(json!({"op": "configure", "id": 100, "mode": "batch", "interval_ms": 3_600_000}))
+        .await;
+    assert_eq!(ack["mode"], "batch");
+    let held: Vec<Value> = (0..30).map(|i| mk("SW", 50_000 + i)).collect();
+    ingest(&mut producer, &held).await;
+    client
+        .send_json(&json!({"op": "configure", "id": 101, "mode": "realtime"}))
+        .await;
+    let m = client.recv().await;
+    assert_eq!(m["type"], "batch", "{m}");
+    for t in ticks_of(&m) {
+        seqs.next(&t);
+    }
+    assert_eq!(seqs.last("SW"), FRAMES * PER + 30);
+    assert_eq!(client.recv().await["id"], 101);
+    ingest(&mut producer, &[mk("SW", 60_000)]).await;
+    let m = client.recv().await;
+    assert_eq!(m["type"], "tick");
+    seqs.next(&m);
+}
+
+// ---------------------------------------------------------------------------------------------
+// filters with modes
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_apply_in_every_mode_and_critical_ticks_ignore_min_volume() {
+    let server = TestServer::start().await;
+    let (mut client, _) = server.client().await;
+    let ack = subscribe(
+        &mut client,
+        1,
+        json!({"symbols": ["FQ"], "mode": "batch", "interval_ms": 3_600_000, "min_volume": 10}),
+    )
+    .await;
+    assert_eq!(ack["mode"], "batch");
+    let mut producer = server.producer().await;
+    // One tick per frame so seqs follow sending order.
+    let plain = |price: f64, volume: f64| tick("FQ", price, volume);
+    for t in [
+        plain(100.0, 50.0),          // 1 passes
+        plain(100.1, 9.99),          // 2 volume below 10
+        critical(plain(100.2, 0.0)), // 3 critical: volume floor does not apply; flushes
+    ] {
+        ingest(&mut producer, &[t]).await;
+    }
+    let m = client.recv().await;
+    let seqs: Vec<u64> = ticks_of(&m)
+        .iter()
+        .map(|t| t["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [1, 3], "{m}");
+
+    // configure raises the quality floor and switches to throttled: a 60% jump scores < 70.
+    let ack = client
+        .request(
+            json!({"op": "configure", "id": 2, "mode": "throttled", "interval_ms": 10,
+                        "min_quality": 90, "min_volume": 0}),
+        )
+        .await;
+    assert_eq!(ack["mode"], "throttled");
+    for t in [
+        plain(160.0, 1.0),           // 4 quality < 70: filtered
+        plain(160.1, 0.5),           // 5 passes (no jump from 160.0)
+        critical(plain(256.0, 1.0)), // 6 critical, but quality is not waived: filtered
+        plain(256.1, 1.0),           // 7 passes
+    ] {
+        ingest(&mut producer, &[t]).await;
+    }
+    let mut got = Vec::new();
+    while got.last() != Some(&7) {
+        let m = client.recv().await;
+        assert_eq!(m["type"], "tick", "{m}");
+        assert!(m["quality"].as_u64().unwrap() >= 90, "{m}");
+        got.push(m["seq"].as_u64().unwrap());
+    }
+    assert!(!got.contains(&4) && !got.contains(&6), "{got:?}");
+
+    // Back to realtime with no floors: everything passes again; the low-quality tick too.
+    client
+        .request(json!({"op": "configure", "id": 3, "mode": "realtime", "min_quality": 0}))
+        .await;
+    ingest(&mut producer, &[plain(500.0, 0.0)]).await;
+    let m = client.recv().await;
+    assert_eq!(
+        (m["seq"].as_u64(), m["type"].as_str()),
+        (Some(8), Some("tick"))
+    );
+    assert!(m["quality"].as_u64().unwrap() < 70);
+}
+
+// ---------------------------------------------------------------------------------------------
+// priority
+
+/// Seq is assigned at dequeue and each drain round takes the critical lane first, so a critical
+/// tick that enters the queue while thousands of low ticks wait gets a lower seq than the low
+/// ticks still queued. Whether any are still queued depends on scheduling (the dispatcher runs
+/// concurrently with admission), so a single run proves nothing; over several runs of a 10 000
+/// tick flood, FIFO delivery (the bug this guards against) would never overtake, while the
+/// priority queue overtakes in practically every run. Every tick is delivered in seq order
+/// regardless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn critical_tick_overtakes_a_flood_of_low_priority_ticks() {
+    let server = TestServer::start().await;
+    let (mut client, _) = server.client().await;
+    subscribe(&mut client, 1, json!({"symbols": ["*"]})).await;
+    let mut producer = server.producer().await;
+    const LOW: u64 = 10_000;
+    let mut overtaken = Vec::new();
+    for run in 0..5u64 {
+        let sym = format!("PR{run}");
+        let mut frame: Vec<Value> = (0..LOW)
+            .map(|i| {
+                let mut t = mk(&sym, i);
+                t["priority"] = json!("low");
+                t
+            })
+            .collect();
+        frame.push(critical(mk(&sym, LOW)));
+        assert_eq!(ingest(&mut producer, &frame).await["accepted"], LOW + 1);
+        let mut seqs = Seqs::default();
+        let mut critical_seq = None;
+        for _ in 0..=LOW {
+            let m = client.recv().await;
+            assert_eq!(m["symbol"], sym.as_str());
+            let seq = seqs.next(&m);
+            match m["priority"].as_str() {
+                Some("critical") => critical_seq = Some(seq),
+                Some("low") => {}
+                other => panic!("priority passes through: {other:?}"),
+            }
+        }
+        let critical_seq = critical_seq.expect("the critical tick is delivered");
+        overtaken.push(LOW + 1 - critical_seq);
+        if critical_seq <= LOW {
+            break;
+        }
+    }
+    assert!(
+        overtaken.iter().any(|k| *k > 0),
+        "the critical tick never overtook a queued low tick: {overtaken:?}"
+    );
+}
