@@ -94,6 +94,9 @@ struct Conn {
 enum Flow {
     Continue,
     Close(u16, &'static str),
+    /// Close after sending this message (written right before the close frame: a reply queued
+    /// on the outbound queue would be dropped by the close).
+    CloseWith(u16, &'static str, String),
 }
 
 /// Serves one upgraded connection until it closes.
@@ -163,6 +166,7 @@ async fn run(conn: &mut Conn, mut socket: WebSocket, rx: &OutboundReceiver) -> O
         AuthState::Pending => {}
     }
     let auth_deadline = Instant::now() + AUTH_TIMEOUT;
+    let mut notice = None;
     let mut beat = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
     beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let reason = loop {
@@ -187,6 +191,10 @@ async fn run(conn: &mut Conn, mut socket: WebSocket, rx: &OutboundReceiver) -> O
                     match on_message(conn, msg).await {
                         Flow::Continue => {}
                         Flow::Close(code, why) => break (code, why),
+                        Flow::CloseWith(code, why, text) => {
+                            notice = Some(text);
+                            break (code, why);
+                        }
                     }
                 }
             },
@@ -213,13 +221,15 @@ async fn run(conn: &mut Conn, mut socket: WebSocket, rx: &OutboundReceiver) -> O
         }
     };
     let (code, why) = reason;
-    let notice = (code == close::SLOW_CONSUMER).then(|| {
-        error_message(
-            None,
-            ErrorCode::SlowConsumer,
-            "outbound buffer overflow: reconnect and resume with since_seq",
-            None,
-        )
+    let notice = notice.or_else(|| {
+        (code == close::SLOW_CONSUMER).then(|| {
+            error_message(
+                None,
+                ErrorCode::SlowConsumer,
+                "outbound buffer overflow: reconnect and resume with since_seq",
+                None,
+            )
+        })
     });
     close_with(&mut socket, notice, code, why).await;
     conn.key
@@ -406,11 +416,11 @@ async fn on_auth(conn: &mut Conn, id: Option<Value>, token: &str) -> Flow {
     }
     if !token_ok(&ctx.config.auth.client_tokens, Some(token)) {
         ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
-        let _ = reply(
-            conn,
+        return Flow::CloseWith(
+            close::UNAUTHORIZED,
+            "unauthorized",
             error_message(id.as_ref(), ErrorCode::Unauthorized, "invalid token", None),
         );
-        return Flow::Close(close::UNAUTHORIZED, "unauthorized");
     }
     conn.auth = AuthState::Authorized;
     match ctx.dispatcher.register(conn.out.clone()).await {

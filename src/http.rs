@@ -502,7 +502,7 @@ async fn history(
             "symbol must be 1-32 of A-Z a-z 0-9 . - _ / :",
         );
     }
-    let limit = q.limit.unwrap_or(100).clamp(1, MAX_HTTP_LIMIT);
+    let limit = q.limit.unwrap_or(100).min(MAX_HTTP_LIMIT);
     let store = state.store.clone();
     let sym = symbol.clone();
     let read = tokio::task::spawn_blocking(move || store.history(&sym, limit, q.since_seq)).await;
@@ -579,7 +579,7 @@ async fn bars(
             "tf must be one of 1m, 5m, 15m, 1h, 4h, 1d",
         );
     };
-    let limit = q.limit.unwrap_or(100).clamp(1, MAX_HTTP_LIMIT);
+    let limit = q.limit.unwrap_or(100).min(MAX_HTTP_LIMIT);
     let store = state.store.clone();
     let sym = symbol.clone();
     match tokio::task::spawn_blocking(move || store.bars(&sym, tf, limit)).await {

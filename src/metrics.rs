@@ -98,7 +98,12 @@ impl Metrics {
             load(&ing.duplicates),
         );
         for (i, code) in RejectCode::ALL.iter().enumerate() {
-            let v = load(&ing.rejected[i]);
+            // Expiry happens after acceptance, in the dispatcher; it is counted there.
+            let v = if *code == RejectCode::Expired {
+                load(&s.dispatch_stats.expired)
+            } else {
+                load(&ing.rejected[i])
+            };
             self.counter(
                 "tickfan_ticks_rejected_total",
                 vec![Label::new("code", code.as_str())],

@@ -297,8 +297,15 @@ async fn producers_need_the_ingest_token_on_post_and_ingest() {
     config.auth.ingest_tokens = vec!["p".into()];
     let server = TestServer::start_with(config).await;
     let http = reqwest::Client::new();
-    let body = || tick("IT", 1.0, 1.0).to_string();
-    let post = |url: String| http.post(url).body(body());
+    let seq = std::sync::atomic::AtomicU64::new(0);
+    // Each tick unique (its own trade id), so none is dropped as a duplicate.
+    let unique = || {
+        let n = seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut t = tick("IT", 1.0, 1.0);
+        t["id"] = json!(n);
+        t
+    };
+    let post = |url: String| http.post(url).body(unique().to_string());
 
     let resp = post(server.http("/api/ticks")).send().await.unwrap();
     assert_eq!(resp.status().as_u16(), 401);
@@ -321,6 +328,7 @@ async fn producers_need_the_ingest_token_on_post_and_ingest() {
         .await
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.json::<Value>().await.unwrap()["accepted"], 1);
 
     // /ingest: the upgrade itself is refused with 401.
     assert_eq!(
@@ -338,7 +346,7 @@ async fn producers_need_the_ingest_token_on_post_and_ingest() {
         upgrade(&server, "/ingest", &[("authorization", "Bearer p")]),
     ] {
         let mut producer = try_connect(req).await.expect("ingest with token");
-        let ack = ingest(&mut producer, &[tick("IT", 2.0, 1.0)]).await;
+        let ack = ingest(&mut producer, &[unique()]).await;
         assert_eq!(ack["accepted"], 1);
         producer.close().await;
     }
@@ -536,7 +544,7 @@ async fn oversized_frames_close_1009_on_ws_and_ingest() {
     let mut producer = server.producer().await;
     let ack = ingest(&mut producer, &[tick("MB", 1.0, 1.0)]).await;
     assert_eq!(ack["accepted"], 1);
-    let big: Vec<Value> = (0..30)
+    let big: Vec<Value> = (0..60)
         .map(|i| tick("MB", 2.0 + f64::from(i), 1.0))
         .collect();
     assert!(Value::Array(big.clone()).to_string().len() > 2048);
@@ -723,10 +731,10 @@ async fn heartbeats(ws: &mut Ws, n: usize) -> Vec<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_flow_and_silent_peers_are_closed_after_three() {
     let mut config = test_config();
-    config.server.heartbeat_ms = 200;
+    config.server.heartbeat_ms = 300;
     let server = TestServer::start_with(config).await;
     let (mut silent, welcome) = server.client().await;
-    assert_eq!(welcome["heartbeat_ms"], 200);
+    assert_eq!(welcome["heartbeat_ms"], 300);
     let (mut reader, _) = server.client().await;
     let started = now_ms();
     // The reading client (tungstenite answers the server's pings while reading) gets heartbeat

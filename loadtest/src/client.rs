@@ -67,6 +67,10 @@ pub struct ClientCtx {
     pub ws_config: WebSocketConfig,
     /// Bound on TCP connect plus WebSocket handshake.
     pub connect_timeout: Duration,
+    /// The first `slow_clients` connections pause `slow_delay` after every message, to
+    /// play the slow consumer the server must cut off (4008) without slowing the others.
+    pub slow_clients: usize,
+    pub slow_delay: Duration,
 }
 
 /// Source address of the `index`-th connection: 127.0.0.1 for the first `per_ip`
@@ -552,6 +556,7 @@ pub async fn run(
         settled: false,
         ctx,
     };
+    let slow = index < conn.ctx.slow_clients;
     let stopped = stop.wait_for(|s| *s);
     tokio::pin!(stopped);
     let ended_by_server = loop {
@@ -559,7 +564,12 @@ pub async fn run(
             biased;
             _ = &mut stopped => break None,
             msg = ws.next() => match msg {
-                Some(Ok(Message::Text(text))) => conn.on_text(text.as_str(), now_micros()),
+                Some(Ok(Message::Text(text))) => {
+                    conn.on_text(text.as_str(), now_micros());
+                    if slow {
+                        tokio::time::sleep(conn.ctx.slow_delay).await;
+                    }
+                }
                 Some(Ok(Message::Binary(_))) => {
                     if stats::measuring() {
                         stats::with_local(|c, _| c.binary_msgs += 1);

@@ -137,6 +137,13 @@ struct Args {
     /// Per-connection WebSocket read buffer in KiB (tungstenite's default is 128).
     #[arg(long, default_value_t = 8)]
     read_buffer_kb: usize,
+    /// Make the first M clients slow consumers (they pause --slow-ms after every message),
+    /// to check that the server cuts them off (4008) without slowing the others.
+    #[arg(long, default_value_t = 0)]
+    slow_clients: usize,
+    /// Pause of each slow client after every message, in ms.
+    #[arg(long, default_value_t = 10)]
+    slow_ms: u64,
     /// No live line on stderr.
     #[arg(short, long)]
     quiet: bool,
@@ -294,6 +301,8 @@ fn try_main() -> anyhow::Result<ExitCode> {
         },
         ws_config,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        slow_clients: args.slow_clients,
+        slow_delay: Duration::from_millis(args.slow_ms),
     });
     let producer = (args.rate > 0.0).then(|| ProducerConfig {
         url: target.ingest_url.clone(),
@@ -418,6 +427,7 @@ fn summarize(args: &Args, symbols: &[String], outcome: run::Outcome) -> Summary 
             lost: CONNS.lost.load(Relaxed),
             open_at_end: open,
             ramp_secs: outcome.ramp_secs,
+            listen_overflows: outcome.listen_overflows,
         },
         window_secs: outcome.window_secs,
         drain_secs: outcome.drain_secs,

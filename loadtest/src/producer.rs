@@ -337,12 +337,13 @@ async fn run(
             frame.clear();
             frame.push('[');
             let mut in_frame = 0;
+            // Symbols go round-robin, so the frame covers `in_frame` symbols from here on.
+            let first_symbol = gen.next_symbol;
             while n > 0 && in_frame < MAX_FRAME_TICKS && frame.len() < MAX_FRAME_BYTES {
                 if in_frame > 0 {
                     frame.push(',');
                 }
-                let sym = gen.write_tick(&mut frame, ts);
-                report.sent_per_symbol[sym] += 1;
+                gen.write_tick(&mut frame, ts);
                 in_frame += 1;
                 n -= 1;
             }
@@ -358,6 +359,10 @@ async fn run(
                         break 'outer;
                     }
                 }
+            }
+            // Counted only once sent: a frame cut off by the stop never reached the server.
+            for j in 0..in_frame {
+                report.sent_per_symbol[(first_symbol + j) % cfg.symbols.len()] += 1;
             }
             live.frames_sent.fetch_add(1, Relaxed);
             live.ticks_sent.fetch_add(in_frame as u64, Relaxed);

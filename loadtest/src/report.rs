@@ -226,6 +226,8 @@ pub struct ConnSummary {
     pub open_at_end: i64,
     /// Seconds from the first connect to every connection settled.
     pub ramp_secs: f64,
+    /// Connection attempts the kernel dropped on a full accept queue during the ramp.
+    pub listen_overflows: u64,
 }
 
 /// CPU and memory of one process over the measurement.
@@ -323,6 +325,13 @@ impl Summary {
             fmt_count(n.open_at_end.max(0) as u64),
             n.ramp_secs
         );
+        if n.listen_overflows > 0 {
+            let _ = writeln!(
+                o,
+                "  backlog    {} SYNs dropped on the server's full accept queue (1 s retransmit each)",
+                fmt_count(n.listen_overflows)
+            );
+        }
         if !self.tallies.connect_failures.is_empty() {
             let _ = writeln!(
                 o,

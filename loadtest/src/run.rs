@@ -67,6 +67,8 @@ pub struct Outcome {
     pub idle_rss: Option<(u64, u64, i64)>,
     /// Connections still open when the window ended.
     pub open_at_end: i64,
+    /// SYNs the kernel dropped on a full accept queue during the ramp (system-wide).
+    pub listen_overflows: u64,
 }
 
 /// The live reporter: remembers the previous totals to print per-second deltas.
@@ -176,6 +178,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
         phase: "ramp",
     };
     let rss_before = sample_server().and_then(|s| s.rss_bytes);
+    let overflows_before = sysinfo::listen_overflows();
 
     // Ramp: a spawner task hands out connect permits; we report until all settle.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -213,6 +216,17 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
         );
     }
     let handles = spawner.await.unwrap_or_default();
+    if let (Some(before), Some(after)) = (overflows_before, sysinfo::listen_overflows()) {
+        out.listen_overflows = after.saturating_sub(before);
+        if out.listen_overflows > 0 {
+            eprintln!(
+                "ramp: the kernel dropped {} connection attempts on a full accept queue \
+                 (ListenOverflows); each waits a 1 s SYN retransmit. The server's listen \
+                 backlog is too small for --connect-concurrency {}.",
+                out.listen_overflows, cfg.connect_concurrency
+            );
+        }
+    }
 
     if cfg.idle {
         tokio::time::sleep(IDLE_SETTLE).await;

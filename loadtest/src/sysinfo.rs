@@ -111,6 +111,31 @@ pub fn ephemeral_port_count() -> Option<usize> {
     Some(hi.saturating_sub(lo) + 1)
 }
 
+/// The kernel's `TcpExt: ListenOverflows` counter: connection attempts dropped because a
+/// listener's accept queue was full (system-wide; on loopback during a ramp that is the
+/// server's). Each drop costs the client a 1 s SYN retransmit, which shows up as a slow
+/// ramp.
+pub fn listen_overflows() -> Option<u64> {
+    parse_netstat_field(
+        &std::fs::read_to_string("/proc/net/netstat").ok()?,
+        "TcpExt:",
+        "ListenOverflows",
+    )
+}
+
+/// Finds `field` in a `/proc/net/netstat` text: each section is a header line of names
+/// followed by a line of values, both starting with `section`.
+pub fn parse_netstat_field(text: &str, section: &str, field: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with(section));
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        let pos = names.split_ascii_whitespace().position(|n| n == field);
+        if let Some(i) = pos {
+            return values.split_ascii_whitespace().nth(i)?.parse().ok();
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +161,23 @@ mod tests {
         let status = "Name:\ttickfan\nVmPeak:\t  200000 kB\nVmRSS:\t   51200 kB\nThreads:\t3\n";
         assert_eq!(parse_status_rss_kb(status), Some(51200));
         assert_eq!(parse_status_rss_kb("Name:\tzombie\n"), None);
+    }
+
+    #[test]
+    fn netstat_field() {
+        let text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\n\
+                    TcpExt: 0 55 56\n\
+                    IpExt: InNoRoutes ListenOverflows\n\
+                    IpExt: 1 2\n";
+        assert_eq!(
+            parse_netstat_field(text, "TcpExt:", "ListenOverflows"),
+            Some(55)
+        );
+        assert_eq!(
+            parse_netstat_field(text, "IpExt:", "ListenOverflows"),
+            Some(2)
+        );
+        assert_eq!(parse_netstat_field(text, "TcpExt:", "Nope"), None);
     }
 
     #[test]

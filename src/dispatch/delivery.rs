@@ -554,7 +554,11 @@ mod tests {
             .iter()
             .map(|m| m["seq"].as_u64().unwrap())
             .collect();
-        assert_eq!(seqs, vec![1, 2], "the critical tick went past the full queue");
+        assert_eq!(
+            seqs,
+            vec![1, 2],
+            "the critical tick went past the full queue"
+        );
         d.flush(&out, t0 + Duration::from_millis(100), SMART, &mut tally);
         let seqs: Vec<_> = drain(&rx)
             .iter()

@@ -92,18 +92,10 @@ pub enum Command {
         /// Request id to echo.
         id: Option<Value>,
     },
-    /// A snapshot read from the store finished (sent by the dispatcher's own reader task).
+    /// A snapshot page read from the store (sent by the dispatcher's own reader task).
     SnapshotLoaded {
-        /// Whose.
-        key: ClientKey,
-        /// Which registration of that key asked (keys are reused).
-        serial: u64,
-        /// Which symbol.
-        symbol: Symbol,
-        /// The request's `history`.
-        history: usize,
-        /// The request's `since_seq` for this symbol.
-        since: Option<u64>,
+        /// What was read.
+        read: SnapshotRead,
         /// The read's outcome.
         result: Result<History, String>,
     },
@@ -113,6 +105,22 @@ pub enum Command {
         reply: oneshot::Sender<Vec<SymbolInfo>>,
     },
 }
+
+/// One snapshot read in progress for one client and symbol.
+#[derive(Debug, Clone)]
+pub struct SnapshotRead {
+    key: ClientKey,
+    /// Which registration of that key asked (keys are reused).
+    serial: u64,
+    symbol: Symbol,
+    history: usize,
+    /// Resume point; advanced page by page.
+    since: Option<u64>,
+    page: u32,
+}
+
+/// Store reads one snapshot may take before giving up on joining the ring (and saying `gap`).
+const MAX_SNAPSHOT_PAGES: u32 = 1_000;
 
 /// What `/api/symbols` and the `symbols` op report per symbol.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -614,14 +622,7 @@ impl<S: TickSink> Dispatcher<S> {
                 let list = self.symbol_list();
                 self.reply(key, &json!({"type":"symbols","id":id,"symbols":list}));
             }
-            Command::SnapshotLoaded {
-                key,
-                serial,
-                symbol,
-                history,
-                since,
-                result,
-            } => self.snapshot_loaded(key, serial, &symbol, history, since, result),
+            Command::SnapshotLoaded { read, result } => self.snapshot_loaded(read, result),
             Command::ListSymbols { reply } => {
                 let _ = reply.send(self.symbol_list());
             }
@@ -774,10 +775,16 @@ impl<S: TickSink> Dispatcher<S> {
                 None => {}
             }
         }
-        if wildcard && history > 0 {
+        if wildcard {
+            // Every known symbol comes through `*`: resume points and history apply to them too.
             for sym in self.symbols.keys() {
-                if !accepted.contains(sym) {
-                    wanted.push((sym.clone(), None));
+                if accepted.contains(sym) {
+                    continue;
+                }
+                match since_seq.get(sym.as_str()) {
+                    Some(s) => wanted.push((sym.clone(), Some(*s))),
+                    None if history > 0 => wanted.push((sym.clone(), None)),
+                    None => {}
                 }
             }
         }
@@ -788,7 +795,7 @@ impl<S: TickSink> Dispatcher<S> {
 
     /// Answers `history`/`since_seq` for one symbol: from the ring when it reaches back far
     /// enough, else from the store in the background while live ticks of that symbol wait in
-    /// the ring (the client's delivery of it is paused until the read returns).
+    /// the ring (the client's delivery of it is paused until the snapshot has joined the ring).
     fn send_snapshot(
         &mut self,
         key: ClientKey,
@@ -806,31 +813,48 @@ impl<S: TickSink> Dispatcher<S> {
                 }
             },
         };
-        let Some(store) = self.store.clone().filter(|_| !covered) else {
+        if covered || self.store.is_none() {
             let (frames, gap) = self.ring_snapshot(symbol, history, since, 0);
             self.push_snapshot(key, symbol, &frames, gap);
             return;
-        };
-        let Some(client) = self.clients.get_mut(key) else {
-            return;
-        };
-        client.awaiting.insert(symbol.clone());
-        let serial = client.serial;
-        let tx = self.self_tx.clone();
-        let limit = since.map_or(history, |_| self.max_replay);
-        let symbol = symbol.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = store
-                .history(symbol.as_str(), limit, since)
-                .map_err(|e| e.to_string());
-            let _ = tx.send(Command::SnapshotLoaded {
+        }
+        if let Some(client) = self.clients.get_mut(key) {
+            client.awaiting.insert(symbol.clone());
+            let read = SnapshotRead {
                 key,
-                serial,
-                symbol,
+                serial: client.serial,
+                symbol: symbol.clone(),
                 history,
                 since,
-                result,
-            });
+                page: 0,
+            };
+            self.read_store(read, false);
+        }
+    }
+
+    /// Reads one page of a snapshot from the store off the runtime; the result comes back as
+    /// `Command::SnapshotLoaded`. `flush` first waits for ticks already handed to the store, so
+    /// a follow-up read reaches the ring.
+    fn read_store(&self, read: SnapshotRead, flush: bool) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let tx = self.self_tx.clone();
+        let limit = if read.since.is_some() {
+            self.max_replay
+        } else {
+            read.history
+        };
+        let since = read.since;
+        tokio::task::spawn_blocking(move || {
+            let result = (if flush {
+                store.flush_blocking()
+            } else {
+                Ok(())
+            })
+            .and_then(|()| store.history(read.symbol.as_str(), limit, since))
+            .map_err(|e| e.to_string());
+            let _ = tx.send(Command::SnapshotLoaded { read, result });
         });
     }
 
@@ -869,23 +893,17 @@ impl<S: TickSink> Dispatcher<S> {
         }
     }
 
-    /// Joins a finished store read with the ring (ticks dispatched since, possibly not yet
-    /// committed) and sends the snapshot; live delivery of the symbol resumes after it.
-    fn snapshot_loaded(
-        &mut self,
-        key: ClientKey,
-        serial: u64,
-        symbol: &Symbol,
-        history: usize,
-        since: Option<u64>,
-        result: Result<History, String>,
-    ) {
-        match self.clients.get_mut(key) {
-            Some(c) if c.serial == serial && !c.detached => {
-                c.awaiting.remove(symbol);
-            }
+    /// One store page is back. A resume (`since_seq`) sends it and pages on until the stored
+    /// part reaches the ring, so a long backlog arrives as several snapshot messages with no
+    /// hole; a `history` read is retried (after a flush) until it joins the ring. Then the ring
+    /// tail is added and live delivery of the symbol resumes.
+    fn snapshot_loaded(&mut self, read: SnapshotRead, result: Result<History, String>) {
+        let key = read.key;
+        match self.clients.get(key) {
+            Some(c) if c.serial == read.serial && !c.detached => {}
             _ => return,
         }
+        let symbol = &read.symbol;
         let stored = match result {
             Ok(h) => h,
             Err(e) => {
@@ -897,47 +915,78 @@ impl<S: TickSink> Dispatcher<S> {
                     None,
                 );
                 self.reply_text(key, msg);
-                let (frames, _) = self.ring_snapshot(symbol, history, since, 0);
-                self.push_snapshot(key, symbol, &frames, true);
+                let (frames, _) = self.ring_snapshot(symbol, read.history, read.since, 0);
+                self.finish_snapshot(&read, &frames, true);
                 return;
             }
         };
         let n = stored.ticks.len() as u64;
         // Seqs are consecutive per symbol, so the stored part ends at a computable seq.
-        let (stored_last, mut gap) = match since {
+        let (stored_last, gap) = match read.since {
             Some(s) => {
                 let start = stored.first_seq.map_or(s + 1, |f| f.max(s + 1));
-                let gap = stored.first_seq.is_some_and(|f| f > s + 1);
+                let gap = read.page == 0 && stored.first_seq.is_some_and(|f| f > s + 1);
                 (if n == 0 { s } else { start + n - 1 }, gap)
             }
             None => (stored.last_seq, false),
         };
+        let current = self.symbols.get(symbol).map_or(0, |s| s.seq);
+        let ring_next = self
+            .symbols
+            .get(symbol)
+            .and_then(|s| s.recent.after(stored_last).next().map(|(seq, _)| *seq));
+        let joined = stored_last >= current || ring_next == Some(stored_last + 1);
         let mut frames: Vec<Frame> = stored
             .ticks
             .into_iter()
             .filter_map(|b| Frame::try_from(b).ok())
             .collect();
-        let (ring, _) = self.ring_snapshot(symbol, history, since, stored_last);
-        let current = self.symbols.get(symbol).map_or(0, |s| s.seq);
-        let ring_first = ring.first().and_then(|_| {
-            self.symbols
-                .get(symbol)?
-                .recent
-                .after(stored_last)
-                .next()
-                .map(|(s, _)| *s)
-        });
-        // The ring must join the stored part: a hole there (a replay cut at max_replay_ticks,
-        // or more uncommitted ticks than the ring holds) is reported as a gap.
-        match ring_first {
-            Some(first) => gap |= first > stored_last + 1,
-            None => gap |= since.is_some() && stored_last < current,
+        if !joined && read.page < MAX_SNAPSHOT_PAGES {
+            let mut next = read;
+            if next.since.is_some() {
+                // Send this page now and read on from where it ended.
+                if !frames.is_empty() || next.page == 0 {
+                    self.push_snapshot(key, &next.symbol, &frames, gap);
+                }
+                if self
+                    .clients
+                    .get(key)
+                    .is_none_or(|c| c.detached || c.out.queued_bytes() > c.out.byte_limit())
+                {
+                    // It cannot take the backlog: the slow-consumer rule (it can resume later).
+                    self.drop_client(key, close::SLOW_CONSUMER);
+                    return;
+                }
+                next.since = Some(stored_last);
+            }
+            next.page += 1;
+            // A full page means more is stored; a short one means the store is behind the ring.
+            let flush = n < if next.since.is_some() {
+                self.max_replay as u64
+            } else {
+                u64::MAX
+            };
+            self.read_store(next, flush);
+            return;
         }
+        let (ring, _) = self.ring_snapshot(symbol, read.history, read.since, stored_last);
         frames.extend(ring);
-        if since.is_none() && frames.len() > history {
-            frames.drain(..frames.len() - history);
+        if read.since.is_none() && frames.len() > read.history {
+            frames.drain(..frames.len() - read.history);
         }
-        self.push_snapshot(key, symbol, &frames, gap);
+        self.finish_snapshot(&read, &frames, gap || !joined);
+    }
+
+    /// Sends the last snapshot part (unless earlier pages already said everything) and resumes
+    /// live delivery of the symbol.
+    fn finish_snapshot(&mut self, read: &SnapshotRead, frames: &[Frame], gap: bool) {
+        let said_before = read.since.is_some() && read.page > 0;
+        if !frames.is_empty() || gap || !said_before {
+            self.push_snapshot(read.key, &read.symbol, frames, gap);
+        }
+        if let Some(client) = self.clients.get_mut(read.key) {
+            client.awaiting.remove(&read.symbol);
+        }
     }
 
     fn reply_text(&mut self, key: ClientKey, text: String) {

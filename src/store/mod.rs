@@ -766,7 +766,8 @@ fn init(db: &Database, path: &Path) -> Result<Recovery, StoreError> {
 /// A random nonzero epoch different from the previous one.
 fn new_epoch(old: Option<u64>) -> u64 {
     loop {
-        let e: u64 = rand::random();
+        // 53 bits: the epoch travels in JSON, and browsers read numbers as doubles.
+        let e: u64 = rand::random::<u64>() & ((1 << 53) - 1);
         if e != 0 && Some(e) != old {
             return e;
         }

@@ -289,3 +289,35 @@ pub async fn subscribe(ws: &mut Ws, id: u64, body: Value) -> Value {
 pub fn code(c: CloseCode) -> u16 {
     u16::from(c)
 }
+
+/// Starts a server on exactly `addr` with an existing data dir: restarts that clients must find
+/// at the same address (e.g. the browser dashboard test, whose page reconnects to the URL it was
+/// loaded from). `addr` is normally the ephemeral port an earlier `TestServer` got; the bind is
+/// retried until `DEADLINE` in case the port is briefly busy after the old listener closed.
+pub async fn start_on(addr: SocketAddr, mut config: Config, dir: tempfile::TempDir) -> TestServer {
+    config.store.dir = dir.path().to_path_buf();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let listener = loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "could not bind {addr} again: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(tickfan::run(listener, config.clone(), async move {
+        let _ = stopped.await;
+    }));
+    TestServer {
+        addr,
+        config,
+        dir,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
