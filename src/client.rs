@@ -56,6 +56,8 @@ pub struct ClientContext {
     pub sessions: AtomicU64,
     /// Counters.
     pub stats: ClientStats,
+    /// Sampled seconds from a tick's receipt (`t_in`) to its socket write.
+    pub write_latency: Option<metrics::Histogram>,
 }
 
 /// Per-server client counters.
@@ -79,6 +81,8 @@ pub struct ClientStats {
     pub idle_closed: AtomicU64,
     /// Connections closed for sustained request abuse.
     pub abuse_closed: AtomicU64,
+    /// Write bursts, for sampling the write latency.
+    pub bursts: AtomicU64,
 }
 
 struct Conn {
@@ -181,7 +185,7 @@ async fn run(conn: &mut Conn, mut socket: WebSocket, rx: &OutboundReceiver) -> O
                     biased;
                     () = ctx.shutdown.cancelled() => break (close::GOING_AWAY, "server shutting down"),
                     code = rx.killed() => break (code, close_reason(code)),
-                    res = write_burst(&mut socket, frame, rx, &ctx.stats) => if res.is_err() { return conn.key },
+                    res = write_burst(&mut socket, frame, rx, &ctx) => if res.is_err() { return conn.key },
                 }
             }
             msg = socket.next() => match msg {
@@ -248,8 +252,16 @@ async fn write_burst(
     socket: &mut WebSocket,
     first: Frame,
     rx: &OutboundReceiver,
-    stats: &ClientStats,
+    ctx: &ClientContext,
 ) -> Result<(), axum::Error> {
+    let stats = &ctx.stats;
+    // One burst in 64 measures how long its first tick took from receipt to the socket.
+    let sample = match &ctx.write_latency {
+        Some(h) if stats.bursts.fetch_add(1, Ordering::Relaxed) % 64 == 0 => {
+            t_in_of(&first).map(|t| (h, t))
+        }
+        _ => None,
+    };
     let mut bytes = first.len();
     let mut frames = 1u64;
     socket.feed(Message::Text(first)).await?;
@@ -260,9 +272,26 @@ async fn write_burst(
         socket.feed(Message::Text(next)).await?;
     }
     socket.flush().await?;
+    if let Some((h, t_in)) = sample {
+        #[allow(clippy::cast_precision_loss)]
+        h.record((crate::tick::now_us() - t_in).max(0) as f64 / 1e6);
+    }
     stats.frames_sent.fetch_add(frames, Ordering::Relaxed);
     stats.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
     Ok(())
+}
+
+/// The `t_in` of a live tick or batch frame (snapshots carry old ticks and are skipped).
+fn t_in_of(frame: &Frame) -> Option<i64> {
+    let text = frame.as_str();
+    if !(text.starts_with(r#"{"type":"tick""#) || text.starts_with(r#"{"type":"batch""#)) {
+        return None;
+    }
+    let rest = &text[text.find(r#""t_in":"#)? + 7..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
 }
 
 /// Sends an optional error message and a close frame, then waits briefly for the peer's close.

@@ -423,6 +423,7 @@ async fn stats(
         "messages_sent": load(&state.clients.stats.frames_sent),
         "queue_depth": lanes,
         "queue_capacity": state.queue.capacity(),
+        "latency_us": { "ingest_to_dispatch": *d.latency.lock() },
         "dropped": {
             "ttl_expired": load(&d.expired),
             "slow_consumer_closes": load(&d.slow_consumer_closes),

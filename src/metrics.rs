@@ -60,6 +60,26 @@ impl Metrics {
         )
     }
 
+    /// Histogram of seconds from a tick's receipt to its socket write (sampled).
+    pub fn ingest_to_write(&self) -> metrics::Histogram {
+        self.recorder.register_histogram(
+            &Key::from_name("tickfan_ingest_to_write_seconds"),
+            &METADATA,
+        )
+    }
+
+    /// Histogram of store commit durations, seconds.
+    pub fn store_commit_seconds(&self) -> metrics::Histogram {
+        self.recorder
+            .register_histogram(&Key::from_name("tickfan_store_commit_seconds"), &METADATA)
+    }
+
+    /// Histogram of ticks per store commit.
+    pub fn store_batch_ticks(&self) -> metrics::Histogram {
+        self.recorder
+            .register_histogram(&Key::from_name("tickfan_store_batch_ticks"), &METADATA)
+    }
+
     /// Accepted ticks per second, averaged since the previous call (at least 1 s apart).
     pub fn ingest_rate(&self, accepted: u64) -> f64 {
         let mut r = self.rate.lock();
@@ -159,6 +179,29 @@ impl Metrics {
         limit("queue_full", load(&ing.refused));
         self.counter("tickfan_bad_requests_total", vec![], load(&c.bad_requests));
         self.gauge("tickfan_dead_letters", vec![], s.dead_letters.len() as u64);
+        let st = s.store.stats();
+        self.counter("tickfan_store_commits_total", vec![], st.commits);
+        self.counter("tickfan_store_ticks_total", vec![], st.ticks_committed);
+        self.counter(
+            "tickfan_store_duplicate_ticks_total",
+            vec![],
+            st.duplicate_ticks,
+        );
+        self.counter(
+            "tickfan_store_dead_letters_dropped_total",
+            vec![],
+            st.dead_letters_dropped,
+        );
+        self.counter(
+            "tickfan_store_retention_removed_total",
+            vec![],
+            st.ticks_retained_away,
+        );
+        self.gauge(
+            "tickfan_store_errors",
+            vec![],
+            u64::from(st.last_error.is_some()),
+        );
         self.recorder.handle().render()
     }
 }

@@ -83,6 +83,7 @@ pub async fn run(
         dispatch_stats.clone(),
         seeds,
     );
+    store.attach_histograms(metrics.store_commit_seconds(), metrics.store_batch_ticks());
     let dispatcher = dispatcher
         .with_latency_histogram(metrics.ingest_to_dispatch())
         .with_store(store.clone());
@@ -104,6 +105,7 @@ pub async fn run(
         epoch,
         sessions: AtomicU64::new(1),
         stats: ClientStats::default(),
+        write_latency: Some(metrics.ingest_to_write()),
     });
     let state = Arc::new(AppState {
         config: config.clone(),

@@ -104,6 +104,7 @@ return {
   connected: s.connected, status: s.status, epoch: s.epoch, mode: s.mode,
   lastSeq: s.lastSeq, messages: s.messages, ticks: s.ticks, duplicates: s.duplicates,
   gaps: s.gaps, snapshotGaps: s.snapshotGaps, reconnects: s.reconnects,
+  reconnectAttempts: s.reconnectAttempts,
   selected: s.selected, barsDrawn: s.barsDrawn, rows, canvases,
   e2e: window.__e2e || null,
 };
@@ -342,6 +343,8 @@ impl Browser {
 
 /// A tick at `ts` with a trade id, so none is mistaken for a duplicate.
 fn tick_at(sym: &str, ts: i64, price: f64, n: u64) -> Value {
+    // Whole ten-thousandths: the page shows prices as sent, so keep them readable.
+    let price = (price * 1e4).round() / 1e4;
     json!({"symbol": sym, "ts": ts, "price": price, "volume": 1.0 + n as f64, "id": format!("{sym}-{n}")})
 }
 
@@ -546,8 +549,12 @@ async fn dashboard_end_to_end() {
     drop(producer);
     let down_at = now_ms();
     let dir = server.stop().await;
+    // Stay down until the page has retried at least once and been refused (its first attempt
+    // is scheduled on the close, the second after that attempt failed), like a real restart.
     browser
-        .wait_page("page saw the server go away", |s| s["connected"] == false)
+        .wait_page("page retried while the server was down", |s| {
+            s["connected"] == false && s["reconnectAttempts"].as_u64().unwrap_or(0) >= 2
+        })
         .await;
     let server = start_on(addr, config, dir).await;
     let up_at = now_ms();

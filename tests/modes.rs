@@ -136,7 +136,7 @@ async fn batch_mode_is_lossless_in_order_and_never_sends_a_lone_tick() {
         let ticks: Vec<Value> = (0..PER)
             .map(|i| {
                 let n = f * PER + i;
-                mk(if n % 2 == 0 { "BA" } else { "BB" }, n)
+                mk(if n.is_multiple_of(2) { "BA" } else { "BB" }, n)
             })
             .collect();
         assert_eq!(ingest(&mut producer, &ticks).await["accepted"], PER);
@@ -236,7 +236,7 @@ async fn throttled_mode_accounts_for_every_tick_and_never_skips_critical() {
         let ticks: Vec<Value> = (0..PER)
             .map(|i| {
                 let n = f * PER + i;
-                let t = mk(if n % 2 == 0 { "TA" } else { "TB" }, n);
+                let t = mk(if n.is_multiple_of(2) { "TA" } else { "TB" }, n);
                 if n % 25 == 3 {
                     critical_ids.insert(t["id"].as_str().unwrap().to_owned());
                     critical(t)
@@ -542,7 +542,7 @@ async fn switching_between_lossless_modes_mid_stream_loses_nothing() {
     let mut waiting_ack = false;
     while seqs.last("SW") < FRAMES * PER {
         if !waiting_ack {
-            let mode = if next_id % 2 == 0 {
+            let mode = if next_id.is_multiple_of(2) {
                 "batch"
             } else {
                 "realtime"

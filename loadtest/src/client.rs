@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -256,7 +257,10 @@ pub fn now_micros() -> u64 {
 struct Conn {
     ctx: Arc<ClientCtx>,
     seqs: SeqTracker,
-    /// Symbols the subscribe ack accepted (counted in the per-symbol subscriber totals).
+    /// Symbols asked for in the subscribe.
+    requested: Vec<u32>,
+    /// Symbols the subscribe ack accepted; empty until the ack. These are the ones counted
+    /// in the per-symbol subscriber totals, and taken out again if the connection is lost.
     subscribed: Vec<u32>,
     /// Whether this connection has reached a final ramp state (see `stats::Conns`).
     settled: bool,
@@ -266,9 +270,7 @@ impl Conn {
     fn settle(&mut self) {
         if !self.settled {
             self.settled = true;
-            CONNS
-                .settled
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            CONNS.settled.fetch_add(1, Relaxed);
         }
     }
 
@@ -346,28 +348,28 @@ impl Conn {
         let is_subscribe_reply = msg.id.is_some_and(|raw| raw.get() == SUBSCRIBE_ID_JSON);
         match kind {
             "ack" if is_subscribe_reply => {
+                let mut accepted = std::mem::take(&mut self.requested);
                 for r in &msg.rejected {
                     stats::tally(
                         Tally::RejectedSymbol,
                         r.code.as_deref().unwrap_or("unknown"),
                     );
                     if let Some(&i) = self.ctx.symbol_index.get(r.symbol.as_ref()) {
-                        self.subscribed.retain(|&s| s != i);
+                        accepted.retain(|&s| s != i);
                     }
                 }
-                for &s in &self.subscribed {
+                for &s in &accepted {
                     stats::add_subscriber(s, 1);
                 }
-                CONNS
-                    .subscribed
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.subscribed = accepted;
+                CONNS.subscribed.fetch_add(1, Relaxed);
                 self.settle();
             }
             "error" => {
                 stats::tally(Tally::Error, msg.code.as_deref().unwrap_or("unknown"));
                 if is_subscribe_reply {
                     // The subscribe failed as a whole: this connection gets no ticks.
-                    self.subscribed.clear();
+                    self.requested.clear();
                     self.settle();
                 }
             }
@@ -530,7 +532,6 @@ pub async fn run(
     permit: OwnedSemaphorePermit,
     mut stop: watch::Receiver<bool>,
 ) {
-    use std::sync::atomic::Ordering::Relaxed;
     CONNS.attempted.fetch_add(1, Relaxed);
     let symbols = symbols_for(index, ctx.symbols_per_client, ctx.symbols.len());
     let connected = tokio::time::timeout(ctx.connect_timeout, connect(&ctx, index)).await;
@@ -552,7 +553,8 @@ pub async fn run(
 
     let mut conn = Conn {
         seqs: SeqTracker::new(symbols.clone()),
-        subscribed: symbols,
+        requested: symbols,
+        subscribed: Vec::new(),
         settled: false,
         ctx,
     };
@@ -560,32 +562,35 @@ pub async fn run(
     let stopped = stop.wait_for(|s| *s);
     tokio::pin!(stopped);
     let ended_by_server = loop {
-        tokio::select! {
+        // Only pick the event inside select!: awaiting in an arm would hold the watch
+        // guard across the await and make the task !Send.
+        let msg = tokio::select! {
             biased;
             _ = &mut stopped => break None,
-            msg = ws.next() => match msg {
-                Some(Ok(Message::Text(text))) => {
-                    conn.on_text(text.as_str(), now_micros());
-                    if slow {
-                        tokio::time::sleep(conn.ctx.slow_delay).await;
-                    }
+            msg = ws.next() => msg,
+        };
+        match msg {
+            Some(Ok(Message::Text(text))) => {
+                conn.on_text(text.as_str(), now_micros());
+                if slow {
+                    tokio::time::sleep(conn.ctx.slow_delay).await;
                 }
-                Some(Ok(Message::Binary(_))) => {
-                    if stats::measuring() {
-                        stats::with_local(|c, _| c.binary_msgs += 1);
-                    }
+            }
+            Some(Ok(Message::Binary(_))) => {
+                if stats::measuring() {
+                    stats::with_local(|c, _| c.binary_msgs += 1);
                 }
-                Some(Ok(Message::Close(frame))) => {
-                    break Some(match frame {
-                        Some(f) => u16::from(f.code).to_string(),
-                        None => "no_code".to_string(),
-                    });
-                }
-                // Pings are answered by tungstenite itself on the next read.
-                Some(Ok(_)) => {}
-                Some(Err(e)) => break Some(ws_reason(&e)),
-                None => break Some("eof".to_string()),
-            },
+            }
+            Some(Ok(Message::Close(frame))) => {
+                break Some(match frame {
+                    Some(f) => u16::from(f.code).to_string(),
+                    None => "no_code".to_string(),
+                });
+            }
+            // Pings are answered by tungstenite itself on the next read.
+            Some(Ok(_)) => {}
+            Some(Err(e)) => break Some(ws_reason(&e)),
+            None => break Some("eof".to_string()),
         }
     };
     conn.settle();
@@ -605,7 +610,6 @@ pub async fn run(
 }
 
 fn fail(reason: &str) {
-    use std::sync::atomic::Ordering::Relaxed;
     CONNS.failed.fetch_add(1, Relaxed);
     CONNS.settled.fetch_add(1, Relaxed);
     stats::tally(Tally::ConnectFailure, reason);

@@ -5,7 +5,7 @@
 //! summary is built after the runtime has shut down (see `main`), when every thread has
 //! flushed its counters.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -84,11 +84,37 @@ struct Live {
     phase: &'static str,
 }
 
+/// Set by Ctrl-C / SIGTERM: every remaining phase is cut short, so that the summary of
+/// what was measured so far is still printed.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn watch_signals() {
+    tokio::spawn(async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let term = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        eprintln!("interrupted: finishing early and printing what was measured");
+        INTERRUPTED.store(true, Relaxed);
+    });
+}
+
 impl Live {
-    /// Sleeps until `until` or until `done()` is true, flushing and reporting meanwhile.
+    /// Sleeps until `until` or until `done()` is true (or the run is interrupted),
+    /// flushing and reporting meanwhile.
     async fn wait(&mut self, until: Instant, done: impl Fn() -> bool) {
         loop {
-            if done() {
+            if done() || INTERRUPTED.load(Relaxed) {
                 return;
             }
             let now = Instant::now();
@@ -165,6 +191,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
         sysinfo::sample(Some(pid))
             .map_err(|e| anyhow::anyhow!("cannot read /proc/{pid} (--server-pid): {e}"))?;
     }
+    watch_signals();
     let started = Instant::now();
     let mut live = Live {
         enabled: cfg.live,

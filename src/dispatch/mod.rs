@@ -7,6 +7,7 @@
 
 pub mod delivery;
 pub mod filter;
+pub mod latency;
 pub mod outbound;
 pub mod recent;
 pub mod registry;
@@ -152,6 +153,8 @@ pub struct DispatchStats {
     pub mode_switches: AtomicU64,
     /// Ticks dropped because their queue TTL ran out.
     pub expired: AtomicU64,
+    /// Receive-to-dispatch percentiles over the last few seconds.
+    pub latency: parking_lot::Mutex<latency::LatencySummary>,
 }
 
 /// A handle for sending commands.
@@ -258,6 +261,8 @@ pub struct Dispatcher<S: TickSink> {
     min_interval: Duration,
     /// Seconds from `t_in` to stamping, when metrics are attached.
     latency: Option<metrics::Histogram>,
+    /// The same, as recent-window percentiles for `/api/stats`.
+    window: latency::LatencyWindow,
     /// For snapshot reads older than the in-memory ring.
     store: Option<Store>,
     /// The dispatcher's own command sender, for results of its background reads.
@@ -315,6 +320,7 @@ impl<S: TickSink> Dispatcher<S> {
             default_interval: Duration::from_millis(config.dispatch.default_interval_ms),
             min_interval: Duration::from_millis(config.dispatch.min_interval_ms),
             latency: None,
+            window: latency::LatencyWindow::default(),
             store: None,
             self_tx: tx.clone(),
             next_serial: 0,
@@ -354,7 +360,9 @@ impl<S: TickSink> Dispatcher<S> {
             if self.dispatch_round().await {
                 busy = true;
             }
-            self.fire_timers(Instant::now());
+            let now = Instant::now();
+            self.fire_timers(now);
+            self.window.tick(now, &self.stats.latency);
             if busy {
                 // Let connection tasks run between rounds on a busy runtime.
                 tokio::task::yield_now().await;
@@ -394,9 +402,11 @@ impl<S: TickSink> Dispatcher<S> {
         let mut gone = Vec::new();
         let mut done = Vec::with_capacity(drained.ready.len());
         for mut item in drained.ready {
+            let waited = now_us - item.tick.t_in;
+            self.window.record(waited);
             if let Some(h) = &self.latency {
                 #[allow(clippy::cast_precision_loss)]
-                h.record((now_us - item.tick.t_in).max(0) as f64 / 1e6);
+                h.record(waited.max(0) as f64 / 1e6);
             }
             let frame = self.stamp(&mut item.tick);
             self.fan_out(&item.tick, &frame, now, &mut tally, &mut gone);

@@ -285,6 +285,8 @@ pub(crate) struct Shared {
     dead_letters_dropped: AtomicU64,
     ticks_retained_away: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Commit duration (seconds) and size (ticks) histograms, once metrics are attached.
+    histograms: std::sync::OnceLock<(metrics::Histogram, metrics::Histogram)>,
 }
 
 /// The store handle: cheap to clone, `Send + Sync`. The last handle dropped without `close()`
@@ -566,6 +568,20 @@ impl Store {
             );
         }
         Ok(out)
+    }
+
+    /// Records every commit's duration (seconds) into `commit_seconds` and its size (ticks)
+    /// into `batch_ticks`. Later calls are ignored.
+    pub fn attach_histograms(
+        &self,
+        commit_seconds: metrics::Histogram,
+        batch_ticks: metrics::Histogram,
+    ) {
+        let _ = self
+            .inner
+            .shared
+            .histograms
+            .set((commit_seconds, batch_ticks));
     }
 
     /// Waits until everything handed over before this call is durably committed.

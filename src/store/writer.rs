@@ -273,6 +273,7 @@ impl Writer {
     fn commit_with_retry(&self, mut group: Group) {
         let mut backoff = Duration::from_millis(50);
         loop {
+            let started = std::time::Instant::now();
             let result = if group.has_writes() {
                 self.commit(&group)
             } else {
@@ -280,6 +281,13 @@ impl Writer {
             };
             match result {
                 Ok(counts) => {
+                    if let (true, Some((secs, size))) =
+                        (group.has_writes(), self.shared.histograms.get())
+                    {
+                        secs.record(started.elapsed().as_secs_f64());
+                        #[allow(clippy::cast_precision_loss)]
+                        size.record(group.ticks as f64);
+                    }
                     self.finish(group, &counts);
                     return;
                 }
