@@ -257,7 +257,7 @@ async fn write_burst(
     let stats = &ctx.stats;
     // One burst in 64 measures how long its first tick took from receipt to the socket.
     let sample = match &ctx.write_latency {
-        Some(h) if stats.bursts.fetch_add(1, Ordering::Relaxed) % 64 == 0 => {
+        Some(h) if stats.bursts.fetch_add(1, Ordering::Relaxed).is_multiple_of(64) => {
             t_in_of(&first).map(|t| (h, t))
         }
         _ => None,
