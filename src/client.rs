@@ -81,6 +81,10 @@ pub struct ClientStats {
     pub idle_closed: AtomicU64,
     /// Connections closed for sustained request abuse.
     pub abuse_closed: AtomicU64,
+    /// Upgrades refused for their `Origin` (`server.allowed_origins`).
+    pub forbidden_origin: AtomicU64,
+    /// HTTP requests refused with 401 (missing or wrong token).
+    pub http_unauthorized: AtomicU64,
     /// Write bursts, for sampling the write latency.
     pub bursts: AtomicU64,
 }
@@ -161,7 +165,13 @@ async fn run(conn: &mut Conn, mut socket: WebSocket, rx: &OutboundReceiver) -> O
         AuthState::Rejected => {
             ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
             let err = error_message(None, ErrorCode::Unauthorized, "invalid token", None);
-            close_with(&mut socket, Some(err), close::UNAUTHORIZED, "unauthorized").await;
+            Box::pin(close_with(
+                &mut socket,
+                Some(err),
+                close::UNAUTHORIZED,
+                "unauthorized",
+            ))
+            .await;
             return None;
         }
         AuthState::Authorized => {
@@ -185,14 +195,15 @@ async fn run(conn: &mut Conn, mut socket: WebSocket, rx: &OutboundReceiver) -> O
                     biased;
                     () = ctx.shutdown.cancelled() => break (close::GOING_AWAY, "server shutting down"),
                     code = rx.killed() => break (code, close_reason(code)),
-                    res = write_burst(&mut socket, frame, rx, &ctx) => if res.is_err() { return conn.key },
+                    // Boxed: an idle connection's task then does not carry the write state.
+                    res = Box::pin(write_burst(&mut socket, frame, rx, &ctx)) => if res.is_err() { return conn.key },
                 }
             }
             msg = socket.next() => match msg {
                 None => return conn.key,
                 Some(msg) => {
                     conn.last_heard = Instant::now();
-                    match on_message(conn, msg).await {
+                    match Box::pin(on_message(conn, msg)).await {
                         Flow::Continue => {}
                         Flow::Close(code, why) => break (code, why),
                         Flow::CloseWith(code, why, text) => {
@@ -212,14 +223,14 @@ async fn run(conn: &mut Conn, mut socket: WebSocket, rx: &OutboundReceiver) -> O
                     break (close::SLOW_CONSUMER, "slow consumer");
                 }
                 // A WebSocket ping too: browsers answer it with a pong we count as life.
-                if socket.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                if Box::pin(socket.send(Message::Ping(bytes::Bytes::new()))).await.is_err() {
                     return conn.key;
                 }
             }
             () = tokio::time::sleep_until(auth_deadline), if pending_auth => {
                 ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
                 let err = error_message(None, ErrorCode::Unauthorized, "no token within 10 s", None);
-                close_with(&mut socket, Some(err), close::UNAUTHORIZED, "unauthorized").await;
+                Box::pin(close_with(&mut socket, Some(err), close::UNAUTHORIZED, "unauthorized")).await;
                 return conn.key;
             }
         }
@@ -235,7 +246,7 @@ async fn run(conn: &mut Conn, mut socket: WebSocket, rx: &OutboundReceiver) -> O
             )
         })
     });
-    close_with(&mut socket, notice, code, why).await;
+    Box::pin(close_with(&mut socket, notice, code, why)).await;
     conn.key
 }
 
@@ -257,7 +268,12 @@ async fn write_burst(
     let stats = &ctx.stats;
     // One burst in 64 measures how long its first tick took from receipt to the socket.
     let sample = match &ctx.write_latency {
-        Some(h) if stats.bursts.fetch_add(1, Ordering::Relaxed).is_multiple_of(64) => {
+        Some(h)
+            if stats
+                .bursts
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(64) =>
+        {
             t_in_of(&first).map(|t| (h, t))
         }
         _ => None,

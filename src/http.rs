@@ -204,7 +204,12 @@ fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
-fn unauthorized() -> Response {
+fn unauthorized(state: &AppState) -> Response {
+    state
+        .clients
+        .stats
+        .http_unauthorized
+        .fetch_add(1, Ordering::Relaxed);
     error_response(
         StatusCode::UNAUTHORIZED,
         "unauthorized",
@@ -221,10 +226,15 @@ fn origin_allowed(config: &Config, headers: &HeaderMap) -> bool {
             .is_none_or(|o| allowed.iter().any(|a| a == o))
 }
 
-fn sized(ws: WebSocketUpgrade, config: &Config) -> WebSocketUpgrade {
+/// Read buffer of client connections: requests are small, and idle connections are many.
+const CLIENT_READ_BUFFER: usize = 512;
+/// Read buffer of producer connections: frames of many ticks.
+const PRODUCER_READ_BUFFER: usize = 64 * 1024;
+
+fn sized(ws: WebSocketUpgrade, config: &Config, read_buffer: usize) -> WebSocketUpgrade {
     let max = config.limits.max_message_bytes;
-    // A small read buffer keeps idle connections cheap; it grows only for big frames.
-    ws.read_buffer_size(4 * 1024)
+    // The read buffer is only the chunk size of socket reads; bigger frames still arrive whole.
+    ws.read_buffer_size(read_buffer)
         .write_buffer_size(64 * 1024)
         .max_write_buffer_size(config.limits.outbound_buffer_bytes + 1024 * 1024)
         .max_message_size(max)
@@ -239,6 +249,11 @@ async fn ws_client(
     Query(query): Query<TokenQuery>,
 ) -> Response {
     if !origin_allowed(&state.config, &headers) {
+        state
+            .clients
+            .stats
+            .forbidden_origin
+            .fetch_add(1, Ordering::Relaxed);
         return error_response(
             StatusCode::FORBIDDEN,
             "forbidden_origin",
@@ -258,7 +273,7 @@ async fn ws_client(
     };
     let ctx = state.clients.clone();
     let tracker = state.tracker.clone();
-    sized(ws, &state.config).on_upgrade(move |socket| {
+    sized(ws, &state.config, CLIENT_READ_BUFFER).on_upgrade(move |socket| {
         tracker.track_future(async move {
             client::serve(socket, ctx, auth, peer).await;
             drop(slot);
@@ -277,7 +292,7 @@ async fn ws_ingest(
         &state.config.auth.ingest_tokens,
         request_token(&headers, &query),
     ) {
-        return unauthorized();
+        return unauthorized(&state);
     }
     let slot = match ConnectionLimits::acquire(&state, peer.ip()) {
         Ok(slot) => slot,
@@ -286,7 +301,7 @@ async fn ws_ingest(
     let ingestor = state.ingestor.clone();
     let shutdown = state.clients.shutdown.clone();
     let tracker = state.tracker.clone();
-    sized(ws, &state.config).on_upgrade(move |socket| {
+    sized(ws, &state.config, PRODUCER_READ_BUFFER).on_upgrade(move |socket| {
         tracker.track_future(async move {
             producer::serve(socket, ingestor, shutdown).await;
             drop(slot);
@@ -304,7 +319,7 @@ async fn post_ticks(
         &state.config.auth.ingest_tokens,
         request_token(&headers, &query),
     ) {
-        return unauthorized();
+        return unauthorized(&state);
     }
     let ingestor = state.ingestor.clone();
     // Parsing a large body is CPU work; keep it off the async workers' fast path.
@@ -355,7 +370,7 @@ async fn symbols(
     Query(query): Query<TokenQuery>,
 ) -> Response {
     if !read_allowed(&state, &headers, &query) {
-        return unauthorized();
+        return unauthorized(&state);
     }
     match state.dispatcher.symbols().await {
         Ok(list) => Json(json!({ "symbols": list })).into_response(),
@@ -383,7 +398,7 @@ async fn dlq(
         token: q.token.clone(),
     };
     if !read_allowed(&state, &headers, &tq) {
-        return unauthorized();
+        return unauthorized(&state);
     }
     let limit = q.limit.unwrap_or(100).min(10_000);
     Json(json!({ "entries": state.dead_letters.recent(limit) })).into_response()
@@ -395,7 +410,7 @@ async fn stats(
     Query(query): Query<TokenQuery>,
 ) -> Response {
     if !read_allowed(&state, &headers, &query) {
-        return unauthorized();
+        return unauthorized(&state);
     }
     let ing = &state.ingestor.stats;
     let d = &state.dispatch_stats;
@@ -442,6 +457,9 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
             "priority queue {depth}/{} full",
             state.queue.capacity()
         ));
+    }
+    if let Some(e) = state.store.stats().last_error {
+        reasons.push(format!("store: last commit failed: {e}"));
     }
     if state.clients.shutdown.is_cancelled() {
         reasons.push("shutting down".to_owned());
@@ -494,7 +512,7 @@ async fn history(
             token: q.token.clone(),
         },
     ) {
-        return unauthorized();
+        return unauthorized(&state);
     }
     if !Symbol::is_valid(&symbol) {
         return error_response(
@@ -563,7 +581,7 @@ async fn bars(
             token: q.token.clone(),
         },
     ) {
-        return unauthorized();
+        return unauthorized(&state);
     }
     if !Symbol::is_valid(&symbol) {
         return error_response(

@@ -296,7 +296,11 @@ impl Importer<'_> {
                 self.reject(RejectCode::InvalidSymbol, msg, tick.to_json());
                 return;
             }
-            let seeded = self.seed(&tick.symbol);
+            let seeded = SymbolIngest::from_store(
+                self.store,
+                &tick.symbol,
+                self.config.validation.dedup_window,
+            );
             self.symbols.insert(tick.symbol.clone(), seeded);
         }
         let window = self.config.validation.dedup_window;
@@ -314,35 +318,6 @@ impl Importer<'_> {
         tick.seq = *seq;
         self.summary.accepted += 1;
         self.batch.push(StoredTick::new(tick, None));
-    }
-
-    /// Dedup and quality memory for a symbol, from its most recent stored ticks.
-    fn seed(&self, symbol: &Symbol) -> SymbolIngest {
-        let mut state = SymbolIngest::default();
-        let window = self.config.validation.dedup_window;
-        let Ok(history) = self.store.history(symbol.as_str(), window, None) else {
-            return state;
-        };
-        let rules = TimeRules {
-            max_future_ms: i64::MAX / 2,
-            ..self.rules
-        };
-        for json in history.ticks {
-            let text = String::from_utf8_lossy(&json).into_owned();
-            let mut scratch = text.clone().into_bytes();
-            if let Ok(parsed) = parse_document(&mut scratch, &text) {
-                parsed.for_each_element(|e| {
-                    if let Element::Object(o) = e {
-                        if let Ok(mut t) = validate(&o, rules, 0) {
-                            if let Some(key) = state.check(&mut t) {
-                                state.commit(key, &t, window);
-                            }
-                        }
-                    }
-                });
-            };
-        }
-        state
     }
 
     fn reject(&mut self, code: RejectCode, message: String, raw: String) {

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use metrics::{Key, Label, Recorder};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusRecorder};
+use metrics::{KeyName, SharedString};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
 use parking_lot::Mutex;
 
 use crate::http::AppState;
@@ -17,6 +18,85 @@ use crate::tick::Priority;
 
 static METADATA: metrics::Metadata<'static> =
     metrics::Metadata::new("tickfan", metrics::Level::INFO, Some(module_path!()));
+
+/// `# HELP` lines (the exporter prints them for any metric type).
+const HELP: &[(&str, &str)] = &[
+    (
+        "tickfan_ticks_received_total",
+        "Ticks received from producers and the simulator.",
+    ),
+    (
+        "tickfan_ticks_accepted_total",
+        "Ticks accepted into the priority queue.",
+    ),
+    ("tickfan_ticks_duplicate_total", "Duplicate ticks dropped."),
+    (
+        "tickfan_ticks_rejected_total",
+        "Ticks rejected, by reject code (expired: accepted but past queue TTL).",
+    ),
+    (
+        "tickfan_ticks_dispatched_total",
+        "Ticks that received a seq and were fanned out.",
+    ),
+    (
+        "tickfan_queue_depth",
+        "Ticks waiting in the priority queue, by priority.",
+    ),
+    (
+        "tickfan_queue_refused_total",
+        "Ticks refused for backpressure, by priority.",
+    ),
+    (
+        "tickfan_queue_expired_total",
+        "Ticks dropped at dequeue after their TTL, by priority.",
+    ),
+    (
+        "tickfan_messages_queued_total",
+        "Frames handed to client outbound queues by the dispatcher.",
+    ),
+    (
+        "tickfan_messages_sent_total",
+        "Frames written to client sockets.",
+    ),
+    (
+        "tickfan_sent_bytes_total",
+        "Payload bytes written to client sockets.",
+    ),
+    (
+        "tickfan_conflated_ticks_total",
+        "Ticks skipped by conflation (throttled and smart modes).",
+    ),
+    ("tickfan_mode_switches_total", "Smart-mode switches."),
+    ("tickfan_connections", "Open client (/ws) connections."),
+    (
+        "tickfan_open_connections",
+        "Open WebSocket connections of all kinds (clients and producers).",
+    ),
+    (
+        "tickfan_limit_hits_total",
+        "Times a configured limit was hit, by limit.",
+    ),
+    (
+        "tickfan_ingest_to_dispatch_seconds",
+        "Seconds from server receipt to seq assignment.",
+    ),
+    (
+        "tickfan_ingest_to_write_seconds",
+        "Seconds from server receipt to the socket write (sampled).",
+    ),
+    (
+        "tickfan_store_commit_seconds",
+        "Duration of durable store commits.",
+    ),
+    (
+        "tickfan_store_batch_ticks",
+        "Ticks per durable store commit.",
+    ),
+    (
+        "tickfan_store_commit_errors_total",
+        "Store commits that failed (and were retried).",
+    ),
+];
 
 /// Histogram buckets in seconds: 10 µs .. 5 s.
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -42,10 +122,19 @@ impl Metrics {
     pub fn new() -> Self {
         let recorder = PrometheusBuilder::new()
             .set_buckets(&LATENCY_BUCKETS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("tickfan_store_batch_ticks".into()),
+                    &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0],
+                )
+            })
             .map_or_else(
                 |_| PrometheusBuilder::new().build_recorder(),
                 PrometheusBuilder::build_recorder,
             );
+        for (name, help) in HELP {
+            recorder.describe_counter(KeyName::from(*name), None, SharedString::from(*help));
+        }
         Self {
             recorder,
             rate: Mutex::new((Instant::now(), 0, 0.0)),
@@ -202,6 +291,26 @@ impl Metrics {
             vec![],
             u64::from(st.last_error.is_some()),
         );
+        self.counter(
+            "tickfan_store_commit_errors_total",
+            vec![],
+            st.commit_errors,
+        );
+        self.gauge("tickfan_open_connections", vec![], s.limits.open() as u64);
+        self.gauge("tickfan_fd_limit", vec![], s.fd_limit);
+        self.gauge(
+            "tickfan_uptime_seconds",
+            vec![],
+            s.started.elapsed().as_secs(),
+        );
+        self.gauge(
+            "tickfan_build_info",
+            vec![Label::new("version", env!("CARGO_PKG_VERSION"))],
+            1,
+        );
+        limit("max_symbols", load(&d.too_many_symbols));
+        limit("allowed_origins", load(&c.forbidden_origin));
+        limit("http_unauthorized", load(&c.http_unauthorized));
         self.recorder.handle().render()
     }
 }

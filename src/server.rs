@@ -12,6 +12,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -57,11 +58,14 @@ pub async fn run(
         config.store.dlq_capacity,
         store.clone(),
     ));
-    let ingestor = Arc::new(Ingestor::new(
-        config.validation.clone(),
-        queue.clone(),
-        dead_letters.clone(),
-    ));
+    let ingestor = Arc::new(
+        Ingestor::new(
+            config.validation.clone(),
+            queue.clone(),
+            dead_letters.clone(),
+        )
+        .with_store(store.clone()),
+    );
     let dispatch_stats = Arc::new(DispatchStats::default());
     let metrics = Metrics::new();
     let epoch = recovery.epoch;
@@ -130,6 +134,11 @@ pub async fn run(
     tokio::spawn(async move {
         shutdown.await;
         stop_on_signal.cancel();
+    });
+    // The connection writers coalesce bursts themselves; Nagle would only add delay (and
+    // with delayed ACKs, tens of ms).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
     });
     let serve = axum::serve(
         listener,

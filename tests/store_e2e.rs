@@ -567,3 +567,25 @@ async fn long_resume_comes_in_pages_without_a_hole() {
         "live follows the last page"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_are_caught_across_a_restart() {
+    let server = TestServer::start().await;
+    let mut producer = server.producer().await;
+    let mut with_id = tick("DUPR", 5.0, 1.0);
+    with_id["id"] = json!("trade-1");
+    let plain = tick("DUPR", 6.0, 2.0);
+    ingest(&mut producer, &[with_id.clone(), plain.clone()]).await;
+    producer.close().await;
+    let dir = server.stop().await;
+    let server = TestServer::start_in(test_config(), dir).await;
+    let mut producer = server.producer().await;
+    let ack = ingest(&mut producer, &[with_id, plain, tick("DUPR", 7.0, 3.0)]).await;
+    assert_eq!(
+        (ack["accepted"].as_u64(), ack["duplicates"].as_u64()),
+        (Some(1), Some(2)),
+        "{ack}"
+    );
+    let (_, h) = server.get_json("/api/history/DUPR").await;
+    assert_eq!(seqs(&h["ticks"]), [1, 2, 3]);
+}

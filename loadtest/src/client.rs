@@ -68,8 +68,9 @@ pub struct ClientCtx {
     pub ws_config: WebSocketConfig,
     /// Bound on TCP connect plus WebSocket handshake.
     pub connect_timeout: Duration,
-    /// The first `slow_clients` connections pause `slow_delay` after every message, to
-    /// play the slow consumer the server must cut off (4008) without slowing the others.
+    /// The first `slow_clients` connections pause `slow_delay` after every message during
+    /// the window, to play the slow consumer the server must cut off (4008) without
+    /// slowing the others.
     pub slow_clients: usize,
     pub slow_delay: Duration,
 }
@@ -572,7 +573,10 @@ pub async fn run(
         match msg {
             Some(Ok(Message::Text(text))) => {
                 conn.on_text(text.as_str(), now_micros());
-                if slow {
+                // Slow only during the window: in the drain a slow client reads its
+                // backlog at full speed, to reach the server's slow_consumer error and
+                // 4008 close queued behind it.
+                if slow && !stats::window_over() {
                     tokio::time::sleep(conn.ctx.slow_delay).await;
                 }
             }

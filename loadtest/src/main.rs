@@ -121,8 +121,9 @@ struct Args {
     /// Runtime worker threads (the server wants the other core).
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// Connections in their connect/handshake phase at once.
-    #[arg(long, default_value_t = 200)]
+    /// Connections in their connect/handshake phase at once. Kept below the common listen
+    /// backlog of 128: past it the server's kernel drops SYNs and each costs a 1 s retry.
+    #[arg(long, default_value_t = 100)]
     connect_concurrency: usize,
     /// Connections per loopback source address (127.0.0.1, then .2, ...). Below both the
     /// ephemeral port range and the server's default max_connections_per_ip.
@@ -397,7 +398,8 @@ fn summarize(args: &Args, symbols: &[String], outcome: run::Outcome) -> Summary 
                 &p.sent_per_symbol,
                 &stats::subscribers(),
             )),
-            p.accepted == p.ticks_sent,
+            // A lost connection's ticks count as delivered but not as expected.
+            p.accepted == p.ticks_sent && CONNS.lost.load(Relaxed) == 0,
         ),
         _ => (None, false),
     };
@@ -496,7 +498,7 @@ mod tests {
     }
 
     #[test]
-    fn cli_parses_and_idle_conflicts_are_caught() {
+    fn cli_parses_defaults_and_modes() {
         let a =
             Args::try_parse_from(["tickfan-loadtest", "--mode", "throttled", "-c", "5"]).unwrap();
         assert_eq!(a.mode, Mode::Throttled);

@@ -269,7 +269,8 @@ pub struct Summary {
     /// Ticks the clients should have got (realtime/batch with no filters, producer on):
     /// ticks sent per symbol times that symbol's subscribers still connected at the end.
     pub expected_deliveries: Option<u64>,
-    /// Whether every tick sent was accepted, so `expected_deliveries` is exact.
+    /// Whether every tick sent was accepted and no connection was lost, so
+    /// `expected_deliveries` is exact.
     pub expected_exact: bool,
     pub latency_us: Latency,
     pub tallies: Tallies,
@@ -373,7 +374,7 @@ impl Summary {
                 if self.expected_exact {
                     ""
                 } else {
-                    ", approximate: not every tick was accepted"
+                    ", approximate: not every tick was accepted, or connections were lost"
                 }
             );
         }

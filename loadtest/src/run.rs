@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::client::{self, ClientCtx};
@@ -211,16 +211,19 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let n = cfg.connections;
     let ramp_deadline = started + cfg.ramp_timeout;
+    // Tells the spawner to stop starting connections (ramp timeout or interrupt).
+    let ramp_over = Arc::new(Notify::new());
     let spawner: JoinHandle<Vec<JoinHandle<()>>> = {
         let sem = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
         let ctx = Arc::clone(&cfg.ctx);
         let stop_rx = stop_rx.clone();
+        let ramp_over = Arc::clone(&ramp_over);
         tokio::spawn(async move {
             let mut handles = Vec::with_capacity(n);
             for i in 0..n {
                 let permit = tokio::select! {
                     p = Arc::clone(&sem).acquire_owned() => p.expect("semaphore never closed"),
-                    _ = tokio::time::sleep_until(ramp_deadline.into()) => break,
+                    _ = ramp_over.notified() => break,
                 };
                 handles.push(tokio::spawn(client::run(
                     Arc::clone(&ctx),
@@ -234,8 +237,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
     };
     live.wait(ramp_deadline, || CONNS.settled.load(Relaxed) >= n as u64)
         .await;
+    // notify_one keeps a permit if the spawner is not waiting right now.
+    ramp_over.notify_one();
     out.ramp_secs = started.elapsed().as_secs_f64();
-    if CONNS.settled.load(Relaxed) < n as u64 {
+    if CONNS.settled.load(Relaxed) < n as u64 && !INTERRUPTED.load(Relaxed) {
         eprintln!(
             "ramp timeout after {:.1} s: {} of {n} connections settled; measuring what is up",
             out.ramp_secs,
@@ -289,6 +294,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
 
     // Drain: ticks already accepted are still on their way to the clients.
     live.phase = "drain";
+    stats::set_phase(Phase::Drain);
     let drain_start = Instant::now();
     live.wait(drain_start + cfg.drain, || false).await;
     out.drain_secs = drain_start.elapsed().as_secs_f64();

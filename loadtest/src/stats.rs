@@ -124,25 +124,34 @@ static EPOCH: AtomicU64 = AtomicU64::new(0);
 /// Whether ticks are being counted (see [`Phase`]).
 static PHASE: AtomicU8 = AtomicU8::new(Phase::Ramp as u8);
 
-/// The test's phases. Ticks and latencies count only while measuring, so that the window
-/// of the rates is exact and ramp-up noise stays out.
+/// The test's phases. Ticks and latencies count only in the window and the drain, so that
+/// the rates' window is exact and ramp-up noise stays out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Phase {
     /// Connecting and subscribing.
     Ramp = 0,
-    /// The producer window plus the drain after it.
+    /// The producer window.
     Measure = 1,
+    /// After the producer stopped: ticks in flight still count.
+    Drain = 2,
     /// Closing; nothing more is counted.
-    Done = 2,
+    Done = 3,
 }
 
 pub fn set_phase(p: Phase) {
     PHASE.store(p as u8, Relaxed);
 }
 
+/// Whether ticks and latencies count now (window or drain).
 pub fn measuring() -> bool {
-    PHASE.load(Relaxed) == Phase::Measure as u8
+    let p = PHASE.load(Relaxed);
+    p == Phase::Measure as u8 || p == Phase::Drain as u8
+}
+
+/// Whether the producer window has ended (drain or later).
+pub fn window_over() -> bool {
+    PHASE.load(Relaxed) >= Phase::Drain as u8
 }
 
 fn shared() -> MutexGuard<'static, Shared> {

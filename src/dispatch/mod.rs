@@ -153,6 +153,8 @@ pub struct DispatchStats {
     pub mode_switches: AtomicU64,
     /// Ticks dropped because their queue TTL ran out.
     pub expired: AtomicU64,
+    /// Subscribes refused with `too_many_symbols`.
+    pub too_many_symbols: AtomicU64,
     /// Receive-to-dispatch percentiles over the last few seconds.
     pub latency: parking_lot::Mutex<latency::LatencySummary>,
 }
@@ -734,6 +736,7 @@ impl<S: TickSink> Dispatcher<S> {
             + usize::from(wildcard && !client.wildcard);
         let total = client.symbols.len() + usize::from(client.wildcard) + new_count;
         if total > self.max_symbols {
+            self.stats.too_many_symbols.fetch_add(1, Ordering::Relaxed);
             let msg = protocol::error_message(
                 id.as_ref(),
                 ErrorCode::TooManySymbols,

@@ -21,6 +21,7 @@ use crate::ack::AckGroup;
 use crate::config::ValidationConfig;
 use crate::dlq::{DeadLetter, DeadLetters};
 use crate::queue::{PriorityQueue, Queued};
+use crate::store::Store;
 use crate::tick::{now_us, Symbol, Tick};
 
 use self::dedup::RecentKeys;
@@ -48,6 +49,40 @@ impl SymbolIngest {
         }
         tick.quality = self.quality.score(tick);
         Some(key)
+    }
+
+    /// Memory for a symbol seen before this process started: its most recent stored ticks
+    /// (up to `window`) fill the dedup window and the quality history, so a tick resent
+    /// across a restart (or an import rerun after a crash) is still a duplicate.
+    #[must_use]
+    pub fn from_store(store: &Store, symbol: &Symbol, window: usize) -> Self {
+        let mut state = Self::default();
+        let Ok(history) = store.history(symbol.as_str(), window, None) else {
+            return state;
+        };
+        let rules = TimeRules {
+            now_ms: 0,
+            max_future_ms: i64::MAX / 2,
+            max_age_ms: None,
+        };
+        for json in history.ticks {
+            let Ok(text) = std::str::from_utf8(&json) else {
+                continue;
+            };
+            let mut scratch = json.to_vec();
+            if let Ok(parsed) = parse_document(&mut scratch, text) {
+                parsed.for_each_element(|e| {
+                    if let Element::Object(o) = e {
+                        if let Ok(mut t) = validate::validate(&o, rules, 0) {
+                            if let Some(key) = state.check(&mut t) {
+                                state.commit(key, &t, window);
+                            }
+                        }
+                    }
+                });
+            };
+        }
+        state
     }
 
     /// Second half: remembers a tick that was taken (queued, or stored by import).
@@ -189,6 +224,8 @@ pub struct Ingestor {
     symbols: Mutex<HashMap<Symbol, SymbolIngest>>,
     dead_letters: Arc<DeadLetters>,
     config: ValidationConfig,
+    /// Seeds the memory of symbols seen before a restart.
+    store: Option<Store>,
     /// Counters.
     pub stats: IngestStats,
 }
@@ -206,8 +243,17 @@ impl Ingestor {
             symbols: Mutex::new(HashMap::new()),
             dead_letters,
             config,
+            store: None,
             stats: IngestStats::default(),
         }
+    }
+
+    /// Seeds each symbol's dedup and quality memory from `store` the first time it is seen
+    /// (one short read per symbol per process), so duplicates are caught across restarts.
+    #[must_use]
+    pub fn with_store(mut self, store: Store) -> Self {
+        self.store = Some(store);
+        self
     }
 
     /// Ingests one WebSocket frame: one tick object or an array of them.
@@ -369,7 +415,12 @@ impl Ingestor {
                 ),
             });
         }
-        let state = symbols.entry(tick.symbol.clone()).or_default();
+        let window = self.config.dedup_window;
+        let state = symbols.entry(tick.symbol.clone()).or_insert_with(|| {
+            self.store.as_ref().map_or_else(SymbolIngest::default, |s| {
+                SymbolIngest::from_store(s, &tick.symbol, window)
+            })
+        });
         let Some(key) = state.check(tick) else {
             return Admission::Duplicate;
         };

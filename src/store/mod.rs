@@ -265,6 +265,8 @@ pub struct StoreStats {
     pub ticks_retained_away: u64,
     /// The last commit error, cleared by the next successful commit.
     pub last_error: Option<String>,
+    /// Commits that failed (each is retried until it succeeds).
+    pub commit_errors: u64,
 }
 
 /// What one complete retention pass removed.
@@ -284,6 +286,7 @@ pub(crate) struct Shared {
     duplicate_ticks: AtomicU64,
     dead_letters_dropped: AtomicU64,
     ticks_retained_away: AtomicU64,
+    commit_errors: AtomicU64,
     last_error: Mutex<Option<String>>,
     /// Commit duration (seconds) and size (ticks) histograms, once metrics are attached.
     histograms: std::sync::OnceLock<(metrics::Histogram, metrics::Histogram)>,
@@ -670,6 +673,7 @@ impl Store {
             dead_letters_dropped: s.dead_letters_dropped.load(Ordering::Relaxed),
             ticks_retained_away: s.ticks_retained_away.load(Ordering::Relaxed),
             last_error: s.last_error.lock().clone(),
+            commit_errors: s.commit_errors.load(Ordering::Relaxed),
         }
     }
 

@@ -295,6 +295,7 @@ impl Writer {
                     let msg = e.to_string();
                     tracing::error!(error = %msg, ticks = group.ticks, "store commit failed; retrying");
                     *self.shared.last_error.lock() = Some(msg.clone());
+                    self.shared.commit_errors.fetch_add(1, Ordering::Relaxed);
                     let closing = group.close.is_some();
                     group.fail(&msg);
                     if closing {
