@@ -299,11 +299,11 @@ async fn ws_ingest(
         Err(refusal) => return refusal.into_response(),
     };
     let ingestor = state.ingestor.clone();
-    let shutdown = state.clients.shutdown.clone();
+    let ctx = state.clients.clone();
     let tracker = state.tracker.clone();
     sized(ws, &state.config, PRODUCER_READ_BUFFER).on_upgrade(move |socket| {
         tracker.track_future(async move {
-            producer::serve(socket, ingestor, shutdown).await;
+            producer::serve(socket, ingestor, ctx).await;
             drop(slot);
         })
     })

@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
+use std::sync::atomic::Ordering;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+
+use crate::client::ClientContext;
 
 use crate::ingest::{IngestReport, Ingestor};
 use crate::protocol::close;
@@ -24,7 +26,8 @@ enum Outgoing {
 }
 
 /// Serves one upgraded producer connection until it closes.
-pub async fn serve(socket: WebSocket, ingestor: Arc<Ingestor>, shutdown: CancellationToken) {
+pub async fn serve(socket: WebSocket, ingestor: Arc<Ingestor>, ctx: Arc<ClientContext>) {
+    let shutdown = ctx.shutdown.clone();
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Outgoing>(PIPELINE_FRAMES);
     let reader = async move {
@@ -51,6 +54,7 @@ pub async fn serve(socket: WebSocket, ingestor: Arc<Ingestor>, shutdown: Cancell
                             matches!(*e, tokio_tungstenite::tungstenite::Error::Capacity(_))
                         });
                     if too_big {
+                        ctx.stats.too_big.fetch_add(1, Ordering::Relaxed);
                         let _ = tx
                             .send(Outgoing::Close(close::TOO_BIG, "message too big"))
                             .await;
