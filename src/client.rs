@@ -170,6 +170,7 @@ async fn run(conn: &mut Conn, mut socket: WebSocket, rx: &OutboundReceiver) -> O
                 Some(err),
                 close::UNAUTHORIZED,
                 "unauthorized",
+                close_grace(&ctx),
             ))
             .await;
             return None;
@@ -230,7 +231,7 @@ async fn run(conn: &mut Conn, mut socket: WebSocket, rx: &OutboundReceiver) -> O
             () = tokio::time::sleep_until(auth_deadline), if pending_auth => {
                 ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
                 let err = error_message(None, ErrorCode::Unauthorized, "no token within 10 s", None);
-                Box::pin(close_with(&mut socket, Some(err), close::UNAUTHORIZED, "unauthorized")).await;
+                Box::pin(close_with(&mut socket, Some(err), close::UNAUTHORIZED, "unauthorized", close_grace(&ctx))).await;
                 return conn.key;
             }
         }
@@ -246,7 +247,14 @@ async fn run(conn: &mut Conn, mut socket: WebSocket, rx: &OutboundReceiver) -> O
             )
         })
     });
-    Box::pin(close_with(&mut socket, notice, code, why)).await;
+    Box::pin(close_with(
+        &mut socket,
+        notice,
+        code,
+        why,
+        close_grace(&ctx),
+    ))
+    .await;
     conn.key
 }
 
@@ -297,6 +305,11 @@ async fn write_burst(
     Ok(())
 }
 
+/// How long closing may wait behind data already queued in the socket.
+fn close_grace(ctx: &ClientContext) -> Duration {
+    Duration::from_millis(ctx.config.server.close_timeout_ms)
+}
+
 /// The `t_in` of a live tick or batch frame (snapshots carry old ticks and are skipped).
 fn t_in_of(frame: &Frame) -> Option<i64> {
     let text = frame.as_str();
@@ -311,8 +324,13 @@ fn t_in_of(frame: &Frame) -> Option<i64> {
 }
 
 /// Sends an optional error message and a close frame, then waits briefly for the peer's close.
-async fn close_with(socket: &mut WebSocket, notice: Option<String>, code: u16, reason: &str) {
-    let grace = Duration::from_secs(5);
+async fn close_with(
+    socket: &mut WebSocket,
+    notice: Option<String>,
+    code: u16,
+    reason: &str,
+    grace: Duration,
+) {
     let _ = tokio::time::timeout(grace, async {
         if let Some(text) = notice {
             socket.feed(Message::Text(text.into())).await?;

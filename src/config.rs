@@ -46,6 +46,12 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
     /// Allowed `Origin` header values for browser connections; empty allows any origin.
     pub allowed_origins: Vec<String>,
+    /// Pending-connection queue of the listening socket. A burst of connects beyond it makes
+    /// the kernel drop SYNs (clients retry after a second), so size it for reconnect storms.
+    pub listen_backlog: u32,
+    /// How long a closing connection may take to get its last message and close frame
+    /// through (they queue behind data already in the socket), in ms; then it is dropped.
+    pub close_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -55,6 +61,8 @@ impl Default for ServerConfig {
             heartbeat_ms: 15_000,
             shutdown_grace_ms: 5_000,
             allowed_origins: Vec::new(),
+            listen_backlog: 4_096,
+            close_timeout_ms: 30_000,
         }
     }
 }

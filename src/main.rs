@@ -111,7 +111,7 @@ fn serve(cfg: Config) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(cfg.server.listen).await {
+        let listener = match bind(cfg.server.listen, cfg.server.listen_backlog) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("tickfan: cannot listen on {}: {e}", cfg.server.listen);
@@ -133,6 +133,18 @@ fn serve(cfg: Config) -> ExitCode {
             }
         }
     })
+}
+
+/// Binds with the configured listen backlog (a plain `bind` gets a small fixed one).
+fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 fn import(cfg: &Config, files: &[PathBuf]) -> ExitCode {
