@@ -11,21 +11,9 @@ use tickfan::tick::{Priority, Symbol, Tick};
 fn item(priority: Priority) -> Queued {
     Queued {
         tick: Tick {
-            symbol: Symbol::parse("BENCH").unwrap(),
-            ts: 1,
-            price: 1.0,
-            volume: 1.0,
-            bid: None,
-            ask: None,
-            open: None,
-            high: None,
-            low: None,
-            close: None,
-            id: None,
             priority,
-            quality: 100,
             t_in: 1,
-            seq: 0,
+            ..Tick::new(Symbol::parse("BENCH").unwrap(), 1, 1.0, 1.0)
         },
         ack: None,
         index: 0,

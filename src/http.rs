@@ -499,65 +499,77 @@ pub struct HistoryQuery {
 /// Largest `limit` of `/api/history` and `/api/bars`.
 const MAX_HTTP_LIMIT: usize = 10_000;
 
+/// The shared part of the store-backed read routes: token, symbol name, and a read off the
+/// async runtime with errors mapped to responses.
+async fn read_store<T: Send + 'static>(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    token: Option<String>,
+    symbol: &str,
+    read: impl FnOnce(&Store, &str) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, Response> {
+    if !read_allowed(state, headers, &TokenQuery { token }) {
+        return Err(unauthorized(state));
+    }
+    if !Symbol::is_valid(symbol) {
+        return Err(error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_symbol",
+            "symbol must be 1-32 of A-Z a-z 0-9 . - _ / :",
+        ));
+    }
+    let store = state.store.clone();
+    let symbol = symbol.to_owned();
+    match tokio::task::spawn_blocking(move || read(&store, &symbol)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &e.to_string(),
+        )),
+        Err(_) => Err(error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "store read failed",
+        )),
+    }
+}
+
 async fn history(
     State(state): State<Arc<AppState>>,
     Path(symbol): Path<String>,
     headers: HeaderMap,
     Query(q): Query<HistoryQuery>,
 ) -> Response {
-    if !read_allowed(
-        &state,
-        &headers,
-        &TokenQuery {
-            token: q.token.clone(),
-        },
-    ) {
-        return unauthorized(&state);
-    }
-    if !Symbol::is_valid(&symbol) {
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            "invalid_symbol",
-            "symbol must be 1-32 of A-Z a-z 0-9 . - _ / :",
-        );
-    }
     let limit = q.limit.unwrap_or(100).min(MAX_HTTP_LIMIT);
-    let store = state.store.clone();
-    let sym = symbol.clone();
-    let read = tokio::task::spawn_blocking(move || store.history(&sym, limit, q.since_seq)).await;
-    match read {
-        Ok(Ok(h)) => {
-            let mut body =
-                String::with_capacity(64 + h.ticks.iter().map(|t| t.len() + 1).sum::<usize>());
-            body.push_str(r#"{"symbol":"#);
-            body.push_str(&serde_json::to_string(&symbol).unwrap_or_default());
-            body.push_str(r#","epoch":"#);
-            body.push_str(itoa::Buffer::new().format(state.clients.epoch));
-            body.push_str(r#","first_seq":"#);
-            body.push_str(&h.first_seq.map_or("null".to_owned(), |s| s.to_string()));
-            body.push_str(r#","last_seq":"#);
-            body.push_str(itoa::Buffer::new().format(h.last_seq));
-            body.push_str(r#","ticks":["#);
-            for (i, t) in h.ticks.iter().enumerate() {
-                if i > 0 {
-                    body.push(',');
-                }
-                body.push_str(std::str::from_utf8(t).unwrap_or("null"));
-            }
-            body.push_str("]}");
-            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    let since = q.since_seq;
+    let h = match read_store(&state, &headers, q.token, &symbol, move |store, sym| {
+        store.history(sym, limit, since)
+    })
+    .await
+    {
+        Ok(h) => h,
+        Err(resp) => return resp,
+    };
+    // The stored ticks are already JSON objects: splice them in rather than re-encode.
+    let mut body = String::with_capacity(96 + h.ticks.iter().map(|t| t.len() + 1).sum::<usize>());
+    body.push_str(r#"{"symbol":"#);
+    body.push_str(&serde_json::to_string(&symbol).unwrap_or_default());
+    body.push_str(r#","epoch":"#);
+    body.push_str(itoa::Buffer::new().format(state.clients.epoch));
+    body.push_str(r#","first_seq":"#);
+    body.push_str(&h.first_seq.map_or("null".to_owned(), |s| s.to_string()));
+    body.push_str(r#","last_seq":"#);
+    body.push_str(itoa::Buffer::new().format(h.last_seq));
+    body.push_str(r#","ticks":["#);
+    for (i, t) in h.ticks.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
         }
-        Ok(Err(e)) => error_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            &e.to_string(),
-        ),
-        Err(_) => error_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "history read failed",
-        ),
+        body.push_str(std::str::from_utf8(t).unwrap_or("null"));
     }
+    body.push_str("]}");
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// `?tf=1m&limit=N` (and `?token=`).
@@ -574,24 +586,7 @@ async fn bars(
     headers: HeaderMap,
     Query(q): Query<BarsQuery>,
 ) -> Response {
-    if !read_allowed(
-        &state,
-        &headers,
-        &TokenQuery {
-            token: q.token.clone(),
-        },
-    ) {
-        return unauthorized(&state);
-    }
-    if !Symbol::is_valid(&symbol) {
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            "invalid_symbol",
-            "symbol must be 1-32 of A-Z a-z 0-9 . - _ / :",
-        );
-    }
-    let tf_name = q.tf.unwrap_or_else(|| "1m".to_owned());
-    let Some(tf) = Timeframe::parse(&tf_name) else {
+    let Some(tf) = Timeframe::parse(q.tf.as_deref().unwrap_or("1m")) else {
         return error_response(
             StatusCode::BAD_REQUEST,
             "bad_request",
@@ -599,21 +594,14 @@ async fn bars(
         );
     };
     let limit = q.limit.unwrap_or(100).min(MAX_HTTP_LIMIT);
-    let store = state.store.clone();
-    let sym = symbol.clone();
-    match tokio::task::spawn_blocking(move || store.bars(&sym, tf, limit)).await {
-        Ok(Ok(bars)) => {
+    match read_store(&state, &headers, q.token, &symbol, move |store, sym| {
+        store.bars(sym, tf, limit)
+    })
+    .await
+    {
+        Ok(bars) => {
             Json(json!({"symbol": symbol, "tf": tf.as_str(), "bars": bars})).into_response()
         }
-        Ok(Err(e)) => error_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            &e.to_string(),
-        ),
-        Err(_) => error_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "bars read failed",
-        ),
+        Err(resp) => resp,
     }
 }

@@ -204,21 +204,8 @@ mod tests {
     fn item(p: Priority, price: f64) -> Queued {
         Queued {
             tick: Tick {
-                symbol: Symbol::parse("T").unwrap(),
-                ts: 0,
-                price,
-                volume: 0.0,
-                bid: None,
-                ask: None,
-                open: None,
-                high: None,
-                low: None,
-                close: None,
-                id: None,
                 priority: p,
-                quality: 100,
-                t_in: 0,
-                seq: 0,
+                ..Tick::new(Symbol::parse("T").unwrap(), 0, price, 0.0)
             },
             ack: None,
             index: 0,

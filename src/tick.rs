@@ -148,6 +148,29 @@ pub struct Tick {
 }
 
 impl Tick {
+    /// A normal-priority tick with only the required fields (quality 100, seq 0, `t_in` 0);
+    /// set the rest by field.
+    #[must_use]
+    pub fn new(symbol: Symbol, ts: i64, price: f64, volume: f64) -> Self {
+        Self {
+            symbol,
+            ts,
+            price,
+            volume,
+            bid: None,
+            ask: None,
+            open: None,
+            high: None,
+            low: None,
+            close: None,
+            id: None,
+            priority: Priority::Normal,
+            quality: 100,
+            t_in: 0,
+            seq: 0,
+        }
+    }
+
     /// Appends this tick's wire object (`{"type":"tick",...}`) to `out`. Written by hand with
     /// itoa/ryu because it runs once per tick on the hot path; the format is JSON and the
     /// symbol needs no escaping by construction.

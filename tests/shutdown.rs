@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::*;
 use serde_json::json;
@@ -28,48 +27,24 @@ async fn shutdown_closes_clients_with_1001_and_returns() {
     assert_eq!(end_p, Ended::Close(1001));
 }
 
-#[test]
-fn binary_prints_listening_line_and_exits_0_on_sigterm() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_prints_listening_line_and_exits_0_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tickfan"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--no-simulator",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .expect("listening line");
-    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let mut server = Binary::start(dir.path());
+    let port: u16 = server.addr.rsplit(':').next().unwrap().parse().unwrap();
     assert_ne!(port, 0, "the real port is printed");
-    // The server answers before we stop it.
-    let health = std::process::Command::new("curl")
-        .args(["-s", &format!("http://{addr}/health")])
-        .output();
-    if let Ok(out) = health {
-        if out.status.success() {
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            assert_eq!(v["status"], "ok");
-        }
-    }
-    // SAFETY: sending SIGTERM to our own child process.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0));
+    let health: serde_json::Value = reqwest::get(format!("http://{}/health", server.addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    let mut client = Ws::connect(&format!("ws://{}/ws", server.addr)).await;
+    assert_eq!(client.recv().await["type"], "welcome");
+    assert_eq!(server.terminate(), Some(0));
+    let (_, ended) = client.until_closed().await;
+    assert_eq!(ended, Ended::Close(1001));
 }
 
 #[test]

@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -242,51 +242,6 @@ async fn bars_equal_a_hand_computation() {
     assert_eq!(total, 15.0);
     let (status, _) = server.get_json("/api/bars/BAR?tf=7m").await;
     assert_eq!(status, 400);
-}
-
-/// The real binary on a data dir; killed (SIGKILL) on drop if still running.
-struct Binary {
-    child: Child,
-    addr: String,
-}
-
-impl Binary {
-    fn start(dir: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tickfan"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--no-simulator",
-                "--data-dir",
-            ])
-            .arg(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("no listening line: {line:?}"))
-            .to_owned();
-        Self { child, addr }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        self.kill9();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

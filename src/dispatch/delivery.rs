@@ -403,21 +403,9 @@ mod tests {
 
     fn tick(sym: &str, seq: u64, priority: Priority) -> (Tick, Frame) {
         let t = Tick {
-            symbol: Symbol::parse(sym).unwrap(),
-            ts: 0,
-            price: 1.0,
-            volume: 1.0,
-            bid: None,
-            ask: None,
-            open: None,
-            high: None,
-            low: None,
-            close: None,
-            id: None,
             priority,
-            quality: 100,
-            t_in: 0,
             seq,
+            ..Tick::new(Symbol::parse(sym).unwrap(), 0, 1.0, 1.0)
         };
         let f = Frame::from(t.to_json());
         (t, f)

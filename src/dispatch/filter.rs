@@ -29,21 +29,9 @@ mod tests {
     #[test]
     fn table() {
         let base = Tick {
-            symbol: Symbol::parse("A").unwrap(),
-            ts: 0,
-            price: 1.0,
-            volume: 5.0,
-            bid: None,
-            ask: None,
-            open: None,
-            high: None,
-            low: None,
-            close: None,
-            id: None,
-            priority: Priority::Normal,
             quality: 80,
-            t_in: 0,
             seq: 1,
+            ..Tick::new(Symbol::parse("A").unwrap(), 0, 1.0, 5.0)
         };
         let f = |q, v| Filter {
             min_quality: q,

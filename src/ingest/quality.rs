@@ -75,26 +75,10 @@ impl QualityState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tick::{Priority, Symbol};
+    use crate::tick::Symbol;
 
     fn t(price: f64, volume: f64, ts: i64) -> Tick {
-        Tick {
-            symbol: Symbol::parse("X").unwrap(),
-            ts,
-            price,
-            volume,
-            bid: None,
-            ask: None,
-            open: None,
-            high: None,
-            low: None,
-            close: None,
-            id: None,
-            priority: Priority::Normal,
-            quality: 0,
-            t_in: 0,
-            seq: 0,
-        }
+        Tick::new(Symbol::parse("X").unwrap(), ts, price, volume)
     }
 
     fn warmed() -> QualityState {

@@ -430,21 +430,15 @@ mod tests {
 
     fn tick(seq: u64) -> Tick {
         Tick {
-            symbol: Symbol::parse("BTC-USD").unwrap(),
-            ts: 1_700_000_000_000 + i64::try_from(seq).unwrap() * 3,
-            price: 65_000.125 + f64::from(u32::try_from(seq).unwrap()),
-            volume: 0.1,
-            bid: None,
-            ask: None,
-            open: None,
-            high: None,
-            low: None,
-            close: None,
-            id: None,
-            priority: Priority::Normal,
             quality: 97,
             t_in: 1_700_000_000_000_123,
             seq,
+            ..Tick::new(
+                Symbol::parse("BTC-USD").unwrap(),
+                1_700_000_000_000 + i64::try_from(seq).unwrap() * 3,
+                65_000.125 + f64::from(u32::try_from(seq).unwrap()),
+                0.1,
+            )
         }
     }
 

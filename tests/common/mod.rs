@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -319,5 +320,59 @@ pub async fn start_on(addr: SocketAddr, mut config: Config, dir: tempfile::TempD
         dir,
         stop: Some(stop),
         task: Some(task),
+    }
+}
+
+/// The real binary on a data dir; killed (SIGKILL) on drop if still running.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub addr: String,
+}
+
+impl Binary {
+    pub fn start(dir: &std::path::Path) -> Self {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tickfan"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--no-simulator",
+                "--data-dir",
+            ])
+            .arg(dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("no listening line: {line:?}"))
+            .to_owned();
+        Self { child, addr }
+    }
+
+    /// SIGTERM, then the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        // SAFETY: signalling our own child process.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        self.child.wait().ok()?.code()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        self.kill9();
     }
 }

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs the load scenarios behind docs/benchmarks.md: the server pinned to core 0, the load
+# generator to core 1, loopback only, each run bounded in time. Usage:
+#   cargo build --release --workspace && loadtest/scripts/benchmarks.sh [scenario...]
+# Scenarios: idle10k idle19k realtime batch throttled latency max ingest import
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=target/release/tickfan
+LT=target/release/tickfan-loadtest
+OUT=${OUT:-target/bench-results}
+mkdir -p "$OUT"
+
+start_server() { # $1: extra serve args
+  DATA=$(mktemp -d)
+  taskset -c 0 "$BIN" serve --listen 127.0.0.1:0 --no-simulator --data-dir "$DATA" $1 >"$OUT/server.out" 2>"$OUT/server.err" &
+  SPID=$!
+  for _ in $(seq 100); do grep -q listening "$OUT/server.out" 2>/dev/null && break; sleep 0.05; done
+  PORT=$(grep -o '[0-9]*$' "$OUT/server.out")
+}
+stop_server() { kill -TERM "$SPID" 2>/dev/null; wait "$SPID" 2>/dev/null || true; rm -rf "$DATA"; }
+run() { # name, loadtest args...
+  local name=$1; shift
+  echo "== $name: tickfan-loadtest $*"
+  taskset -c 1 "$LT" --url "ws://127.0.0.1:$PORT" --server-pid "$SPID" --json "$OUT/$name.json" "$@" 2>/dev/null | tee "$OUT/$name.txt"
+}
+
+scenario() {
+  case $1 in
+    idle10k)  start_server ""; run idle10k -c 10000 --idle -d 10; stop_server ;;
+    idle19k)  start_server ""; run idle19k -c 19000 --idle -d 20; stop_server ;;
+    realtime) start_server ""; run realtime -c 100 --symbols 10 -k 10 -r 10000 -d 10; stop_server ;;
+    batch)    start_server ""; run batch -c 100 --symbols 10 -k 10 -r 10000 -d 10 --mode batch --interval-ms 50; stop_server ;;
+    throttled) start_server ""; run throttled -c 100 --symbols 10 -k 10 -r 10000 -d 10 --mode throttled --interval-ms 100; stop_server ;;
+    latency)  start_server ""; run latency -c 1000 --symbols 100 -k 10 -r 2000 -d 15; stop_server ;;
+    max)      start_server ""; run max -c 100 --symbols 10 -k 10 -r 30000 -d 10; stop_server ;;
+    ingest)   start_server ""; run ingest -c 1 --symbols 100 -k 1 -r 200000 -d 10 --batch-ms 2; stop_server ;;
+    import)
+      D=$(mktemp -d); F="$D/ticks.csv"
+      python3 - "$F" <<'PY'
+import sys, time
+n = 1_000_000; base = int(time.time() * 1000) - 86_400_000 * 3
+with open(sys.argv[1], "w") as f:
+    f.write("symbol,ts,price,volume,bid,ask\n")
+    for i in range(n):
+        p = 100 + (i % 1000) * 0.01
+        f.write(f"SYM{i % 50},{base + i},{p:.2f},{1 + i % 300},{p - 0.01:.2f},{p + 0.01:.2f}\n")
+PY
+      echo "== import: tickfan import --data-dir \$D $F (1,000,000 rows)"
+      /usr/bin/time -f "elapsed %e s, max RSS %M KiB, CPU %P" taskset -c 0,1 "$BIN" import --data-dir "$D/data" "$F" 2>&1 | tee "$OUT/import.txt"
+      rm -rf "$D" ;;
+    *) echo "unknown scenario $1"; exit 2 ;;
+  esac
+}
+
+if [ $# -eq 0 ]; then set -- idle10k idle19k realtime batch throttled latency max ingest import; fi
+for s in "$@"; do scenario "$s"; done
