@@ -1008,7 +1008,7 @@
       if (/uptime_s$/.test(key)) return fmtDuration(v);
       // Identifiers, not quantities: no thousands separators.
       if (/(^|\.)epoch$/.test(key)) return String(v);
-      if (/^latency_us\./.test(key)) return fmtNum(v, 0) + ' µs';
+      if (/^latency_us\..*\.(p\d+|max)$/.test(key)) return fmtNum(v, 0) + ' µs';
       if (/rate/.test(key)) return fmtNum(v, 1) + '/s';
       return fmtNum(v, 2);
     }
