@@ -30,7 +30,7 @@ use self::filter::Filter;
 use self::outbound::{Frame, Outbound};
 use self::recent::RecentTicks;
 use self::registry::{ClientKey, Registry};
-pub use self::sink::{NoSink, StoreSink, TickSink};
+pub use self::sink::{StoreSink, TickSink};
 use crate::config::Config;
 use crate::dlq::{DeadLetter, DeadLetters};
 use crate::protocol::{self, close, ErrorCode, Settings};

@@ -1,5 +1,6 @@
 //! Where dispatched ticks go after fan-out. The dispatcher hands each round's ticks (seq set,
-//! serialized) to a `TickSink`; the sink owns settling their producers' acks. With the store,
+//! serialized) to a `TickSink`; the sink owns settling their producers' acks. The trait is the
+//! seam for other destinations (a NATS bus to other nodes, another store). With the store,
 //! acks settle after the durable commit; awaiting `append` when the store's queue is full is
 //! the backpressure that reaches the dispatcher, the queue and finally producers.
 
@@ -14,20 +15,6 @@ pub trait TickSink: Send + 'static {
         &mut self,
         ticks: Vec<(Queued, Frame)>,
     ) -> impl std::future::Future<Output = ()> + Send;
-}
-
-/// No sink: ticks are done once fanned out, so their acks settle at once.
-#[derive(Debug, Default)]
-pub struct NoSink;
-
-impl TickSink for NoSink {
-    async fn accept(&mut self, ticks: Vec<(Queued, Frame)>) {
-        for (q, _) in ticks {
-            if let Some(ack) = q.ack {
-                ack.settle();
-            }
-        }
-    }
 }
 
 /// The redb store: group-committed appends; acks settle after the commit.
