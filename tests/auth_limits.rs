@@ -65,6 +65,14 @@ async fn connect_when_free(req: impl Fn() -> Request) -> Ws {
     }
 }
 
+/// Reads until the connection ends, within one overall deadline (the harness's `until_closed`
+/// waits up to `DEADLINE` per message, so periodic heartbeats would keep it waiting forever).
+async fn closed(ws: &mut Ws) -> (Vec<Value>, Ended) {
+    tokio::time::timeout(DEADLINE, ws.until_closed())
+        .await
+        .expect("timed out waiting for the connection to end")
+}
+
 /// One sample from `/metrics` (0 when absent).
 async fn metric(server: &TestServer, series: &str) -> f64 {
     let text = reqwest::get(server.http("/metrics"))
@@ -154,7 +162,7 @@ async fn wrong_client_token_gets_unauthorized_and_4001_at_once() {
     ] {
         let started = Instant::now();
         let mut ws = client_with(req).await;
-        let (seen, ended) = ws.until_closed().await;
+        let (seen, ended) = closed(&mut ws).await;
         assert_eq!(ended, Ended::Close(4001));
         assert_eq!(seen.len(), 1, "{seen:?}");
         assert_eq!(
@@ -222,7 +230,7 @@ async fn auth_op_with_wrong_token_closes_4001() {
     let mut ws = client_with(upgrade(&server, "/ws", &[])).await;
     ws.send_json(&json!({"op": "auth", "id": 1, "token": "guess"}))
         .await;
-    let (seen, ended) = ws.until_closed().await;
+    let (seen, ended) = closed(&mut ws).await;
     assert_eq!(ended, Ended::Close(4001));
     let err = seen.last().expect("an error before the close");
     assert_eq!(
@@ -238,7 +246,7 @@ async fn without_token_or_auth_op_the_connection_closes_4001_after_10_s() {
     let server = TestServer::start_with(with_client_tokens()).await;
     let started = Instant::now();
     let mut ws = client_with(upgrade(&server, "/ws", &[])).await;
-    let (seen, ended) = ws.until_closed().await;
+    let (seen, ended) = closed(&mut ws).await;
     let waited = started.elapsed();
     assert_eq!(ended, Ended::Close(4001));
     assert!(
@@ -449,7 +457,7 @@ async fn sustained_request_abuse_closes_1008() {
             .unwrap();
     }
     ws.inner.flush().await.unwrap();
-    let (seen, ended) = ws.until_closed().await;
+    let (seen, ended) = closed(&mut ws).await;
     assert_eq!(ended, Ended::Close(1008));
     let limited = seen.iter().filter(|m| m["code"] == "rate_limited").count();
     assert!(
@@ -537,7 +545,7 @@ async fn oversized_frames_close_1009_on_ws_and_ingest() {
     assert_eq!(ws.request(small).await["type"], "pong");
     ws.send_json(&json!({"op": "ping", "id": 2, "pad": "x".repeat(2048)}))
         .await;
-    let (_, ended) = ws.until_closed().await;
+    let (_, ended) = closed(&mut ws).await;
     assert_eq!(ended, Ended::Close(1009));
     wait_limit_hits(&server, "max_message_bytes", 1.0).await;
 
@@ -549,7 +557,7 @@ async fn oversized_frames_close_1009_on_ws_and_ingest() {
         .collect();
     assert!(Value::Array(big.clone()).to_string().len() > 2048);
     producer.send_json(&Value::Array(big)).await;
-    let (seen, ended) = producer.until_closed().await;
+    let (seen, ended) = closed(&mut producer).await;
     assert_eq!(ended, Ended::Close(1009));
     assert!(
         seen.is_empty(),
@@ -572,7 +580,7 @@ async fn oversized_ingest_frame_is_counted() {
     let server = TestServer::start_with(config).await;
     let mut producer = server.producer().await;
     producer.send_text(&"x".repeat(4096)).await;
-    let (_, ended) = producer.until_closed().await;
+    let (_, ended) = closed(&mut producer).await;
     assert_eq!(ended, Ended::Close(1009));
     wait_limit_hits(&server, "max_message_bytes", 1.0).await;
 }
@@ -744,7 +752,7 @@ async fn heartbeats_flow_and_silent_peers_are_closed_after_three() {
     assert!(times[0] >= started - 1000);
     // Meanwhile the silent client (never reads, so never answers a ping) was closed.
     wait_limit_hits(&server, "heartbeat_timeout", 1.0).await;
-    let (seen, ended) = silent.until_closed().await;
+    let (seen, ended) = closed(&mut silent).await;
     assert!(
         ended == Ended::Close(1000) || ended == Ended::Eof,
         "silent peer ended with {ended:?}"
