@@ -573,7 +573,6 @@ async fn oversized_frames_close_1009_on_ws_and_ingest() {
 /// 1009 but is not counted in `tickfan_limit_hits_total{limit="max_message_bytes"}` (only `/ws`
 /// connections count it: `producer.rs` has no access to the counters).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: oversized /ingest frames are not counted in limit_hits{max_message_bytes}"]
 async fn oversized_ingest_frame_is_counted() {
     let mut config = test_config();
     config.limits.max_message_bytes = 1024;

@@ -28,7 +28,11 @@ async fn simulator_feeds_many_symbols_through_ingest() {
         if let Some(prev) = last.insert(sym.clone(), seq) {
             assert_eq!(seq, prev + 1, "{sym}");
         }
-        let (bid, ask, price) = (m["bid"].as_f64().unwrap(), m["ask"].as_f64().unwrap(), m["price"].as_f64().unwrap());
+        let (bid, ask, price) = (
+            m["bid"].as_f64().unwrap(),
+            m["ask"].as_f64().unwrap(),
+            m["price"].as_f64().unwrap(),
+        );
         assert!(bid <= ask && price > 0.0, "{m}");
         critical += usize::from(m["priority"] == "critical");
         symbols.insert(sym);
@@ -36,8 +40,15 @@ async fn simulator_feeds_many_symbols_through_ingest() {
     assert!(symbols.len() >= 15, "about 20 instruments: {symbols:?}");
     assert!(symbols.contains("AAPL") && symbols.contains("BTC-USD"));
     assert!(critical > 0, "occasional critical ticks");
-    let stats = server.wait_stats("simulator ticks counted by ingest", |s| s["ticks_accepted"].as_u64().unwrap_or(0) >= 2_000).await;
-    assert_eq!(stats["ticks_rejected"], 0, "the simulator only produces valid ticks");
+    let stats = server
+        .wait_stats("simulator ticks counted by ingest", |s| {
+            s["ticks_accepted"].as_u64().unwrap_or(0) >= 2_000
+        })
+        .await;
+    assert_eq!(
+        stats["ticks_rejected"], 0,
+        "the simulator only produces valid ticks"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,12 +58,28 @@ async fn unknown_routes_are_404_and_the_dashboard_is_served() {
     assert_eq!(resp.status().as_u16(), 404);
     let page = reqwest::get(server.http("/")).await.unwrap();
     assert_eq!(page.status().as_u16(), 200);
-    assert!(page.headers()["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert!(page.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
     assert!(page.text().await.unwrap().contains("app.js"));
     for asset in ["/app.js", "/style.css", "/vendor/lightweight-charts.js"] {
-        assert_eq!(reqwest::get(server.http(asset)).await.unwrap().status().as_u16(), 200, "{asset}");
+        assert_eq!(
+            reqwest::get(server.http(asset))
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            200,
+            "{asset}"
+        );
     }
-    let metrics = reqwest::get(server.http("/metrics")).await.unwrap().text().await.unwrap();
+    let metrics = reqwest::get(server.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("tickfan_ticks_accepted_total"));
     assert!(metrics.contains("# HELP tickfan_ticks_accepted_total"));
 }

@@ -191,8 +191,10 @@ impl Ws {
 
     /// The next JSON text message (pings and heartbeats are skipped).
     pub async fn recv(&mut self) -> Value {
+        // One deadline for the whole wait: skipped heartbeats must not extend it.
+        let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
-            let msg = tokio::time::timeout(DEADLINE, self.inner.next())
+            let msg = tokio::time::timeout_at(deadline, self.inner.next())
                 .await
                 .expect("timed out waiting for a message")
                 .expect("connection ended")
@@ -238,8 +240,9 @@ impl Ws {
     /// Reads until the connection ends, returning the data messages seen before.
     pub async fn until_closed(&mut self) -> (Vec<Value>, Ended) {
         let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
-            let msg = tokio::time::timeout(DEADLINE, self.inner.next())
+            let msg = tokio::time::timeout_at(deadline, self.inner.next())
                 .await
                 .expect("timed out waiting for close");
             match msg {
