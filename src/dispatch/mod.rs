@@ -2,9 +2,11 @@
 //! symbol's `seq` as ticks leave it, serializes each tick once, and offers the shared bytes to
 //! every matching client's bounded outbound queue without ever awaiting a client. Connections
 //! talk to it only through [`Command`]s, so subscribe/unsubscribe acks are ordered with the
-//! ticks around them. Accepted ticks then go on to the sink (the store) or, without one, have
-//! their producer acks settled here.
+//! ticks around them. Accepted ticks then go on to the sink (the store), which settles their
+//! producers' acks after the durable commit. Subscriptions live in `subscription`, snapshots
+//! and resumes in `snapshot`, per-client delivery modes in `delivery`.
 
+pub mod command;
 pub mod delivery;
 pub mod filter;
 pub mod latency;
@@ -12,6 +14,8 @@ pub mod outbound;
 pub mod recent;
 pub mod registry;
 pub mod sink;
+mod snapshot;
+mod subscription;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -22,9 +26,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{json, Value};
 use slab::Slab;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+pub use self::command::{Command, DispatcherGone, DispatcherHandle, SnapshotRead};
 use self::delivery::{Delivery, Outcome, SmartThresholds, Tally};
 use self::filter::Filter;
 use self::outbound::{Frame, Outbound};
@@ -33,95 +37,10 @@ use self::registry::{ClientKey, Registry};
 pub use self::sink::{StoreSink, TickSink};
 use crate::config::Config;
 use crate::dlq::{DeadLetter, DeadLetters};
-use crate::protocol::{self, close, ErrorCode, Settings};
+use crate::protocol::{close, Settings};
 use crate::queue::{PriorityQueue, Queued};
-use crate::store::{History, Store};
+use crate::store::Store;
 use crate::tick::{now_ms, Symbol, Tick};
-
-/// A request to the dispatcher.
-#[derive(Debug)]
-pub enum Command {
-    /// A new connection; the reply is its key for later commands.
-    Register {
-        /// Its outbound queue.
-        out: Outbound,
-        /// Receives the key.
-        reply: oneshot::Sender<ClientKey>,
-    },
-    /// The connection has gone.
-    Deregister {
-        /// Whose.
-        key: ClientKey,
-    },
-    /// `subscribe`
-    Subscribe {
-        /// Whose.
-        key: ClientKey,
-        /// Request id to echo.
-        id: Option<Value>,
-        /// Symbols as sent.
-        symbols: Vec<String>,
-        /// Connection-wide settings.
-        settings: Settings,
-        /// Last N ticks per symbol.
-        history: usize,
-        /// Resume points.
-        since_seq: HashMap<String, u64>,
-    },
-    /// `unsubscribe`
-    Unsubscribe {
-        /// Whose.
-        key: ClientKey,
-        /// Request id to echo.
-        id: Option<Value>,
-        /// Symbols as sent.
-        symbols: Vec<String>,
-    },
-    /// `configure`
-    Configure {
-        /// Whose.
-        key: ClientKey,
-        /// Request id to echo.
-        id: Option<Value>,
-        /// New settings.
-        settings: Settings,
-    },
-    /// `symbols` from a client: answered on its queue.
-    ClientSymbols {
-        /// Whose.
-        key: ClientKey,
-        /// Request id to echo.
-        id: Option<Value>,
-    },
-    /// A snapshot page read from the store (sent by the dispatcher's own reader task).
-    SnapshotLoaded {
-        /// What was read.
-        read: SnapshotRead,
-        /// The read's outcome.
-        result: Result<History, String>,
-    },
-    /// `/api/symbols`
-    ListSymbols {
-        /// Receives the list.
-        reply: oneshot::Sender<Vec<SymbolInfo>>,
-    },
-}
-
-/// One snapshot read in progress for one client and symbol.
-#[derive(Debug, Clone)]
-pub struct SnapshotRead {
-    key: ClientKey,
-    /// Which registration of that key asked (keys are reused).
-    serial: u64,
-    symbol: Symbol,
-    history: usize,
-    /// Resume point; advanced page by page.
-    since: Option<u64>,
-    page: u32,
-}
-
-/// Store reads one snapshot may take before giving up on joining the ring (and saying `gap`).
-const MAX_SNAPSHOT_PAGES: u32 = 1_000;
 
 /// What `/api/symbols` and the `symbols` op report per symbol.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -158,58 +77,6 @@ pub struct DispatchStats {
     /// Receive-to-dispatch percentiles over the last few seconds.
     pub latency: parking_lot::Mutex<latency::LatencySummary>,
 }
-
-/// A handle for sending commands.
-#[derive(Debug, Clone)]
-pub struct DispatcherHandle {
-    tx: flume::Sender<Command>,
-}
-
-impl DispatcherHandle {
-    /// Sends a command, waiting while the dispatcher's command queue is full.
-    ///
-    /// # Errors
-    /// The dispatcher has stopped.
-    pub async fn send(&self, cmd: Command) -> Result<(), DispatcherGone> {
-        self.tx.send_async(cmd).await.map_err(|_| DispatcherGone)
-    }
-
-    /// Registers a connection.
-    ///
-    /// # Errors
-    /// The dispatcher has stopped.
-    pub async fn register(&self, out: Outbound) -> Result<ClientKey, DispatcherGone> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Register { out, reply }).await?;
-        rx.await.map_err(|_| DispatcherGone)
-    }
-
-    /// Lists known symbols.
-    ///
-    /// # Errors
-    /// The dispatcher has stopped.
-    pub async fn symbols(&self) -> Result<Vec<SymbolInfo>, DispatcherGone> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::ListSymbols { reply }).await?;
-        rx.await.map_err(|_| DispatcherGone)
-    }
-
-    /// Tells the dispatcher a connection has gone, without waiting.
-    pub fn deregister(&self, key: ClientKey) {
-        // If the command queue is full, fall back to a task so the entry is still removed.
-        if let Err(flume::TrySendError::Full(cmd)) = self.tx.try_send(Command::Deregister { key }) {
-            let tx = self.tx.clone();
-            tokio::spawn(async move {
-                let _ = tx.send_async(cmd).await;
-            });
-        }
-    }
-}
-
-/// The dispatcher has stopped (server shutting down).
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("dispatcher stopped")]
-pub struct DispatcherGone;
 
 struct Client {
     /// Distinguishes registrations that reuse a slab key.
@@ -275,8 +142,6 @@ pub struct Dispatcher<S: TickSink> {
 
 /// Commands handled per loop turn before looking at the queue again.
 const COMMAND_CHUNK: usize = 64;
-/// Ticks per snapshot message.
-const SNAPSHOT_CHUNK: usize = 500;
 
 impl<S: TickSink> Dispatcher<S> {
     /// Builds a dispatcher and its handle.
@@ -701,378 +566,6 @@ impl<S: TickSink> Dispatcher<S> {
             Outcome::Gone => self.drop_client(key, 0),
             Outcome::Done => {}
         }
-    }
-
-    fn subscribe(
-        &mut self,
-        key: ClientKey,
-        id: Option<Value>,
-        requested: &[String],
-        settings: &Settings,
-        history: usize,
-        since_seq: &HashMap<String, u64>,
-    ) {
-        let Some(client) = self.clients.get(key) else {
-            return;
-        };
-        let mut accepted: Vec<Symbol> = Vec::new();
-        let mut wildcard = false;
-        let mut rejected = Vec::new();
-        for name in requested {
-            if name == "*" {
-                wildcard = true;
-            } else if let Some(sym) = Symbol::parse(name) {
-                if !accepted.contains(&sym) {
-                    accepted.push(sym);
-                }
-            } else {
-                rejected.push(json!({"symbol": name, "code": ErrorCode::InvalidSymbol.as_str()}));
-            }
-        }
-        let new_count = accepted
-            .iter()
-            .filter(|s| !client.symbols.contains(*s))
-            .count()
-            + usize::from(wildcard && !client.wildcard);
-        let total = client.symbols.len() + usize::from(client.wildcard) + new_count;
-        if total > self.max_symbols {
-            self.stats.too_many_symbols.fetch_add(1, Ordering::Relaxed);
-            let msg = protocol::error_message(
-                id.as_ref(),
-                ErrorCode::TooManySymbols,
-                &format!(
-                    "subscription would hold {total} symbols; the limit is {} per connection",
-                    self.max_symbols
-                ),
-                None,
-            );
-            if client.out.push_control(Frame::from(msg)).is_err() {
-                self.drop_client(key, close::SLOW_CONSUMER);
-            }
-            return;
-        }
-        self.apply_settings(key, settings);
-        let Some(client) = self.clients.get_mut(key) else {
-            return;
-        };
-        for sym in &accepted {
-            if client.symbols.insert(sym.clone()) {
-                self.registry.add(sym, key);
-            }
-        }
-        if wildcard {
-            client.wildcard = true;
-            self.registry.add_wildcard(key);
-        }
-        let mut last_seq = serde_json::Map::new();
-        for sym in &accepted {
-            let seq = self.symbols.get(sym).map_or(0, |s| s.seq);
-            last_seq.insert(sym.to_string(), seq.into());
-        }
-        let mut names: Vec<Value> = accepted.iter().map(|s| s.as_str().into()).collect();
-        if wildcard {
-            names.push("*".into());
-        }
-        let mode = client.delivery.mode();
-        let ack = json!({
-            "type": "ack", "id": id, "op": "subscribe", "symbols": names,
-            "rejected": rejected, "last_seq": last_seq, "mode": mode,
-        });
-        self.reply(key, &ack);
-        // Snapshots: from the dispatcher's ring, so they join live delivery with no gap.
-        let mut wanted: Vec<(Symbol, Option<u64>)> = Vec::new();
-        for sym in &accepted {
-            match since_seq.get(sym.as_str()) {
-                Some(s) => wanted.push((sym.clone(), Some(*s))),
-                None if history > 0 => wanted.push((sym.clone(), None)),
-                None => {}
-            }
-        }
-        if wildcard {
-            // Every known symbol comes through `*`: resume points and history apply to them too.
-            for sym in self.symbols.keys() {
-                if accepted.contains(sym) {
-                    continue;
-                }
-                match since_seq.get(sym.as_str()) {
-                    Some(s) => wanted.push((sym.clone(), Some(*s))),
-                    None if history > 0 => wanted.push((sym.clone(), None)),
-                    None => {}
-                }
-            }
-        }
-        for (sym, since) in wanted {
-            self.send_snapshot(key, &sym, history, since);
-        }
-    }
-
-    /// Answers `history`/`since_seq` for one symbol: from the ring when it reaches back far
-    /// enough, else from the store in the background while live ticks of that symbol wait in
-    /// the ring (the client's delivery of it is paused until the snapshot has joined the ring).
-    fn send_snapshot(
-        &mut self,
-        key: ClientKey,
-        symbol: &Symbol,
-        history: usize,
-        since: Option<u64>,
-    ) {
-        let covered = match self.symbols.get(symbol) {
-            None => true,
-            Some(state) => match since {
-                Some(s) => s >= state.seq || state.recent.first_seq().is_some_and(|f| f <= s + 1),
-                None => {
-                    state.recent.len()
-                        >= history.min(usize::try_from(state.seq).unwrap_or(usize::MAX))
-                }
-            },
-        };
-        if covered || self.store.is_none() {
-            let (frames, gap) = self.ring_snapshot(symbol, history, since, 0);
-            self.push_snapshot(key, symbol, &frames, gap);
-            return;
-        }
-        if let Some(client) = self.clients.get_mut(key) {
-            client.awaiting.insert(symbol.clone());
-            let read = SnapshotRead {
-                key,
-                serial: client.serial,
-                symbol: symbol.clone(),
-                history,
-                since,
-                page: 0,
-            };
-            self.read_store(read, false);
-        }
-    }
-
-    /// Reads one page of a snapshot from the store off the runtime; the result comes back as
-    /// `Command::SnapshotLoaded`. `flush` first waits for ticks already handed to the store, so
-    /// a follow-up read reaches the ring.
-    fn read_store(&self, read: SnapshotRead, flush: bool) {
-        let Some(store) = self.store.clone() else {
-            return;
-        };
-        let tx = self.self_tx.clone();
-        let limit = if read.since.is_some() {
-            self.max_replay
-        } else {
-            read.history
-        };
-        let since = read.since;
-        tokio::task::spawn_blocking(move || {
-            let result = (if flush {
-                store.flush_blocking()
-            } else {
-                Ok(())
-            })
-            .and_then(|()| store.history(read.symbol.as_str(), limit, since))
-            .map_err(|e| e.to_string());
-            let _ = tx.send(Command::SnapshotLoaded { read, result });
-        });
-    }
-
-    /// Ring ticks for a snapshot, only those with seq > `after`; and whether the ring misses
-    /// ticks the request needs.
-    fn ring_snapshot(
-        &self,
-        symbol: &Symbol,
-        history: usize,
-        since: Option<u64>,
-        after: u64,
-    ) -> (Vec<Frame>, bool) {
-        let Some(state) = self.symbols.get(symbol) else {
-            return (Vec::new(), false);
-        };
-        match since {
-            Some(s) => {
-                let from = s.max(after);
-                let frames: Vec<Frame> = state.recent.after(from).map(|(_, f)| f.clone()).collect();
-                let gap = from < state.seq
-                    && state
-                        .recent
-                        .first_seq()
-                        .is_none_or(|first| first > from + 1);
-                (frames, gap)
-            }
-            None => {
-                let frames = state
-                    .recent
-                    .last_n(history)
-                    .filter(|(seq, _)| *seq > after)
-                    .map(|(_, f)| f.clone())
-                    .collect();
-                (frames, false)
-            }
-        }
-    }
-
-    /// One store page is back. A resume (`since_seq`) sends it and pages on until the stored
-    /// part reaches the ring, so a long backlog arrives as several snapshot messages with no
-    /// hole; a `history` read is retried (after a flush) until it joins the ring. Then the ring
-    /// tail is added and live delivery of the symbol resumes.
-    fn snapshot_loaded(&mut self, read: SnapshotRead, result: Result<History, String>) {
-        let key = read.key;
-        match self.clients.get(key) {
-            Some(c) if c.serial == read.serial && !c.detached => {}
-            _ => return,
-        }
-        let symbol = &read.symbol;
-        let stored = match result {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::error!(error = %e, %symbol, "snapshot read failed");
-                let msg = protocol::error_message(
-                    None,
-                    ErrorCode::Internal,
-                    &format!("snapshot of {symbol} failed"),
-                    None,
-                );
-                self.reply_text(key, msg);
-                let (frames, _) = self.ring_snapshot(symbol, read.history, read.since, 0);
-                self.finish_snapshot(&read, &frames, true);
-                return;
-            }
-        };
-        let n = stored.ticks.len() as u64;
-        // Seqs are consecutive per symbol, so the stored part ends at a computable seq.
-        let (stored_last, gap) = match read.since {
-            Some(s) => {
-                let start = stored.first_seq.map_or(s + 1, |f| f.max(s + 1));
-                let gap = read.page == 0 && stored.first_seq.is_some_and(|f| f > s + 1);
-                (if n == 0 { s } else { start + n - 1 }, gap)
-            }
-            None => (stored.last_seq, false),
-        };
-        let current = self.symbols.get(symbol).map_or(0, |s| s.seq);
-        let ring_next = self
-            .symbols
-            .get(symbol)
-            .and_then(|s| s.recent.after(stored_last).next().map(|(seq, _)| *seq));
-        let joined = stored_last >= current || ring_next == Some(stored_last + 1);
-        let mut frames: Vec<Frame> = stored
-            .ticks
-            .into_iter()
-            .filter_map(|b| Frame::try_from(b).ok())
-            .collect();
-        if !joined && read.page < MAX_SNAPSHOT_PAGES {
-            let mut next = read;
-            if next.since.is_some() {
-                // Send this page now and read on from where it ended.
-                if !frames.is_empty() || next.page == 0 {
-                    self.push_snapshot(key, &next.symbol, &frames, gap);
-                }
-                if self
-                    .clients
-                    .get(key)
-                    .is_none_or(|c| c.detached || c.out.queued_bytes() > c.out.byte_limit())
-                {
-                    // It cannot take the backlog: the slow-consumer rule (it can resume later).
-                    self.drop_client(key, close::SLOW_CONSUMER);
-                    return;
-                }
-                next.since = Some(stored_last);
-            }
-            next.page += 1;
-            // A full page means more is stored; a short one means the store is behind the ring.
-            let flush = n < if next.since.is_some() {
-                self.max_replay as u64
-            } else {
-                u64::MAX
-            };
-            self.read_store(next, flush);
-            return;
-        }
-        let (ring, _) = self.ring_snapshot(symbol, read.history, read.since, stored_last);
-        frames.extend(ring);
-        if read.since.is_none() && frames.len() > read.history {
-            frames.drain(..frames.len() - read.history);
-        }
-        self.finish_snapshot(&read, &frames, gap || !joined);
-    }
-
-    /// Sends the last snapshot part (unless earlier pages already said everything) and resumes
-    /// live delivery of the symbol.
-    fn finish_snapshot(&mut self, read: &SnapshotRead, frames: &[Frame], gap: bool) {
-        let said_before = read.since.is_some() && read.page > 0;
-        if !frames.is_empty() || gap || !said_before {
-            self.push_snapshot(read.key, &read.symbol, frames, gap);
-        }
-        if let Some(client) = self.clients.get_mut(read.key) {
-            client.awaiting.remove(&read.symbol);
-        }
-    }
-
-    fn reply_text(&mut self, key: ClientKey, text: String) {
-        if let Some(client) = self.clients.get(key) {
-            if client.out.push_control(Frame::from(text)).is_err() {
-                self.drop_client(key, close::SLOW_CONSUMER);
-            }
-        }
-    }
-
-    /// Sends snapshot messages (chunked; `gap` on the first).
-    fn push_snapshot(&mut self, key: ClientKey, symbol: &Symbol, frames: &[Frame], gap: bool) {
-        let Some(client) = self.clients.get(key) else {
-            return;
-        };
-        let chunks: Vec<&[Frame]> = if frames.is_empty() {
-            vec![&[][..]]
-        } else {
-            frames.chunks(SNAPSHOT_CHUNK).collect()
-        };
-        let mut failed = false;
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let mut text =
-                String::with_capacity(64 + chunk.iter().map(|f| f.len() + 1).sum::<usize>());
-            text.push_str(r#"{"type":"snapshot","symbol":"#);
-            text.push_str(&serde_json::to_string(symbol.as_str()).unwrap_or_default());
-            text.push_str(r#","ticks":["#);
-            for (j, f) in chunk.iter().enumerate() {
-                if j > 0 {
-                    text.push(',');
-                }
-                text.push_str(f.as_str());
-            }
-            text.push_str(r#"],"gap":"#);
-            text.push_str(if i == 0 && gap { "true" } else { "false" });
-            text.push('}');
-            if client.out.push_control(Frame::from(text)).is_err() {
-                failed = true;
-                break;
-            }
-        }
-        if failed {
-            self.drop_client(key, close::SLOW_CONSUMER);
-        }
-    }
-
-    fn unsubscribe(&mut self, key: ClientKey, id: Option<Value>, requested: &[String]) {
-        let Some(client) = self.clients.get_mut(key) else {
-            return;
-        };
-        let mut removed = Vec::new();
-        for name in requested {
-            if name == "*" {
-                if client.wildcard {
-                    client.wildcard = false;
-                    self.registry.remove_wildcard(key);
-                }
-                removed.push(Value::from("*"));
-            } else if let Some(sym) = Symbol::parse(name) {
-                if client.symbols.remove(&sym) {
-                    self.registry.remove(&sym, key);
-                }
-                removed.push(Value::from(sym.as_str()));
-            }
-        }
-        if !client.wildcard {
-            let still = &client.symbols;
-            client.delivery.retain(|s| still.contains(s));
-        }
-        self.reply(
-            key,
-            &json!({"type":"ack","id":id,"op":"unsubscribe","symbols":removed}),
-        );
     }
 }
 
