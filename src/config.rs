@@ -310,8 +310,9 @@ pub struct DispatchConfig {
     /// Most recent ticks the dispatcher keeps per symbol in memory. Snapshots and resumes
     /// within this window are served from memory, exactly in step with live delivery.
     pub recent_ticks: usize,
-    /// Most ticks one `since_seq` resume replays per symbol. A longer backlog is cut (the
-    /// snapshot says `gap: true`) and the client can page the rest from `/api/history`.
+    /// Page size of a `since_seq` replay read from the store. A longer backlog is read and sent
+    /// page by page, with no hole; between pages a client over its outbound buffer is closed as
+    /// a slow consumer, so one page bounds the memory a replay can take.
     pub max_replay_ticks: usize,
 }
 
