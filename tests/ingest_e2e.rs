@@ -259,3 +259,28 @@ async fn backpressure_is_reported_and_refused_ticks_can_be_resent() {
     assert_eq!(err["code"], "backpressure");
     assert!(err["refused"].as_u64().unwrap() > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_post_body_is_413_and_the_server_keeps_working() {
+    let mut config = test_config();
+    config.limits.max_body_bytes = 4 * 1024;
+    let server = TestServer::start_with(config).await;
+    let big: Vec<Value> = (0..200)
+        .map(|i| tick("BIG", 1.0 + f64::from(i), 1.0))
+        .collect();
+    let (status, _, _) = server.post_ticks(Value::Array(big).to_string()).await;
+    assert_eq!(status, 413);
+    // NaN is not JSON; a "NaN" string is a wrong type; both are clear rejections.
+    let now = now_ms();
+    let body = format!("{{\"symbol\":\"N\",\"ts\":{now},\"price\":NaN,\"volume\":1}}\n{{\"symbol\":\"N\",\"ts\":{now},\"price\":\"NaN\",\"volume\":1}}\n{}", tick("N", 2.0, 1.0));
+    let (status, _, ack) = server.post_ticks(body).await;
+    assert_eq!(status, 200);
+    assert_eq!(ack["accepted"], 1);
+    let codes: Vec<&str> = ack["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["bad_json", "invalid_price"]);
+}

@@ -268,9 +268,12 @@ impl Ingestor {
     pub fn ingest_body(&self, bytes: &[u8]) -> IngestReport {
         let mut batch = Batch::default();
         let trimmed = bytes.trim_ascii_start();
+        // A multi-line body is NDJSON unless its first line is not JSON by itself and the whole
+        // body is (one pretty-printed object); a bad first line is then just a bad line.
         let one_document = trimmed.first() == Some(&b'[')
             || !has_second_line(trimmed)
-            || !first_line_is_json(trimmed);
+            || (!first_line_is_json(trimmed)
+                && serde_json::from_slice::<serde::de::IgnoredAny>(trimmed).is_ok());
         if one_document {
             self.parse_into(bytes, &mut batch);
         } else {
