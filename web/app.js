@@ -849,7 +849,10 @@
     try {
       chart.candles.setData(chart.bars.map(candleOf));
       chart.volumes.setData(chart.bars.map(volumeOf));
-      if (chart.bars.length) chart.api.timeScale().scrollToRealTime();
+      // A short history fills the width instead of hugging the right edge; a long one
+      // opens at the latest bars.
+      if (chart.bars.length && chart.bars.length < 120) chart.api.timeScale().fitContent();
+      else if (chart.bars.length) chart.api.timeScale().scrollToRealTime();
     } catch (err) {
       console.error('tickfan: chart setData failed', err);
     }
@@ -1045,7 +1048,11 @@
         item.dataset.key = key;
         const k = document.createElement('span');
         k.className = 'k';
-        k.textContent = key.replace(/^page\./, '').replace(/_/g, ' ');
+        // Long nested keys keep their tail readable (latency_us.ingest_to_dispatch.p99 -> p99
+        // with the full name on hover).
+        const label = key.replace(/^page\./, '').replace(/^latency_us\.ingest_to_dispatch\./, 'dispatch latency ');
+        k.textContent = label.replace(/_/g, ' ');
+        k.title = key;
         const v = document.createElement('span');
         v.className = 'v';
         item.append(k, v);
