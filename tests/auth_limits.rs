@@ -73,32 +73,11 @@ async fn closed(ws: &mut Ws) -> (Vec<Value>, Ended) {
         .expect("timed out waiting for the connection to end")
 }
 
-/// One sample from `/metrics` (0 when absent).
-async fn metric(server: &TestServer, series: &str) -> f64 {
-    let text = reqwest::get(server.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
-
 /// `tickfan_limit_hits_total{limit="..."}`.
 async fn limit_hits(server: &TestServer, limit: &str) -> f64 {
-    metric(
-        server,
-        &format!("tickfan_limit_hits_total{{limit=\"{limit}\"}}"),
-    )
-    .await
+    server
+        .metric(&format!("tickfan_limit_hits_total{{limit=\"{limit}\"}}"))
+        .await
 }
 
 /// Polls until the limit counter reaches `want`.
@@ -588,7 +567,7 @@ async fn oversized_ingest_frame_is_counted() {
 async fn binary_frames_get_bad_request_and_the_connection_keeps_working() {
     let server = TestServer::start().await;
     let (mut ws, _) = server.client().await;
-    let before = metric(&server, "tickfan_bad_requests_total").await;
+    let before = server.metric("tickfan_bad_requests_total").await;
     ws.inner
         .send(Message::Binary(br#"{"op":"ping","id":1}"#.to_vec().into()))
         .await
@@ -603,7 +582,7 @@ async fn binary_frames_get_bad_request_and_the_connection_keeps_working() {
     let ack = subscribe(&mut ws, 3, json!({"symbols": ["BIN"]})).await;
     assert_eq!(ack["op"], "subscribe");
     assert_eq!(
-        metric(&server, "tickfan_bad_requests_total").await,
+        server.metric("tickfan_bad_requests_total").await,
         before + 1.0
     );
 }

@@ -75,25 +75,6 @@ impl Seqs {
     }
 }
 
-/// Scrapes one sample from `/metrics` (0 when the series is absent).
-async fn metric(server: &TestServer, series: &str) -> f64 {
-    let text = reqwest::get(server.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
-}
-
 /// Connects to `/ws` over a socket with a tiny kernel receive buffer, so that a client that
 /// stops reading backs the server up after little data, and reads the welcome.
 async fn client_with_small_rcvbuf(server: &TestServer) -> Ws {
@@ -285,7 +266,7 @@ async fn throttled_mode_accounts_for_every_tick_and_never_skips_critical() {
     // conflation counter matches what the client was told.
     let pong = client.request(json!({"op": "ping", "id": 9})).await;
     assert_eq!(pong["type"], "pong");
-    let counted = metric(&server, "tickfan_conflated_ticks_total").await;
+    let counted = server.metric("tickfan_conflated_ticks_total").await;
     assert!(counted >= 1.0, "conflation is counted in /metrics");
 }
 
@@ -312,7 +293,7 @@ async fn throttled_stalled_client_still_gets_every_critical_tick() {
     let pad = "p".repeat(100);
     let mut n = 0u64;
     let mut stuck_rounds = 0;
-    let mut last_queued = metric(&server, "tickfan_messages_queued_total").await;
+    let mut last_queued = server.metric("tickfan_messages_queued_total").await;
     for _round in 0..1000 {
         let ticks: Vec<Value> = (0..500)
             .map(|_| {
@@ -323,7 +304,7 @@ async fn throttled_stalled_client_still_gets_every_critical_tick() {
             })
             .collect();
         assert_eq!(ingest(&mut producer, &ticks).await["accepted"], 500);
-        let queued = metric(&server, "tickfan_messages_queued_total").await;
+        let queued = server.metric("tickfan_messages_queued_total").await;
         if queued - last_queued < 50.0 {
             stuck_rounds += 1;
             if stuck_rounds >= 3 {
@@ -415,7 +396,7 @@ async fn smart_mode_degrades_while_lagging_and_returns_to_realtime_without_closi
             Some(0) => break,
             Some(k) => *k -= 1,
             None => {
-                if metric(&server, "tickfan_mode_switches_total").await >= 2.0 {
+                if server.metric("tickfan_mode_switches_total").await >= 2.0 {
                     extra = Some(5);
                 }
             }
@@ -508,7 +489,9 @@ async fn smart_mode_degrades_while_lagging_and_returns_to_realtime_without_closi
     let pong = client.request(json!({"op": "ping", "id": 5})).await;
     assert_eq!(pong["type"], "pong");
     assert_eq!(
-        metric(&server, "tickfan_limit_hits_total{limit=\"slow_consumer\"}").await,
+        server
+            .metric("tickfan_limit_hits_total{limit=\"slow_consumer\"}")
+            .await,
         0.0,
         "smart mode is never closed as a slow consumer"
     );

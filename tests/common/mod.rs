@@ -129,6 +129,26 @@ impl TestServer {
         (status, headers, resp.json().await.unwrap_or(Value::Null))
     }
 
+    /// One sample from `/metrics` (0 when the series is absent), e.g.
+    /// `tickfan_limit_hits_total{limit="slow_consumer"}`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = reqwest::get(self.http("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    }
+
     /// Polls `/api/stats` until `pred` holds.
     pub async fn wait_stats(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + DEADLINE;

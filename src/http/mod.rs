@@ -1,7 +1,10 @@
 //! The one listener's routes: WebSocket upgrades for clients (`/ws`) and producers
 //! (`/ingest`), the producer batch endpoint, read-only JSON APIs, health, metrics and the
 //! embedded dashboard. Checks that must happen before an upgrade (tokens, origin, connection
-//! limits) live here; everything after the upgrade belongs to `client` and `producer`.
+//! limits) live here; everything after the upgrade belongs to `client` and `producer`. The
+//! read-only JSON routes, health and metrics are in `api`.
+
+mod api;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -10,8 +13,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -29,8 +32,7 @@ use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
 use crate::producer;
 use crate::queue::PriorityQueue;
-use crate::store::{Store, Timeframe};
-use crate::tick::{Priority, Symbol};
+use crate::store::Store;
 
 /// Everything the routes need; cloned per request (an `Arc`).
 pub struct AppState {
@@ -170,18 +172,18 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/ticks",
             post(post_ticks).layer(DefaultBodyLimit::max(body_limit)),
         )
-        .route("/api/symbols", get(symbols))
-        .route("/api/history/{symbol}", get(history))
-        .route("/api/bars/{symbol}", get(bars))
-        .route("/api/dlq", get(dlq))
-        .route("/api/stats", get(stats))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
+        .route("/api/symbols", get(api::symbols))
+        .route("/api/history/{symbol}", get(api::history))
+        .route("/api/bars/{symbol}", get(api::bars))
+        .route("/api/dlq", get(api::dlq))
+        .route("/api/stats", get(api::stats))
+        .route("/health", get(api::health))
+        .route("/metrics", get(api::metrics))
         .with_state(state)
 }
 
 /// `Authorization: Bearer T` or `?token=T`.
-fn request_token<'a>(headers: &'a HeaderMap, query: &'a TokenQuery) -> Option<&'a str> {
+pub(super) fn request_token<'a>(headers: &'a HeaderMap, query: &'a TokenQuery) -> Option<&'a str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -196,7 +198,7 @@ pub struct TokenQuery {
     token: Option<String>,
 }
 
-fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+pub(super) fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
     (
         status,
         Json(json!({"type": "error", "code": code, "message": message})),
@@ -204,7 +206,7 @@ fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
-fn unauthorized(state: &AppState) -> Response {
+pub(super) fn unauthorized(state: &AppState) -> Response {
     state
         .clients
         .stats
@@ -241,6 +243,32 @@ fn sized(ws: WebSocketUpgrade, config: &Config, read_buffer: usize) -> WebSocket
         .max_frame_size(max)
 }
 
+/// Takes a connection slot, sizes the WebSocket, and serves the upgraded socket as a tracked
+/// task (so shutdown waits for it); the slot is freed when `serve` returns.
+fn upgrade<F, Fut>(
+    state: &Arc<AppState>,
+    ws: WebSocketUpgrade,
+    peer: SocketAddr,
+    read_buffer: usize,
+    serve: F,
+) -> Response
+where
+    F: FnOnce(WebSocket) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slot = match ConnectionLimits::acquire(state, peer.ip()) {
+        Ok(slot) => slot,
+        Err(refusal) => return refusal.into_response(),
+    };
+    let tracker = state.tracker.clone();
+    sized(ws, &state.config, read_buffer).on_upgrade(move |socket| {
+        tracker.track_future(async move {
+            serve(socket).await;
+            drop(slot);
+        })
+    })
+}
+
 async fn ws_client(
     ws: WebSocketUpgrade,
     State(state): State<Arc<AppState>>,
@@ -260,10 +288,6 @@ async fn ws_client(
             "origin not allowed (server.allowed_origins)",
         );
     }
-    let slot = match ConnectionLimits::acquire(&state, peer.ip()) {
-        Ok(slot) => slot,
-        Err(refusal) => return refusal.into_response(),
-    };
     let tokens = &state.config.auth.client_tokens;
     let auth = match request_token(&headers, &query) {
         _ if tokens.is_empty() => AuthState::Authorized,
@@ -272,12 +296,8 @@ async fn ws_client(
         None => AuthState::Pending,
     };
     let ctx = state.clients.clone();
-    let tracker = state.tracker.clone();
-    sized(ws, &state.config, CLIENT_READ_BUFFER).on_upgrade(move |socket| {
-        tracker.track_future(async move {
-            client::serve(socket, ctx, auth, peer).await;
-            drop(slot);
-        })
+    upgrade(&state, ws, peer, CLIENT_READ_BUFFER, move |socket| {
+        client::serve(socket, ctx, auth, peer)
     })
 }
 
@@ -294,18 +314,10 @@ async fn ws_ingest(
     ) {
         return unauthorized(&state);
     }
-    let slot = match ConnectionLimits::acquire(&state, peer.ip()) {
-        Ok(slot) => slot,
-        Err(refusal) => return refusal.into_response(),
-    };
     let ingestor = state.ingestor.clone();
     let ctx = state.clients.clone();
-    let tracker = state.tracker.clone();
-    sized(ws, &state.config, PRODUCER_READ_BUFFER).on_upgrade(move |socket| {
-        tracker.track_future(async move {
-            producer::serve(socket, ingestor, ctx).await;
-            drop(slot);
-        })
+    upgrade(&state, ws, peer, PRODUCER_READ_BUFFER, move |socket| {
+        producer::serve(socket, ingestor, ctx)
     })
 }
 
@@ -354,254 +366,5 @@ async fn post_ticks(
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             resp
         }
-    }
-}
-
-fn read_allowed(state: &AppState, headers: &HeaderMap, query: &TokenQuery) -> bool {
-    token_ok(
-        &state.config.auth.client_tokens,
-        request_token(headers, query),
-    )
-}
-
-async fn symbols(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Query(query): Query<TokenQuery>,
-) -> Response {
-    if !read_allowed(&state, &headers, &query) {
-        return unauthorized(&state);
-    }
-    match state.dispatcher.symbols().await {
-        Ok(list) => Json(json!({ "symbols": list })).into_response(),
-        Err(_) => error_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            "shutting down",
-        ),
-    }
-}
-
-/// `?limit=N` (and `?token=`).
-#[derive(Debug, Deserialize)]
-pub struct LimitQuery {
-    limit: Option<usize>,
-    token: Option<String>,
-}
-
-async fn dlq(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Query(q): Query<LimitQuery>,
-) -> Response {
-    let tq = TokenQuery {
-        token: q.token.clone(),
-    };
-    if !read_allowed(&state, &headers, &tq) {
-        return unauthorized(&state);
-    }
-    let limit = q.limit.unwrap_or(100).min(10_000);
-    Json(json!({ "entries": state.dead_letters.recent(limit) })).into_response()
-}
-
-async fn stats(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Query(query): Query<TokenQuery>,
-) -> Response {
-    if !read_allowed(&state, &headers, &query) {
-        return unauthorized(&state);
-    }
-    let ing = &state.ingestor.stats;
-    let d = &state.dispatch_stats;
-    let lanes: serde_json::Map<_, _> = Priority::ALL
-        .iter()
-        .map(|p| {
-            (
-                p.as_str().to_owned(),
-                state.queue.stats(*p).depth.load(Ordering::Relaxed).into(),
-            )
-        })
-        .collect();
-    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    Json(json!({
-        "uptime_s": state.started.elapsed().as_secs(),
-        "connections": state.clients.stats.open.load(Ordering::Relaxed),
-        "clients": load(&d.clients),
-        "ticks_received": load(&ing.received),
-        "ticks_accepted": load(&ing.accepted),
-        "ticks_rejected": ing.rejected_total(),
-        "ticks_duplicate": load(&ing.duplicates),
-        "ticks_refused": load(&ing.refused),
-        "ticks_dispatched": load(&d.dispatched),
-        "ingest_rate": state.metrics.ingest_rate(load(&ing.accepted)),
-        "messages_sent": load(&state.clients.stats.frames_sent),
-        "queue_depth": lanes,
-        "queue_capacity": state.queue.capacity(),
-        "latency_us": { "ingest_to_dispatch": *d.latency.lock() },
-        "dropped": {
-            "ttl_expired": load(&d.expired),
-            "slow_consumer_closes": load(&d.slow_consumer_closes),
-            "conflated": load(&d.conflated),
-        },
-        "epoch": state.clients.epoch,
-    }))
-    .into_response()
-}
-
-async fn health(State(state): State<Arc<AppState>>) -> Response {
-    let mut reasons = Vec::new();
-    let depth = state.queue.depth();
-    if depth * 100 >= state.queue.capacity() * 95 {
-        reasons.push(format!(
-            "priority queue {depth}/{} full",
-            state.queue.capacity()
-        ));
-    }
-    if let Some(e) = state.store.stats().last_error {
-        reasons.push(format!("store: last commit failed: {e}"));
-    }
-    if state.clients.shutdown.is_cancelled() {
-        reasons.push("shutting down".to_owned());
-    }
-    let body = json!({
-        "status": if reasons.is_empty() { "ok" } else { "degraded" },
-        "reasons": reasons,
-        "uptime_s": state.started.elapsed().as_secs(),
-        "connections": state.limits.open(),
-        "max_connections": state.config.limits.max_connections,
-        "fd_limit": state.fd_limit,
-        "queue_depth": depth,
-        "epoch": state.clients.epoch,
-        "version": env!("CARGO_PKG_VERSION"),
-    });
-    let status = if reasons.is_empty() {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(body)).into_response()
-}
-
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let text = state.metrics.render(&state);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
-}
-
-/// `?limit=N&since_seq=S` (and `?token=`).
-#[derive(Debug, Deserialize)]
-pub struct HistoryQuery {
-    limit: Option<usize>,
-    since_seq: Option<u64>,
-    token: Option<String>,
-}
-
-/// Largest `limit` of `/api/history` and `/api/bars`.
-const MAX_HTTP_LIMIT: usize = 10_000;
-
-/// The shared part of the store-backed read routes: token, symbol name, and a read off the
-/// async runtime with errors mapped to responses.
-async fn read_store<T: Send + 'static>(
-    state: &Arc<AppState>,
-    headers: &HeaderMap,
-    token: Option<String>,
-    symbol: &str,
-    read: impl FnOnce(&Store, &str) -> Result<T, crate::store::StoreError> + Send + 'static,
-) -> Result<T, Response> {
-    if !read_allowed(state, headers, &TokenQuery { token }) {
-        return Err(unauthorized(state));
-    }
-    if !Symbol::is_valid(symbol) {
-        return Err(error_response(
-            StatusCode::BAD_REQUEST,
-            "invalid_symbol",
-            "symbol must be 1-32 of A-Z a-z 0-9 . - _ / :",
-        ));
-    }
-    let store = state.store.clone();
-    let symbol = symbol.to_owned();
-    match tokio::task::spawn_blocking(move || read(&store, &symbol)).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(error_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            &e.to_string(),
-        )),
-        Err(_) => Err(error_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "store read failed",
-        )),
-    }
-}
-
-async fn history(
-    State(state): State<Arc<AppState>>,
-    Path(symbol): Path<String>,
-    headers: HeaderMap,
-    Query(q): Query<HistoryQuery>,
-) -> Response {
-    let limit = q.limit.unwrap_or(100).min(MAX_HTTP_LIMIT);
-    let since = q.since_seq;
-    let h = match read_store(&state, &headers, q.token, &symbol, move |store, sym| {
-        store.history(sym, limit, since)
-    })
-    .await
-    {
-        Ok(h) => h,
-        Err(resp) => return resp,
-    };
-    // The stored ticks are already JSON objects: splice them in rather than re-encode.
-    let mut body = String::with_capacity(96 + h.ticks.iter().map(|t| t.len() + 1).sum::<usize>());
-    body.push_str(r#"{"symbol":"#);
-    body.push_str(&serde_json::to_string(&symbol).unwrap_or_default());
-    body.push_str(r#","epoch":"#);
-    body.push_str(itoa::Buffer::new().format(state.clients.epoch));
-    body.push_str(r#","first_seq":"#);
-    body.push_str(&h.first_seq.map_or("null".to_owned(), |s| s.to_string()));
-    body.push_str(r#","last_seq":"#);
-    body.push_str(itoa::Buffer::new().format(h.last_seq));
-    body.push_str(r#","ticks":["#);
-    for (i, t) in h.ticks.iter().enumerate() {
-        if i > 0 {
-            body.push(',');
-        }
-        body.push_str(std::str::from_utf8(t).unwrap_or("null"));
-    }
-    body.push_str("]}");
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
-}
-
-/// `?tf=1m&limit=N` (and `?token=`).
-#[derive(Debug, Deserialize)]
-pub struct BarsQuery {
-    tf: Option<String>,
-    limit: Option<usize>,
-    token: Option<String>,
-}
-
-async fn bars(
-    State(state): State<Arc<AppState>>,
-    Path(symbol): Path<String>,
-    headers: HeaderMap,
-    Query(q): Query<BarsQuery>,
-) -> Response {
-    let Some(tf) = Timeframe::parse(q.tf.as_deref().unwrap_or("1m")) else {
-        return error_response(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "tf must be one of 1m, 5m, 15m, 1h, 4h, 1d",
-        );
-    };
-    let limit = q.limit.unwrap_or(100).min(MAX_HTTP_LIMIT);
-    match read_store(&state, &headers, q.token, &symbol, move |store, sym| {
-        store.bars(sym, tf, limit)
-    })
-    .await
-    {
-        Ok(bars) => {
-            Json(json!({"symbol": symbol, "tf": tf.as_str(), "bars": bars})).into_response()
-        }
-        Err(resp) => resp,
     }
 }

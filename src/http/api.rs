@@ -1,0 +1,267 @@
+//! The read-only HTTP API: symbols, dead letters, stats, history and bars (store reads run
+//! off the async runtime), plus `/health` and `/metrics`. Every route checks the client token
+//! when `[auth] client_tokens` is set, except health and metrics (for probes and scrapers).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{error_response, request_token, unauthorized, AppState, TokenQuery};
+use crate::client::token_ok;
+use crate::store::{Store, Timeframe};
+use crate::tick::{Priority, Symbol};
+
+fn read_allowed(state: &AppState, headers: &HeaderMap, query: &TokenQuery) -> bool {
+    token_ok(
+        &state.config.auth.client_tokens,
+        request_token(headers, query),
+    )
+}
+
+pub(super) async fn symbols(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<TokenQuery>,
+) -> Response {
+    if !read_allowed(&state, &headers, &query) {
+        return unauthorized(&state);
+    }
+    match state.dispatcher.symbols().await {
+        Ok(list) => Json(json!({ "symbols": list })).into_response(),
+        Err(_) => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "shutting down",
+        ),
+    }
+}
+
+/// `?limit=N` (and `?token=`).
+#[derive(Debug, Deserialize)]
+pub struct LimitQuery {
+    limit: Option<usize>,
+    token: Option<String>,
+}
+
+pub(super) async fn dlq(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<LimitQuery>,
+) -> Response {
+    let tq = TokenQuery {
+        token: q.token.clone(),
+    };
+    if !read_allowed(&state, &headers, &tq) {
+        return unauthorized(&state);
+    }
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    Json(json!({ "entries": state.dead_letters.recent(limit) })).into_response()
+}
+
+pub(super) async fn stats(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<TokenQuery>,
+) -> Response {
+    if !read_allowed(&state, &headers, &query) {
+        return unauthorized(&state);
+    }
+    let ing = &state.ingestor.stats;
+    let d = &state.dispatch_stats;
+    let lanes: serde_json::Map<_, _> = Priority::ALL
+        .iter()
+        .map(|p| {
+            (
+                p.as_str().to_owned(),
+                state.queue.stats(*p).depth.load(Ordering::Relaxed).into(),
+            )
+        })
+        .collect();
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    Json(json!({
+        "uptime_s": state.started.elapsed().as_secs(),
+        "connections": state.clients.stats.open.load(Ordering::Relaxed),
+        "clients": load(&d.clients),
+        "ticks_received": load(&ing.received),
+        "ticks_accepted": load(&ing.accepted),
+        "ticks_rejected": ing.rejected_total(),
+        "ticks_duplicate": load(&ing.duplicates),
+        "ticks_refused": load(&ing.refused),
+        "ticks_dispatched": load(&d.dispatched),
+        "ingest_rate": state.metrics.ingest_rate(load(&ing.accepted)),
+        "messages_sent": load(&state.clients.stats.frames_sent),
+        "queue_depth": lanes,
+        "queue_capacity": state.queue.capacity(),
+        "latency_us": { "ingest_to_dispatch": *d.latency.lock() },
+        "dropped": {
+            "ttl_expired": load(&d.expired),
+            "slow_consumer_closes": load(&d.slow_consumer_closes),
+            "conflated": load(&d.conflated),
+        },
+        "epoch": state.clients.epoch,
+    }))
+    .into_response()
+}
+
+pub(super) async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let mut reasons = Vec::new();
+    let depth = state.queue.depth();
+    if depth * 100 >= state.queue.capacity() * 95 {
+        reasons.push(format!(
+            "priority queue {depth}/{} full",
+            state.queue.capacity()
+        ));
+    }
+    if let Some(e) = state.store.stats().last_error {
+        reasons.push(format!("store: last commit failed: {e}"));
+    }
+    if state.clients.shutdown.is_cancelled() {
+        reasons.push("shutting down".to_owned());
+    }
+    let body = json!({
+        "status": if reasons.is_empty() { "ok" } else { "degraded" },
+        "reasons": reasons,
+        "uptime_s": state.started.elapsed().as_secs(),
+        "connections": state.limits.open(),
+        "max_connections": state.config.limits.max_connections,
+        "fd_limit": state.fd_limit,
+        "queue_depth": depth,
+        "epoch": state.clients.epoch,
+        "version": env!("CARGO_PKG_VERSION"),
+    });
+    let status = if reasons.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let text = state.metrics.render(&state);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+/// `?limit=N&since_seq=S` (and `?token=`).
+#[derive(Debug, Deserialize)]
+pub struct HistoryQuery {
+    limit: Option<usize>,
+    since_seq: Option<u64>,
+    token: Option<String>,
+}
+
+/// Largest `limit` of `/api/history` and `/api/bars`.
+const MAX_HTTP_LIMIT: usize = 10_000;
+
+/// The shared part of the store-backed read routes: token, symbol name, and a read off the
+/// async runtime with errors mapped to responses.
+async fn read_store<T: Send + 'static>(
+    state: &Arc<AppState>,
+    headers: &HeaderMap,
+    token: Option<String>,
+    symbol: &str,
+    read: impl FnOnce(&Store, &str) -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, Response> {
+    if !read_allowed(state, headers, &TokenQuery { token }) {
+        return Err(unauthorized(state));
+    }
+    if !Symbol::is_valid(symbol) {
+        return Err(error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_symbol",
+            "symbol must be 1-32 of A-Z a-z 0-9 . - _ / :",
+        ));
+    }
+    let store = state.store.clone();
+    let symbol = symbol.to_owned();
+    match tokio::task::spawn_blocking(move || read(&store, &symbol)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            &e.to_string(),
+        )),
+        Err(_) => Err(error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "store read failed",
+        )),
+    }
+}
+
+pub(super) async fn history(
+    State(state): State<Arc<AppState>>,
+    Path(symbol): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<HistoryQuery>,
+) -> Response {
+    let limit = q.limit.unwrap_or(100).min(MAX_HTTP_LIMIT);
+    let since = q.since_seq;
+    let h = match read_store(&state, &headers, q.token, &symbol, move |store, sym| {
+        store.history(sym, limit, since)
+    })
+    .await
+    {
+        Ok(h) => h,
+        Err(resp) => return resp,
+    };
+    // The stored ticks are already JSON objects: splice them in rather than re-encode.
+    let mut body = String::with_capacity(96 + h.ticks.iter().map(|t| t.len() + 1).sum::<usize>());
+    body.push_str(r#"{"symbol":"#);
+    body.push_str(&serde_json::to_string(&symbol).unwrap_or_default());
+    body.push_str(r#","epoch":"#);
+    body.push_str(itoa::Buffer::new().format(state.clients.epoch));
+    body.push_str(r#","first_seq":"#);
+    body.push_str(&h.first_seq.map_or("null".to_owned(), |s| s.to_string()));
+    body.push_str(r#","last_seq":"#);
+    body.push_str(itoa::Buffer::new().format(h.last_seq));
+    body.push_str(r#","ticks":["#);
+    for (i, t) in h.ticks.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(std::str::from_utf8(t).unwrap_or("null"));
+    }
+    body.push_str("]}");
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// `?tf=1m&limit=N` (and `?token=`).
+#[derive(Debug, Deserialize)]
+pub struct BarsQuery {
+    tf: Option<String>,
+    limit: Option<usize>,
+    token: Option<String>,
+}
+
+pub(super) async fn bars(
+    State(state): State<Arc<AppState>>,
+    Path(symbol): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<BarsQuery>,
+) -> Response {
+    let Some(tf) = Timeframe::parse(q.tf.as_deref().unwrap_or("1m")) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "tf must be one of 1m, 5m, 15m, 1h, 4h, 1d",
+        );
+    };
+    let limit = q.limit.unwrap_or(100).min(MAX_HTTP_LIMIT);
+    match read_store(&state, &headers, q.token, &symbol, move |store, sym| {
+        store.bars(sym, tf, limit)
+    })
+    .await
+    {
+        Ok(bars) => {
+            Json(json!({"symbol": symbol, "tf": tf.as_str(), "bars": bars})).into_response()
+        }
+        Err(resp) => resp,
+    }
+}
