@@ -79,10 +79,12 @@ pub struct StoreConfig {
     /// Dead-letter entries kept (oldest dropped first), so a flood of bad input cannot grow the
     /// file without bound. 0 keeps none.
     pub dlq_capacity: usize,
-    /// How long the writer keeps collecting batches into one write transaction after the first
-    /// one arrives, in ms. Every transaction pays one fdatasync, so a short window lets many
-    /// producers share it; 0 commits as soon as the queue is momentarily empty (lowest ack
-    /// latency when idle). A flush request always ends the window early.
+    /// Group-commit window in ms: a write transaction starts at most once per window, counted
+    /// from the previous commit. Every transaction pays one fdatasync; an idle store commits at
+    /// once (an ack costs one fsync), a busy one shares each fsync among everything that arrived
+    /// in the window, which bounds commits to 1000/window per second and keeps the fsync load
+    /// from crowding out fan-out. 0 commits whenever the queue is momentarily empty. A flush
+    /// request always ends the window early.
     pub group_commit_ms: u64,
     /// Most ticks in one write transaction. Bounds the latency of a single commit (and so the
     /// ack latency of the first tick in it) when a large backlog is waiting.
@@ -122,7 +124,7 @@ impl Default for StoreConfig {
         Self {
             dir: PathBuf::from("data"),
             dlq_capacity: 10_000,
-            group_commit_ms: 1,
+            group_commit_ms: 5,
             group_commit_max_ticks: 100_000,
             writer_queue: 256,
             max_ticks_per_symbol: 1_000_000,

@@ -206,6 +206,7 @@ impl Writer {
 
     /// The thread body; returns after `Close` or when every handle is gone.
     pub(super) fn run(mut self) {
+        let mut last_commit = Instant::now();
         loop {
             // A retention pass advances whenever nothing is waiting.
             if self.pass.is_some() && self.rx.is_empty() {
@@ -228,7 +229,11 @@ impl Writer {
             };
             let mut group = Group::default();
             group.add(first);
-            self.gather(&mut group);
+            // Commits start at most once per window: an idle store commits at once (fast acks),
+            // a busy one shares each fsync among everything that arrived in the window.
+            let deadline = last_commit + self.cfg.group_commit;
+            self.gather(&mut group, deadline);
+            last_commit = Instant::now();
             let stop = group.close.is_some();
             let retention = std::mem::take(&mut group.retention);
             self.commit_with_retry(group);
@@ -246,10 +251,9 @@ impl Writer {
         }
     }
 
-    /// Adds whatever else is waiting, and what arrives within the group-commit window, up to
-    /// `max_ticks`.
-    fn gather(&self, group: &mut Group) {
-        let deadline = Instant::now() + self.cfg.group_commit;
+    /// Adds whatever else is waiting, and what arrives before `deadline` (the end of the
+    /// group-commit window that began with the previous commit), up to `max_ticks`.
+    fn gather(&self, group: &mut Group, deadline: Instant) {
         while !group.has_waiter() && group.ticks < self.cfg.max_ticks {
             match self.rx.try_recv() {
                 Ok(cmd) => group.add(cmd),
