@@ -40,10 +40,11 @@ pub async fn serve(socket: WebSocket, ingestor: Arc<Ingestor>, ctx: Arc<ClientCo
                 }
                 msg = stream.next() => msg,
             };
-            let bytes = match msg {
-                Some(Ok(Message::Text(t))) => t.as_str().as_bytes().to_vec(),
+            // Ingest copies the frame once into simd-json's scratch buffer; no copy here.
+            let report = match msg {
+                Some(Ok(Message::Text(t))) => ingestor.ingest_frame(t.as_str().as_bytes()),
                 // Binary frames carrying JSON are accepted too: producers often send bytes.
-                Some(Ok(Message::Binary(b))) => b.to_vec(),
+                Some(Ok(Message::Binary(b))) => ingestor.ingest_frame(&b),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Ok(Message::Close(_))) | None => return,
                 Some(Err(e)) => {
@@ -62,7 +63,6 @@ pub async fn serve(socket: WebSocket, ingestor: Arc<Ingestor>, ctx: Arc<ClientCo
                     return;
                 }
             };
-            let report = ingestor.ingest_frame(&bytes);
             if tx.send(Outgoing::Report(report)).await.is_err() {
                 return;
             }

@@ -275,3 +275,40 @@ async fn bad_requests_get_errors_and_keep_the_connection() {
 }
 
 use futures_util::SinkExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_plus_wildcard_delivers_once_and_unsubscribing_star_keeps_named() {
+    let server = TestServer::start().await;
+    let (mut client, _) = server.client().await;
+    subscribe(&mut client, 1, json!({"symbols": ["W1"]})).await;
+    subscribe(&mut client, 2, json!({"symbols": ["*", "W1"]})).await;
+    let mut producer = server.producer().await;
+    ingest(&mut producer, &[tick("W1", 1.0, 1.0), tick("W2", 1.0, 1.0)]).await;
+    let mut got: Vec<(String, u64)> = Vec::new();
+    for _ in 0..2 {
+        let m = client.recv().await;
+        got.push((
+            m["symbol"].as_str().unwrap().to_owned(),
+            m["seq"].as_u64().unwrap(),
+        ));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [("W1".to_owned(), 1), ("W2".to_owned(), 1)],
+        "each tick exactly once"
+    );
+    let ack = client
+        .request(json!({"op": "unsubscribe", "id": 3, "symbols": ["*"]}))
+        .await;
+    assert_eq!(ack["op"], "unsubscribe");
+    ingest(&mut producer, &[tick("W2", 2.0, 1.0), tick("W1", 2.0, 1.0)]).await;
+    let m = client.recv().await;
+    assert_eq!(
+        (m["symbol"].as_str(), m["seq"].as_u64()),
+        (Some("W1"), Some(2)),
+        "W1 stays subscribed by name; W2 no longer comes"
+    );
+    let pong = client.request(json!({"op": "ping", "id": 4})).await;
+    assert_eq!(pong["type"], "pong");
+}

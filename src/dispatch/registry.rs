@@ -1,8 +1,15 @@
 //! The routing index: which clients want which symbol. Owned by the dispatcher alone, so it is
 //! plain data with no locks. Clients are slab keys; a wildcard (`*`) subscriber is in its own
-//! list and matches every symbol, including ones that appear later.
+//! set and matches every symbol, including ones that appear later.
+//!
+//! Invariant kept by the dispatcher: a wildcard client is never also in a symbol's set (its
+//! named subscriptions are parked while `*` is on and restored when it goes), so fan-out visits
+//! each client once without a membership check per subscriber. Sets are insertion-ordered
+//! hash sets: O(1) add and remove (subscribe storms stay linear) and dense iteration.
 
 use std::collections::HashMap;
+
+use indexmap::IndexSet;
 
 use crate::tick::Symbol;
 
@@ -12,24 +19,24 @@ pub type ClientKey = usize;
 /// symbol → subscribers, plus wildcard subscribers.
 #[derive(Debug, Default)]
 pub struct Registry {
-    by_symbol: HashMap<Symbol, Vec<ClientKey>>,
-    wildcard: Vec<ClientKey>,
+    by_symbol: HashMap<Symbol, IndexSet<ClientKey>>,
+    wildcard: IndexSet<ClientKey>,
 }
 
 impl Registry {
     /// Adds `client` to `symbol` (idempotent).
     pub fn add(&mut self, symbol: &Symbol, client: ClientKey) {
-        let list = self.by_symbol.entry(symbol.clone()).or_default();
-        if !list.contains(&client) {
-            list.push(client);
-        }
+        self.by_symbol
+            .entry(symbol.clone())
+            .or_default()
+            .insert(client);
     }
 
     /// Removes `client` from `symbol`.
     pub fn remove(&mut self, symbol: &Symbol, client: ClientKey) {
-        if let Some(list) = self.by_symbol.get_mut(symbol) {
-            list.retain(|c| *c != client);
-            if list.is_empty() {
+        if let Some(set) = self.by_symbol.get_mut(symbol) {
+            set.swap_remove(&client);
+            if set.is_empty() {
                 self.by_symbol.remove(symbol);
             }
         }
@@ -37,27 +44,22 @@ impl Registry {
 
     /// Adds a wildcard subscriber (idempotent).
     pub fn add_wildcard(&mut self, client: ClientKey) {
-        if !self.wildcard.contains(&client) {
-            self.wildcard.push(client);
-        }
+        self.wildcard.insert(client);
     }
 
     /// Removes a wildcard subscriber.
     pub fn remove_wildcard(&mut self, client: ClientKey) {
-        self.wildcard.retain(|c| *c != client);
+        self.wildcard.swap_remove(&client);
     }
 
-    /// Calls `f` for every client that wants `symbol`, each once (a client that is both a
-    /// wildcard and a named subscriber is visited through the wildcard only).
+    /// Calls `f` for every client that wants `symbol`.
     pub fn for_each_subscriber(&self, symbol: &Symbol, mut f: impl FnMut(ClientKey)) {
         for &c in &self.wildcard {
             f(c);
         }
-        if let Some(list) = self.by_symbol.get(symbol) {
-            for &c in list {
-                if !self.wildcard.contains(&c) {
-                    f(c);
-                }
+        if let Some(set) = self.by_symbol.get(symbol) {
+            for &c in set {
+                f(c);
             }
         }
     }
@@ -65,7 +67,7 @@ impl Registry {
     /// Subscribers of `symbol` by name (not counting wildcards).
     #[must_use]
     pub fn named_subscribers(&self, symbol: &Symbol) -> usize {
-        self.by_symbol.get(symbol).map_or(0, Vec::len)
+        self.by_symbol.get(symbol).map_or(0, IndexSet::len)
     }
 }
 
@@ -92,18 +94,18 @@ mod tests {
         r.add(&s("A"), 2);
         r.add(&s("B"), 2);
         r.add_wildcard(3);
-        r.add_wildcard(2);
         assert_eq!(subscribers(&r, "A"), [1, 2, 3]);
-        assert_eq!(subscribers(&r, "NEW"), [2, 3]);
+        assert_eq!(
+            subscribers(&r, "NEW"),
+            [3],
+            "wildcards match symbols seen later"
+        );
         r.remove(&s("A"), 1);
-        r.remove_wildcard(2);
         assert_eq!(subscribers(&r, "A"), [2, 3]);
-        assert_eq!(subscribers(&r, "B"), [2, 3]);
+        r.remove_wildcard(3);
+        assert_eq!(subscribers(&r, "A"), [2]);
         r.remove(&s("B"), 2);
         assert_eq!(r.named_subscribers(&s("B")), 0);
-        assert!(
-            !r.by_symbol.contains_key(&s("B")),
-            "empty lists are dropped"
-        );
+        assert!(!r.by_symbol.contains_key(&s("B")), "empty sets are dropped");
     }
 }

@@ -66,14 +66,18 @@ impl<S: TickSink> Dispatcher<S> {
         let Some(client) = self.clients.get_mut(key) else {
             return;
         };
-        for sym in &accepted {
-            if client.symbols.insert(sym.clone()) {
-                self.registry.add(sym, key);
-            }
-        }
-        if wildcard {
+        if wildcard && !client.wildcard {
+            // While `*` is on, named subscriptions are parked outside the index (see registry).
             client.wildcard = true;
             self.registry.add_wildcard(key);
+            for sym in &client.symbols {
+                self.registry.remove(sym, key);
+            }
+        }
+        for sym in &accepted {
+            if client.symbols.insert(sym.clone()) && !client.wildcard {
+                self.registry.add(sym, key);
+            }
         }
         let mut last_seq = serde_json::Map::new();
         for sym in &accepted {
@@ -122,11 +126,13 @@ impl<S: TickSink> Dispatcher<S> {
             return;
         };
         let mut removed = Vec::new();
+        let mut unparked = false;
         for name in requested {
             if name == "*" {
                 if client.wildcard {
                     client.wildcard = false;
                     self.registry.remove_wildcard(key);
+                    unparked = true;
                 }
                 removed.push(Value::from("*"));
             } else if let Some(sym) = Symbol::parse(name) {
@@ -134,6 +140,12 @@ impl<S: TickSink> Dispatcher<S> {
                     self.registry.remove(&sym, key);
                 }
                 removed.push(Value::from(sym.as_str()));
+            }
+        }
+        if unparked {
+            // The named subscriptions parked while `*` was on come back into the index.
+            for sym in &client.symbols {
+                self.registry.add(sym, key);
             }
         }
         if !client.wildcard {

@@ -87,8 +87,13 @@ impl SymbolIngest {
 
     /// Second half: remembers a tick that was taken (queued, or stored by import).
     pub fn commit(&mut self, key: u64, tick: &Tick, dedup_window: usize) {
+        self.remember(key, tick.price, tick.volume, tick.ts, dedup_window);
+    }
+
+    /// `commit` from the few values it needs, for callers that have moved the tick on.
+    pub fn remember(&mut self, key: u64, price: f64, volume: f64, ts: i64, dedup_window: usize) {
         self.recent.insert(key, dedup_window);
-        self.quality.update(tick.price, tick.volume, tick.ts);
+        self.quality.update(price, volume, ts);
     }
 }
 
@@ -351,8 +356,8 @@ impl Ingestor {
         if !batch.valid.is_empty() {
             let now = Instant::now();
             let mut symbols = self.symbols.lock();
-            for (index, mut tick) in batch.valid {
-                let outcome = self.admit_one(&mut symbols, &mut tick, index, &ack, now);
+            for (index, tick) in batch.valid {
+                let outcome = self.admit_one(&mut symbols, tick, index, &ack, now);
                 match outcome {
                     Admission::Accepted => report.accepted += 1,
                     Admission::Duplicate => {
@@ -363,12 +368,12 @@ impl Ingestor {
                         report.refused.push(index);
                         ack.settle();
                     }
-                    Admission::Rejected(reject) => {
+                    Admission::Rejected(reject, raw) => {
                         self.stats.reject(reject.code);
                         dead.push(DeadLetter::new(
                             reject.code.as_str(),
                             reject.message.clone(),
-                            tick.to_json(),
+                            raw,
                             received_at,
                         ));
                         report.rejected.push(Rejection {
@@ -404,19 +409,20 @@ impl Ingestor {
     fn admit_one(
         &self,
         symbols: &mut HashMap<Symbol, SymbolIngest>,
-        tick: &mut Tick,
+        mut tick: Tick,
         index: u32,
         ack: &Arc<AckGroup>,
         now: Instant,
     ) -> Admission {
         if !symbols.contains_key(&tick.symbol) && symbols.len() >= self.config.max_total_symbols {
-            return Admission::Rejected(Reject {
+            let reject = Reject {
                 code: RejectCode::InvalidSymbol,
                 message: format!(
                     "symbol limit reached ({} symbols, validation.max_total_symbols)",
                     self.config.max_total_symbols
                 ),
-            });
+            };
+            return Admission::Rejected(reject, tick.to_json());
         }
         let window = self.config.dedup_window;
         let state = symbols.entry(tick.symbol.clone()).or_insert_with(|| {
@@ -424,18 +430,20 @@ impl Ingestor {
                 SymbolIngest::from_store(s, &tick.symbol, window)
             })
         });
-        let Some(key) = state.check(tick) else {
+        let Some(key) = state.check(&mut tick) else {
             return Admission::Duplicate;
         };
+        // The tick moves into the queue; only these are needed to remember it afterwards.
+        let (price, volume, ts) = (tick.price, tick.volume, tick.ts);
         let queued = Queued {
-            tick: tick.clone(),
+            tick,
             ack: Some(ack.clone()),
             index,
             enqueued: now,
         };
         match self.queue.push(queued) {
             Ok(()) => {
-                state.commit(key, tick, self.config.dedup_window);
+                state.remember(key, price, volume, ts, window);
                 Admission::Accepted
             }
             Err(_) => Admission::Refused,
@@ -447,7 +455,8 @@ enum Admission {
     Accepted,
     Duplicate,
     Refused,
-    Rejected(Reject),
+    /// With the tick's JSON for the dead-letter list.
+    Rejected(Reject, String),
 }
 
 /// Ticks of one frame or body between parsing and admission, with running indices.
