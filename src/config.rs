@@ -316,6 +316,10 @@ pub struct DispatchConfig {
     /// page by page, with no hole; between pages a client over its outbound buffer is closed as
     /// a slow consumer, so one page bounds the memory a replay can take.
     pub max_replay_ticks: usize,
+    /// Snapshot reads from the store running at once (each on a blocking thread). Further
+    /// reads wait their turn in the dispatcher, so a reconnect storm cannot flood the blocking
+    /// pool or the disk.
+    pub max_store_reads: usize,
 }
 
 impl Default for DispatchConfig {
@@ -330,6 +334,7 @@ impl Default for DispatchConfig {
             outbound_messages: 65_536,
             recent_ticks: 1_000,
             max_replay_ticks: 10_000,
+            max_store_reads: 16,
         }
     }
 }

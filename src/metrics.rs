@@ -169,6 +169,12 @@ impl Metrics {
             .register_histogram(&Key::from_name("tickfan_store_batch_ticks"), &METADATA)
     }
 
+    /// Folds recorded histogram samples into their buckets. The exporter keeps raw samples
+    /// until then, so without this (or a scrape) memory would grow with every tick.
+    pub fn upkeep(&self) {
+        self.recorder.handle().run_upkeep();
+    }
+
     /// Accepted ticks per second, averaged since the previous call (at least 1 s apart).
     pub fn ingest_rate(&self, accepted: u64) -> f64 {
         let mut r = self.rate.lock();

@@ -126,10 +126,23 @@ pub async fn run(
         fd_limit: fd_limit(),
         store: store.clone(),
     });
-    let app = http::router(state);
+    let app = http::router(state.clone());
     let local = listener.local_addr()?;
     tracing::info!(%local, simulator = config.feed.simulator, "tickfan serving");
 
+    // Histogram samples are held until folded; fold them on a timer so an unscraped server
+    // stays bounded.
+    let upkeep_state = state.clone();
+    let upkeep_stop = stop.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(UPKEEP_EVERY);
+        loop {
+            tokio::select! {
+                () = upkeep_stop.cancelled() => return,
+                _ = every.tick() => upkeep_state.metrics.upkeep(),
+            }
+        }
+    });
     let stop_on_signal = stop.clone();
     tokio::spawn(async move {
         shutdown.await;
@@ -170,6 +183,9 @@ pub async fn run(
     tracing::info!("shutdown complete");
     Ok(())
 }
+
+/// How often histogram samples are folded into buckets.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Raises the soft open-files limit to the hard limit and returns the limit in force.
 #[must_use]

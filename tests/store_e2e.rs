@@ -544,3 +544,37 @@ async fn duplicates_are_caught_across_a_restart() {
     let (_, h) = server.get_json("/api/history/DUPR").await;
     assert_eq!(seqs(&h["ticks"]), [1, 2, 3]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_store_snapshots_wait_for_read_slots_and_all_complete() {
+    let mut config = test_config();
+    config.dispatch.recent_ticks = 5;
+    config.dispatch.max_store_reads = 1;
+    let server = TestServer::start_with(config).await;
+    let mut producer = server.producer().await;
+    let names: Vec<String> = (0..20).map(|i| format!("Q{i}")).collect();
+    for name in &names {
+        let ticks: Vec<Value> = (0..50)
+            .map(|i| tick(name, 1.0 + f64::from(i), 1.0))
+            .collect();
+        ingest(&mut producer, &ticks).await;
+    }
+    let (mut client, _) = server.client().await;
+    let since: serde_json::Map<String, Value> =
+        names.iter().map(|n| (n.clone(), json!(10))).collect();
+    subscribe(
+        &mut client,
+        1,
+        json!({"symbols": names, "since_seq": since}),
+    )
+    .await;
+    let mut done = std::collections::HashMap::new();
+    while done.len() < names.len() {
+        let m = client.recv().await;
+        assert_eq!(m["type"], "snapshot", "{m}");
+        assert_eq!(m["gap"], false);
+        let got = seqs(&m["ticks"]);
+        assert_eq!(got, (11..=50).collect::<Vec<_>>(), "{}", m["symbol"]);
+        done.insert(m["symbol"].as_str().unwrap().to_owned(), got.len());
+    }
+}

@@ -138,6 +138,10 @@ pub struct Dispatcher<S: TickSink> {
     self_tx: flume::Sender<Command>,
     next_serial: u64,
     max_replay: usize,
+    /// Store reads for snapshots running now, and those waiting for a slot.
+    reads_in_flight: usize,
+    queued_reads: std::collections::VecDeque<(SnapshotRead, bool)>,
+    max_store_reads: usize,
 }
 
 /// Commands handled per loop turn before looking at the queue again.
@@ -192,6 +196,9 @@ impl<S: TickSink> Dispatcher<S> {
             self_tx: tx.clone(),
             next_serial: 0,
             max_replay: config.dispatch.max_replay_ticks,
+            reads_in_flight: 0,
+            queued_reads: std::collections::VecDeque::new(),
+            max_store_reads: config.dispatch.max_store_reads.max(1),
         };
         (dispatcher, DispatcherHandle { tx })
     }

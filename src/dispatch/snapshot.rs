@@ -59,10 +59,17 @@ impl<S: TickSink> Dispatcher<S> {
     /// Reads one page of a snapshot from the store off the runtime; the result comes back as
     /// `Command::SnapshotLoaded`. `flush` first waits for ticks already handed to the store, so
     /// a follow-up read reaches the ring.
-    fn read_store(&self, read: SnapshotRead, flush: bool) {
+    fn read_store(&mut self, read: SnapshotRead, flush: bool) {
         let Some(store) = self.store.clone() else {
             return;
         };
+        // At most `max_store_reads` reads run at once (the blocking pool's queue is unbounded);
+        // the rest wait here, in seq order per client.
+        if self.reads_in_flight >= self.max_store_reads {
+            self.queued_reads.push_back((read, flush));
+            return;
+        }
+        self.reads_in_flight += 1;
         let tx = self.self_tx.clone();
         let limit = if read.since.is_some() {
             self.max_replay
@@ -122,6 +129,10 @@ impl<S: TickSink> Dispatcher<S> {
     /// hole; a `history` read is retried (after a flush) until it joins the ring. Then the ring
     /// tail is added and live delivery of the symbol resumes.
     pub(super) fn snapshot_loaded(&mut self, read: SnapshotRead, result: Result<History, String>) {
+        self.reads_in_flight -= 1;
+        if let Some((next, flush)) = self.queued_reads.pop_front() {
+            self.read_store(next, flush);
+        }
         let key = read.key;
         match self.clients.get(key) {
             Some(c) if c.serial == read.serial && !c.detached => {}
