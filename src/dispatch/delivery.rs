@@ -527,8 +527,9 @@ mod tests {
     #[test]
     fn throttled_critical_is_not_skipped_when_the_queue_is_full() {
         let (t1, f1) = tick("A", 1, Priority::Normal);
-        // Room for exactly one tick frame (with its conflated count).
-        let (out, rx) = channel(100, f1.len() + 20);
+        // Room for one tick frame (with its conflated count) as data; control frames, critical
+        // ticks among them, may use up to twice that.
+        let (out, rx) = channel(100, f1.len() + 60);
         let mut d = Delivery::new(Duration::from_millis(100));
         let t0 = Instant::now();
         set(&mut d, Mode::Throttled, &out, t0);

@@ -78,13 +78,17 @@ impl Outbound {
         self.push_control(frame)
     }
 
-    /// Queues a small control frame (ack, error, mode switch) ignoring the byte limit, so a
-    /// lagging client still hears why things change. The message-count bound still applies.
+    /// Queues a control frame (ack, error, mode switch, snapshot, a critical tick) past the
+    /// data byte limit, so a lagging client still hears why things change; but never past
+    /// twice the limit, so control traffic cannot grow a queue without bound either.
     ///
     /// # Errors
     /// As [`Outbound::push`].
     pub fn push_control(&self, frame: Frame) -> Result<(), PushError> {
         let len = frame.len();
+        if self.queued_bytes() + len > self.shared.byte_limit.saturating_mul(2) {
+            return Err(PushError::Full);
+        }
         self.shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
         match self.tx.try_send(frame) {
             Ok(()) => Ok(()),
@@ -171,6 +175,14 @@ mod tests {
         assert_eq!(tx.queued_bytes(), 8);
         drop(rx);
         assert_eq!(tx.push(Frame::from("1")), Err(PushError::Closed));
+    }
+
+    #[test]
+    fn control_frames_may_pass_the_limit_only_up_to_twice_it() {
+        let (tx, _rx) = channel(100, 10);
+        tx.push(Frame::from("1234567890")).unwrap();
+        tx.push_control(Frame::from("123456789")).unwrap();
+        assert_eq!(tx.push_control(Frame::from("12")), Err(PushError::Full));
     }
 
     #[test]
