@@ -33,7 +33,7 @@ scenario() {
     throttled) start_server ""; run throttled -c 100 --symbols 10 -k 10 -r 10000 -d 10 --mode throttled --interval-ms 100; stop_server ;;
     latency)  start_server ""; run latency -c 1000 --symbols 100 -k 10 -r 2000 -d 15 --batch-ms 1; stop_server ;;
     latency5) start_server ""; run latency5 -c 1000 --symbols 100 -k 10 -r 2000 -d 15 --batch-ms 5; stop_server ;;
-    max)      start_server ""; run max -c 100 --symbols 10 -k 10 -r 30000 -d 10; stop_server ;;
+    max)      start_server ""; run max -c 100 --symbols 10 -k 10 -r 20000 -d 10; stop_server ;;
     ingest)   start_server ""; run ingest -c 1 --symbols 100 -k 1 -r 200000 -d 10 --batch-ms 2; stop_server ;;
     import)
       D=$(mktemp -d); F="$D/ticks.csv"
