@@ -83,6 +83,8 @@ pub struct ClientStats {
     pub abuse_closed: AtomicU64,
     /// Upgrades refused for their `Origin` (`server.allowed_origins`).
     pub forbidden_origin: AtomicU64,
+    /// `POST /api/ticks` bodies refused with 413 (`limits.max_body_bytes`).
+    pub body_too_large: AtomicU64,
     /// HTTP requests refused with 401 (missing or wrong token).
     pub http_unauthorized: AtomicU64,
     /// Write bursts, for sampling the write latency.

@@ -317,6 +317,7 @@ impl Metrics {
         limit("max_symbols", load(&d.too_many_symbols));
         limit("allowed_origins", load(&c.forbidden_origin));
         limit("http_unauthorized", load(&c.http_unauthorized));
+        limit("max_body_bytes", load(&c.body_too_large));
         self.recorder.handle().render()
     }
 }

@@ -268,8 +268,15 @@ async fn oversized_post_body_is_413_and_the_server_keeps_working() {
     let big: Vec<Value> = (0..200)
         .map(|i| tick("BIG", 1.0 + f64::from(i), 1.0))
         .collect();
-    let (status, _, _) = server.post_ticks(Value::Array(big).to_string()).await;
+    let (status, _, err) = server.post_ticks(Value::Array(big).to_string()).await;
     assert_eq!(status, 413);
+    assert_eq!(err["code"], "too_large");
+    assert_eq!(
+        server
+            .metric("tickfan_limit_hits_total{limit=\"max_body_bytes\"}")
+            .await,
+        1.0
+    );
     // NaN is not JSON; a "NaN" string is a wrong type; both are clear rejections.
     let now = now_ms();
     let body = format!("{{\"symbol\":\"N\",\"ts\":{now},\"price\":NaN,\"volume\":1}}\n{{\"symbol\":\"N\",\"ts\":{now},\"price\":\"NaN\",\"volume\":1}}\n{}", tick("N", 2.0, 1.0));

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -157,7 +157,6 @@ impl IntoResponse for LimitRefusal {
 
 /// Builds the router.
 pub fn router(state: Arc<AppState>) -> Router {
-    let body_limit = state.config.limits.max_body_bytes;
     Router::new()
         .route("/", get(crate::dashboard::index))
         .route("/app.js", get(crate::dashboard::app_js))
@@ -170,7 +169,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/ingest", get(ws_ingest))
         .route(
             "/api/ticks",
-            post(post_ticks).layer(DefaultBodyLimit::max(body_limit)),
+            // The handler enforces `max_body_bytes` itself, so the 413 is counted.
+            post(post_ticks).layer(DefaultBodyLimit::disable()),
         )
         .route("/api/symbols", get(api::symbols))
         .route("/api/history/{symbol}", get(api::history))
@@ -325,7 +325,7 @@ async fn post_ticks(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Query(query): Query<TokenQuery>,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     if !token_ok(
         &state.config.auth.ingest_tokens,
@@ -333,6 +333,19 @@ async fn post_ticks(
     ) {
         return unauthorized(&state);
     }
+    let limit = state.config.limits.max_body_bytes;
+    let Ok(body) = axum::body::to_bytes(body, limit).await else {
+        state
+            .clients
+            .stats
+            .body_too_large
+            .fetch_add(1, Ordering::Relaxed);
+        return error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            &format!("body over limits.max_body_bytes ({limit} bytes)"),
+        );
+    };
     let ingestor = state.ingestor.clone();
     // Parsing a large body is CPU work; keep it off the async workers' fast path.
     let report = match tokio::task::spawn_blocking(move || ingestor.ingest_body(&body)).await {
