@@ -549,8 +549,8 @@ async fn oversized_frames_close_1009_on_ws_and_ingest() {
 }
 
 /// "Every limit hit increments its labelled counter": an oversized `/ingest` frame closes with
-/// 1009 but is not counted in `tickfan_limit_hits_total{limit="max_message_bytes"}` (only `/ws`
-/// connections count it: `producer.rs` has no access to the counters).
+/// 1009 and is counted in `tickfan_limit_hits_total{limit="max_message_bytes"}`, like one on
+/// `/ws`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_ingest_frame_is_counted() {
     let mut config = test_config();
