@@ -122,12 +122,6 @@ impl Outbound {
                 .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
         self.shared.kill.cancel();
     }
-
-    /// Whether the connection is gone or told to close.
-    #[must_use]
-    pub fn is_closed(&self) -> bool {
-        self.shared.kill.is_cancelled() || self.tx.is_disconnected()
-    }
 }
 
 impl OutboundReceiver {
@@ -199,6 +193,6 @@ mod tests {
         tx.kill(4008);
         tx.kill(1001);
         assert_eq!(rx.killed().await, 4008);
-        assert!(tx.is_closed());
+        assert!(tx.shared.kill.is_cancelled());
     }
 }

@@ -63,12 +63,6 @@ impl Registry {
             }
         }
     }
-
-    /// Subscribers of `symbol` by name (not counting wildcards).
-    #[must_use]
-    pub fn named_subscribers(&self, symbol: &Symbol) -> usize {
-        self.by_symbol.get(symbol).map_or(0, IndexSet::len)
-    }
 }
 
 #[cfg(test)]
@@ -105,7 +99,7 @@ mod tests {
         r.remove_wildcard(3);
         assert_eq!(subscribers(&r, "A"), [2]);
         r.remove(&s("B"), 2);
-        assert_eq!(r.named_subscribers(&s("B")), 0);
+        assert_eq!(r.by_symbol.get(&s("B")).map_or(0, IndexSet::len), 0);
         assert!(!r.by_symbol.contains_key(&s("B")), "empty sets are dropped");
     }
 }

@@ -60,7 +60,7 @@ pub(super) async fn dlq(
     if !read_allowed(&state, &headers, &tq) {
         return unauthorized(&state);
     }
-    let limit = q.limit.unwrap_or(100).min(10_000);
+    let limit = q.limit.unwrap_or(100).min(MAX_HTTP_LIMIT);
     Json(json!({ "entries": state.dead_letters.recent(limit) })).into_response()
 }
 
