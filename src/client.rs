@@ -1,5 +1,6 @@
 //! One `/ws` client connection, served by a single task (no split halves, no per-connection
-//! channels beyond the outbound queue) to keep idle connections small. Inbound: requests are
+//! channels beyond the outbound queue) over a buffer-free [`WsSocket`] to keep idle
+//! connections small. Inbound: requests are
 //! rate-limited, parsed and turned into dispatcher commands, or answered here (ping, errors).
 //! Outbound: frames queued by the dispatcher and by this task are written in coalesced bursts
 //! (feed many, flush once). The task also runs the heartbeat, reaps silent peers, applies the
@@ -11,11 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::{SinkExt, StreamExt};
+use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::{json, Value};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -24,6 +25,8 @@ use crate::dispatch::registry::ClientKey;
 use crate::dispatch::{Command, DispatcherHandle};
 use crate::protocol::{self, close, error_message, ErrorCode, Request};
 use crate::tick::now_ms;
+use crate::ws::frame::{opcode, FrameError};
+use crate::ws::{Incoming, ReadError, WsSocket};
 
 /// How a connection stands with authentication when it is upgraded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,10 +110,19 @@ enum Flow {
     /// Close after sending this message (written right before the close frame: a reply queued
     /// on the outbound queue would be dropped by the close).
     CloseWith(u16, &'static str, String),
+    /// The peer is gone: no close handshake.
+    Gone,
 }
 
-/// Serves one upgraded connection until it closes.
-pub async fn serve(socket: WebSocket, ctx: Arc<ClientContext>, auth: AuthState, peer: SocketAddr) {
+/// Serves one upgraded connection until it closes. `early` holds bytes the client sent right
+/// behind its upgrade request.
+pub async fn serve(
+    stream: TcpStream,
+    early: Bytes,
+    ctx: Arc<ClientContext>,
+    auth: AuthState,
+    peer: SocketAddr,
+) {
     ctx.stats.open.fetch_add(1, Ordering::Relaxed);
     let (out, rx) = outbound::channel(
         ctx.config.dispatch.outbound_messages,
@@ -128,7 +140,8 @@ pub async fn serve(socket: WebSocket, ctx: Arc<ClientContext>, auth: AuthState, 
         limited_in_a_row: 0,
         last_heard: Instant::now(),
     };
-    let key = run(&mut conn, socket, &rx).await;
+    let mut socket = WsSocket::new(stream, ctx.config.limits.max_message_bytes);
+    let key = run(&mut conn, &mut socket, &rx, &early).await;
     if let Some(key) = key {
         ctx.dispatcher.deregister(key);
     }
@@ -136,7 +149,12 @@ pub async fn serve(socket: WebSocket, ctx: Arc<ClientContext>, auth: AuthState, 
     tracing::debug!(%peer, "client connection closed");
 }
 
-async fn run(conn: &mut Conn, mut socket: WebSocket, rx: &OutboundReceiver) -> Option<ClientKey> {
+async fn run(
+    conn: &mut Conn,
+    socket: &mut WsSocket,
+    rx: &OutboundReceiver,
+    early: &[u8],
+) -> Option<ClientKey> {
     let ctx = conn.ctx.clone();
     let heartbeat = Duration::from_millis(ctx.config.server.heartbeat_ms);
     let session = format!(
@@ -156,11 +174,8 @@ async fn run(conn: &mut Conn, mut socket: WebSocket, rx: &OutboundReceiver) -> O
             "history_max": protocol::MAX_HISTORY,
         },
     });
-    if socket
-        .send(Message::Text(welcome.to_string().into()))
-        .await
-        .is_err()
-    {
+    socket.queue_text(welcome.to_string().into());
+    if socket.flush().await.is_err() {
         return None;
     }
     match conn.auth {
@@ -168,7 +183,7 @@ async fn run(conn: &mut Conn, mut socket: WebSocket, rx: &OutboundReceiver) -> O
             ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
             let err = error_message(None, ErrorCode::Unauthorized, "invalid token", None);
             Box::pin(close_with(
-                &mut socket,
+                socket,
                 Some(err),
                 close::UNAUTHORIZED,
                 "unauthorized",
@@ -183,58 +198,79 @@ async fn run(conn: &mut Conn, mut socket: WebSocket, rx: &OutboundReceiver) -> O
         AuthState::Pending => {}
     }
     let auth_deadline = Instant::now() + AUTH_TIMEOUT;
+    let mut next_beat = Instant::now() + heartbeat;
+    // One timer for both the heartbeat and the auth deadline: an idle connection carries a
+    // single timer entry.
+    let timer = tokio::time::sleep_until(next_beat.min(auth_deadline));
+    tokio::pin!(timer);
     let mut notice = None;
-    let mut beat = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    beat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Messages read but not handled yet; the client may have sent some behind the handshake.
+    let mut inbox = Vec::new();
+    let mut broken = socket.absorb(early, &mut inbox).err();
     let reason = loop {
-        let pending_auth = conn.auth == AuthState::Pending;
+        if let Some(e) = broken.take() {
+            match read_failure(&ctx, e) {
+                Some(reason) => break reason,
+                None => return conn.key,
+            }
+        }
+        if !inbox.is_empty() {
+            conn.last_heard = Instant::now();
+            match Box::pin(on_messages(conn, socket, rx, &mut inbox)).await {
+                Flow::Continue => {}
+                Flow::Close(code, why) => break (code, why),
+                Flow::CloseWith(code, why, text) => {
+                    notice = Some(text);
+                    break (code, why);
+                }
+                Flow::Gone => return conn.key,
+            }
+        }
         tokio::select! {
             biased;
             () = ctx.shutdown.cancelled() => break (close::GOING_AWAY, "server shutting down"),
             code = rx.killed() => break (code, close_reason(code)),
             frame = rx.recv() => {
                 let Some(frame) = frame else { break (close::GOING_AWAY, "server shutting down") };
-                tokio::select! {
-                    biased;
-                    () = ctx.shutdown.cancelled() => break (close::GOING_AWAY, "server shutting down"),
-                    code = rx.killed() => break (code, close_reason(code)),
-                    // Boxed: an idle connection's task then does not carry the write state.
-                    res = Box::pin(write_burst(&mut socket, frame, rx, &ctx)) => if res.is_err() { return conn.key },
+                match Box::pin(write_until_done(socket, Some(frame), rx, &ctx)).await {
+                    Written::Done => {}
+                    Written::Failed => return conn.key,
+                    Written::Interrupted(code, why) => break (code, why),
                 }
             }
-            msg = socket.next() => match msg {
-                None => return conn.key,
-                Some(msg) => {
-                    conn.last_heard = Instant::now();
-                    match Box::pin(on_message(conn, msg)).await {
-                        Flow::Continue => {}
-                        Flow::Close(code, why) => break (code, why),
-                        Flow::CloseWith(code, why, text) => {
-                            notice = Some(text);
-                            break (code, why);
-                        }
-                    }
-                }
+            ready = socket.readable() => match ready {
+                Ok(()) => broken = socket.read_some(&mut inbox).err(),
+                Err(_) => return conn.key,
             },
-            _ = beat.tick() => {
-                if conn.last_heard.elapsed() > heartbeat * 3 {
-                    ctx.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
-                    break (close::NORMAL, "heartbeat timeout: nothing received for 3 heartbeats");
-                }
-                let hb = json!({"type": "heartbeat", "server_time": now_ms()}).to_string();
-                if conn.out.push_control(Frame::from(hb)).is_err() {
-                    break (close::SLOW_CONSUMER, "slow consumer");
-                }
-                // A WebSocket ping too: browsers answer it with a pong we count as life.
-                if Box::pin(socket.send(Message::Ping(bytes::Bytes::new()))).await.is_err() {
+            () = &mut timer => {
+                let now = Instant::now();
+                let pending_auth = conn.auth == AuthState::Pending;
+                if pending_auth && now >= auth_deadline {
+                    ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+                    let err = error_message(None, ErrorCode::Unauthorized, "no token within 10 s", None);
+                    Box::pin(close_with(socket, Some(err), close::UNAUTHORIZED, "unauthorized", close_grace(&ctx))).await;
                     return conn.key;
                 }
-            }
-            () = tokio::time::sleep_until(auth_deadline), if pending_auth => {
-                ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
-                let err = error_message(None, ErrorCode::Unauthorized, "no token within 10 s", None);
-                Box::pin(close_with(&mut socket, Some(err), close::UNAUTHORIZED, "unauthorized", close_grace(&ctx))).await;
-                return conn.key;
+                if now >= next_beat {
+                    if conn.last_heard.elapsed() > heartbeat * 3 {
+                        ctx.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                        break (close::NORMAL, "heartbeat timeout: nothing received for 3 heartbeats");
+                    }
+                    next_beat = now + heartbeat;
+                    let hb = json!({"type": "heartbeat", "server_time": now_ms()}).to_string();
+                    if conn.out.push_control(Frame::from(hb)).is_err() {
+                        break (close::SLOW_CONSUMER, "slow consumer");
+                    }
+                    // A WebSocket ping too: browsers answer it with a pong we count as life.
+                    socket.queue(opcode::PING, Bytes::new());
+                    match Box::pin(write_until_done(socket, None, rx, &ctx)).await {
+                        Written::Done => {}
+                        Written::Failed => return conn.key,
+                        Written::Interrupted(code, why) => break (code, why),
+                    }
+                }
+                let wake = if conn.auth == AuthState::Pending { next_beat.min(auth_deadline) } else { next_beat };
+                timer.as_mut().reset(wake);
             }
         }
     };
@@ -249,15 +285,34 @@ async fn run(conn: &mut Conn, mut socket: WebSocket, rx: &OutboundReceiver) -> O
             )
         })
     });
-    Box::pin(close_with(
-        &mut socket,
-        notice,
-        code,
-        why,
-        close_grace(&ctx),
-    ))
-    .await;
+    if code != close::SLOW_CONSUMER {
+        // Replies to requests read before the close go out first. A slow consumer's backlog
+        // does not: it is why the connection ends, and the client resumes with since_seq.
+        while let Some(frame) = rx.try_recv() {
+            socket.queue_text(frame.into());
+        }
+    }
+    Box::pin(close_with(socket, notice, code, why, close_grace(&ctx))).await;
     conn.key
+}
+
+/// The close a broken read ends with, or `None` when the peer is simply gone.
+fn read_failure(ctx: &ClientContext, e: ReadError) -> Option<(u16, &'static str)> {
+    match e {
+        ReadError::Frame(FrameError::TooBig) => {
+            ctx.stats.too_big.fetch_add(1, Ordering::Relaxed);
+            Some((close::TOO_BIG, "message too big"))
+        }
+        ReadError::Frame(FrameError::InvalidUtf8) => {
+            ctx.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+            Some((close::INVALID_PAYLOAD, "text is not UTF-8"))
+        }
+        ReadError::Frame(FrameError::Protocol(why)) => {
+            ctx.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+            Some((close::PROTOCOL_ERROR, why))
+        }
+        _ => None,
+    }
 }
 
 fn close_reason(code: u16) -> &'static str {
@@ -268,34 +323,67 @@ fn close_reason(code: u16) -> &'static str {
     }
 }
 
-/// Writes `first` and whatever else is queued (up to a burst budget), then flushes once.
-async fn write_burst(
-    socket: &mut WebSocket,
-    first: Frame,
+/// How a write burst ended.
+enum Written {
+    Done,
+    /// The socket failed: the peer is gone.
+    Failed,
+    /// Shutdown or a kill came while the socket was full.
+    Interrupted(u16, &'static str),
+}
+
+/// Writes `first`, whatever else is queued (up to a burst budget) and anything the socket had
+/// left over, but gives up waiting on a full socket when the connection is told to close.
+async fn write_until_done(
+    socket: &mut WsSocket,
+    first: Option<Frame>,
     rx: &OutboundReceiver,
     ctx: &ClientContext,
-) -> Result<(), axum::Error> {
+) -> Written {
+    tokio::select! {
+        biased;
+        () = ctx.shutdown.cancelled() => Written::Interrupted(close::GOING_AWAY, "server shutting down"),
+        code = rx.killed() => Written::Interrupted(code, close_reason(code)),
+        res = write_burst(socket, first, rx, ctx) => match res {
+            Ok(()) => Written::Done,
+            Err(_) => Written::Failed,
+        },
+    }
+}
+
+/// Queues `first` and whatever else is queued (up to a burst budget), then writes them with
+/// as few `writev` calls as the socket allows.
+async fn write_burst(
+    socket: &mut WsSocket,
+    first: Option<Frame>,
+    rx: &OutboundReceiver,
+    ctx: &ClientContext,
+) -> std::io::Result<()> {
     let stats = &ctx.stats;
     // One burst in 64 measures how long its first tick took from receipt to the socket.
-    let sample = match &ctx.write_latency {
-        Some(h)
+    let sample = match (&ctx.write_latency, &first) {
+        (Some(h), Some(first))
             if stats
                 .bursts
                 .fetch_add(1, Ordering::Relaxed)
                 .is_multiple_of(64) =>
         {
-            t_in_of(&first).map(|t| (h, t))
+            t_in_of(first).map(|t| (h, t))
         }
         _ => None,
     };
-    let mut bytes = first.len();
-    let mut frames = 1u64;
-    socket.feed(Message::Text(first)).await?;
+    let mut bytes = 0;
+    let mut frames = 0u64;
+    if let Some(first) = first {
+        bytes += first.len();
+        frames += 1;
+        socket.queue_text(first.into());
+    }
     while bytes < WRITE_BURST_BYTES {
         let Some(next) = rx.try_recv() else { break };
         bytes += next.len();
         frames += 1;
-        socket.feed(Message::Text(next)).await?;
+        socket.queue_text(next.into());
     }
     socket.flush().await?;
     if let Some((h, t_in)) = sample {
@@ -327,62 +415,84 @@ fn t_in_of(frame: &Frame) -> Option<i64> {
 
 /// Sends an optional error message and a close frame, then waits briefly for the peer's close.
 async fn close_with(
-    socket: &mut WebSocket,
+    socket: &mut WsSocket,
     notice: Option<String>,
     code: u16,
     reason: &str,
     grace: Duration,
 ) {
-    let _ = tokio::time::timeout(grace, async {
-        if let Some(text) = notice {
-            socket.feed(Message::Text(text.into())).await?;
-        }
-        socket
-            .send(Message::Close(Some(CloseFrame {
-                code,
-                reason: Utf8Bytes::from(reason),
-            })))
-            .await
-    })
-    .await;
+    if let Some(text) = notice {
+        socket.queue_text(text.into());
+    }
+    socket.queue_close(code, reason);
+    if !matches!(
+        tokio::time::timeout(grace, socket.flush()).await,
+        Ok(Ok(()))
+    ) {
+        return;
+    }
     // Read until the peer's close (or EOF) so the TCP connection ends cleanly.
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Some(Ok(_)) = socket.next().await {}
+        let mut seen = Vec::new();
+        while socket.readable().await.is_ok() {
+            if socket.read_some(&mut seen).is_err()
+                || seen.iter().any(|m| matches!(m, Incoming::Close(_)))
+            {
+                return;
+            }
+            seen.clear();
+        }
     })
     .await;
 }
 
-async fn on_message(conn: &mut Conn, msg: Result<Message, axum::Error>) -> Flow {
-    let stats = &conn.ctx.stats;
-    match msg {
-        Ok(Message::Text(text)) => on_request(conn, text.as_str()).await,
-        Ok(Message::Binary(_)) => {
-            stats.bad_requests.fetch_add(1, Ordering::Relaxed);
-            reply(
-                conn,
-                error_message(
-                    None,
-                    ErrorCode::BadRequest,
-                    "binary frames are not supported; send JSON text",
-                    None,
-                ),
-            )
-        }
-        Ok(Message::Close(_)) => Flow::Close(close::NORMAL, "bye"),
-        Ok(Message::Ping(_) | Message::Pong(_)) => Flow::Continue,
-        Err(e) => {
-            let too_big = e
-                .into_inner()
-                .downcast::<tokio_tungstenite::tungstenite::Error>()
-                .is_ok_and(|e| matches!(*e, tokio_tungstenite::tungstenite::Error::Capacity(_)));
-            if too_big {
-                stats.too_big.fetch_add(1, Ordering::Relaxed);
-                Flow::Close(close::TOO_BIG, "message too big")
-            } else {
-                Flow::Close(close::NORMAL, "protocol error")
+/// Handles the messages in `inbox` in order (emptying it) until one ends the connection.
+async fn on_messages(
+    conn: &mut Conn,
+    socket: &mut WsSocket,
+    rx: &OutboundReceiver,
+    inbox: &mut Vec<Incoming>,
+) -> Flow {
+    let ctx = conn.ctx.clone();
+    let stats = &ctx.stats;
+    let mut flow = Flow::Continue;
+    let mut answer_pings = false;
+    for msg in inbox.drain(..) {
+        flow = match msg {
+            Incoming::Text(text) => on_request(conn, &text).await,
+            Incoming::Binary => {
+                stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                reply(
+                    conn,
+                    error_message(
+                        None,
+                        ErrorCode::BadRequest,
+                        "binary frames are not supported; send JSON text",
+                        None,
+                    ),
+                )
             }
+            Incoming::Close(_) => Flow::Close(close::NORMAL, "bye"),
+            Incoming::Ping(payload) => {
+                socket.queue(opcode::PONG, payload);
+                answer_pings = true;
+                Flow::Continue
+            }
+            Incoming::Pong => Flow::Continue,
+        };
+        if !matches!(flow, Flow::Continue) {
+            break;
         }
     }
+    inbox.clear();
+    if answer_pings && matches!(flow, Flow::Continue) {
+        flow = match write_until_done(socket, None, rx, &ctx).await {
+            Written::Done => Flow::Continue,
+            Written::Failed => Flow::Gone,
+            Written::Interrupted(code, why) => Flow::Close(code, why),
+        };
+    }
+    flow
 }
 
 fn reply(conn: &Conn, text: String) -> Flow {

@@ -14,6 +14,7 @@
 //! - [`queue`]: the four-level bounded priority queue with admission limits and TTL.
 //! - [`dispatch`]: the one owner of routing state; stamps `seq`, fans out with `try_send`.
 //! - [`client`]: one task per `/ws` connection; requests in, queued frames out.
+//! - [`ws`]: the `/ws` WebSocket transport: upgrade, framing, buffer-free idle sockets.
 //! - [`producer`]: the `/ingest` WebSocket.
 //! - [`http`]: the router and the plain HTTP routes.
 //! - [`dashboard`]: the embedded browser dashboard (`web/`).
@@ -47,6 +48,7 @@ pub mod shutdown;
 pub mod simulator;
 pub mod store;
 pub mod tick;
+pub mod ws;
 
 pub use config::Config;
 pub use server::run;

@@ -288,6 +288,10 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     /// Server shutting down.
     pub const GOING_AWAY: u16 = 1001;
+    /// Malformed WebSocket framing (RFC 6455).
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text message that is not UTF-8 (RFC 6455).
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// Policy violation (sustained rate abuse, origin).
     pub const POLICY: u16 = 1008;
     /// Frame or message too big.

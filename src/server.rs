@@ -7,12 +7,10 @@
 //! dispatcher, which drains the queue into the sink; (4) flush and close the sink.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -148,21 +146,11 @@ pub async fn run(
         shutdown.await;
         stop_on_signal.cancel();
     });
-    // The connection writers coalesce bursts themselves; Nagle would only add delay (and
-    // with delayed ACKs, tens of ms).
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let serve = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stop.clone().cancelled_owned());
-    serve.await?;
+    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
+    http::serve(listener, app, stop.clone(), grace).await?;
     stop.cancel();
     tracing::info!("shutting down: closing connections");
     tracker.close();
-    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period");
     }

@@ -5,6 +5,9 @@
 //! read-only JSON routes, health and metrics are in `api`.
 
 mod api;
+mod serve;
+
+pub use serve::serve;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -13,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::ws::{WebSocket, WebSocketUpgrade};
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -33,6 +36,7 @@ use crate::metrics::Metrics;
 use crate::producer;
 use crate::queue::PriorityQueue;
 use crate::store::Store;
+use crate::ws::ClientUpgrade;
 
 /// Everything the routes need; cloned per request (an `Arc`).
 pub struct AppState {
@@ -228,49 +232,24 @@ fn origin_allowed(config: &Config, headers: &HeaderMap) -> bool {
             .is_none_or(|o| allowed.iter().any(|a| a == o))
 }
 
-/// Read buffer of client connections: requests are small, and idle connections are many.
-const CLIENT_READ_BUFFER: usize = 512;
 /// Read buffer of producer connections: frames of many ticks.
 const PRODUCER_READ_BUFFER: usize = 64 * 1024;
 
-fn sized(ws: WebSocketUpgrade, config: &Config, read_buffer: usize) -> WebSocketUpgrade {
-    let max = config.limits.max_message_bytes;
-    // The read buffer is only the chunk size of socket reads; bigger frames still arrive whole.
-    ws.read_buffer_size(read_buffer)
-        .write_buffer_size(64 * 1024)
-        .max_write_buffer_size(config.limits.outbound_buffer_bytes + 1024 * 1024)
-        .max_message_size(max)
-        .max_frame_size(max)
-}
-
-/// Takes a connection slot, sizes the WebSocket, and serves the upgraded socket as a tracked
-/// task (so shutdown waits for it); the slot is freed when `serve` returns.
-fn upgrade<F, Fut>(
-    state: &Arc<AppState>,
-    ws: WebSocketUpgrade,
-    peer: SocketAddr,
-    read_buffer: usize,
-    serve: F,
-) -> Response
-where
-    F: FnOnce(WebSocket) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let slot = match ConnectionLimits::acquire(state, peer.ip()) {
-        Ok(slot) => slot,
-        Err(refusal) => return refusal.into_response(),
-    };
-    let tracker = state.tracker.clone();
-    sized(ws, &state.config, read_buffer).on_upgrade(move |socket| {
-        tracker.track_future(async move {
-            serve(socket).await;
-            drop(slot);
-        })
+/// Runs an upgraded connection as a tracked task (so shutdown waits for it) that frees its
+/// connection slot when it ends.
+fn tracked(
+    state: &AppState,
+    slot: ConnectionSlot,
+    serve: impl std::future::Future<Output = ()> + Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    state.tracker.track_future(async move {
+        serve.await;
+        drop(slot);
     })
 }
 
 async fn ws_client(
-    ws: WebSocketUpgrade,
+    ws: ClientUpgrade,
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -295,9 +274,13 @@ async fn ws_client(
         Some(_) => AuthState::Rejected,
         None => AuthState::Pending,
     };
+    let slot = match ConnectionLimits::acquire(&state, peer.ip()) {
+        Ok(slot) => slot,
+        Err(refused) => return refused.into_response(),
+    };
     let ctx = state.clients.clone();
-    upgrade(&state, ws, peer, CLIENT_READ_BUFFER, move |socket| {
-        client::serve(socket, ctx, auth, peer)
+    ws.on_upgrade(move |stream, early| {
+        tracked(&state, slot, client::serve(stream, early, ctx, auth, peer))
     })
 }
 
@@ -314,11 +297,20 @@ async fn ws_ingest(
     ) {
         return unauthorized(&state);
     }
+    let slot = match ConnectionLimits::acquire(&state, peer.ip()) {
+        Ok(slot) => slot,
+        Err(refused) => return refused.into_response(),
+    };
+    let max = state.config.limits.max_message_bytes;
     let ingestor = state.ingestor.clone();
     let ctx = state.clients.clone();
-    upgrade(&state, ws, peer, PRODUCER_READ_BUFFER, move |socket| {
-        producer::serve(socket, ingestor, ctx)
-    })
+    // The read buffer is only the chunk size of socket reads; bigger frames still arrive whole.
+    ws.read_buffer_size(PRODUCER_READ_BUFFER)
+        .write_buffer_size(64 * 1024)
+        .max_write_buffer_size(state.config.limits.outbound_buffer_bytes + 1024 * 1024)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| tracked(&state, slot, producer::serve(socket, ingestor, ctx)))
 }
 
 async fn post_ticks(

@@ -1,0 +1,293 @@
+//! RFC 6455 framing, server side, as pure functions over byte slices: decoding the masked
+//! frames a client sends (bounded by `max_message_bytes` before the payload is read) and the
+//! headers of the unmasked frames the server writes. No I/O here; `ws::socket` feeds it.
+
+use std::fmt;
+
+/// Opcodes (RFC 6455 §5.2).
+pub mod opcode {
+    /// Continuation of a fragmented message.
+    pub const CONTINUATION: u8 = 0x0;
+    /// UTF-8 text.
+    pub const TEXT: u8 = 0x1;
+    /// Binary data.
+    pub const BINARY: u8 = 0x2;
+    /// Close.
+    pub const CLOSE: u8 = 0x8;
+    /// Ping.
+    pub const PING: u8 = 0x9;
+    /// Pong.
+    pub const PONG: u8 = 0xA;
+}
+
+/// Longest header the server writes: 2 bytes plus a 64-bit length (server frames are unmasked).
+pub const MAX_HEADER: usize = 10;
+/// Longest payload of a control frame.
+pub const MAX_CONTROL_PAYLOAD: usize = 125;
+
+/// Why the peer broke the protocol; each maps to the close code the connection ends with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// A frame or a reassembled message is over the limit (close 1009).
+    TooBig,
+    /// A malformed frame: unmasked, reserved bits or opcodes, bad fragmentation (close 1002).
+    Protocol(&'static str),
+    /// A text message that is not UTF-8 (close 1007).
+    InvalidUtf8,
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooBig => f.write_str("message too big"),
+            Self::Protocol(why) => f.write_str(why),
+            Self::InvalidUtf8 => f.write_str("text is not UTF-8"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// One decoded client frame; `payload` is the range of the (still masked) payload bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    /// Last frame of its message.
+    pub fin: bool,
+    /// The opcode.
+    pub opcode: u8,
+    /// The masking key.
+    pub mask: [u8; 4],
+    /// Where the payload starts in the input.
+    pub payload_start: usize,
+    /// Payload length.
+    pub payload_len: usize,
+}
+
+impl Head {
+    /// Bytes of input the whole frame takes.
+    #[must_use]
+    pub fn frame_len(&self) -> usize {
+        self.payload_start + self.payload_len
+    }
+}
+
+/// Decodes the header of the frame at the start of `data`. `Ok(None)`: not all of the header
+/// is there yet. The payload may still be incomplete; compare [`Head::frame_len`] with the
+/// input. A payload over `max_payload` fails at once, before it is read.
+///
+/// # Errors
+/// [`FrameError`] for a frame the connection must be closed for.
+pub fn decode_head(data: &[u8], max_payload: usize) -> Result<Option<Head>, FrameError> {
+    let [b0, b1, ..] = *data else {
+        return Ok(None);
+    };
+    if b0 & 0x70 != 0 {
+        return Err(FrameError::Protocol(
+            "reserved bits set (no extension was negotiated)",
+        ));
+    }
+    let fin = b0 & 0x80 != 0;
+    let opcode = b0 & 0x0F;
+    let control = opcode & 0x8 != 0;
+    match opcode {
+        opcode::CONTINUATION | opcode::TEXT | opcode::BINARY => {}
+        opcode::CLOSE | opcode::PING | opcode::PONG => {}
+        _ => return Err(FrameError::Protocol("unknown opcode")),
+    }
+    if b1 & 0x80 == 0 {
+        return Err(FrameError::Protocol("client frames must be masked"));
+    }
+    let (len, at) = match b1 & 0x7F {
+        126 => {
+            let Some(b) = data.get(2..4) else {
+                return Ok(None);
+            };
+            (u64::from(u16::from_be_bytes([b[0], b[1]])), 4)
+        }
+        127 => {
+            let Some(b) = data.get(2..10) else {
+                return Ok(None);
+            };
+            let mut be = [0u8; 8];
+            be.copy_from_slice(b);
+            (u64::from_be_bytes(be), 10)
+        }
+        n => (u64::from(n), 2),
+    };
+    if control && (!fin || len > MAX_CONTROL_PAYLOAD as u64) {
+        return Err(FrameError::Protocol(
+            "control frames must be final and at most 125 bytes",
+        ));
+    }
+    let payload_len = usize::try_from(len).map_err(|_| FrameError::TooBig)?;
+    if payload_len > max_payload {
+        return Err(FrameError::TooBig);
+    }
+    let Some(m) = data.get(at..at + 4) else {
+        return Ok(None);
+    };
+    Ok(Some(Head {
+        fin,
+        opcode,
+        mask: [m[0], m[1], m[2], m[3]],
+        payload_start: at + 4,
+        payload_len,
+    }))
+}
+
+/// Appends `masked` to `out`, unmasked with `mask` (the key restarts with every frame).
+pub fn unmask_into(masked: &[u8], mask: [u8; 4], out: &mut Vec<u8>) {
+    out.reserve(masked.len());
+    out.extend(
+        masked
+            .iter()
+            .zip(mask.iter().cycle())
+            .map(|(byte, key)| byte ^ key),
+    );
+}
+
+/// Writes the header of a final, unmasked frame carrying `len` payload bytes into `buf` and
+/// returns how many bytes it took.
+pub fn encode_head(opcode: u8, len: usize, buf: &mut [u8; MAX_HEADER]) -> usize {
+    buf[0] = 0x80 | opcode;
+    if len < 126 {
+        // Fits in seven bits by the check above.
+        buf[1] = len as u8;
+        2
+    } else if let Ok(short) = u16::try_from(len) {
+        buf[1] = 126;
+        buf[2..4].copy_from_slice(&short.to_be_bytes());
+        4
+    } else {
+        buf[1] = 127;
+        buf[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
+}
+
+/// The payload of a close frame: the code, then the reason (cut to fit 125 bytes on a char
+/// boundary).
+#[must_use]
+pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut end = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut payload = Vec::with_capacity(2 + end);
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    payload
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A masked client frame, as a browser would send it.
+    pub(crate) fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= 0xFFFF => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        unmask_into(payload, mask, &mut out);
+        out
+    }
+
+    fn decode_all(frame: &[u8]) -> (Head, Vec<u8>) {
+        let head = decode_head(frame, 1 << 20).unwrap().unwrap();
+        assert_eq!(head.frame_len(), frame.len());
+        let mut payload = Vec::new();
+        unmask_into(&frame[head.payload_start..], head.mask, &mut payload);
+        (head, payload)
+    }
+
+    #[test]
+    fn decodes_all_three_length_forms() {
+        for len in [0, 5, 125, 126, 65_535, 65_536, 200_000] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let (head, back) = decode_all(&client_frame(true, opcode::TEXT, &payload));
+            assert!(head.fin);
+            assert_eq!(head.opcode, opcode::TEXT);
+            assert_eq!(back, payload, "length {len}");
+        }
+    }
+
+    #[test]
+    fn incomplete_headers_ask_for_more() {
+        let frame = client_frame(true, opcode::TEXT, &[b'x'; 300]);
+        for cut in 0..8 {
+            assert_eq!(decode_head(&frame[..cut], 1 << 20), Ok(None), "cut {cut}");
+        }
+        let head = decode_head(&frame[..8], 1 << 20).unwrap().unwrap();
+        assert_eq!((head.payload_start, head.payload_len), (8, 300));
+    }
+
+    #[test]
+    fn too_big_is_refused_from_the_header_alone() {
+        let frame = client_frame(true, opcode::TEXT, &[b'x'; 70_000]);
+        assert_eq!(decode_head(&frame[..14], 65_536), Err(FrameError::TooBig));
+    }
+
+    #[test]
+    fn protocol_violations() {
+        let mut unmasked = client_frame(true, opcode::TEXT, b"hi");
+        unmasked[1] &= 0x7F;
+        assert!(matches!(
+            decode_head(&unmasked, 100),
+            Err(FrameError::Protocol(_))
+        ));
+        let mut rsv = client_frame(true, opcode::TEXT, b"hi");
+        rsv[0] |= 0x40;
+        assert!(matches!(
+            decode_head(&rsv, 100),
+            Err(FrameError::Protocol(_))
+        ));
+        let reserved_opcode = client_frame(true, 0x3, b"hi");
+        assert!(matches!(
+            decode_head(&reserved_opcode, 100),
+            Err(FrameError::Protocol(_))
+        ));
+        let fragmented_ping = client_frame(false, opcode::PING, b"hi");
+        assert!(matches!(
+            decode_head(&fragmented_ping, 100),
+            Err(FrameError::Protocol(_))
+        ));
+        let long_ping = client_frame(true, opcode::PING, &[0; 126]);
+        assert!(matches!(
+            decode_head(&long_ping, 1000),
+            Err(FrameError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn server_headers() {
+        let mut buf = [0u8; MAX_HEADER];
+        assert_eq!(encode_head(opcode::TEXT, 5, &mut buf), 2);
+        assert_eq!(buf[..2], [0x81, 5]);
+        assert_eq!(encode_head(opcode::TEXT, 300, &mut buf), 4);
+        assert_eq!(buf[..4], [0x81, 126, 1, 44]);
+        assert_eq!(encode_head(opcode::PING, 70_000, &mut buf), 10);
+        assert_eq!(buf[..2], [0x89, 127]);
+        assert_eq!(u64::from_be_bytes(buf[2..10].try_into().unwrap()), 70_000);
+    }
+
+    #[test]
+    fn close_reason_is_cut_on_a_char_boundary() {
+        let reason = "é".repeat(100);
+        let payload = close_payload(4008, &reason);
+        assert!(payload.len() <= MAX_CONTROL_PAYLOAD);
+        assert_eq!(payload[..2], 4008u16.to_be_bytes());
+        assert!(std::str::from_utf8(&payload[2..]).is_ok());
+    }
+}

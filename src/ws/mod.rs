@@ -1,0 +1,117 @@
+//! The WebSocket transport of `/ws` client connections, written for many mostly idle
+//! connections: the HTTP upgrade ([`ClientUpgrade`], checked before the 101 goes out), then
+//! the bare `TcpStream` taken back from hyper and framed by [`WsSocket`], which holds no buffer
+//! while a connection is idle and writes the dispatcher's shared frames without copying them.
+//! Producers (`/ingest`) keep axum's tungstenite socket: they are few and send large frames.
+
+pub mod frame;
+mod socket;
+
+pub use socket::{Incoming, ReadError, WsSocket};
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// A valid WebSocket upgrade request, not answered yet.
+pub struct ClientUpgrade {
+    accept: HeaderValue,
+    on_upgrade: OnUpgrade,
+}
+
+/// Why an upgrade request was refused (answered 400 with this text, or 426 for the version).
+#[derive(Debug, Clone, Copy)]
+pub struct UpgradeRefused(&'static str);
+
+impl IntoResponse for UpgradeRefused {
+    fn into_response(self) -> Response {
+        let status = if self.0.contains("Version") {
+            StatusCode::UPGRADE_REQUIRED
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        let mut resp = (status, self.0).into_response();
+        if status == StatusCode::UPGRADE_REQUIRED {
+            resp.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+        resp
+    }
+}
+
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientUpgrade {
+    type Rejection = UpgradeRefused;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let headers = &parts.headers;
+        if !has_token(headers, header::CONNECTION, "upgrade")
+            || !has_token(headers, header::UPGRADE, "websocket")
+        {
+            return Err(UpgradeRefused(
+                "expected a WebSocket upgrade (Connection: upgrade, Upgrade: websocket)",
+            ));
+        }
+        if headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_none_or(|v| v.as_bytes() != b"13")
+        {
+            return Err(UpgradeRefused("Sec-WebSocket-Version must be 13"));
+        }
+        let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+            return Err(UpgradeRefused("missing Sec-WebSocket-Key"));
+        };
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let accept =
+            HeaderValue::from_str(&accept).map_err(|_| UpgradeRefused("bad Sec-WebSocket-Key"))?;
+        let on_upgrade = parts
+            .extensions
+            .remove::<OnUpgrade>()
+            .ok_or(UpgradeRefused("connection cannot be upgraded"))?;
+        Ok(Self { accept, on_upgrade })
+    }
+}
+
+impl ClientUpgrade {
+    /// Answers 101 and runs `serve` on the bare stream once hyper hands it over, with the
+    /// bytes hyper had already read past the request.
+    pub fn on_upgrade<F, Fut>(self, serve: F) -> Response
+    where
+        F: FnOnce(TcpStream, bytes::Bytes) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let on_upgrade = self.on_upgrade;
+        tokio::spawn(async move {
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => return tracing::debug!(error = %e, "upgrade failed"),
+            };
+            // `http::serve` hands hyper the plain stream, so this cannot fail unless the
+            // accept loop changes; say so loudly rather than serve through a slower path.
+            match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => serve(parts.io.into_inner(), parts.read_buf).await,
+                Err(_) => tracing::error!("upgraded connection is not a bare TcpStream"),
+            }
+        });
+        let mut resp = StatusCode::SWITCHING_PROTOCOLS.into_response();
+        let headers = resp.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, self.accept);
+        resp
+    }
+}
