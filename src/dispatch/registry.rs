@@ -32,6 +32,13 @@ impl Registry {
             .insert(client);
     }
 
+    /// The name already held for `symbol`, if anyone subscribes to it, so that thousands of
+    /// subscriptions share one allocation per symbol instead of one each.
+    #[must_use]
+    pub fn shared_name(&self, symbol: &Symbol) -> Option<&Symbol> {
+        self.by_symbol.get_key_value(symbol).map(|(name, _)| name)
+    }
+
     /// Removes `client` from `symbol`.
     pub fn remove(&mut self, symbol: &Symbol, client: ClientKey) {
         if let Some(set) = self.by_symbol.get_mut(symbol) {

@@ -33,6 +33,7 @@ impl<S: TickSink> Dispatcher<S> {
             if name == "*" {
                 wildcard = true;
             } else if let Some(sym) = Symbol::parse(name) {
+                let sym = self.shared_symbol(sym);
                 if !accepted.contains(&sym) {
                     accepted.push(sym);
                 }
@@ -119,6 +120,16 @@ impl<S: TickSink> Dispatcher<S> {
         for (sym, since) in wanted {
             self.send_snapshot(key, &sym, history, since);
         }
+    }
+
+    /// `sym` as the allocation the dispatcher already holds for that name, if any.
+    fn shared_symbol(&self, sym: Symbol) -> Symbol {
+        self.symbols
+            .get_key_value(&sym)
+            .map(|(name, _)| name)
+            .or_else(|| self.registry.shared_name(&sym))
+            .cloned()
+            .unwrap_or(sym)
     }
 
     pub(super) fn unsubscribe(&mut self, key: ClientKey, id: Option<Value>, requested: &[String]) {

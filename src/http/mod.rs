@@ -236,15 +236,20 @@ fn origin_allowed(config: &Config, headers: &HeaderMap) -> bool {
 const PRODUCER_READ_BUFFER: usize = 64 * 1024;
 
 /// Runs an upgraded connection as a tracked task (so shutdown waits for it) that frees its
-/// connection slot when it ends.
-fn tracked(
+/// connection slot when it ends. Takes a closure rather than the future: a future moved into
+/// an async block and awaited there is stored twice, and connection futures are the bulk of
+/// an idle connection's memory.
+fn tracked<Fut>(
     state: &AppState,
     slot: ConnectionSlot,
-    serve: impl std::future::Future<Output = ()> + Send + 'static,
-) -> impl std::future::Future<Output = ()> + Send + 'static {
+    serve: impl FnOnce() -> Fut + Send + 'static,
+) -> impl std::future::Future<Output = ()> + Send + 'static
+where
+    Fut: std::future::Future<Output = ()> + Send,
+{
     state.tracker.track_future(async move {
-        serve.await;
-        drop(slot);
+        let _slot = slot;
+        serve().await;
     })
 }
 
@@ -280,7 +285,9 @@ async fn ws_client(
     };
     let ctx = state.clients.clone();
     ws.on_upgrade(move |stream, early| {
-        tracked(&state, slot, client::serve(stream, early, ctx, auth, peer))
+        tracked(&state, slot, move || {
+            client::serve(stream, early, ctx, auth, peer)
+        })
     })
 }
 
@@ -310,7 +317,9 @@ async fn ws_ingest(
         .max_write_buffer_size(state.config.limits.outbound_buffer_bytes + 1024 * 1024)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| tracked(&state, slot, producer::serve(socket, ingestor, ctx)))
+        .on_upgrade(move |socket| {
+            tracked(&state, slot, move || producer::serve(socket, ingestor, ctx))
+        })
 }
 
 async fn post_ticks(

@@ -102,11 +102,14 @@ impl ClientUpgrade {
             };
             // `http::serve` hands hyper the plain stream, so this cannot fail unless the
             // accept loop changes; say so loudly rather than serve through a slower path.
-            match upgraded.downcast::<TokioIo<TcpStream>>() {
-                Ok(parts) => serve(parts.io.into_inner(), parts.read_buf).await,
-                Err(_) => tracing::error!("upgraded connection is not a bare TcpStream"),
-            }
+            let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+                return tracing::error!("upgraded connection is not a bare TcpStream");
+            };
+            let stream = parts.io.into_inner();
+            let early = parts.read_buf;
+            serve(stream, early).await;
         });
+
         let mut resp = StatusCode::SWITCHING_PROTOCOLS.into_response();
         let headers = resp.headers_mut();
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
