@@ -2,6 +2,10 @@
 //! until told to stop, checking every tick's `seq` against the previous one for its symbol
 //! and timing it from the server's `t_in`. It owns its seq state; everything it counts goes
 //! to the thread-local accumulators in `stats`, so the hot path takes no lock.
+//!
+//! After the handshake the connection is read with the raw frame reader of `ws`: one
+//! read, then every complete frame in the buffer, each text payload handed to
+//! [`Conn::on_text`] as a slice of the read buffer.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -12,21 +16,19 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::http::header::{HeaderValue, AUTHORIZATION};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Error as WsError;
 
 use crate::stats::{self, Counters, Tally, CONNS};
+use crate::ws::{self, Flow, Msg, Step, WsIn};
 
 /// How long the final close handshake may take before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -60,12 +62,10 @@ pub struct ClientCtx {
     pub conns_per_ip: usize,
     /// All symbol names; a tick's symbol is mapped to its index in here.
     pub symbols: Arc<[String]>,
-    pub symbol_index: HashMap<String, u32>,
+    pub symbol_index: SymbolIndex,
     /// K: symbols each client subscribes to.
     pub symbols_per_client: usize,
     pub subscription: Subscription,
-    /// Small read buffers: tungstenite's default allocates 128 KiB per connection.
-    pub ws_config: WebSocketConfig,
     /// Bound on TCP connect plus WebSocket handshake.
     pub connect_timeout: Duration,
     /// The first `slow_clients` connections pause `slow_delay` after every message during
@@ -73,6 +73,41 @@ pub struct ClientCtx {
     /// slowing the others.
     pub slow_clients: usize,
     pub slow_delay: Duration,
+}
+
+/// Symbol name -> index in [`ClientCtx::symbols`], once per tick. A name that ends in its
+/// own index (the generated `LT0..LT{S-1}`) is found by reading those digits and comparing
+/// the name at that index: a few ns instead of hashing. Any other name (a `--symbols` list)
+/// goes through the hash map.
+#[derive(Debug)]
+pub struct SymbolIndex {
+    names: Arc<[String]>,
+    map: HashMap<String, u32>,
+}
+
+impl SymbolIndex {
+    pub fn new(names: Arc<[String]>) -> Self {
+        let map = names
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.clone(), i as u32))
+            .collect();
+        Self { names, map }
+    }
+
+    pub fn get(&self, name: &str) -> Option<u32> {
+        let b = name.as_bytes();
+        let digits = b.iter().rev().take_while(|c| c.is_ascii_digit()).count();
+        if (1..=9).contains(&digits) {
+            let i = b[b.len() - digits..]
+                .iter()
+                .fold(0usize, |n, &c| n * 10 + usize::from(c - b'0'));
+            if self.names.get(i).is_some_and(|n| n == name) {
+                return u32::try_from(i).ok();
+            }
+        }
+        self.map.get(name).copied()
+    }
 }
 
 /// Source address of the `index`-th connection: 127.0.0.1 for the first `per_ip`
@@ -275,9 +310,9 @@ impl Conn {
         }
     }
 
-    /// Handles one text message. `now_us` is taken once per message: all ticks of a batch
-    /// arrived together.
-    fn on_text(&mut self, text: &str, now_us: u64) {
+    /// Handles one text message (UTF-8 already checked by the frame reader). `now_us` is
+    /// the receipt time, taken once per read: every frame of one read arrived together.
+    fn on_text(&mut self, text: &[u8], now_us: u64) {
         let counting = stats::measuring();
         // Live ticks are nearly every message: read the four fields by scanning instead of a
         // JSON parse, so the client stays cheaper than the server it measures. Anything the
@@ -295,9 +330,12 @@ impl Conn {
             });
             return;
         }
-        let msg: Incoming<'_> = match serde_json::from_str(text) {
-            Ok(m) => m,
-            Err(_) => {
+        let parsed = std::str::from_utf8(text)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Incoming<'_>>(t).ok());
+        let msg = match parsed {
+            Some(m) => m,
+            None => {
                 if counting {
                     stats::with_local(|c, _| c.parse_errors += 1);
                 }
@@ -338,8 +376,8 @@ impl Conn {
                             c.snapshot_ticks += msg.ticks.len() as u64;
                             for t in &msg.ticks {
                                 if let (Some(sym), Some(seq)) = (&t.symbol, t.seq) {
-                                    match index.get(&**sym) {
-                                        Some(&i) => SeqTracker::count(seqs.observe(i, seq, 0), c),
+                                    match index.get(sym) {
+                                        Some(i) => SeqTracker::count(seqs.observe(i, seq, 0), c),
                                         None => c.unexpected_symbol += 1,
                                     }
                                 }
@@ -371,7 +409,7 @@ impl Conn {
                         Tally::RejectedSymbol,
                         r.code.as_deref().unwrap_or("unknown"),
                     );
-                    if let Some(&i) = self.ctx.symbol_index.get(r.symbol.as_ref()) {
+                    if let Some(i) = self.ctx.symbol_index.get(r.symbol.as_ref()) {
                         accepted.retain(|&s| s != i);
                     }
                 }
@@ -396,33 +434,127 @@ impl Conn {
     }
 }
 
+const TICK_PREFIX: &[u8] = br#"{"type":"tick","symbol":""#;
+
+/// A JSON key to find in a tick, by a byte of it that is rare in ticks: `memchr` for that
+/// byte is much cheaper than a substring search, and a hit is then checked in full.
+struct Key<const N: usize> {
+    key: &'static [u8; N],
+    rare_at: usize,
+}
+
+const SEQ: Key<6> = Key {
+    key: br#""seq":"#,
+    rare_at: 3,
+};
+const T_IN: Key<7> = Key {
+    key: br#""t_in":"#,
+    rare_at: 2,
+};
+const CONFLATED: Key<12> = Key {
+    key: br#""conflated":"#,
+    rare_at: 4,
+};
+
+impl<const N: usize> Key<N> {
+    /// The index just past the first occurrence of the key that starts at or after `from`.
+    fn find(&self, text: &[u8], from: usize) -> Option<usize> {
+        let rare = self.key[self.rare_at];
+        let mut at = from + self.rare_at;
+        while at < text.len() {
+            let p = at + memchr::memchr(rare, &text[at..])?;
+            let start = p - self.rare_at;
+            if text.get(start..start + N) == Some(&self.key[..]) {
+                return Some(start + N);
+            }
+            at = p + 1;
+        }
+        None
+    }
+
+    /// The unsigned integer right after the first occurrence at or after `from`; `None`
+    /// when that occurrence has no integer (no later one is tried, as before).
+    fn integer(&self, text: &[u8], from: usize) -> Option<(u64, usize)> {
+        let at = self.find(text, from)?;
+        leading_integer(&text[at..]).map(|(v, n)| (v, at + n))
+    }
+}
+
 /// The fields of a live `tick` message as tickfan writes it (`{"type":"tick","symbol":"S",...`
 /// with integer `seq` and `t_in`), without parsing the rest. `None` for anything else.
-fn scan_tick(text: &str) -> Option<TickIn<'_>> {
-    let rest = text.strip_prefix(r#"{"type":"tick","symbol":""#)?;
-    let symbol = &rest[..rest.find(['"', '\\'])?];
-    let seq = integer_after(text, r#""seq":"#)?;
-    let t_in = integer_after(text, r#""t_in":"#)?;
+/// Each field is the integer after the first occurrence of its key in the text; tickfan's
+/// layout (`..."symbol":"S","seq":N,...`) only lets the searches skip what cannot hold it.
+fn scan_tick(text: &[u8]) -> Option<TickIn<'_>> {
+    let rest = text.strip_prefix(TICK_PREFIX)?;
+    let end = rest.iter().position(|&c| c == b'"' || c == b'\\')?;
+    if rest[end] == b'\\' {
+        // An escaped symbol: serde decodes it.
+        return None;
+    }
+    // The text is valid UTF-8 and the symbol is cut at ASCII quotes, so this cannot fail.
+    let symbol = std::str::from_utf8(&rest[..end]).ok()?;
+    let after_symbol = TICK_PREFIX.len() + end;
+    // Nothing before the seq's digits (prefix, quote-free symbol, "seq":) can hold a key,
+    // so when the seq comes right after the symbol the other searches start behind it.
+    let (seq, from) = match text[after_symbol..].strip_prefix(br#"","seq":"#) {
+        Some(digits) => {
+            let (seq, n) = leading_integer(digits)?;
+            (seq, text.len() - digits.len() + n)
+        }
+        None => (SEQ.integer(text, 0)?.0, 0),
+    };
+    let (t_in, _) = T_IN.integer(text, from)?;
     Some(TickIn {
         symbol: Some(Text(Cow::Borrowed(symbol))),
         seq: Some(seq),
         #[allow(clippy::cast_precision_loss)]
         t_in: Some(t_in as f64),
-        conflated: integer_after(text, r#""conflated":"#),
+        conflated: CONFLATED.integer(text, from).map(|(v, _)| v),
     })
 }
 
-/// The unsigned integer right after the first `key` in `text`.
-fn integer_after(text: &str, key: &str) -> Option<u64> {
-    let start = text.find(key)? + key.len();
-    let digits = text[start..].bytes().take_while(u8::is_ascii_digit).count();
-    text[start..start + digits].parse().ok()
+/// The unsigned integer at the start of `b` and its digit count; `None` without digits or
+/// past `u64::MAX` (as `str::parse` would say).
+fn leading_integer(b: &[u8]) -> Option<(u64, usize)> {
+    let n = b.iter().take_while(|c| c.is_ascii_digit()).count();
+    let digits = &b[..n];
+    if n == 0 {
+        return None;
+    }
+    if n > 19 {
+        // Only 20 digits and more can pass u64::MAX.
+        return digits
+            .iter()
+            .try_fold(0u64, |v, &c| {
+                v.checked_mul(10)?.checked_add(u64::from(c - b'0'))
+            })
+            .map(|v| (v, n));
+    }
+    // Eight digits at a time (a `t_in` has 16), then the rest one by one.
+    let mut chunks = digits.chunks_exact(8);
+    let mut v = 0u64;
+    for c in &mut chunks {
+        v = v * 100_000_000 + eight_digits(c.try_into().expect("8 bytes"));
+    }
+    for &c in chunks.remainder() {
+        v = v * 10 + u64::from(c - b'0');
+    }
+    Some((v, n))
+}
+
+/// The value of eight ASCII digits, combined pairwise in one register (SWAR).
+fn eight_digits(b: [u8; 8]) -> u64 {
+    let v = u64::from_le_bytes(b) - 0x3030_3030_3030_3030;
+    // Each byte pair into a 2-digit value, then pairs of those, then the two halves.
+    let v = (v * 10 + (v >> 8)) & 0x00FF_00FF_00FF_00FF;
+    let v = (v * 100 + (v >> 16)) & 0x0000_FFFF_0000_FFFF;
+    (v * 10_000 + (v >> 32)) & 0xFFFF_FFFF
 }
 
 /// Counts one live tick: seq accounting, conflation, and latency from `t_in`.
 fn live_tick(
     seqs: &mut SeqTracker,
-    index: &HashMap<String, u32>,
+    index: &SymbolIndex,
     t: &TickIn<'_>,
     now_us: u64,
     c: &mut Counters,
@@ -436,8 +568,8 @@ fn live_tick(
     };
     let conflated = t.conflated.unwrap_or(0);
     c.conflated += conflated;
-    match index.get(&**sym) {
-        Some(&i) => SeqTracker::count(seqs.observe(i, seq, conflated), c),
+    match index.get(sym) {
+        Some(i) => SeqTracker::count(seqs.observe(i, seq, conflated), c),
         None => c.unexpected_symbol += 1,
     }
     match t.t_in {
@@ -521,12 +653,13 @@ pub async fn open_tcp(server: SocketAddr, source: Option<IpAddr>) -> io::Result<
     Ok(stream)
 }
 
-/// TCP connect (from this connection's source address) plus WebSocket handshake.
-async fn connect(ctx: &ClientCtx, index: usize) -> Result<WebSocketStream<TcpStream>, String> {
+/// TCP connect (from this connection's source address) plus WebSocket handshake. Returns
+/// the stream and the bytes that came in behind the handshake response.
+async fn connect(ctx: &ClientCtx, index: usize) -> Result<(TcpStream, Vec<u8>), String> {
     let source = ctx
         .spread_source
         .then(|| IpAddr::V4(source_ip(index, ctx.conns_per_ip)));
-    let stream = open_tcp(ctx.server, source)
+    let mut stream = open_tcp(ctx.server, source)
         .await
         .map_err(|e| io_reason(&e))?;
     let mut request = ctx
@@ -538,11 +671,10 @@ async fn connect(ctx: &ClientCtx, index: usize) -> Result<WebSocketStream<TcpStr
         let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| "bad_token")?;
         request.headers_mut().insert(AUTHORIZATION, value);
     }
-    let (ws, _response) =
-        tokio_tungstenite::client_async_with_config(request, stream, Some(ctx.ws_config))
-            .await
-            .map_err(|e| ws_reason(&e))?;
-    Ok(ws)
+    let leftover = ws::handshake(&mut stream, request)
+        .await
+        .map_err(|e| ws_reason(&e))?;
+    Ok((stream, leftover))
 }
 
 fn subscribe_message(ctx: &ClientCtx, symbols: &[u32]) -> String {
@@ -563,6 +695,14 @@ fn subscribe_message(ctx: &ClientCtx, symbols: &[u32]) -> String {
     .to_string()
 }
 
+/// The close tally key of a server close frame (tungstenite's reading of its code).
+fn close_reason(code: Option<u16>) -> String {
+    match code {
+        Some(code) => code.to_string(),
+        None => "no_code".to_string(),
+    }
+}
+
 /// Runs connection `index` until `stop` turns true. `permit` bounds how many
 /// connections are in their connect/handshake phase at once; it is released as soon as
 /// the subscribe is sent.
@@ -575,20 +715,24 @@ pub async fn run(
     CONNS.attempted.fetch_add(1, Relaxed);
     let symbols = symbols_for(index, ctx.symbols_per_client, ctx.symbols.len());
     let connected = tokio::time::timeout(ctx.connect_timeout, connect(&ctx, index)).await;
-    let mut ws = match connected {
-        Ok(Ok(ws)) => ws,
+    let (mut stream, leftover) = match connected {
+        Ok(Ok(c)) => c,
         Ok(Err(reason)) => return fail(&reason),
         Err(_) => return fail("timeout"),
     };
     CONNS.connected.fetch_add(1, Relaxed);
     CONNS.open.fetch_add(1, Relaxed);
-    if let Err(e) = ws
-        .send(Message::text(subscribe_message(&ctx, &symbols)))
-        .await
-    {
+    let mut out = Vec::new();
+    ws::encode(
+        ws::OP_TEXT,
+        subscribe_message(&ctx, &symbols).as_bytes(),
+        &mut out,
+    );
+    if let Err(e) = stream.write_all(&out).await {
         CONNS.open.fetch_sub(1, Relaxed);
-        return fail(&format!("subscribe_{}", ws_reason(&e)));
+        return fail(&format!("subscribe_{}", io_reason(&e)));
     }
+    out.clear();
     drop(permit);
 
     let mut conn = Conn {
@@ -598,42 +742,70 @@ pub async fn run(
         settled: false,
         ctx,
     };
+    let mut input = WsIn::new(leftover);
     let slow = index < conn.ctx.slow_clients;
     let stopped = stop.wait_for(|s| *s);
     tokio::pin!(stopped);
     let ended_by_server = loop {
+        // Slow clients take one message per step during the window; the rest waits in
+        // the connection's carry (and the socket) as it waited in tungstenite's buffer.
+        let slow_now = slow && !stats::window_over();
+        let max_texts = if slow_now { 1 } else { usize::MAX };
+        let mut texts = 0usize;
+        let mut server_close = None;
+        let mut on = |m: Msg<'_>, now_us: u64| {
+            match m {
+                Msg::Text(text) => {
+                    conn.on_text(text, now_us);
+                    texts += 1;
+                }
+                Msg::Binary(_) => {
+                    if stats::measuring() {
+                        stats::with_local(|c, _| c.binary_msgs += 1);
+                    }
+                }
+                // Answered after the step, as tungstenite answered on its next read.
+                Msg::Ping(payload) => ws::encode_pong(payload, &mut out),
+                Msg::Pong => {}
+                Msg::Close(code) => {
+                    server_close = Some(close_reason(code));
+                    return Flow::Stop;
+                }
+            }
+            Flow::Continue
+        };
         // Only pick the event inside select!: awaiting in an arm would hold the watch
         // guard across the await and make the task !Send.
-        let msg = tokio::select! {
+        let step = tokio::select! {
             biased;
             _ = &mut stopped => break None,
-            msg = ws.next() => msg,
+            step = std::future::poll_fn(|cx| {
+                input.poll_step(cx, &mut stream, max_texts, now_micros, &mut on)
+            }) => step,
         };
-        match msg {
-            Some(Ok(Message::Text(text))) => {
-                conn.on_text(text.as_str(), now_micros());
-                // Slow only during the window: in the drain a slow client reads its
-                // backlog at full speed, to reach the server's slow_consumer error and
-                // 4008 close queued behind it.
-                if slow && !stats::window_over() {
-                    tokio::time::sleep(conn.ctx.slow_delay).await;
-                }
+        match step {
+            Ok(Step::Parsed(_)) => {}
+            Ok(Step::Eof) => {
+                break Some(ws_reason(&WsError::Protocol(
+                    ProtocolError::ResetWithoutClosingHandshake,
+                )))
             }
-            Some(Ok(Message::Binary(_))) => {
-                if stats::measuring() {
-                    stats::with_local(|c, _| c.binary_msgs += 1);
-                }
+            Err(e) => break Some(ws_reason(&e)),
+        }
+        if let Some(why) = server_close {
+            break Some(why);
+        }
+        if !out.is_empty() {
+            if let Err(e) = stream.write_all(&out).await {
+                break Some(io_reason(&e));
             }
-            Some(Ok(Message::Close(frame))) => {
-                break Some(match frame {
-                    Some(f) => u16::from(f.code).to_string(),
-                    None => "no_code".to_string(),
-                });
-            }
-            // Pings are answered by tungstenite itself on the next read.
-            Some(Ok(_)) => {}
-            Some(Err(e)) => break Some(ws_reason(&e)),
-            None => break Some("eof".to_string()),
+            out.clear();
+        }
+        // Slow only during the window: in the drain a slow client reads its backlog at
+        // full speed, to reach the server's slow_consumer error and 4008 close queued
+        // behind it.
+        if slow_now && texts > 0 && !stats::window_over() {
+            tokio::time::sleep(conn.ctx.slow_delay).await;
         }
     };
     conn.settle();
@@ -648,7 +820,7 @@ pub async fn run(
                 stats::add_subscriber(s, -1);
             }
         }
-        None => close(&mut ws).await,
+        None => close(&mut stream, &mut input).await,
     }
 }
 
@@ -660,23 +832,37 @@ fn fail(reason: &str) {
 
 /// Clean close at the end of the test: send 1000, read (and ignore) until the server's
 /// close arrives or [`CLOSE_TIMEOUT`] passes.
-async fn close(ws: &mut WebSocketStream<TcpStream>) {
-    let frame = CloseFrame {
-        code: CloseCode::Normal,
-        reason: "load test done".into(),
-    };
+async fn close(stream: &mut TcpStream, input: &mut WsIn) {
     let outcome = tokio::time::timeout(CLOSE_TIMEOUT, async {
-        ws.close(Some(frame)).await?;
-        while let Some(m) = ws.next().await {
-            if let Message::Close(_) = m? {
-                break;
+        let mut frame = Vec::new();
+        ws::encode_close(1000, "load test done", &mut frame);
+        stream.write_all(&frame).await?;
+        loop {
+            // Pings are not answered once the close is sent (tungstenite neither).
+            let mut closed = false;
+            let step = std::future::poll_fn(|cx| {
+                input.poll_step(cx, &mut *stream, usize::MAX, || 0, &mut |m, _| {
+                    if let Msg::Close(_) = m {
+                        closed = true;
+                        return Flow::Stop;
+                    }
+                    Flow::Continue
+                })
+            })
+            .await?;
+            if closed {
+                return Ok(());
+            }
+            if step == Step::Eof {
+                return Err(WsError::Protocol(
+                    ProtocolError::ResetWithoutClosingHandshake,
+                ));
             }
         }
-        Ok::<(), WsError>(())
     })
     .await;
     let key = match outcome {
-        Ok(Ok(())) | Ok(Err(WsError::ConnectionClosed)) => "clean".to_string(),
+        Ok(Ok(())) => "clean".to_string(),
         Ok(Err(e)) => ws_reason(&e),
         Err(_) => "timeout".to_string(),
     };
@@ -767,18 +953,128 @@ mod tests {
 
     #[test]
     fn scan_reads_live_ticks_and_leaves_the_rest_to_serde() {
-        let t = scan_tick(r#"{"type":"tick","symbol":"LT3","seq":42,"ts":1,"price":1.5,"volume":2,"quality":100,"t_in":1700000000000123,"conflated":7}"#).unwrap();
+        let t = scan_tick(br#"{"type":"tick","symbol":"LT3","seq":42,"ts":1,"price":1.5,"volume":2,"quality":100,"t_in":1700000000000123,"conflated":7}"#).unwrap();
         assert_eq!(
             (t.symbol.as_deref(), t.seq, t.conflated),
             (Some("LT3"), Some(42), Some(7))
         );
         assert_eq!(t.t_in, Some(1_700_000_000_000_123.0));
-        let plain = scan_tick(r#"{"type":"tick","symbol":"A","seq":1,"t_in":5}"#).unwrap();
+        let plain = scan_tick(br#"{"type":"tick","symbol":"A","seq":1,"t_in":5}"#).unwrap();
         assert_eq!(plain.conflated, None);
-        assert!(scan_tick(r#"{"type":"batch","ticks":[]}"#).is_none());
+        assert!(scan_tick(br#"{"type":"batch","ticks":[]}"#).is_none());
         assert!(
-            scan_tick(r#"{"type":"tick","symbol":"A","t_in":5}"#).is_none(),
+            scan_tick(br#"{"type":"tick","symbol":"A","t_in":5}"#).is_none(),
             "no seq: serde decides"
+        );
+    }
+
+    /// The scan as it was: each field after the first occurrence of its key, by substring
+    /// search from the start.
+    fn scan_reference(text: &str) -> Option<(String, u64, u64, Option<u64>)> {
+        fn after(text: &str, key: &str) -> Option<u64> {
+            let start = text.find(key)? + key.len();
+            let digits = text[start..].bytes().take_while(u8::is_ascii_digit).count();
+            text[start..start + digits].parse().ok()
+        }
+        let rest = text.strip_prefix(r#"{"type":"tick","symbol":""#)?;
+        let symbol = &rest[..rest.find(['"', '\\'])?];
+        Some((
+            symbol.to_string(),
+            after(text, r#""seq":"#)?,
+            after(text, r#""t_in":"#)?,
+            after(text, r#""conflated":"#),
+        ))
+    }
+
+    #[test]
+    fn scan_matches_the_substring_search() {
+        let cases = [
+            r#"{"type":"tick","symbol":"LT3","seq":42,"ts":1,"price":1.5,"volume":2,"quality":100,"t_in":1700000000000123}"#,
+            r#"{"type":"tick","symbol":"LT3","seq":42,"ts":1,"price":1.5,"volume":2,"quality":100,"t_in":1700000000000123,"bid":1.4,"id":"a_b","priority":"high","conflated":12}"#,
+            // Keys in another order, or missing, or without digits.
+            r#"{"type":"tick","symbol":"X","ts":1,"seq":7,"conflated":3,"t_in":9}"#,
+            r#"{"type":"tick","symbol":"X","seq":7,"conflated":3,"t_in":9}"#,
+            r#"{"type":"tick","symbol":"X","seq":7,"t_in":9,"conflated":"x","conflated":4}"#,
+            r#"{"type":"tick","symbol":"X","seq":7,"t_in":"9","t_in":10}"#,
+            r#"{"type":"tick","symbol":"X","seq":,"t_in":9}"#,
+            r#"{"type":"tick","symbol":"X","seq":7}"#,
+            r#"{"type":"tick","symbol":"X","t_in":5,"seq":99999999999999999999}"#,
+            r#"{"type":"tick","symbol":"X","seq":18446744073709551615,"t_in":18446744073709551616}"#,
+            // Near misses of the keys, and the rare bytes the search starts from.
+            r#"{"type":"tick","symbol":"f_q","seq":1,"x_in":2,"t_in":3,"conflate":4,"conflated":5}"#,
+            r#"{"type":"tick","symbol":"","seq":1,"t_in":2}"#,
+            r#"{"type":"tick","symbol":"A","seq":1,"t_in":2"#,
+            r#"{"type":"tick","symbol":"A"#,
+            r#"{"type":"batch","ticks":[]}"#,
+        ];
+        for text in cases {
+            let got = scan_tick(text.as_bytes()).map(|t| {
+                (
+                    t.symbol.unwrap().0.into_owned(),
+                    t.seq.unwrap(),
+                    t.t_in.unwrap() as u64,
+                    t.conflated,
+                )
+            });
+            assert_eq!(got, scan_reference(text), "{text}");
+        }
+        // An escaped symbol now goes to serde instead of being cut at the backslash.
+        assert!(scan_tick(br#"{"type":"tick","symbol":"A\u0042","seq":1,"t_in":2}"#).is_none());
+    }
+
+    #[test]
+    fn integers_parse_as_str_parse_does() {
+        let mut n: u64 = 0;
+        let mut values = vec![0, 7, u64::MAX, u64::MAX - 1, 10_000_000_000_000_000_000];
+        for _ in 0..20 {
+            n = n * 10 + 9;
+            values.extend([n, n / 3, n + 1]);
+            if n > u64::MAX / 10 {
+                break;
+            }
+        }
+        for v in values {
+            let s = format!("{v},");
+            assert_eq!(leading_integer(s.as_bytes()), Some((v, s.len() - 1)), "{v}");
+        }
+        for s in [
+            "18446744073709551616",
+            "99999999999999999999x",
+            "000000000000000000000001",
+        ] {
+            let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+            let want = s[..digits].parse::<u64>().ok().map(|v| (v, digits));
+            assert_eq!(leading_integer(s.as_bytes()), want, "{s}");
+        }
+        assert_eq!(leading_integer(b""), None);
+        assert_eq!(leading_integer(b"x1"), None);
+    }
+
+    #[test]
+    fn symbol_index_by_digits_or_map() {
+        let generated: Arc<[String]> = (0..120).map(|i| format!("LT{i}")).collect();
+        let idx = SymbolIndex::new(Arc::clone(&generated));
+        for (i, name) in generated.iter().enumerate() {
+            assert_eq!(idx.get(name), Some(i as u32));
+        }
+        for miss in [
+            "LT120",
+            "LT03",
+            "LT",
+            "XT3",
+            "lt3",
+            "LT3 ",
+            "",
+            "LT99999999999",
+        ] {
+            assert_eq!(idx.get(miss), None, "{miss}");
+        }
+        // A list (sorted by parse_symbols): names whose digits are not their index.
+        let list: Arc<[String]> = ["AAPL", "B0", "C1", "X9"].map(String::from).into();
+        let idx = SymbolIndex::new(list);
+        assert_eq!(
+            ["AAPL", "B0", "C1", "X9", "B1"].map(|s| idx.get(s)),
+            [Some(0), Some(1), Some(2), Some(3), None]
         );
     }
 

@@ -13,8 +13,8 @@ mod report;
 mod run;
 mod stats;
 mod sysinfo;
+mod ws;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,9 +24,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use tokio_tungstenite::tungstenite::http::Uri;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::client::{ClientCtx, Subscription};
+use crate::client::{ClientCtx, Subscription, SymbolIndex};
 use crate::producer::ProducerConfig;
 use crate::report::{ConfigEcho, ConnSummary, IdleMemory, Latency, ProcSummary, Summary};
 use crate::run::{RunConfig, Samples};
@@ -135,8 +134,9 @@ struct Args {
     /// Give up waiting for connections to come up after this many seconds.
     #[arg(long, default_value_t = 60)]
     ramp_timeout: u64,
-    /// Per-connection WebSocket read buffer in KiB (tungstenite's default is 128).
-    #[arg(long, default_value_t = 8)]
+    /// Bytes asked for by one read, in KiB. The read buffer belongs to the worker thread,
+    /// not to the connection; a connection keeps only an incomplete frame between reads.
+    #[arg(long, default_value_t = 64)]
     read_buffer_kb: usize,
     /// Make the first M clients slow consumers (they pause --slow-ms after every message),
     /// to check that the server cuts them off (4008) without slowing the others.
@@ -276,15 +276,9 @@ fn try_main() -> anyhow::Result<ExitCode> {
         }
     }
 
-    let symbol_index: HashMap<String, u32> = symbols
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.clone(), i as u32))
-        .collect();
+    let symbol_index = SymbolIndex::new(Arc::clone(&symbols));
     stats::init_subscribers(symbols.len());
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(args.read_buffer_kb.max(1) * 1024)
-        .write_buffer_size(0);
+    ws::set_read_size(args.read_buffer_kb.max(1) * 1024);
     let ctx = Arc::new(ClientCtx {
         server: target.addr,
         ws_url: target.ws_url.clone(),
@@ -300,7 +294,6 @@ fn try_main() -> anyhow::Result<ExitCode> {
             min_quality: args.min_quality,
             min_volume: args.min_volume,
         },
-        ws_config,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         slow_clients: args.slow_clients,
         slow_delay: Duration::from_millis(args.slow_ms),
