@@ -2,7 +2,7 @@
 # Runs the load scenarios behind docs/benchmarks.md: the server pinned to core 0, the load
 # generator to core 1, loopback only, each run bounded in time. Usage:
 #   cargo build --release --workspace && loadtest/scripts/benchmarks.sh [scenario...]
-# Scenarios: idle10k idle19k realtime batch throttled latency max ingest import
+# Scenarios: idle10k idle19k realtime batch throttled latency latency5 max max3m ingest import
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=target/release/tickfan
@@ -34,6 +34,7 @@ scenario() {
     latency)  start_server ""; run latency -c 1000 --symbols 100 -k 10 -r 2000 -d 15 --batch-ms 1; stop_server ;;
     latency5) start_server ""; run latency5 -c 1000 --symbols 100 -k 10 -r 2000 -d 15 --batch-ms 5; stop_server ;;
     max)      start_server ""; run max -c 100 --symbols 10 -k 10 -r 20000 -d 10; stop_server ;;
+    max3m)    start_server ""; run max3m -c 100 --symbols 10 -k 10 -r 30000 -d 10; stop_server ;;
     ingest)   start_server ""; run ingest -c 1 --symbols 100 -k 1 -r 200000 -d 10 --batch-ms 2; stop_server ;;
     import)
       D=$(mktemp -d); F="$D/ticks.csv"
@@ -53,5 +54,5 @@ PY
   esac
 }
 
-if [ $# -eq 0 ]; then set -- idle10k idle19k realtime batch throttled latency max ingest import; fi
+if [ $# -eq 0 ]; then set -- idle10k idle19k realtime batch throttled latency max max3m ingest import; fi
 for s in "$@"; do scenario "$s"; done
