@@ -10,19 +10,20 @@ use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::dispatch::outbound::{self, Frame, Outbound, OutboundReceiver};
+use crate::dispatch::outbound::{self, Frame, Outbound, OutboundReceiver, Wake};
 use crate::dispatch::registry::ClientKey;
 use crate::dispatch::{Command, DispatcherHandle};
+use crate::liveness::Connections;
 use crate::protocol::{self, close, error_message, ErrorCode, Request};
 use crate::tick::now_ms;
 use crate::ws::frame::{opcode, FrameError};
@@ -39,8 +40,8 @@ pub enum AuthState {
     Pending,
 }
 
-/// Time a client has to send `{"op":"auth"}` when it connected without a token.
-pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a client has to send `{"op":"auth"}` when it connected without a token, in ms.
+pub const AUTH_TIMEOUT_MS: u64 = 10_000;
 /// Most bytes written per flush, so one busy client cannot hog its task's turn.
 const WRITE_BURST_BYTES: usize = 256 * 1024;
 
@@ -61,6 +62,8 @@ pub struct ClientContext {
     pub stats: ClientStats,
     /// Sampled seconds from a tick's receipt (`t_in`) to its socket write.
     pub write_latency: Option<metrics::Histogram>,
+    /// Open connections, for the liveness sweep.
+    pub connections: Connections,
 }
 
 /// Per-server client counters.
@@ -101,7 +104,6 @@ struct Conn {
     auth: AuthState,
     limiter: DefaultDirectRateLimiter,
     limited_in_a_row: u32,
-    last_heard: Instant,
 }
 
 enum Flow {
@@ -128,6 +130,17 @@ pub async fn serve(
         ctx.config.dispatch.outbound_messages,
         ctx.config.limits.outbound_buffer_bytes,
     );
+    let now = ctx.connections.clock_ms();
+    rx.heard(now);
+    if auth == AuthState::Pending {
+        out.set_auth_deadline(Some(now + AUTH_TIMEOUT_MS));
+    }
+    let link = ctx.connections.insert(out.clone());
+    // Shutdown closes the connections in the set; one that joins after that sweep sees the
+    // cancelled token instead.
+    if ctx.shutdown.is_cancelled() {
+        let _ = out.kill(close::GOING_AWAY);
+    }
     let ops = ctx.config.limits.ops_per_sec;
     let quota = Quota::per_second(NonZeroU32::new(ops).unwrap_or(NonZeroU32::MIN))
         .allow_burst(NonZeroU32::new(ops.saturating_mul(2)).unwrap_or(NonZeroU32::MIN));
@@ -138,15 +151,39 @@ pub async fn serve(
         auth,
         limiter: RateLimiter::direct(quota),
         limited_in_a_row: 0,
-        last_heard: Instant::now(),
     };
     let mut socket = WsSocket::new(stream, ctx.config.limits.max_message_bytes);
     let key = run(&mut conn, &mut socket, &rx, early).await;
+    ctx.connections.remove(link);
     if let Some(key) = key {
         ctx.dispatcher.deregister(key);
     }
     ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
     tracing::debug!(%peer, "client connection closed");
+}
+
+/// What an idle connection waits for: its socket or its link, nothing else.
+enum Event {
+    Readable,
+    Link(Wake),
+    SocketFailed,
+}
+
+/// Waits for the socket to become readable or the link to wake. Holds only two references,
+/// which is what keeps an idle connection's future small.
+fn next_event<'a>(
+    socket: &'a WsSocket,
+    rx: &'a OutboundReceiver,
+) -> impl std::future::Future<Output = Event> + 'a {
+    std::future::poll_fn(move |cx| {
+        if let Poll::Ready(wake) = rx.poll_wake(cx) {
+            return Poll::Ready(Event::Link(wake));
+        }
+        socket.poll_read_ready(cx).map(|ready| match ready {
+            Ok(()) => Event::Readable,
+            Err(_) => Event::SocketFailed,
+        })
+    })
 }
 
 async fn run(
@@ -160,47 +197,21 @@ async fn run(
     let mut inbox = Vec::new();
     let mut broken = socket.absorb(&early, &mut inbox).err();
     drop(early);
-    let ctx = conn.ctx.clone();
-    let heartbeat = Duration::from_millis(ctx.config.server.heartbeat_ms);
-    socket.queue_text(welcome(&ctx).into());
-    if socket.flush().await.is_err() {
-        return None;
+    // Every await outside the main loop is boxed: an idle connection's future is only as big
+    // as what is alive at its largest await, and these run once.
+    if Box::pin(setup(conn, socket)).await.is_none() {
+        return conn.key;
     }
-    match conn.auth {
-        AuthState::Rejected => {
-            ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
-            let err = error_message(None, ErrorCode::Unauthorized, "invalid token", None);
-            Box::pin(close_with(
-                socket,
-                Some(err),
-                close::UNAUTHORIZED,
-                "unauthorized",
-                close_grace(&ctx),
-            ))
-            .await;
-            return None;
-        }
-        AuthState::Authorized => {
-            conn.key = Some(ctx.dispatcher.register(conn.out.clone()).await.ok()?);
-        }
-        AuthState::Pending => {}
-    }
-    let auth_deadline = Instant::now() + AUTH_TIMEOUT;
-    let mut next_beat = Instant::now() + heartbeat;
-    // One timer for both the heartbeat and the auth deadline: an idle connection carries a
-    // single timer entry.
-    let timer = tokio::time::sleep_until(next_beat.min(auth_deadline));
-    tokio::pin!(timer);
     let mut notice = None;
     let reason = loop {
         if let Some(e) = broken.take() {
-            match read_failure(&ctx, e) {
+            match read_failure(&conn.ctx, e) {
                 Some(reason) => break reason,
                 None => return conn.key,
             }
         }
         if !inbox.is_empty() {
-            conn.last_heard = Instant::now();
+            rx.heard(conn.ctx.connections.clock_ms());
             match Box::pin(on_messages(conn, socket, rx, &mut inbox)).await {
                 Flow::Continue => {}
                 Flow::Close(code, why) => break (code, why),
@@ -211,74 +222,77 @@ async fn run(
                 Flow::Gone => return conn.key,
             }
         }
-        tokio::select! {
-            biased;
-            () = ctx.shutdown.cancelled() => break (close::GOING_AWAY, "server shutting down"),
-            code = rx.killed() => break (code, close_reason(code)),
-            frame = rx.recv() => {
-                let Some(frame) = frame else { break (close::GOING_AWAY, "server shutting down") };
-                match Box::pin(write_until_done(socket, Some(frame), rx, &ctx)).await {
+        match next_event(socket, rx).await {
+            Event::Readable => broken = socket.read_some(&mut inbox).err(),
+            Event::SocketFailed => return conn.key,
+            Event::Link(Wake::Close(code)) => break (code, close_reason(code)),
+            Event::Link(Wake::Write) => {
+                match Box::pin(write_until_done(socket, rx, &conn.ctx)).await {
                     Written::Done => {}
                     Written::Failed => return conn.key,
-                    Written::Interrupted(code, why) => break (code, why),
+                    Written::Interrupted(code) => break (code, close_reason(code)),
                 }
-            }
-            ready = socket.readable() => match ready {
-                Ok(()) => broken = socket.read_some(&mut inbox).err(),
-                Err(_) => return conn.key,
-            },
-            () = &mut timer => {
-                let now = Instant::now();
-                let pending_auth = conn.auth == AuthState::Pending;
-                if pending_auth && now >= auth_deadline {
-                    ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
-                    let err = error_message(None, ErrorCode::Unauthorized, "no token within 10 s", None);
-                    Box::pin(close_with(socket, Some(err), close::UNAUTHORIZED, "unauthorized", close_grace(&ctx))).await;
-                    return conn.key;
-                }
-                if now >= next_beat {
-                    if conn.last_heard.elapsed() > heartbeat * 3 {
-                        ctx.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
-                        break (close::NORMAL, "heartbeat timeout: nothing received for 3 heartbeats");
-                    }
-                    next_beat = now + heartbeat;
-                    let hb = json!({"type": "heartbeat", "server_time": now_ms()}).to_string();
-                    if conn.out.push_control(Frame::from(hb)).is_err() {
-                        break (close::SLOW_CONSUMER, "slow consumer");
-                    }
-                    // A WebSocket ping too: browsers answer it with a pong we count as life.
-                    socket.queue(opcode::PING, Bytes::new());
-                    match Box::pin(write_until_done(socket, None, rx, &ctx)).await {
-                        Written::Done => {}
-                        Written::Failed => return conn.key,
-                        Written::Interrupted(code, why) => break (code, why),
-                    }
-                }
-                let wake = if conn.auth == AuthState::Pending { next_beat.min(auth_deadline) } else { next_beat };
-                timer.as_mut().reset(wake);
             }
         }
     };
     let (code, why) = reason;
-    let notice = notice.or_else(|| {
-        (code == close::SLOW_CONSUMER).then(|| {
-            error_message(
-                None,
-                ErrorCode::SlowConsumer,
-                "outbound buffer overflow: reconnect and resume with since_seq",
-                None,
-            )
-        })
+    let notice = notice.or_else(|| match code {
+        close::SLOW_CONSUMER => Some(error_message(
+            None,
+            ErrorCode::SlowConsumer,
+            "outbound buffer overflow: reconnect and resume with since_seq",
+            None,
+        )),
+        close::UNAUTHORIZED if conn.auth == AuthState::Pending => Some(error_message(
+            None,
+            ErrorCode::Unauthorized,
+            "no token within 10 s",
+            None,
+        )),
+        _ => None,
     });
     if code != close::SLOW_CONSUMER {
         // Replies to requests read before the close go out first. A slow consumer's backlog
         // does not: it is why the connection ends, and the client resumes with since_seq.
-        while let Some(frame) = rx.try_recv() {
-            socket.queue_text(frame.into());
-        }
+        rx.drain(usize::MAX, |frame| socket.queue_text(frame.into()));
     }
-    Box::pin(close_with(socket, notice, code, why, close_grace(&ctx))).await;
+    Box::pin(close_with(
+        socket,
+        notice,
+        code,
+        why,
+        close_grace(&conn.ctx),
+    ))
+    .await;
     conn.key
+}
+
+/// Sends the welcome and registers with the dispatcher (or refuses a wrong token). `None`:
+/// the connection is over.
+async fn setup(conn: &mut Conn, socket: &mut WsSocket) -> Option<()> {
+    let ctx = conn.ctx.clone();
+    socket.queue_text(welcome(&ctx).into());
+    socket.flush().await.ok()?;
+    match conn.auth {
+        AuthState::Rejected => {
+            ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+            let err = error_message(None, ErrorCode::Unauthorized, "invalid token", None);
+            close_with(
+                socket,
+                Some(err),
+                close::UNAUTHORIZED,
+                "unauthorized",
+                close_grace(&ctx),
+            )
+            .await;
+            None
+        }
+        AuthState::Authorized => {
+            conn.key = Some(ctx.dispatcher.register(conn.out.clone()).await.ok()?);
+            Some(())
+        }
+        AuthState::Pending => Some(()),
+    }
 }
 
 /// The `welcome` message. Built in its own function so none of its parts stay alive in the
@@ -327,6 +341,9 @@ fn close_reason(code: u16) -> &'static str {
     match code {
         close::SLOW_CONSUMER => "slow consumer",
         close::GOING_AWAY => "server shutting down",
+        // Only the liveness sweep closes with these two.
+        close::NORMAL => "heartbeat timeout: nothing received for 3 heartbeats",
+        close::UNAUTHORIZED => "unauthorized",
         _ => "closed by server",
     }
 }
@@ -336,71 +353,64 @@ enum Written {
     Done,
     /// The socket failed: the peer is gone.
     Failed,
-    /// Shutdown or a kill came while the socket was full.
-    Interrupted(u16, &'static str),
+    /// The connection was told to close while its socket was full.
+    Interrupted(u16),
 }
 
-/// Writes `first`, whatever else is queued (up to a burst budget) and anything the socket had
-/// left over, but gives up waiting on a full socket when the connection is told to close.
+/// Writes what the link holds (a ping if one is due, then queued frames, a burst budget at a
+/// time) and whatever the socket had left over, until both are empty; gives up waiting on a
+/// full socket when the connection is told to close.
 async fn write_until_done(
     socket: &mut WsSocket,
-    first: Option<Frame>,
     rx: &OutboundReceiver,
     ctx: &ClientContext,
 ) -> Written {
-    tokio::select! {
-        biased;
-        () = ctx.shutdown.cancelled() => Written::Interrupted(close::GOING_AWAY, "server shutting down"),
-        code = rx.killed() => Written::Interrupted(code, close_reason(code)),
-        res = write_burst(socket, first, rx, ctx) => match res {
-            Ok(()) => Written::Done,
-            Err(_) => Written::Failed,
-        },
-    }
-}
-
-/// Queues `first` and whatever else is queued (up to a burst budget), then writes them with
-/// as few `writev` calls as the socket allows.
-async fn write_burst(
-    socket: &mut WsSocket,
-    first: Option<Frame>,
-    rx: &OutboundReceiver,
-    ctx: &ClientContext,
-) -> std::io::Result<()> {
     let stats = &ctx.stats;
-    // One burst in 64 measures how long its first tick took from receipt to the socket.
-    let sample = match (&ctx.write_latency, &first) {
-        (Some(h), Some(first))
-            if stats
-                .bursts
-                .fetch_add(1, Ordering::Relaxed)
-                .is_multiple_of(64) =>
-        {
-            t_in_of(first).map(|t| (h, t))
+    loop {
+        if rx.take_ping_due() {
+            socket.queue(opcode::PING, Bytes::new());
         }
-        _ => None,
-    };
-    let mut bytes = 0;
-    let mut frames = 0u64;
-    if let Some(first) = first {
-        bytes += first.len();
-        frames += 1;
-        socket.queue_text(first.into());
+        let mut first = None;
+        let (frames, bytes) = rx.drain(WRITE_BURST_BYTES, |frame| {
+            if first.is_none() {
+                first = Some(frame.clone());
+            }
+            socket.queue_text(frame.into());
+        });
+        // One burst in 64 measures how long its first tick took from receipt to the socket.
+        let sample = match (&ctx.write_latency, &first) {
+            (Some(h), Some(first))
+                if stats
+                    .bursts
+                    .fetch_add(1, Ordering::Relaxed)
+                    .is_multiple_of(64) =>
+            {
+                t_in_of(first).map(|t| (h, t))
+            }
+            _ => None,
+        };
+        drop(first);
+        let flushed = std::future::poll_fn(|cx| match socket.poll_flush(cx) {
+            Poll::Ready(res) => Poll::Ready(res.map_err(|_| Written::Failed)),
+            Poll::Pending => match rx.poll_close(cx) {
+                Poll::Ready(code) => Poll::Ready(Err(Written::Interrupted(code))),
+                Poll::Pending => Poll::Pending,
+            },
+        })
+        .await;
+        if let Err(outcome) = flushed {
+            return outcome;
+        }
+        if let Some((h, t_in)) = sample {
+            #[allow(clippy::cast_precision_loss)]
+            h.record((crate::tick::now_us() - t_in).max(0) as f64 / 1e6);
+        }
+        stats.frames_sent.fetch_add(frames, Ordering::Relaxed);
+        stats.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        if frames == 0 {
+            return Written::Done;
+        }
     }
-    while bytes < WRITE_BURST_BYTES {
-        let Some(next) = rx.try_recv() else { break };
-        bytes += next.len();
-        frames += 1;
-        socket.queue_text(next.into());
-    }
-    socket.flush().await?;
-    if let Some((h, t_in)) = sample {
-        #[allow(clippy::cast_precision_loss)]
-        h.record((crate::tick::now_us() - t_in).max(0) as f64 / 1e6);
-    }
-    stats.frames_sent.fetch_add(frames, Ordering::Relaxed);
-    stats.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
-    Ok(())
 }
 
 /// How long closing may wait behind data already queued in the socket.
@@ -492,12 +502,13 @@ async fn on_messages(
             break;
         }
     }
-    inbox.clear();
+    // Give the inbox's storage back: idle connections keep none.
+    *inbox = Vec::new();
     if answer_pings && matches!(flow, Flow::Continue) {
-        flow = match write_until_done(socket, None, rx, &ctx).await {
+        flow = match write_until_done(socket, rx, &ctx).await {
             Written::Done => Flow::Continue,
             Written::Failed => Flow::Gone,
-            Written::Interrupted(code, why) => Flow::Close(code, why),
+            Written::Interrupted(code) => Flow::Close(code, close_reason(code)),
         };
     }
     flow
@@ -606,6 +617,7 @@ async fn on_auth(conn: &mut Conn, id: Option<Value>, token: &str) -> Flow {
         );
     }
     conn.auth = AuthState::Authorized;
+    conn.out.set_auth_deadline(None);
     match ctx.dispatcher.register(conn.out.clone()).await {
         Ok(key) => {
             conn.key = Some(key);

@@ -15,6 +15,7 @@
 //! - [`dispatch`]: the one owner of routing state; stamps `seq`, fans out with `try_send`.
 //! - [`client`]: one task per `/ws` connection; requests in, queued frames out.
 //! - [`ws`]: the `/ws` WebSocket transport: upgrade, framing, buffer-free idle sockets.
+//! - [`liveness`]: one sweep for every connection's heartbeat, idle and auth deadlines.
 //! - [`producer`]: the `/ingest` WebSocket.
 //! - [`http`]: the router and the plain HTTP routes.
 //! - [`dashboard`]: the embedded browser dashboard (`web/`).
@@ -38,6 +39,7 @@ pub mod error;
 pub mod http;
 pub mod import;
 pub mod ingest;
+pub mod liveness;
 pub mod logging;
 pub mod metrics;
 pub mod producer;

@@ -67,6 +67,14 @@ const HELP: &[(&str, &str)] = &[
         "Ticks skipped by conflation (throttled and smart modes).",
     ),
     ("tickfan_mode_switches_total", "Smart-mode switches."),
+    (
+        "tickfan_batch_groups",
+        "Shared batch groups (batch-mode clients with the same symbols, filter and interval get one frame per flush).",
+    ),
+    (
+        "tickfan_batch_group_members",
+        "Batch-mode clients served by a shared batch group.",
+    ),
     ("tickfan_connections", "Open client (/ws) connections."),
     (
         "tickfan_open_connections",
@@ -252,6 +260,12 @@ impl Metrics {
             load(&d.mode_switches),
         );
         self.gauge("tickfan_clients", vec![], load(&d.clients));
+        self.gauge("tickfan_batch_groups", vec![], load(&d.batch_groups));
+        self.gauge(
+            "tickfan_batch_group_members",
+            vec![],
+            load(&d.batch_group_members),
+        );
         let c = &s.clients.stats;
         self.gauge("tickfan_connections", vec![], load(&c.open));
         self.counter("tickfan_messages_sent_total", vec![], load(&c.frames_sent));

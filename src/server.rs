@@ -22,6 +22,7 @@ use crate::dlq::DeadLetters;
 use crate::error::ServerError;
 use crate::http::{self, AppState, ConnectionLimits};
 use crate::ingest::Ingestor;
+use crate::liveness::{self, Connections};
 use crate::metrics::Metrics;
 use crate::queue::PriorityQueue;
 use crate::simulator;
@@ -108,7 +109,9 @@ pub async fn run(
         sessions: AtomicU64::new(1),
         stats: ClientStats::default(),
         write_latency: Some(metrics.ingest_to_write()),
+        connections: Connections::default(),
     });
+    tokio::spawn(liveness::run(clients.clone(), stop.clone()));
     let state = Arc::new(AppState {
         config: config.clone(),
         ingestor,

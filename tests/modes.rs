@@ -713,3 +713,112 @@ async fn critical_tick_overtakes_a_flood_of_low_priority_ticks() {
         "the critical tick did not overtake the queued low ticks (its seqs: {critical_seqs:?})"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// shared batches
+
+/// Reads until `done` says the messages so far are enough.
+async fn collect(ws: &mut Ws, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    let mut seen = Vec::new();
+    while !done(&seen) {
+        seen.push(ws.recv().await);
+    }
+    seen
+}
+
+fn count_ticks(msgs: &[Value], sym: &str) -> usize {
+    msgs.iter()
+        .flat_map(ticks_of)
+        .filter(|t| t["symbol"] == sym)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_batch_clients_share_one_batch_and_joining_or_leaving_loses_nothing() {
+    let server = TestServer::start().await;
+    let settings = json!({"symbols": ["GA", "GB"], "mode": "batch", "interval_ms": 30});
+    let mut a = server.client().await.0;
+    let mut b = server.client().await.0;
+    let mut c = server.client().await.0;
+    for ws in [&mut a, &mut b, &mut c] {
+        assert_eq!(subscribe(ws, 1, settings.clone()).await["mode"], "batch");
+    }
+    server
+        .wait_stats("one shared group of three", |s| {
+            s["batch_groups"] == json!({"groups": 1, "members": 3})
+        })
+        .await;
+    let mut producer = server.producer().await;
+    let publish = |from: u64, to: u64| -> Vec<Value> {
+        (from..to)
+            .map(|n| mk(if n.is_multiple_of(2) { "GA" } else { "GB" }, n))
+            .collect()
+    };
+    for f in 0..3 {
+        ingest(&mut producer, &publish(f * 100, f * 100 + 100)).await;
+    }
+    // Mid-stream: d joins with the same settings (it joins the group at its next flush), and
+    // b drops GB (it leaves the group, taking what the group holds with it).
+    let mut d = server.client().await.0;
+    let ack_d = subscribe(&mut d, 1, settings.clone()).await;
+    let d_from = |sym: &str| ack_d["last_seq"][sym].as_u64().unwrap();
+    b.send_json(&json!({"op": "unsubscribe", "id": 2, "symbols": ["GB"]}))
+        .await;
+    for f in 3..6 {
+        ingest(&mut producer, &publish(f * 100, f * 100 + 100)).await;
+    }
+
+    // a and c saw every tick once, in order, in the very same batch frames.
+    let all = |m: &[Value]| count_ticks(m, "GA") == 300 && count_ticks(m, "GB") == 300;
+    let got_a = collect(&mut a, all).await;
+    let got_c = collect(&mut c, all).await;
+    for got in [&got_a, &got_c] {
+        let mut seqs = Seqs::default();
+        for m in got {
+            assert_eq!(m["type"], "batch", "{m}");
+            ticks_of(m).iter().for_each(|t| {
+                seqs.next(t);
+            });
+        }
+    }
+    assert_eq!(got_a, got_c, "members of one group get the same frames");
+
+    // d: exactly the ticks after its ack's last_seq.
+    let (ga_from, gb_from) = (d_from("GA"), d_from("GB"));
+    let got_d = collect(&mut d, |m| {
+        count_ticks(m, "GA") as u64 == 300 - ga_from && count_ticks(m, "GB") as u64 == 300 - gb_from
+    })
+    .await;
+    let mut seqs = Seqs::default();
+    seqs.last.insert("GA".into(), ga_from);
+    seqs.last.insert("GB".into(), gb_from);
+    for t in got_d.iter().flat_map(ticks_of) {
+        seqs.next(&t);
+    }
+
+    // b: every GA tick; GB in order up to its unsubscribe ack and none after it.
+    let got_b = collect(&mut b, |m| {
+        count_ticks(m, "GA") == 300 && m.iter().any(|v| v["id"] == 2)
+    })
+    .await;
+    let ack_at = got_b.iter().position(|v| v["id"] == 2).unwrap();
+    assert_eq!(got_b[ack_at]["op"], "unsubscribe");
+    let mut seqs = Seqs::default();
+    for (i, m) in got_b.iter().enumerate() {
+        for t in ticks_of(m) {
+            seqs.next(&t);
+            assert!(
+                i < ack_at || t["symbol"] == "GA",
+                "GB after the unsubscribe ack: {t}"
+            );
+        }
+    }
+    assert_eq!(seqs.last("GA"), 300);
+
+    // a, c and d share one group; b (GA only) has its own.
+    server
+        .wait_stats("two groups", |s| {
+            s["batch_groups"] == json!({"groups": 2, "members": 4})
+        })
+        .await;
+}

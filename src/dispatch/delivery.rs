@@ -317,6 +317,18 @@ impl Delivery {
         }
     }
 
+    /// Takes over ticks a shared batch held for this client (it is leaving its group), ahead
+    /// of anything it gets from now on.
+    pub fn hold_all(&mut self, held: &[(Symbol, Frame)], now: Instant) -> Outcome {
+        if held.is_empty() {
+            return Outcome::Done;
+        }
+        for (symbol, frame) in held {
+            self.hold_in_batch(symbol, frame);
+        }
+        self.reschedule(now)
+    }
+
     fn hold_in_batch(&mut self, symbol: &Symbol, frame: &Frame) {
         self.batch_bytes += frame.len();
         self.batch.push((symbol.clone(), frame.clone()));
@@ -366,7 +378,7 @@ impl Delivery {
 }
 
 /// `{"type":"batch","ticks":[...]}` from held frames (each already a tick object).
-fn batch_frame(held: &[(Symbol, Frame)], bytes: usize) -> Frame {
+pub(super) fn batch_frame(held: &[(Symbol, Frame)], bytes: usize) -> Frame {
     let mut out = String::with_capacity(bytes + held.len() + 32);
     out.push_str(r#"{"type":"batch","ticks":["#);
     for (i, (_, f)) in held.iter().enumerate() {

@@ -6,6 +6,7 @@
 //! producers' acks after the durable commit. Subscriptions live in `subscription`, snapshots
 //! and resumes in `snapshot`, per-client delivery modes in `delivery`.
 
+mod batch_group;
 pub mod command;
 pub mod delivery;
 pub mod filter;
@@ -28,12 +29,13 @@ use serde_json::{json, Value};
 use slab::Slab;
 use tokio_util::sync::CancellationToken;
 
+use self::batch_group::{Groups, Membership};
 pub use self::command::{Command, DispatcherGone, DispatcherHandle, SnapshotRead};
 use self::delivery::{Delivery, Outcome, SmartThresholds, Tally};
 use self::filter::Filter;
 use self::outbound::{Frame, Outbound};
 use self::recent::RecentTicks;
-use self::registry::{ClientKey, Registry};
+use self::registry::{ClientKey, Registry, SymbolSet};
 pub use self::sink::{StoreSink, TickSink};
 use crate::config::Config;
 use crate::dlq::{DeadLetter, DeadLetters};
@@ -74,6 +76,10 @@ pub struct DispatchStats {
     pub expired: AtomicU64,
     /// Subscribes refused with `too_many_symbols`.
     pub too_many_symbols: AtomicU64,
+    /// Shared batch groups now.
+    pub batch_groups: AtomicU64,
+    /// Batch-mode clients served by a shared group now.
+    pub batch_group_members: AtomicU64,
     /// Receive-to-dispatch percentiles over the last few seconds.
     pub latency: parking_lot::Mutex<latency::LatencySummary>,
 }
@@ -86,10 +92,12 @@ struct Client {
     out: Outbound,
     /// Detached by the dispatcher (slow consumer, gone): no more delivery or commands.
     detached: bool,
-    symbols: HashSet<Symbol>,
+    symbols: SymbolSet,
     wildcard: bool,
     filter: Filter,
     delivery: Delivery,
+    /// Batch mode: served by a shared batch group, or joining one.
+    group: Membership,
 }
 
 struct SymbolState {
@@ -120,6 +128,10 @@ pub struct Dispatcher<S: TickSink> {
     registry: Registry,
     symbols: HashMap<Symbol, SymbolState>,
     timers: BinaryHeap<Reverse<(Instant, ClientKey)>>,
+    /// Shared batches of batch-mode clients with the same settings.
+    groups: Groups,
+    /// Ticks stamped so far: a group takes each tick once however many members offer it.
+    stamped: u64,
     sink: S,
     dead_letters: Arc<DeadLetters>,
     stats: Arc<DispatchStats>,
@@ -179,6 +191,8 @@ impl<S: TickSink> Dispatcher<S> {
             registry: Registry::default(),
             symbols,
             timers: BinaryHeap::new(),
+            groups: Groups::default(),
+            stamped: 0,
             sink,
             dead_letters,
             stats,
@@ -242,7 +256,13 @@ impl<S: TickSink> Dispatcher<S> {
                 tokio::task::yield_now().await;
                 continue;
             }
-            let next_timer = self.timers.peek().map(|Reverse((at, _))| *at);
+            let next_timer = self
+                .timers
+                .peek()
+                .map(|Reverse((at, _))| *at)
+                .into_iter()
+                .chain(self.groups.next_deadline())
+                .min();
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
@@ -256,7 +276,7 @@ impl<S: TickSink> Dispatcher<S> {
         }
         while self.dispatch_round().await {}
         for (_, client) in &self.clients {
-            client.out.kill(close::GOING_AWAY);
+            let _ = client.out.kill(close::GOING_AWAY);
         }
         self.sink
     }
@@ -283,7 +303,10 @@ impl<S: TickSink> Dispatcher<S> {
                 h.record(waited.max(0) as f64 / 1e6);
             }
             let frame = self.stamp(&mut item.tick);
-            self.fan_out(&item.tick, &frame, now, &mut tally, &mut gone);
+            let flush_now = self.fan_out(&item.tick, &frame, now, &mut tally, &mut gone);
+            for g in flush_now {
+                self.flush_group(g, now, &mut tally, &mut gone);
+            }
             done.push((item, frame));
         }
         self.stats
@@ -309,6 +332,7 @@ impl<S: TickSink> Dispatcher<S> {
                 recent: RecentTicks::default(),
             });
         state.seq += 1;
+        self.stamped += 1;
         state.price = tick.price;
         state.ts = tick.ts;
         tick.seq = state.seq;
@@ -317,6 +341,8 @@ impl<S: TickSink> Dispatcher<S> {
         frame
     }
 
+    /// Offers the tick to every subscriber (or its batch group); returns the groups that must
+    /// flush right away (a critical tick, or a batch at the byte limit).
     fn fan_out(
         &mut self,
         tick: &Tick,
@@ -324,10 +350,14 @@ impl<S: TickSink> Dispatcher<S> {
         now: Instant,
         tally: &mut Tally,
         gone: &mut Vec<(ClientKey, u16)>,
-    ) {
+    ) -> Vec<usize> {
         let clients = &mut self.clients;
         let timers = &mut self.timers;
+        let groups = &mut self.groups;
         let smart = self.smart;
+        let stamped = self.stamped;
+        let critical = tick.priority == crate::tick::Priority::Critical;
+        let mut flush_now = Vec::new();
         self.registry.for_each_subscriber(&tick.symbol, |key| {
             let Some(client) = clients.get_mut(key) else {
                 return;
@@ -335,6 +365,20 @@ impl<S: TickSink> Dispatcher<S> {
             if !client.filter.matches(tick)
                 || (!client.awaiting.is_empty() && client.awaiting.contains(&tick.symbol))
             {
+                return;
+            }
+            if let Membership::Member(g) = client.group {
+                let Some(group) = groups.get_mut(g) else {
+                    return;
+                };
+                let deadline = group.offer(stamped, &tick.symbol, frame, now);
+                let full = group.held_bytes() > client.out.byte_limit();
+                if (critical || full) && !flush_now.contains(&g) {
+                    flush_now.push(g);
+                }
+                if let Some(at) = deadline {
+                    groups.schedule(g, at);
+                }
                 return;
             }
             match client
@@ -347,6 +391,7 @@ impl<S: TickSink> Dispatcher<S> {
                 Outcome::Gone => gone.push((key, 0)),
             }
         });
+        flush_now
     }
 
     fn fire_timers(&mut self, now: Instant) {
@@ -373,6 +418,9 @@ impl<S: TickSink> Dispatcher<S> {
                 Outcome::SlowConsumer => gone.push((key, close::SLOW_CONSUMER)),
                 Outcome::Gone => gone.push((key, 0)),
             }
+        }
+        while let Some(g) = self.groups.pop_due(now) {
+            self.flush_group(g, now, &mut tally, &mut gone);
         }
         self.record(tally);
         for (key, code) in gone {
@@ -426,7 +474,11 @@ impl<S: TickSink> Dispatcher<S> {
             return;
         }
         client.detached = true;
-        for symbol in client.symbols.drain() {
+        self.leave_group(key);
+        let Some(client) = self.clients.get_mut(key) else {
+            return;
+        };
+        for symbol in client.symbols.take_all() {
             self.registry.remove(&symbol, key);
         }
         if client.wildcard {
@@ -440,7 +492,7 @@ impl<S: TickSink> Dispatcher<S> {
             tracing::info!(client = key, "slow consumer closed");
         }
         if code != 0 {
-            client.out.kill(code);
+            let _ = client.out.kill(code);
         }
     }
 
@@ -472,10 +524,11 @@ impl<S: TickSink> Dispatcher<S> {
                     awaiting: HashSet::new(),
                     out,
                     detached: false,
-                    symbols: HashSet::new(),
+                    symbols: SymbolSet::default(),
                     wildcard: false,
                     filter: Filter::default(),
                     delivery: Delivery::new(self.default_interval),
+                    group: Membership::Private,
                 });
                 self.stats.clients.fetch_add(1, Ordering::Relaxed);
                 if reply.send(key).is_err() {
@@ -490,11 +543,23 @@ impl<S: TickSink> Dispatcher<S> {
                 settings,
                 history,
                 since_seq,
-            } => self.subscribe(key, id, &symbols, &settings, history, &since_seq),
-            Command::Unsubscribe { key, id, symbols } => self.unsubscribe(key, id, &symbols),
+            } => {
+                // Out of any batch group while the subscription changes; back in after, if
+                // the new settings still qualify.
+                self.leave_group(key);
+                self.subscribe(key, id, &symbols, &settings, history, &since_seq);
+                self.regroup(key);
+            }
+            Command::Unsubscribe { key, id, symbols } => {
+                self.leave_group(key);
+                self.unsubscribe(key, id, &symbols);
+                self.regroup(key);
+            }
             Command::Configure { key, id, settings } => {
                 if self.clients.contains(key) {
+                    self.leave_group(key);
                     self.apply_settings(key, &settings);
+                    self.regroup(key);
                     let mode = self.clients[key].delivery.mode();
                     self.reply(
                         key,

@@ -1,14 +1,24 @@
-//! The bounded queue between the dispatcher (and the connection's own replies) and one client
-//! connection's socket writer. Bounded twice: by message count (the flume channel) and by queued
-//! bytes (`limits.outbound_buffer_bytes`), which is what the slow-consumer rule watches. Pushes
-//! never wait: a full queue is reported to the caller, who decides (close the client in
-//! realtime/batch, hold back and conflate in throttled/smart).
+//! The link between one client connection and everyone who writes to it: the dispatcher (ticks,
+//! acks, snapshots), the heartbeat sweeper and the connection's own replies. It is the
+//! connection's bounded outbound queue, bounded twice: by message count
+//! (`dispatch.outbound_messages`) and by queued bytes (`limits.outbound_buffer_bytes`), which is
+//! what the slow-consumer rule watches. Pushes never wait: a full queue is reported to the
+//! caller, who decides (close the client in realtime/batch, hold back and conflate in
+//! throttled/smart).
+//!
+//! It is also the connection's only wake-up source besides its socket: one waker for "frames to
+//! write", "ping due" and "close now", so an idle connection waits on its socket and this link
+//! and nothing else (no timer, no channel future). Liveness (last heard, auth deadline) sits
+//! here too, for the sweeper to read.
 
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::extract::ws::Utf8Bytes;
-use tokio_util::sync::CancellationToken;
+use futures_util::task::AtomicWaker;
+use parking_lot::Mutex;
 
 /// A frame on its way to one client.
 pub type Frame = Utf8Bytes;
@@ -22,45 +32,65 @@ pub enum PushError {
     Closed,
 }
 
+/// What woke the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Frames are queued, or a ping is due.
+    Write,
+    /// Close with this code now.
+    Close(u16),
+}
+
 #[derive(Debug)]
 struct Shared {
+    queue: Mutex<VecDeque<Frame>>,
     queued_bytes: AtomicUsize,
     byte_limit: usize,
-    /// Close code the connection must use when `kill` fires (0: none yet).
+    max_messages: usize,
+    /// Close code the connection must use (0: none yet). First caller wins.
     close_code: AtomicU16,
-    kill: CancellationToken,
+    /// The receiving side has gone: pushes fail with `Closed`.
+    closed: AtomicBool,
+    ping_due: AtomicBool,
+    /// When the connection last heard from its client, ms on the server's clock.
+    heard_ms: AtomicU64,
+    /// Close 4001 at this time unless authenticated (0: no deadline).
+    auth_deadline_ms: AtomicU64,
+    waker: AtomicWaker,
 }
 
-/// The sending side; cheap to clone (dispatcher and the connection's reader both hold one).
+/// The sending side; cheap to clone (dispatcher, sweeper and the connection all hold one).
 #[derive(Debug, Clone)]
 pub struct Outbound {
-    tx: flume::Sender<Frame>,
     shared: Arc<Shared>,
 }
 
-/// The receiving side, owned by the connection's writer.
+/// The receiving side, owned by the connection. Dropping it closes the link.
 #[derive(Debug)]
 pub struct OutboundReceiver {
-    rx: flume::Receiver<Frame>,
     shared: Arc<Shared>,
 }
 
-/// A new queue holding at most `max_messages` frames and `byte_limit` bytes of data.
+/// A new link holding at most `max_messages` frames and `byte_limit` bytes of data.
 #[must_use]
 pub fn channel(max_messages: usize, byte_limit: usize) -> (Outbound, OutboundReceiver) {
-    let (tx, rx) = flume::bounded(max_messages);
     let shared = Arc::new(Shared {
+        queue: Mutex::new(VecDeque::new()),
         queued_bytes: AtomicUsize::new(0),
         byte_limit,
+        max_messages,
         close_code: AtomicU16::new(0),
-        kill: CancellationToken::new(),
+        closed: AtomicBool::new(false),
+        ping_due: AtomicBool::new(false),
+        heard_ms: AtomicU64::new(0),
+        auth_deadline_ms: AtomicU64::new(0),
+        waker: AtomicWaker::new(),
     });
     (
         Outbound {
-            tx,
             shared: shared.clone(),
         },
-        OutboundReceiver { rx, shared },
+        OutboundReceiver { shared },
     )
 }
 
@@ -71,11 +101,7 @@ impl Outbound {
     /// [`PushError::Full`] over the byte or count bound, [`PushError::Closed`] when the
     /// connection has gone.
     pub fn push(&self, frame: Frame) -> Result<(), PushError> {
-        let len = frame.len();
-        if self.queued_bytes() + len > self.shared.byte_limit {
-            return Err(PushError::Full);
-        }
-        self.push_control(frame)
+        self.push_within(frame, self.shared.byte_limit)
     }
 
     /// Queues a control frame (ack, error, mode switch, snapshot, a critical tick) past the
@@ -85,24 +111,35 @@ impl Outbound {
     /// # Errors
     /// As [`Outbound::push`].
     pub fn push_control(&self, frame: Frame) -> Result<(), PushError> {
-        let len = frame.len();
-        if self.queued_bytes() + len > self.shared.byte_limit.saturating_mul(2) {
-            return Err(PushError::Full);
-        }
-        self.shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
-        match self.tx.try_send(frame) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-                Err(match e {
-                    flume::TrySendError::Full(_) => PushError::Full,
-                    flume::TrySendError::Disconnected(_) => PushError::Closed,
-                })
-            }
-        }
+        self.push_within(frame, self.shared.byte_limit.saturating_mul(2))
     }
 
-    /// Bytes queued and not yet taken by the writer.
+    fn push_within(&self, frame: Frame, limit: usize) -> Result<(), PushError> {
+        let shared = &self.shared;
+        let len = frame.len();
+        let was_empty = {
+            let mut queue = shared.queue.lock();
+            if shared.closed.load(Ordering::Acquire) {
+                return Err(PushError::Closed);
+            }
+            if queue.len() >= shared.max_messages
+                || shared.queued_bytes.load(Ordering::Acquire) + len > limit
+            {
+                return Err(PushError::Full);
+            }
+            shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
+            queue.push_back(frame);
+            queue.len() == 1
+        };
+        // The connection drains the queue before it waits again, so only the first frame
+        // needs to wake it.
+        if was_empty {
+            shared.waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Bytes queued and not yet taken by the connection.
     #[must_use]
     pub fn queued_bytes(&self) -> usize {
         self.shared.queued_bytes.load(Ordering::Acquire)
@@ -114,42 +151,135 @@ impl Outbound {
         self.shared.byte_limit
     }
 
-    /// Tells the connection to close with `code` (first caller wins) without waiting.
-    pub fn kill(&self, code: u16) {
-        let _ =
-            self.shared
-                .close_code
-                .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
-        self.shared.kill.cancel();
+    /// Tells the connection to close with `code` without waiting. The first caller's code
+    /// wins; returns whether this call was the first.
+    pub fn kill(&self, code: u16) -> bool {
+        let first = self
+            .shared
+            .close_code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        self.shared.waker.wake();
+        first
+    }
+
+    /// Asks the connection to send a WebSocket ping.
+    pub fn request_ping(&self) {
+        self.shared.ping_due.store(true, Ordering::Release);
+        self.shared.waker.wake();
+    }
+
+    /// When the connection last heard from its client (ms).
+    #[must_use]
+    pub fn heard_ms(&self) -> u64 {
+        self.shared.heard_ms.load(Ordering::Acquire)
+    }
+
+    /// The time by which the client must authenticate (ms), if it must.
+    #[must_use]
+    pub fn auth_deadline_ms(&self) -> Option<u64> {
+        match self.shared.auth_deadline_ms.load(Ordering::Acquire) {
+            0 => None,
+            at => Some(at),
+        }
+    }
+
+    /// Sets (or with `None` clears) the time by which the client must authenticate (ms).
+    pub fn set_auth_deadline(&self, at_ms: Option<u64>) {
+        self.shared
+            .auth_deadline_ms
+            .store(at_ms.unwrap_or(0), Ordering::Release);
+    }
+
+    /// Whether the connection has gone.
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
     }
 }
 
 impl OutboundReceiver {
-    /// Waits for the next frame.
-    pub async fn recv(&self) -> Option<Frame> {
-        let frame = self.rx.recv_async().await.ok()?;
-        self.taken(&frame);
-        Some(frame)
+    /// Ready when frames are queued, a ping is due or the connection must close; otherwise
+    /// registers `cx` to be woken when one of them happens.
+    pub fn poll_wake(&self, cx: &mut Context<'_>) -> Poll<Wake> {
+        self.shared.waker.register(cx.waker());
+        if let Some(code) = self.close_code() {
+            return Poll::Ready(Wake::Close(code));
+        }
+        if self.shared.ping_due.load(Ordering::Acquire) || !self.shared.queue.lock().is_empty() {
+            return Poll::Ready(Wake::Write);
+        }
+        Poll::Pending
+    }
+
+    /// Ready with the close code once the connection is told to close; otherwise registers
+    /// `cx`. Unlike [`OutboundReceiver::poll_wake`] it ignores queued frames, for waiting on
+    /// a full socket.
+    pub fn poll_close(&self, cx: &mut Context<'_>) -> Poll<u16> {
+        self.shared.waker.register(cx.waker());
+        self.close_code().map_or(Poll::Pending, Poll::Ready)
+    }
+
+    /// The code the connection was told to close with, if any.
+    #[must_use]
+    pub fn close_code(&self) -> Option<u16> {
+        match self.shared.close_code.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(code),
+        }
     }
 
     /// Takes a frame if one is queued.
     #[must_use]
     pub fn try_recv(&self) -> Option<Frame> {
-        let frame = self.rx.try_recv().ok()?;
-        self.taken(&frame);
-        Some(frame)
-    }
-
-    fn taken(&self, frame: &Frame) {
+        let frame = self.shared.queue.lock().pop_front()?;
         self.shared
             .queued_bytes
             .fetch_sub(frame.len(), Ordering::AcqRel);
+        Some(frame)
     }
 
-    /// Resolves when someone called [`Outbound::kill`].
-    pub async fn killed(&self) -> u16 {
-        self.shared.kill.cancelled().await;
-        self.shared.close_code.load(Ordering::Acquire)
+    /// Takes queued frames in order, under one lock, until `budget` bytes are taken or the
+    /// queue is empty; returns the number of frames and bytes taken.
+    pub fn drain(&self, budget: usize, mut take: impl FnMut(Frame)) -> (u64, usize) {
+        let mut frames = 0;
+        let mut bytes = 0;
+        {
+            let mut queue = self.shared.queue.lock();
+            while bytes < budget {
+                let Some(frame) = queue.pop_front() else {
+                    break;
+                };
+                bytes += frame.len();
+                frames += 1;
+                take(frame);
+            }
+            if queue.is_empty() && queue.capacity() > 0 {
+                // An idle connection keeps no queue storage.
+                *queue = VecDeque::new();
+            }
+        }
+        self.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        (frames, bytes)
+    }
+
+    /// Whether a ping was requested since the last call.
+    pub fn take_ping_due(&self) -> bool {
+        self.shared.ping_due.swap(false, Ordering::AcqRel)
+    }
+
+    /// Records that the client was heard from at `now_ms`.
+    pub fn heard(&self, now_ms: u64) {
+        self.shared.heard_ms.store(now_ms, Ordering::Release);
+    }
+}
+
+impl Drop for OutboundReceiver {
+    fn drop(&mut self) {
+        let mut queue = self.shared.queue.lock();
+        self.shared.closed.store(true, Ordering::Release);
+        queue.clear();
+        self.shared.queued_bytes.store(0, Ordering::Release);
     }
 }
 
@@ -169,6 +299,7 @@ mod tests {
         assert_eq!(tx.queued_bytes(), 8);
         drop(rx);
         assert_eq!(tx.push(Frame::from("1")), Err(PushError::Closed));
+        assert!(tx.is_closed());
     }
 
     #[test]
@@ -187,12 +318,37 @@ mod tests {
         assert_eq!(tx.queued_bytes(), 1);
     }
 
+    #[test]
+    fn drain_takes_in_order_up_to_the_budget_and_frees_storage() {
+        let (tx, rx) = channel(100, 1000);
+        for text in ["aaaa", "bbbb", "cccc"] {
+            tx.push(Frame::from(text)).unwrap();
+        }
+        let mut got = Vec::new();
+        assert_eq!(rx.drain(5, |f| got.push(f)), (2, 8));
+        assert_eq!(got, ["aaaa", "bbbb"]);
+        assert_eq!(tx.queued_bytes(), 4);
+        assert_eq!(rx.drain(100, |f| got.push(f)), (1, 4));
+        assert_eq!(rx.shared.queue.lock().capacity(), 0);
+    }
+
     #[tokio::test]
-    async fn kill_keeps_the_first_code() {
-        let (tx, rx) = channel(1, 1000);
-        tx.kill(4008);
-        tx.kill(1001);
-        assert_eq!(rx.killed().await, 4008);
-        assert!(tx.shared.kill.is_cancelled());
+    async fn wakes_for_frames_pings_and_kills_and_keeps_the_first_code() {
+        let (tx, rx) = channel(10, 1000);
+        let poll = || std::future::poll_fn(|cx| rx.poll_wake(cx));
+        let waiting = tokio::spawn({
+            let tx = tx.clone();
+            async move { tx.push(Frame::from("x")) }
+        });
+        assert_eq!(poll().await, Wake::Write);
+        waiting.await.unwrap().unwrap();
+        let _ = rx.try_recv();
+        tx.request_ping();
+        assert_eq!(poll().await, Wake::Write);
+        assert!(rx.take_ping_due());
+        assert!(!rx.take_ping_due());
+        assert!(tx.kill(4008));
+        assert!(!tx.kill(1001));
+        assert_eq!(poll().await, Wake::Close(4008));
     }
 }

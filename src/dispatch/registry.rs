@@ -16,6 +16,78 @@ use crate::tick::Symbol;
 /// Slab key of a registered client.
 pub type ClientKey = usize;
 
+/// One client's named subscriptions: a sorted vector, because each client holds few symbols
+/// while thousands of clients hold them, so 16 bytes a symbol beat a hash table's slack.
+/// Lookups are binary searches; inserts shift at most `limits.max_symbols` entries.
+#[derive(Debug, Default)]
+pub struct SymbolSet(Vec<Symbol>);
+
+impl SymbolSet {
+    /// Whether `symbol` is in the set.
+    #[must_use]
+    pub fn contains(&self, symbol: &Symbol) -> bool {
+        self.0.binary_search(symbol).is_ok()
+    }
+
+    /// Adds `symbol`; `false` if it was already there.
+    pub fn insert(&mut self, symbol: Symbol) -> bool {
+        match self.0.binary_search(&symbol) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.insert(at, symbol);
+                true
+            }
+        }
+    }
+
+    /// Removes `symbol`; `false` if it was not there.
+    pub fn remove(&mut self, symbol: &Symbol) -> bool {
+        match self.0.binary_search(symbol) {
+            Ok(at) => {
+                self.0.remove(at);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Number of symbols.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the set is empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The symbols, sorted.
+    pub fn iter(&self) -> std::slice::Iter<'_, Symbol> {
+        self.0.iter()
+    }
+
+    /// Takes every symbol out, leaving the set empty and unallocated.
+    pub fn take_all(&mut self) -> Vec<Symbol> {
+        std::mem::take(&mut self.0)
+    }
+
+    /// Gives back spare capacity after a subscribe (the set then holds exactly its symbols).
+    pub fn shrink(&mut self) {
+        self.0.shrink_to_fit();
+    }
+}
+
+impl<'a> IntoIterator for &'a SymbolSet {
+    type Item = &'a Symbol;
+    type IntoIter = std::slice::Iter<'a, Symbol>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// symbol → subscribers, plus wildcard subscribers.
 #[derive(Debug, Default)]
 pub struct Registry {
@@ -85,6 +157,21 @@ mod tests {
         r.for_each_subscriber(&s(name), |c| out.push(c));
         out.sort_unstable();
         out
+    }
+
+    #[test]
+    fn symbol_set_stays_sorted_and_unique() {
+        let mut set = SymbolSet::default();
+        for name in ["MSFT", "AAPL", "TSLA", "AAPL"] {
+            set.insert(s(name));
+        }
+        assert_eq!(set.len(), 3);
+        assert!(set.contains(&s("TSLA")) && !set.contains(&s("GOOG")));
+        assert!(set.remove(&s("AAPL")) && !set.remove(&s("AAPL")));
+        let names: Vec<&str> = set.iter().map(Symbol::as_str).collect();
+        assert_eq!(names, ["MSFT", "TSLA"]);
+        assert_eq!(set.take_all().len(), 2);
+        assert!(set.is_empty());
     }
 
     #[test]

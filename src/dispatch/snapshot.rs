@@ -222,6 +222,8 @@ impl<S: TickSink> Dispatcher<S> {
         if let Some(client) = self.clients.get_mut(read.key) {
             client.awaiting.remove(&read.symbol);
         }
+        // Live again for that symbol: a batch client may now share its group's batches.
+        self.regroup(read.key);
     }
 
     fn reply_text(&mut self, key: ClientKey, text: String) {

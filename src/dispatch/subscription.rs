@@ -43,7 +43,7 @@ impl<S: TickSink> Dispatcher<S> {
         }
         let new_count = accepted
             .iter()
-            .filter(|s| !client.symbols.contains(*s))
+            .filter(|s| !client.symbols.contains(s))
             .count()
             + usize::from(wildcard && !client.wildcard);
         let total = client.symbols.len() + usize::from(client.wildcard) + new_count;
@@ -80,6 +80,7 @@ impl<S: TickSink> Dispatcher<S> {
                 self.registry.add(sym, key);
             }
         }
+        client.symbols.shrink();
         let mut last_seq = serde_json::Map::new();
         for sym in &accepted {
             let seq = self.symbols.get(sym).map_or(0, |s| s.seq);

@@ -88,6 +88,7 @@ pub(super) async fn stats(
         "uptime_s": state.started.elapsed().as_secs(),
         "connections": state.clients.stats.open.load(Ordering::Relaxed),
         "clients": load(&d.clients),
+        "batch_groups": { "groups": load(&d.batch_groups), "members": load(&d.batch_group_members) },
         "ticks_received": load(&ing.received),
         "ticks_accepted": load(&ing.accepted),
         "ticks_rejected": ing.rejected_total(),

@@ -108,6 +108,17 @@ impl WsSocket {
         self.stream.readable().await
     }
 
+    /// Polls for read readiness (data, EOF or an error waiting), registering `cx`.
+    ///
+    /// # Errors
+    /// The socket failed.
+    pub fn poll_read_ready(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        self.stream.poll_read_ready(cx)
+    }
+
     /// Reads once without waiting and appends every message completed by the bytes read.
     /// Nothing read (a spurious wake-up) leaves `out` untouched.
     ///
@@ -308,6 +319,29 @@ impl WsSocket {
             self.unsent.pop_front();
         }
         self.front_written = done;
+    }
+
+    /// Writes the whole queue; `Pending` (with `cx` registered for write readiness) while the
+    /// socket is full.
+    ///
+    /// # Errors
+    /// The socket failed.
+    pub fn poll_flush(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        loop {
+            match self.try_flush() {
+                Ok(true) => return std::task::Poll::Ready(Ok(())),
+                Ok(false) => {}
+                Err(e) => return std::task::Poll::Ready(Err(e)),
+            }
+            match self.stream.poll_write_ready(cx) {
+                std::task::Poll::Ready(Ok(())) => {}
+                std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Err(e)),
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+            }
+        }
     }
 
     /// Writes the whole queue, waiting for the socket as needed.

@@ -1,0 +1,115 @@
+//! One task that keeps every `/ws` connection's liveness, so that no connection carries a timer
+//! of its own: it sends the heartbeat (one frame, serialized once and shared by all
+//! connections, plus a WebSocket ping request), closes connections that have sent nothing for
+//! three heartbeats and those that did not authenticate in time, and on shutdown tells every
+//! connection to close with 1001. Connections enter and leave the set in `client::serve`; the
+//! sweep reads and writes them only through their `Outbound` link, and never waits on one.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde_json::json;
+use slab::Slab;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::ClientContext;
+use crate::dispatch::outbound::{Frame, Outbound};
+use crate::protocol::close;
+use crate::tick::now_ms;
+
+/// Longest time between sweeps: the resolution of the auth deadline and the idle check.
+const MAX_SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The open connections, by a key each connection holds while it runs.
+#[derive(Debug)]
+pub struct Connections {
+    links: Mutex<Slab<Outbound>>,
+    started: Instant,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Self {
+            links: Mutex::new(Slab::new()),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Connections {
+    /// Milliseconds on the liveness clock (monotonic, from server start).
+    #[must_use]
+    pub fn clock_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Adds a connection's link; the key removes it again.
+    pub fn insert(&self, link: Outbound) -> usize {
+        self.links.lock().insert(link)
+    }
+
+    /// Removes a connection's link.
+    pub fn remove(&self, key: usize) {
+        let mut links = self.links.lock();
+        if links.contains(key) {
+            links.remove(key);
+        }
+    }
+
+    /// Number of connections in the set.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.links.lock().len()
+    }
+
+    /// Whether the set is empty.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Runs the sweep until `stop`, then closes every connection with 1001.
+pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
+    let heartbeat = Duration::from_millis(ctx.config.server.heartbeat_ms);
+    let heartbeat_ms = ctx.config.server.heartbeat_ms;
+    let mut every = tokio::time::interval(heartbeat.min(MAX_SWEEP_EVERY));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let connections = &ctx.connections;
+    let mut next_beat = connections.clock_ms() + heartbeat_ms;
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            _ = every.tick() => {}
+        }
+        let now = connections.clock_ms();
+        let beat = (now >= next_beat).then(|| {
+            next_beat = now + heartbeat_ms;
+            Frame::from(json!({"type": "heartbeat", "server_time": now_ms()}).to_string())
+        });
+        let links = connections.links.lock();
+        for (_, link) in links.iter() {
+            if link.auth_deadline_ms().is_some_and(|at| now >= at) {
+                if link.kill(close::UNAUTHORIZED) {
+                    ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+                }
+            } else if now.saturating_sub(link.heard_ms()) > heartbeat_ms * 3 {
+                if link.kill(close::NORMAL) {
+                    ctx.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                }
+            } else if let Some(frame) = &beat {
+                if link.push_control(frame.clone()).is_err() {
+                    let _ = link.kill(close::SLOW_CONSUMER);
+                }
+                // A WebSocket ping too: browsers answer it with a pong that counts as life.
+                link.request_ping();
+            }
+        }
+    }
+    for (_, link) in connections.links.lock().iter() {
+        let _ = link.kill(close::GOING_AWAY);
+    }
+}
