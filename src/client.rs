@@ -16,7 +16,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -27,7 +26,7 @@ use crate::liveness::Connections;
 use crate::protocol::{self, close, error_message, ErrorCode, Request};
 use crate::tick::now_ms;
 use crate::ws::frame::{opcode, FrameError};
-use crate::ws::{Incoming, ReadError, WsSocket};
+use crate::ws::{Incoming, PendingUpgrade, ReadError, WsSocket};
 
 /// How a connection stands with authentication when it is upgraded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,15 +115,18 @@ enum Flow {
     Gone,
 }
 
-/// Serves one upgraded connection until it closes. `early` holds bytes the client sent right
-/// behind its upgrade request.
-pub async fn serve(
-    stream: TcpStream,
-    early: Bytes,
+/// Serves one `/ws` connection from its upgrade until it closes; `guard` (the connection's
+/// slot) is released when it ends.
+pub async fn serve<G: Send>(
+    pending: PendingUpgrade,
     ctx: Arc<ClientContext>,
     auth: AuthState,
     peer: SocketAddr,
+    guard: G,
 ) {
+    let Some((stream, early)) = pending.stream().await else {
+        return;
+    };
     ctx.stats.open.fetch_add(1, Ordering::Relaxed);
     let (out, rx) = outbound::channel(
         ctx.config.dispatch.outbound_messages,
@@ -153,12 +155,18 @@ pub async fn serve(
         limited_in_a_row: 0,
     };
     let mut socket = WsSocket::new(stream, ctx.config.limits.max_message_bytes);
-    let key = run(&mut conn, &mut socket, &rx, early).await;
+    // Messages read but not handled yet, starting with any the client sent right behind the
+    // handshake. `early` is a view into hyper's whole read buffer: let it go at once.
+    let mut inbox = Vec::new();
+    let broken = socket.absorb(&early, &mut inbox).err();
+    drop(early);
+    let key = run(&mut conn, &mut socket, &rx, inbox, broken).await;
     ctx.connections.remove(link);
     if let Some(key) = key {
         ctx.dispatcher.deregister(key);
     }
     ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
+    drop(guard);
     tracing::debug!(%peer, "client connection closed");
 }
 
@@ -190,13 +198,9 @@ async fn run(
     conn: &mut Conn,
     socket: &mut WsSocket,
     rx: &OutboundReceiver,
-    early: Bytes,
+    mut inbox: Vec<Incoming>,
+    mut broken: Option<ReadError>,
 ) -> Option<ClientKey> {
-    // Messages read but not handled yet, starting with any the client sent right behind the
-    // handshake. `early` is a view into hyper's whole read buffer: let it go at once.
-    let mut inbox = Vec::new();
-    let mut broken = socket.absorb(&early, &mut inbox).err();
-    drop(early);
     // Every await outside the main loop is boxed: an idle connection's future is only as big
     // as what is alive at its largest await, and these run once.
     if Box::pin(setup(conn, socket)).await.is_none() {

@@ -283,12 +283,14 @@ async fn ws_client(
         Ok(slot) => slot,
         Err(refused) => return refused.into_response(),
     };
+    let (resp, pending) = ws.accept();
     let ctx = state.clients.clone();
-    ws.on_upgrade(move |stream, early| {
-        tracked(&state, slot, move || {
-            client::serve(stream, early, ctx, auth, peer)
-        })
-    })
+    tokio::spawn(
+        state
+            .tracker
+            .track_future(client::serve(pending, ctx, auth, peer, slot)),
+    );
+    resp
 }
 
 async fn ws_ingest(

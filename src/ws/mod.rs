@@ -87,34 +87,40 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientUpgrade {
 }
 
 impl ClientUpgrade {
-    /// Answers 101 and runs `serve` on the bare stream once hyper hands it over, with the
-    /// bytes hyper had already read past the request.
-    pub fn on_upgrade<F, Fut>(self, serve: F) -> Response
-    where
-        F: FnOnce(TcpStream, bytes::Bytes) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + Send + 'static,
-    {
-        let on_upgrade = self.on_upgrade;
-        tokio::spawn(async move {
-            let upgraded = match on_upgrade.await {
-                Ok(upgraded) => upgraded,
-                Err(e) => return tracing::debug!(error = %e, "upgrade failed"),
-            };
-            // `http::serve` hands hyper the plain stream, so this cannot fail unless the
-            // accept loop changes; say so loudly rather than serve through a slower path.
-            let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
-                return tracing::error!("upgraded connection is not a bare TcpStream");
-            };
-            let stream = parts.io.into_inner();
-            let early = parts.read_buf;
-            serve(stream, early).await;
-        });
-
+    /// Answers 101; the connection is served from the returned [`PendingUpgrade`] once hyper
+    /// has sent the response and hands the stream over.
+    #[must_use]
+    pub fn accept(self) -> (Response, PendingUpgrade) {
         let mut resp = StatusCode::SWITCHING_PROTOCOLS.into_response();
         let headers = resp.headers_mut();
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, self.accept);
-        resp
+        (resp, PendingUpgrade(self.on_upgrade))
+    }
+}
+
+/// An accepted upgrade whose stream hyper has not handed over yet. The connection's task
+/// starts from this (not from a closure around it) so that its future stores nothing twice.
+pub struct PendingUpgrade(OnUpgrade);
+
+impl PendingUpgrade {
+    /// The bare stream and the bytes hyper had already read past the request (a client may
+    /// send its first frame right behind the handshake); `None` if the upgrade failed.
+    pub async fn stream(self) -> Option<(TcpStream, bytes::Bytes)> {
+        let upgraded = match self.0.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return None;
+            }
+        };
+        // `http::serve` hands hyper the plain stream, so this cannot fail unless the accept
+        // loop changes; say so loudly rather than serve through a slower path.
+        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+            tracing::error!("upgraded connection is not a bare TcpStream");
+            return None;
+        };
+        Some((parts.io.into_inner(), parts.read_buf))
     }
 }
