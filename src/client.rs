@@ -39,8 +39,6 @@ pub enum AuthState {
     Pending,
 }
 
-/// Time a client has to send `{"op":"auth"}` when it connected without a token, in ms.
-pub const AUTH_TIMEOUT_MS: u64 = 10_000;
 /// Most bytes written per flush, so one busy client cannot hog its task's turn.
 const WRITE_BURST_BYTES: usize = 256 * 1024;
 
@@ -135,7 +133,7 @@ pub async fn serve<G: Send>(
     let now = ctx.connections.clock_ms();
     rx.heard(now);
     if auth == AuthState::Pending {
-        out.set_auth_deadline(Some(now + AUTH_TIMEOUT_MS));
+        out.set_auth_deadline(Some(now + ctx.config.auth.auth_timeout_ms));
     }
     let link = ctx.connections.insert(out.clone());
     // Shutdown closes the connections in the set; one that joins after that sweep sees the
@@ -250,7 +248,10 @@ async fn run(
         close::UNAUTHORIZED if conn.auth == AuthState::Pending => Some(error_message(
             None,
             ErrorCode::Unauthorized,
-            "no token within 10 s",
+            &format!(
+                "no token within {} ms (auth.auth_timeout_ms)",
+                conn.ctx.config.auth.auth_timeout_ms
+            ),
             None,
         )),
         _ => None,

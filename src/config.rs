@@ -162,13 +162,26 @@ impl Default for FeedConfig {
 }
 
 /// `[auth]`
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Tokens accepted on `/ws`; empty means clients need no token.
     pub client_tokens: Vec<String>,
     /// Tokens accepted on `/ingest` and `POST /api/ticks`; empty means producers need none.
     pub ingest_tokens: Vec<String>,
+    /// Time a client that connected without a token has to send `{"op":"auth"}` before it is
+    /// closed with 4001, in ms.
+    pub auth_timeout_ms: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            client_tokens: Vec::new(),
+            ingest_tokens: Vec::new(),
+            auth_timeout_ms: 10_000,
+        }
+    }
 }
 
 /// `[limits]`
@@ -421,6 +434,9 @@ impl Config {
         }
         if self.limits.outbound_buffer_bytes < 1024 {
             return invalid("limits.outbound_buffer_bytes", "must be at least 1024");
+        }
+        if self.auth.auth_timeout_ms < 100 {
+            return invalid("auth.auth_timeout_ms", "must be at least 100");
         }
         if self.server.heartbeat_ms < 100 {
             return invalid("server.heartbeat_ms", "must be at least 100");

@@ -75,7 +75,8 @@ impl Connections {
 pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
     let heartbeat = Duration::from_millis(ctx.config.server.heartbeat_ms);
     let heartbeat_ms = ctx.config.server.heartbeat_ms;
-    let mut every = tokio::time::interval(heartbeat.min(MAX_SWEEP_EVERY));
+    let auth_timeout = Duration::from_millis(ctx.config.auth.auth_timeout_ms);
+    let mut every = tokio::time::interval(heartbeat.min(auth_timeout).min(MAX_SWEEP_EVERY));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let connections = &ctx.connections;
     let mut next_beat = connections.clock_ms() + heartbeat_ms;

@@ -219,25 +219,43 @@ async fn auth_op_with_wrong_token_closes_4001() {
     wait_limit_hits(&server, "unauthorized", 1.0).await;
 }
 
-/// Waits out the 10 s auth timeout (the one slow test of this file).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_token_or_auth_op_the_connection_closes_4001_after_10_s() {
-    let server = TestServer::start_with(with_client_tokens()).await;
+async fn without_token_or_auth_op_the_connection_closes_4001_after_the_auth_timeout() {
+    let mut config = with_client_tokens();
+    config.auth.auth_timeout_ms = 500;
+    let server = TestServer::start_with(config).await;
     let started = Instant::now();
-    let mut ws = client_with(upgrade(&server, "/ws", &[])).await;
-    let (seen, ended) = closed(&mut ws).await;
-    let waited = started.elapsed();
+    let mut silent = client_with(upgrade(&server, "/ws", &[])).await;
+    // A client that authenticates in time has its deadline lifted.
+    let mut late = client_with(upgrade(&server, "/ws", &[])).await;
+    let ack = late
+        .request(json!({"op": "auth", "id": 1, "token": "secret"}))
+        .await;
+    assert_eq!(ack["op"], "auth");
+    let (seen, ended) = closed(&mut silent).await;
     assert_eq!(ended, Ended::Close(4001));
     assert!(
-        waited >= Duration::from_millis(9_500) && waited < Duration::from_secs(15),
-        "closed after {waited:?}"
+        started.elapsed() >= Duration::from_millis(500),
+        "not before the deadline"
     );
     let err = seen.last().expect("an error before the close");
     assert_eq!(
         (err["type"].as_str(), err["code"].as_str()),
         (Some("error"), Some("unauthorized"))
     );
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .contains("auth.auth_timeout_ms"),
+        "{err}"
+    );
     wait_limit_hits(&server, "unauthorized", 1.0).await;
+    // Well past the deadline, the authenticated one still works.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let pong = late.request(json!({"op": "ping", "id": 2})).await;
+    assert_eq!(pong["type"], "pong");
+    assert_eq!(limit_hits(&server, "unauthorized").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
