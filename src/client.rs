@@ -41,6 +41,8 @@ pub enum AuthState {
 
 /// Most bytes written per flush, so one busy client cannot hog its task's turn.
 const WRITE_BURST_BYTES: usize = 256 * 1024;
+/// Write bursts per wake-up before the connection looks at its socket's input again.
+const MAX_BURSTS_PER_TURN: u32 = 8;
 
 /// What every client connection needs from the server.
 #[derive(Debug)]
@@ -176,19 +178,23 @@ enum Event {
 }
 
 /// Waits for the socket to become readable or the link to wake. Holds only two references,
-/// which is what keeps an idle connection's future small.
+/// which is what keeps an idle connection's future small. A close order comes first, then
+/// reading, then writing: a connection busy with outbound data still reads its client's
+/// requests and pongs (which keep it alive), however much data keeps coming.
 fn next_event<'a>(
     socket: &'a WsSocket,
     rx: &'a OutboundReceiver,
 ) -> impl std::future::Future<Output = Event> + 'a {
     std::future::poll_fn(move |cx| {
-        if let Poll::Ready(wake) = rx.poll_wake(cx) {
-            return Poll::Ready(Event::Link(wake));
+        let link = rx.poll_wake(cx);
+        if let Poll::Ready(Wake::Close(code)) = link {
+            return Poll::Ready(Event::Link(Wake::Close(code)));
         }
-        socket.poll_read_ready(cx).map(|ready| match ready {
-            Ok(()) => Event::Readable,
-            Err(_) => Event::SocketFailed,
-        })
+        match socket.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Event::Readable),
+            Poll::Ready(Err(_)) => Poll::Ready(Event::SocketFailed),
+            Poll::Pending => link.map(Event::Link),
+        }
     })
 }
 
@@ -371,6 +377,7 @@ async fn write_until_done(
     ctx: &ClientContext,
 ) -> Written {
     let stats = &ctx.stats;
+    let mut bursts = 0;
     loop {
         if rx.take_ping_due() {
             socket.queue(opcode::PING, Bytes::new());
@@ -412,7 +419,9 @@ async fn write_until_done(
         }
         stats.frames_sent.fetch_add(frames, Ordering::Relaxed);
         stats.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
-        if frames == 0 {
+        bursts += 1;
+        // Back to the event loop now and then, so reads are not starved by a steady stream.
+        if frames == 0 || bursts == MAX_BURSTS_PER_TURN {
             return Written::Done;
         }
     }

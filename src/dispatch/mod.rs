@@ -4,7 +4,8 @@
 //! talk to it only through [`Command`]s, so subscribe/unsubscribe acks are ordered with the
 //! ticks around them. Accepted ticks then go on to the sink (the store), which settles their
 //! producers' acks after the durable commit. Subscriptions live in `subscription`, snapshots
-//! and resumes in `snapshot`, per-client delivery modes in `delivery`.
+//! and resumes in `snapshot`, per-client delivery modes in `delivery`, and batches shared by
+//! batch clients with the same settings in `batch_group`.
 
 mod batch_group;
 pub mod command;
