@@ -111,6 +111,8 @@ enum Flow {
     /// Close after sending this message (written right before the close frame: a reply queued
     /// on the outbound queue would be dropped by the close).
     CloseWith(u16, &'static str, String),
+    /// The client sent its close frame (with this code, or 1000).
+    PeerClosed(u16),
     /// The peer is gone: no close handshake.
     Gone,
 }
@@ -135,7 +137,7 @@ pub async fn serve<G: Send>(
     let now = ctx.connections.clock_ms();
     rx.heard(now);
     if auth == AuthState::Pending {
-        out.set_auth_deadline(Some(now + ctx.config.auth.auth_timeout_ms));
+        out.set_auth_deadline(now + ctx.config.auth.auth_timeout_ms);
     }
     let link = ctx.connections.insert(out.clone());
     // Shutdown closes the connections in the set; one that joins after that sweep sees the
@@ -180,7 +182,8 @@ enum Event {
 /// Waits for the socket to become readable or the link to wake. Holds only two references,
 /// which is what keeps an idle connection's future small. A close order comes first, then
 /// reading, then writing: a connection busy with outbound data still reads its client's
-/// requests and pongs (which keep it alive), however much data keeps coming.
+/// requests and pongs (which keep it alive), however much data keeps coming. While frames the
+/// socket did not take are left over, writing waits for the socket, not for the link.
 fn next_event<'a>(
     socket: &'a WsSocket,
     rx: &'a OutboundReceiver,
@@ -191,11 +194,30 @@ fn next_event<'a>(
             return Poll::Ready(Event::Link(Wake::Close(code)));
         }
         match socket.poll_read_ready(cx) {
-            Poll::Ready(Ok(())) => Poll::Ready(Event::Readable),
-            Poll::Ready(Err(_)) => Poll::Ready(Event::SocketFailed),
-            Poll::Pending => link.map(Event::Link),
+            Poll::Ready(Ok(())) => return Poll::Ready(Event::Readable),
+            Poll::Ready(Err(_)) => return Poll::Ready(Event::SocketFailed),
+            Poll::Pending => {}
         }
+        if socket.has_unsent() {
+            return socket.poll_write_ready(cx).map(|ready| match ready {
+                Ok(()) => Event::Link(Wake::Write),
+                Err(_) => Event::SocketFailed,
+            });
+        }
+        link.map(Event::Link)
     })
+}
+
+/// Who ended the connection, which decides what goes out before the close frame.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The client's own request or a protocol error: replies already queued go first.
+    Request,
+    /// A close order (slow consumer, shutdown, heartbeat or auth timeout): the backlog is
+    /// dropped, the client resumes with `since_seq`.
+    Order,
+    /// The client sent its close frame: answer it and end, without waiting for more.
+    PeerClosed,
 }
 
 async fn run(
@@ -211,39 +233,44 @@ async fn run(
         return conn.key;
     }
     let mut notice = None;
-    let reason = loop {
-        if let Some(e) = broken.take() {
-            match read_failure(&conn.ctx, e) {
-                Some(reason) => break reason,
-                None => return conn.key,
-            }
-        }
+    let (code, why, ending) = loop {
+        // Requests read before a broken frame are still answered.
         if !inbox.is_empty() {
             rx.heard(conn.ctx.connections.clock_ms());
             match Box::pin(on_messages(conn, socket, rx, &mut inbox)).await {
                 Flow::Continue => {}
-                Flow::Close(code, why) => break (code, why),
+                Flow::Close(code, why) => break (code, why, Ending::Request),
                 Flow::CloseWith(code, why, text) => {
                     notice = Some(text);
-                    break (code, why);
+                    break (code, why, Ending::Request);
                 }
+                Flow::PeerClosed(code) => break (code, "bye", Ending::PeerClosed),
                 Flow::Gone => return conn.key,
+            }
+        }
+        if let Some(e) = broken.take() {
+            match read_failure(&conn.ctx, e) {
+                Some((code, why)) => break (code, why, Ending::Request),
+                None => return conn.key,
             }
         }
         match next_event(socket, rx).await {
             Event::Readable => broken = socket.read_some(&mut inbox).err(),
             Event::SocketFailed => return conn.key,
-            Event::Link(Wake::Close(code)) => break (code, close_reason(code)),
+            Event::Link(Wake::Close(code)) => break (code, close_reason(code), Ending::Order),
             Event::Link(Wake::Write) => {
                 match Box::pin(write_until_done(socket, rx, &conn.ctx)).await {
-                    Written::Done => {}
+                    Written::Done | Written::Readable => {}
                     Written::Failed => return conn.key,
-                    Written::Interrupted(code) => break (code, close_reason(code)),
+                    Written::Interrupted(code) => {
+                        break (code, close_reason(code), Ending::Order);
+                    }
                 }
             }
         }
     };
-    let (code, why) = reason;
+    // From here the liveness sweep leaves the connection alone (no heartbeats, no counting).
+    let _ = conn.out.kill(code);
     let notice = notice.or_else(|| match code {
         close::SLOW_CONSUMER => Some(error_message(
             None,
@@ -262,10 +289,9 @@ async fn run(
         )),
         _ => None,
     });
-    if code != close::SLOW_CONSUMER {
-        // Replies to requests read before the close go out first. A slow consumer's backlog
-        // does not: it is why the connection ends, and the client resumes with since_seq.
-        rx.drain(usize::MAX, |frame| socket.queue_text(frame.into()));
+    if ending != Ending::Order {
+        // Replies to requests read before the close go out first (up to a burst).
+        rx.drain(WRITE_BURST_BYTES, |frame| socket.queue_text(frame.into()));
     }
     Box::pin(close_with(
         socket,
@@ -273,6 +299,7 @@ async fn run(
         code,
         why,
         close_grace(&conn.ctx),
+        ending != Ending::PeerClosed,
     ))
     .await;
     conn.key
@@ -294,6 +321,7 @@ async fn setup(conn: &mut Conn, socket: &mut WsSocket) -> Option<()> {
                 close::UNAUTHORIZED,
                 "unauthorized",
                 close_grace(&ctx),
+                true,
             )
             .await;
             None
@@ -362,15 +390,19 @@ fn close_reason(code: u16) -> &'static str {
 /// How a write burst ended.
 enum Written {
     Done,
+    /// The socket is full and the client sent something: go read it (what the socket did not
+    /// take stays queued in it).
+    Readable,
     /// The socket failed: the peer is gone.
     Failed,
-    /// The connection was told to close while its socket was full.
+    /// The connection was told to close while writing.
     Interrupted(u16),
 }
 
-/// Writes what the link holds (a ping if one is due, then queued frames, a burst budget at a
-/// time) and whatever the socket had left over, until both are empty; gives up waiting on a
-/// full socket when the connection is told to close.
+/// Writes what the socket has left over, then what the link holds (a ping if one is due, then
+/// queued frames, a burst budget at a time), until the link is empty or a few bursts went out.
+/// Stops early when the connection is told to close, or when the socket is full and the client
+/// has sent something (so pongs and requests are read even under a backlog).
 async fn write_until_done(
     socket: &mut WsSocket,
     rx: &OutboundReceiver,
@@ -379,16 +411,27 @@ async fn write_until_done(
     let stats = &ctx.stats;
     let mut bursts = 0;
     loop {
+        if let Some(code) = rx.close_code() {
+            return Written::Interrupted(code);
+        }
         if rx.take_ping_due() {
             socket.queue(opcode::PING, Bytes::new());
         }
         let mut first = None;
-        let (frames, bytes) = rx.drain(WRITE_BURST_BYTES, |frame| {
-            if first.is_none() {
-                first = Some(frame.clone());
-            }
-            socket.queue_text(frame.into());
-        });
+        // Leftovers first: until the socket takes them, the backlog stays in the link, where
+        // it counts toward the slow-consumer limit.
+        let (frames, bytes) = if socket.has_unsent() {
+            (0, 0)
+        } else {
+            rx.drain(WRITE_BURST_BYTES, |frame| {
+                if first.is_none() {
+                    first = Some(frame.clone());
+                }
+                socket.queue_text(frame.into());
+            })
+        };
+        stats.frames_sent.fetch_add(frames, Ordering::Relaxed);
+        stats.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
         // One burst in 64 measures how long its first tick took from receipt to the socket.
         let sample = match (&ctx.write_latency, &first) {
             (Some(h), Some(first))
@@ -403,11 +446,17 @@ async fn write_until_done(
         };
         drop(first);
         let flushed = std::future::poll_fn(|cx| match socket.poll_flush(cx) {
-            Poll::Ready(res) => Poll::Ready(res.map_err(|_| Written::Failed)),
-            Poll::Pending => match rx.poll_close(cx) {
-                Poll::Ready(code) => Poll::Ready(Err(Written::Interrupted(code))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(_)) => Poll::Ready(Err(Written::Failed)),
+            Poll::Pending => {
+                if let Poll::Ready(code) = rx.poll_close(cx) {
+                    return Poll::Ready(Err(Written::Interrupted(code)));
+                }
+                match socket.poll_read_ready(cx) {
+                    Poll::Ready(_) => Poll::Ready(Err(Written::Readable)),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         })
         .await;
         if let Err(outcome) = flushed {
@@ -417,9 +466,9 @@ async fn write_until_done(
             #[allow(clippy::cast_precision_loss)]
             h.record((crate::tick::now_us() - t_in).max(0) as f64 / 1e6);
         }
-        stats.frames_sent.fetch_add(frames, Ordering::Relaxed);
-        stats.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
         bursts += 1;
+        // A link that refills as fast as the socket drains would never make this task yield.
+        tokio::task::consume_budget().await;
         // Back to the event loop now and then, so reads are not starved by a steady stream.
         if frames == 0 || bursts == MAX_BURSTS_PER_TURN {
             return Written::Done;
@@ -445,13 +494,15 @@ fn t_in_of(frame: &Frame) -> Option<i64> {
     rest[..end].parse().ok()
 }
 
-/// Sends an optional error message and a close frame, then waits briefly for the peer's close.
+/// Sends an optional error message and a close frame, then (unless the peer already sent its
+/// close) waits briefly for the peer's close so the TCP connection ends cleanly.
 async fn close_with(
     socket: &mut WsSocket,
     notice: Option<String>,
     code: u16,
     reason: &str,
     grace: Duration,
+    wait_for_peer: bool,
 ) {
     if let Some(text) = notice {
         socket.queue_text(text.into());
@@ -460,10 +511,10 @@ async fn close_with(
     if !matches!(
         tokio::time::timeout(grace, socket.flush()).await,
         Ok(Ok(()))
-    ) {
+    ) || !wait_for_peer
+    {
         return;
     }
-    // Read until the peer's close (or EOF) so the TCP connection ends cleanly.
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         let mut seen = Vec::new();
         while socket.readable().await.is_ok() {
@@ -504,7 +555,8 @@ async fn on_messages(
                     ),
                 )
             }
-            Incoming::Close(_) => Flow::Close(close::NORMAL, "bye"),
+            // Echo the client's code (the parser only lets valid ones through).
+            Incoming::Close(code) => Flow::PeerClosed(code.unwrap_or(close::NORMAL)),
             Incoming::Ping(payload) => {
                 socket.queue(opcode::PONG, payload);
                 answer_pings = true;
@@ -520,7 +572,7 @@ async fn on_messages(
     *inbox = Vec::new();
     if answer_pings && matches!(flow, Flow::Continue) {
         flow = match write_until_done(socket, rx, &ctx).await {
-            Written::Done => Flow::Continue,
+            Written::Done | Written::Readable => Flow::Continue,
             Written::Failed => Flow::Gone,
             Written::Interrupted(code) => Flow::Close(code, close_reason(code)),
         };
@@ -630,8 +682,11 @@ async fn on_auth(conn: &mut Conn, id: Option<Value>, token: &str) -> Flow {
             error_message(id.as_ref(), ErrorCode::Unauthorized, "invalid token", None),
         );
     }
+    if !conn.out.lift_auth_deadline() {
+        // The deadline passed first; the close order is on its way.
+        return Flow::Continue;
+    }
     conn.auth = AuthState::Authorized;
-    conn.out.set_auth_deadline(None);
     match ctx.dispatcher.register(conn.out.clone()).await {
         Ok(key) => {
             conn.key = Some(key);

@@ -91,9 +91,18 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
             next_beat = now + heartbeat_ms;
             Frame::from(json!({"type": "heartbeat", "server_time": now_ms()}).to_string())
         });
-        let links = connections.links.lock();
-        for (_, link) in links.iter() {
-            if link.auth_deadline_ms().is_some_and(|at| now >= at) {
+        // Work on a copy, so connections opening or closing never wait for a whole sweep.
+        let links: Vec<Outbound> = connections
+            .links
+            .lock()
+            .iter()
+            .map(|(_, link)| link.clone())
+            .collect();
+        for link in &links {
+            if link.is_closing() {
+                continue;
+            }
+            if link.expire_auth_deadline(now) {
                 if link.kill(close::UNAUTHORIZED) {
                     ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
                 }

@@ -822,3 +822,40 @@ async fn identical_batch_clients_share_one_batch_and_joining_or_leaving_loses_no
         })
         .await;
 }
+
+/// Re-subscribing with `history` while ticks are held in a batch: the held batch goes out
+/// before the ack, the snapshot follows, and nothing comes twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_never_overtakes_held_batch_ticks() {
+    let server = TestServer::start().await;
+    let (mut client, _) = server.client().await;
+    let hour = json!({"symbols": ["HB"], "mode": "batch", "interval_ms": 3_600_000});
+    subscribe(&mut client, 1, hour.clone()).await;
+    let mut producer = server.producer().await;
+    ingest(&mut producer, &[mk("HB", 1), mk("HB", 2), mk("HB", 3)]).await;
+    client
+        .send_json(&json!({"op": "subscribe", "id": 2, "symbols": ["HB"], "history": 10}))
+        .await;
+    let held = client.recv().await;
+    assert_eq!(held["type"], "batch", "held ticks first: {held}");
+    let seqs: Vec<u64> = ticks_of(&held)
+        .iter()
+        .map(|t| t["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [1, 2, 3]);
+    let ack = client.recv().await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["id"].as_u64()),
+        (Some("ack"), Some(2))
+    );
+    let snapshot = client.recv().await;
+    assert_eq!(snapshot["type"], "snapshot", "{snapshot}");
+    // The next batch (flushed by a critical tick) carries only the new tick.
+    ingest(&mut producer, &[critical(mk("HB", 4))]).await;
+    let next = client.recv().await;
+    let seqs: Vec<u64> = ticks_of(&next)
+        .iter()
+        .map(|t| t["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [4], "{next}");
+}

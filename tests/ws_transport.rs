@@ -244,3 +244,23 @@ async fn bad_upgrade_requests_are_refused_with_a_reason() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_clients_close_code_is_echoed_and_reserved_codes_are_refused() {
+    let server = TestServer::start_with(test_config()).await;
+    let mut raw = Raw::open(&server, &[]).await;
+    assert_eq!(raw.text().await["type"], "welcome");
+    let mut payload = 4321u16.to_be_bytes().to_vec();
+    payload.extend_from_slice(b"done");
+    raw.tcp.write_all(&frame(true, 8, &payload)).await.unwrap();
+    assert_eq!(raw.close_code().await, 4321);
+
+    // 1005 ("no status") may never be sent on the wire.
+    let mut raw = Raw::open(&server, &[]).await;
+    assert_eq!(raw.text().await["type"], "welcome");
+    raw.tcp
+        .write_all(&frame(true, 8, &1005u16.to_be_bytes()))
+        .await
+        .unwrap();
+    assert_eq!(raw.close_code().await, 1002);
+}

@@ -144,6 +144,8 @@ pub struct Groups {
     groups: Slab<BatchGroup>,
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     next_serial: u64,
+    /// Members over all groups, kept as they change (stats without a scan).
+    members: usize,
 }
 
 impl Groups {
@@ -210,6 +212,16 @@ impl Groups {
         None
     }
 
+    /// Makes `client` a member of group `g`.
+    pub fn add_member(&mut self, g: usize, client: ClientKey) -> bool {
+        let Some(group) = self.groups.get_mut(g) else {
+            return false;
+        };
+        group.members.push(client);
+        self.members += 1;
+        true
+    }
+
     /// Removes `client` from group `g` (as member or joiner); drops the group once nobody is
     /// left. Returns whether it was a member.
     pub fn remove_client(&mut self, g: usize, client: ClientKey) -> bool {
@@ -218,23 +230,28 @@ impl Groups {
         };
         let was_member = if let Some(i) = group.members.iter().position(|&m| m == client) {
             group.members.swap_remove(i);
+            self.members -= 1;
             true
         } else {
             group.joining.retain(|&j| j != client);
             false
         };
-        if group.is_empty() {
+        self.remove_if_empty(g);
+        was_member
+    }
+
+    /// Drops group `g` if it serves nobody (a join that failed can leave one behind).
+    pub fn remove_if_empty(&mut self, g: usize) {
+        if self.groups.get(g).is_some_and(BatchGroup::is_empty) {
             let group = self.groups.remove(g);
             self.by_key.remove(&group.key);
         }
-        was_member
     }
 
     /// Groups and the clients they serve (members), for stats.
     #[must_use]
     pub fn counts(&self) -> (usize, usize) {
-        let members = self.groups.iter().map(|(_, g)| g.members.len()).sum();
-        (self.groups.len(), members)
+        (self.groups.len(), self.members)
     }
 }
 
@@ -275,6 +292,7 @@ impl<S: TickSink> Dispatcher<S> {
         if idle {
             let (mut tally, mut gone) = (Tally::default(), Vec::new());
             self.promote(g, key, Instant::now(), &mut tally, &mut gone);
+            self.groups.remove_if_empty(g);
             self.settle(tally, gone);
         } else if let Some(group) = self.groups.get_mut(g) {
             group.joining.push(key);
@@ -319,6 +337,8 @@ impl<S: TickSink> Dispatcher<S> {
         for j in orphans {
             self.promote(g, j, now, &mut tally, &mut gone);
         }
+        self.groups.remove_if_empty(g);
+        self.update_group_stats();
         self.settle(tally, gone);
     }
 
@@ -339,8 +359,7 @@ impl<S: TickSink> Dispatcher<S> {
             Outcome::SlowConsumer => return gone.push((key, close::SLOW_CONSUMER)),
             Outcome::Gone => return gone.push((key, 0)),
         }
-        if let Some(group) = self.groups.get_mut(g) {
-            group.members.push(key);
+        if self.groups.add_member(g, key) {
             client.group = Membership::Member(g);
         }
     }
@@ -373,6 +392,7 @@ impl<S: TickSink> Dispatcher<S> {
         for j in joining {
             self.promote(g, j, now, tally, gone);
         }
+        self.groups.remove_if_empty(g);
         self.update_group_stats();
     }
 
@@ -435,7 +455,8 @@ mod tests {
     fn timers_skip_stale_and_groups_go_when_empty() {
         let mut groups = Groups::default();
         let g = groups.find_or_create(key(&["A"]));
-        groups.get_mut(g).unwrap().members.push(7);
+        assert!(groups.add_member(g, 7));
+        assert_eq!(groups.counts(), (1, 1));
         let t0 = Instant::now();
         let sym = Symbol::parse("A").unwrap();
         let at = groups

@@ -429,6 +429,24 @@ impl<S: TickSink> Dispatcher<S> {
         }
     }
 
+    /// Sends whatever `key`'s delivery holds back (batch or conflated ticks) now.
+    fn flush_held(&mut self, key: ClientKey) {
+        let Some(client) = self.clients.get_mut(key) else {
+            return;
+        };
+        let mut tally = Tally::default();
+        let outcome = client
+            .delivery
+            .flush(&client.out, Instant::now(), self.smart, &mut tally);
+        self.record(tally);
+        match outcome {
+            Outcome::Done => {}
+            Outcome::Scheduled(at) => self.timers.push(Reverse((at, key))),
+            Outcome::SlowConsumer => self.drop_client(key, close::SLOW_CONSUMER),
+            Outcome::Gone => self.drop_client(key, 0),
+        }
+    }
+
     fn record(&self, tally: Tally) {
         let s = &self.stats;
         s.messages.fetch_add(tally.messages, Ordering::Relaxed);
@@ -548,6 +566,11 @@ impl<S: TickSink> Dispatcher<S> {
                 // Out of any batch group while the subscription changes; back in after, if
                 // the new settings still qualify.
                 self.leave_group(key);
+                if history > 0 || !since_seq.is_empty() {
+                    // Ticks held back for this client go out before the ack: the snapshots
+                    // that follow it include them, and must not be followed by them again.
+                    self.flush_held(key);
+                }
                 self.subscribe(key, id, &symbols, &settings, history, &since_seq);
                 self.regroup(key);
             }

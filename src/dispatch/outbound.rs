@@ -175,20 +175,35 @@ impl Outbound {
         self.shared.heard_ms.load(Ordering::Acquire)
     }
 
-    /// The time by which the client must authenticate (ms), if it must.
-    #[must_use]
-    pub fn auth_deadline_ms(&self) -> Option<u64> {
-        match self.shared.auth_deadline_ms.load(Ordering::Acquire) {
-            0 => None,
-            at => Some(at),
-        }
-    }
-
-    /// Sets (or with `None` clears) the time by which the client must authenticate (ms).
-    pub fn set_auth_deadline(&self, at_ms: Option<u64>) {
+    /// Sets the time by which the client must authenticate (ms).
+    pub fn set_auth_deadline(&self, at_ms: u64) {
         self.shared
             .auth_deadline_ms
-            .store(at_ms.unwrap_or(0), Ordering::Release);
+            .store(at_ms.max(1), Ordering::Release);
+    }
+
+    /// Lifts the auth deadline because the client authenticated. `false` if the deadline had
+    /// already expired (and the connection was ordered closed): the client was too late.
+    pub fn lift_auth_deadline(&self) -> bool {
+        self.shared.auth_deadline_ms.swap(0, Ordering::AcqRel) != 0
+    }
+
+    /// Takes the auth deadline if it has passed at `now_ms`; exactly one of this and
+    /// [`Outbound::lift_auth_deadline`] wins.
+    #[must_use]
+    pub fn expire_auth_deadline(&self, now_ms: u64) -> bool {
+        self.shared
+            .auth_deadline_ms
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |at| {
+                (at != 0 && now_ms >= at).then_some(0)
+            })
+            .is_ok()
+    }
+
+    /// Whether the connection has been told to close (it is on its way out).
+    #[must_use]
+    pub fn is_closing(&self) -> bool {
+        self.shared.close_code.load(Ordering::Acquire) != 0
     }
 
     /// Whether the connection has gone.

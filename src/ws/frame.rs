@@ -120,6 +120,9 @@ pub fn decode_head(data: &[u8], max_payload: usize) -> Result<Option<Head>, Fram
             "control frames must be final and at most 125 bytes",
         ));
     }
+    if len >> 63 != 0 {
+        return Err(FrameError::Protocol("64-bit length with the top bit set"));
+    }
     let payload_len = usize::try_from(len).map_err(|_| FrameError::TooBig)?;
     if payload_len > max_payload {
         return Err(FrameError::TooBig);
@@ -266,6 +269,17 @@ mod tests {
         let long_ping = client_frame(true, opcode::PING, &[0; 126]);
         assert!(matches!(
             decode_head(&long_ping, 1000),
+            Err(FrameError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn a_64_bit_length_with_the_top_bit_set_is_a_protocol_error() {
+        let mut frame = vec![0x81, 0x80 | 127];
+        frame.extend_from_slice(&(1u64 << 63).to_be_bytes());
+        frame.extend_from_slice(&[1, 2, 3, 4]);
+        assert!(matches!(
+            decode_head(&frame, usize::MAX),
             Err(FrameError::Protocol(_))
         ));
     }

@@ -119,6 +119,17 @@ impl WsSocket {
         self.stream.poll_read_ready(cx)
     }
 
+    /// Polls for write readiness (room in the socket, or an error), registering `cx`.
+    ///
+    /// # Errors
+    /// The socket failed.
+    pub fn poll_write_ready(
+        &self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        self.stream.poll_write_ready(cx)
+    }
+
     /// Reads once without waiting and appends every message completed by the bytes read.
     /// Nothing read (a spurious wake-up) leaves `out` untouched.
     ///
@@ -371,10 +382,16 @@ fn close_code(payload: &[u8]) -> Result<Option<u16>, FrameError> {
         [] => Ok(None),
         [_] => Err(FrameError::Protocol("close frame with a one-byte payload")),
         [hi, lo, reason @ ..] => {
+            let code = u16::from_be_bytes([*hi, *lo]);
+            // RFC 6455 §7.4: codes a peer may send; 1004-1006 and 1015 are reserved, below
+            // 1000 and above 4999 are invalid, 1012-2999 are unassigned.
+            if !matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999) {
+                return Err(FrameError::Protocol("invalid close code"));
+            }
             if std::str::from_utf8(reason).is_err() {
                 return Err(FrameError::InvalidUtf8);
             }
-            Ok(Some(u16::from_be_bytes([*hi, *lo])))
+            Ok(Some(code))
         }
     }
 }
