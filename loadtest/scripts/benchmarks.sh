@@ -2,7 +2,7 @@
 # Runs the load scenarios behind docs/benchmarks.md: the server pinned to core 0, the load
 # generator to core 1, loopback only, each run bounded in time. Usage:
 #   cargo build --release --workspace && loadtest/scripts/benchmarks.sh [scenario...]
-# Scenarios: idle10k idle19k realtime batch throttled latency latency5 max max3m ingest import
+# Scenarios: idle10k idle19k realtime batch fleet fleetbatch throttled latency latency5 max max3m ingest import
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=target/release/tickfan
@@ -30,6 +30,8 @@ scenario() {
     idle19k)  start_server ""; run idle19k -c 19000 --idle -d 20; stop_server ;;
     realtime) start_server ""; run realtime -c 100 --symbols 10 -k 10 -r 10000 -d 10; stop_server ;;
     batch)    start_server ""; run batch -c 100 --symbols 10 -k 10 -r 10000 -d 10 --mode batch --interval-ms 50; stop_server ;;
+    fleet)    start_server ""; run fleet -c 1000 --symbols 10 -k 10 -r 1000 -d 10; stop_server ;;
+    fleetbatch) start_server ""; run fleetbatch -c 1000 --symbols 10 -k 10 -r 1000 -d 10 --mode batch --interval-ms 50; stop_server ;;
     throttled) start_server ""; run throttled -c 100 --symbols 10 -k 10 -r 10000 -d 10 --mode throttled --interval-ms 100; stop_server ;;
     latency)  start_server ""; run latency -c 1000 --symbols 100 -k 10 -r 2000 -d 15 --batch-ms 1; stop_server ;;
     latency5) start_server ""; run latency5 -c 1000 --symbols 100 -k 10 -r 2000 -d 15 --batch-ms 5; stop_server ;;
@@ -54,5 +56,5 @@ PY
   esac
 }
 
-if [ $# -eq 0 ]; then set -- idle10k idle19k realtime batch throttled latency max max3m ingest import; fi
+if [ $# -eq 0 ]; then set -- idle10k idle19k realtime batch fleet fleetbatch throttled latency max max3m ingest import; fi
 for s in "$@"; do scenario "$s"; done
