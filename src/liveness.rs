@@ -57,18 +57,6 @@ impl Connections {
             links.remove(key);
         }
     }
-
-    /// Number of connections in the set.
-    #[must_use]
-    pub fn len(&self) -> usize {
-        self.links.lock().len()
-    }
-
-    /// Whether the set is empty.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Runs the sweep until `stop`, then closes every connection with 1001.

@@ -205,12 +205,6 @@ impl Outbound {
     pub fn is_closing(&self) -> bool {
         self.shared.close_code.load(Ordering::Acquire) != 0
     }
-
-    /// Whether the connection has gone.
-    #[must_use]
-    pub fn is_closed(&self) -> bool {
-        self.shared.closed.load(Ordering::Acquire)
-    }
 }
 
 impl OutboundReceiver {
@@ -314,7 +308,6 @@ mod tests {
         assert_eq!(tx.queued_bytes(), 8);
         drop(rx);
         assert_eq!(tx.push(Frame::from("1")), Err(PushError::Closed));
-        assert!(tx.is_closed());
     }
 
     #[test]

@@ -399,23 +399,9 @@ fn close_code(payload: &[u8]) -> Result<Option<u16>, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ws::frame::client_frame;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
-
-    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [1, 2, 3, 4];
-        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
-        match payload.len() {
-            n if n < 126 => out.push(0x80 | n as u8),
-            n => {
-                out.push(0x80 | 126);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(&mask);
-        frame::unmask_into(payload, mask, &mut out);
-        out
-    }
 
     /// A connected pair: the server side wrapped, the client side raw.
     async fn pair(max: usize) -> (WsSocket, TcpStream) {
