@@ -71,15 +71,30 @@ pub struct Tally {
     pub mode_switches: u64,
 }
 
+/// Ticks a client's delivery holds back.
+#[derive(Debug, Default)]
+struct Held {
+    /// Batch mode: the ticks of the next batch, in order.
+    batch: Vec<(Symbol, Frame)>,
+    batch_bytes: usize,
+    /// Conflation: the latest tick per symbol and how many it replaced.
+    latest: HashMap<Symbol, (Frame, u64)>,
+}
+
+impl Held {
+    fn is_empty(&self) -> bool {
+        self.batch.is_empty() && self.latest.is_empty()
+    }
+}
+
 /// Delivery state of one client.
 #[derive(Debug)]
 pub struct Delivery {
     mode: Mode,
     interval: Duration,
     smart: Effective,
-    batch: Vec<(Symbol, Frame)>,
-    batch_bytes: usize,
-    latest: HashMap<Symbol, (Frame, u64)>,
+    /// Ticks held back; allocated only while there are some (realtime clients never hold).
+    held: Option<Box<Held>>,
     next_flush: Option<Instant>,
     last_flush: Option<Instant>,
 }
@@ -92,9 +107,7 @@ impl Delivery {
             mode: Mode::Realtime,
             interval,
             smart: Effective::Realtime,
-            batch: Vec::new(),
-            batch_bytes: 0,
-            latest: HashMap::new(),
+            held: None,
             next_flush: None,
             last_flush: None,
         }
@@ -155,16 +168,27 @@ impl Delivery {
     /// Keeps held ticks only of symbols that `keep` accepts (unsubscribe: nothing for a
     /// dropped symbol after the ack).
     pub fn retain(&mut self, keep: impl Fn(&Symbol) -> bool) {
+        let Some(held) = self.held.as_mut() else {
+            return;
+        };
         let mut dropped = 0;
-        self.batch.retain(|(s, f)| {
+        held.batch.retain(|(s, f)| {
             let k = keep(s);
             if !k {
                 dropped += f.len();
             }
             k
         });
-        self.batch_bytes -= dropped;
-        self.latest.retain(|s, _| keep(s));
+        held.batch_bytes -= dropped;
+        held.latest.retain(|s, _| keep(s));
+    }
+
+    fn is_holding(&self) -> bool {
+        self.held.as_ref().is_some_and(|h| !h.is_empty())
+    }
+
+    fn held_mut(&mut self) -> &mut Held {
+        self.held.get_or_insert_with(Box::default)
     }
 
     /// Offers one matching tick.
@@ -201,7 +225,7 @@ impl Delivery {
                 if critical {
                     return self.flush(out, now, smart, tally);
                 }
-                if self.batch_bytes > out.byte_limit() {
+                if self.held.as_ref().map_or(0, |h| h.batch_bytes) > out.byte_limit() {
                     if self.mode != Mode::Smart {
                         return Outcome::SlowConsumer;
                     }
@@ -210,7 +234,10 @@ impl Delivery {
                 self.reschedule(now)
             }
             Effective::Conflate => {
-                let pending = self.latest.remove(&tick.symbol);
+                let pending = self
+                    .held
+                    .as_mut()
+                    .and_then(|h| h.latest.remove(&tick.symbol));
                 let skipped = pending.map_or(0, |(_, k)| k + 1);
                 tally.conflated += u64::from(skipped > 0);
                 if critical {
@@ -227,7 +254,8 @@ impl Delivery {
                         Err(PushError::Full) => {}
                     }
                 }
-                self.latest
+                self.held_mut()
+                    .latest
                     .insert(tick.symbol.clone(), (frame.clone(), skipped));
                 let due = self.last_flush.is_none_or(|t| now >= t + self.interval);
                 if due && self.next_flush.is_none() {
@@ -262,8 +290,7 @@ impl Delivery {
             return outcome;
         }
         if self.mode == Mode::Smart && self.smart != Effective::Realtime {
-            let caught_up =
-                self.batch.is_empty() && self.latest.is_empty() && backlog <= smart.batch / 4;
+            let caught_up = !self.is_holding() && backlog <= smart.batch / 4;
             if caught_up {
                 self.switch(Effective::Realtime, out, tally);
                 return Outcome::Done;
@@ -272,29 +299,32 @@ impl Delivery {
             self.next_flush = Some(now + self.interval);
             return Outcome::Scheduled(now + self.interval);
         }
-        if self.batch.is_empty() && self.latest.is_empty() {
-            Outcome::Done
-        } else {
+        if self.is_holding() {
             self.reschedule(now)
+        } else {
+            Outcome::Done
         }
     }
 
     /// Pushes everything held in the current form. Throttled frames that do not fit stay held.
     fn flush_all(&mut self, out: &Outbound, tally: &mut Tally) -> Outcome {
-        if !self.batch.is_empty() {
-            let frame = batch_frame(&self.batch, self.batch_bytes);
+        let Some(held) = self.held.as_mut() else {
+            return Outcome::Done;
+        };
+        if !held.batch.is_empty() {
+            let frame = batch_frame(&held.batch, held.batch_bytes);
             match out.push(frame) {
                 Ok(()) => {
                     tally.messages += 1;
-                    self.batch.clear();
-                    self.batch_bytes = 0;
+                    held.batch.clear();
+                    held.batch_bytes = 0;
                 }
                 Err(PushError::Closed) => return Outcome::Gone,
                 Err(PushError::Full) => return Outcome::SlowConsumer,
             }
         }
         let mut gone = false;
-        self.latest.retain(|_, (frame, skipped)| {
+        held.latest.retain(|_, (frame, skipped)| {
             if gone {
                 return true;
             }
@@ -311,10 +341,13 @@ impl Delivery {
             }
         });
         if gone {
-            Outcome::Gone
-        } else {
-            Outcome::Done
+            return Outcome::Gone;
         }
+        if held.is_empty() {
+            // Nothing held: give the storage back.
+            self.held = None;
+        }
+        Outcome::Done
     }
 
     /// Takes over ticks a shared batch held for this client (it is leaving its group), ahead
@@ -330,12 +363,13 @@ impl Delivery {
     }
 
     fn hold_in_batch(&mut self, symbol: &Symbol, frame: &Frame) {
-        self.batch_bytes += frame.len();
-        self.batch.push((symbol.clone(), frame.clone()));
+        let held = self.held_mut();
+        held.batch_bytes += frame.len();
+        held.batch.push((symbol.clone(), frame.clone()));
     }
 
     fn reschedule(&mut self, now: Instant) -> Outcome {
-        if self.batch.is_empty() && self.latest.is_empty() && self.effective() != Effective::Batch {
+        if !self.is_holding() && self.effective() != Effective::Batch {
             return Outcome::Done;
         }
         match self.next_flush {
@@ -356,12 +390,14 @@ impl Delivery {
             return;
         }
         if to == Effective::Conflate {
-            for (symbol, frame) in self.batch.drain(..) {
-                let skipped = self.latest.remove(&symbol).map_or(0, |(_, k)| k + 1);
-                tally.conflated += u64::from(skipped > 0);
-                self.latest.insert(symbol, (frame, skipped));
+            if let Some(held) = self.held.as_mut() {
+                for (symbol, frame) in std::mem::take(&mut held.batch) {
+                    let skipped = held.latest.remove(&symbol).map_or(0, |(_, k)| k + 1);
+                    tally.conflated += u64::from(skipped > 0);
+                    held.latest.insert(symbol, (frame, skipped));
+                }
+                held.batch_bytes = 0;
             }
-            self.batch_bytes = 0;
         }
         let reason = match to {
             Effective::Realtime => "caught up".to_owned(),

@@ -20,7 +20,7 @@ mod snapshot;
 mod subscription;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,7 +89,8 @@ struct Client {
     /// Distinguishes registrations that reuse a slab key.
     serial: u64,
     /// Symbols whose snapshot is being read from the store: live ticks wait in the ring.
-    awaiting: HashSet<Symbol>,
+    /// A sorted set like `symbols`: usually empty, and then it costs no allocation.
+    awaiting: SymbolSet,
     out: Outbound,
     /// Detached by the dispatcher (slow consumer, gone): no more delivery or commands.
     detached: bool,
@@ -540,7 +541,7 @@ impl<S: TickSink> Dispatcher<S> {
                 self.next_serial += 1;
                 let key = self.clients.insert(Client {
                     serial: self.next_serial,
-                    awaiting: HashSet::new(),
+                    awaiting: SymbolSet::default(),
                     out,
                     detached: false,
                     symbols: SymbolSet::default(),
