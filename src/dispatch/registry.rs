@@ -16,8 +16,9 @@ use crate::tick::Symbol;
 /// Slab key of a registered client.
 pub type ClientKey = usize;
 
-/// One client's named subscriptions: a sorted vector, because each client holds few symbols
-/// while thousands of clients hold them, so 16 bytes a symbol beat a hash table's slack.
+/// A client's own set of symbols (its named subscriptions, or the snapshots it waits for): a
+/// sorted vector, because each client holds few symbols while thousands of clients hold them,
+/// so 16 bytes a symbol beat a hash table's slack.
 /// Lookups are binary searches; inserts shift at most `limits.max_symbols` entries.
 #[derive(Debug, Default)]
 pub struct SymbolSet(Vec<Symbol>);
