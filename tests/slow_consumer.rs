@@ -110,7 +110,8 @@ async fn a_client_with_a_full_socket_is_still_heard() {
         assert_eq!(ingest(&mut producer, &ticks).await["accepted"], PER_BATCH);
     }
     // Some 15 MB are now waiting for a client that reads nothing; it keeps talking for longer
-    // than three heartbeats more.
+    // than three heartbeats more. A fixed period on purpose: what is checked is that nothing
+    // happens during it (no idle close), and there is no event to wait for instead.
     tokio::time::sleep(std::time::Duration::from_millis(1_000)).await;
     stop_tx.send(()).unwrap();
     let pings = talker.await.unwrap();
