@@ -3,10 +3,12 @@
 //! connections small. Inbound: requests are
 //! rate-limited, parsed and turned into dispatcher commands, or answered here (ping, errors).
 //! Outbound: frames queued by the dispatcher and by this task are written in coalesced bursts
-//! (feed many, flush once). The task also runs the heartbeat, reaps silent peers, applies the
-//! late `auth` op, and closes with the right code when told to (slow consumer, shutdown).
+//! (feed many, flush once). The task also applies the late `auth` op and closes with the right
+//! code when told to (slow consumer, shutdown, or the liveness sweep's timeouts). A connection
+//! with nothing to do for `server.park_after_ms` ends its task and waits in the parking lot as
+//! a [`Session`] plus its socket; the first tick, request or close for it starts a new task
+//! from there ([`resume`]).
 
-use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,12 +19,15 @@ use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::config::Config;
 use crate::dispatch::outbound::{self, Frame, Outbound, OutboundReceiver, Wake};
 use crate::dispatch::registry::ClientKey;
 use crate::dispatch::{Command, DispatcherHandle};
+use crate::http::ConnectionSlot;
 use crate::liveness::Connections;
+use crate::parking::Parking;
 use crate::protocol::{self, close, error_message, ErrorCode, Request};
 use crate::tick::now_ms;
 use crate::ws::frame::{opcode, FrameError};
@@ -37,6 +42,28 @@ pub enum AuthState {
     Rejected,
     /// Tokens are required and none came: wait for the `auth` op.
     Pending,
+}
+
+/// How long the request limiter takes to refill its whole burst (the burst is two seconds'
+/// worth of `limits.ops_per_sec`). A connection that sent no request for this long has a full
+/// limiter and no run of refused requests, which is exactly a fresh one: parking may drop it.
+pub const BURST_REFILL_MS: u64 = 2_000;
+
+/// A connection's request rate limiter and when it last let a request through.
+struct RequestLimiter {
+    gcra: DefaultDirectRateLimiter,
+    last_ms: u64,
+}
+
+impl RequestLimiter {
+    fn new(ops_per_sec: u32) -> Self {
+        let ops = NonZeroU32::new(ops_per_sec).unwrap_or(NonZeroU32::MIN);
+        let burst = ops.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
+        Self {
+            gcra: RateLimiter::direct(Quota::per_second(ops).allow_burst(burst)),
+            last_ms: 0,
+        }
+    }
 }
 
 /// Most bytes written per flush, so one busy client cannot hog its task's turn.
@@ -63,6 +90,8 @@ pub struct ClientContext {
     pub write_latency: Option<metrics::Histogram>,
     /// Open connections, for the liveness sweep.
     pub connections: Connections,
+    /// Where quiet connections wait off the runtime.
+    pub parking: Parking,
 }
 
 /// Per-server client counters.
@@ -101,7 +130,9 @@ struct Conn {
     out: Outbound,
     key: Option<ClientKey>,
     auth: AuthState,
-    limiter: DefaultDirectRateLimiter,
+    /// The request rate limiter: created with the first request, dropped at parking once it
+    /// is full again (see [`BURST_REFILL_MS`]).
+    limiter: Option<Box<RequestLimiter>>,
     limited_in_a_row: u32,
 }
 
@@ -117,14 +148,52 @@ enum Flow {
     Gone,
 }
 
-/// Serves one `/ws` connection from its upgrade until it closes; `guard` (the connection's
-/// slot) is released when it ends.
-pub async fn serve<G: Send>(
+/// Everything a running connection is apart from its socket, and all a parked one keeps
+/// ([`crate::parking`]). Dropping it ends the connection's presence in the server: its link
+/// leaves the sweep, the dispatcher forgets it, its connection slot and shutdown tracking are
+/// released. That happens however it ends (closed, failed, or dropped while parked).
+pub struct Session {
+    conn: Conn,
+    rx: OutboundReceiver,
+    /// Key in [`ClientContext::connections`].
+    link: usize,
+    _slot: ConnectionSlot,
+    _tracked: TaskTrackerToken,
+}
+
+impl Session {
+    /// The connection's end of its outbound link.
+    #[must_use]
+    pub fn link(&self) -> &OutboundReceiver {
+        &self.rx
+    }
+
+    /// The server's shared client context.
+    #[must_use]
+    pub fn context(&self) -> &Arc<ClientContext> {
+        &self.conn.ctx
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let ctx = &self.conn.ctx;
+        ctx.connections.remove(self.link);
+        if let Some(key) = self.conn.key {
+            ctx.dispatcher.deregister(key);
+        }
+        ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves one `/ws` connection from its upgrade until it closes or parks. `slot` and
+/// `tracked` (the connection's cap slot and its shutdown tracking) are held until it ends.
+pub async fn serve(
     pending: PendingUpgrade,
     ctx: Arc<ClientContext>,
     auth: AuthState,
-    peer: SocketAddr,
-    guard: G,
+    slot: ConnectionSlot,
+    tracked: TaskTrackerToken,
 ) {
     let Some((stream, early)) = pending.stream().await else {
         return;
@@ -145,16 +214,19 @@ pub async fn serve<G: Send>(
     if ctx.shutdown.is_cancelled() {
         let _ = out.kill(close::GOING_AWAY);
     }
-    let ops = ctx.config.limits.ops_per_sec;
-    let quota = Quota::per_second(NonZeroU32::new(ops).unwrap_or(NonZeroU32::MIN))
-        .allow_burst(NonZeroU32::new(ops.saturating_mul(2)).unwrap_or(NonZeroU32::MIN));
-    let mut conn = Conn {
-        ctx: ctx.clone(),
-        out,
-        key: None,
-        auth,
-        limiter: RateLimiter::direct(quota),
-        limited_in_a_row: 0,
+    let mut session = Session {
+        conn: Conn {
+            ctx: ctx.clone(),
+            out,
+            key: None,
+            auth,
+            limiter: None,
+            limited_in_a_row: 0,
+        },
+        rx,
+        link,
+        _slot: slot,
+        _tracked: tracked,
     };
     let mut socket = WsSocket::new(stream, ctx.config.limits.max_message_bytes);
     // Messages read but not handled yet, starting with any the client sent right behind the
@@ -162,14 +234,49 @@ pub async fn serve<G: Send>(
     let mut inbox = Vec::new();
     let broken = socket.absorb(&early, &mut inbox).err();
     drop(early);
-    let key = run(&mut conn, &mut socket, &rx, inbox, broken).await;
-    ctx.connections.remove(link);
-    if let Some(key) = key {
-        ctx.dispatcher.deregister(key);
+    // Boxed: it runs once, and an idle connection's future is only as big as what is alive
+    // at its largest await.
+    if Box::pin(setup(&mut session.conn, &mut socket))
+        .await
+        .is_none()
+    {
+        return;
     }
-    ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
-    drop(guard);
-    tracing::debug!(%peer, "client connection closed");
+    live(session, socket, inbox, broken).await;
+}
+
+/// Serves a connection taken out of the parking lot, with `unsent` (the rest of a frame
+/// written while it was parked) going out first.
+pub async fn resume(session: Session, stream: std::net::TcpStream, unsent: Option<Bytes>) {
+    let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
+        return;
+    };
+    let mut socket = WsSocket::new(stream, session.conn.ctx.config.limits.max_message_bytes);
+    if let Some(bytes) = unsent {
+        socket.queue_framed(bytes);
+    }
+    live(session, socket, Vec::new(), None).await;
+}
+
+/// Runs an established connection until it ends, or parks it when it has had nothing to do.
+async fn live(
+    mut session: Session,
+    mut socket: WsSocket,
+    inbox: Vec<Incoming>,
+    broken: Option<ReadError>,
+) {
+    let exit = run(&mut session.conn, &mut socket, &session.rx, inbox, broken).await;
+    if exit == Exit::Park {
+        match socket.into_std() {
+            Ok(stream) => {
+                let ctx = session.conn.ctx.clone();
+                ctx.parking.park(session, stream);
+            }
+            Err(e) => tracing::debug!(error = %e, "parking failed: connection dropped"),
+        }
+        return;
+    }
+    tracing::debug!(peer = ?socket.peer_addr().ok(), "client connection closed");
 }
 
 /// What an idle connection waits for: its socket or its link, nothing else.
@@ -220,18 +327,24 @@ enum Ending {
     PeerClosed,
 }
 
+/// How [`run`] left the connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    /// Closed or gone.
+    Ended,
+    /// Quiet, with nothing in progress: ready to park.
+    Park,
+}
+
 async fn run(
     conn: &mut Conn,
     socket: &mut WsSocket,
     rx: &OutboundReceiver,
     mut inbox: Vec<Incoming>,
     mut broken: Option<ReadError>,
-) -> Option<ClientKey> {
+) -> Exit {
     // Every await outside the main loop is boxed: an idle connection's future is only as big
-    // as what is alive at its largest await, and these run once.
-    if Box::pin(setup(conn, socket)).await.is_none() {
-        return conn.key;
-    }
+    // as what is alive at its largest await.
     let mut notice = None;
     let (code, why, ending) = loop {
         // Requests read before a broken frame are still answered.
@@ -245,23 +358,37 @@ async fn run(
                     break (code, why, Ending::Request);
                 }
                 Flow::PeerClosed(code) => break (code, "bye", Ending::PeerClosed),
-                Flow::Gone => return conn.key,
+                Flow::Gone => return Exit::Ended,
             }
         }
         if let Some(e) = broken.take() {
             match read_failure(&conn.ctx, e) {
                 Some((code, why)) => break (code, why, Ending::Request),
-                None => return conn.key,
+                None => return Exit::Ended,
             }
         }
         match next_event(socket, rx).await {
             Event::Readable => broken = socket.read_some(&mut inbox).err(),
-            Event::SocketFailed => return conn.key,
+            Event::SocketFailed => return Exit::Ended,
             Event::Link(Wake::Close(code)) => break (code, close_reason(code), Ending::Order),
+            // The sweep saw nothing happen for `server.park_after_ms`. Anything still in
+            // progress (a half-read frame, unsent bytes) declines; the sweep asks again.
+            Event::Link(Wake::Park) => {
+                let now = conn.ctx.connections.clock_ms();
+                let refilled = conn
+                    .limiter
+                    .as_ref()
+                    .is_none_or(|l| now.saturating_sub(l.last_ms) >= BURST_REFILL_MS);
+                if inbox.is_empty() && socket.is_quiet() && refilled {
+                    conn.limiter = None;
+                    conn.limited_in_a_row = 0;
+                    return Exit::Park;
+                }
+            }
             Event::Link(Wake::Write) => {
                 match Box::pin(write_until_done(socket, rx, &conn.ctx)).await {
                     Written::Done | Written::Readable => {}
-                    Written::Failed => return conn.key,
+                    Written::Failed => return Exit::Ended,
                     Written::Interrupted(code) => {
                         break (code, close_reason(code), Ending::Order);
                     }
@@ -302,7 +429,7 @@ async fn run(
         ending != Ending::PeerClosed,
     ))
     .await;
-    conn.key
+    Exit::Ended
 }
 
 /// Sends the welcome and registers with the dispatcher (or refuses a wrong token). `None`:
@@ -592,7 +719,11 @@ async fn on_request(conn: &mut Conn, text: &str) -> Flow {
     let parsed = protocol::parse_request(text);
     let is_ping = matches!(parsed, Ok((_, Request::Ping)));
     if !is_ping {
-        if let Err(not_until) = conn.limiter.check() {
+        let limiter = conn
+            .limiter
+            .get_or_insert_with(|| Box::new(RequestLimiter::new(ctx.config.limits.ops_per_sec)));
+        limiter.last_ms = ctx.connections.clock_ms();
+        if let Err(not_until) = limiter.gcra.check() {
             conn.limited_in_a_row += 1;
             ctx.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
             if conn.limited_in_a_row > ctx.config.limits.max_rate_limited {

@@ -52,6 +52,14 @@ pub struct ServerConfig {
     /// How long a closing connection may take to get its last message and close frame
     /// through (they queue behind data already in the socket), in ms; then it is dropped.
     pub close_timeout_ms: u64,
+    /// A `/ws` connection that has read and written nothing for this long (ms) leaves the
+    /// async runtime and waits in the parking lot, about 1 KiB smaller; the next tick, request
+    /// or close for it resumes it within microseconds, and heartbeats reach it without
+    /// resuming it. Checked by the liveness sweep, so the actual delay is up to a second
+    /// more; a connection also parks only once it has sent no request for 2 s (its request
+    /// rate limiter is full again and need not be kept). 0 keeps every connection on the
+    /// runtime.
+    pub park_after_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -63,6 +71,7 @@ impl Default for ServerConfig {
             allowed_origins: Vec::new(),
             listen_backlog: 4_096,
             close_timeout_ms: 30_000,
+            park_after_ms: 2_000,
         }
     }
 }
@@ -435,6 +444,9 @@ impl Config {
         if self.limits.outbound_buffer_bytes < 1024 {
             return invalid("limits.outbound_buffer_bytes", "must be at least 1024");
         }
+        if self.limits.outbound_buffer_bytes > 1 << 31 {
+            return invalid("limits.outbound_buffer_bytes", "must be at most 2 GiB");
+        }
         if self.auth.auth_timeout_ms < 100 {
             return invalid("auth.auth_timeout_ms", "must be at least 100");
         }
@@ -449,6 +461,9 @@ impl Config {
         }
         if self.dispatch.outbound_messages == 0 || self.dispatch.command_capacity == 0 {
             return invalid("dispatch.outbound_messages", "capacities must be >= 1");
+        }
+        if u32::try_from(self.dispatch.outbound_messages).is_err() {
+            return invalid("dispatch.outbound_messages", "must be below 2^32");
         }
         if self.validation.dedup_window == 0 {
             return invalid("validation.dedup_window", "must be at least 1");

@@ -14,6 +14,7 @@
 //! - [`queue`]: the four-level bounded priority queue with admission limits and TTL.
 //! - [`dispatch`]: the one owner of routing state; stamps `seq`, fans out with `try_send`.
 //! - [`client`]: one task per `/ws` connection; requests in, queued frames out.
+//! - [`parking`]: quiet `/ws` connections waiting off the runtime, in one epoll set.
 //! - [`ws`]: the `/ws` WebSocket transport: upgrade, framing, buffer-free idle sockets.
 //! - [`liveness`]: one sweep for every connection's heartbeat, idle and auth deadlines.
 //! - [`producer`]: the `/ingest` WebSocket.
@@ -42,6 +43,7 @@ pub mod ingest;
 pub mod liveness;
 pub mod logging;
 pub mod metrics;
+pub mod parking;
 pub mod producer;
 pub mod protocol;
 pub mod queue;

@@ -1,9 +1,11 @@
 //! One task that keeps every `/ws` connection's liveness, so that no connection carries a timer
 //! of its own: it sends the heartbeat (one frame, serialized once and shared by all
-//! connections, plus a WebSocket ping request), closes connections that have sent nothing for
-//! three heartbeats and those that did not authenticate in time, and on shutdown tells every
-//! connection to close with 1001. Connections enter and leave the set in `client::serve`; the
-//! sweep reads and writes them only through their `Outbound` link, and never waits on one.
+//! connections, plus a WebSocket ping request; parked connections get it written straight to
+//! their socket), closes connections that have sent nothing for three heartbeats and those
+//! that did not authenticate in time, asks connections quiet for `server.park_after_ms` to
+//! park, and on shutdown tells every connection to close with 1001. Connections enter and
+//! leave the set with their `client::Session`; the sweep reads and writes them only through
+//! their `Outbound` link and the parking lot, and never waits on one.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,8 +18,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::ClientContext;
 use crate::dispatch::outbound::{Frame, Outbound};
+use crate::parking::Beat;
 use crate::protocol::close;
 use crate::tick::now_ms;
+
+/// Park requests in one sweep after which the next sweep asks the allocator to give memory
+/// back: that many tasks ended together, and their memory would otherwise linger.
+const RELEASE_AFTER_PARKS: usize = 256;
 
 /// Longest time between sweeps: the resolution of the auth deadline and the idle check.
 const MAX_SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -50,6 +57,15 @@ impl Connections {
         self.links.lock().insert(link)
     }
 
+    /// A copy of every link, to work on without holding the set's lock.
+    fn snapshot(&self) -> Vec<Outbound> {
+        self.links
+            .lock()
+            .iter()
+            .map(|(_, link)| link.clone())
+            .collect()
+    }
+
     /// Removes a connection's link.
     pub fn remove(&self, key: usize) {
         let mut links = self.links.lock();
@@ -63,11 +79,19 @@ impl Connections {
 pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
     let heartbeat = Duration::from_millis(ctx.config.server.heartbeat_ms);
     let heartbeat_ms = ctx.config.server.heartbeat_ms;
+    let park_after_ms = ctx.config.server.park_after_ms;
     let auth_timeout = Duration::from_millis(ctx.config.auth.auth_timeout_ms);
-    let mut every = tokio::time::interval(heartbeat.min(auth_timeout).min(MAX_SWEEP_EVERY));
+    let period = heartbeat.min(auth_timeout).min(MAX_SWEEP_EVERY);
+    let mut every = tokio::time::interval(period);
+    // Whole quiet sweep periods that make `server.park_after_ms`.
+    let park_sweeps = u16::try_from(
+        park_after_ms.div_ceil(u64::try_from(period.as_millis()).unwrap_or(1).max(1)),
+    )
+    .unwrap_or(u16::MAX);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let connections = &ctx.connections;
     let mut next_beat = connections.clock_ms() + heartbeat_ms;
+    let mut parked_last_sweep = 0;
     loop {
         tokio::select! {
             biased;
@@ -77,15 +101,16 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
         let now = connections.clock_ms();
         let beat = (now >= next_beat).then(|| {
             next_beat = now + heartbeat_ms;
-            Frame::from(json!({"type": "heartbeat", "server_time": now_ms()}).to_string())
+            Beat::new(Frame::from(
+                json!({"type": "heartbeat", "server_time": now_ms()}).to_string(),
+            ))
         });
         // Work on a copy, so connections opening or closing never wait for a whole sweep.
-        let links: Vec<Outbound> = connections
-            .links
-            .lock()
-            .iter()
-            .map(|(_, link)| link.clone())
-            .collect();
+        let links = connections.snapshot();
+        if parked_last_sweep >= RELEASE_AFTER_PARKS {
+            crate::parking::release_memory();
+        }
+        parked_last_sweep = 0;
         for link in &links {
             if link.is_closing() {
                 continue;
@@ -98,16 +123,20 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
                 if link.kill(close::NORMAL) {
                     ctx.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
                 }
-            } else if let Some(frame) = &beat {
-                if link.push_control(frame.clone()).is_err() {
-                    let _ = link.kill(close::SLOW_CONSUMER);
+            } else {
+                if let Some(beat) = &beat {
+                    ctx.parking.heartbeat(link, beat);
                 }
-                // A WebSocket ping too: browsers answer it with a pong that counts as life.
-                link.request_ping();
+                if park_after_ms > 0 && link.parked_at().is_none() && link.quiet_for(park_sweeps) {
+                    link.request_park();
+                    parked_last_sweep += 1;
+                }
             }
         }
     }
-    for (_, link) in connections.links.lock().iter() {
+    // Killed outside the lock: a kill may resume a parked connection, and a session that
+    // ends on the spot (its runtime shutting down) removes itself from this set.
+    for link in connections.snapshot() {
         let _ = link.kill(close::GOING_AWAY);
     }
 }

@@ -10,6 +10,13 @@ use tickfan::Config;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Gives memory mimalloc holds freed back to the OS now (after many idle connections parked,
+/// their tasks' memory would otherwise stay resident for a while: about 140 B a connection).
+fn release_memory() {
+    // SAFETY: `mi_collect` takes no pointers and may be called from any thread at any time.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 #[derive(Parser)]
 #[command(
     name = "tickfan",
@@ -103,6 +110,7 @@ fn load_config(path: Option<&Path>, data_dir: Option<PathBuf>) -> Result<Config,
 
 fn serve(cfg: Config) -> ExitCode {
     tickfan::logging::init(&cfg.log);
+    tickfan::parking::set_memory_release(release_memory);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -77,6 +77,22 @@ const HELP: &[(&str, &str)] = &[
     ),
     ("tickfan_connections", "Open client (/ws) connections."),
     (
+        "tickfan_parked_connections",
+        "Client connections parked off the runtime (quiet for server.park_after_ms).",
+    ),
+    (
+        "tickfan_connection_parks_total",
+        "Times a quiet client connection was parked.",
+    ),
+    (
+        "tickfan_connection_unparks_total",
+        "Times a parked client connection was resumed (a tick, request or close for it).",
+    ),
+    (
+        "tickfan_parked_heartbeats_total",
+        "Heartbeats written straight to parked connections' sockets (without resuming them).",
+    ),
+    (
         "tickfan_open_connections",
         "Open WebSocket connections of all kinds (clients and producers).",
     ),
@@ -268,6 +284,19 @@ impl Metrics {
         );
         let c = &s.clients.stats;
         self.gauge("tickfan_connections", vec![], load(&c.open));
+        let pk = &s.clients.parking.stats;
+        self.gauge("tickfan_parked_connections", vec![], load(&pk.parked));
+        self.counter("tickfan_connection_parks_total", vec![], load(&pk.parks));
+        self.counter(
+            "tickfan_connection_unparks_total",
+            vec![],
+            load(&pk.unparks),
+        );
+        self.counter(
+            "tickfan_parked_heartbeats_total",
+            vec![],
+            load(&pk.heartbeats),
+        );
         self.counter("tickfan_messages_sent_total", vec![], load(&c.frames_sent));
         self.counter("tickfan_sent_bytes_total", vec![], load(&c.bytes_sent));
         let limit = |name: &'static str, v: u64| {

@@ -24,6 +24,7 @@ use crate::http::{self, AppState, ConnectionLimits};
 use crate::ingest::Ingestor;
 use crate::liveness::{self, Connections};
 use crate::metrics::Metrics;
+use crate::parking::Parking;
 use crate::queue::PriorityQueue;
 use crate::simulator;
 use crate::store::Store;
@@ -110,6 +111,7 @@ pub async fn run(
         stats: ClientStats::default(),
         write_latency: Some(metrics.ingest_to_write()),
         connections: Connections::default(),
+        parking: Parking::start()?,
     });
     tokio::spawn(liveness::run(clients.clone(), stop.clone()));
     let state = Arc::new(AppState {
@@ -157,6 +159,7 @@ pub async fn run(
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period");
     }
+    state.clients.parking.evict(&state.clients);
     dispatcher_stop.cancel();
     let _sink = dispatcher_task
         .await

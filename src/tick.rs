@@ -7,9 +7,18 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-/// A validated symbol name: 1-32 of `A-Z a-z 0-9 . - _ / :`. Cheap to clone (shared string).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Symbol(Arc<str>);
+/// A validated symbol name: 1-32 of `A-Z a-z 0-9 . - _ / :`. Cheap to clone (shared), and one
+/// word wide: thousands of clients each hold their symbols, so a thin pointer to a fixed-size
+/// name halves what a `&str`-style fat pointer would cost them. Compares, orders and hashes as
+/// its name.
+#[derive(Clone)]
+pub struct Symbol(Arc<SymbolName>);
+
+/// The bytes of a symbol name, at most [`Symbol::MAX_LEN`].
+struct SymbolName {
+    len: u8,
+    bytes: [u8; Symbol::MAX_LEN],
+}
 
 impl Symbol {
     /// Longest accepted symbol.
@@ -18,7 +27,14 @@ impl Symbol {
     /// Validates and wraps a symbol name; `None` when it breaks the contract's rules.
     #[must_use]
     pub fn parse(s: &str) -> Option<Self> {
-        Self::is_valid(s).then(|| Self(Arc::from(s)))
+        if !Self::is_valid(s) {
+            return None;
+        }
+        let mut bytes = [0u8; Self::MAX_LEN];
+        bytes[..s.len()].copy_from_slice(s.as_bytes());
+        // At most MAX_LEN (32) by `is_valid`.
+        let len = s.len() as u8;
+        Some(Self(Arc::new(SymbolName { len, bytes })))
     }
 
     /// Whether `s` is a well-formed symbol name.
@@ -33,25 +49,54 @@ impl Symbol {
     /// The name.
     #[must_use]
     pub fn as_str(&self) -> &str {
-        &self.0
+        let name = &*self.0;
+        let bytes = &name.bytes[..usize::from(name.len)];
+        // Only ever built from a validated `&str` (ASCII), in `parse`.
+        std::str::from_utf8(bytes).unwrap_or_default()
+    }
+}
+
+impl PartialEq for Symbol {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Symbol {}
+
+impl std::hash::Hash for Symbol {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialOrd for Symbol {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Symbol {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
     }
 }
 
 impl fmt::Debug for Symbol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
+        fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
 impl fmt::Display for Symbol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl Serialize for Symbol {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
+        s.serialize_str(self.as_str())
     }
 }
 

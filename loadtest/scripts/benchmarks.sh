@@ -26,7 +26,7 @@ run() { # name, loadtest args...
 
 scenario() {
   case $1 in
-    idle10k)  start_server ""; run idle10k -c 10000 --idle -d 10; stop_server ;;
+    idle10k)  start_server ""; run idle10k -c 10000 --idle -d ${IDLE_SECS:-10}; stop_server ;;
     idle10k1) start_server ""; run idle10k1 -c 10000 --idle -d 10 -k 1; stop_server ;;
     idle19k)  start_server ""; run idle19k -c 19000 --idle -d 20; stop_server ;;
     realtime) start_server ""; run realtime -c 100 --symbols 10 -k 10 -r 10000 -d 10; stop_server ;;

@@ -446,11 +446,15 @@ fn summarize(args: &Args, symbols: &[String], outcome: run::Outcome) -> Summary 
         }),
         client: proc_summary(None, outcome.client, measured_secs, counters.deliveries, 0)
             .unwrap_or_default(),
-        idle_memory: outcome.idle_rss.map(|(before, after, up)| IdleMemory {
-            rss_before: before,
-            rss_after: after,
-            connections: up.max(0) as u64,
-            delta_per_connection: (after as f64 - before as f64) / up.max(1) as f64,
+        idle_memory: outcome.idle_rss.map(|rss| IdleMemory {
+            rss_before: rss.before,
+            rss_connected: rss.connected,
+            rss_after: rss.held,
+            connections: rss.connections.max(0) as u64,
+            delta_per_connection: (rss.held as f64 - rss.before as f64)
+                / rss.connections.max(1) as f64,
+            connected_delta_per_connection: (rss.connected as f64 - rss.before as f64)
+                / rss.connections.max(1) as f64,
         }),
     }
 }

@@ -248,9 +248,15 @@ pub struct ProcSummary {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct IdleMemory {
     pub rss_before: u64,
+    /// RSS just after every connection subscribed (before a server could park them).
+    pub rss_connected: u64,
+    /// RSS at the end of the idle window: what holding idle connections costs.
     pub rss_after: u64,
     pub connections: u64,
+    /// Per connection, at the end of the idle window.
     pub delta_per_connection: f64,
+    /// Per connection, just after connecting.
+    pub connected_delta_per_connection: f64,
 }
 
 /// The final, machine-readable result (`--json`), also printed as text.
@@ -444,11 +450,14 @@ impl Summary {
         if let Some(m) = &self.idle_memory {
             let _ = writeln!(
                 o,
-                "idle memory  server RSS {} before, {} after {} connections: {} per connection",
+                "idle memory  server RSS {} before, {} after {} connections idle for the window: \
+                 {} per connection (just after connecting: {}, {} per connection)",
                 fmt_bytes(m.rss_before as f64),
                 fmt_bytes(m.rss_after as f64),
                 fmt_count(m.connections),
-                fmt_bytes(m.delta_per_connection)
+                fmt_bytes(m.delta_per_connection),
+                fmt_bytes(m.rss_connected as f64),
+                fmt_bytes(m.connected_delta_per_connection)
             );
         }
         o

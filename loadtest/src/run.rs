@@ -25,6 +25,19 @@ const EPOCH_STEP: Duration = Duration::from_millis(100);
 /// allocations made right after the last subscribe are in.
 const IDLE_SETTLE: Duration = Duration::from_millis(500);
 
+/// Server RSS around an idle run, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct IdleRss {
+    /// Before connecting.
+    pub before: u64,
+    /// Just after every connection settled.
+    pub connected: u64,
+    /// At the end of the idle window.
+    pub held: u64,
+    /// Connections open at the end of the window.
+    pub connections: i64,
+}
+
 /// Extra time, past the close timeout, that connection tasks get to finish.
 const JOIN_GRACE: Duration = Duration::from_secs(4);
 
@@ -62,9 +75,8 @@ pub struct Outcome {
     pub producer: Option<ProducerReport>,
     pub server: Samples,
     pub client: Samples,
-    /// Server RSS before connecting, RSS after all connections settled, and the number
-    /// of connections open at that moment (`--idle`).
-    pub idle_rss: Option<(u64, u64, i64)>,
+    /// Server RSS around an idle run (`--idle`).
+    pub idle_rss: Option<IdleRss>,
     /// Connections still open when the window ended.
     pub open_at_end: i64,
     /// SYNs the kernel dropped on a full accept queue during the ramp (system-wide).
@@ -260,12 +272,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
         }
     }
 
+    let mut rss_connected = None;
     if cfg.idle {
         tokio::time::sleep(IDLE_SETTLE).await;
-        let after = sample_server().and_then(|s| s.rss_bytes);
-        if let (Some(b), Some(a)) = (rss_before, after) {
+        rss_connected = sample_server().and_then(|s| s.rss_bytes);
+        if let (Some(b), Some(a)) = (rss_before, rss_connected) {
             let up = CONNS.open.load(Relaxed);
-            out.idle_rss = Some((b, a, up));
             eprintln!(
                 "idle: server RSS {} before, {} with {up} connections up: {} per connection",
                 report::fmt_bytes(b as f64),
@@ -289,6 +301,18 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
         producer::spawn(pc, plive, prod_stop_rx)
     });
     live.wait(window_start + cfg.duration, || false).await;
+    if let (true, Some(before), Some(connected)) = (cfg.idle, rss_before, rss_connected) {
+        // Idle connections are held for the whole window: a server may shrink them meanwhile
+        // (tickfan parks quiet ones), and what holding them costs is what counts.
+        if let Some(held) = sample_server().and_then(|s| s.rss_bytes) {
+            out.idle_rss = Some(IdleRss {
+                before,
+                connected,
+                held,
+                connections: CONNS.open.load(Relaxed),
+            });
+        }
+    }
     let _ = prod_stop_tx.send(true);
     out.window_secs = window_start.elapsed().as_secs_f64();
 

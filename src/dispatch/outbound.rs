@@ -39,14 +39,19 @@ pub enum Wake {
     Write,
     /// Close with this code now.
     Close(u16),
+    /// Nothing to do for a while: leave the runtime if nothing is in progress
+    /// ([`crate::parking`]).
+    Park,
 }
 
 #[derive(Debug)]
 struct Shared {
     queue: Mutex<VecDeque<Frame>>,
     queued_bytes: AtomicUsize,
-    byte_limit: usize,
-    max_messages: usize,
+    // 32-bit limits (config caps them) keep the link within 128 bytes with its `Arc`: an
+    // idle connection is mostly this link.
+    byte_limit: u32,
+    max_messages: u32,
     /// Close code the connection must use (0: none yet). First caller wins.
     close_code: AtomicU16,
     /// The receiving side has gone: pushes fail with `Closed`.
@@ -56,6 +61,14 @@ struct Shared {
     heard_ms: AtomicU64,
     /// Close 4001 at this time unless authenticated (0: no deadline).
     auth_deadline_ms: AtomicU64,
+    /// Something was read or written since the sweep last looked.
+    active: AtomicBool,
+    /// Sweeps in a row that saw no activity, for parking.
+    quiet_sweeps: AtomicU16,
+    /// The sweep asks the connection to park.
+    park_due: AtomicBool,
+    /// The parking-lot ticket while the connection is parked (0: running).
+    parked_at: AtomicU64,
     waker: AtomicWaker,
 }
 
@@ -77,13 +90,17 @@ pub fn channel(max_messages: usize, byte_limit: usize) -> (Outbound, OutboundRec
     let shared = Arc::new(Shared {
         queue: Mutex::new(VecDeque::new()),
         queued_bytes: AtomicUsize::new(0),
-        byte_limit,
-        max_messages,
+        byte_limit: u32::try_from(byte_limit).unwrap_or(u32::MAX),
+        max_messages: u32::try_from(max_messages).unwrap_or(u32::MAX),
         close_code: AtomicU16::new(0),
         closed: AtomicBool::new(false),
         ping_due: AtomicBool::new(false),
         heard_ms: AtomicU64::new(0),
         auth_deadline_ms: AtomicU64::new(0),
+        active: AtomicBool::new(true),
+        quiet_sweeps: AtomicU16::new(0),
+        park_due: AtomicBool::new(false),
+        parked_at: AtomicU64::new(0),
         waker: AtomicWaker::new(),
     });
     (
@@ -101,7 +118,7 @@ impl Outbound {
     /// [`PushError::Full`] over the byte or count bound, [`PushError::Closed`] when the
     /// connection has gone.
     pub fn push(&self, frame: Frame) -> Result<(), PushError> {
-        self.push_within(frame, self.shared.byte_limit)
+        self.push_within(frame, self.byte_limit())
     }
 
     /// Queues a control frame (ack, error, mode switch, snapshot, a critical tick) past the
@@ -111,7 +128,7 @@ impl Outbound {
     /// # Errors
     /// As [`Outbound::push`].
     pub fn push_control(&self, frame: Frame) -> Result<(), PushError> {
-        self.push_within(frame, self.shared.byte_limit.saturating_mul(2))
+        self.push_within(frame, self.byte_limit().saturating_mul(2))
     }
 
     fn push_within(&self, frame: Frame, limit: usize) -> Result<(), PushError> {
@@ -122,7 +139,7 @@ impl Outbound {
             if shared.closed.load(Ordering::Acquire) {
                 return Err(PushError::Closed);
             }
-            if queue.len() >= shared.max_messages
+            if queue.len() >= shared.max_messages as usize
                 || shared.queued_bytes.load(Ordering::Acquire) + len > limit
             {
                 return Err(PushError::Full);
@@ -148,7 +165,7 @@ impl Outbound {
     /// The byte limit.
     #[must_use]
     pub fn byte_limit(&self) -> usize {
-        self.shared.byte_limit
+        self.shared.byte_limit as usize
     }
 
     /// Tells the connection to close with `code` without waiting. The first caller's code
@@ -205,6 +222,60 @@ impl Outbound {
     pub fn is_closing(&self) -> bool {
         self.shared.close_code.load(Ordering::Acquire) != 0
     }
+
+    /// For the sweep, once per sweep: whether the connection has been quiet (nothing read,
+    /// nothing written) for at least `sweeps` whole sweep periods in a row.
+    pub fn quiet_for(&self, sweeps: u16) -> bool {
+        let shared = &self.shared;
+        if shared.active.swap(false, Ordering::AcqRel) {
+            shared.quiet_sweeps.store(0, Ordering::Release);
+            return false;
+        }
+        let quiet = shared
+            .quiet_sweeps
+            .load(Ordering::Acquire)
+            .saturating_add(1);
+        shared.quiet_sweeps.store(quiet, Ordering::Release);
+        quiet >= sweeps
+    }
+
+    /// Asks the connection to park (it declines if it is in the middle of something).
+    pub fn request_park(&self) {
+        if self.parked_at().is_none() {
+            self.shared.park_due.store(true, Ordering::Release);
+            self.shared.waker.wake();
+        }
+    }
+
+    /// Whether anything would wake the connection now: queued frames, a ping or a close.
+    #[must_use]
+    pub fn has_work(&self) -> bool {
+        let shared = &self.shared;
+        shared.close_code.load(Ordering::Acquire) != 0
+            || shared.ping_due.load(Ordering::Acquire)
+            || !shared.queue.lock().is_empty()
+    }
+
+    /// Records the parking-lot ticket of the connection (0: running again).
+    pub fn set_parked_at(&self, ticket: u64) {
+        self.shared.parked_at.store(ticket, Ordering::Release);
+    }
+
+    /// Makes `waker` the one woken for this link: the parking lot's ticket while the
+    /// connection has no task.
+    pub fn set_waker(&self, waker: &std::task::Waker) {
+        self.shared.waker.register(waker);
+    }
+
+    /// The parking-lot ticket of a parked connection; `None` while it runs on the runtime.
+    /// Only meaningful under the parking lot's lock, which parking and unparking hold.
+    #[must_use]
+    pub fn parked_at(&self) -> Option<u64> {
+        match self.shared.parked_at.load(Ordering::Acquire) {
+            0 => None,
+            ticket => Some(ticket),
+        }
+    }
 }
 
 impl OutboundReceiver {
@@ -218,7 +289,18 @@ impl OutboundReceiver {
         if self.shared.ping_due.load(Ordering::Acquire) || !self.shared.queue.lock().is_empty() {
             return Poll::Ready(Wake::Write);
         }
+        if self.shared.park_due.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(Wake::Park);
+        }
         Poll::Pending
+    }
+
+    /// The sending side of this link.
+    #[must_use]
+    pub fn sender(&self) -> Outbound {
+        Outbound {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Ready with the close code once the connection is told to close; otherwise registers
@@ -269,6 +351,9 @@ impl OutboundReceiver {
             }
         }
         self.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        if frames > 0 {
+            self.shared.active.store(true, Ordering::Release);
+        }
         (frames, bytes)
     }
 
@@ -280,6 +365,7 @@ impl OutboundReceiver {
     /// Records that the client was heard from at `now_ms`.
     pub fn heard(&self, now_ms: u64) {
         self.shared.heard_ms.store(now_ms, Ordering::Release);
+        self.shared.active.store(true, Ordering::Release);
     }
 }
 

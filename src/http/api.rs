@@ -84,11 +84,16 @@ pub(super) async fn stats(
         })
         .collect();
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let pk = &state.clients.parking.stats;
     Json(json!({
         "uptime_s": state.started.elapsed().as_secs(),
         "connections": state.clients.stats.open.load(Ordering::Relaxed),
         "clients": load(&d.clients),
         "batch_groups": { "groups": load(&d.batch_groups), "members": load(&d.batch_group_members) },
+        "parking": {
+            "parked": load(&pk.parked), "parks": load(&pk.parks),
+            "unparks": load(&pk.unparks), "heartbeats": load(&pk.heartbeats),
+        },
         "ticks_received": load(&ing.received),
         "ticks_accepted": load(&ing.accepted),
         "ticks_rejected": ing.rejected_total(),

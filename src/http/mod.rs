@@ -285,11 +285,13 @@ async fn ws_client(
     };
     let (resp, pending) = ws.accept();
     let ctx = state.clients.clone();
-    tokio::spawn(
-        state
-            .tracker
-            .track_future(client::serve(pending, ctx, auth, peer, slot)),
-    );
+    tokio::spawn(client::serve(
+        pending,
+        ctx,
+        auth,
+        slot,
+        state.tracker.token(),
+    ));
     resp
 }
 

@@ -278,6 +278,41 @@ impl WsSocket {
         self.queue(opcode::CLOSE, frame::close_payload(code, reason).into());
     }
 
+    /// Queues bytes that are already framed: the rest of a frame another writer started (a
+    /// heartbeat written to a parked connection that the socket only partly took).
+    pub fn queue_framed(&mut self, bytes: Bytes) {
+        self.unsent.push_back(Chunk {
+            head: [0; MAX_HEADER],
+            head_len: 0,
+            payload: bytes,
+        });
+    }
+
+    /// Whether nothing is in progress in either direction: no frame half read, no message
+    /// half reassembled, nothing waiting for the kernel. Only then may the socket be parked.
+    #[must_use]
+    pub fn is_quiet(&self) -> bool {
+        self.partial.is_none() && self.unsent.is_empty()
+    }
+
+    /// The client's address.
+    ///
+    /// # Errors
+    /// The socket failed.
+    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.stream.peer_addr()
+    }
+
+    /// Gives the socket back as a std stream, out of the runtime's reactor (still
+    /// non-blocking). Call only when [`WsSocket::is_quiet`]: any state in progress is lost.
+    ///
+    /// # Errors
+    /// Deregistering from the reactor failed.
+    pub fn into_std(self) -> io::Result<std::net::TcpStream> {
+        debug_assert!(self.is_quiet());
+        self.stream.into_std()
+    }
+
     /// Whether queued frames are still waiting for the kernel.
     #[must_use]
     pub fn has_unsent(&self) -> bool {

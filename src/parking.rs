@@ -1,0 +1,573 @@
+//! The parking lot: where `/ws` connections with nothing to do wait, off the tokio runtime.
+//!
+//! A running connection costs a task (its future and header, about 0.8 KiB) and a reactor
+//! registration (256 B); most connections of a market-data server are idle most of the time.
+//! So when the liveness sweep sees a connection quiet for `server.park_after_ms`, the
+//! connection's task ends and leaves its [`Session`] and bare socket here: a slab entry of
+//! about 100 B, the socket watched by one epoll set (mio) on a thread of its own.
+//!
+//! Data flow while parked:
+//! - **Outbound.** Anything pushed onto the connection's link (a tick, an ack, a close order)
+//!   wakes the link's waker, which now names the connection's spot here: the session is taken
+//!   out and a new task resumes it on its server's runtime ([`client::resume`]), where the
+//!   frame is written.
+//! - **Heartbeats** do not unpark: the sweep hands them to [`Parking::heartbeat`], which writes
+//!   the pre-framed heartbeat and ping straight to the socket.
+//! - **Inbound.** Readable sockets are peeked on the lot's thread: complete pongs (the answer
+//!   to the heartbeat ping) are consumed there and count as life; anything else (a request,
+//!   a close, EOF, an error) unparks the connection without consuming a byte, and its task
+//!   reads it.
+//!
+//! There is one lot per process, like the kernel's one epoll facility it wraps: the waker of a
+//! parked connection is then just its ticket (slot and generation) with no allocation, and
+//! each server reaches the lot through its [`Parking`] handle, which also holds the server's
+//! runtime and counters. Every transition happens under the lot's one lock, and a wake-up
+//! that arrives after its connection left, or for a slot reused since, finds a different
+//! generation and does nothing. On shutdown the sweep's close order unparks a server's
+//! connections; [`Parking::evict`] drops whatever is left after the grace period.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{RawWaker, RawWakerVTable, Waker};
+
+use bytes::Bytes;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
+use parking_lot::Mutex;
+use slab::Slab;
+
+use crate::client::{self, ClientContext, Session};
+use crate::dispatch::outbound::{Frame, Outbound};
+use crate::protocol::close;
+use crate::ws::frame::{self, opcode, MAX_CONTROL_PAYLOAD};
+
+/// Readiness events taken per wait.
+const EVENTS_PER_WAIT: usize = 256;
+/// Bytes peeked at per look at a parked socket: room for a few pongs.
+const PEEK_BYTES: usize = 512;
+
+/// The process's parking lot, started by the first server.
+static LOT: OnceLock<ParkingLot> = OnceLock::new();
+/// Held while the lot starts, so only one thread starts it.
+static STARTING: Mutex<()> = Mutex::new(());
+
+/// What the binary's allocator does to give freed memory back to the OS at once.
+static RELEASE_MEMORY: OnceLock<fn()> = OnceLock::new();
+
+/// Sets how to return freed memory to the OS, called after many connections parked at once
+/// (their tasks' memory is freed together, but an allocator may hold on to it for a while).
+/// The binary owns the allocator choice, so it supplies this; the library never calls into
+/// an allocator on its own. Only the first call counts.
+pub fn set_memory_release(release: fn()) {
+    let _ = RELEASE_MEMORY.set(release);
+}
+
+/// Returns freed memory to the OS if the binary said how.
+pub(crate) fn release_memory() {
+    if let Some(release) = RELEASE_MEMORY.get() {
+        release();
+    }
+}
+
+/// Counters of one server's parked connections.
+#[derive(Debug, Default)]
+pub struct ParkingStats {
+    /// Connections parked now.
+    pub parked: AtomicU64,
+    /// Times a connection parked.
+    pub parks: AtomicU64,
+    /// Times a connection was resumed.
+    pub unparks: AtomicU64,
+    /// Heartbeats written to parked sockets directly.
+    pub heartbeats: AtomicU64,
+}
+
+/// One server's way into the parking lot.
+#[derive(Debug)]
+pub struct Parking {
+    lot: &'static ParkingLot,
+    /// Where resumed connections run.
+    runtime: tokio::runtime::Handle,
+    /// Counters, for `/metrics` and `/api/stats`.
+    pub stats: ParkingStats,
+}
+
+/// Parked connections of every server in the process, and the epoll set that watches them.
+#[derive(Debug)]
+struct ParkingLot {
+    spots: Mutex<Spots>,
+    registry: Registry,
+    /// The lot's thread is running (parking is refused if it could not start).
+    watching: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Spots {
+    slab: Slab<Spot>,
+    next_generation: u32,
+}
+
+struct Spot {
+    generation: u32,
+    stream: TcpStream,
+    session: Session,
+}
+
+impl std::fmt::Debug for Spot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spot")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Slot and generation in one word: the epoll token, the link's `parked_at` and the waker's
+/// data. Generations start at 1, so a ticket is never 0.
+fn ticket_id(slot: usize, generation: u32) -> u64 {
+    (u64::from(generation) << 32) | slot as u64
+}
+
+fn split(ticket: u64) -> (usize, u32) {
+    // Both halves fit: slots are below 2^32 (checked in `park`).
+    ((ticket & 0xFFFF_FFFF) as usize, (ticket >> 32) as u32)
+}
+
+/// The waker a parked connection's link holds: its ticket, nothing allocated. Waking it
+/// resumes the connection if it is still parked under that ticket.
+fn ticket_waker(ticket: u64) -> Waker {
+    // The data pointer carries the ticket as a plain number; it is never dereferenced.
+    // SAFETY: every vtable function below treats the data as an integer, is thread-safe, and
+    // owns nothing, which is all `RawWaker`'s contract asks.
+    unsafe { Waker::from_raw(RawWaker::new(ticket as usize as *const (), &TICKET_VTABLE)) }
+}
+
+const TICKET_VTABLE: RawWakerVTable =
+    RawWakerVTable::new(ticket_clone, ticket_wake, ticket_wake, ticket_drop);
+
+fn ticket_clone(data: *const ()) -> RawWaker {
+    RawWaker::new(data, &TICKET_VTABLE)
+}
+
+fn ticket_wake(data: *const ()) {
+    if let Some(lot) = LOT.get() {
+        lot.unpark(data as usize as u64, None);
+    }
+}
+
+fn ticket_drop(_: *const ()) {}
+
+/// A heartbeat as it goes out: the shared frame for running connections, and the same frame
+/// plus a WebSocket ping, already framed, for parked ones.
+#[derive(Debug)]
+pub struct Beat {
+    frame: Frame,
+    wire: Vec<u8>,
+}
+
+impl Beat {
+    /// The heartbeat `frame` and its wire form.
+    #[must_use]
+    pub fn new(frame: Frame) -> Self {
+        let mut head = [0u8; frame::MAX_HEADER];
+        let n = frame::encode_head(opcode::TEXT, frame.len(), &mut head);
+        let mut wire = Vec::with_capacity(n + frame.len() + 2);
+        wire.extend_from_slice(&head[..n]);
+        wire.extend_from_slice(frame.as_bytes());
+        let n = frame::encode_head(opcode::PING, 0, &mut head);
+        wire.extend_from_slice(&head[..n]);
+        Self { frame, wire }
+    }
+}
+
+/// What a look at a parked socket found.
+enum Inbound {
+    /// Nothing to read after all.
+    Nothing,
+    /// Only pongs, now consumed.
+    Pongs,
+    /// Something the connection's task must read (or EOF, or an error).
+    ForTheTask,
+}
+
+impl Parking {
+    /// A handle for a server whose connections resume on the current tokio runtime; starts
+    /// the process's lot if no server has yet.
+    ///
+    /// # Errors
+    /// The epoll set could not be created.
+    pub fn start() -> io::Result<Self> {
+        Ok(Self {
+            lot: ParkingLot::get()?,
+            runtime: tokio::runtime::Handle::current(),
+            stats: ParkingStats::default(),
+        })
+    }
+
+    /// Parks a connection whose task is ending: `stream` must be out of the runtime's reactor
+    /// and `session` must have nothing in progress. If anything arrives for it meanwhile, it is
+    /// resumed at once.
+    pub fn park(&self, session: Session, stream: TcpStream) {
+        self.lot.park(session, stream);
+    }
+
+    /// Sends the heartbeat to one connection: straight to its socket if it is parked (no
+    /// wake-up), through its link otherwise.
+    pub fn heartbeat(&self, link: &Outbound, beat: &Beat) {
+        if self.lot.write_parked(link, &beat.wire) {
+            self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if link.push_control(beat.frame.clone()).is_err() {
+            let _ = link.kill(close::SLOW_CONSUMER);
+        }
+        // A WebSocket ping too: browsers answer it with a pong that counts as life.
+        link.request_ping();
+    }
+
+    /// Drops this server's connections still parked (shutdown, after the grace period: the
+    /// close order normally resumed them all). Each session cleans up after itself.
+    pub fn evict(&self, ctx: &Arc<ClientContext>) {
+        let evicted = self.lot.take_all(ctx);
+        self.stats
+            .parked
+            .fetch_sub(evicted.len() as u64, Ordering::Relaxed);
+        drop(evicted);
+    }
+
+    fn resume(&self, spot: Spot, unsent: Option<Bytes>) {
+        self.stats.unparks.fetch_add(1, Ordering::Relaxed);
+        // On a runtime that is shutting down the task is dropped unrun, and with it the
+        // session, which cleans up after itself; in the runtime's context, which that may need
+        // (this runs on the lot's thread or a waker's).
+        let _context = self.runtime.enter();
+        drop(
+            self.runtime
+                .spawn(client::resume(spot.session, spot.stream, unsent)),
+        );
+    }
+}
+
+impl ParkingLot {
+    /// The process's lot, started on first use.
+    fn get() -> io::Result<&'static Self> {
+        if let Some(lot) = LOT.get() {
+            return Ok(lot);
+        }
+        let _one = STARTING.lock();
+        if let Some(lot) = LOT.get() {
+            return Ok(lot);
+        }
+        let poll = Poll::new()?;
+        let registry = poll.registry().try_clone()?;
+        let lot = LOT.get_or_init(|| Self {
+            spots: Mutex::new(Spots::default()),
+            registry,
+            watching: AtomicBool::new(false),
+        });
+        match std::thread::Builder::new()
+            .name("tickfan-parking".into())
+            .spawn(move || lot.watch(poll))
+        {
+            Ok(_) => lot.watching.store(true, Ordering::Release),
+            Err(e) => tracing::error!(error = %e, "parking lot thread failed: nothing parks"),
+        }
+        Ok(lot)
+    }
+
+    fn park(&self, session: Session, stream: TcpStream) {
+        let ctx = session.context().clone();
+        let parking = &ctx.parking;
+        let link = session.link().sender();
+        let mut spots = self.spots.lock();
+        if !self.watching.load(Ordering::Acquire) || spots.slab.vacant_key() > u32::MAX as usize {
+            drop(spots);
+            let _context = parking.runtime.enter();
+            drop(parking.runtime.spawn(client::resume(session, stream, None)));
+            return;
+        }
+        spots.next_generation = spots.next_generation.wrapping_add(1).max(1);
+        let generation = spots.next_generation;
+        let slot = spots.slab.insert(Spot {
+            generation,
+            stream,
+            session,
+        });
+        let id = ticket_id(slot, generation);
+        link.set_parked_at(id);
+        drop(spots);
+        parking.stats.parked.fetch_add(1, Ordering::Relaxed);
+        parking.stats.parks.fetch_add(1, Ordering::Relaxed);
+        // The ticket takes over the link's waker outside the lock (registering may wake it at
+        // once, and waking takes the lock) and before the socket is watched: until the socket
+        // is watched nothing else can resume the connection, so no resumed task's waker can
+        // be replaced by the ticket.
+        link.set_waker(&ticket_waker(id));
+        {
+            let spots = self.spots.lock();
+            // Woken in between: already resumed, its socket is the runtime's now.
+            let Some(spot) = spots.slab.get(slot).filter(|s| s.generation == generation) else {
+                return;
+            };
+            // `usize` holds 64 bits on every target tokio's epoll backend runs on.
+            let token = Token(usize::try_from(id).unwrap_or(usize::MAX));
+            let fd = spot.stream.as_raw_fd();
+            if let Err(e) = self
+                .registry
+                .register(&mut SourceFd(&fd), token, Interest::READABLE)
+            {
+                drop(spots);
+                tracing::warn!(error = %e, "cannot watch a parked socket: resuming it");
+                self.unpark(id, None);
+                return;
+            }
+        }
+        // A push between the task's last look and the ticket taking over woke the old task,
+        // which was no longer listening: look again now that the ticket listens.
+        if link.has_work() {
+            self.unpark(id, None);
+        }
+    }
+
+    /// Takes the connection with ticket `id` out, if it is still parked there, and resumes
+    /// it with `unsent` going out first.
+    fn unpark(&self, id: u64, unsent: Option<Bytes>) {
+        let (slot, generation) = split(id);
+        let spot = {
+            let mut spots = self.spots.lock();
+            if spots
+                .slab
+                .get(slot)
+                .is_none_or(|spot| spot.generation != generation)
+            {
+                return;
+            }
+            let spot = spots.slab.remove(slot);
+            spot.session.link().sender().set_parked_at(0);
+            spot
+        };
+        // Fails harmlessly for a socket not watched yet.
+        let _ = self
+            .registry
+            .deregister(&mut SourceFd(&spot.stream.as_raw_fd()));
+        let ctx = spot.session.context().clone();
+        ctx.parking.stats.parked.fetch_sub(1, Ordering::Relaxed);
+        ctx.parking.resume(spot, unsent);
+    }
+
+    /// Takes out every connection of the server `ctx` belongs to.
+    fn take_all(&self, ctx: &Arc<ClientContext>) -> Vec<Spot> {
+        let mut spots = self.spots.lock();
+        let theirs: Vec<usize> = spots
+            .slab
+            .iter()
+            .filter(|(_, spot)| Arc::ptr_eq(spot.session.context(), ctx))
+            .map(|(slot, _)| slot)
+            .collect();
+        theirs
+            .into_iter()
+            .map(|slot| {
+                let spot = spots.slab.remove(slot);
+                let _ = self
+                    .registry
+                    .deregister(&mut SourceFd(&spot.stream.as_raw_fd()));
+                spot
+            })
+            .collect()
+    }
+
+    /// Writes `wire` to the socket of `link`'s connection if it is parked; `false` if it is
+    /// not parked or its socket took nothing (then the caller pushes through the link, which
+    /// resumes it).
+    fn write_parked(&self, link: &Outbound, wire: &[u8]) -> bool {
+        let spots = self.spots.lock();
+        let Some(id) = link.parked_at() else {
+            return false;
+        };
+        let (slot, generation) = split(id);
+        let Some(spot) = spots.slab.get(slot).filter(|s| s.generation == generation) else {
+            return false;
+        };
+        let written = (&spot.stream).write(wire);
+        drop(spots);
+        match written {
+            Ok(n) if n == wire.len() => true,
+            // Half a frame is in the socket: the rest must go next, so the connection
+            // resumes with it.
+            Ok(n) if n > 0 => {
+                self.unpark(id, Some(Bytes::copy_from_slice(&wire[n..])));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The lot's thread: waits for parked sockets to become readable, for the process's life.
+    fn watch(&self, mut poll: Poll) {
+        let mut events = Events::with_capacity(EVENTS_PER_WAIT);
+        loop {
+            if let Err(e) = poll.poll(&mut events, None) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // Parked connections still resume on their link's wake-ups (ticks, requests
+                // are not read, but the heartbeat timeout closes silent ones).
+                tracing::error!(error = %e, "parking lot cannot wait for sockets");
+                self.watching.store(false, Ordering::Release);
+                return;
+            }
+            for event in &events {
+                self.on_readable(event.token().0 as u64);
+            }
+        }
+    }
+
+    fn on_readable(&self, id: u64) {
+        let (slot, generation) = split(id);
+        let spots = self.spots.lock();
+        let Some(spot) = spots.slab.get(slot).filter(|s| s.generation == generation) else {
+            return;
+        };
+        match consume_pongs(&spot.stream) {
+            Inbound::Nothing => {}
+            Inbound::Pongs => {
+                let link = spot.session.link();
+                link.heard(spot.session.context().connections.clock_ms());
+            }
+            Inbound::ForTheTask => {
+                drop(spots);
+                self.unpark(id, None);
+            }
+        }
+    }
+}
+
+/// Reads the client's pongs off a parked socket, and nothing else: at the first byte of
+/// anything else it stops and leaves that (and what follows) unread.
+fn consume_pongs(stream: &TcpStream) -> Inbound {
+    let mut buf = [0u8; PEEK_BYTES];
+    let mut heard = false;
+    loop {
+        let n = match stream.peek(&mut buf) {
+            Ok(0) => return Inbound::ForTheTask,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return if heard {
+                    Inbound::Pongs
+                } else {
+                    Inbound::Nothing
+                };
+            }
+            Err(_) => return Inbound::ForTheTask,
+        };
+        let mut pongs = 0;
+        while let Ok(Some(head)) = frame::decode_head(&buf[pongs..n], MAX_CONTROL_PAYLOAD) {
+            if head.opcode != opcode::PONG || pongs + head.frame_len() > n {
+                break;
+            }
+            pongs += head.frame_len();
+        }
+        if pongs < n {
+            return Inbound::ForTheTask;
+        }
+        // Exactly the pongs just peeked: nothing else reads this socket while it is parked.
+        if !matches!((&*stream).read(&mut buf[..pongs]), Ok(m) if m == pongs) {
+            return Inbound::ForTheTask;
+        }
+        heard = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::ws::frame::client_frame;
+
+    /// A connected pair: the server side non-blocking, as a parked socket is.
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        (server, client)
+    }
+
+    /// Looks at `server` until it finds something other than `Nothing` (the bytes written
+    /// may take a moment to cross loopback).
+    fn look(server: &TcpStream) -> Inbound {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match consume_pongs(server) {
+                Inbound::Nothing if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                found => return found,
+            }
+        }
+    }
+
+    fn unread(server: &TcpStream) -> usize {
+        let mut buf = [0u8; 1024];
+        server.peek(&mut buf).unwrap_or(0)
+    }
+
+    #[test]
+    fn pongs_are_consumed_and_anything_else_is_left_for_the_task() {
+        let (server, mut client) = pair();
+        assert!(matches!(consume_pongs(&server), Inbound::Nothing));
+
+        let mut pongs = client_frame(true, opcode::PONG, b"");
+        pongs.extend(client_frame(true, opcode::PONG, b"beat"));
+        client.write_all(&pongs).unwrap();
+        assert!(matches!(look(&server), Inbound::Pongs));
+        assert_eq!(unread(&server), 0, "both pongs consumed");
+
+        // A pong followed by a request: nothing is consumed, the task reads both.
+        let mut mixed = client_frame(true, opcode::PONG, b"");
+        let request = client_frame(true, opcode::TEXT, br#"{"op":"ping"}"#);
+        mixed.extend(&request);
+        client.write_all(&mixed).unwrap();
+        assert!(matches!(look(&server), Inbound::ForTheTask));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while unread(&server) < mixed.len() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(unread(&server), mixed.len(), "nothing consumed");
+    }
+
+    #[test]
+    fn half_a_pong_and_eof_are_left_for_the_task() {
+        let (server, mut client) = pair();
+        let pong = client_frame(true, opcode::PONG, b"abc");
+        client.write_all(&pong[..3]).unwrap();
+        assert!(matches!(look(&server), Inbound::ForTheTask));
+        assert_eq!(unread(&server), 3);
+
+        let (server, client) = pair();
+        drop(client);
+        assert!(matches!(look(&server), Inbound::ForTheTask));
+    }
+
+    #[test]
+    fn a_heartbeat_goes_out_as_one_text_frame_and_a_ping() {
+        let beat = Beat::new(Frame::from(r#"{"type":"heartbeat"}"#));
+        let text = br#"{"type":"heartbeat"}"#;
+        assert_eq!(beat.wire[0], 0x80 | opcode::TEXT);
+        assert_eq!(usize::from(beat.wire[1]), text.len());
+        assert_eq!(&beat.wire[2..2 + text.len()], text);
+        assert_eq!(&beat.wire[2 + text.len()..], [0x80 | opcode::PING, 0]);
+    }
+
+    #[test]
+    fn tickets_keep_slot_and_generation_apart() {
+        let id = ticket_id(12_345, 7);
+        assert_eq!(split(id), (12_345, 7));
+        assert_ne!(ticket_id(0, 1), 0);
+    }
+}
