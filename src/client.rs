@@ -378,7 +378,8 @@ async fn run(
                 let refilled = conn
                     .limiter
                     .as_ref()
-                    .is_none_or(|l| now.saturating_sub(l.last_ms) >= BURST_REFILL_MS);
+                    // Strictly more: `last_ms` is rounded down.
+                    .is_none_or(|l| now.saturating_sub(l.last_ms) > BURST_REFILL_MS);
                 if inbox.is_empty() && socket.is_quiet() && refilled {
                     conn.limiter = None;
                     conn.limited_in_a_row = 0;

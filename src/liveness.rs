@@ -25,6 +25,9 @@ use crate::tick::now_ms;
 /// Park requests in one sweep after which the next sweep asks the allocator to give memory
 /// back: that many tasks ended together, and their memory would otherwise linger.
 const RELEASE_AFTER_PARKS: usize = 256;
+/// At most one such release per this many ms: under steady park-and-resume churn the memory
+/// is reused anyway, and a forced release costs page faults later.
+const RELEASE_EVERY_MS: u64 = 30_000;
 
 /// Longest time between sweeps: the resolution of the auth deadline and the idle check.
 const MAX_SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -92,6 +95,7 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
     let connections = &ctx.connections;
     let mut next_beat = connections.clock_ms() + heartbeat_ms;
     let mut parked_last_sweep = 0;
+    let mut released_at: Option<u64> = None;
     loop {
         tokio::select! {
             biased;
@@ -107,8 +111,11 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
         });
         // Work on a copy, so connections opening or closing never wait for a whole sweep.
         let links = connections.snapshot();
-        if parked_last_sweep >= RELEASE_AFTER_PARKS {
+        if parked_last_sweep >= RELEASE_AFTER_PARKS
+            && released_at.is_none_or(|at| now.saturating_sub(at) >= RELEASE_EVERY_MS)
+        {
             crate::parking::release_memory();
+            released_at = Some(now);
         }
         parked_last_sweep = 0;
         for link in &links {
@@ -125,7 +132,12 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
                 }
             } else {
                 if let Some(beat) = &beat {
-                    ctx.parking.heartbeat(link, beat);
+                    if ctx.parking.heartbeat(link, beat) {
+                        ctx.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+                        ctx.stats
+                            .bytes_sent
+                            .fetch_add(beat.payload_len() as u64, Ordering::Relaxed);
+                    }
                 }
                 if park_after_ms > 0 && link.parked_at().is_none() && link.quiet_for(park_sweeps) {
                     link.request_park();

@@ -48,6 +48,9 @@ use crate::ws::frame::{self, opcode, MAX_CONTROL_PAYLOAD};
 const EVENTS_PER_WAIT: usize = 256;
 /// Bytes peeked at per look at a parked socket: room for a few pongs.
 const PEEK_BYTES: usize = 512;
+/// Looks per readiness event. A client that keeps sending pongs past this is resumed and
+/// handled by its task, so it cannot hold the lot's lock (and every wake-up) for long.
+const MAX_LOOKS: usize = 4;
 
 /// The process's parking lot, started by the first server.
 static LOT: OnceLock<ParkingLot> = OnceLock::new();
@@ -159,8 +162,8 @@ fn ticket_wake(data: *const ()) {
 
 fn ticket_drop(_: *const ()) {}
 
-/// A heartbeat as it goes out: the shared frame for running connections, and the same frame
-/// plus a WebSocket ping, already framed, for parked ones.
+/// A heartbeat as it goes out: the shared frame for running connections, and a WebSocket
+/// ping plus the same frame, already framed, for parked ones.
 #[derive(Debug)]
 pub struct Beat {
     frame: Frame,
@@ -168,16 +171,23 @@ pub struct Beat {
 }
 
 impl Beat {
+    /// Payload bytes of the heartbeat message.
+    #[must_use]
+    pub fn payload_len(&self) -> usize {
+        self.frame.len()
+    }
+
     /// The heartbeat `frame` and its wire form.
     #[must_use]
     pub fn new(frame: Frame) -> Self {
+        // Ping first, then the text: the order a running connection writes them in.
         let mut head = [0u8; frame::MAX_HEADER];
+        let n = frame::encode_head(opcode::PING, 0, &mut head);
+        let mut wire = Vec::with_capacity(n + frame.len() + frame::MAX_HEADER);
+        wire.extend_from_slice(&head[..n]);
         let n = frame::encode_head(opcode::TEXT, frame.len(), &mut head);
-        let mut wire = Vec::with_capacity(n + frame.len() + 2);
         wire.extend_from_slice(&head[..n]);
         wire.extend_from_slice(frame.as_bytes());
-        let n = frame::encode_head(opcode::PING, 0, &mut head);
-        wire.extend_from_slice(&head[..n]);
         Self { frame, wire }
     }
 }
@@ -213,18 +223,20 @@ impl Parking {
         self.lot.park(session, stream);
     }
 
-    /// Sends the heartbeat to one connection: straight to its socket if it is parked (no
-    /// wake-up), through its link otherwise.
-    pub fn heartbeat(&self, link: &Outbound, beat: &Beat) {
+    /// Sends the heartbeat to one connection: straight to its socket if it is parked with
+    /// nothing queued (no wake-up), through its link otherwise. `true`: written directly
+    /// (the link's writer did not see it, so the caller counts it as sent).
+    pub fn heartbeat(&self, link: &Outbound, beat: &Beat) -> bool {
         if self.lot.write_parked(link, &beat.wire) {
             self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
-            return;
+            return true;
         }
         if link.push_control(beat.frame.clone()).is_err() {
             let _ = link.kill(close::SLOW_CONSUMER);
         }
         // A WebSocket ping too: browsers answer it with a pong that counts as life.
         link.request_ping();
+        false
     }
 
     /// Drops this server's connections still parked (shutdown, after the grace period: the
@@ -237,7 +249,7 @@ impl Parking {
         drop(evicted);
     }
 
-    fn resume(&self, spot: Spot, unsent: Option<Bytes>) {
+    fn spawn_resumed(&self, spot: Spot, unsent: Option<Bytes>) {
         self.stats.unparks.fetch_add(1, Ordering::Relaxed);
         // On a runtime that is shutting down the task is dropped unrun, and with it the
         // session, which cleans up after itself; in the runtime's context, which that may need
@@ -267,12 +279,14 @@ impl ParkingLot {
             registry,
             watching: AtomicBool::new(false),
         });
-        match std::thread::Builder::new()
+        // Set first: the thread clears it if it ever stops.
+        lot.watching.store(true, Ordering::Release);
+        if let Err(e) = std::thread::Builder::new()
             .name("tickfan-parking".into())
             .spawn(move || lot.watch(poll))
         {
-            Ok(_) => lot.watching.store(true, Ordering::Release),
-            Err(e) => tracing::error!(error = %e, "parking lot thread failed: nothing parks"),
+            lot.watching.store(false, Ordering::Release);
+            tracing::error!(error = %e, "parking lot thread failed: nothing parks");
         }
         Ok(lot)
     }
@@ -296,14 +310,14 @@ impl ParkingLot {
             session,
         });
         let id = ticket_id(slot, generation);
-        link.set_parked_at(id);
-        drop(spots);
+        // Counted before anything can resume it (which counts it out).
         parking.stats.parked.fetch_add(1, Ordering::Relaxed);
         parking.stats.parks.fetch_add(1, Ordering::Relaxed);
+        drop(spots);
         // The ticket takes over the link's waker outside the lock (registering may wake it at
-        // once, and waking takes the lock) and before the socket is watched: until the socket
-        // is watched nothing else can resume the connection, so no resumed task's waker can
-        // be replaced by the ticket.
+        // once, and waking takes the lock), and before the connection can be found by its
+        // link (`parked_at`) or its socket (the epoll set): until then only a ticket wake can
+        // resume it, so no resumed task's waker is ever replaced by the ticket.
         link.set_waker(&ticket_waker(id));
         {
             let spots = self.spots.lock();
@@ -311,6 +325,7 @@ impl ParkingLot {
             let Some(spot) = spots.slab.get(slot).filter(|s| s.generation == generation) else {
                 return;
             };
+            link.set_parked_at(id);
             // `usize` holds 64 bits on every target tokio's epoll backend runs on.
             let token = Token(usize::try_from(id).unwrap_or(usize::MAX));
             let fd = spot.stream.as_raw_fd();
@@ -334,27 +349,36 @@ impl ParkingLot {
     /// Takes the connection with ticket `id` out, if it is still parked there, and resumes
     /// it with `unsent` going out first.
     fn unpark(&self, id: u64, unsent: Option<Bytes>) {
-        let (slot, generation) = split(id);
-        let spot = {
-            let mut spots = self.spots.lock();
-            if spots
-                .slab
-                .get(slot)
-                .is_none_or(|spot| spot.generation != generation)
-            {
-                return;
-            }
-            let spot = spots.slab.remove(slot);
-            spot.session.link().sender().set_parked_at(0);
-            spot
+        let Some(spot) = Self::take(&mut self.spots.lock(), id) else {
+            return;
         };
+        self.resume(spot, unsent);
+    }
+
+    /// Takes the spot of ticket `id` out (under the lot's lock), if it is still there.
+    fn take(spots: &mut Spots, id: u64) -> Option<Spot> {
+        let (slot, generation) = split(id);
+        if spots
+            .slab
+            .get(slot)
+            .is_none_or(|spot| spot.generation != generation)
+        {
+            return None;
+        }
+        let spot = spots.slab.remove(slot);
+        spot.session.link().sender().set_parked_at(0);
+        Some(spot)
+    }
+
+    /// Resumes a spot taken out, with `unsent` going out first.
+    fn resume(&self, spot: Spot, unsent: Option<Bytes>) {
         // Fails harmlessly for a socket not watched yet.
         let _ = self
             .registry
             .deregister(&mut SourceFd(&spot.stream.as_raw_fd()));
         let ctx = spot.session.context().clone();
         ctx.parking.stats.parked.fetch_sub(1, Ordering::Relaxed);
-        ctx.parking.resume(spot, unsent);
+        ctx.parking.spawn_resumed(spot, unsent);
     }
 
     /// Takes out every connection of the server `ctx` belongs to.
@@ -382,7 +406,11 @@ impl ParkingLot {
     /// not parked or its socket took nothing (then the caller pushes through the link, which
     /// resumes it).
     fn write_parked(&self, link: &Outbound, wire: &[u8]) -> bool {
-        let spots = self.spots.lock();
+        // Running connections (most of them, under load) skip the lock.
+        if link.parked_at().is_none() {
+            return false;
+        }
+        let mut spots = self.spots.lock();
         let Some(id) = link.parked_at() else {
             return false;
         };
@@ -390,14 +418,21 @@ impl ParkingLot {
         let Some(spot) = spots.slab.get(slot).filter(|s| s.generation == generation) else {
             return false;
         };
-        let written = (&spot.stream).write(wire);
-        drop(spots);
-        match written {
+        // Something is queued and about to resume it: the heartbeat must not overtake it.
+        if link.has_work() {
+            return false;
+        }
+        match (&spot.stream).write(wire) {
             Ok(n) if n == wire.len() => true,
-            // Half a frame is in the socket: the rest must go next, so the connection
-            // resumes with it.
+            // Half a frame is in the socket: the rest must go before anything else, so the
+            // connection is taken out in the same breath (no other wake-up may resume it
+            // without the rest) and resumes with it.
             Ok(n) if n > 0 => {
-                self.unpark(id, Some(Bytes::copy_from_slice(&wire[n..])));
+                let spot = Self::take(&mut spots, id);
+                drop(spots);
+                if let Some(spot) = spot {
+                    self.resume(spot, Some(Bytes::copy_from_slice(&wire[n..])));
+                }
                 true
             }
             _ => false,
@@ -449,7 +484,7 @@ impl ParkingLot {
 fn consume_pongs(stream: &TcpStream) -> Inbound {
     let mut buf = [0u8; PEEK_BYTES];
     let mut heard = false;
-    loop {
+    for _ in 0..MAX_LOOKS {
         let n = match stream.peek(&mut buf) {
             Ok(0) => return Inbound::ForTheTask,
             Ok(n) => n,
@@ -478,6 +513,8 @@ fn consume_pongs(stream: &TcpStream) -> Inbound {
         }
         heard = true;
     }
+    // Still more: edge-triggered readiness would not report it again, so the task takes over.
+    Inbound::ForTheTask
 }
 
 #[cfg(test)]
@@ -555,13 +592,13 @@ mod tests {
     }
 
     #[test]
-    fn a_heartbeat_goes_out_as_one_text_frame_and_a_ping() {
+    fn a_heartbeat_goes_out_as_a_ping_and_one_text_frame() {
         let beat = Beat::new(Frame::from(r#"{"type":"heartbeat"}"#));
         let text = br#"{"type":"heartbeat"}"#;
-        assert_eq!(beat.wire[0], 0x80 | opcode::TEXT);
-        assert_eq!(usize::from(beat.wire[1]), text.len());
-        assert_eq!(&beat.wire[2..2 + text.len()], text);
-        assert_eq!(&beat.wire[2 + text.len()..], [0x80 | opcode::PING, 0]);
+        assert_eq!(beat.wire[..2], [0x80 | opcode::PING, 0]);
+        assert_eq!(beat.wire[2], 0x80 | opcode::TEXT);
+        assert_eq!(usize::from(beat.wire[3]), text.len());
+        assert_eq!(&beat.wire[4..], text);
     }
 
     #[test]

@@ -114,6 +114,9 @@ pub async fn run(
         parking: Parking::start()?,
     });
     tokio::spawn(liveness::run(clients.clone(), stop.clone()));
+    // However `run` ends, none of this server's connections stays behind in the process-wide
+    // parking lot.
+    let _evict = EvictParked(clients.clone());
     let state = Arc::new(AppState {
         config: config.clone(),
         ingestor,
@@ -159,7 +162,6 @@ pub async fn run(
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period");
     }
-    state.clients.parking.evict(&state.clients);
     dispatcher_stop.cancel();
     let _sink = dispatcher_task
         .await
@@ -176,6 +178,16 @@ pub async fn run(
         .map_err(|e| ServerError::Store(e.to_string()))?;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Drops the server's parked connections when `run` ends (normally none are left: the
+/// shutdown close order resumed them).
+struct EvictParked(Arc<ClientContext>);
+
+impl Drop for EvictParked {
+    fn drop(&mut self) {
+        self.0.parking.evict(&self.0);
+    }
 }
 
 /// How often histogram samples are folded into buckets.

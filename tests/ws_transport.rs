@@ -264,3 +264,39 @@ async fn the_clients_close_code_is_echoed_and_reserved_codes_are_refused() {
         .unwrap();
     assert_eq!(raw.close_code().await, 1002);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_reads_a_request_split_across_packets() {
+    let mut config = test_config();
+    config.server.park_after_ms = 100;
+    let server = TestServer::start_with(config).await;
+    let mut raw = Raw::open(&server, &[]).await;
+    assert_eq!(raw.text().await["type"], "welcome");
+    let parked = |n: u64| move |s: &Value| s["parking"]["parked"] == n;
+    let before = server.wait_stats("the connection to park", parked(1)).await;
+
+    // A pong alone is consumed where the connection waits; half a request resumes it.
+    raw.tcp.write_all(&frame(true, 10, b"")).await.unwrap();
+    let request = frame(true, 1, br#"{"op":"ping","id":41}"#);
+    raw.tcp.write_all(&request[..5]).await.unwrap();
+    server
+        .wait_stats("the half request to resume it", |s| {
+            s["parking"]["unparks"].as_u64() > before["parking"]["unparks"].as_u64()
+        })
+        .await;
+    raw.tcp.write_all(&request[5..]).await.unwrap();
+    let pong = raw.text().await;
+    assert_eq!(
+        (pong["type"].as_str(), pong["id"].as_u64()),
+        (Some("pong"), Some(41))
+    );
+    // Quiet again: parked again, and still answering.
+    server
+        .wait_stats("the connection to park again", parked(1))
+        .await;
+    raw.tcp
+        .write_all(&frame(true, 1, br#"{"op":"ping","id":42}"#))
+        .await
+        .unwrap();
+    assert_eq!(raw.text().await["id"], 42);
+}

@@ -2,7 +2,7 @@
 # Runs the load scenarios behind docs/benchmarks.md: the server pinned to core 0, the load
 # generator to core 1, loopback only, each run bounded in time. Usage:
 #   cargo build --release --workspace && loadtest/scripts/benchmarks.sh [scenario...]
-# Scenarios: idle10k idle10k1 idle19k realtime batch fleet fleetbatch throttled latency latency5 max max3m ingest import
+# Scenarios: idle10k idle10k1 idle19k sparse realtime batch fleet fleetbatch throttled latency latency5 max max3m ingest import
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=target/release/tickfan
@@ -29,6 +29,8 @@ scenario() {
     idle10k)  start_server ""; run idle10k -c 10000 --idle -d ${IDLE_SECS:-10}; stop_server ;;
     idle10k1) start_server ""; run idle10k1 -c 10000 --idle -d 10 -k 1; stop_server ;;
     idle19k)  start_server ""; run idle19k -c 19000 --idle -d 20; stop_server ;;
+    # Each connection gets a tick every ~10 s: it parks in between and resumes for each tick.
+    sparse)   start_server ""; run sparse -c 10000 --symbols 1000 -k 1 -r 100 -d 30; stop_server ;;
     realtime) start_server ""; run realtime -c 100 --symbols 10 -k 10 -r 10000 -d 10; stop_server ;;
     batch)    start_server ""; run batch -c 100 --symbols 10 -k 10 -r 10000 -d 10 --mode batch --interval-ms 50; stop_server ;;
     fleet)    start_server ""; run fleet -c 1000 --symbols 10 -k 10 -r 1000 -d 10; stop_server ;;
@@ -57,5 +59,5 @@ PY
   esac
 }
 
-if [ $# -eq 0 ]; then set -- idle10k idle10k1 idle19k realtime batch fleet fleetbatch throttled latency max max3m ingest import; fi
+if [ $# -eq 0 ]; then set -- idle10k idle10k1 idle19k sparse realtime batch fleet fleetbatch throttled latency max max3m ingest import; fi
 for s in "$@"; do scenario "$s"; done
