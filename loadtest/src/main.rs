@@ -108,7 +108,7 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     drain_ms: u64,
     /// Hold N subscribed connections with no producer and report the server's RSS
-    /// growth per connection.
+    /// growth per connection at the end of the window (and just after connecting).
     #[arg(long)]
     idle: bool,
     /// Server process id: report its CPU time and RSS.
