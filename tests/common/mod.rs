@@ -209,17 +209,21 @@ impl Ws {
             .unwrap();
     }
 
+    /// The next WebSocket message of any kind, by `deadline`.
+    pub async fn next_by(&mut self, deadline: tokio::time::Instant) -> Message {
+        tokio::time::timeout_at(deadline, self.inner.next())
+            .await
+            .expect("timed out waiting for a message")
+            .expect("connection ended")
+            .expect("websocket error")
+    }
+
     /// The next JSON text message (pings and heartbeats are skipped).
     pub async fn recv(&mut self) -> Value {
         // One deadline for the whole wait: skipped heartbeats must not extend it.
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.inner.next())
-                .await
-                .expect("timed out waiting for a message")
-                .expect("connection ended")
-                .expect("websocket error");
-            match msg {
+            match self.next_by(deadline).await {
                 Message::Text(t) => {
                     let v: Value = serde_json::from_str(t.as_str()).unwrap();
                     if v["type"] != "heartbeat" {
