@@ -96,6 +96,7 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
     let mut next_beat = connections.clock_ms() + heartbeat_ms;
     let mut parked_last_sweep = 0;
     let mut released_at: Option<u64> = None;
+    let mut release_due = false;
     loop {
         tokio::select! {
             biased;
@@ -111,11 +112,12 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
         });
         // Work on a copy, so connections opening or closing never wait for a whole sweep.
         let links = connections.snapshot();
-        if parked_last_sweep >= RELEASE_AFTER_PARKS
-            && released_at.is_none_or(|at| now.saturating_sub(at) >= RELEASE_EVERY_MS)
-        {
+        // A burst too soon after the last release waits for the next one, not forever.
+        release_due |= parked_last_sweep >= RELEASE_AFTER_PARKS;
+        if release_due && released_at.is_none_or(|at| now.saturating_sub(at) >= RELEASE_EVERY_MS) {
             crate::parking::release_memory();
             released_at = Some(now);
+            release_due = false;
         }
         parked_last_sweep = 0;
         for link in &links {

@@ -93,6 +93,10 @@ const HELP: &[(&str, &str)] = &[
         "Heartbeats written straight to parked connections' sockets (without resuming them).",
     ),
     (
+        "tickfan_parked_pongs_total",
+        "Pongs read from parked connections' sockets (without resuming them).",
+    ),
+    (
         "tickfan_open_connections",
         "Open WebSocket connections of all kinds (clients and producers).",
     ),
@@ -297,6 +301,7 @@ impl Metrics {
             vec![],
             load(&pk.heartbeats),
         );
+        self.counter("tickfan_parked_pongs_total", vec![], load(&pk.pongs));
         self.counter("tickfan_messages_sent_total", vec![], load(&c.frames_sent));
         self.counter("tickfan_sent_bytes_total", vec![], load(&c.bytes_sent));
         let limit = |name: &'static str, v: u64| {

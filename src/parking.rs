@@ -86,6 +86,8 @@ pub struct ParkingStats {
     pub unparks: AtomicU64,
     /// Heartbeats written to parked sockets directly.
     pub heartbeats: AtomicU64,
+    /// Pongs read from parked sockets (answers to those heartbeats' pings).
+    pub pongs: AtomicU64,
 }
 
 /// One server's way into the parking lot.
@@ -94,6 +96,8 @@ pub struct Parking {
     lot: &'static ParkingLot,
     /// Where resumed connections run.
     runtime: tokio::runtime::Handle,
+    /// The server has ended ([`Parking::evict`]): connections that try to park are dropped.
+    closed: AtomicBool,
     /// Counters, for `/metrics` and `/api/stats`.
     pub stats: ParkingStats,
 }
@@ -193,13 +197,15 @@ impl Beat {
 }
 
 /// What a look at a parked socket found.
+#[derive(Debug, PartialEq, Eq)]
 enum Inbound {
     /// Nothing to read after all.
     Nothing,
     /// Only pongs, now consumed.
     Pongs,
-    /// Something the connection's task must read (or EOF, or an error).
-    ForTheTask,
+    /// Something the connection's task must read (or EOF, or an error); `heard`: pongs were
+    /// consumed before it.
+    ForTheTask { heard: bool },
 }
 
 impl Parking {
@@ -212,6 +218,7 @@ impl Parking {
         Ok(Self {
             lot: ParkingLot::get()?,
             runtime: tokio::runtime::Handle::current(),
+            closed: AtomicBool::new(false),
             stats: ParkingStats::default(),
         })
     }
@@ -242,7 +249,11 @@ impl Parking {
     /// Drops this server's connections still parked (shutdown, after the grace period: the
     /// close order normally resumed them all). Each session cleans up after itself.
     pub fn evict(&self, ctx: &Arc<ClientContext>) {
-        let evicted = self.lot.take_all(ctx);
+        self.closed.store(true, Ordering::Release);
+        // Closing a socket takes it out of the epoll set too.
+        let evicted = self
+            .lot
+            .take_all(|spot| Arc::ptr_eq(spot.session.context(), ctx));
         self.stats
             .parked
             .fetch_sub(evicted.len() as u64, Ordering::Relaxed);
@@ -296,6 +307,12 @@ impl ParkingLot {
         let parking = &ctx.parking;
         let link = session.link().sender();
         let mut spots = self.spots.lock();
+        // Checked under the lock `evict` takes: nothing parks after its sweep.
+        if parking.closed.load(Ordering::Acquire) {
+            drop(spots);
+            drop(session);
+            return;
+        }
         if !self.watching.load(Ordering::Acquire) || spots.slab.vacant_key() > u32::MAX as usize {
             drop(spots);
             let _context = parking.runtime.enter();
@@ -381,22 +398,20 @@ impl ParkingLot {
         ctx.parking.spawn_resumed(spot, unsent);
     }
 
-    /// Takes out every connection of the server `ctx` belongs to.
-    fn take_all(&self, ctx: &Arc<ClientContext>) -> Vec<Spot> {
+    /// Takes out every parked connection that `pick` picks.
+    fn take_all(&self, pick: impl Fn(&Spot) -> bool) -> Vec<Spot> {
         let mut spots = self.spots.lock();
-        let theirs: Vec<usize> = spots
+        let picked: Vec<usize> = spots
             .slab
             .iter()
-            .filter(|(_, spot)| Arc::ptr_eq(spot.session.context(), ctx))
+            .filter(|(_, spot)| pick(spot))
             .map(|(slot, _)| slot)
             .collect();
-        theirs
+        picked
             .into_iter()
             .map(|slot| {
                 let spot = spots.slab.remove(slot);
-                let _ = self
-                    .registry
-                    .deregister(&mut SourceFd(&spot.stream.as_raw_fd()));
+                spot.session.link().sender().set_parked_at(0);
                 spot
             })
             .collect()
@@ -447,16 +462,25 @@ impl ParkingLot {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                // Parked connections still resume on their link's wake-ups (ticks, requests
-                // are not read, but the heartbeat timeout closes silent ones).
-                tracing::error!(error = %e, "parking lot cannot wait for sockets");
+                tracing::error!(error = %e, "parking lot cannot wait for sockets: resuming all");
                 self.watching.store(false, Ordering::Release);
+                // Nobody reads their sockets any more: back to their tasks, all of them.
+                for spot in self.take_all(|_| true) {
+                    self.resume(spot, None);
+                }
                 return;
             }
             for event in &events {
                 self.on_readable(event.token().0 as u64);
             }
         }
+    }
+
+    /// Pongs read where the connection waits count as life, as they would in its task.
+    fn heard(spot: &Spot) {
+        let ctx = spot.session.context();
+        spot.session.link().heard(ctx.connections.clock_ms());
+        ctx.parking.stats.pongs.fetch_add(1, Ordering::Relaxed);
     }
 
     fn on_readable(&self, id: u64) {
@@ -467,11 +491,11 @@ impl ParkingLot {
         };
         match consume_pongs(&spot.stream) {
             Inbound::Nothing => {}
-            Inbound::Pongs => {
-                let link = spot.session.link();
-                link.heard(spot.session.context().connections.clock_ms());
-            }
-            Inbound::ForTheTask => {
+            Inbound::Pongs => Self::heard(spot),
+            Inbound::ForTheTask { heard } => {
+                if heard {
+                    Self::heard(spot);
+                }
                 drop(spots);
                 self.unpark(id, None);
             }
@@ -486,7 +510,7 @@ fn consume_pongs(stream: &TcpStream) -> Inbound {
     let mut heard = false;
     for _ in 0..MAX_LOOKS {
         let n = match stream.peek(&mut buf) {
-            Ok(0) => return Inbound::ForTheTask,
+            Ok(0) => return Inbound::ForTheTask { heard },
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 return if heard {
@@ -495,7 +519,7 @@ fn consume_pongs(stream: &TcpStream) -> Inbound {
                     Inbound::Nothing
                 };
             }
-            Err(_) => return Inbound::ForTheTask,
+            Err(_) => return Inbound::ForTheTask { heard },
         };
         let mut pongs = 0;
         while let Ok(Some(head)) = frame::decode_head(&buf[pongs..n], MAX_CONTROL_PAYLOAD) {
@@ -505,16 +529,16 @@ fn consume_pongs(stream: &TcpStream) -> Inbound {
             pongs += head.frame_len();
         }
         if pongs < n {
-            return Inbound::ForTheTask;
+            return Inbound::ForTheTask { heard };
         }
         // Exactly the pongs just peeked: nothing else reads this socket while it is parked.
         if !matches!((&*stream).read(&mut buf[..pongs]), Ok(m) if m == pongs) {
-            return Inbound::ForTheTask;
+            return Inbound::ForTheTask { heard };
         }
         heard = true;
     }
     // Still more: edge-triggered readiness would not report it again, so the task takes over.
-    Inbound::ForTheTask
+    Inbound::ForTheTask { heard }
 }
 
 #[cfg(test)]
@@ -557,12 +581,12 @@ mod tests {
     #[test]
     fn pongs_are_consumed_and_anything_else_is_left_for_the_task() {
         let (server, mut client) = pair();
-        assert!(matches!(consume_pongs(&server), Inbound::Nothing));
+        assert_eq!(consume_pongs(&server), Inbound::Nothing);
 
         let mut pongs = client_frame(true, opcode::PONG, b"");
         pongs.extend(client_frame(true, opcode::PONG, b"beat"));
         client.write_all(&pongs).unwrap();
-        assert!(matches!(look(&server), Inbound::Pongs));
+        assert_eq!(look(&server), Inbound::Pongs);
         assert_eq!(unread(&server), 0, "both pongs consumed");
 
         // A pong followed by a request: nothing is consumed, the task reads both.
@@ -570,7 +594,7 @@ mod tests {
         let request = client_frame(true, opcode::TEXT, br#"{"op":"ping"}"#);
         mixed.extend(&request);
         client.write_all(&mixed).unwrap();
-        assert!(matches!(look(&server), Inbound::ForTheTask));
+        assert_eq!(look(&server), Inbound::ForTheTask { heard: false });
         let deadline = Instant::now() + Duration::from_secs(10);
         while unread(&server) < mixed.len() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
@@ -583,12 +607,12 @@ mod tests {
         let (server, mut client) = pair();
         let pong = client_frame(true, opcode::PONG, b"abc");
         client.write_all(&pong[..3]).unwrap();
-        assert!(matches!(look(&server), Inbound::ForTheTask));
+        assert_eq!(look(&server), Inbound::ForTheTask { heard: false });
         assert_eq!(unread(&server), 3);
 
         let (server, client) = pair();
         drop(client);
-        assert!(matches!(look(&server), Inbound::ForTheTask));
+        assert_eq!(look(&server), Inbound::ForTheTask { heard: false });
     }
 
     #[test]

@@ -186,6 +186,8 @@ struct EvictParked(Arc<ClientContext>);
 
 impl Drop for EvictParked {
     fn drop(&mut self) {
+        // On an early error return nothing else stopped the sweep, which would keep parking.
+        self.0.shutdown.cancel();
         self.0.parking.evict(&self.0);
     }
 }

@@ -116,6 +116,13 @@ async fn heartbeats_reach_a_parked_connection_and_its_pongs_keep_it_alive() {
         now["unparks"], parked["unparks"],
         "heartbeats and pongs never resumed it"
     );
+    // The pongs were read where it waits (the last one goes out with the client's next read).
+    let pongs = parked["pongs"].as_u64().unwrap();
+    server
+        .wait_stats("pongs read while parked", |s| {
+            s["parking"]["pongs"].as_u64() >= Some(pongs + 3)
+        })
+        .await;
     let (_, stats) = server.get_json("/api/stats").await;
     assert_eq!(stats["connections"], 1);
     // Still a working connection.

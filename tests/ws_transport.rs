@@ -275,15 +275,33 @@ async fn a_parked_connection_reads_a_request_split_across_packets() {
     let parked = |n: u64| move |s: &Value| s["parking"]["parked"] == n;
     let before = server.wait_stats("the connection to park", parked(1)).await;
 
-    // A pong alone is consumed where the connection waits; half a request resumes it.
+    // A pong alone is read where the connection waits, without resuming it.
     raw.tcp.write_all(&frame(true, 10, b"")).await.unwrap();
+    let after_pong = server
+        .wait_stats("the pong to be read", |s| {
+            s["parking"]["pongs"].as_u64() > before["parking"]["pongs"].as_u64()
+        })
+        .await;
+    assert_eq!(
+        after_pong["parking"]["unparks"],
+        before["parking"]["unparks"]
+    );
+    assert_eq!(after_pong["parking"]["parked"], 1);
+
+    // Half a request resumes it, and half a frame keeps it from parking again: two sweeps
+    // (one a second) ask it to, and it must decline. A fixed period, because what is checked
+    // is that nothing happens during it.
     let request = frame(true, 1, br#"{"op":"ping","id":41}"#);
     raw.tcp.write_all(&request[..5]).await.unwrap();
-    server
+    let resumed = server
         .wait_stats("the half request to resume it", |s| {
             s["parking"]["unparks"].as_u64() > before["parking"]["unparks"].as_u64()
         })
         .await;
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let (_, held) = server.get_json("/api/stats").await;
+    assert_eq!(held["parking"]["parked"], 0);
+    assert_eq!(held["parking"]["parks"], resumed["parking"]["parks"]);
     raw.tcp.write_all(&request[5..]).await.unwrap();
     let pong = raw.text().await;
     assert_eq!(

@@ -258,6 +258,9 @@ impl Outbound {
 
     /// Records the parking-lot ticket of the connection (0: running again).
     pub fn set_parked_at(&self, ticket: u64) {
+        // A park request that raced with parking is spent: it must not re-park the
+        // connection as soon as something resumes it.
+        self.shared.park_due.store(false, Ordering::Release);
         self.shared.parked_at.store(ticket, Ordering::Release);
     }
 

@@ -93,6 +93,7 @@ pub(super) async fn stats(
         "parking": {
             "parked": load(&pk.parked), "parks": load(&pk.parks),
             "unparks": load(&pk.unparks), "heartbeats": load(&pk.heartbeats),
+            "pongs": load(&pk.pongs),
         },
         "ticks_received": load(&ing.received),
         "ticks_accepted": load(&ing.accepted),
