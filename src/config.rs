@@ -53,8 +53,8 @@ pub struct ServerConfig {
     /// through (they queue behind data already in the socket), in ms; then it is dropped.
     pub close_timeout_ms: u64,
     /// A `/ws` connection that has read and written nothing for this long (ms) leaves the
-    /// async runtime and waits in the parking lot, about 1 KiB smaller; the next tick, request
-    /// or close for it resumes it within microseconds, and heartbeats reach it without
+    /// async runtime and waits in the parking lot, about 1.7 KiB smaller; the next tick, request
+    /// or close for it resumes it within tens of microseconds, and heartbeats reach it without
     /// resuming it. Checked by the liveness sweep, so the actual delay is up to a second
     /// more; a connection also parks only once it has sent no request for 2 s (its request
     /// rate limiter is full again and need not be kept). 0 keeps every connection on the
