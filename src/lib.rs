@@ -13,7 +13,7 @@
 //! - [`ingest`]: parse (simd-json), validate, score quality, de-duplicate, enqueue.
 //! - [`queue`]: the four-level bounded priority queue with admission limits and TTL.
 //! - [`dispatch`]: the one owner of routing state; stamps `seq`, fans out with `try_send`.
-//! - [`client`]: one task per `/ws` connection; requests in, queued frames out.
+//! - [`client`]: one task per running `/ws` connection; requests in, queued frames out.
 //! - [`parking`]: quiet `/ws` connections waiting off the runtime, in one epoll set.
 //! - [`ws`]: the `/ws` WebSocket transport: upgrade, framing, buffer-free idle sockets.
 //! - [`liveness`]: one sweep for every connection's heartbeat, idle and auth deadlines.

@@ -1,0 +1,183 @@
+//! What a `/ws` client's text requests do, in order: the request rate limit (a GCRA per
+//! connection, created with its first request), parsing, the late `auth` op, and either an
+//! answer from here (`pong`, errors) or a command to the dispatcher (subscribe, unsubscribe,
+//! configure, list). Requests come in from the connection loop in `client`; replies go out
+//! through the connection's link.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::Ordering;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde_json::{json, Value};
+
+use super::{AuthState, Conn, Flow};
+use crate::dispatch::outbound::Frame;
+use crate::dispatch::Command;
+use crate::protocol::{self, close, error_message, ErrorCode, Request};
+use crate::tick::now_ms;
+
+/// How long the request limiter takes to refill its whole burst (the burst is two seconds'
+/// worth of `limits.ops_per_sec`). A connection that sent no request for this long has a full
+/// limiter and no run of refused requests, which is exactly a fresh one: parking may drop it.
+pub const BURST_REFILL_MS: u64 = 2_000;
+
+/// A connection's request rate limiter and when it last let a request through.
+pub(super) struct RequestLimiter {
+    gcra: DefaultDirectRateLimiter,
+    last_ms: u64,
+}
+
+impl RequestLimiter {
+    /// Whether the limiter is as good as a fresh one at `now_ms`: no request for longer than
+    /// [`BURST_REFILL_MS`] (strictly: `last_ms` is rounded down).
+    pub(super) fn is_full(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.last_ms) > BURST_REFILL_MS
+    }
+
+    fn new(ops_per_sec: u32) -> Self {
+        let ops = NonZeroU32::new(ops_per_sec).unwrap_or(NonZeroU32::MIN);
+        let burst = ops.saturating_mul(NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN));
+        Self {
+            gcra: RateLimiter::direct(Quota::per_second(ops).allow_burst(burst)),
+            last_ms: 0,
+        }
+    }
+}
+
+/// Queues `text` as a reply to the client's request.
+pub(super) fn reply(conn: &Conn, text: String) -> Flow {
+    match conn.out.push_control(Frame::from(text)) {
+        Ok(()) => Flow::Continue,
+        Err(_) => Flow::Close(close::SLOW_CONSUMER, "slow consumer"),
+    }
+}
+
+/// Handles one text request: rate limit, parse, then answer here or hand to the dispatcher.
+pub(super) async fn on_request(conn: &mut Conn, text: &str) -> Flow {
+    let ctx = conn.ctx.clone();
+    let parsed = protocol::parse_request(text);
+    let is_ping = matches!(parsed, Ok((_, Request::Ping)));
+    if !is_ping {
+        let limiter = conn
+            .limiter
+            .get_or_insert_with(|| Box::new(RequestLimiter::new(ctx.config.limits.ops_per_sec)));
+        limiter.last_ms = ctx.connections.clock_ms();
+        if let Err(not_until) = limiter.gcra.check() {
+            conn.limited_in_a_row += 1;
+            ctx.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            if conn.limited_in_a_row > ctx.config.limits.max_rate_limited {
+                ctx.stats.abuse_closed.fetch_add(1, Ordering::Relaxed);
+                return Flow::Close(close::POLICY, "request rate abuse");
+            }
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            let retry = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1);
+            let id = parsed.as_ref().ok().and_then(|(id, _)| id.clone());
+            return reply(
+                conn,
+                error_message(
+                    id.as_ref(),
+                    ErrorCode::RateLimited,
+                    "too many requests",
+                    Some(retry),
+                ),
+            );
+        }
+        conn.limited_in_a_row = 0;
+    }
+    let (id, request) = match parsed {
+        Ok(ok) => ok,
+        Err(bad) => {
+            ctx.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+            return reply(
+                conn,
+                error_message(bad.id.as_ref(), ErrorCode::BadRequest, &bad.message, None),
+            );
+        }
+    };
+    match request {
+        Request::Ping => reply(
+            conn,
+            json!({"type":"pong","id":id,"server_time":now_ms()}).to_string(),
+        ),
+        Request::Auth { token } => on_auth(conn, id, &token).await,
+        _ if conn.key.is_none() => reply(
+            conn,
+            error_message(
+                id.as_ref(),
+                ErrorCode::Unauthorized,
+                "authenticate first: {\"op\":\"auth\",\"token\":...}",
+                None,
+            ),
+        ),
+        request => {
+            let key = conn.key.unwrap_or_default();
+            let cmd = match request {
+                Request::Subscribe {
+                    symbols,
+                    settings,
+                    history,
+                    since_seq,
+                } => Command::Subscribe {
+                    key,
+                    id,
+                    symbols,
+                    settings,
+                    history,
+                    since_seq,
+                },
+                Request::Unsubscribe { symbols } => Command::Unsubscribe { key, id, symbols },
+                Request::Configure(settings) => Command::Configure { key, id, settings },
+                _ => Command::ClientSymbols { key, id },
+            };
+            match ctx.dispatcher.send(cmd).await {
+                Ok(()) => Flow::Continue,
+                Err(_) => Flow::Close(close::GOING_AWAY, "server shutting down"),
+            }
+        }
+    }
+}
+
+async fn on_auth(conn: &mut Conn, id: Option<Value>, token: &str) -> Flow {
+    let ctx = conn.ctx.clone();
+    if conn.key.is_some() {
+        return reply(conn, json!({"type":"ack","id":id,"op":"auth"}).to_string());
+    }
+    if !token_ok(&ctx.config.auth.client_tokens, Some(token)) {
+        ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+        return Flow::CloseWith(
+            close::UNAUTHORIZED,
+            "unauthorized",
+            error_message(id.as_ref(), ErrorCode::Unauthorized, "invalid token", None),
+        );
+    }
+    if !conn.out.lift_auth_deadline() {
+        // The deadline passed first; the close order is on its way.
+        return Flow::Continue;
+    }
+    conn.auth = AuthState::Authorized;
+    match ctx.dispatcher.register(conn.out.clone()).await {
+        Ok(key) => {
+            conn.key = Some(key);
+            reply(conn, json!({"type":"ack","id":id,"op":"auth"}).to_string())
+        }
+        Err(_) => Flow::Close(close::GOING_AWAY, "server shutting down"),
+    }
+}
+
+/// Whether `token` is acceptable for a route guarded by `tokens` (empty: no token needed).
+#[must_use]
+pub fn token_ok(tokens: &[String], token: Option<&str>) -> bool {
+    tokens.is_empty()
+        || token.is_some_and(|t| {
+            tokens
+                .iter()
+                .any(|k| constant_time_eq(k.as_bytes(), t.as_bytes()))
+        })
+}
+
+/// Compares without an early exit so response timing does not leak how much of a token matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
