@@ -2,7 +2,7 @@
 # Runs the load scenarios behind docs/benchmarks.md: the server pinned to core 0, the load
 # generator to core 1, loopback only, each run bounded in time. Usage:
 #   cargo build --release --workspace && loadtest/scripts/benchmarks.sh [scenario...]
-# Scenarios: idle10k idle10k1 idle19k sparse realtime batch fleet fleetbatch throttled latency latency5 max max3m ingest import
+# Scenarios: idle10k idle10k1 idle19k sparse wake10k realtime batch fleet fleetbatch throttled latency latency5 max max3m ingest import
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=target/release/tickfan
@@ -31,6 +31,26 @@ scenario() {
     idle19k)  start_server ""; run idle19k -c 19000 --idle -d 20; stop_server ;;
     # Each connection gets a tick every ~10 s: it parks in between and resumes for each tick.
     sparse)   start_server ""; run sparse -c 10000 --symbols 1000 -k 1 -r 100 -d 30; stop_server ;;
+    # 10,000 idle connections (10 of 100 symbols each) are held; once all are parked, five
+    # bursts of one tick per symbol wake every one of them at once (100,000 deliveries a burst).
+    # PARK_CONFIG=--config\ file.toml runs the same with other settings (e.g. park_after_ms = 0).
+    wake10k)
+      start_server "${PARK_CONFIG:-}"
+      run wake10k -c 10000 --idle -d 16 &
+      LTPID=$!
+      # Every client subscribed, then (parking on) every connection parked.
+      want='"clients":10000,'; [ -z "${PARK_CONFIG:-}" ] && want='"parked":10000[,}]'
+      for _ in $(seq 300); do
+        curl -s "127.0.0.1:$PORT/api/stats" | grep -q "$want" && break; sleep 0.1
+      done
+      sleep 3
+      for burst in 1 2 3 4 5; do
+        body=$(for i in $(seq 0 99); do printf '{"symbol":"LT%d","ts":%d,"price":%d,"volume":1},' "$i" "$(date +%s%3N)" "$((100 + burst))"; done)
+        curl -s -o /dev/null -w "burst $burst: HTTP %{http_code}\n" -H 'content-type: application/json' \
+          --data "[${body%,}]" "127.0.0.1:$PORT/api/ticks"
+        sleep 0.2
+      done
+      wait "$LTPID"; stop_server ;;
     realtime) start_server ""; run realtime -c 100 --symbols 10 -k 10 -r 10000 -d 10; stop_server ;;
     batch)    start_server ""; run batch -c 100 --symbols 10 -k 10 -r 10000 -d 10 --mode batch --interval-ms 50; stop_server ;;
     fleet)    start_server ""; run fleet -c 1000 --symbols 10 -k 10 -r 1000 -d 10; stop_server ;;
