@@ -305,7 +305,7 @@ impl ParkingLot {
     fn park(&self, session: Session, stream: TcpStream) {
         let ctx = session.context().clone();
         let parking = &ctx.parking;
-        let link = session.link().sender();
+        let link = session.outbound().clone();
         let mut spots = self.spots.lock();
         // Checked under the lock `evict` takes: nothing parks after its sweep.
         if parking.closed.load(Ordering::Acquire) {
@@ -383,7 +383,7 @@ impl ParkingLot {
             return None;
         }
         let spot = spots.slab.remove(slot);
-        spot.session.link().sender().set_parked_at(0);
+        spot.session.outbound().set_parked_at(0);
         Some(spot)
     }
 
@@ -411,7 +411,7 @@ impl ParkingLot {
             .into_iter()
             .map(|slot| {
                 let spot = spots.slab.remove(slot);
-                spot.session.link().sender().set_parked_at(0);
+                spot.session.outbound().set_parked_at(0);
                 spot
             })
             .collect()

@@ -147,6 +147,12 @@ impl Session {
         &self.rx
     }
 
+    /// The sending side of the connection's link (what the dispatcher and sweep hold).
+    #[must_use]
+    pub fn outbound(&self) -> &Outbound {
+        &self.conn.out
+    }
+
     /// The server's shared client context.
     #[must_use]
     pub fn context(&self) -> &Arc<ClientContext> {

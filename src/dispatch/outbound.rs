@@ -241,10 +241,8 @@ impl Outbound {
 
     /// Asks the connection to park (it declines if it is in the middle of something).
     pub fn request_park(&self) {
-        if self.parked_at().is_none() {
-            self.shared.park_due.store(true, Ordering::Release);
-            self.shared.waker.wake();
-        }
+        self.shared.park_due.store(true, Ordering::Release);
+        self.shared.waker.wake();
     }
 
     /// Whether anything would wake the connection now: queued frames, a ping or a close.
@@ -296,14 +294,6 @@ impl OutboundReceiver {
             return Poll::Ready(Wake::Park);
         }
         Poll::Pending
-    }
-
-    /// The sending side of this link.
-    #[must_use]
-    pub fn sender(&self) -> Outbound {
-        Outbound {
-            shared: self.shared.clone(),
-        }
     }
 
     /// Ready with the close code once the connection is told to close; otherwise registers
