@@ -262,10 +262,10 @@ async fn realtime_client_that_stops_reading_mid_replay_is_a_slow_consumer() {
         < 1.0
     {
         assert!(tokio::time::Instant::now() < deadline, "never closed");
-        let ticks: Vec<Value> = (0..500)
+        let ticks: Vec<Value> = (0..200)
             .map(|i| {
                 let sym = if i % 2 == 0 { "S" } else { "S2" };
-                let mut t = tick(sym, 1.0 + (b * 500 + i) as f64 * 1e-6, 1.0);
+                let mut t = tick(sym, 1.0 + (b * 200 + i) as f64 * 1e-6, 1.0);
                 t["id"] = json!(format!("{pad}{b}-{i}"));
                 t
             })
@@ -297,19 +297,19 @@ async fn throttled_client_that_pauses_mid_replay_is_not_closed_and_gets_everythi
     // Paused: the producer publishes (and gets acks for) far more than the buffer holds.
     let mut producer = server.producer().await;
     let pad = "x".repeat(100);
-    const LIVE_BATCHES: u64 = 20;
+    const LIVE_BATCHES: u64 = 50;
     for b in 0..LIVE_BATCHES {
-        let ticks: Vec<Value> = (0..500)
+        let ticks: Vec<Value> = (0..200)
             .map(|i| {
                 let sym = if i % 2 == 0 { "P" } else { "P2" };
-                let mut t = tick(sym, 1.0 + (b * 500 + i) as f64 * 1e-6, 1.0);
+                let mut t = tick(sym, 1.0 + (b * 200 + i) as f64 * 1e-6, 1.0);
                 t["id"] = json!(format!("{pad}{b}-{i}"));
                 t
             })
             .collect();
-        assert_eq!(ingest(&mut producer, &ticks).await["accepted"], 500);
+        assert_eq!(ingest(&mut producer, &ticks).await["accepted"], 200);
     }
-    let last = STORED + LIVE_BATCHES * 250;
+    let last = STORED + LIVE_BATCHES * 100;
     // Reading again: every stored tick in the snapshot, then live ticks up to the newest.
     read_until(&mut ws, "P", last, &mut seen).await;
     assert!(!seen.live_before_snapshot);
