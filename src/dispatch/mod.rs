@@ -13,6 +13,8 @@ pub mod delivery;
 pub mod filter;
 pub mod latency;
 pub mod outbound;
+#[cfg(test)]
+mod proptests;
 pub mod recent;
 pub mod registry;
 pub mod sink;

@@ -211,7 +211,9 @@ impl<S: TickSink> Dispatcher<S> {
                             symbol: job.symbol.clone(),
                             generation: job.generation,
                             since: job.cursor,
-                            limit: (high / PAGE_BYTES_PER_TICK).clamp(MIN_PAGE, self.max_replay),
+                            limit: (high / PAGE_BYTES_PER_TICK)
+                                .max(MIN_PAGE)
+                                .min(self.max_replay.max(1)),
                             flush: std::mem::take(&mut job.flush_next),
                         };
                         self.read_store(read);
@@ -263,8 +265,9 @@ impl<S: TickSink> Dispatcher<S> {
                 }
             }
             let text = snapshot_text(&job.symbol, &frames, job.gap);
-            let pushed = if queued == 0 {
-                // A message bigger than the data limit still goes out to an empty queue.
+            let pushed = if queued < low {
+                // Below the low-water mark the message goes out even if one big tick passes
+                // the data limit (control frames may, up to twice it): a replay always moves.
                 out.push_control(text)
             } else {
                 out.push(text)
@@ -279,11 +282,14 @@ impl<S: TickSink> Dispatcher<S> {
                     job.fresh = false;
                     job.gap = false;
                 }
-                // Live ticks of other symbols took the room: wait for the drain.
+                // Live ticks of other symbols took the room: wait for the drain (of anything,
+                // if the queue is already below the mark).
                 Err(PushError::Full) => {
                     if !replays.armed {
                         let refills = Arc::clone(&self.refills);
-                        if out.refill_below(low, || RefillHook { refills, key }) {
+                        let mark = low.min(out.queued_bytes());
+                        if out.refill_below(mark, || RefillHook { refills, key }) {
+                            // It drained meanwhile: try again.
                             continue;
                         }
                         replays.armed = true;
