@@ -170,6 +170,11 @@ async fn resume_from_any_distance_in_every_mode_with_a_64k_buffer() {
             .await,
         0.0
     );
+    assert_eq!(server.metric("tickfan_replays").await, 0.0, "all finished");
+    assert_eq!(
+        server.metric("tickfan_replayed_ticks_total").await,
+        (5 * STORED - 3) as f64
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,9 +278,27 @@ async fn realtime_client_that_stops_reading_mid_replay_is_a_slow_consumer() {
         ingest(&mut producer, &ticks).await;
         b += 1;
     }
-    let (seen, ended) = ws.until_closed().await;
+    let (msgs, ended) = ws.until_closed().await;
     assert_eq!(ended, Ended::Close(4008));
-    assert_eq!(seen.last().unwrap()["code"], "slow_consumer");
+    assert_eq!(msgs.last().unwrap()["code"], "slow_consumer");
+    // "Reconnect and resume with since_seq" works: no livelock.
+    let mut before = Seen::default();
+    for v in first.iter().chain(&msgs) {
+        before.take("S", v);
+    }
+    let resume_at = before.last();
+    assert!(resume_at < STORED, "the close came mid-replay");
+    let (mut again, _) = server.client().await;
+    let ack = subscribe(
+        &mut again,
+        1,
+        json!({"symbols": ["S"], "since_seq": {"S": resume_at}}),
+    )
+    .await;
+    let live = ack["last_seq"]["S"].as_u64().unwrap();
+    let mut seen = Seen::default();
+    read_until(&mut again, "S", live, &mut seen).await;
+    assert_contiguous(&seen.snapshot, resume_at + 1, live, "resume after 4008");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

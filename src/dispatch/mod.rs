@@ -83,6 +83,10 @@ pub struct DispatchStats {
     pub batch_groups: AtomicU64,
     /// Batch-mode clients served by a shared group now.
     pub batch_group_members: AtomicU64,
+    /// Paced replays (`history`, `since_seq`) running or waiting now, one per client and symbol.
+    pub replays: AtomicU64,
+    /// Ticks sent in snapshot messages.
+    pub replayed_ticks: AtomicU64,
     /// Receive-to-dispatch percentiles over the last few seconds.
     pub latency: parking_lot::Mutex<latency::LatencySummary>,
 }
@@ -518,7 +522,7 @@ impl<S: TickSink> Dispatcher<S> {
             return;
         }
         client.detached = true;
-        self.replays.remove(&key);
+        self.forget_replays(key);
         self.leave_group(key);
         let Some(client) = self.clients.get_mut(key) else {
             return;

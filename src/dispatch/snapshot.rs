@@ -15,6 +15,7 @@
 //! store page; a paused client costs a cursor. Replays of one client run one symbol at a time.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::command::{Command, SnapshotRead};
@@ -109,6 +110,7 @@ impl<S: TickSink> Dispatcher<S> {
             reading: false,
             flush_next: false,
         };
+        self.stats.replays.fetch_add(1, Ordering::Relaxed);
         let replays = self.replays.entry(key).or_default();
         replays.jobs.push_back(job);
         if replays.jobs.len() == 1 {
@@ -123,6 +125,7 @@ impl<S: TickSink> Dispatcher<S> {
             return;
         };
         let was_front = replays.jobs.front().map(|j| j.generation);
+        let before = replays.jobs.len();
         let client = self.clients.get_mut(key);
         let mut awaiting = client.map(|c| &mut c.awaiting);
         replays.jobs.retain(|job| {
@@ -135,6 +138,9 @@ impl<S: TickSink> Dispatcher<S> {
             keep
         });
         let front = replays.jobs.front().map(|j| j.generation);
+        self.stats
+            .replays
+            .fetch_sub((before - replays.jobs.len()) as u64, Ordering::Relaxed);
         if replays.jobs.is_empty() {
             self.replays.remove(&key);
         } else if front != was_front {
@@ -148,11 +154,11 @@ impl<S: TickSink> Dispatcher<S> {
     pub(super) fn pump(&mut self, key: ClientKey) {
         loop {
             let Some(client) = self.clients.get(key) else {
-                self.replays.remove(&key);
+                self.forget_replays(key);
                 return;
             };
             if client.detached {
-                self.replays.remove(&key);
+                self.forget_replays(key);
                 return;
             }
             let out = client.out.clone();
@@ -183,6 +189,7 @@ impl<S: TickSink> Dispatcher<S> {
             match source {
                 Source::Done => {
                     let job = replays.jobs.pop_front().expect("front job");
+                    self.stats.replays.fetch_sub(1, Ordering::Relaxed);
                     if replays.jobs.is_empty() {
                         self.replays.remove(&key);
                     }
@@ -275,6 +282,9 @@ impl<S: TickSink> Dispatcher<S> {
             match pushed {
                 Ok(()) => {
                     let n = frames.len();
+                    self.stats
+                        .replayed_ticks
+                        .fetch_add(n as u64, Ordering::Relaxed);
                     job.cursor += n as u64;
                     if matches!(source, Source::Page) {
                         job.page.drain(..n);
@@ -301,6 +311,15 @@ impl<S: TickSink> Dispatcher<S> {
                     return;
                 }
             }
+        }
+    }
+
+    /// Drops every replay of `key` (it is gone or detached).
+    pub(super) fn forget_replays(&mut self, key: ClientKey) {
+        if let Some(replays) = self.replays.remove(&key) {
+            self.stats
+                .replays
+                .fetch_sub(replays.jobs.len() as u64, Ordering::Relaxed);
         }
     }
 
