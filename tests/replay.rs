@@ -120,6 +120,22 @@ fn assert_contiguous(seqs: &[u64], first: u64, last: u64, what: &str) {
     }
 }
 
+/// Live batch `b`: 200 ticks with long ids (about 40 KB), alternating between two symbols.
+fn live_batch(b: u64, symbols: [&str; 2]) -> Vec<Value> {
+    let pad = "x".repeat(100);
+    (0..200)
+        .map(|i| {
+            let mut t = tick(
+                symbols[i % 2],
+                1.0 + (b * 200 + i as u64) as f64 * 1e-6,
+                1.0,
+            );
+            t["id"] = json!(format!("{pad}{b}-{i}"));
+            t
+        })
+        .collect()
+}
+
 /// A client whose socket receive buffer is small, so that not reading backs up the server.
 async fn small_buffer_client(addr: SocketAddr) -> Ws {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -177,37 +193,33 @@ async fn resume_from_any_distance_in_every_mode_with_a_64k_buffer() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_1000_with_ids_through_a_64k_buffer() {
-    let server = server_with_backlog("H", 1_000).await;
+/// `history: 1000` of ticks with ids through a 64 KiB buffer (about 200 KB of snapshot),
+/// served from a ring of `recent_ticks`.
+async fn history_1000(symbol: &str, recent_ticks: usize, mode: &str) {
+    let server = server_with_backlog(symbol, recent_ticks).await;
     let (mut ws, _) = server.client().await;
     subscribe(
         &mut ws,
         1,
-        json!({"symbols": ["H"], "history": 1000, "mode": "realtime"}),
+        json!({"symbols": [symbol], "history": 1000, "mode": mode}),
     )
     .await;
     let mut seen = Seen::default();
-    read_until(&mut ws, "H", STORED, &mut seen).await;
+    read_until(&mut ws, symbol, STORED, &mut seen).await;
     assert_contiguous(&seen.snapshot, STORED - 999, STORED, "history 1000");
     let pong = ws.request(json!({"op": "ping", "id": 9})).await;
     assert_eq!(pong["type"], "pong");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_1000_read_from_the_store_through_a_64k_buffer() {
+async fn history_1000_with_ids_from_memory_through_a_64k_buffer() {
+    history_1000("H", 1_000, "realtime").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_1000_with_ids_from_the_store_through_a_64k_buffer() {
     // A ring of 10 ticks: the 1000 come from the store.
-    let server = server_with_backlog("HS", 10).await;
-    let (mut ws, _) = server.client().await;
-    subscribe(
-        &mut ws,
-        1,
-        json!({"symbols": ["HS"], "history": 1000, "mode": "throttled"}),
-    )
-    .await;
-    let mut seen = Seen::default();
-    read_until(&mut ws, "HS", STORED, &mut seen).await;
-    assert_contiguous(&seen.snapshot, STORED - 999, STORED, "history 1000");
+    history_1000("HS", 10, "throttled").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +270,6 @@ async fn realtime_client_that_stops_reading_mid_replay_is_a_slow_consumer() {
     let first = ws.recv_until(|v| v["type"] == "snapshot").await;
     assert_eq!(first.last().unwrap()["ticks"][0]["seq"], 1);
     let mut producer = server.producer().await;
-    let pad = "x".repeat(100);
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let mut b = 0u64;
     while server
@@ -267,15 +278,7 @@ async fn realtime_client_that_stops_reading_mid_replay_is_a_slow_consumer() {
         < 1.0
     {
         assert!(tokio::time::Instant::now() < deadline, "never closed");
-        let ticks: Vec<Value> = (0..200)
-            .map(|i| {
-                let sym = if i % 2 == 0 { "S" } else { "S2" };
-                let mut t = tick(sym, 1.0 + (b * 200 + i) as f64 * 1e-6, 1.0);
-                t["id"] = json!(format!("{pad}{b}-{i}"));
-                t
-            })
-            .collect();
-        ingest(&mut producer, &ticks).await;
+        ingest(&mut producer, &live_batch(b, ["S", "S2"])).await;
         b += 1;
     }
     let (msgs, ended) = ws.until_closed().await;
@@ -319,18 +322,10 @@ async fn throttled_client_that_pauses_mid_replay_is_not_closed_and_gets_everythi
     }
     // Paused: the producer publishes (and gets acks for) far more than the buffer holds.
     let mut producer = server.producer().await;
-    let pad = "x".repeat(100);
     const LIVE_BATCHES: u64 = 50;
     for b in 0..LIVE_BATCHES {
-        let ticks: Vec<Value> = (0..200)
-            .map(|i| {
-                let sym = if i % 2 == 0 { "P" } else { "P2" };
-                let mut t = tick(sym, 1.0 + (b * 200 + i) as f64 * 1e-6, 1.0);
-                t["id"] = json!(format!("{pad}{b}-{i}"));
-                t
-            })
-            .collect();
-        assert_eq!(ingest(&mut producer, &ticks).await["accepted"], 200);
+        let ack = ingest(&mut producer, &live_batch(b, ["P", "P2"])).await;
+        assert_eq!(ack["accepted"], 200);
     }
     let last = STORED + LIVE_BATCHES * 100;
     // Reading again: every stored tick in the snapshot, then live ticks up to the newest.
