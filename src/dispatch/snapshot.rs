@@ -84,6 +84,11 @@ impl<S: TickSink> Dispatcher<S> {
         since: Option<u64>,
     ) {
         self.cancel_replays(key, |s| s == symbol);
+        if let Some(client) = self.clients.get_mut(key) {
+            // A tick of this symbol still held back (the flush before the ack found the queue
+            // full) would come after the ack: the replay covers it, or the client has it.
+            client.delivery.retain(|s| s != symbol);
+        }
         let live = self.symbols.get(symbol).map_or(0, |s| s.seq);
         let cursor = match since {
             Some(s) => s,
