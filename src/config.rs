@@ -334,14 +334,21 @@ pub struct DispatchConfig {
     /// Most recent ticks the dispatcher keeps per symbol in memory. Snapshots and resumes
     /// within this window are served from memory, exactly in step with live delivery.
     pub recent_ticks: usize,
-    /// Page size of a `since_seq` replay read from the store. A longer backlog is read and sent
-    /// page by page, with no hole; between pages a client over its outbound buffer is closed as
-    /// a slow consumer, so one page bounds the memory a replay can take.
+    /// Largest page of a replay read from the store. A longer backlog is read and sent page by
+    /// page, with no hole, as fast as the client reads (see `replay_low_water_pct`); one page
+    /// bounds the memory a replay can take.
     pub max_replay_ticks: usize,
     /// Snapshot reads from the store running at once (each on a blocking thread). Further
     /// reads wait their turn in the dispatcher, so a reconnect storm cannot flood the blocking
     /// pool or the disk.
     pub max_store_reads: usize,
+    /// Paced replays (`history`, `since_seq`): the next messages are queued when a client's
+    /// outbound queue drains below this percent of `limits.outbound_buffer_bytes` (1-100).
+    pub replay_low_water_pct: u8,
+    /// Paced replays fill a client's outbound queue up to this percent of
+    /// `limits.outbound_buffer_bytes` (at least the low-water mark); the rest stays free for
+    /// live ticks of its other symbols.
+    pub replay_high_water_pct: u8,
 }
 
 impl Default for DispatchConfig {
@@ -357,6 +364,8 @@ impl Default for DispatchConfig {
             recent_ticks: 1_000,
             max_replay_ticks: 10_000,
             max_store_reads: 16,
+            replay_low_water_pct: 25,
+            replay_high_water_pct: 50,
         }
     }
 }
@@ -461,6 +470,16 @@ impl Config {
         }
         if self.dispatch.outbound_messages == 0 || self.dispatch.command_capacity == 0 {
             return invalid("dispatch.outbound_messages", "capacities must be >= 1");
+        }
+        let (low, high) = (
+            self.dispatch.replay_low_water_pct,
+            self.dispatch.replay_high_water_pct,
+        );
+        if !(1..=100).contains(&low) || !(low..=100).contains(&high) {
+            return invalid(
+                "dispatch.replay_high_water_pct",
+                "need 1 <= replay_low_water_pct <= replay_high_water_pct <= 100",
+            );
         }
         if u32::try_from(self.dispatch.outbound_messages).is_err() {
             return invalid("dispatch.outbound_messages", "must be below 2^32");

@@ -75,6 +75,14 @@ const HELP: &[(&str, &str)] = &[
         "tickfan_batch_group_members",
         "Batch-mode clients served by a shared batch group.",
     ),
+    (
+        "tickfan_replays",
+        "Paced replays (history, since_seq) running or waiting, one per client and symbol.",
+    ),
+    (
+        "tickfan_replayed_ticks_total",
+        "Ticks sent to clients in snapshot messages.",
+    ),
     ("tickfan_connections", "Open client (/ws) connections."),
     (
         "tickfan_parked_connections",
@@ -285,6 +293,12 @@ impl Metrics {
             "tickfan_batch_group_members",
             vec![],
             load(&d.batch_group_members),
+        );
+        self.gauge("tickfan_replays", vec![], load(&d.replays));
+        self.counter(
+            "tickfan_replayed_ticks_total",
+            vec![],
+            load(&d.replayed_ticks),
         );
         let c = &s.clients.stats;
         self.gauge("tickfan_connections", vec![], load(&c.open));
