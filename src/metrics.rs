@@ -366,6 +366,11 @@ impl Metrics {
         limit("allowed_origins", load(&c.forbidden_origin));
         limit("http_unauthorized", load(&c.http_unauthorized));
         limit("max_body_bytes", load(&c.body_too_large));
+        let accept = &s.limits.accept;
+        limit("max_tcp_connections", load(&accept.refused_total));
+        limit("max_http_connections_per_ip", load(&accept.refused_per_ip));
+        limit("header_timeout", load(&accept.header_timeouts));
+        limit("body_timeout", load(&accept.body_timeouts));
         self.recorder.handle().render()
     }
 }

@@ -197,10 +197,8 @@ async fn total_tcp_cap_counts_websockets_and_refuses_at_accept() {
     // An upgraded connection that ends frees its socket's place.
     first.close().await;
     drop(idle);
-    assert_eq!(
-        wait_hits_from(&server, THIRD, "max_tcp_connections", 3.0).await,
-        3.0
-    );
+    // At least the three above (a scrape that raced the close may have been refused too).
+    wait_hits_from(&server, THIRD, "max_tcp_connections", 3.0).await;
     let mut again = ws_from(&server, THIRD).await;
     let ack = subscribe(&mut again, 1, json!({"symbols": ["XB"]})).await;
     assert_eq!(ack["symbols"], json!(["XB"]));

@@ -4,9 +4,11 @@
 //! limits) live here; everything after the upgrade belongs to `client` and `producer`. The
 //! read-only JSON routes, health and metrics are in `api`.
 
+mod admission;
 mod api;
 mod serve;
 
+pub use admission::AcceptLimits;
 pub use serve::serve;
 
 use std::collections::HashMap;
@@ -68,7 +70,8 @@ pub struct AppState {
     pub store: Store,
 }
 
-/// Global and per-IP caps on open WebSocket connections.
+/// Global and per-IP caps on open WebSocket connections, and (in `accept`) the caps on plain
+/// HTTP connections checked at accept.
 #[derive(Debug, Default)]
 pub struct ConnectionLimits {
     open: AtomicUsize,
@@ -77,6 +80,8 @@ pub struct ConnectionLimits {
     pub refused_global: AtomicU64,
     /// Upgrades refused because the client's IP was at its cap.
     pub refused_per_ip: AtomicU64,
+    /// Caps and deadlines applied before any handler runs.
+    pub accept: AcceptLimits,
 }
 
 /// Holds one connection slot; frees it on drop.
