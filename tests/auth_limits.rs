@@ -293,6 +293,65 @@ async fn read_apis_need_the_client_token() {
     assert_eq!(resp.status().as_u16(), 200);
 }
 
+/// `Authorization` values that carry the token `t`: the scheme in any case (RFC 9110 11.1),
+/// with extra spaces around the token.
+fn bearer_spellings(t: &str) -> Vec<String> {
+    vec![
+        format!("bearer {t}"),
+        format!("BEARER {t}"),
+        format!("BeArEr   {t}"),
+        format!("  Bearer\t{t}  "),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive_and_tolerates_extra_spaces() {
+    let mut config = with_client_tokens();
+    config.auth.ingest_tokens = vec!["p".into()];
+    let server = TestServer::start_with(config).await;
+    let http = reqwest::Client::new();
+    for value in bearer_spellings("secret") {
+        let resp = http
+            .get(server.http("/api/symbols"))
+            .header("authorization", &value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "GET with {value:?}");
+        let mut ws = client_with(upgrade(&server, "/ws", &[("authorization", &value)])).await;
+        let ack = subscribe(&mut ws, 1, json!({"symbols": ["BE"]})).await;
+        assert_eq!(ack["symbols"], json!(["BE"]), "/ws with {value:?}");
+    }
+    for (i, value) in bearer_spellings("p").into_iter().enumerate() {
+        let mut t = tick("BE", 1.0, 1.0);
+        t["id"] = json!(i);
+        let resp = http
+            .post(server.http("/api/ticks"))
+            .header("authorization", &value)
+            .body(t.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "POST with {value:?}");
+        let mut producer = try_connect(upgrade(&server, "/ingest", &[("authorization", &value)]))
+            .await
+            .unwrap_or_else(|s| panic!("/ingest with {value:?}: {s}"));
+        t["id"] = json!(100 + i);
+        assert_eq!(ingest(&mut producer, &[t]).await["accepted"], 1);
+        producer.close().await;
+    }
+    // Another scheme, or the scheme without a token, is still no token.
+    for value in ["Basic secret", "bearersecret", "Bearer", "Bearer "] {
+        let resp = http
+            .get(server.http("/api/symbols"))
+            .header("authorization", value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 401, "GET with {value:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // ingest tokens
 

@@ -196,9 +196,17 @@ pub(super) fn request_token<'a>(headers: &'a HeaderMap, query: &'a TokenQuery) -
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(bearer_token)
         .or(query.token.as_deref())
+}
+
+/// The token of a `Bearer` credential. The scheme is case-insensitive (RFC 9110 11.1) and
+/// clients differ in the spaces they put around the token, so any case and any run of spaces
+/// or tabs pass; an empty token is no token.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once([' ', '\t'])?;
+    let token = token.trim_matches([' ', '\t']);
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// The `?token=` query parameter (other parameters are ignored).
