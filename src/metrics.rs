@@ -311,7 +311,11 @@ impl Metrics {
                 v,
             );
         };
-        limit("slow_consumer", load(&d.slow_consumer_closes));
+        // Closed by the dispatcher (data or its replies) or by the connection (its replies).
+        limit(
+            "slow_consumer",
+            load(&d.slow_consumer_closes) + load(&c.reply_overflow),
+        );
         limit("ops_per_sec", load(&c.rate_limited));
         limit("abuse_close", load(&c.abuse_closed));
         limit("max_message_bytes", load(&c.too_big));

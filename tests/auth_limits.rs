@@ -665,6 +665,62 @@ async fn binary_frames_get_bad_request_and_the_connection_keeps_working() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// replies to requests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_floods_requests_without_reading_gets_4008_and_is_counted() {
+    let mut config = test_config();
+    config.limits.outbound_buffer_bytes = 4096;
+    let server = TestServer::start_with(config).await;
+    // A small receive buffer, so the server's socket fills after a few replies and the rest
+    // queue in the connection's outbound link.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(server.addr).await.unwrap();
+    let (inner, _) = tokio_tungstenite::client_async(
+        server.ws_url("/ws"),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .unwrap();
+    let mut ws = Ws { inner };
+    assert_eq!(ws.recv().await["type"], "welcome");
+    // Pings are free of the rate limit; each pong echoes its 200-byte id. Keep sending, never
+    // reading, until the server stops taking them (it closed) or the deadline passes.
+    let pad = "x".repeat(200);
+    let deadline = Instant::now() + DEADLINE;
+    let mut sent = 0u64;
+    loop {
+        let ping = json!({"op": "ping", "id": format!("{sent}{pad}")}).to_string();
+        let fed = tokio::time::timeout(
+            Duration::from_millis(200),
+            ws.inner.send(Message::Text(ping.into())),
+        )
+        .await;
+        if !matches!(fed, Ok(Ok(()))) {
+            break;
+        }
+        sent += 1;
+        if sent % 64 == 0 && limit_hits(&server, "slow_consumer").await >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never cut off after {sent} pings"
+        );
+    }
+    wait_limit_hits(&server, "slow_consumer", 1.0).await;
+    let (seen, ended) = closed(&mut ws).await;
+    assert_eq!(ended, Ended::Close(4008), "after {} messages", seen.len());
+    assert_eq!(
+        seen.last().map(|m| m["code"].clone()),
+        Some(json!("slow_consumer"))
+    );
+    // Counted once: the dispatcher does not count this close again.
+    assert_eq!(limit_hits(&server, "slow_consumer").await, 1.0);
+}
+
+// ---------------------------------------------------------------------------------------------
 // connection caps and origin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
