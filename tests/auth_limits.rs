@@ -701,7 +701,7 @@ async fn a_client_that_floods_requests_without_reading_gets_4008_and_is_counted(
             break;
         }
         sent += 1;
-        if sent % 64 == 0 && limit_hits(&server, "slow_consumer").await >= 1.0 {
+        if sent.is_multiple_of(64) && limit_hits(&server, "slow_consumer").await >= 1.0 {
             break;
         }
         assert!(
