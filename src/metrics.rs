@@ -124,6 +124,10 @@ const HELP: &[(&str, &str)] = &[
         "tickfan_store_commit_errors_total",
         "Store commits that failed (and were retried).",
     ),
+    (
+        "tickfan_http_connections",
+        "Open plain HTTP connections (accepted, not upgraded to WebSocket).",
+    ),
 ];
 
 /// Histogram buckets in seconds: 10 µs .. 5 s.
@@ -375,6 +379,7 @@ impl Metrics {
         limit("max_http_connections_per_ip", load(&accept.refused_per_ip));
         limit("header_timeout", load(&accept.header_timeouts));
         limit("body_timeout", load(&accept.body_timeouts));
+        self.gauge("tickfan_http_connections", vec![], accept.open() as u64);
         self.recorder.handle().render()
     }
 }

@@ -158,6 +158,11 @@ pub struct BodyWatch {
 }
 
 impl BodyWatch {
+    /// Whether the body is no longer owed (read to its end, dropped, or empty).
+    pub fn is_done(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
     /// Resolves at `deadline` if the body is still owed then; never otherwise (a handler that
     /// has the whole body may take as long as its work takes).
     pub async fn owed_at(&self, deadline: tokio::time::Instant) {

@@ -99,6 +99,10 @@ pub async fn serve(
                 let state = service_state.clone();
                 let on_timeout = on_timeout.clone();
                 async move {
+                    // Most requests (every GET, every upgrade) have no body to wait for.
+                    if watch.is_done() {
+                        return response.await;
+                    }
                     tokio::select! {
                         response = response => response,
                         // Dropping the handler frees whatever body it had buffered.
