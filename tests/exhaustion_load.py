@@ -291,11 +291,14 @@ def part_posts(pid, port, count=20):
     all_closed = time.monotonic() - t0
     time.sleep(2.0)
     after = rss_kb(pid)
+    time.sleep(8.0)
+    later = rss_kb(pid)
     return {
         "posts": count,
         "rss_kb_before": before,
         "rss_kb_peak": peak,
         "rss_kb_2s_after_last_close": after,
+        "rss_kb_10s_after_last_close": later,
         "seconds_until_all_closed": round(all_closed, 1),
         "statuses": sorted({str(r and r["status"]) for r in result}),
         "closed_after_s": sorted(r["closed_after_s"] for r in result if r),
@@ -333,6 +336,7 @@ def main():
             "fd_limit": json.loads(http_get("127.0.0.3", port, "/health")[1]).get("fd_limit"),
             "idle": part_idle(server.pid, port, args.idle),
         }
+        time.sleep(2.0)
         summary["after_idle_released"] = {
             "server_fds": fds(server.pid),
             "server_rss_kb": rss_kb(server.pid),

@@ -104,17 +104,22 @@ pub async fn serve(
                         return response.await;
                     }
                     tokio::select! {
-                        response = response => response,
-                        // Dropping the handler frees whatever body it had buffered.
-                        () = watch.owed_at(deadline) => {
-                            state.limits.accept.body_timeouts.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(%peer, "request body deadline passed; answering 408");
-                            on_timeout.notify_one();
-                            Ok(admission::request_timeout(
-                                state.config.limits.body_timeout_ms,
-                            ))
-                        }
+                        response = response => return response,
+                        () = watch.owed_at(deadline) => {}
                     }
+                    // The handler is dropped by now, and with it whatever body it had
+                    // buffered (up to `max_body_bytes`): hand that back to the OS too.
+                    crate::parking::release_memory();
+                    state
+                        .limits
+                        .accept
+                        .body_timeouts
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "request body deadline passed; answering 408");
+                    on_timeout.notify_one();
+                    Ok(admission::request_timeout(
+                        state.config.limits.body_timeout_ms,
+                    ))
                 }
             });
             let conn = http1::Builder::new()
