@@ -67,6 +67,13 @@ def http_get(src, port, path):
     return head.split(b" ")[1].decode(), body.decode(errors="replace")
 
 
+def safe(f):
+    try:
+        return f()
+    except (OSError, IndexError) as e:
+        return f"failed: {e}"
+
+
 def metric(port, series):
     _, body = http_get("127.0.0.3", port, "/metrics")
     for line in body.splitlines():
@@ -132,12 +139,16 @@ def ws_subscribe(src, port):
     )
     buf = b""
     while b"\r\n\r\n" not in buf:
-        chunk = s.recv(4096)
+        try:
+            chunk = s.recv(4096)
+        except OSError as e:
+            return {"refused": f"{e} after {buf!r}", "seconds": time.monotonic() - t0}
         if not chunk:
-            raise ConnectionError("closed during handshake: %r" % buf)
+            return {"refused": f"closed after {buf!r}", "seconds": time.monotonic() - t0}
         buf += chunk
     head, _, buf = buf.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101"), head
+    if not head.startswith(b"HTTP/1.1 101"):
+        return {"refused": head.split(b"\r\n")[0].decode(), "seconds": time.monotonic() - t0}
     welcome, buf = ws_read_text(s, buf)
     assert json.loads(welcome)["type"] == "welcome", welcome
     s.sendall(ws_frame(json.dumps({"op": "subscribe", "id": 1, "symbols": ["LOAD"]})))
@@ -218,12 +229,12 @@ def part_idle(pid, port, n):
         "server_fds": fds(pid),
         "server_rss_kb": rss_kb(pid),
         "ws_from_127.0.0.2": ws_subscribe("127.0.0.2", port),
-        "health_from_127.0.0.3": http_get("127.0.0.3", port, "/health")[0],
-        "limit_hits_max_http_connections_per_ip": metric(
-            port, 'tickfan_limit_hits_total{limit="max_http_connections_per_ip"}'
+        "health_from_127.0.0.3": safe(lambda: http_get("127.0.0.3", port, "/health")[0]),
+        "limit_hits_max_http_connections_per_ip": safe(
+            lambda: metric(port, 'tickfan_limit_hits_total{limit="max_http_connections_per_ip"}')
         ),
-        "limit_hits_max_tcp_connections": metric(
-            port, 'tickfan_limit_hits_total{limit="max_tcp_connections"}'
+        "limit_hits_max_tcp_connections": safe(
+            lambda: metric(port, 'tickfan_limit_hits_total{limit="max_tcp_connections"}')
         ),
     }
     for w in workers:
@@ -340,6 +351,9 @@ def main():
         summary["after_idle_released"] = {
             "server_fds": fds(server.pid),
             "server_rss_kb": rss_kb(server.pid),
+            "limit_hits_max_tcp_connections": safe(
+                lambda: metric(port, 'tickfan_limit_hits_total{limit="max_tcp_connections"}')
+            ),
         }
         summary["stalled_posts"] = part_posts(server.pid, port)
         summary["server_alive"] = server.poll() is None
