@@ -323,6 +323,7 @@ def main():
     ap.add_argument("--idle", type=int, default=20000)
     ap.add_argument("--extra-config", default="")
     ap.add_argument("--skip-posts", action="store_true")
+    ap.add_argument("--post-rounds", type=int, default=1)
     args = ap.parse_args()
     port = free_port()
     tmp = tempfile.mkdtemp(prefix="tickfan-exhaustion-")
@@ -357,7 +358,9 @@ def main():
             ),
         }
         if not args.skip_posts:
-            summary["stalled_posts"] = part_posts(server.pid, port)
+            summary["stalled_posts"] = [
+                part_posts(server.pid, port) for _ in range(args.post_rounds)
+            ]
         summary["server_alive"] = server.poll() is None
         print(json.dumps(summary, indent=1))
     finally:
