@@ -213,6 +213,25 @@ pub struct LimitsConfig {
     pub max_connections_per_ip: usize,
     /// Open WebSocket connections in the whole process; further upgrades answer 503.
     pub max_connections: usize,
+    /// Open TCP connections of every kind (plain HTTP and upgraded WebSocket) in the whole
+    /// process, checked at accept before anything is read: over it, a connection gets a short
+    /// `503` and is closed at once. 0 derives it from the open-files limit: that limit minus
+    /// `reserved_fds`, so the store, the listener and the refusals themselves always find a
+    /// descriptor.
+    pub max_tcp_connections: usize,
+    /// File descriptors kept free under the open-files limit when `max_tcp_connections` is 0.
+    pub reserved_fds: usize,
+    /// Plain HTTP connections (not, or not yet, upgraded to WebSocket) open at once per client
+    /// IP address, checked at accept before anything is read: over it, a connection gets a
+    /// short `503` and is closed at once. Upgraded connections count against
+    /// `max_connections_per_ip` instead, so one address holds at most the sum of both.
+    pub max_http_connections_per_ip: usize,
+    /// Time a connection has to send a complete request head, in ms, counted from the accept
+    /// (or, on a kept-alive connection, from the previous response); then it is closed.
+    pub header_timeout_ms: u64,
+    /// Time a request has to send its whole body, in ms, counted from the end of its head;
+    /// then it is answered `408 request_timeout`, its body is freed and the connection closed.
+    pub body_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -226,6 +245,11 @@ impl Default for LimitsConfig {
             outbound_buffer_bytes: 4 * 1024 * 1024,
             max_connections_per_ip: 10_000,
             max_connections: 100_000,
+            max_tcp_connections: 0,
+            reserved_fds: 256,
+            max_http_connections_per_ip: 256,
+            header_timeout_ms: 30_000,
+            body_timeout_ms: 30_000,
         }
     }
 }
@@ -455,6 +479,15 @@ impl Config {
         }
         if self.limits.outbound_buffer_bytes > 1 << 31 {
             return invalid("limits.outbound_buffer_bytes", "must be at most 2 GiB");
+        }
+        if self.limits.max_http_connections_per_ip == 0 {
+            return invalid("limits.max_http_connections_per_ip", "must be at least 1");
+        }
+        if self.limits.header_timeout_ms == 0 || self.limits.body_timeout_ms == 0 {
+            return invalid(
+                "limits.header_timeout_ms",
+                "header_timeout_ms and body_timeout_ms must be >= 1",
+            );
         }
         if self.auth.auth_timeout_ms < 100 {
             return invalid("auth.auth_timeout_ms", "must be at least 100");

@@ -132,6 +132,10 @@ const HELP: &[(&str, &str)] = &[
         "tickfan_store_commit_errors_total",
         "Store commits that failed (and were retried).",
     ),
+    (
+        "tickfan_http_connections",
+        "Open plain HTTP connections (accepted, not upgraded to WebSocket).",
+    ),
 ];
 
 /// Histogram buckets in seconds: 10 µs .. 5 s.
@@ -325,7 +329,11 @@ impl Metrics {
                 v,
             );
         };
-        limit("slow_consumer", load(&d.slow_consumer_closes));
+        // Closed by the dispatcher (data or its replies) or by the connection (its replies).
+        limit(
+            "slow_consumer",
+            load(&d.slow_consumer_closes) + load(&c.reply_overflow),
+        );
         limit("ops_per_sec", load(&c.rate_limited));
         limit("abuse_close", load(&c.abuse_closed));
         limit("max_message_bytes", load(&c.too_big));
@@ -380,6 +388,12 @@ impl Metrics {
         limit("allowed_origins", load(&c.forbidden_origin));
         limit("http_unauthorized", load(&c.http_unauthorized));
         limit("max_body_bytes", load(&c.body_too_large));
+        let accept = &s.limits.accept;
+        limit("max_tcp_connections", load(&accept.refused_total));
+        limit("max_http_connections_per_ip", load(&accept.refused_per_ip));
+        limit("header_timeout", load(&accept.header_timeouts));
+        limit("body_timeout", load(&accept.body_timeouts));
+        self.gauge("tickfan_http_connections", vec![], accept.open() as u64);
         self.recorder.handle().render()
     }
 }
