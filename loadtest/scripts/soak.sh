@@ -66,16 +66,20 @@ trap cleanup EXIT
 # the clients come from 127.0.0.1, .2, ... CONNS_PER_IP each, below the per-IP cap, and the
 # producer from the next address. Everything else is the default configuration.
 CONF="$OUT/soak.toml"
+# STORE_TOML and EXTRA_TOML add keys (e.g. STORE_TOML='cache_mb = 16', or a whole
+# [dispatch] table in EXTRA_TOML) for experiments; the documented runs use neither.
 cat >"$CONF" <<EOF
 [server]
 listen = "127.0.0.1:0"
 [store]
 dir = "$DATA"
+${STORE_TOML:-}
 [feed]
 simulator = false
 [limits]
 max_connections_per_ip = 10000
 max_connections = 100000
+${EXTRA_TOML:-}
 EOF
 
 echo "== machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r)"
@@ -111,7 +115,7 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 RSS_AFTER=$(awk '/VmRSS/{print $2 " " $3}' /proc/"$SPID"/status 2>/dev/null || echo '?')
-echo "== after the loadtest exited: server fds $FDS_AFTER (idle before: $FDS_IDLE), RSS $RSS_AFTER"
+echo "== after the loadtest exited: server fds $FDS_AFTER (idle before: $FDS_IDLE), RSS $RSS_AFTER, store $(du -sh "$DATA" | cut -f1)"
 
 # Stop the server and judge its log.
 kill -TERM "$SPID"
@@ -123,7 +127,8 @@ fi
 wait "$SPID" || SRV_STATUS=$?
 SPID=
 LOG_LINES=$(grep -cE '\b(WARN|ERROR)\b' "$OUT/server.err" || true)
-echo "== server exit status $SRV_STATUS; $LOG_LINES WARN/ERROR lines in $OUT/server.err ($(wc -l <"$OUT/server.err") lines)"
+SLOW_LINES=$(grep -c 'slow consumer closed' "$OUT/server.err" || true)
+echo "== server exit status $SRV_STATUS; $LOG_LINES WARN/ERROR lines in $OUT/server.err ($(wc -l <"$OUT/server.err") lines, $SLOW_LINES 'slow consumer closed')"
 grep -E '\b(WARN|ERROR)\b' "$OUT/server.err" | head -20 || true
 echo "== load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 

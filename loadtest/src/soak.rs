@@ -264,6 +264,7 @@ pub struct SoakVerdict {
     pub cpu_max_pct: f64,
     pub load1_min: f64,
     pub load1_max: f64,
+    pub churn_requested: u64,
     pub churned: u64,
     pub churn_per_sec: f64,
     pub resumed: u64,
@@ -302,6 +303,7 @@ pub fn verdict(samples: &[SoakSample], cfg: &SoakConfig, i: &VerdictInputs) -> S
         open_start: i.fd_start.map(|f| f.1),
         fds_end: i.fd_end.map(|f| f.0),
         open_end: i.fd_end.map(|f| f.1),
+        churn_requested: CONNS.churn_requested.load(Relaxed),
         churned: CONNS.churned.load(Relaxed),
         resumed: CONNS.resumed.load(Relaxed),
         reconnect_failures: i.reconnect_failures,
@@ -524,7 +526,8 @@ impl SoakVerdict {
         );
         let _ = writeln!(
             o,
-            "soak churn   {} disconnects ({:.1}/s), {} resumes acknowledged, {} failed reconnects",
+            "soak churn   {} asked, {} disconnects ({:.1}/s), {} resumes acknowledged, {} failed reconnects",
+            fmt_count(self.churn_requested),
             fmt_count(self.churned),
             self.churn_per_sec,
             fmt_count(self.resumed),
