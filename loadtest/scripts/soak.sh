@@ -12,7 +12,8 @@
 #   CONNS=3000 CHURN=50 loadtest/scripts/soak.sh 60
 #
 # Settings (environment): CONNS=15000 CHURN=200 (per second) RATE=20000 (ticks/s)
-# SYMBOLS=1000 K=1 (symbols per client) WARMUP=(120, or a third of a shorter run)
+# SYMBOLS=1000 K=1 (symbols per client) MODE=realtime (or batch; both lossless)
+# INTERVAL=100 (ms, batch) WARMUP=(120, or a third of a shorter run)
 # SAMPLE=5 (seconds) CONNS_PER_IP=5000 THREADS=1 (loadtest workers) PIN=0 (1: server on
 # core 0, loadtest on core 1) OUT=target/soak-results.
 # Everything is bounded: the loadtest by `timeout`, the server's stop by a grace period; the
@@ -25,6 +26,8 @@ CHURN=${CHURN:-200}
 RATE=${RATE:-20000}
 SYMBOLS=${SYMBOLS:-1000}
 K=${K:-1}
+MODE=${MODE:-realtime}
+INTERVAL=${INTERVAL:-100}
 SAMPLE=${SAMPLE:-5}
 CONNS_PER_IP=${CONNS_PER_IP:-5000}
 THREADS=${THREADS:-1}
@@ -98,7 +101,7 @@ FDS_IDLE=$(ls /proc/"$SPID"/fd | wc -l)
 echo "== server pid $SPID on port $PORT, $FDS_IDLE fds, config $CONF"
 
 ARGS=(--url "ws://127.0.0.1:$PORT" --server-pid "$SPID" -c "$CONNS" --symbols "$SYMBOLS" -k "$K"
-  -r "$RATE" -d "$DURATION" --churn "$CHURN" --sample-secs "$SAMPLE" --warmup-secs "$WARMUP"
+  -r "$RATE" -d "$DURATION" --mode "$MODE" --interval-ms "$INTERVAL" --churn "$CHURN" --sample-secs "$SAMPLE" --warmup-secs "$WARMUP"
   --fd-tolerance "$FD_TOLERANCE" --conns-per-ip "$CONNS_PER_IP" --threads "$THREADS"
   --drain-ms 3000 --ramp-timeout 180 --csv "$OUT/soak.csv" --json "$OUT/soak.json" --quiet)
 echo "== tickfan-loadtest ${ARGS[*]}"
