@@ -13,7 +13,7 @@
 #
 # Settings (environment): CONNS=15000 CHURN=200 (per second) RATE=20000 (ticks/s)
 # SYMBOLS=1000 K=1 (symbols per client) MODE=realtime (or batch; both lossless)
-# INTERVAL=100 (ms, batch) WARMUP=(120, or a third of a shorter run)
+# INTERVAL=100 (ms, batch) WARMUP=(240, or a third of a run under 600 s)
 # SAMPLE=5 (seconds) CONNS_PER_IP=5000 THREADS=1 (loadtest workers) PIN=0 (1: server on
 # core 0, loadtest on core 1) OUT=target/soak-results.
 # Everything is bounded: the loadtest by `timeout`, the server's stop by a grace period; the
@@ -33,9 +33,12 @@ CONNS_PER_IP=${CONNS_PER_IP:-5000}
 THREADS=${THREADS:-1}
 PIN=${PIN:-0}
 OUT=${OUT:-target/soak-results}
+# RSS is judged after the warm-up, once the server's bounded caches are full: the dispatcher's
+# ring (recent_ticks = 1000 per symbol: 50 s at 20 ticks/s per symbol) and redb's page cache
+# (cache_mb = 256, filled as the store file grows, ~1.5 MB/s at 20k ticks/s: about 3 minutes).
 if [ -z "${WARMUP:-}" ]; then
-  WARMUP=120
-  [ "$DURATION" -lt 360 ] && WARMUP=$((DURATION / 3))
+  WARMUP=240
+  [ "$DURATION" -lt 600 ] && WARMUP=$((DURATION / 3))
 fi
 FD_TOLERANCE=${FD_TOLERANCE:-8}
 BIN=target/release/tickfan

@@ -342,6 +342,10 @@ struct Conn {
     settled: bool,
     /// Whether a subscribe of this client was acknowledged before: later acks are resumes.
     acked: bool,
+    /// Whether the current connection's subscribe was acknowledged. Churn waits for it, so
+    /// every churn cycle is a complete resume (a client picked again while it reconnects
+    /// leaves once its resume is acknowledged, not before).
+    ready: bool,
 }
 
 impl Conn {
@@ -450,10 +454,12 @@ impl Conn {
             "ack" if is_subscribe_reply && self.acked => {
                 // A resume: the symbols and the subscriber totals are those of the first ack.
                 self.requested.clear();
+                self.ready = true;
                 CONNS.resumed.fetch_add(1, Relaxed);
             }
             "ack" if is_subscribe_reply => {
                 self.acked = true;
+                self.ready = true;
                 if self.ctx.lossless {
                     for (name, &seq) in msg.last_seq.iter().flatten() {
                         if let Some(i) = self.ctx.symbol_index.get(name) {
@@ -797,6 +803,7 @@ pub async fn run(
         subscribed: Vec::new(),
         settled: false,
         acked: false,
+        ready: false,
         ctx: Arc::clone(&ctx),
     };
     let mut permit = Some(permit);
@@ -889,6 +896,7 @@ async fn serve(
         Vec::new()
     };
     conn.requested = symbols.to_vec();
+    conn.ready = false;
     let mut out = Vec::new();
     ws::encode(
         ws::OP_TEXT,
@@ -921,6 +929,7 @@ async fn serve(
         let max_texts = if slow_now { 1 } else { usize::MAX };
         let mut texts = 0usize;
         let mut server_close = None;
+        let ready = conn.ready;
         let mut on = |m: Msg<'_>, now_us: u64| {
             match m {
                 Msg::Text(text) => {
@@ -947,7 +956,7 @@ async fn serve(
         let step = tokio::select! {
             biased;
             _ = &mut stopped => break End::Stopped,
-            () = &mut churned => break End::Churn,
+            () = &mut churned, if ready => break End::Churn,
             step = std::future::poll_fn(|cx| {
                 input.poll_step(cx, &mut stream, max_texts, now_micros, &mut on)
             }) => step,
