@@ -414,8 +414,8 @@ pub fn verdict(samples: &[SoakSample], cfg: &SoakConfig, i: &VerdictInputs) -> S
     }
     if i.lost > 0 || !i.closes.is_empty() {
         fail.push(format!(
-            "{} connections ended by the server: {}",
-            i.lost, i.closes
+            "closes before the end: {} ({} connections lost)",
+            i.closes, i.lost
         ));
     }
     if !i.errors.is_empty() {
