@@ -34,7 +34,7 @@ use crate::client::{ClientCtx, Subscription, SymbolIndex};
 use crate::producer::ProducerConfig;
 use crate::report::{ConfigEcho, ConnSummary, IdleMemory, Latency, ProcSummary, Summary};
 use crate::run::{RunConfig, Samples};
-use crate::soak::{SoakConfig, VerdictInputs};
+use crate::soak::{SoakConfig, SoakVerdict, VerdictInputs};
 use crate::stats::CONNS;
 
 /// File descriptors kept free for everything that is not a client connection (the
@@ -401,12 +401,19 @@ fn try_main() -> anyhow::Result<ExitCode> {
     // Joins the workers, so every thread-local counter has been flushed after this.
     drop(rt);
 
-    let summary = summarize(&args, &symbols, outcome);
+    let (summary, soak) = summarize(&args, &symbols, outcome);
     print!("{}", summary.text());
+    if let Some(v) = &soak {
+        print!("{}", v.text());
+    }
     if let Some(path) = &args.json {
         let file =
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        serde_json::to_writer_pretty(std::io::BufWriter::new(file), &summary)
+        let out = JsonOut {
+            summary: &summary,
+            soak: soak.as_ref(),
+        };
+        serde_json::to_writer_pretty(std::io::BufWriter::new(file), &out)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     let producer_failed = summary
@@ -416,10 +423,19 @@ fn try_main() -> anyhow::Result<ExitCode> {
     if summary.connections.connected == 0 || producer_failed {
         return Ok(ExitCode::FAILURE);
     }
-    if summary.soak.as_ref().is_some_and(|v| !v.pass) {
+    if soak.as_ref().is_some_and(|v| !v.pass) {
         return Ok(ExitCode::from(3));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `--json` file: the summary, with the soak verdict beside it when there is one.
+#[derive(serde::Serialize)]
+struct JsonOut<'a> {
+    #[serde(flatten)]
+    summary: &'a Summary,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    soak: Option<&'a SoakVerdict>,
 }
 
 fn soak_config(args: &Args) -> SoakConfig {
@@ -516,7 +532,11 @@ fn proc_summary(
     })
 }
 
-fn summarize(args: &Args, symbols: &[String], outcome: run::Outcome) -> Summary {
+fn summarize(
+    args: &Args,
+    symbols: &[String],
+    outcome: run::Outcome,
+) -> (Summary, Option<SoakVerdict>) {
     use std::sync::atomic::Ordering::Relaxed;
     let (counters, hist) = stats::final_totals();
     let tallies = stats::tallies();
@@ -540,7 +560,7 @@ fn summarize(args: &Args, symbols: &[String], outcome: run::Outcome) -> Summary 
         soak::verdict(&outcome.soak_samples, &soak_config(args), &inputs)
     });
     let open = outcome.open_at_end;
-    Summary {
+    let summary = Summary {
         config: ConfigEcho {
             url: args.url.clone(),
             connections: args.connections,
@@ -599,8 +619,8 @@ fn summarize(args: &Args, symbols: &[String], outcome: run::Outcome) -> Summary 
             connected_delta_per_connection: (rss.connected as f64 - rss.before as f64)
                 / rss.connections.max(1) as f64,
         }),
-        soak,
-    }
+    };
+    (summary, soak)
 }
 
 #[cfg(test)]

@@ -284,8 +284,6 @@ pub struct Summary {
     pub server: Option<ProcSummary>,
     pub client: ProcSummary,
     pub idle_memory: Option<IdleMemory>,
-    /// The soak's verdict (`--sample-secs`).
-    pub soak: Option<crate::soak::SoakVerdict>,
 }
 
 /// Σ over symbols of ticks sent × subscribers.
@@ -461,9 +459,6 @@ impl Summary {
                 fmt_bytes(m.rss_connected as f64),
                 fmt_bytes(m.connected_delta_per_connection)
             );
-        }
-        if let Some(v) = &self.soak {
-            o.push_str(&v.text());
         }
         o
     }
