@@ -6,6 +6,13 @@
 //! After the handshake the connection is read with the raw frame reader of `ws`: one
 //! read, then every complete frame in the buffer, each text payload handed to
 //! [`Conn::on_text`] as a slice of the read buffer.
+//!
+//! Lossless mode (`--lossless`, implied by `--churn`) keeps one client alive across many
+//! connections: its seq state outlives each socket, its first subscribe ack sets the
+//! baseline (`last_seq`: every later seq must arrive exactly once), and each reconnect,
+//! after a churn disconnect or a loss, resubscribes with `since_seq` = the last seq it saw
+//! per symbol. The same tracker then checks replayed (`snapshot`) and live ticks alike, so a
+//! hole or a repeat anywhere across the client's connections counts as a gap or duplicate.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -21,7 +28,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::http::header::{HeaderValue, AUTHORIZATION};
@@ -32,6 +39,10 @@ use crate::ws::{self, Flow, Msg, Step, WsIn};
 
 /// How long the final close handshake may take before the socket is simply dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Pause before a lossless client reconnects after a failed attempt or a loss, so that a
+/// server refusing connections is not hammered.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 
 /// The `id` of the one subscribe request, so its ack or error can be recognised.
 const SUBSCRIBE_ID: u64 = 1;
@@ -73,6 +84,14 @@ pub struct ClientCtx {
     /// slowing the others.
     pub slow_clients: usize,
     pub slow_delay: Duration,
+    /// Keep the seq state across connections and resume with `since_seq` (see the module
+    /// header); a connection the server ends is reconnected instead of given up.
+    pub lossless: bool,
+    /// One churn signal per client (`--churn`; empty without it): when notified, the
+    /// client closes its connection cleanly and reconnects at once, resuming.
+    pub churn: Box<[Notify]>,
+    /// Bounds connects in progress, for reconnects as for the ramp.
+    pub connect_sem: Arc<Semaphore>,
 }
 
 /// Symbol name -> index in [`ClientCtx::symbols`], once per tick. A name that ends in its
@@ -155,12 +174,12 @@ pub enum SeqEvent {
     Unexpected,
 }
 
-/// Last seq seen per subscribed symbol of one connection. A sorted vector: K is small and
+/// Last seq seen per subscribed symbol of one client. A sorted vector: K is small and
 /// a binary search over it is cheaper and smaller than a hash map per connection.
 #[derive(Debug, Clone)]
 pub struct SeqTracker {
-    /// (symbol index, last seq); 0 = none yet (seqs start at 1).
-    last: Vec<(u32, u64)>,
+    /// (symbol index, last seq); `None` until a tick or a baseline sets it.
+    last: Vec<(u32, Option<u64>)>,
 }
 
 impl SeqTracker {
@@ -168,8 +187,23 @@ impl SeqTracker {
         symbols.sort_unstable();
         symbols.dedup();
         Self {
-            last: symbols.into_iter().map(|s| (s, 0)).collect(),
+            last: symbols.into_iter().map(|s| (s, None)).collect(),
         }
+    }
+
+    /// Sets the seq that the next tick of `symbol` must follow (a subscribe ack's
+    /// `last_seq`), unless one is already known: from then on seq `baseline + 1` is
+    /// expected, and anything else is a gap or a duplicate.
+    pub fn set_baseline(&mut self, symbol: u32, baseline: u64) {
+        if let Ok(i) = self.last.binary_search_by_key(&symbol, |e| e.0) {
+            self.last[i].1.get_or_insert(baseline);
+        }
+    }
+
+    /// (symbol, last seq) of every symbol with a known position: the `since_seq` of a
+    /// resume.
+    pub fn positions(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.last.iter().filter_map(|&(s, l)| l.map(|l| (s, l)))
     }
 
     /// Accounts one tick. `conflated` is the tick's `conflated` field (0 when absent):
@@ -179,11 +213,11 @@ impl SeqTracker {
         let Ok(i) = self.last.binary_search_by_key(&symbol, |e| e.0) else {
             return SeqEvent::Unexpected;
         };
-        let last = &mut self.last[i].1;
-        if *last == 0 {
-            *last = seq;
+        let slot = &mut self.last[i].1;
+        let Some(last) = slot else {
+            *slot = Some(seq);
             return SeqEvent::First;
-        }
+        };
         if seq <= *last {
             return SeqEvent::Duplicate;
         }
@@ -245,6 +279,12 @@ struct Incoming<'a> {
     /// subscribe `ack`.
     #[serde(default, borrow)]
     rejected: Vec<Rejected<'a>>,
+    /// subscribe `ack`: each accepted symbol's seq at the time of the subscribe.
+    #[serde(default)]
+    last_seq: Option<std::collections::BTreeMap<String, u64>>,
+    /// `snapshot`: the store no longer reaches back to the resume point.
+    #[serde(default)]
+    gap: Option<bool>,
 }
 
 /// A string field that borrows from the frame when it can. serde borrows a bare
@@ -300,6 +340,12 @@ struct Conn {
     subscribed: Vec<u32>,
     /// Whether this connection has reached a final ramp state (see `stats::Conns`).
     settled: bool,
+    /// Whether a subscribe of this client was acknowledged before: later acks are resumes.
+    acked: bool,
+    /// Whether the current connection's subscribe was acknowledged. Churn waits for it, so
+    /// every churn cycle is a complete resume (a client picked again while it reconnects
+    /// leaves once its resume is acknowledged, not before).
+    ready: bool,
 }
 
 impl Conn {
@@ -374,6 +420,9 @@ impl Conn {
                             // History, not a live delivery: it only advances the seqs.
                             c.snapshot_msgs += 1;
                             c.snapshot_ticks += msg.ticks.len() as u64;
+                            if msg.gap == Some(true) {
+                                c.gap_snapshots += 1;
+                            }
                             for t in &msg.ticks {
                                 if let (Some(sym), Some(seq)) = (&t.symbol, t.seq) {
                                     match index.get(sym) {
@@ -402,7 +451,22 @@ impl Conn {
         }
         let is_subscribe_reply = msg.id.is_some_and(|raw| raw.get() == SUBSCRIBE_ID_JSON);
         match kind {
+            "ack" if is_subscribe_reply && self.acked => {
+                // A resume: the symbols and the subscriber totals are those of the first ack.
+                self.requested.clear();
+                self.ready = true;
+                CONNS.resumed.fetch_add(1, Relaxed);
+            }
             "ack" if is_subscribe_reply => {
+                self.acked = true;
+                self.ready = true;
+                if self.ctx.lossless {
+                    for (name, &seq) in msg.last_seq.iter().flatten() {
+                        if let Some(i) = self.ctx.symbol_index.get(name) {
+                            self.seqs.set_baseline(i, seq);
+                        }
+                    }
+                }
                 let mut accepted = std::mem::take(&mut self.requested);
                 for r in &msg.rejected {
                     stats::tally(
@@ -677,13 +741,14 @@ async fn connect(ctx: &ClientCtx, index: usize) -> Result<(TcpStream, Vec<u8>), 
     Ok((stream, leftover))
 }
 
-fn subscribe_message(ctx: &ClientCtx, symbols: &[u32]) -> String {
+/// The subscribe request; `since` (symbol, seq) pairs become its `since_seq` (a resume).
+fn subscribe_message(ctx: &ClientCtx, symbols: &[u32], since: &[(u32, u64)]) -> String {
     let names: Vec<&str> = symbols
         .iter()
         .map(|&i| ctx.symbols[i as usize].as_str())
         .collect();
     let s = &ctx.subscription;
-    serde_json::json!({
+    let mut msg = serde_json::json!({
         "op": "subscribe",
         "id": SUBSCRIBE_ID,
         "symbols": names,
@@ -691,8 +756,15 @@ fn subscribe_message(ctx: &ClientCtx, symbols: &[u32]) -> String {
         "interval_ms": s.interval_ms,
         "min_quality": s.min_quality,
         "min_volume": s.min_volume,
-    })
-    .to_string()
+    });
+    if !since.is_empty() {
+        let resume: serde_json::Map<String, serde_json::Value> = since
+            .iter()
+            .map(|&(i, seq)| (ctx.symbols[i as usize].clone(), seq.into()))
+            .collect();
+        msg["since_seq"] = resume.into();
+    }
+    msg.to_string()
 }
 
 /// The close tally key of a server close frame (tungstenite's reading of its code).
@@ -703,9 +775,20 @@ fn close_reason(code: Option<u16>) -> String {
     }
 }
 
-/// Runs connection `index` until `stop` turns true. `permit` bounds how many
-/// connections are in their connect/handshake phase at once; it is released as soon as
-/// the subscribe is sent.
+/// How one connection of a client ended.
+enum End {
+    /// The test is over: close cleanly and stop.
+    Stopped,
+    /// A churn signal: close cleanly, then reconnect and resume.
+    Churn,
+    /// The server (or the network) ended it; the tally key says how.
+    Lost(String),
+}
+
+/// Runs client `index` until `stop` turns true. `permit` bounds how many connections are
+/// in their connect/handshake phase at once; it is released as soon as the subscribe is
+/// sent. Without lossless mode the client makes one connection; in lossless mode it
+/// reconnects after every churn signal or loss, resuming where it left off.
 pub async fn run(
     ctx: Arc<ClientCtx>,
     index: usize,
@@ -714,45 +797,139 @@ pub async fn run(
 ) {
     CONNS.attempted.fetch_add(1, Relaxed);
     let symbols = symbols_for(index, ctx.symbols_per_client, ctx.symbols.len());
-    let connected = tokio::time::timeout(ctx.connect_timeout, connect(&ctx, index)).await;
-    let (mut stream, leftover) = match connected {
-        Ok(Ok(c)) => c,
-        Ok(Err(reason)) => return fail(&reason),
-        Err(_) => return fail("timeout"),
+    let mut conn = Conn {
+        seqs: SeqTracker::new(symbols.clone()),
+        requested: Vec::new(),
+        subscribed: Vec::new(),
+        settled: false,
+        acked: false,
+        ready: false,
+        ctx: Arc::clone(&ctx),
     };
+    let mut permit = Some(permit);
+    let mut first = true;
+    loop {
+        if !first && *stop.borrow() {
+            break;
+        }
+        let permit = match permit.take() {
+            Some(p) => p,
+            None => {
+                let sem = Arc::clone(&ctx.connect_sem);
+                tokio::select! {
+                    p = sem.acquire_owned() => p.expect("semaphore never closed"),
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+            }
+        };
+        let connected = tokio::time::timeout(ctx.connect_timeout, connect(&ctx, index)).await;
+        let failure = match connected {
+            Ok(Ok((stream, leftover))) => {
+                match serve(
+                    &mut conn, stream, leftover, &symbols, index, permit, &mut stop,
+                )
+                .await
+                {
+                    Ok(End::Stopped) => break,
+                    Ok(End::Churn) => {
+                        CONNS.churned.fetch_add(1, Relaxed);
+                        first = false;
+                        continue;
+                    }
+                    Ok(End::Lost(why)) => {
+                        CONNS.lost.fetch_add(1, Relaxed);
+                        stats::tally(Tally::Close, &why);
+                        if !ctx.lossless {
+                            // Its symbols stop counting toward expected deliveries.
+                            for &s in &conn.subscribed {
+                                stats::add_subscriber(s, -1);
+                            }
+                            return;
+                        }
+                        None
+                    }
+                    Err(reason) => Some(format!("subscribe_{reason}")),
+                }
+            }
+            Ok(Err(reason)) => Some(reason),
+            Err(_) => Some("timeout".to_string()),
+        };
+        if let Some(reason) = failure {
+            if first {
+                return fail(&reason);
+            }
+            CONNS.reconnect_failures.fetch_add(1, Relaxed);
+            stats::tally(Tally::ConnectFailure, &format!("reconnect_{reason}"));
+        }
+        first = false;
+        // A lost or failed lossless client tries again after a pause, until the test ends.
+        tokio::select! {
+            _ = tokio::time::sleep(RECONNECT_PAUSE) => {}
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    if ctx.lossless {
+        for (s, seq) in conn.seqs.positions() {
+            stats::report_final_seq(s, seq);
+        }
+    }
+}
+
+/// One connection of a client: subscribe (resuming when the client was subscribed
+/// before), then read until the test stops, a churn signal comes, or the server ends it.
+/// A clean close is done here; a loss is left to the caller to count.
+async fn serve(
+    conn: &mut Conn,
+    mut stream: TcpStream,
+    leftover: Vec<u8>,
+    symbols: &[u32],
+    index: usize,
+    permit: OwnedSemaphorePermit,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<End, String> {
+    let ctx = Arc::clone(&conn.ctx);
     CONNS.connected.fetch_add(1, Relaxed);
     CONNS.open.fetch_add(1, Relaxed);
+    let since: Vec<(u32, u64)> = if ctx.lossless && conn.acked {
+        conn.seqs.positions().collect()
+    } else {
+        Vec::new()
+    };
+    conn.requested = symbols.to_vec();
+    conn.ready = false;
     let mut out = Vec::new();
     ws::encode(
         ws::OP_TEXT,
-        subscribe_message(&ctx, &symbols).as_bytes(),
+        subscribe_message(&ctx, symbols, &since).as_bytes(),
         &mut out,
     );
     if let Err(e) = stream.write_all(&out).await {
         CONNS.open.fetch_sub(1, Relaxed);
-        return fail(&format!("subscribe_{}", io_reason(&e)));
+        return Err(io_reason(&e));
     }
     out.clear();
     drop(permit);
 
-    let mut conn = Conn {
-        seqs: SeqTracker::new(symbols.clone()),
-        requested: symbols,
-        subscribed: Vec::new(),
-        settled: false,
-        ctx,
-    };
     let mut input = WsIn::new(leftover);
-    let slow = index < conn.ctx.slow_clients;
+    let slow = index < ctx.slow_clients;
     let stopped = stop.wait_for(|s| *s);
     tokio::pin!(stopped);
-    let ended_by_server = loop {
+    let churn_signal = ctx.churn.get(index);
+    let churned = async {
+        match churn_signal {
+            Some(n) => n.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(churned);
+    let end = loop {
         // Slow clients take one message per step during the window; the rest waits in
         // the connection's carry (and the socket) as it waited in tungstenite's buffer.
         let slow_now = slow && !stats::window_over();
         let max_texts = if slow_now { 1 } else { usize::MAX };
         let mut texts = 0usize;
         let mut server_close = None;
+        let ready = conn.ready;
         let mut on = |m: Msg<'_>, now_us: u64| {
             match m {
                 Msg::Text(text) => {
@@ -778,7 +955,8 @@ pub async fn run(
         // guard across the await and make the task !Send.
         let step = tokio::select! {
             biased;
-            _ = &mut stopped => break None,
+            _ = &mut stopped => break End::Stopped,
+            () = &mut churned, if ready => break End::Churn,
             step = std::future::poll_fn(|cx| {
                 input.poll_step(cx, &mut stream, max_texts, now_micros, &mut on)
             }) => step,
@@ -786,18 +964,18 @@ pub async fn run(
         match step {
             Ok(Step::Parsed(_)) => {}
             Ok(Step::Eof) => {
-                break Some(ws_reason(&WsError::Protocol(
+                break End::Lost(ws_reason(&WsError::Protocol(
                     ProtocolError::ResetWithoutClosingHandshake,
                 )))
             }
-            Err(e) => break Some(ws_reason(&e)),
+            Err(e) => break End::Lost(ws_reason(&e)),
         }
         if let Some(why) = server_close {
-            break Some(why);
+            break End::Lost(why);
         }
         if !out.is_empty() {
             if let Err(e) = stream.write_all(&out).await {
-                break Some(io_reason(&e));
+                break End::Lost(io_reason(&e));
             }
             out.clear();
         }
@@ -805,23 +983,18 @@ pub async fn run(
         // full speed, to reach the server's slow_consumer error and 4008 close queued
         // behind it.
         if slow_now && texts > 0 && !stats::window_over() {
-            tokio::time::sleep(conn.ctx.slow_delay).await;
+            tokio::time::sleep(ctx.slow_delay).await;
         }
     };
     conn.settle();
     stats::flush_thread();
     CONNS.open.fetch_sub(1, Relaxed);
-    match ended_by_server {
-        Some(why) => {
-            // Lost before the end: its symbols stop counting toward expected deliveries.
-            CONNS.lost.fetch_add(1, Relaxed);
-            stats::tally(Tally::Close, &why);
-            for &s in &conn.subscribed {
-                stats::add_subscriber(s, -1);
-            }
-        }
-        None => close(&mut stream, &mut input).await,
+    match end {
+        End::Stopped => close(&mut stream, &mut input, false).await,
+        End::Churn => close(&mut stream, &mut input, true).await,
+        End::Lost(_) => {}
     }
+    Ok(end)
 }
 
 fn fail(reason: &str) {
@@ -830,9 +1003,11 @@ fn fail(reason: &str) {
     stats::tally(Tally::ConnectFailure, reason);
 }
 
-/// Clean close at the end of the test: send 1000, read (and ignore) until the server's
-/// close arrives or [`CLOSE_TIMEOUT`] passes.
-async fn close(stream: &mut TcpStream, input: &mut WsIn) {
+/// Clean close at the end of the test or for churn: send 1000, read (and ignore) until
+/// the server's close arrives or [`CLOSE_TIMEOUT`] passes. Ticks read meanwhile are not
+/// counted; a lossless client gets them again when it resumes. A churn close that is not
+/// clean is tallied with the closes (`churn_timeout`, ...), since it should not happen.
+async fn close(stream: &mut TcpStream, input: &mut WsIn, churn: bool) {
     let outcome = tokio::time::timeout(CLOSE_TIMEOUT, async {
         let mut frame = Vec::new();
         ws::encode_close(1000, "load test done", &mut frame);
@@ -866,7 +1041,11 @@ async fn close(stream: &mut TcpStream, input: &mut WsIn) {
         Ok(Err(e)) => ws_reason(&e),
         Err(_) => "timeout".to_string(),
     };
-    stats::tally(Tally::FinalClose, &key);
+    if !churn {
+        stats::tally(Tally::FinalClose, &key);
+    } else if key != "clean" {
+        stats::tally(Tally::Close, &format!("churn_{key}"));
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
 //! `tickfan-loadtest`: opens N subscribed client connections to a tickfan server,
 //! optionally drives a producer at R ticks/s, and reports delivery rate, seq gaps and
 //! duplicates, latency from `t_in`, closes and errors, and (with `--server-pid`) the
-//! server's CPU per delivered message and memory per connection.
+//! server's CPU per delivered message and memory per connection. For a soak it adds
+//! churn (random clients disconnect and resume, `--churn`), lossless checking across
+//! reconnects (`--lossless`), a time series of the server's RSS, fds and CPU
+//! (`--sample-secs`, `--csv`) and a pass/fail verdict.
 //!
 //! This file is only the command line: parse, validate, build the runtime, run, report.
 //! `run` owns the timeline, `client` one connection, `producer` the `/ingest` feed,
@@ -11,6 +14,7 @@ mod client;
 mod producer;
 mod report;
 mod run;
+mod soak;
 mod stats;
 mod sysinfo;
 mod ws;
@@ -23,12 +27,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
+use tokio::sync::{Notify, Semaphore};
 use tokio_tungstenite::tungstenite::http::Uri;
 
 use crate::client::{ClientCtx, Subscription, SymbolIndex};
 use crate::producer::ProducerConfig;
 use crate::report::{ConfigEcho, ConnSummary, IdleMemory, Latency, ProcSummary, Summary};
 use crate::run::{RunConfig, Samples};
+use crate::soak::{SoakConfig, SoakVerdict, VerdictInputs};
 use crate::stats::CONNS;
 
 /// File descriptors kept free for everything that is not a client connection (the
@@ -148,6 +154,33 @@ struct Args {
     /// No live line on stderr.
     #[arg(short, long)]
     quiet: bool,
+    /// Churn: this many clients a second (picked at random, spread over the second)
+    /// close their connection cleanly and reconnect at once, resuming with since_seq.
+    /// Only during the window. Implies --lossless.
+    #[arg(long, default_value_t = 0.0)]
+    churn: f64,
+    /// Lossless clients: the first subscribe ack's last_seq is each client's baseline,
+    /// every later seq must arrive exactly once across all its connections, and a client
+    /// whose connection ends (churn or loss) reconnects and resumes with since_seq.
+    #[arg(long)]
+    lossless: bool,
+    /// Soak sampling: read the server's RSS, open fds and CPU every this many seconds
+    /// (needs --server-pid; 0: off), print each sample and judge the run at the end.
+    #[arg(long, default_value_t = 0.0)]
+    sample_secs: f64,
+    /// Append the soak samples to this CSV file as they are taken.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// Seconds from the window start before RSS flatness is judged.
+    #[arg(long, default_value_t = 60.0)]
+    warmup_secs: f64,
+    /// Largest allowed deviation of an RSS sample from the post-warm-up mean, in %.
+    #[arg(long, default_value_t = 5.0)]
+    rss_tolerance_pct: f64,
+    /// Largest allowed change of (server fds - open connections) from the window start to
+    /// the end.
+    #[arg(long, default_value_t = 8)]
+    fd_tolerance: i64,
 }
 
 /// The server address and the two endpoint URLs derived from `--url`.
@@ -251,6 +284,28 @@ fn try_main() -> anyhow::Result<ExitCode> {
     if args.threads == 0 {
         bail!("--threads must be at least 1");
     }
+    if !(args.churn >= 0.0 && args.churn.is_finite()) {
+        bail!("--churn must be a finite number >= 0");
+    }
+    if args.churn > 0.0 && args.connections == 0 {
+        bail!("--churn needs connections");
+    }
+    if !(args.sample_secs >= 0.0 && args.sample_secs.is_finite()) {
+        bail!("--sample-secs must be a finite number >= 0");
+    }
+    if args.sample_secs > 0.0 && args.server_pid.is_none() {
+        bail!("--sample-secs samples the server: give --server-pid");
+    }
+    if args.csv.is_some() && args.sample_secs <= 0.0 {
+        bail!("--csv needs --sample-secs");
+    }
+    let lossless = args.lossless || args.churn > 0.0;
+    if lossless && !matches!(args.mode, Mode::Realtime | Mode::Batch) {
+        bail!("--lossless and --churn check every seq: use --mode realtime or batch");
+    }
+    if lossless && (args.min_quality > 0 || args.min_volume > 0.0) {
+        bail!("--lossless and --churn check every seq: filters would hold ticks back");
+    }
     if args.idle && args.server_pid.is_none() {
         eprintln!("warning: --idle without --server-pid cannot report memory per connection");
     }
@@ -278,6 +333,7 @@ fn try_main() -> anyhow::Result<ExitCode> {
 
     let symbol_index = SymbolIndex::new(Arc::clone(&symbols));
     stats::init_subscribers(symbols.len());
+    stats::init_final_seqs(symbols.len());
     ws::set_read_size(args.read_buffer_kb.max(1) * 1024);
     let ctx = Arc::new(ClientCtx {
         server: target.addr,
@@ -297,6 +353,13 @@ fn try_main() -> anyhow::Result<ExitCode> {
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         slow_clients: args.slow_clients,
         slow_delay: Duration::from_millis(args.slow_ms),
+        lossless,
+        churn: if args.churn > 0.0 {
+            (0..args.connections).map(|_| Notify::new()).collect()
+        } else {
+            Box::new([])
+        },
+        connect_sem: Arc::new(Semaphore::new(args.connect_concurrency.max(1))),
     });
     let producer = (args.rate > 0.0).then(|| ProducerConfig {
         url: target.ingest_url.clone(),
@@ -323,6 +386,8 @@ fn try_main() -> anyhow::Result<ExitCode> {
         producer,
         server_pid: args.server_pid,
         live: !args.quiet,
+        churn_per_sec: args.churn,
+        soak: (args.sample_secs > 0.0).then(|| soak_config(&args)),
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -336,12 +401,19 @@ fn try_main() -> anyhow::Result<ExitCode> {
     // Joins the workers, so every thread-local counter has been flushed after this.
     drop(rt);
 
-    let summary = summarize(&args, &symbols, outcome);
+    let (summary, soak) = summarize(&args, &symbols, outcome);
     print!("{}", summary.text());
+    if let Some(v) = &soak {
+        print!("{}", v.text());
+    }
     if let Some(path) = &args.json {
         let file =
             std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        serde_json::to_writer_pretty(std::io::BufWriter::new(file), &summary)
+        let out = JsonOut {
+            summary: &summary,
+            soak: soak.as_ref(),
+        };
+        serde_json::to_writer_pretty(std::io::BufWriter::new(file), &out)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     let producer_failed = summary
@@ -351,7 +423,90 @@ fn try_main() -> anyhow::Result<ExitCode> {
     if summary.connections.connected == 0 || producer_failed {
         return Ok(ExitCode::FAILURE);
     }
+    if soak.as_ref().is_some_and(|v| !v.pass) {
+        return Ok(ExitCode::from(3));
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `--json` file: the summary, with the soak verdict beside it when there is one.
+#[derive(serde::Serialize)]
+struct JsonOut<'a> {
+    #[serde(flatten)]
+    summary: &'a Summary,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    soak: Option<&'a SoakVerdict>,
+}
+
+fn soak_config(args: &Args) -> SoakConfig {
+    SoakConfig {
+        every: Duration::from_secs_f64(args.sample_secs),
+        csv: args.csv.clone(),
+        warmup: Duration::from_secs_f64(args.warmup_secs.max(0.0)),
+        rss_tolerance_pct: args.rss_tolerance_pct,
+        fd_tolerance: args.fd_tolerance,
+    }
+}
+
+/// The soak verdict's inputs from the run's totals.
+fn verdict_inputs(
+    args: &Args,
+    counters: &stats::Counters,
+    tallies: &stats::Tallies,
+    outcome: &run::Outcome,
+    expected: Option<u64>,
+    exact: bool,
+) -> VerdictInputs {
+    use std::sync::atomic::Ordering::Relaxed;
+    let lossless = args.lossless || args.churn > 0.0;
+    let tally = |m: &std::collections::BTreeMap<String, u64>| {
+        m.iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let finals = stats::final_seqs();
+    let symbols_behind = finals.iter().flatten().filter(|(lo, hi)| lo < hi).count() as u64;
+    let p = outcome.producer.as_ref();
+    // The server was fresh and every tick sent was accepted once: symbol i's last seq is
+    // then the number of ticks sent for it.
+    let producer_exact = p.is_some_and(|p| {
+        p.accepted == p.ticks_sent && p.duplicates == 0 && p.rejected == 0 && p.refused == 0
+    });
+    let symbols_short = (lossless && producer_exact).then(|| {
+        let sent = &p.expect("checked above").sent_per_symbol;
+        finals
+            .iter()
+            .zip(sent)
+            .filter(|(f, &n)| n > 0 && f.is_some_and(|(_, hi)| hi < n))
+            .count() as u64
+    });
+    VerdictInputs {
+        window_secs: outcome.window_secs,
+        fds_before_connect: outcome.fds_before_connect,
+        fd_start: outcome.fd_start,
+        fd_end: outcome.fd_end,
+        lossless,
+        churn_per_sec: args.churn,
+        target_rate: args.rate,
+        producer_rate: p.map(|p| p.accepted as f64 / p.elapsed_secs.max(1e-9)),
+        producer_refused: p.map_or(0, |p| p.refused),
+        producer_failure: p.and_then(|p| p.failure.clone()),
+        gaps: counters.gaps,
+        missing: counters.missing,
+        duplicates: counters.duplicates,
+        gap_snapshots: counters.gap_snapshots,
+        unexpected_symbol: counters.unexpected_symbol,
+        lost: CONNS.lost.load(Relaxed),
+        closes: tally(&tallies.closes),
+        errors: tally(&tallies.errors),
+        connect_failures: CONNS.failed.load(Relaxed),
+        reconnect_failures: CONNS.reconnect_failures.load(Relaxed),
+        seen: counters.deliveries + counters.snapshot_ticks,
+        expected: expected.filter(|_| exact),
+        symbols_behind,
+        symbols_short,
+    }
 }
 
 /// CPU/RSS over the measurement from two samples.
@@ -377,7 +532,11 @@ fn proc_summary(
     })
 }
 
-fn summarize(args: &Args, symbols: &[String], outcome: run::Outcome) -> Summary {
+fn summarize(
+    args: &Args,
+    symbols: &[String],
+    outcome: run::Outcome,
+) -> (Summary, Option<SoakVerdict>) {
     use std::sync::atomic::Ordering::Relaxed;
     let (counters, hist) = stats::final_totals();
     let tallies = stats::tallies();
@@ -396,8 +555,12 @@ fn summarize(args: &Args, symbols: &[String], outcome: run::Outcome) -> Summary 
         ),
         _ => (None, false),
     };
+    let soak = args.server_pid.filter(|_| args.sample_secs > 0.0).map(|_| {
+        let inputs = verdict_inputs(args, &counters, &tallies, &outcome, expected, exact);
+        soak::verdict(&outcome.soak_samples, &soak_config(args), &inputs)
+    });
     let open = outcome.open_at_end;
-    Summary {
+    let summary = Summary {
         config: ConfigEcho {
             url: args.url.clone(),
             connections: args.connections,
@@ -456,7 +619,8 @@ fn summarize(args: &Args, symbols: &[String], outcome: run::Outcome) -> Summary 
             connected_delta_per_connection: (rss.connected as f64 - rss.before as f64)
                 / rss.connections.max(1) as f64,
         }),
-    }
+    };
+    (summary, soak)
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! The run's timeline: ramp up the connections (bounded concurrency), then the measurement
 //! window (producer on), then a short drain, then a clean close. While it waits it ticks
 //! the stats epoch every 100 ms and prints the live line once a second; around the window
-//! it samples the server's and its own CPU and RSS. It returns the raw [`Outcome`]; the
+//! it samples the server's and its own CPU and RSS. With `--churn` it asks random clients
+//! to disconnect and resume during the window; with `--sample-secs` it keeps the soak's
+//! time series (`soak`). It returns the raw [`Outcome`]; the
 //! summary is built after the runtime has shut down (see `main`), when every thread has
 //! flushed its counters.
 
@@ -9,14 +11,19 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::client::{self, ClientCtx};
 use crate::producer::{self, ProducerConfig, ProducerLive, ProducerReport};
 use crate::report::{self, Latency, LiveSnapshot};
+use crate::soak::{Sampler, SoakConfig, SoakSample};
 use crate::stats::{self, Counters, Phase, CONNS};
 use crate::sysinfo::{self, ProcSample};
+
+/// How long the end of a soak waits for the server's fd count to come back to its
+/// start-of-window level (less connections) before it records what it sees.
+const FD_SETTLE: Duration = Duration::from_secs(10);
 
 /// How often threads are asked to flush their counters.
 const EPOCH_STEP: Duration = Duration::from_millis(100);
@@ -57,6 +64,10 @@ pub struct RunConfig {
     pub server_pid: Option<u32>,
     /// Print the live line (off with `--quiet`).
     pub live: bool,
+    /// Churn disconnects per second during the window (0: none).
+    pub churn_per_sec: f64,
+    /// Soak sampling (`--sample-secs` with `--server-pid`).
+    pub soak: Option<SoakConfig>,
 }
 
 /// CPU/RSS readings at the start and end of the measurement.
@@ -81,6 +92,12 @@ pub struct Outcome {
     pub open_at_end: i64,
     /// SYNs the kernel dropped on a full accept queue during the ramp (system-wide).
     pub listen_overflows: u64,
+    /// The soak's samples, and the server's fds before the ramp and (fds, open
+    /// connections) at the window start and at the end.
+    pub soak_samples: Vec<SoakSample>,
+    pub fds_before_connect: Option<u64>,
+    pub fd_start: Option<(u64, i64)>,
+    pub fd_end: Option<(u64, i64)>,
 }
 
 /// The live reporter: remembers the previous totals to print per-second deltas.
@@ -94,6 +111,7 @@ struct Live {
     server_pid: Option<u32>,
     last_server: Option<ProcSample>,
     phase: &'static str,
+    sampler: Option<Sampler>,
 }
 
 /// Set by Ctrl-C / SIGTERM: every remaining phase is cut short, so that the summary of
@@ -137,6 +155,16 @@ impl Live {
             stats::bump_epoch();
             if self.last_print.elapsed() >= Duration::from_secs(1) {
                 self.print();
+            }
+            if let Some(s) = self.sampler.as_mut().filter(|s| s.due()) {
+                s.sample(
+                    if self.phase == "drain" {
+                        "drain"
+                    } else {
+                        "run"
+                    },
+                    true,
+                );
             }
         }
     }
@@ -192,6 +220,56 @@ impl Live {
     }
 }
 
+/// Asks `per_sec` random clients a second to disconnect and resume, spread evenly over
+/// the second, until aborted. The schedule is kept by the clock, not by counting timer
+/// ticks: a wake-up that comes late (a busy runtime, a busy machine) sends what is due,
+/// up to a tenth of a second's worth at once, so the rate holds without big bursts. A
+/// client asked again before it reconnected does it once its new connection is up.
+async fn churn(ctx: Arc<ClientCtx>, per_sec: f64) {
+    let step = Duration::from_secs_f64((1.0 / per_sec).max(0.001));
+    let most_at_once = (per_sec / 10.0).ceil().max(1.0) as u64;
+    let mut rng = fastrand::Rng::new();
+    let start = Instant::now();
+    let mut sent = 0u64;
+    loop {
+        tokio::time::sleep(step).await;
+        let due = (start.elapsed().as_secs_f64() * per_sec) as u64;
+        // More than a second behind: give up the excess rather than catch up in a burst.
+        sent = sent.max(due.saturating_sub(per_sec.ceil() as u64));
+        let now = due.saturating_sub(sent).min(most_at_once);
+        for _ in 0..now {
+            let i = rng.usize(..ctx.churn.len());
+            ctx.churn[i].notify_one();
+        }
+        sent += now;
+        CONNS.churn_requested.fetch_add(now, Relaxed);
+    }
+}
+
+/// The end-of-soak fd reading: churn is over and the producer gone, so the server's
+/// fds less the open connections should be back where they were at the window start
+/// (closed sockets may take a moment to be reaped). Polls until they are, or for
+/// [`FD_SETTLE`], and records the last reading as the `end` sample.
+async fn settle_fds(sampler: &mut Sampler, start: Option<(u64, i64)>) -> Option<(u64, i64)> {
+    let deadline = Instant::now() + FD_SETTLE;
+    loop {
+        let now = sampler.sample("end", false).map(|s| (s.fds, s.open));
+        let settled = match (start, now) {
+            (Some((f0, o0)), Some((f1, o1))) => f1 as i64 - o1 == f0 as i64 - o0,
+            _ => true,
+        };
+        if settled || Instant::now() >= deadline || INTERRUPTED.load(Relaxed) {
+            if let Some(s) = sampler.samples.last() {
+                eprintln!("end: server fds {} with {} connections open", s.fds, s.open);
+            }
+            return now;
+        }
+        // Keep only the last "end" reading in the series.
+        sampler.samples.pop();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Runs the whole test.
 ///
 /// # Errors
@@ -215,8 +293,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
         server_pid: cfg.server_pid,
         last_server: sample_server(),
         phase: "ramp",
+        sampler: None,
     };
     let rss_before = sample_server().and_then(|s| s.rss_bytes);
+    out.fds_before_connect = cfg.server_pid.and_then(|p| sysinfo::fd_count(p).ok());
     let overflows_before = sysinfo::listen_overflows();
 
     // Ramp: a spawner task hands out connect permits; we report until all settle.
@@ -226,7 +306,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
     // Tells the spawner to stop starting connections (ramp timeout or interrupt).
     let ramp_over = Arc::new(Notify::new());
     let spawner: JoinHandle<Vec<JoinHandle<()>>> = {
-        let sem = Arc::new(Semaphore::new(cfg.connect_concurrency.max(1)));
+        let sem = Arc::clone(&cfg.ctx.connect_sem);
         let ctx = Arc::clone(&cfg.ctx);
         let stop_rx = stop_rx.clone();
         let ramp_over = Arc::clone(&ramp_over);
@@ -293,7 +373,14 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
     live.phase = if cfg.idle { "idle" } else { "run" };
     out.server.start = sample_server();
     out.client.start = sysinfo::sample(None).ok();
+    if let (Some(pid), Some(soak)) = (cfg.server_pid, &cfg.soak) {
+        let mut sampler = Sampler::new(pid, soak)?;
+        out.fd_start = sampler.sample("run", true).map(|s| (s.fds, s.open));
+        live.sampler = Some(sampler);
+    }
     let window_start = Instant::now();
+    let churn = (cfg.churn_per_sec > 0.0 && !cfg.ctx.churn.is_empty())
+        .then(|| tokio::spawn(churn(Arc::clone(&cfg.ctx), cfg.churn_per_sec)));
     let (prod_stop_tx, prod_stop_rx) = watch::channel(false);
     let producer = cfg.producer.clone().map(|pc| {
         let plive = Arc::new(ProducerLive::default());
@@ -314,6 +401,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
         }
     }
     let _ = prod_stop_tx.send(true);
+    if let Some(c) = churn {
+        c.abort();
+    }
     out.window_secs = window_start.elapsed().as_secs_f64();
 
     // Drain: ticks already accepted are still on their way to the clients.
@@ -331,6 +421,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
             .await
             .ok()
             .flatten();
+    }
+    if let Some(mut sampler) = live.sampler.take() {
+        out.fd_end = settle_fds(&mut sampler, out.fd_start).await;
+        out.soak_samples = std::mem::take(&mut sampler.samples);
     }
 
     // Close everything cleanly, but do not wait forever on a stuck server.

@@ -61,6 +61,9 @@ pub struct Counters {
     pub binary_msgs: u64,
     /// Messages of a type this client does not know.
     pub other_msgs: u64,
+    /// `snapshot` messages with `"gap":true`: the store no longer reached back to the
+    /// resume point, so ticks were lost for good. A lossless run must see none.
+    pub gap_snapshots: u64,
 }
 
 impl AddAssign for Counters {
@@ -82,6 +85,7 @@ impl AddAssign for Counters {
         self.parse_errors += o.parse_errors;
         self.binary_msgs += o.binary_msgs;
         self.other_msgs += o.other_msgs;
+        self.gap_snapshots += o.gap_snapshots;
     }
 }
 
@@ -211,6 +215,11 @@ pub fn take_interval() -> (Counters, Histogram<u64>) {
     (s.counters, interval)
 }
 
+/// The counter totals flushed so far, without touching the latency histograms.
+pub fn counters_now() -> Counters {
+    shared().counters
+}
+
 /// Final totals: counters and every latency sample. Call after the runtime is shut down,
 /// so that every worker thread has flushed.
 pub fn final_totals() -> (Counters, Histogram<u64>) {
@@ -235,6 +244,13 @@ pub struct Conns {
     pub settled: AtomicU64,
     /// Connections that ended before the test told them to (server close, reset, error).
     pub lost: AtomicU64,
+    /// Churn: disconnects the test asked for (`--churn`), and those the clients carried out.
+    pub churn_requested: AtomicU64,
+    pub churned: AtomicU64,
+    /// Reconnects whose resume subscribe was acknowledged (after churn or a loss).
+    pub resumed: AtomicU64,
+    /// Reconnect attempts that failed (each is retried until the test stops).
+    pub reconnect_failures: AtomicU64,
 }
 
 pub static CONNS: LazyLock<Conns> = LazyLock::new(Conns::default);
@@ -304,6 +320,41 @@ pub fn add_subscriber(symbol: u32, delta: i64) {
     if let Some(v) = SUBSCRIBERS.get().and_then(|v| v.get(symbol as usize)) {
         v.fetch_add(delta, Relaxed);
     }
+}
+
+/// Per symbol, the lowest and highest last seq that lossless clients held when the test
+/// stopped (`u64::MAX` / 0 when no client reported the symbol). A symbol whose lowest is
+/// below its highest had a client that ended behind: ticks it never received.
+static FINAL_SEQ: OnceLock<Vec<(AtomicU64, AtomicU64)>> = OnceLock::new();
+
+pub fn init_final_seqs(symbols: usize) {
+    let _ = FINAL_SEQ.set(
+        (0..symbols)
+            .map(|_| (AtomicU64::new(u64::MAX), AtomicU64::new(0)))
+            .collect(),
+    );
+}
+
+pub fn report_final_seq(symbol: u32, seq: u64) {
+    if let Some((lo, hi)) = FINAL_SEQ.get().and_then(|v| v.get(symbol as usize)) {
+        lo.fetch_min(seq, Relaxed);
+        hi.fetch_max(seq, Relaxed);
+    }
+}
+
+/// (lowest, highest) final seq per symbol; `None` for symbols no client reported.
+pub fn final_seqs() -> Vec<Option<(u64, u64)>> {
+    FINAL_SEQ
+        .get()
+        .map(|v| {
+            v.iter()
+                .map(|(lo, hi)| {
+                    let lo = lo.load(Relaxed);
+                    (lo != u64::MAX).then(|| (lo, hi.load(Relaxed)))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 pub fn subscribers() -> Vec<i64> {

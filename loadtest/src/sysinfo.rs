@@ -33,6 +33,32 @@ pub fn sample(pid: Option<u32>) -> io::Result<ProcSample> {
     })
 }
 
+/// Open file descriptors of process `pid`: the entries of `/proc/PID/fd`. For a server
+/// that is one per connection plus a fixed set (listener, store, epoll, ...), so the
+/// count less the open connections must stay put while connections come and go.
+///
+/// # Errors
+/// Fails when the process does not exist or is not ours to inspect.
+pub fn fd_count(pid: u32) -> io::Result<u64> {
+    let mut n = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        entry?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// The one-minute load average (`/proc/loadavg`): on a shared machine it says how much
+/// else was running beside the test.
+pub fn load_average() -> Option<f64> {
+    parse_loadavg(&std::fs::read_to_string("/proc/loadavg").ok()?)
+}
+
+/// The first field of a `/proc/loadavg` text.
+pub fn parse_loadavg(text: &str) -> Option<f64> {
+    text.split_ascii_whitespace().next()?.parse().ok()
+}
+
 fn bad_data(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
@@ -184,6 +210,23 @@ mod tests {
     fn ticks_convert_to_ns() {
         assert_eq!(ticks_to_ns(250, 100), 2_500_000_000);
         assert_eq!(ticks_to_ns(1, 0), 1_000_000_000);
+    }
+
+    #[test]
+    fn loadavg_first_field() {
+        assert_eq!(parse_loadavg("2.53 1.10 0.80 3/412 9999\n"), Some(2.53));
+        assert_eq!(parse_loadavg(""), None);
+    }
+
+    #[test]
+    fn fd_count_sees_a_new_file() {
+        let pid = std::process::id();
+        let before = fd_count(pid).expect("own fd dir");
+        let f = std::fs::File::open("/proc/self/status").expect("open");
+        // Other test threads may open files too, so only a lower bound holds.
+        assert!(fd_count(pid).expect("own fd dir") >= 1);
+        drop(f);
+        assert!(before >= 3, "stdin/stdout/stderr at least: {before}");
     }
 
     #[test]
