@@ -325,7 +325,7 @@ impl Writer {
                 Err(e) => {
                     let msg = e.to_string();
                     if !self.shared.failing.swap(true, Ordering::AcqRel) {
-                        tracing::error!(error = %msg, ticks = group.ticks, "store commit failed: refusing new ticks and retrying");
+                        tracing::error!(error = %msg, ticks = group.ticks, "store commit failed; retrying");
                     }
                     *self.shared.last_error.lock() = Some(msg.clone());
                     self.shared.commit_errors.fetch_add(1, Ordering::Relaxed);
