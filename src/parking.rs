@@ -448,7 +448,7 @@ impl ParkingLot {
     /// On the lot's thread: resumes every connection woken since the last signal.
     fn resume_woken(&self) {
         // Cleared first: a wake-up from here on signals again, so none is left behind.
-        self.signalled.store(false, Ordering::Release);
+        self.signalled.swap(false, Ordering::AcqRel);
         while let Ok(id) = self.ready_rx.try_recv() {
             self.unpark(id, None);
         }
@@ -733,6 +733,33 @@ mod tests {
         assert_eq!(beat.wire[2], 0x80 | opcode::TEXT);
         assert_eq!(usize::from(beat.wire[3]), text.len());
         assert_eq!(&beat.wire[4..], text);
+    }
+
+    #[test]
+    fn wake_ups_from_a_plain_thread_reach_the_lot_thread_even_past_the_ready_list() {
+        let lot = ParkingLot::get().unwrap();
+        assert!(SUPPORTED, "64-bit test target");
+        let overflows = lot.overflows.load(Ordering::Relaxed);
+        // Tickets of no parked connection (stale ones, as after a resume): a wake-up from a
+        // thread outside any runtime queues them without the lot's lock, the lot's thread
+        // drains them and finds nothing to resume. More than the list holds overflow into a
+        // scan instead of waiting or being lost.
+        std::thread::spawn(move || {
+            for i in 0..READY_LIST + 10 {
+                lot.wake(ticket_id(i + (1 << 20), u32::MAX));
+            }
+        })
+        .join()
+        .unwrap();
+        assert!(lot.overflows.load(Ordering::Relaxed) > overflows);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(lot.ready_rx.is_empty() && !lot.overflowed.load(Ordering::Acquire)) {
+            assert!(
+                Instant::now() < deadline,
+                "the lot's thread never drained its wake-ups"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]
