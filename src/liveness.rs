@@ -3,7 +3,11 @@
 //! connections, plus a WebSocket ping request; parked connections get it written straight to
 //! their socket), closes connections that have sent nothing for three heartbeats and those
 //! that did not authenticate in time, asks connections quiet for `server.park_after_ms` to
-//! park, and on shutdown tells every connection to close with 1001. Connections enter and
+//! park, and on shutdown tells every connection to close with 1001. Heartbeats for parked
+//! connections are socket writes (one syscall each), so the sweep hands them, as one list, to
+//! a blocking-pool thread instead of doing 100k of them in one poll of its task; and it
+//! yields every [`YIELD_EVERY`] connections, so a sweep of many running ones does not hold a
+//! runtime worker either. Connections enter and
 //! leave the set with their `client::Session`; the sweep reads and writes them only through
 //! their `Outbound` link and the parking lot, and never waits on one.
 
@@ -31,6 +35,9 @@ const RELEASE_EVERY_MS: u64 = 30_000;
 
 /// Longest time between sweeps: the resolution of the auth deadline and the idle check.
 const MAX_SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Connections the sweep looks at between two yields to the runtime.
+pub const YIELD_EVERY: usize = 1024;
 
 /// The open connections, by a key each connection holds while it runs.
 #[derive(Debug)]
@@ -78,11 +85,26 @@ impl Connections {
     }
 }
 
+/// Sends the heartbeat to one connection and counts it if it was written directly.
+fn beat_one(ctx: &ClientContext, link: &Outbound, beat: &Beat) {
+    if ctx.parking.heartbeat(link, beat) {
+        ctx.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
+        ctx.stats
+            .bytes_sent
+            .fetch_add(beat.payload_len() as u64, Ordering::Relaxed);
+    }
+}
+
 /// Runs the sweep until `stop`, then closes every connection with 1001.
 pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
     let heartbeat = Duration::from_millis(ctx.config.server.heartbeat_ms);
     let heartbeat_ms = ctx.config.server.heartbeat_ms;
-    let park_after_ms = ctx.config.server.park_after_ms;
+    // Parking needs 64-bit tickets (see `parking`); elsewhere connections stay on the runtime.
+    let park_after_ms = if crate::parking::SUPPORTED {
+        ctx.config.server.park_after_ms
+    } else {
+        0
+    };
     let auth_timeout = Duration::from_millis(ctx.config.auth.auth_timeout_ms);
     let period = heartbeat.min(auth_timeout).min(MAX_SWEEP_EVERY);
     let mut every = tokio::time::interval(period);
@@ -106,10 +128,12 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
         let now = connections.clock_ms();
         let beat = (now >= next_beat).then(|| {
             next_beat = now + heartbeat_ms;
-            Beat::new(Frame::from(
+            Arc::new(Beat::new(Frame::from(
                 json!({"type": "heartbeat", "server_time": now_ms()}).to_string(),
-            ))
+            )))
         });
+        // Parked connections due a heartbeat: written off the runtime after the loop.
+        let mut parked_beats = Vec::new();
         // Work on a copy, so connections opening or closing never wait for a whole sweep.
         let links = connections.snapshot();
         // A burst too soon after the last release waits for the next one, not forever.
@@ -120,7 +144,10 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
             release_due = false;
         }
         parked_last_sweep = 0;
-        for link in &links {
+        for (i, link) in links.iter().enumerate() {
+            if i > 0 && i % YIELD_EVERY == 0 {
+                tokio::task::yield_now().await;
+            }
             if link.is_closing() {
                 continue;
             }
@@ -134,11 +161,11 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
                 }
             } else {
                 if let Some(beat) = &beat {
-                    if ctx.parking.heartbeat(link, beat) {
-                        ctx.stats.frames_sent.fetch_add(1, Ordering::Relaxed);
-                        ctx.stats
-                            .bytes_sent
-                            .fetch_add(beat.payload_len() as u64, Ordering::Relaxed);
+                    if link.parked_at().is_some() {
+                        parked_beats.push(link.clone());
+                    } else {
+                        // A running connection: a push and a wake, no syscall here.
+                        beat_one(&ctx, link, beat);
                     }
                 }
                 if park_after_ms > 0 && link.parked_at().is_none() && link.quiet_for(park_sweeps) {
@@ -146,6 +173,17 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
                     parked_last_sweep += 1;
                 }
             }
+        }
+        if let (Some(beat), false) = (beat, parked_beats.is_empty()) {
+            // Awaited, so sweeps never overlap; the writes take the lot's lock one socket at
+            // a time, so pushes and wake-ups interleave with them.
+            let ctx = ctx.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                for link in &parked_beats {
+                    beat_one(&ctx, link, &beat);
+                }
+            })
+            .await;
         }
     }
     // Killed outside the lock: a kill may resume a parked connection, and a session that

@@ -136,6 +136,22 @@ const HELP: &[(&str, &str)] = &[
         "tickfan_http_connections",
         "Open plain HTTP connections (accepted, not upgraded to WebSocket).",
     ),
+    (
+        "tickfan_store_failing",
+        "1 while store writes fail (e.g. a full disk) and ingest refuses new ticks.",
+    ),
+    (
+        "tickfan_store_retry_ticks",
+        "Accepted ticks waiting for a failing store commit to be retried.",
+    ),
+    (
+        "tickfan_store_reopens_total",
+        "Times the store file was reopened after a write error.",
+    ),
+    (
+        "tickfan_parking_wake_overflows_total",
+        "Wake-ups of parked connections that overflowed the parking lot's ready list.",
+    ),
 ];
 
 /// Histogram buckets in seconds: 10 µs .. 5 s.
@@ -394,6 +410,15 @@ impl Metrics {
         limit("header_timeout", load(&accept.header_timeouts));
         limit("body_timeout", load(&accept.body_timeouts));
         self.gauge("tickfan_http_connections", vec![], accept.open() as u64);
+        limit("store_failing", load(&ing.refused_store_failing));
+        self.gauge("tickfan_store_failing", vec![], u64::from(st.failing));
+        self.gauge("tickfan_store_retry_ticks", vec![], st.retry_ticks);
+        self.counter("tickfan_store_reopens_total", vec![], st.reopens);
+        self.counter(
+            "tickfan_parking_wake_overflows_total",
+            vec![],
+            s.clients.parking.wake_overflows(),
+        );
         self.recorder.handle().render()
     }
 }

@@ -8,11 +8,20 @@
 //!
 //! Data flow while parked:
 //! - **Outbound.** Anything pushed onto the connection's link (a tick, an ack, a close order)
-//!   wakes the link's waker, which now names the connection's spot here: the session is taken
-//!   out and a new task resumes it on its server's runtime ([`client::resume`]), where the
-//!   frame is written.
+//!   wakes the link's waker, which now names the connection's spot here. The wake itself is
+//!   O(1) and takes no lot lock, because it runs inside the dispatcher's fan-out loop: the
+//!   ticket goes onto a bounded ready list and the lot's thread is signalled (a mio `Waker`,
+//!   one eventfd write, and none while a signal is still pending). The lot's thread then takes
+//!   the session out, stops watching its socket (`epoll_ctl`) and starts a new task that
+//!   resumes it on its server's runtime ([`client::resume`]), where the frame is written. When
+//!   the ready list is full the wake-up is not lost: an overflow flag makes the lot's thread
+//!   look at every parked connection for queued work instead (rare, and still off the
+//!   dispatcher). A bounded flume channel is the list: already a dependency, `try_send` is
+//!   O(1) and never waits.
 //! - **Heartbeats** do not unpark: the sweep hands them to [`Parking::heartbeat`], which writes
-//!   the pre-framed heartbeat and ping straight to the socket.
+//!   the pre-framed heartbeat and ping straight to the socket (the sweep does that from a
+//!   blocking-pool thread, so 100k parked sockets are 100k syscalls there, not in one poll of
+//!   a runtime task).
 //! - **Inbound.** Readable sockets are peeked on the lot's thread: complete pongs (the answer
 //!   to the heartbeat ping) are consumed there and count as life; anything else (a request,
 //!   a close, EOF, an error) unparks the connection without consuming a byte, and its task
@@ -25,6 +34,11 @@
 //! that arrives after its connection left, or for a slot reused since, finds a different
 //! generation and does nothing. On shutdown the sweep's close order unparks a server's
 //! connections; [`Parking::evict`] drops whatever is left after the grace period.
+//!
+//! A ticket is 64 bits (32 of slot, 32 of generation) and travels as a waker's data pointer
+//! and as a mio `Token(usize)`. On targets whose pointers are narrower it would lose its
+//! generation, so there parking is off ([`SUPPORTED`]): connections simply stay on the
+//! runtime, costing memory but nothing else, rather than the whole server refusing to build.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -46,6 +60,15 @@ use crate::ws::frame::{self, opcode, MAX_CONTROL_PAYLOAD};
 
 /// Readiness events taken per wait.
 const EVENTS_PER_WAIT: usize = 256;
+/// Tickets woken and not yet resumed by the lot's thread. Past it a wake-up sets the overflow
+/// flag instead (the thread then scans every parked connection), so nothing is lost and the
+/// waker never waits; it bounds memory, not correctness, and so is not a config key.
+const READY_LIST: usize = 16_384;
+/// The epoll token of the lot's own `Waker`. Tickets are never 0 (generations start at 1).
+const WAKE_TOKEN: Token = Token(0);
+
+/// Whether this target can park connections: a ticket must fit in a pointer and a `usize`.
+pub const SUPPORTED: bool = cfg!(target_pointer_width = "64");
 /// Bytes peeked at per look at a parked socket: room for a few pongs.
 const PEEK_BYTES: usize = 512;
 /// Looks per readiness event. A client that keeps sending pongs past this is resumed and
@@ -109,6 +132,18 @@ struct ParkingLot {
     registry: Registry,
     /// The lot's thread is running (parking is refused if it could not start).
     watching: AtomicBool,
+    /// Tickets woken by pushes, for the lot's thread to resume.
+    ready: flume::Sender<u64>,
+    ready_rx: flume::Receiver<u64>,
+    /// A wake-up did not fit in `ready`: the lot's thread looks at every spot.
+    overflowed: AtomicBool,
+    /// The lot's thread has been signalled and has not started draining yet: further wake-ups
+    /// need no signal (one eventfd write per batch of wake-ups, not per wake-up).
+    signalled: AtomicBool,
+    /// Signals the lot's thread (an eventfd in its epoll set).
+    signal: mio::Waker,
+    /// Wake-ups that overflowed `ready`.
+    overflows: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -160,7 +195,7 @@ fn ticket_clone(data: *const ()) -> RawWaker {
 
 fn ticket_wake(data: *const ()) {
     if let Some(lot) = LOT.get() {
-        lot.unpark(data as usize as u64, None);
+        lot.wake(data as usize as u64);
     }
 }
 
@@ -230,6 +265,20 @@ impl Parking {
         self.lot.park(session, stream);
     }
 
+    /// The runtime this server's connections run on, for work that must happen in its
+    /// context from any thread (a session dropped on the lot's thread, say).
+    #[must_use]
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
+    }
+
+    /// Wake-ups of parked connections that did not fit the lot's ready list (process-wide);
+    /// each made the lot's thread look at every parked connection once.
+    #[must_use]
+    pub fn wake_overflows(&self) -> u64 {
+        self.lot.overflows.load(Ordering::Relaxed)
+    }
+
     /// Sends the heartbeat to one connection: straight to its socket if it is parked with
     /// nothing queued (no wake-up), through its link otherwise. `true`: written directly
     /// (the link's writer did not see it, so the caller counts it as sent).
@@ -285,10 +334,18 @@ impl ParkingLot {
         }
         let poll = Poll::new()?;
         let registry = poll.registry().try_clone()?;
+        let signal = mio::Waker::new(poll.registry(), WAKE_TOKEN)?;
+        let (ready, ready_rx) = flume::bounded(READY_LIST);
         let lot = LOT.get_or_init(|| Self {
             spots: Mutex::new(Spots::default()),
             registry,
             watching: AtomicBool::new(false),
+            ready,
+            ready_rx,
+            overflowed: AtomicBool::new(false),
+            signalled: AtomicBool::new(false),
+            signal,
+            overflows: AtomicU64::new(0),
         });
         // Set first: the thread clears it if it ever stops.
         lot.watching.store(true, Ordering::Release);
@@ -313,7 +370,10 @@ impl ParkingLot {
             drop(session);
             return;
         }
-        if !self.watching.load(Ordering::Acquire) || spots.slab.vacant_key() > u32::MAX as usize {
+        if !SUPPORTED
+            || !self.watching.load(Ordering::Acquire)
+            || spots.slab.vacant_key() > u32::MAX as usize
+        {
             drop(spots);
             let _context = parking.runtime.enter();
             drop(parking.runtime.spawn(client::resume(session, stream, None)));
@@ -360,6 +420,52 @@ impl ParkingLot {
         // which was no longer listening: look again now that the ticket listens.
         if link.has_work() {
             self.unpark(id, None);
+        }
+    }
+
+    /// A push woke the connection with ticket `id`: hands it to the lot's thread without
+    /// waiting and without the lot's lock (this runs in the dispatcher's fan-out loop).
+    fn wake(&self, id: u64) {
+        if !self.watching.load(Ordering::Acquire) {
+            // No thread to hand it to (it failed to start or stopped): resume it here.
+            self.unpark(id, None);
+            return;
+        }
+        if self.ready.try_send(id).is_err() {
+            self.overflowed.store(true, Ordering::Release);
+            self.overflows.fetch_add(1, Ordering::Relaxed);
+        }
+        if !self.signalled.swap(true, Ordering::AcqRel) {
+            if let Err(e) = self.signal.wake() {
+                // Cannot happen short of a broken eventfd; the ticket waits for the next
+                // successful signal rather than being resumed on the dispatcher's thread.
+                self.signalled.store(false, Ordering::Release);
+                tracing::error!(error = %e, "cannot signal the parking lot's thread");
+            }
+        }
+    }
+
+    /// On the lot's thread: resumes every connection woken since the last signal.
+    fn resume_woken(&self) {
+        // Cleared first: a wake-up from here on signals again, so none is left behind.
+        self.signalled.swap(false, Ordering::AcqRel);
+        while let Ok(id) = self.ready_rx.try_recv() {
+            self.unpark(id, None);
+        }
+        if self.overflowed.swap(false, Ordering::AcqRel) {
+            // Some tickets did not fit: find every parked connection with work queued.
+            let woken: Vec<u64> = {
+                let spots = self.spots.lock();
+                spots
+                    .slab
+                    .iter()
+                    .filter(|(_, spot)| spot.session.outbound().has_work())
+                    .map(|(slot, spot)| ticket_id(slot, spot.generation))
+                    .collect()
+            };
+            for id in woken {
+                self.unpark(id, None);
+            }
         }
     }
 
@@ -471,7 +577,11 @@ impl ParkingLot {
                 return;
             }
             for event in &events {
-                self.on_readable(event.token().0 as u64);
+                if event.token() == WAKE_TOKEN {
+                    self.resume_woken();
+                } else {
+                    self.on_readable(event.token().0 as u64);
+                }
             }
         }
     }
@@ -623,6 +733,32 @@ mod tests {
         assert_eq!(beat.wire[2], 0x80 | opcode::TEXT);
         assert_eq!(usize::from(beat.wire[3]), text.len());
         assert_eq!(&beat.wire[4..], text);
+    }
+
+    #[test]
+    fn wake_ups_from_a_plain_thread_reach_the_lot_thread_even_past_the_ready_list() {
+        let lot = ParkingLot::get().unwrap();
+        let overflows = lot.overflows.load(Ordering::Relaxed);
+        // Tickets of no parked connection (stale ones, as after a resume): a wake-up from a
+        // thread outside any runtime queues them without the lot's lock, the lot's thread
+        // drains them and finds nothing to resume. More than the list holds overflow into a
+        // scan instead of waiting or being lost.
+        std::thread::spawn(move || {
+            for i in 0..READY_LIST + 10 {
+                lot.wake(ticket_id(i + (1 << 20), u32::MAX));
+            }
+        })
+        .join()
+        .unwrap();
+        assert!(lot.overflows.load(Ordering::Relaxed) > overflows);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !lot.ready_rx.is_empty() || lot.overflowed.load(Ordering::Acquire) {
+            assert!(
+                Instant::now() < deadline,
+                "the lot's thread never drained its wake-ups"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]

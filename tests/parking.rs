@@ -194,3 +194,44 @@ async fn parking_can_be_turned_off() {
         "pong"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_reach_every_one_of_many_parked_connections() {
+    // The sweep hands parked connections' heartbeats to a blocking thread as one list; every
+    // one of them must still get its ping and heartbeat, without being resumed.
+    const N: u64 = 60;
+    let mut config = parking_config();
+    config.server.heartbeat_ms = 1_500;
+    let server = TestServer::start_with(config).await;
+    let mut clients = Vec::new();
+    for _ in 0..N {
+        clients.push(server.client().await.0);
+    }
+    let parked = wait_parked(&server, N).await;
+    let start = parked["heartbeats"].as_u64().unwrap();
+    server
+        .wait_stats("a heartbeat written to every parked connection", |s| {
+            s["parking"]["heartbeats"].as_u64() >= Some(start + N)
+        })
+        .await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    for ws in &mut clients {
+        let (mut ping, mut beat) = (false, false);
+        while !(ping && beat) {
+            match ws.next_by(deadline).await {
+                Message::Ping(_) => ping = true,
+                Message::Text(t) => {
+                    let v: Value = serde_json::from_str(t.as_str()).unwrap();
+                    assert_eq!(v["type"], "heartbeat", "only heartbeats expected: {v}");
+                    beat = true;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    let now = parking(&server).await;
+    assert_eq!(
+        now["unparks"], parked["unparks"],
+        "heartbeats resumed nothing"
+    );
+}

@@ -166,6 +166,12 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         let ctx = &self.conn.ctx;
+        // A session may end on a thread outside any runtime (the parking lot's, a waker's, a
+        // runtime being dropped); deregistering may need to spawn, which panics there. The
+        // server's own runtime is the right context anyway.
+        let _context = tokio::runtime::Handle::try_current()
+            .is_err()
+            .then(|| ctx.parking.runtime().enter());
         ctx.connections.remove(self.link);
         if let Some(key) = self.conn.key {
             ctx.dispatcher.deregister(key);

@@ -125,7 +125,14 @@ pub(super) async fn health(State(state): State<Arc<AppState>>) -> Response {
             state.queue.capacity()
         ));
     }
-    if let Some(e) = state.store.stats().last_error {
+    let store = state.store.stats();
+    if store.failing {
+        reasons.push(format!(
+            "store: writes failing, new ticks refused, {} accepted tick(s) waiting to be stored: {}",
+            store.retry_ticks,
+            store.last_error.as_deref().unwrap_or("unknown error")
+        ));
+    } else if let Some(e) = store.last_error {
         reasons.push(format!("store: last commit failed: {e}"));
     }
     if state.clients.shutdown.is_cancelled() {

@@ -97,6 +97,9 @@ impl SymbolIngest {
     }
 }
 
+/// What a producer refused because store writes fail is told to wait, at least (ms).
+const STORE_RETRY_AFTER_MS: u64 = 1_000;
+
 /// One rejected tick of a frame.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Rejection {
@@ -119,6 +122,8 @@ pub struct IngestStats {
     pub duplicates: AtomicU64,
     /// Ticks refused for backpressure.
     pub refused: AtomicU64,
+    /// Of those, ticks refused because store writes were failing (a full disk).
+    pub refused_store_failing: AtomicU64,
     /// Rejections by code, indexed like `RejectCode::ALL`.
     pub rejected: [AtomicU64; RejectCode::ALL.len()],
 }
@@ -154,6 +159,8 @@ pub struct IngestReport {
     pub ack: Arc<AckGroup>,
     /// What to tell a refused producer.
     pub retry_after_ms: u64,
+    /// The ticks were refused because store writes are failing, not because the queue is full.
+    pub store_failing: bool,
 }
 
 /// The ack a producer receives, after the frame's ticks have settled.
@@ -206,7 +213,12 @@ impl IngestReport {
             kind: "error",
             code: "backpressure",
             message: format!(
-                "queue full: {} tick(s) refused, resend them after retry_after_ms",
+                "{}: {} tick(s) refused, resend them after retry_after_ms",
+                if self.store_failing {
+                    "store writes failing (disk full?)"
+                } else {
+                    "queue full"
+                },
                 self.refused.len()
             ),
             retry_after_ms: self.retry_after_ms,
@@ -337,6 +349,7 @@ impl Ingestor {
             refused: Vec::new(),
             ack: ack.clone(),
             retry_after_ms: self.queue.retry_after_ms(),
+            store_failing: self.store.as_ref().is_some_and(Store::is_failing),
         };
         let mut dead = Vec::new();
         for (index, code, message, raw) in batch.rejected {
@@ -353,7 +366,18 @@ impl Ingestor {
                 message,
             });
         }
-        if !batch.valid.is_empty() {
+        if report.store_failing {
+            // Nothing new is accepted while the store cannot write: what it holds already is
+            // retried, and the producer resends these once it recovers.
+            report.retry_after_ms = report.retry_after_ms.max(STORE_RETRY_AFTER_MS);
+            for (index, _) in &batch.valid {
+                report.refused.push(*index);
+                ack.settle();
+            }
+            self.stats
+                .refused_store_failing
+                .fetch_add(batch.valid.len() as u64, Ordering::Relaxed);
+        } else if !batch.valid.is_empty() {
             let now = Instant::now();
             let mut symbols = self.symbols.lock();
             for (index, tick) in batch.valid {

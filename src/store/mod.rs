@@ -14,6 +14,16 @@
 //! from which history answers regenerate the exact wire JSON: that is what lets one thread
 //! commit well over a million ticks a second durably.
 //!
+//! A full disk (or any write error): the failed batch stays with the writer, which retries it
+//! with backoff, answers nothing and settles no ack until it is stored. While it fails,
+//! [`Store::is_failing`] is true, so ingest refuses new ticks with `backpressure` and `/health`
+//! answers 503, and the writer takes whatever else is handed over into the same retry group
+//! (bounded: admission is closed, so only ticks already accepted can arrive). redb latches an
+//! I/O error during a commit (every later transaction fails with `PreviousIo`) until the file
+//! is reopened, so the writer reopens it (which repairs it to the last durable commit) before
+//! each retry; readers see [`StoreError::Reopening`] meanwhile. When a retry commits, the
+//! ticks' acks settle and admission reopens on its own.
+//!
 //! Epoch: a random nonzero number stored in the file. It survives a clean restart (`close()`
 //! was called) and is replaced after an unclean stop, so clients holding `since_seq` positions
 //! can tell whether those positions still mean the same ticks.
@@ -26,7 +36,7 @@ mod tests;
 
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -77,6 +87,9 @@ pub enum StoreError {
     /// `close()` was called, or the writer thread has stopped.
     #[error("store is closed")]
     Closed,
+    /// The writer is reopening the file after a write error (a full disk); try again shortly.
+    #[error("store is reopening after a write error")]
+    Reopening,
 }
 
 macro_rules! from_redb {
@@ -267,6 +280,13 @@ pub struct StoreStats {
     pub last_error: Option<String>,
     /// Commits that failed (each is retried until it succeeds).
     pub commit_errors: u64,
+    /// Writes are failing now (e.g. the disk is full): ingest refuses new ticks.
+    pub failing: bool,
+    /// Ticks accepted and handed over but not stored yet because writes fail (the retry
+    /// group); they are stored, and acked, once a retry commits.
+    pub retry_ticks: u64,
+    /// Times the database file was reopened after a write error.
+    pub reopens: u64,
 }
 
 /// What one complete retention pass removed.
@@ -276,6 +296,22 @@ pub struct RetentionReport {
     pub ticks: u64,
     /// Bars removed (all timeframes).
     pub bars: u64,
+}
+
+/// The open database, shared by readers and the writer. Empty while the writer reopens the
+/// file after a write error (redb refuses a second open of a file that is still open).
+#[derive(Debug)]
+pub(crate) struct DbSlot(parking_lot::RwLock<Option<Arc<Database>>>);
+
+impl DbSlot {
+    fn new(db: Arc<Database>) -> Self {
+        Self(parking_lot::RwLock::new(Some(db)))
+    }
+
+    /// The database, for one transaction.
+    fn get(&self) -> Result<Arc<Database>, StoreError> {
+        self.0.read().clone().ok_or(StoreError::Reopening)
+    }
 }
 
 /// State shared between the handles and the writer thread.
@@ -288,6 +324,9 @@ pub(crate) struct Shared {
     ticks_retained_away: AtomicU64,
     commit_errors: AtomicU64,
     last_error: Mutex<Option<String>>,
+    failing: AtomicBool,
+    retry_ticks: AtomicU64,
+    reopens: AtomicU64,
     /// Commit duration (seconds) and size (ticks) histograms, once metrics are attached.
     histograms: std::sync::OnceLock<(metrics::Histogram, metrics::Histogram)>,
 }
@@ -302,7 +341,7 @@ pub struct Store {
 
 struct Inner {
     /// Readers open their own read transactions on it; the writer thread holds a clone.
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
     /// The bounded command channel to the writer: the backpressure point of ingest.
     tx: flume::Sender<Cmd>,
     /// The writer thread, taken by `close()` (or `Drop`) to join it.
@@ -349,11 +388,15 @@ impl Store {
 
         let shared = Arc::new(Shared::default());
         let (tx, rx) = flume::bounded(config.writer_queue.max(1));
+        let db = Arc::new(DbSlot::new(db));
+        let reopen_config = config.clone();
+        let reopen_path = path.clone();
         let writer = Writer::new(
             db.clone(),
             rx,
             WriterConfig::from_store_config(config),
             shared.clone(),
+            Box::new(move || open_database(&reopen_path, &reopen_config)),
         );
         let handle = std::thread::Builder::new()
             .name("tickfan-store".into())
@@ -424,7 +467,7 @@ impl Store {
         limit: usize,
         since_seq: Option<u64>,
     ) -> Result<History, StoreError> {
-        let rtx = self.inner.db.begin_read()?;
+        let rtx = self.inner.db.get()?.begin_read()?;
         let chunks = rtx.open_table(TICKS)?;
         let last = rtx.open_table(LAST)?;
         let last_seq = last.get(symbol)?.map_or(0, |g| g.value().0);
@@ -513,7 +556,7 @@ impl Store {
     /// # Errors
     /// A failed read transaction, or a damaged record.
     pub fn bars(&self, symbol: &str, tf: Timeframe, limit: usize) -> Result<Vec<Bar>, StoreError> {
-        let rtx = self.inner.db.begin_read()?;
+        let rtx = self.inner.db.get()?.begin_read()?;
         let table = rtx.open_table(BARS[tf.index()])?;
         let mut bars = Vec::with_capacity(limit.min(10_000));
         for entry in table
@@ -534,7 +577,7 @@ impl Store {
     /// # Errors
     /// A failed read transaction.
     pub fn symbols(&self) -> Result<Vec<SymbolLast>, StoreError> {
-        let rtx = self.inner.db.begin_read()?;
+        let rtx = self.inner.db.get()?.begin_read()?;
         read_symbols(&rtx.open_table(LAST)?)
     }
 
@@ -559,7 +602,7 @@ impl Store {
     /// # Errors
     /// A failed read transaction, or a damaged record.
     pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        let rtx = self.inner.db.begin_read()?;
+        let rtx = self.inner.db.get()?.begin_read()?;
         let table = rtx.open_table(DLQ)?;
         let mut out = Vec::with_capacity(limit.min(10_000));
         for entry in table.iter()?.rev().take(limit) {
@@ -643,7 +686,7 @@ impl Store {
     /// # Errors
     /// A failed read transaction.
     pub fn import_progress(&self, key: &str) -> Result<u64, StoreError> {
-        let rtx = self.inner.db.begin_read()?;
+        let rtx = self.inner.db.get()?.begin_read()?;
         let table = rtx.open_table(IMPORTS)?;
         Ok(table.get(key)?.map_or(0, |g| g.value()))
     }
@@ -662,6 +705,13 @@ impl Store {
             .map_err(|_| StoreError::Closed)
     }
 
+    /// Whether writes are failing now (a full disk, say): nothing new should be accepted
+    /// until a retry commits. Cheap (one atomic load), for ingest's admission check.
+    #[must_use]
+    pub fn is_failing(&self) -> bool {
+        self.inner.shared.failing.load(Ordering::Acquire)
+    }
+
     /// Counters for metrics and health.
     #[must_use]
     pub fn stats(&self) -> StoreStats {
@@ -674,6 +724,9 @@ impl Store {
             ticks_retained_away: s.ticks_retained_away.load(Ordering::Relaxed),
             last_error: s.last_error.lock().clone(),
             commit_errors: s.commit_errors.load(Ordering::Relaxed),
+            failing: s.failing.load(Ordering::Acquire),
+            retry_ticks: s.retry_ticks.load(Ordering::Relaxed),
+            reopens: s.reopens.load(Ordering::Relaxed),
         }
     }
 

@@ -7,6 +7,12 @@
 //! bars and last state are aggregated in memory first, so the B-tree sees one insert per
 //! (symbol, chunk) and one read-modify-write per (symbol, bucket) instead of several per tick.
 //!
+//! When a commit fails (a full disk), the group stays here and is retried with backoff, the
+//! file reopened before each retry (redb latches I/O errors until then); the store is marked
+//! failing meanwhile, so ingest stops admitting ticks, and whatever else arrives joins the
+//! retry group (bounded by what was already accepted). Acks settle only after the retry
+//! commits; a close while failing gives up after one more try (those ticks were never acked).
+//!
 //! Retention runs here too, as small non-durable transactions interleaved with the group
 //! commits (one step after each commit, more while idle), so it never holds ingest back for
 //! longer than one step.
@@ -23,7 +29,7 @@ use redb::{
 };
 
 use super::codec::{self, BarRec, ChunkWriter, BARS, DLQ, IMPORTS, LAST, META, TICKS};
-use super::{DeadLetter, RetentionReport, Shared, StoreError, StoredTick, Timeframe};
+use super::{DbSlot, DeadLetter, RetentionReport, Shared, StoreError, StoredTick, Timeframe};
 use crate::config::StoreConfig;
 use crate::tick::{Symbol, Tick};
 
@@ -97,9 +103,20 @@ impl WriterConfig {
 /// many symbols and nothing to delete.
 const RETENTION_SYMBOLS_PER_STEP: usize = 256;
 
+/// Opens the database file again (after a write error).
+pub(super) type Reopen = Box<dyn Fn() -> Result<Database, String> + Send>;
+
+/// Longest wait between retries of a failing commit.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How long a reopen waits for readers to let go of the old handle before trying anyway.
+const READERS_GRACE: Duration = Duration::from_secs(5);
+
 /// The writer thread's state.
 pub(super) struct Writer {
-    db: Arc<Database>,
+    /// The database this thread writes; taken out of `slot` while it is reopened.
+    db: Option<Arc<Database>>,
+    slot: Arc<DbSlot>,
+    reopen: Reopen,
     rx: Receiver<Cmd>,
     cfg: WriterConfig,
     shared: Arc<Shared>,
@@ -184,11 +201,13 @@ struct TickCounts {
 
 impl Writer {
     pub(super) fn new(
-        db: Arc<Database>,
+        slot: Arc<DbSlot>,
         rx: Receiver<Cmd>,
         cfg: WriterConfig,
         shared: Arc<Shared>,
+        reopen: Reopen,
     ) -> Self {
+        let db = slot.get().ok();
         let retention_due = if cfg.retention.enabled() {
             cfg.retention.interval.map(|i| Instant::now() + i)
         } else {
@@ -196,6 +215,8 @@ impl Writer {
         };
         Self {
             db,
+            slot,
+            reopen,
             rx,
             cfg,
             shared,
@@ -235,8 +256,8 @@ impl Writer {
             self.gather(&mut group, deadline);
             last_commit = Instant::now();
             let stop = group.close.is_some();
-            let retention = std::mem::take(&mut group.retention);
-            self.commit_with_retry(group);
+            let mut retention = std::mem::take(&mut group.retention);
+            retention.extend(self.commit_with_retry(group));
             if stop {
                 break;
             }
@@ -271,10 +292,11 @@ impl Writer {
         }
     }
 
-    /// Commits the group; on failure tells the waiters, backs off and retries with the same
-    /// ticks (still unacknowledged), so a transient disk problem loses nothing. New batches
-    /// wait in the channel meanwhile, which pushes back on ingest.
-    fn commit_with_retry(&self, mut group: Group) {
+    /// Commits the group; on failure tells the waiters, marks the store failing (ingest stops
+    /// admitting), backs off, reopens the file and retries with the same ticks (still
+    /// unacknowledged) plus whatever was handed over meanwhile, so a full disk loses nothing.
+    /// Returns retention requests that arrived during retries, for the caller to start.
+    fn commit_with_retry(&mut self, mut group: Group) -> Vec<Reply<RetentionReport>> {
         let mut backoff = Duration::from_millis(50);
         loop {
             let started = std::time::Instant::now();
@@ -292,25 +314,80 @@ impl Writer {
                         #[allow(clippy::cast_precision_loss)]
                         size.record(group.ticks as f64);
                     }
+                    let retention = std::mem::take(&mut group.retention);
                     self.finish(group, &counts);
-                    return;
+                    self.shared.retry_ticks.store(0, Ordering::Relaxed);
+                    if self.shared.failing.swap(false, Ordering::AcqRel) {
+                        tracing::info!("store writes work again: accepting ticks");
+                    }
+                    return retention;
                 }
                 Err(e) => {
                     let msg = e.to_string();
-                    tracing::error!(error = %msg, ticks = group.ticks, "store commit failed; retrying");
+                    if !self.shared.failing.swap(true, Ordering::AcqRel) {
+                        tracing::error!(error = %msg, ticks = group.ticks, "store commit failed; retrying");
+                    }
                     *self.shared.last_error.lock() = Some(msg.clone());
                     self.shared.commit_errors.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .retry_ticks
+                        .store(group.ticks as u64, Ordering::Relaxed);
                     let closing = group.close.is_some();
                     group.fail(&msg);
                     if closing {
                         // The caller is shutting down; these ticks were never acknowledged.
-                        return;
+                        return std::mem::take(&mut group.retention);
                     }
                     std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    self.reopen_database();
+                    // Everything handed over meanwhile joins the retry group: it frees the
+                    // channel (the dispatcher keeps fanning out) and lets a close through.
+                    // Bounded: ingest admits nothing while failing, so only ticks accepted
+                    // before can arrive.
+                    while let Ok(cmd) = self.rx.try_recv() {
+                        group.add(cmd);
+                    }
                 }
             }
         }
+    }
+
+    /// Reopens the database after a failed commit: redb refuses every transaction after an
+    /// I/O error during a commit until the file is opened again (which repairs it to the last
+    /// durable commit). Readers get `Reopening` meanwhile.
+    fn reopen_database(&mut self) {
+        let Some(old) = self.slot.0.write().take() else {
+            // Taken out by an earlier attempt that could not open it again.
+            return self.open_again();
+        };
+        self.db = None;
+        // redb allows one open handle per file: wait for readers holding the old one.
+        let deadline = Instant::now() + READERS_GRACE;
+        while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(old);
+        self.open_again();
+    }
+
+    fn open_again(&mut self) {
+        match (self.reopen)() {
+            Ok(db) => {
+                let db = Arc::new(db);
+                *self.slot.0.write() = Some(db.clone());
+                self.db = Some(db);
+                self.shared.reopens.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "store reopen failed; retrying");
+                *self.shared.last_error.lock() = Some(e);
+            }
+        }
+    }
+
+    fn db(&self) -> Result<&Database, StoreError> {
+        self.db.as_deref().ok_or(StoreError::Reopening)
     }
 
     /// After a durable commit: settle acks, answer waiters, count.
@@ -339,7 +416,7 @@ impl Writer {
     }
 
     fn commit(&self, group: &Group) -> Result<TickCounts, StoreError> {
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.db()?.begin_write()?;
         // Acks are sent after this commit, so it must be on disk when commit() returns.
         txn.set_durability(Durability::Immediate)?;
         let counts = if group.ticks > 0 {
@@ -411,7 +488,7 @@ impl Writer {
     }
 
     fn symbols(&self) -> Result<Vec<String>, StoreError> {
-        let rtx = self.db.begin_read()?;
+        let rtx = self.db()?.begin_read()?;
         let table = rtx.open_table(LAST)?;
         let mut out = Vec::new();
         for entry in table.iter()? {
@@ -441,8 +518,12 @@ impl Writer {
             return;
         }
         let before = pass.report.ticks;
+        let Some(db) = self.db.as_deref() else {
+            // Reopening after a write error: the next step tries again.
+            return;
+        };
         match retention_txn(
-            &self.db,
+            db,
             &self.cfg.retention,
             &pass.symbols[pass.next..],
             pass.now_ms,
