@@ -3,10 +3,15 @@
 //! de-duplication and quality scoring as live ingest (except the stale-timestamp rule), get the
 //! next per-symbol seqs, and are appended in large batches. Progress per file is recorded in the
 //! store after each batch, so an interrupted import rerun with the same file continues where it
-//! stopped; the dedup window is seeded from stored ticks, so rows replayed after a crash between
-//! a batch and its progress record are recognized as duplicates rather than stored twice.
+//! stopped. De-duplication uses the live rules (`id`, or ts/price/volume without one) but
+//! against every tick the store holds for the symbol, not only a recent window: rows replayed
+//! after a crash between a batch and its progress record, or the same rows from a copied or
+//! touched file (a new resume key), are counted as duplicates rather than stored twice. That
+//! costs one read of a symbol's stored ticks the first time the import sees it, and about
+//! 16 bytes of memory per stored tick of each symbol imported (bounded by
+//! `store.max_ticks_per_symbol`). NDJSON lines pass the `limits.max_json_depth` check first.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,6 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::Config;
 use crate::dlq::DeadLetter;
+use crate::ingest::dedup;
 use crate::ingest::parse::{parse_document, CsvColumns, Element, TickObject};
 use crate::ingest::validate::{validate, RejectCode, TimeRules};
 use crate::ingest::SymbolIngest;
@@ -90,6 +96,7 @@ pub fn run(
         config,
         store: &store,
         symbols: HashMap::new(),
+        keys: HashMap::new(),
         last_seq: recovery
             .symbols
             .into_iter()
@@ -127,6 +134,8 @@ struct Importer<'c> {
     config: &'c Config,
     store: &'c Store,
     symbols: HashMap<Symbol, SymbolIngest>,
+    /// Dedup keys of every stored tick of each symbol seen, plus those imported since.
+    keys: HashMap<Symbol, HashSet<u64, ahash::RandomState>>,
     last_seq: HashMap<Symbol, u64>,
     summary: ImportSummary,
     batch: Vec<StoredTick>,
@@ -233,7 +242,7 @@ impl Importer<'_> {
                         self.summary.resumed += 1;
                         continue;
                     }
-                    self.json_line(&line);
+                    self.json_line(&line)?;
                     if self.batch.len() >= BATCH {
                         self.commit(&key, row)?;
                         bar.set_position(bytes);
@@ -246,17 +255,17 @@ impl Importer<'_> {
         Ok(())
     }
 
-    fn json_line(&mut self, line: &[u8]) {
+    fn json_line(&mut self, line: &[u8]) -> Result<(), ImportError> {
         let Ok(text) = std::str::from_utf8(line) else {
             self.reject(
                 RejectCode::BadJson,
                 "not valid UTF-8".into(),
                 String::from_utf8_lossy(line).into_owned(),
             );
-            return;
+            return Ok(());
         };
         let mut scratch = line.to_vec();
-        match parse_document(&mut scratch, text) {
+        match parse_document(&mut scratch, text, self.config.limits.max_json_depth) {
             Ok(parsed) => {
                 let mut objects = Vec::new();
                 parsed.for_each_element(|e| {
@@ -272,29 +281,34 @@ impl Importer<'_> {
                 });
                 for result in objects {
                     match result {
-                        Ok(tick) => self.admit(tick),
+                        Ok(tick) => self.admit(tick)?,
                         Err((code, message, raw)) => self.reject(code, message, raw),
                     }
                 }
             }
-            Err(message) => self.reject(RejectCode::BadJson, message, text.trim_end().to_owned()),
+            Err(e) => self.reject(
+                RejectCode::BadJson,
+                e.to_string(),
+                text.trim_end().to_owned(),
+            ),
         };
+        Ok(())
     }
 
     fn row(&mut self, obj: &TickObject<'_, '_>) -> Result<(), ImportError> {
         match validate(obj, self.rules, now_us()) {
-            Ok(tick) => self.admit(tick),
+            Ok(tick) => self.admit(tick)?,
             Err(r) => self.reject(r.code, r.message, obj.to_text()),
         }
         Ok(())
     }
 
-    fn admit(&mut self, mut tick: Tick) {
+    fn admit(&mut self, mut tick: Tick) -> Result<(), ImportError> {
         if !self.symbols.contains_key(&tick.symbol) {
             if self.symbols.len() >= self.config.validation.max_total_symbols {
                 let msg = "symbol limit reached (validation.max_total_symbols)".to_owned();
                 self.reject(RejectCode::InvalidSymbol, msg, tick.to_json());
-                return;
+                return Ok(());
             }
             let seeded = SymbolIngest::from_store(
                 self.store,
@@ -302,15 +316,25 @@ impl Importer<'_> {
                 self.config.validation.dedup_window,
             );
             self.symbols.insert(tick.symbol.clone(), seeded);
+            let mut stored = HashSet::with_hasher(ahash::RandomState::new());
+            self.store.for_each_tick(tick.symbol.as_str(), |t| {
+                stored.insert(dedup::key_of(t));
+            })?;
+            self.keys.insert(tick.symbol.clone(), stored);
         }
         let window = self.config.validation.dedup_window;
         let state = self
             .symbols
             .get_mut(&tick.symbol)
             .unwrap_or_else(|| unreachable!("inserted above"));
-        let Some(key) = state.check(&mut tick) else {
+        let keys = self
+            .keys
+            .get_mut(&tick.symbol)
+            .unwrap_or_else(|| unreachable!("inserted above"));
+        // The window check scores quality; the key set catches what fell out of the window.
+        let Some(key) = state.check(&mut tick).filter(|key| keys.insert(*key)) else {
             self.summary.duplicates += 1;
-            return;
+            return Ok(());
         };
         state.commit(key, &tick, window);
         let seq = self.last_seq.entry(tick.symbol.clone()).or_insert(0);
@@ -318,6 +342,7 @@ impl Importer<'_> {
         tick.seq = *seq;
         self.summary.accepted += 1;
         self.batch.push(StoredTick::new(tick, None));
+        Ok(())
     }
 
     fn reject(&mut self, code: RejectCode, message: String, raw: String) {
