@@ -201,7 +201,7 @@ impl Importer<'_> {
                                 self.summary.resumed += 1;
                                 continue;
                             }
-                            self.row(&TickObject::Csv(&columns, &record))?;
+                            self.outcome(csv_row(&columns, &record, self.rules))?;
                         }
                         Err(e) if e.is_io_error() => return Err(read_err(e.to_string())),
                         Err(e) => {
@@ -256,51 +256,24 @@ impl Importer<'_> {
     }
 
     fn json_line(&mut self, line: &[u8]) -> Result<(), ImportError> {
-        let Ok(text) = std::str::from_utf8(line) else {
-            self.reject(
-                RejectCode::BadJson,
-                "not valid UTF-8".into(),
-                String::from_utf8_lossy(line).into_owned(),
-            );
-            return Ok(());
-        };
-        let mut scratch = line.to_vec();
-        match parse_document(&mut scratch, text, self.config.limits.max_json_depth) {
-            Ok(parsed) => {
-                let mut objects = Vec::new();
-                parsed.for_each_element(|e| {
-                    objects.push(match e {
-                        Element::Object(o) => validate(&o, self.rules, now_us())
-                            .map_err(|r| (r.code, r.message, o.to_text())),
-                        Element::NotObject(raw) => Err((
-                            RejectCode::BadJson,
-                            "a tick must be a JSON object".into(),
-                            raw,
-                        )),
-                    });
-                });
-                for result in objects {
-                    match result {
-                        Ok(tick) => self.admit(tick)?,
-                        Err((code, message, raw)) => self.reject(code, message, raw),
-                    }
-                }
-            }
-            Err(e) => self.reject(
-                RejectCode::BadJson,
-                e.to_string(),
-                text.trim_end().to_owned(),
-            ),
-        };
+        let mut rows = Vec::new();
+        ndjson_line(line, self.rules, self.config.limits.max_json_depth, |r| {
+            rows.push(r);
+        });
+        for row in rows {
+            self.outcome(row)?;
+        }
         Ok(())
     }
 
-    fn row(&mut self, obj: &TickObject<'_, '_>) -> Result<(), ImportError> {
-        match validate(obj, self.rules, now_us()) {
-            Ok(tick) => self.admit(tick)?,
-            Err(r) => self.reject(r.code, r.message, obj.to_text()),
+    fn outcome(&mut self, row: Row) -> Result<(), ImportError> {
+        match row {
+            Ok(tick) => self.admit(tick),
+            Err(bad) => {
+                self.reject(bad.code, bad.message, bad.raw);
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     fn admit(&mut self, mut tick: Tick) -> Result<(), ImportError> {
@@ -367,6 +340,64 @@ impl Importer<'_> {
         self.store.set_import_progress(key, rows)?;
         Ok(())
     }
+}
+
+/// One import row after parsing and validation: a tick, or why not.
+pub type Row = Result<Tick, BadRow>;
+
+/// A row that is not a valid tick.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadRow {
+    /// Reject code.
+    pub code: RejectCode,
+    /// Human message.
+    pub message: String,
+    /// The row's text, for the dead-letter list.
+    pub raw: String,
+}
+
+/// Parses and validates one NDJSON line (one tick object, or an array of them), nested at most
+/// `max_depth` levels, calling `out` with each tick's outcome in order.
+pub fn ndjson_line(line: &[u8], rules: TimeRules, max_depth: usize, mut out: impl FnMut(Row)) {
+    let bad = |code, message, raw| BadRow { code, message, raw };
+    let Ok(text) = std::str::from_utf8(line) else {
+        out(Err(bad(
+            RejectCode::BadJson,
+            "not valid UTF-8".into(),
+            String::from_utf8_lossy(line).into_owned(),
+        )));
+        return;
+    };
+    let mut scratch = line.to_vec();
+    match parse_document(&mut scratch, text, max_depth) {
+        Ok(parsed) => parsed.for_each_element(|e| {
+            out(match e {
+                Element::Object(o) => {
+                    validate(&o, rules, now_us()).map_err(|r| bad(r.code, r.message, o.to_text()))
+                }
+                Element::NotObject(raw) => Err(bad(
+                    RejectCode::BadJson,
+                    "a tick must be a JSON object".into(),
+                    raw,
+                )),
+            });
+        }),
+        Err(e) => out(Err(bad(
+            RejectCode::BadJson,
+            e.to_string(),
+            text.trim_end().to_owned(),
+        ))),
+    };
+}
+
+/// Validates one CSV record read through its file's header map.
+pub fn csv_row(columns: &CsvColumns, record: &csv::StringRecord, rules: TimeRules) -> Row {
+    let obj = TickObject::Csv(columns, record);
+    validate(&obj, rules, now_us()).map_err(|r| BadRow {
+        code: r.code,
+        message: r.message,
+        raw: obj.to_text(),
+    })
 }
 
 /// Identifies "the same file" across runs: its path, size and modification time.
