@@ -50,7 +50,9 @@ fn parse_validate(c: &mut Criterion) {
         let mut scratch = bytes.clone();
         b.iter(|| {
             scratch.copy_from_slice(&bytes);
-            let parsed = parse_document(&mut scratch, &text).unwrap();
+            let parsed =
+                parse_document(&mut scratch, &text, tickfan::json_depth::DEFAULT_MAX_DEPTH)
+                    .unwrap();
             let mut ok = 0;
             parsed.for_each_element(|e| {
                 if let Element::Object(o) = e {

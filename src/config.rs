@@ -232,6 +232,13 @@ pub struct LimitsConfig {
     /// Time a request has to send its whole body, in ms, counted from the end of its head;
     /// then it is answered `408 request_timeout`, its body is freed and the connection closed.
     pub body_timeout_ms: u64,
+    /// Deepest nesting of arrays and objects accepted in any untrusted JSON (ingest frames,
+    /// POST bodies, NDJSON lines, `/ws` requests, imported lines); deeper is `bad_json` /
+    /// `bad_request`, checked before parsing (a recursive parser would overflow its stack).
+    pub max_json_depth: usize,
+    /// Rejections listed in one ack (per frame or POST body); the rest are only counted
+    /// (`rejected_total`), so a body of millions of bad lines gets a small reply.
+    pub max_listed_rejections: usize,
 }
 
 impl Default for LimitsConfig {
@@ -250,6 +257,8 @@ impl Default for LimitsConfig {
             max_http_connections_per_ip: 256,
             header_timeout_ms: 30_000,
             body_timeout_ms: 30_000,
+            max_json_depth: crate::json_depth::DEFAULT_MAX_DEPTH,
+            max_listed_rejections: 100,
         }
     }
 }
@@ -516,6 +525,10 @@ impl Config {
         }
         if u32::try_from(self.dispatch.outbound_messages).is_err() {
             return invalid("dispatch.outbound_messages", "must be below 2^32");
+        }
+        if self.limits.max_json_depth < 2 {
+            // An array frame of tick objects, or a request naming symbols, is 2 levels deep.
+            return invalid("limits.max_json_depth", "must be at least 2");
         }
         if self.validation.dedup_window == 0 {
             return invalid("validation.dedup_window", "must be at least 1");

@@ -109,6 +109,12 @@ impl DeadLetters {
             .collect()
     }
 
+    /// Most entries held; older ones are evicted past it.
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Entries held.
     #[must_use]
     pub fn len(&self) -> usize {

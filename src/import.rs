@@ -3,10 +3,15 @@
 //! de-duplication and quality scoring as live ingest (except the stale-timestamp rule), get the
 //! next per-symbol seqs, and are appended in large batches. Progress per file is recorded in the
 //! store after each batch, so an interrupted import rerun with the same file continues where it
-//! stopped; the dedup window is seeded from stored ticks, so rows replayed after a crash between
-//! a batch and its progress record are recognized as duplicates rather than stored twice.
+//! stopped. De-duplication uses the live rules (`id`, or ts/price/volume without one) but
+//! against every tick the store holds for the symbol, not only a recent window: rows replayed
+//! after a crash between a batch and its progress record, or the same rows from a copied or
+//! touched file (a new resume key), are counted as duplicates rather than stored twice. That
+//! costs one read of a symbol's stored ticks the first time the import sees it, and about
+//! 16 bytes of memory per stored tick of each symbol imported (bounded by
+//! `store.max_ticks_per_symbol`). NDJSON lines pass the `limits.max_json_depth` check first.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -15,6 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::Config;
 use crate::dlq::DeadLetter;
+use crate::ingest::dedup;
 use crate::ingest::parse::{parse_document, CsvColumns, Element, TickObject};
 use crate::ingest::validate::{validate, RejectCode, TimeRules};
 use crate::ingest::SymbolIngest;
@@ -90,6 +96,7 @@ pub fn run(
         config,
         store: &store,
         symbols: HashMap::new(),
+        keys: HashMap::new(),
         last_seq: recovery
             .symbols
             .into_iter()
@@ -127,6 +134,8 @@ struct Importer<'c> {
     config: &'c Config,
     store: &'c Store,
     symbols: HashMap<Symbol, SymbolIngest>,
+    /// Dedup keys of every stored tick of each symbol seen, plus those imported since.
+    keys: HashMap<Symbol, HashSet<u64, ahash::RandomState>>,
     last_seq: HashMap<Symbol, u64>,
     summary: ImportSummary,
     batch: Vec<StoredTick>,
@@ -192,7 +201,7 @@ impl Importer<'_> {
                                 self.summary.resumed += 1;
                                 continue;
                             }
-                            self.row(&TickObject::Csv(&columns, &record))?;
+                            self.outcome(csv_row(&columns, &record, self.rules))?;
                         }
                         Err(e) if e.is_io_error() => return Err(read_err(e.to_string())),
                         Err(e) => {
@@ -233,7 +242,7 @@ impl Importer<'_> {
                         self.summary.resumed += 1;
                         continue;
                     }
-                    self.json_line(&line);
+                    self.json_line(&line)?;
                     if self.batch.len() >= BATCH {
                         self.commit(&key, row)?;
                         bar.set_position(bytes);
@@ -246,55 +255,33 @@ impl Importer<'_> {
         Ok(())
     }
 
-    fn json_line(&mut self, line: &[u8]) {
-        let Ok(text) = std::str::from_utf8(line) else {
-            self.reject(
-                RejectCode::BadJson,
-                "not valid UTF-8".into(),
-                String::from_utf8_lossy(line).into_owned(),
-            );
-            return;
-        };
-        let mut scratch = line.to_vec();
-        match parse_document(&mut scratch, text) {
-            Ok(parsed) => {
-                let mut objects = Vec::new();
-                parsed.for_each_element(|e| {
-                    objects.push(match e {
-                        Element::Object(o) => validate(&o, self.rules, now_us())
-                            .map_err(|r| (r.code, r.message, o.to_text())),
-                        Element::NotObject(raw) => Err((
-                            RejectCode::BadJson,
-                            "a tick must be a JSON object".into(),
-                            raw,
-                        )),
-                    });
-                });
-                for result in objects {
-                    match result {
-                        Ok(tick) => self.admit(tick),
-                        Err((code, message, raw)) => self.reject(code, message, raw),
-                    }
-                }
-            }
-            Err(message) => self.reject(RejectCode::BadJson, message, text.trim_end().to_owned()),
-        };
-    }
-
-    fn row(&mut self, obj: &TickObject<'_, '_>) -> Result<(), ImportError> {
-        match validate(obj, self.rules, now_us()) {
-            Ok(tick) => self.admit(tick),
-            Err(r) => self.reject(r.code, r.message, obj.to_text()),
+    fn json_line(&mut self, line: &[u8]) -> Result<(), ImportError> {
+        let mut rows = Vec::new();
+        ndjson_line(line, self.rules, self.config.limits.max_json_depth, |r| {
+            rows.push(r);
+        });
+        for row in rows {
+            self.outcome(row)?;
         }
         Ok(())
     }
 
-    fn admit(&mut self, mut tick: Tick) {
+    fn outcome(&mut self, row: Row) -> Result<(), ImportError> {
+        match row {
+            Ok(tick) => self.admit(tick),
+            Err(bad) => {
+                self.reject(bad.code, bad.message, bad.raw);
+                Ok(())
+            }
+        }
+    }
+
+    fn admit(&mut self, mut tick: Tick) -> Result<(), ImportError> {
         if !self.symbols.contains_key(&tick.symbol) {
             if self.symbols.len() >= self.config.validation.max_total_symbols {
                 let msg = "symbol limit reached (validation.max_total_symbols)".to_owned();
                 self.reject(RejectCode::InvalidSymbol, msg, tick.to_json());
-                return;
+                return Ok(());
             }
             let seeded = SymbolIngest::from_store(
                 self.store,
@@ -302,15 +289,25 @@ impl Importer<'_> {
                 self.config.validation.dedup_window,
             );
             self.symbols.insert(tick.symbol.clone(), seeded);
+            let mut stored = HashSet::with_hasher(ahash::RandomState::new());
+            self.store.for_each_tick(tick.symbol.as_str(), |t| {
+                stored.insert(dedup::key_of(t));
+            })?;
+            self.keys.insert(tick.symbol.clone(), stored);
         }
         let window = self.config.validation.dedup_window;
         let state = self
             .symbols
             .get_mut(&tick.symbol)
             .unwrap_or_else(|| unreachable!("inserted above"));
-        let Some(key) = state.check(&mut tick) else {
+        let keys = self
+            .keys
+            .get_mut(&tick.symbol)
+            .unwrap_or_else(|| unreachable!("inserted above"));
+        // The window check scores quality; the key set catches what fell out of the window.
+        let Some(key) = state.check(&mut tick).filter(|key| keys.insert(*key)) else {
             self.summary.duplicates += 1;
-            return;
+            return Ok(());
         };
         state.commit(key, &tick, window);
         let seq = self.last_seq.entry(tick.symbol.clone()).or_insert(0);
@@ -318,6 +315,7 @@ impl Importer<'_> {
         tick.seq = *seq;
         self.summary.accepted += 1;
         self.batch.push(StoredTick::new(tick, None));
+        Ok(())
     }
 
     fn reject(&mut self, code: RejectCode, message: String, raw: String) {
@@ -342,6 +340,64 @@ impl Importer<'_> {
         self.store.set_import_progress(key, rows)?;
         Ok(())
     }
+}
+
+/// One import row after parsing and validation: a tick, or why not.
+pub type Row = Result<Tick, BadRow>;
+
+/// A row that is not a valid tick.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadRow {
+    /// Reject code.
+    pub code: RejectCode,
+    /// Human message.
+    pub message: String,
+    /// The row's text, for the dead-letter list.
+    pub raw: String,
+}
+
+/// Parses and validates one NDJSON line (one tick object, or an array of them), nested at most
+/// `max_depth` levels, calling `out` with each tick's outcome in order.
+pub fn ndjson_line(line: &[u8], rules: TimeRules, max_depth: usize, mut out: impl FnMut(Row)) {
+    let bad = |code, message, raw| BadRow { code, message, raw };
+    let Ok(text) = std::str::from_utf8(line) else {
+        out(Err(bad(
+            RejectCode::BadJson,
+            "not valid UTF-8".into(),
+            String::from_utf8_lossy(line).into_owned(),
+        )));
+        return;
+    };
+    let mut scratch = line.to_vec();
+    match parse_document(&mut scratch, text, max_depth) {
+        Ok(parsed) => parsed.for_each_element(|e| {
+            out(match e {
+                Element::Object(o) => {
+                    validate(&o, rules, now_us()).map_err(|r| bad(r.code, r.message, o.to_text()))
+                }
+                Element::NotObject(raw) => Err(bad(
+                    RejectCode::BadJson,
+                    "a tick must be a JSON object".into(),
+                    raw,
+                )),
+            });
+        }),
+        Err(e) => out(Err(bad(
+            RejectCode::BadJson,
+            e.to_string(),
+            text.trim_end().to_owned(),
+        ))),
+    };
+}
+
+/// Validates one CSV record read through its file's header map.
+pub fn csv_row(columns: &CsvColumns, record: &csv::StringRecord, rules: TimeRules) -> Row {
+    let obj = TickObject::Csv(columns, record);
+    validate(&obj, rules, now_us()).map_err(|r| BadRow {
+        code: r.code,
+        message: r.message,
+        raw: obj.to_text(),
+    })
 }
 
 /// Identifies "the same file" across runs: its path, size and modification time.

@@ -11,6 +11,7 @@
 //! - [`config`]: the TOML configuration, read once and passed down.
 //! - [`tick`]: the validated tick, its priority and its one serialization.
 //! - [`ingest`]: parse (simd-json), validate, score quality, de-duplicate, enqueue.
+//! - [`json_depth`]: the nesting bound every untrusted JSON document passes before parsing.
 //! - [`queue`]: the four-level bounded priority queue with admission limits and TTL.
 //! - [`dispatch`]: the one owner of routing state; stamps `seq`, fans out with `try_send`.
 //! - [`client`]: one task per running `/ws` connection; requests in, queued frames out.
@@ -40,6 +41,7 @@ pub mod error;
 pub mod http;
 pub mod import;
 pub mod ingest;
+pub mod json_depth;
 pub mod liveness;
 pub mod logging;
 pub mod metrics;

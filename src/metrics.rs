@@ -113,6 +113,10 @@ const HELP: &[(&str, &str)] = &[
         "Times a configured limit was hit, by limit.",
     ),
     (
+        "tickfan_dead_letters_skipped_total",
+        "Rejections not written to the dead-letter list because one frame or body had more than store.dlq_capacity.",
+    ),
+    (
         "tickfan_ingest_to_dispatch_seconds",
         "Seconds from server receipt to seq assignment.",
     ),
@@ -418,6 +422,13 @@ impl Metrics {
             "tickfan_parking_wake_overflows_total",
             vec![],
             s.clients.parking.wake_overflows(),
+        );
+        limit("max_json_depth", load(&ing.too_deep));
+        limit("max_listed_rejections", load(&ing.unlisted_rejections));
+        self.counter(
+            "tickfan_dead_letters_skipped_total",
+            vec![],
+            load(&ing.dead_letters_skipped),
         );
         self.recorder.handle().render()
     }

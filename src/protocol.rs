@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::json_depth;
+
 /// Delivery mode of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -105,11 +107,29 @@ pub struct BadRequest {
 /// Largest `history` a subscribe may ask for.
 pub const MAX_HISTORY: usize = 1_000;
 
-/// Parses one text frame into `(id, request)`.
+/// Parses one text frame into `(id, request)`, nested at most
+/// [`json_depth::DEFAULT_MAX_DEPTH`] levels (see [`parse_request_with_depth`]).
 ///
 /// # Errors
 /// [`BadRequest`] with the id (when readable) and a message naming the problem.
 pub fn parse_request(text: &str) -> Result<(Option<Value>, Request), BadRequest> {
+    parse_request_with_depth(text, json_depth::DEFAULT_MAX_DEPTH)
+}
+
+/// Parses one text frame into `(id, request)`. The nesting is checked against `max_depth`
+/// (`limits.max_json_depth`) before parsing: a request is at most 2 levels deep, and a deeper
+/// one gets `bad_request` without the parser ever recursing into it.
+///
+/// # Errors
+/// [`BadRequest`] with the id (when readable) and a message naming the problem.
+pub fn parse_request_with_depth(
+    text: &str,
+    max_depth: usize,
+) -> Result<(Option<Value>, Request), BadRequest> {
+    json_depth::check(text.as_bytes(), max_depth).map_err(|e| BadRequest {
+        id: None,
+        message: e.to_string(),
+    })?;
     let value: Value = serde_json::from_str(text).map_err(|e| BadRequest {
         id: None,
         message: format!("not valid JSON: {e}"),
@@ -352,6 +372,32 @@ mod tests {
         }
         assert!(parse_request("nope").unwrap_err().id.is_none());
         assert!(parse_request("[1]").is_err());
+    }
+
+    #[test]
+    fn deep_requests_are_bad_requests_not_crashes() {
+        for text in [
+            "[".repeat(200_000),
+            format!(
+                r#"{{"op":"subscribe","symbols":{}"A"{}}}"#,
+                "[".repeat(100),
+                "]".repeat(100)
+            ),
+        ] {
+            let err = parse_request(&text).unwrap_err();
+            assert!(
+                err.message.contains("limits.max_json_depth"),
+                "{}",
+                err.message
+            );
+        }
+        let err = parse_request_with_depth(r#"{"op":"subscribe","symbols":["A"]}"#, 1).unwrap_err();
+        assert!(
+            err.message.contains("nested deeper than 1"),
+            "{}",
+            err.message
+        );
+        assert!(parse_request_with_depth(r#"{"op":"subscribe","symbols":["A"]}"#, 2).is_ok());
     }
 
     #[test]

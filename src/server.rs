@@ -64,7 +64,8 @@ pub async fn run(
             queue.clone(),
             dead_letters.clone(),
         )
-        .with_store(store.clone()),
+        .with_store(store.clone())
+        .with_limits(crate::ingest::IngestLimits::from(&config.limits)),
     );
     let dispatch_stats = Arc::new(DispatchStats::default());
     let metrics = Metrics::new();

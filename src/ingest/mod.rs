@@ -18,14 +18,14 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::ack::AckGroup;
-use crate::config::ValidationConfig;
+use crate::config::{LimitsConfig, ValidationConfig};
 use crate::dlq::{DeadLetter, DeadLetters};
 use crate::queue::{PriorityQueue, Queued};
 use crate::store::Store;
 use crate::tick::{now_us, Symbol, Tick};
 
 use self::dedup::RecentKeys;
-use self::parse::{parse_document, Element};
+use self::parse::{parse_document, Element, ParseError};
 use self::quality::QualityState;
 pub use self::validate::{Reject, RejectCode, TimeRules};
 
@@ -70,7 +70,8 @@ impl SymbolIngest {
                 continue;
             };
             let mut scratch = json.to_vec();
-            if let Ok(parsed) = parse_document(&mut scratch, text) {
+            // The store's own output: one flat object, no depth to fear.
+            if let Ok(parsed) = parse_document(&mut scratch, text, usize::MAX) {
                 parsed.for_each_element(|e| {
                     if let Element::Object(o) = e {
                         if let Ok(mut t) = validate::validate(&o, rules, 0) {
@@ -99,6 +100,30 @@ impl SymbolIngest {
 
 /// What a producer refused because store writes fail is told to wait, at least (ms).
 const STORE_RETRY_AFTER_MS: u64 = 1_000;
+/// The `[limits]` that bound one frame or body: how deep its JSON may nest and how many
+/// rejections its ack lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IngestLimits {
+    /// `limits.max_json_depth`.
+    pub max_json_depth: usize,
+    /// `limits.max_listed_rejections`.
+    pub max_listed_rejections: usize,
+}
+
+impl From<&LimitsConfig> for IngestLimits {
+    fn from(limits: &LimitsConfig) -> Self {
+        Self {
+            max_json_depth: limits.max_json_depth,
+            max_listed_rejections: limits.max_listed_rejections,
+        }
+    }
+}
+
+impl Default for IngestLimits {
+    fn default() -> Self {
+        Self::from(&LimitsConfig::default())
+    }
+}
 
 /// One rejected tick of a frame.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -126,6 +151,14 @@ pub struct IngestStats {
     pub refused_store_failing: AtomicU64,
     /// Rejections by code, indexed like `RejectCode::ALL`.
     pub rejected: [AtomicU64; RejectCode::ALL.len()],
+    /// Documents (frames, bodies, lines) refused for nesting past `limits.max_json_depth`.
+    pub too_deep: AtomicU64,
+    /// Rejections counted in an ack's `rejected_total` but not listed
+    /// (`limits.max_listed_rejections`).
+    pub unlisted_rejections: AtomicU64,
+    /// Rejections of one frame or body past the dead-letter list's capacity, not written to
+    /// it (the list could not hold them anyway).
+    pub dead_letters_skipped: AtomicU64,
 }
 
 impl IngestStats {
@@ -151,8 +184,12 @@ pub struct IngestReport {
     pub accepted: usize,
     /// Duplicates dropped.
     pub duplicates: usize,
-    /// Rejected ticks.
+    /// Rejected ticks, the first `limits.max_listed_rejections` found, by index.
     pub rejected: Vec<Rejection>,
+    /// Rejected ticks in all (listed or not).
+    pub rejected_total: usize,
+    /// `limits.max_listed_rejections`, for the expired ticks added when settling.
+    pub max_listed: usize,
     /// Indices refused for backpressure (not stored, no seq: resend them).
     pub refused: Vec<u32>,
     /// Settles when every accepted tick is stored (or dispatched, without a store).
@@ -173,8 +210,15 @@ pub struct IngestAck {
     pub accepted: usize,
     /// Duplicates dropped.
     pub duplicates: usize,
-    /// Rejected ticks (including any that expired in the queue, code `expired`).
+    /// Rejected ticks (including any that expired in the queue, code `expired`); at most
+    /// `limits.max_listed_rejections` of them.
     pub rejected: Vec<Rejection>,
+    /// Extension: all rejections of the frame, present only when `rejected` is cut short.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected_total: Option<usize>,
+    /// Extension: `true` when `rejected` lists only some rejections; absent otherwise.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub rejected_truncated: bool,
 }
 
 /// The backpressure error sent beside (WebSocket) or instead of (HTTP 503) the ack.
@@ -201,7 +245,9 @@ impl IngestReport {
     pub async fn settle(self) -> (IngestAck, Option<Backpressure>) {
         let expired = self.ack.settled().await;
         let mut rejected = self.rejected;
-        for index in &expired {
+        let total = self.rejected_total + expired.len();
+        let room = self.max_listed.saturating_sub(rejected.len());
+        for index in expired.iter().take(room) {
             rejected.push(Rejection {
                 index: *index,
                 code: RejectCode::Expired.as_str(),
@@ -229,6 +275,8 @@ impl IngestReport {
             kind: "ingest_ack",
             accepted: self.accepted - expired.len(),
             duplicates: self.duplicates,
+            rejected_total: (total > rejected.len()).then_some(total),
+            rejected_truncated: total > rejected.len(),
             rejected,
         };
         (ack, backpressure)
@@ -243,6 +291,7 @@ pub struct Ingestor {
     config: ValidationConfig,
     /// Seeds the memory of symbols seen before a restart.
     store: Option<Store>,
+    limits: IngestLimits,
     /// Counters.
     pub stats: IngestStats,
 }
@@ -261,8 +310,16 @@ impl Ingestor {
             dead_letters,
             config,
             store: None,
+            limits: IngestLimits::default(),
             stats: IngestStats::default(),
         }
+    }
+
+    /// Applies the `[limits]` that bound parsing and the ack (defaults otherwise).
+    #[must_use]
+    pub fn with_limits(mut self, limits: IngestLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Seeds each symbol's dedup and quality memory from `store` the first time it is seen
@@ -275,21 +332,24 @@ impl Ingestor {
 
     /// Ingests one WebSocket frame: one tick object or an array of them.
     pub fn ingest_frame(&self, bytes: &[u8]) -> IngestReport {
-        let mut batch = Batch::default();
+        let mut batch = self.batch();
         self.parse_into(bytes, &mut batch);
         self.admit(batch)
     }
 
     /// Ingests a `POST /api/ticks` body: a JSON array, one object, or NDJSON (one tick, or an
     /// array, per line; blank lines skipped). Indices run over the ticks of the whole body.
+    /// Each line is parsed and dropped in turn, and only a bounded part of the rejections is
+    /// kept (see [`Batch`]), so memory follows the valid ticks, not the body's line count.
     pub fn ingest_body(&self, bytes: &[u8]) -> IngestReport {
-        let mut batch = Batch::default();
+        let mut batch = self.batch();
         let trimmed = bytes.trim_ascii_start();
         // A multi-line body is NDJSON unless its first line is not JSON by itself and the whole
         // body is (one pretty-printed object); a bad first line is then just a bad line.
+        // serde_json's own recursion limit (128) keeps the whole-body check off the stack.
         let one_document = trimmed.first() == Some(&b'[')
             || !has_second_line(trimmed)
-            || (!first_line_is_json(trimmed)
+            || (!first_line_is_json(trimmed, self.limits.max_json_depth)
                 && serde_json::from_slice::<serde::de::IgnoredAny>(trimmed).is_ok());
         if one_document {
             self.parse_into(bytes, &mut batch);
@@ -303,6 +363,21 @@ impl Ingestor {
         self.admit(batch)
     }
 
+    fn batch(&self) -> Batch {
+        Batch {
+            next_index: 0,
+            valid: Vec::new(),
+            rejections: Rejections {
+                listed: Vec::new(),
+                total: 0,
+                dead: Vec::new(),
+                max_listed: self.limits.max_listed_rejections,
+                max_dead: self.dead_letters.capacity(),
+                received_at: now_us() / 1000,
+            },
+        }
+    }
+
     /// Parses and validates one JSON document into `batch`.
     fn parse_into(&self, bytes: &[u8], batch: &mut Batch) {
         let t_in = now_us();
@@ -311,76 +386,76 @@ impl Ingestor {
             max_future_ms: self.config.max_future_ms,
             max_age_ms: Some(self.config.max_age_ms),
         };
+        let stats = &self.stats;
         let Ok(text) = std::str::from_utf8(bytes) else {
-            batch.reject(
-                RejectCode::BadJson,
-                "not valid UTF-8".into(),
-                String::from_utf8_lossy(bytes).into_owned(),
-            );
+            batch.reject(stats, RejectCode::BadJson, "not valid UTF-8".into(), || {
+                String::from_utf8_lossy(bytes).into_owned()
+            });
             return;
         };
         let mut scratch = bytes.to_vec();
-        match parse_document(&mut scratch, text) {
+        match parse_document(&mut scratch, text, self.limits.max_json_depth) {
             Ok(parsed) => parsed.for_each_element(|element| match element {
                 Element::Object(obj) => match validate::validate(&obj, rules, t_in) {
                     Ok(tick) => batch.push_valid(tick),
-                    Err(reject) => batch.reject(reject.code, reject.message, obj.to_text()),
+                    Err(reject) => {
+                        batch.reject(stats, reject.code, reject.message, || obj.to_text());
+                    }
                 },
                 Element::NotObject(raw) => {
                     batch.reject(
+                        stats,
                         RejectCode::BadJson,
                         "a tick must be a JSON object".into(),
-                        raw,
+                        || raw,
                     );
                 }
             }),
-            Err(message) => batch.reject(RejectCode::BadJson, message, text.to_owned()),
+            Err(e) => {
+                if matches!(e, ParseError::TooDeep(_)) {
+                    stats.too_deep.fetch_add(1, Ordering::Relaxed);
+                }
+                batch.reject(stats, RejectCode::BadJson, e.to_string(), || {
+                    text.to_owned()
+                });
+            }
         };
     }
 
     /// De-duplicates, scores and enqueues the valid ticks of a batch.
     fn admit(&self, batch: Batch) -> IngestReport {
-        let received_at = now_us() / 1000;
-        let ack = Arc::new(AckGroup::new(batch.valid.len()));
+        let Batch {
+            valid,
+            mut rejections,
+            ..
+        } = batch;
+        let ack = Arc::new(AckGroup::new(valid.len()));
         let mut report = IngestReport {
             accepted: 0,
             duplicates: 0,
             rejected: Vec::new(),
+            rejected_total: 0,
+            max_listed: rejections.max_listed,
             refused: Vec::new(),
             ack: ack.clone(),
             retry_after_ms: self.queue.retry_after_ms(),
             store_failing: self.store.as_ref().is_some_and(Store::is_failing),
         };
-        let mut dead = Vec::new();
-        for (index, code, message, raw) in batch.rejected {
-            self.stats.reject(code);
-            dead.push(DeadLetter::new(
-                code.as_str(),
-                message.clone(),
-                raw,
-                received_at,
-            ));
-            report.rejected.push(Rejection {
-                index,
-                code: code.as_str(),
-                message,
-            });
-        }
         if report.store_failing {
             // Nothing new is accepted while the store cannot write: what it holds already is
             // retried, and the producer resends these once it recovers.
             report.retry_after_ms = report.retry_after_ms.max(STORE_RETRY_AFTER_MS);
-            for (index, _) in &batch.valid {
+            for (index, _) in &valid {
                 report.refused.push(*index);
                 ack.settle();
             }
             self.stats
                 .refused_store_failing
-                .fetch_add(batch.valid.len() as u64, Ordering::Relaxed);
-        } else if !batch.valid.is_empty() {
+                .fetch_add(valid.len() as u64, Ordering::Relaxed);
+        } else if !valid.is_empty() {
             let now = Instant::now();
             let mut symbols = self.symbols.lock();
-            for (index, tick) in batch.valid {
+            for (index, tick) in valid {
                 let outcome = self.admit_one(&mut symbols, tick, index, &ack, now);
                 match outcome {
                     Admission::Accepted => report.accepted += 1,
@@ -393,27 +468,21 @@ impl Ingestor {
                         ack.settle();
                     }
                     Admission::Rejected(reject, raw) => {
-                        self.stats.reject(reject.code);
-                        dead.push(DeadLetter::new(
-                            reject.code.as_str(),
-                            reject.message.clone(),
-                            raw,
-                            received_at,
-                        ));
-                        report.rejected.push(Rejection {
-                            index,
-                            code: reject.code.as_str(),
-                            message: reject.message,
-                        });
+                        rejections.add(&self.stats, index, reject.code, reject.message, || raw);
                         ack.settle();
                     }
                 }
             }
         }
-        report.rejected.sort_by_key(|r| r.index);
         let stats = &self.stats;
-        let seen =
-            report.accepted + report.duplicates + report.rejected.len() + report.refused.len();
+        rejections.listed.sort_by_key(|r| r.index);
+        report.rejected_total = rejections.total;
+        report.rejected = rejections.listed;
+        let unlisted = rejections.total - report.rejected.len();
+        stats
+            .unlisted_rejections
+            .fetch_add(unlisted as u64, Ordering::Relaxed);
+        let seen = report.accepted + report.duplicates + rejections.total + report.refused.len();
         stats.received.fetch_add(seen as u64, Ordering::Relaxed);
         stats
             .accepted
@@ -424,8 +493,8 @@ impl Ingestor {
         stats
             .refused
             .fetch_add(report.refused.len() as u64, Ordering::Relaxed);
-        if !dead.is_empty() {
-            self.dead_letters.extend(dead);
+        if !rejections.dead.is_empty() {
+            self.dead_letters.extend(rejections.dead);
         }
         report
     }
@@ -484,29 +553,82 @@ enum Admission {
 }
 
 /// Ticks of one frame or body between parsing and admission, with running indices.
-#[derive(Default)]
 struct Batch {
     next_index: u32,
     valid: Vec<(u32, Tick)>,
-    rejected: Vec<(u32, RejectCode, String, String)>,
+    rejections: Rejections,
 }
 
 impl Batch {
     fn push_valid(&mut self, tick: Tick) {
         self.valid.push((self.next_index, tick));
-        self.next_index += 1;
+        self.next_index = self.next_index.saturating_add(1);
     }
 
-    fn reject(&mut self, code: RejectCode, message: String, raw: String) {
-        self.rejected.push((self.next_index, code, message, raw));
-        self.next_index += 1;
+    fn reject(
+        &mut self,
+        stats: &IngestStats,
+        code: RejectCode,
+        message: String,
+        raw: impl FnOnce() -> String,
+    ) {
+        self.rejections
+            .add(stats, self.next_index, code, message, raw);
+        self.next_index = self.next_index.saturating_add(1);
+    }
+}
+
+/// The rejections of one frame or body, bounded whatever the body holds: every one is
+/// counted (per code in the stats, and in `total`), the first `max_listed` are listed in the
+/// ack and the first `max_dead` become dead letters. Past those bounds a rejection costs no
+/// memory; even its raw text is never built.
+struct Rejections {
+    listed: Vec<Rejection>,
+    total: usize,
+    dead: Vec<DeadLetter>,
+    max_listed: usize,
+    max_dead: usize,
+    received_at: i64,
+}
+
+impl Rejections {
+    fn add(
+        &mut self,
+        stats: &IngestStats,
+        index: u32,
+        code: RejectCode,
+        message: String,
+        raw: impl FnOnce() -> String,
+    ) {
+        stats.reject(code);
+        self.total += 1;
+        if self.dead.len() < self.max_dead {
+            self.dead.push(DeadLetter::new(
+                code.as_str(),
+                message.clone(),
+                raw(),
+                self.received_at,
+            ));
+        } else {
+            stats.dead_letters_skipped.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.listed.len() < self.max_listed {
+            self.listed.push(Rejection {
+                index,
+                code: code.as_str(),
+                message,
+            });
+        }
     }
 }
 
 /// Whether the first line is a JSON document by itself; if not, a multi-line body is one
 /// pretty-printed document rather than NDJSON.
-fn first_line_is_json(bytes: &[u8]) -> bool {
+fn first_line_is_json(bytes: &[u8], max_depth: usize) -> bool {
     let line = bytes.split(|b| *b == b'\n').next().unwrap_or_default();
+    if crate::json_depth::check(line, max_depth).is_err() {
+        return false;
+    }
     let mut scratch = line.to_vec();
     simd_json::to_borrowed_value(&mut scratch).is_ok()
         || serde_json::from_slice::<serde::de::IgnoredAny>(line).is_ok()
@@ -621,6 +743,49 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![(1, "bad_json"), (3, "invalid_price")]
         );
+    }
+
+    #[test]
+    fn rejections_are_listed_up_to_the_limit_and_all_counted() {
+        let (ing, _, dlq) = ingestor(100);
+        let ing = ing.with_limits(IngestLimits {
+            max_json_depth: 8,
+            max_listed_rejections: 3,
+        });
+        let body = format!("{}\n{}", tick("A", 1.0, ""), "{}\n".repeat(1_000));
+        let r = ing.ingest_body(body.as_bytes());
+        assert_eq!(r.accepted, 1);
+        assert_eq!(r.rejected_total, 1_000);
+        assert_eq!(
+            r.rejected.iter().map(|r| r.index).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        // The dead-letter list (capacity 100) gets no more than it can hold.
+        assert_eq!(dlq.len(), 100);
+        assert_eq!(ing.stats.dead_letters_skipped.load(Ordering::Relaxed), 900);
+        assert_eq!(ing.stats.unlisted_rejections.load(Ordering::Relaxed), 997);
+        assert_eq!(ing.stats.rejected_total(), 1_000);
+        let deep = format!("{}{}", "[".repeat(9), "]".repeat(9));
+        let r = ing.ingest_frame(deep.as_bytes());
+        assert_eq!(r.rejected[0].code, "bad_json");
+        assert_eq!(ing.stats.too_deep.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_truncated_list_says_so_in_the_ack() {
+        let (ing, _, _) = ingestor(100);
+        let ing = ing.with_limits(IngestLimits {
+            max_json_depth: 8,
+            max_listed_rejections: 2,
+        });
+        let (ack, _) = ing.ingest_frame(b"[1,2,3]").settle().await;
+        let v = serde_json::to_value(&ack).unwrap();
+        assert_eq!(v["rejected"].as_array().unwrap().len(), 2);
+        assert_eq!(v["rejected_total"], 3);
+        assert_eq!(v["rejected_truncated"], true);
+        let (ack, _) = ing.ingest_frame(b"[1]").settle().await;
+        let v = serde_json::to_value(&ack).unwrap();
+        assert!(v.get("rejected_total").is_none() && v.get("rejected_truncated").is_none());
     }
 
     #[test]

@@ -12,6 +12,8 @@ use serde_json::value::RawValue;
 use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 
+use crate::json_depth::{self, TooDeep};
+
 /// One field of a tick object as the validator sees it, whatever parser produced it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Field<'a> {
@@ -190,17 +192,35 @@ pub enum Parsed<'a> {
     Raw(&'a RawValue),
 }
 
-/// Parses one JSON document. `scratch` is the mutable copy simd-json works in; `original` is
-/// the same text, untouched, for the fallback.
+/// Why a document could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ParseError {
+    /// Nested past `limits.max_json_depth`; refused before any parser ran.
+    #[error(transparent)]
+    TooDeep(#[from] TooDeep),
+    /// Not JSON for either parser.
+    #[error("not valid JSON: {0}")]
+    Invalid(String),
+}
+
+/// Parses one JSON document nested at most `max_depth` levels. `scratch` is the mutable copy
+/// simd-json works in; `original` is the same text, untouched, for the fallback. The depth is
+/// checked first: simd-json recurses per level and a deep document would overflow the stack.
 ///
 /// # Errors
-/// The text is not JSON for either parser.
-pub fn parse_document<'a>(scratch: &'a mut [u8], original: &'a str) -> Result<Parsed<'a>, String> {
+/// The text is nested too deeply, or is not JSON for either parser.
+pub fn parse_document<'a>(
+    scratch: &'a mut [u8],
+    original: &'a str,
+    max_depth: usize,
+) -> Result<Parsed<'a>, ParseError> {
+    json_depth::check(original.as_bytes(), max_depth)?;
     match simd_json::to_borrowed_value(scratch) {
         Ok(v) => Ok(Parsed::Simd(v)),
         Err(simd_err) => serde_json::from_str::<&RawValue>(original)
             .map(Parsed::Raw)
-            .map_err(|_| format!("not valid JSON: {simd_err}")),
+            .map_err(|_| ParseError::Invalid(simd_err.to_string())),
     }
 }
 
@@ -252,7 +272,7 @@ mod tests {
 
     fn fields(text: &str, name: &str) -> Vec<Field<'static>> {
         let mut scratch = text.as_bytes().to_vec();
-        let parsed = parse_document(&mut scratch, text).unwrap();
+        let parsed = parse_document(&mut scratch, text, 64).unwrap();
         let mut out = Vec::new();
         parsed.for_each_element(|e| match e {
             Element::Object(o) => out.push(match o.get(name) {
@@ -291,16 +311,39 @@ mod tests {
     fn garbage_is_an_error() {
         let text = "{not json";
         let mut scratch = text.as_bytes().to_vec();
-        assert!(parse_document(&mut scratch, text).is_err());
+        assert!(matches!(
+            parse_document(&mut scratch, text, 64),
+            Err(ParseError::Invalid(_))
+        ));
     }
 
     #[test]
     fn non_objects_are_reported() {
         let text = "[1,{\"a\":1}]";
         let mut scratch = text.as_bytes().to_vec();
-        let parsed = parse_document(&mut scratch, text).unwrap();
+        let parsed = parse_document(&mut scratch, text, 64).unwrap();
         let mut kinds = Vec::new();
         parsed.for_each_element(|e| kinds.push(matches!(e, Element::Object(_))));
         assert_eq!(kinds, vec![false, true]);
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        for text in [
+            "[".repeat(20_000),
+            r#"{"a":"#.repeat(100_000),
+            format!(
+                r#"{{"symbol":"A","price":{}1{}}}"#,
+                "[".repeat(50_000),
+                "]".repeat(50_000)
+            ),
+        ] {
+            let mut scratch = text.as_bytes().to_vec();
+            let err = parse_document(&mut scratch, &text, 64).err();
+            assert_eq!(err, Some(ParseError::TooDeep(TooDeep { limit: 64 })));
+        }
+        let ok = format!("{}1{}", "[".repeat(64), "]".repeat(64));
+        let mut scratch = ok.as_bytes().to_vec();
+        assert!(parse_document(&mut scratch, &ok, 64).is_ok());
     }
 }

@@ -276,7 +276,7 @@ mod tests {
 
     fn check(text: &str) -> Result<Tick, RejectCode> {
         let mut scratch = text.as_bytes().to_vec();
-        let parsed = parse_document(&mut scratch, text).map_err(|_| RejectCode::BadJson)?;
+        let parsed = parse_document(&mut scratch, text, 64).map_err(|_| RejectCode::BadJson)?;
         let mut out = None;
         parsed.for_each_element(|e| {
             out = Some(match e {
@@ -377,7 +377,7 @@ mod tests {
     fn stale_check_can_be_disabled_for_import() {
         let text = tick("").replace(&NOW.to_string(), "1000");
         let mut scratch = text.as_bytes().to_vec();
-        let parsed = parse_document(&mut scratch, &text).unwrap();
+        let parsed = parse_document(&mut scratch, &text, 64).unwrap();
         parsed.for_each_element(|e| {
             let Element::Object(o) = e else { panic!() };
             let rules = TimeRules {

@@ -581,6 +581,29 @@ impl Store {
         read_symbols(&rtx.open_table(LAST)?)
     }
 
+    /// Calls `f` with every stored tick of `symbol`, oldest first, decoding one chunk at a
+    /// time (so memory stays at one chunk). `tickfan import` uses it to de-duplicate against
+    /// everything stored, not only the recent window.
+    ///
+    /// # Errors
+    /// A failed read transaction, or a damaged record.
+    pub fn for_each_tick(&self, symbol: &str, mut f: impl FnMut(&Tick)) -> Result<(), StoreError> {
+        let Some(sym) = Symbol::parse(symbol) else {
+            return Ok(());
+        };
+        let rtx = self.inner.db.begin_read()?;
+        let chunks = rtx.open_table(TICKS)?;
+        let mut part = Vec::new();
+        for entry in chunks.range((symbol, 0u64)..=(symbol, u64::MAX))? {
+            let (k, v) = entry?;
+            part.clear();
+            codec::decode_chunk(v.value(), k.value().1, &sym, &mut part)
+                .ok_or(StoreError::Corrupt { table: "ticks" })?;
+            part.iter().for_each(&mut f);
+        }
+        Ok(())
+    }
+
     /// Hands dead letters to the writer without waiting. When the writer queue is full they
     /// are dropped and counted (`StoreStats::dead_letters_dropped`): losing a diagnostic entry
     /// is better than stalling ingest on it.

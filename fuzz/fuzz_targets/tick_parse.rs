@@ -1,0 +1,7 @@
+//! Fuzz target `tick_parse`: see `fuzz/entry/parsing.rs` and docs/fuzzing.md.
+#![no_main]
+
+#[path = "../entry/parsing.rs"]
+mod parsing;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| parsing::tick_parse(data));
