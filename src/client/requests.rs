@@ -64,7 +64,7 @@ pub(super) fn reply(conn: &Conn, text: String) -> Flow {
 /// Handles one text request: rate limit, parse, then answer here or hand to the dispatcher.
 pub(super) async fn on_request(conn: &mut Conn, text: &str) -> Flow {
     let ctx = conn.ctx.clone();
-    let parsed = protocol::parse_request(text);
+    let parsed = protocol::parse_request_with_depth(text, ctx.config.limits.max_json_depth);
     let is_ping = matches!(parsed, Ok((_, Request::Ping)));
     if !is_ping {
         let limiter = conn

@@ -386,7 +386,13 @@ async fn post_ticks(
             if let (Some(obj), Ok(serde_json::Value::Object(ack))) =
                 (body.as_object_mut(), serde_json::to_value(&ack))
             {
-                for key in ["accepted", "duplicates", "rejected"] {
+                for key in [
+                    "accepted",
+                    "duplicates",
+                    "rejected",
+                    "rejected_total",
+                    "rejected_truncated",
+                ] {
                     if let Some(v) = ack.get(key) {
                         obj.insert(key.into(), v.clone());
                     }

@@ -591,7 +591,7 @@ impl Store {
         let Some(sym) = Symbol::parse(symbol) else {
             return Ok(());
         };
-        let rtx = self.inner.db.begin_read()?;
+        let rtx = self.inner.db.get()?.begin_read()?;
         let chunks = rtx.open_table(TICKS)?;
         let mut part = Vec::new();
         for entry in chunks.range((symbol, 0u64)..=(symbol, u64::MAX))? {
