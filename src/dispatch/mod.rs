@@ -20,6 +20,8 @@ pub mod registry;
 pub mod sink;
 mod snapshot;
 mod subscription;
+#[cfg(test)]
+mod tests;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -650,14 +652,20 @@ impl<S: TickSink> Dispatcher<S> {
 
     /// Queues a control reply; a client whose queue cannot take even that is gone.
     fn reply(&mut self, key: ClientKey, msg: &Value) {
-        if let Some(client) = self.clients.get(key) {
-            if client
-                .out
-                .push_control(Frame::from(msg.to_string()))
-                .is_err()
-            {
-                self.drop_client(key, close::SLOW_CONSUMER);
-            }
+        self.push_control(key, Frame::from(msg.to_string()));
+    }
+
+    /// Queues a control frame (reply, snapshot, error). A full queue makes the client a slow
+    /// consumer; a closed one means the client already left, which is no slowness of its own and
+    /// must not count as one (or log as one).
+    pub(super) fn push_control(&mut self, key: ClientKey, frame: Frame) {
+        let Some(client) = self.clients.get(key) else {
+            return;
+        };
+        match client.out.push_control(frame) {
+            Ok(()) => {}
+            Err(outbound::PushError::Full) => self.drop_client(key, close::SLOW_CONSUMER),
+            Err(outbound::PushError::Closed) => self.drop_client(key, 0),
         }
     }
 

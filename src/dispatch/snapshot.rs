@@ -22,7 +22,7 @@ use super::command::{Command, SnapshotRead};
 use super::outbound::{Frame, PushError, RefillHook};
 use super::registry::ClientKey;
 use super::{Dispatcher, TickSink};
-use crate::protocol::{self, close, ErrorCode};
+use crate::protocol::{self, ErrorCode};
 use crate::store::History;
 use crate::tick::Symbol;
 
@@ -443,11 +443,7 @@ impl<S: TickSink> Dispatcher<S> {
     }
 
     fn reply_text(&mut self, key: ClientKey, text: String) {
-        if let Some(client) = self.clients.get(key) {
-            if client.out.push_control(Frame::from(text)).is_err() {
-                self.drop_client(key, close::SLOW_CONSUMER);
-            }
-        }
+        self.push_control(key, Frame::from(text));
     }
 
     /// Sends one small snapshot message (an empty replay, or the `gap` report) as control.

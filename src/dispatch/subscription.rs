@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::outbound::Frame;
 use super::registry::ClientKey;
 use super::{Dispatcher, TickSink};
-use crate::protocol::{self, close, ErrorCode, Settings};
+use crate::protocol::{self, ErrorCode, Settings};
 use crate::tick::Symbol;
 
 impl<S: TickSink> Dispatcher<S> {
@@ -58,9 +58,7 @@ impl<S: TickSink> Dispatcher<S> {
                 ),
                 None,
             );
-            if client.out.push_control(Frame::from(msg)).is_err() {
-                self.drop_client(key, close::SLOW_CONSUMER);
-            }
+            self.push_control(key, Frame::from(msg));
             return;
         }
         self.apply_settings(key, settings);
