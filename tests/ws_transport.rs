@@ -344,7 +344,10 @@ impl Raw {
     async fn close_then_fin(&mut self, answer: bool) -> u16 {
         let code = self.close_code().await;
         if answer {
-            let _ = self.tcp.write_all(&frame(true, 8, &code.to_be_bytes())).await;
+            let _ = self
+                .tcp
+                .write_all(&frame(true, 8, &code.to_be_bytes()))
+                .await;
         }
         match self.next().await {
             None => code,
@@ -375,7 +378,12 @@ async fn ingest_protocol_errors_send_a_close_frame_with_the_code_first() {
         ("reserved opcode 11", frame(true, 11, b""), 1002, true),
         ("126-byte ping", frame(true, 9, &[b'p'; 126]), 1002, true),
         ("fragmented ping", frame(false, 9, b"p"), 1002, true),
-        ("invalid UTF-8", frame(true, 1, &[b'[', 0xC3, 0x28, b']']), 1007, true),
+        (
+            "invalid UTF-8",
+            frame(true, 1, &[b'[', 0xC3, 0x28, b']']),
+            1007,
+            true,
+        ),
         (
             "invalid UTF-8 in a fragment",
             [frame(false, 1, b"[\xF0\x9F"), frame(false, 0, b"\x28]")].concat(),
@@ -383,10 +391,25 @@ async fn ingest_protocol_errors_send_a_close_frame_with_the_code_first() {
             true,
         ),
         ("orphan continuation", frame(true, 0, b"x"), 1002, true),
-        ("continuation after a whole message", orphan_first, 1002, true),
+        (
+            "continuation after a whole message",
+            orphan_first,
+            1002,
+            true,
+        ),
         ("1-byte close payload", frame(true, 8, b"x"), 1002, false),
-        ("close code 1005", frame(true, 8, &1005u16.to_be_bytes()), 1002, false),
-        ("close reason not UTF-8", frame(true, 8, b"\x03\xe8\xff"), 1007, false),
+        (
+            "close code 1005",
+            frame(true, 8, &1005u16.to_be_bytes()),
+            1002,
+            false,
+        ),
+        (
+            "close reason not UTF-8",
+            frame(true, 8, b"\x03\xe8\xff"),
+            1007,
+            false,
+        ),
         ("too big", too_big, 1009, true),
     ];
     for (what, bytes, want, answer) in cases {
@@ -518,6 +541,7 @@ async fn a_ping_flood_that_never_reads_gets_few_pongs_and_bounded_memory() {
         Some(wr) => wr,
         None => writer.await.unwrap(),
     };
+    eprintln!("{pongs} pongs for {PINGS} pings");
     assert_eq!(reply["id"], 99);
     assert_eq!(
         last_pong,

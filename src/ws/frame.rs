@@ -49,6 +49,18 @@ impl fmt::Display for FrameError {
 
 impl std::error::Error for FrameError {}
 
+impl FrameError {
+    /// The close code the connection ends with (RFC 6455 §7.4.1).
+    #[must_use]
+    pub fn close_code(&self) -> u16 {
+        match self {
+            Self::TooBig => 1009,
+            Self::Protocol(_) => 1002,
+            Self::InvalidUtf8 => 1007,
+        }
+    }
+}
+
 /// One decoded client frame; `payload` is the range of the (still masked) payload bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {

@@ -4,10 +4,12 @@
 //! while a connection is idle and writes the dispatcher's shared frames without copying them.
 //! Producers (`/ingest`) keep axum's tungstenite socket: they are few and send large frames.
 
+pub mod decoder;
 pub mod frame;
 mod socket;
 
-pub use socket::{Incoming, ReadError, WsSocket};
+pub use decoder::{Decoder, Incoming};
+pub use socket::{ReadError, WsSocket, CONTROL_DEBT_CAP};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
