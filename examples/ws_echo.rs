@@ -13,8 +13,10 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
+use hyper::body::Incoming;
 use tickfan::ws::frame::opcode;
-use tickfan::ws::{ClientUpgrade, Incoming, PendingUpgrade, ReadError, WsSocket};
+use tickfan::ws::{ClientUpgrade, PendingUpgrade, ReadError, WsSocket};
+use tower_service::Service;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
@@ -37,7 +39,22 @@ async fn main() -> std::io::Result<()> {
         "/",
         get(move |ws: ClientUpgrade| async move { upgrade(ws, max_message) }),
     );
-    axum::serve(listener, app).await
+    // hyper directly on the bare stream (as tickfan's own accept loop does), so the upgrade
+    // hands back a plain `TcpStream`.
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                let mut app = app.clone();
+                app.call(req.map(axum::body::Body::new))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .with_upgrades()
+                .await;
+        });
+    }
 }
 
 fn upgrade(ws: ClientUpgrade, max_message: usize) -> Response {
@@ -57,13 +74,17 @@ async fn echo(pending: PendingUpgrade, max_message: usize) {
         let mut peer_close = None;
         for msg in inbox.drain(..) {
             match msg {
-                Incoming::Text(text) => socket.queue_text(Bytes::from(text.into_bytes())),
-                Incoming::Binary(data) => socket.queue(opcode::BINARY, Bytes::from(data)),
-                Incoming::Ping(payload) => {
+                tickfan::ws::Incoming::Text(text) => {
+                    socket.queue_text(Bytes::from(text.into_bytes()))
+                }
+                tickfan::ws::Incoming::Binary(data) => {
+                    socket.queue(opcode::BINARY, Bytes::from(data))
+                }
+                tickfan::ws::Incoming::Ping(payload) => {
                     socket.queue_pong(payload);
                 }
-                Incoming::Pong => {}
-                Incoming::Close(code) => {
+                tickfan::ws::Incoming::Pong => {}
+                tickfan::ws::Incoming::Close(code) => {
                     peer_close = Some(code);
                     break;
                 }

@@ -95,8 +95,14 @@ impl Decoder {
         let data = joined.as_deref().unwrap_or(fresh);
         let mut at = 0;
         while !self.closed {
-            let Some(head) = frame::decode_head(&data[at..], self.max_message)? else {
-                break;
+            let head = match frame::decode_head(&data[at..], self.max_message) {
+                Ok(Some(head)) => head,
+                Ok(None) => break,
+                Err(e) => {
+                    // A malformed close frame (too long, fragmented) still ends the peer's side.
+                    self.closed = data[at] & 0x0F == opcode::CLOSE;
+                    return Err(e);
+                }
             };
             let end = at + head.frame_len();
             if end > data.len() {
@@ -317,6 +323,16 @@ mod tests {
             .absorb(&client_frame(true, opcode::CLOSE, b"x"), &mut out)
             .is_err());
         assert!(d.peer_closed());
+        let mut d = Decoder::new(100);
+        assert!(d
+            .absorb(&client_frame(true, opcode::CLOSE, &[b'x'; 126]), &mut out)
+            .is_err());
+        assert!(d.peer_closed(), "an over-long close frame is a close too");
+        let mut d = Decoder::new(100);
+        assert!(d
+            .absorb(&client_frame(true, opcode::PING, &[b'x'; 126]), &mut out)
+            .is_err());
+        assert!(!d.peer_closed());
         // Nothing after a close frame is decoded.
         let mut d = Decoder::new(100);
         let mut bytes = client_frame(true, opcode::CLOSE, b"");

@@ -8,9 +8,11 @@
 //! exists and nothing is copied. An idle connection therefore holds the socket and two empty
 //! fields: no buffers at all.
 //!
-//! Pongs are the one thing a peer makes us send without limit, so they are bounded here: at
-//! most one pong waits that the kernel has not started on (a newer ping replaces its payload;
-//! RFC 6455 §5.5.3 allows answering only the most recent ping), and once the pings answered
+//! Pongs are the one thing a peer makes us send without limit, so they are bounded here. While
+//! the kernel takes what we write, every ping gets its pong. Once it refuses (the peer does
+//! not read), at most one pong waits that the kernel has not started on (a newer ping replaces
+//! its payload; RFC 6455 §5.5.3 allows answering only the most recent ping), and once the pings
+//! answered
 //! while the kernel took none exceed [`CONTROL_DEBT_CAP`], [`WsSocket::read_paused`] tells the
 //! connection to stop reading until the socket drains: a ping flood that never reads meets TCP
 //! backpressure instead of growing memory.
@@ -75,6 +77,8 @@ pub struct WsSocket {
     front_written: usize,
     /// Pong bytes answered since the kernel last started on a pong (see the module header).
     control_debt: usize,
+    /// The kernel refused part of the queue and has not taken all of it since.
+    backed_up: bool,
 }
 
 impl WsSocket {
@@ -87,6 +91,7 @@ impl WsSocket {
             unsent: VecDeque::new(),
             front_written: 0,
             control_debt: 0,
+            backed_up: false,
         }
     }
 
@@ -166,10 +171,16 @@ impl WsSocket {
         Ok(self.decoder.absorb(fresh, out)?)
     }
 
-    /// Queues the answer to a ping. Returns `true` when it replaced the payload of a pong the
-    /// kernel had not started on (the older ping goes unanswered, as RFC 6455 allows).
+    /// Queues the answer to a ping. Returns `true` when, the socket being backed up, it
+    /// replaced the payload of a pong the kernel had not started on (the older ping goes
+    /// unanswered, as RFC 6455 allows).
     pub fn queue_pong(&mut self, payload: Bytes) -> bool {
         self.control_debt = self.control_debt.saturating_add(2 + payload.len());
+        if !self.backed_up {
+            // Between two flushes at most one read's worth of pings (`READ_CHUNK` bytes).
+            self.push(opcode::PONG, payload);
+            return false;
+        }
         let started = usize::from(self.front_written > 0);
         let waiting = self
             .unsent
@@ -291,13 +302,17 @@ impl WsSocket {
             match self.stream.try_write_vectored(&slices[..used]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.backed_up = true;
+                    return Ok(false);
+                }
                 Err(e) => return Err(e),
             }
         }
         // Give the queue's memory back: idle connections should hold none.
         self.unsent = VecDeque::new();
         self.control_debt = 0;
+        self.backed_up = false;
         Ok(true)
     }
 
@@ -471,6 +486,38 @@ mod tests {
             messages(&mut socket, 1).await.unwrap_err(),
             ReadError::Eof
         ));
+    }
+
+    #[tokio::test]
+    async fn pongs_to_a_peer_that_does_not_read_coalesce_and_pause_reading() {
+        let (mut socket, _client) = pair(100).await;
+        // While the kernel takes them, every ping gets its pong.
+        assert!(!socket.queue_pong(Bytes::from_static(b"a")));
+        assert!(!socket.queue_pong(Bytes::from_static(b"b")));
+        assert!(socket.try_flush().unwrap());
+        // Fill the socket: the client never reads.
+        let big = Bytes::from(vec![b'x'; 1 << 20]);
+        while socket.try_flush().unwrap() {
+            socket.queue_text(big.clone());
+        }
+        let before = socket.unsent.len();
+        let mut paused_at = None;
+        for i in 0..10_000u32 {
+            let payload = Bytes::from(format!("{i:0>100}"));
+            let replaced = socket.queue_pong(payload);
+            assert_eq!(replaced, i > 0, "ping {i}");
+            if paused_at.is_none() && socket.read_paused() {
+                paused_at = Some(i);
+            }
+        }
+        // One pong waits, carrying the most recent ping's payload.
+        assert_eq!(socket.unsent.len(), before + 1);
+        let pong = socket.unsent.back().unwrap();
+        assert!(pong.pong);
+        assert_eq!(&pong.payload[..], format!("{:0>100}", 9_999).as_bytes());
+        // Reading stopped once the answered pings passed the cap.
+        let paused_at = paused_at.expect("reading never paused") as usize;
+        assert!((paused_at + 1) * 102 > CONTROL_DEBT_CAP && paused_at * 102 <= CONTROL_DEBT_CAP);
     }
 
     #[tokio::test]
