@@ -27,6 +27,8 @@ use crate::ws::{Incoming, PendingUpgrade, ReadError, WsSocket};
 
 /// Frames whose acks may be outstanding per producer connection.
 pub const PIPELINE_FRAMES: usize = 1_024;
+/// Bytes read per call: producers send frames of many ticks.
+const READ_BUFFER: usize = 64 * 1024;
 /// Settled acks written with one `writev`.
 const ACKS_PER_WRITE: usize = 64;
 
@@ -48,6 +50,7 @@ pub async fn serve(pending: PendingUpgrade, ingestor: Arc<Ingestor>, ctx: Arc<Cl
         return;
     };
     let mut socket = WsSocket::new(stream, ctx.config.limits.max_message_bytes);
+    socket.set_read_buffer(READ_BUFFER);
     let mut inbox = Vec::new();
     // A producer may send its first frame right behind the handshake.
     let mut broken = socket.absorb(&early, &mut inbox).err();

@@ -79,6 +79,9 @@ pub struct WsSocket {
     control_debt: usize,
     /// The kernel refused part of the queue and has not taken all of it since.
     backed_up: bool,
+    /// A bigger read buffer than the stack chunk, for connections that carry large frames
+    /// (producers); `None` for clients, which keep no buffer while idle.
+    read_buf: Option<Box<[u8]>>,
 }
 
 impl WsSocket {
@@ -92,7 +95,14 @@ impl WsSocket {
             front_written: 0,
             control_debt: 0,
             backed_up: false,
+            read_buf: None,
         }
+    }
+
+    /// Reads up to `size` bytes per call from now on (a buffer this connection keeps), instead
+    /// of the 4 KiB chunk: fewer reads for peers that send large frames.
+    pub fn set_read_buffer(&mut self, size: usize) {
+        self.read_buf = (size > READ_CHUNK).then(|| vec![0; size].into_boxed_slice());
     }
 
     /// Resolves when a read may make progress (data, EOF or an error is waiting).
@@ -153,10 +163,19 @@ impl WsSocket {
     /// # Errors
     /// EOF, a socket error, or a protocol violation (the caller closes with its code).
     pub fn read_some(&mut self, out: &mut Vec<Incoming>) -> Result<(), ReadError> {
+        if let Some(mut buf) = self.read_buf.take() {
+            let read = self.read_into(&mut buf, out);
+            self.read_buf = Some(buf);
+            return read;
+        }
         let mut chunk = [0u8; READ_CHUNK];
-        match self.stream.try_read(&mut chunk) {
+        self.read_into(&mut chunk, out)
+    }
+
+    fn read_into(&mut self, buf: &mut [u8], out: &mut Vec<Incoming>) -> Result<(), ReadError> {
+        match self.stream.try_read(buf) {
             Ok(0) => Err(ReadError::Eof),
-            Ok(n) => self.absorb(&chunk[..n], out),
+            Ok(n) => self.absorb(&buf[..n], out),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(e.into()),
         }
