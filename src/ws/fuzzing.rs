@@ -8,8 +8,9 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use super::decoder::{Decoder, Incoming};
 use super::frame::FrameError;
 
-/// Largest message the frame target allows: small, so limits are hit often.
-const MAX_MESSAGE: usize = 4096;
+/// Largest message the frame target allows: small, so that short inputs reach the limits
+/// (of a single frame and of a reassembled message) often.
+const MAX_MESSAGE: usize = 300;
 
 /// Frame decoding and reassembly. The first byte picks how the rest is cut into reads; the
 /// decoder must give the same messages and the same error whether the bytes come at once or
