@@ -156,6 +156,10 @@ const HELP: &[(&str, &str)] = &[
         "tickfan_parking_wake_overflows_total",
         "Wake-ups of parked connections that overflowed the parking lot's ready list.",
     ),
+    (
+        "tickfan_ws_pongs_coalesced_total",
+        "Pings left unanswered because a newer ping replaced a pong the socket had not taken yet.",
+    ),
 ];
 
 /// Histogram buckets in seconds: 10 µs .. 5 s.
@@ -363,6 +367,11 @@ impl Metrics {
         limit("max_connections_per_ip", load(&s.limits.refused_per_ip));
         limit("queue_full", load(&ing.refused));
         self.counter("tickfan_bad_requests_total", vec![], load(&c.bad_requests));
+        self.counter(
+            "tickfan_ws_pongs_coalesced_total",
+            vec![],
+            load(&c.pongs_coalesced),
+        );
         self.gauge("tickfan_dead_letters", vec![], s.dead_letters.len() as u64);
         let st = s.store.stats();
         self.counter("tickfan_store_commits_total", vec![], st.commits);

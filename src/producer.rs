@@ -1,108 +1,188 @@
-//! One `/ingest` producer connection. The reader ingests each frame as it arrives (so a
-//! producer can pipeline) and queues its report; the writer sends the acks in frame order, each
-//! once that frame's accepted ticks have settled (stored, or dispatched without a store). The
-//! report queue between them is bounded (`PIPELINE_FRAMES`), so a producer that outruns the
-//! server stops being read and feels TCP backpressure. Refused ticks get a `backpressure` error
-//! right after the frame's ack.
+//! One `/ingest` producer connection, on tickfan's own WebSocket transport (`ws::WsSocket`, the
+//! same framing and close behaviour as `/ws`). Frames are ingested as they arrive (so a
+//! producer can pipeline) and their reports wait in order; each frame's ack goes out, in frame
+//! order, once that frame's accepted ticks have settled (stored, or dispatched without a
+//! store). At most `PIPELINE_FRAMES` acks may be outstanding and a new ack is only taken once
+//! the socket took the previous ones, so a producer that outruns the server (or does not read
+//! its acks) stops being read and feels TCP backpressure. Refused ticks get a `backpressure`
+//! error right after the frame's ack. Frames and reassembled messages are bounded by
+//! `limits.max_message_bytes` (1009); every protocol error is answered with its close code
+//! (1002, 1007) before the connection ends.
+//!
+//! One task does both directions (a `select!` over reading, the next settled ack, writing and
+//! shutdown): the socket's state (a half-read frame, queued acks and pongs) has one owner.
 
-use std::sync::Arc;
-
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::{SinkExt, StreamExt};
 use std::sync::atomic::Ordering;
-use tokio::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
 
 use crate::client::ClientContext;
-
-use crate::ingest::{IngestReport, Ingestor};
+use crate::ingest::{Backpressure, IngestAck, Ingestor};
 use crate::protocol::close;
+use crate::ws::frame::FrameError;
+use crate::ws::{Incoming, PendingUpgrade, ReadError, WsSocket};
 
 /// Frames whose acks may be outstanding per producer connection.
 pub const PIPELINE_FRAMES: usize = 1_024;
+/// Bytes read per call: producers send frames of many ticks.
+const READ_BUFFER: usize = 64 * 1024;
+/// Settled acks written with one `writev`.
+const ACKS_PER_WRITE: usize = 64;
 
-enum Outgoing {
-    Report(IngestReport),
+/// How the read side ended.
+enum Ending {
+    /// The producer sent its close frame (echoed with this code).
+    PeerClosed(u16),
+    /// We close: a protocol error, a limit, or shutdown.
     Close(u16, &'static str),
+    /// EOF: acks still go out (the producer may have shut down only its sending side).
+    Eof,
+    /// The socket failed: nothing more can be sent.
+    Gone,
 }
 
 /// Serves one upgraded producer connection until it closes.
-pub async fn serve(socket: WebSocket, ingestor: Arc<Ingestor>, ctx: Arc<ClientContext>) {
+pub async fn serve(pending: PendingUpgrade, ingestor: Arc<Ingestor>, ctx: Arc<ClientContext>) {
+    let Some((stream, early)) = pending.stream().await else {
+        return;
+    };
+    let mut socket = WsSocket::new(stream, ctx.config.limits.max_message_bytes);
+    socket.set_read_buffer(READ_BUFFER);
+    let mut inbox = Vec::new();
+    // A producer may send its first frame right behind the handshake.
+    let mut broken = socket.absorb(&early, &mut inbox).err();
+    drop(early);
     let shutdown = ctx.shutdown.clone();
-    let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::channel::<Outgoing>(PIPELINE_FRAMES);
-    let reader = async move {
-        loop {
-            let msg = tokio::select! {
-                biased;
-                () = shutdown.cancelled() => {
-                    let _ = tx.send(Outgoing::Close(close::GOING_AWAY, "server shutting down")).await;
-                    return;
+    let mut settling = FuturesOrdered::new();
+    let ending = loop {
+        let mut peer_close = None;
+        for msg in inbox.drain(..) {
+            match msg {
+                // Ingest copies the frame once into simd-json's scratch buffer; no copy here.
+                Incoming::Text(text) => {
+                    settling.push_back(ingestor.ingest_frame(text.as_bytes()).settle());
                 }
-                msg = stream.next() => msg,
-            };
-            // Ingest copies the frame once into simd-json's scratch buffer; no copy here.
-            let report = match msg {
-                Some(Ok(Message::Text(t))) => ingestor.ingest_frame(t.as_str().as_bytes()),
                 // Binary frames carrying JSON are accepted too: producers often send bytes.
-                Some(Ok(Message::Binary(b))) => ingestor.ingest_frame(&b),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                Some(Ok(Message::Close(_))) | None => return,
-                Some(Err(e)) => {
-                    let too_big = e
-                        .into_inner()
-                        .downcast::<tokio_tungstenite::tungstenite::Error>()
-                        .is_ok_and(|e| {
-                            matches!(*e, tokio_tungstenite::tungstenite::Error::Capacity(_))
-                        });
-                    if too_big {
-                        ctx.stats.too_big.fetch_add(1, Ordering::Relaxed);
-                        let _ = tx
-                            .send(Outgoing::Close(close::TOO_BIG, "message too big"))
-                            .await;
-                    }
-                    return;
+                Incoming::Binary(bytes) => {
+                    settling.push_back(ingestor.ingest_frame(&bytes).settle());
                 }
-            };
-            if tx.send(Outgoing::Report(report)).await.is_err() {
-                return;
-            }
-        }
-    };
-    let writer = async move {
-        while let Some(item) = rx.recv().await {
-            match item {
-                Outgoing::Report(report) => {
-                    let (ack, backpressure) = report.settle().await;
-                    let Ok(text) = serde_json::to_string(&ack) else {
-                        continue;
-                    };
-                    if sink.feed(Message::Text(text.into())).await.is_err() {
-                        return;
-                    }
-                    if let Some(bp) = backpressure {
-                        let Ok(text) = serde_json::to_string(&bp) else {
-                            continue;
-                        };
-                        if sink.feed(Message::Text(text.into())).await.is_err() {
-                            return;
-                        }
-                    }
-                    // Flush when no further ack is ready, coalescing bursts of acks.
-                    if rx.is_empty() && sink.flush().await.is_err() {
-                        return;
+                Incoming::Ping(payload) => {
+                    if socket.queue_pong(payload) {
+                        ctx.stats.pongs_coalesced.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Outgoing::Close(code, reason) => {
-                    let frame = CloseFrame {
-                        code,
-                        reason: Utf8Bytes::from(reason),
-                    };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    return;
+                Incoming::Pong => {}
+                Incoming::Close(code) => {
+                    peer_close = Some(code.unwrap_or(close::NORMAL));
+                    break;
                 }
             }
         }
-        let _ = sink.flush().await;
+        if let Some(code) = peer_close {
+            break Ending::PeerClosed(code);
+        }
+        if let Some(e) = broken.take() {
+            break read_failure(&ctx, e);
+        }
+        // Read only while acks may still be outstanding and pongs are being taken.
+        let may_read = settling.len() < PIPELINE_FRAMES && !socket.read_paused();
+        // A new ack only once the socket took the previous ones.
+        let may_ack = !settling.is_empty() && !socket.has_unsent();
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break Ending::Close(close::GOING_AWAY, "server shutting down"),
+            Some(settled) = settling.next(), if may_ack => {
+                queue_acks(&mut socket, settled, &mut settling);
+                if socket.try_flush().is_err() {
+                    break Ending::Gone;
+                }
+            }
+            ready = socket.writable(), if socket.has_unsent() => {
+                if ready.is_err() || socket.try_flush().is_err() {
+                    break Ending::Gone;
+                }
+            }
+            ready = socket.readable(), if may_read => {
+                broken = match ready {
+                    Ok(()) => socket.read_some(&mut inbox).err(),
+                    Err(e) => Some(e.into()),
+                };
+            }
+        }
     };
-    tokio::join!(reader, writer);
+    if matches!(ending, Ending::Gone) {
+        return;
+    }
+    // Acks for every frame read before the end go out first, in order.
+    let grace = Duration::from_millis(ctx.config.server.close_timeout_ms);
+    let finish = async {
+        while let Some(settled) = settling.next().await {
+            queue_acks(&mut socket, settled, &mut settling);
+            socket.flush().await?;
+        }
+        let (code, reason) = match ending {
+            Ending::PeerClosed(code) => (code, "bye"),
+            Ending::Close(code, reason) => (code, reason),
+            Ending::Eof | Ending::Gone => return socket.flush().await,
+        };
+        socket.queue_close(code, reason);
+        socket.flush().await
+    };
+    if matches!(tokio::time::timeout(grace, finish).await, Ok(Ok(()))) {
+        socket.await_peer_close(Duration::from_secs(2)).await;
+    }
+}
+
+/// Queues the ack (and backpressure error) of `first`, then of every further report already
+/// settled, up to [`ACKS_PER_WRITE`]: a burst of acks goes out in one write.
+fn queue_acks<F>(
+    socket: &mut WsSocket,
+    first: <F as std::future::Future>::Output,
+    settling: &mut FuturesOrdered<F>,
+) where
+    F: std::future::Future<Output = (IngestAck, Option<Backpressure>)>,
+{
+    let mut next = Some(first);
+    let mut queued = 0;
+    while let Some((ack, backpressure)) = next.take() {
+        if let Ok(text) = serde_json::to_string(&ack) {
+            socket.queue_text(text.into());
+        }
+        if let Some(bp) = backpressure {
+            if let Ok(text) = serde_json::to_string(&bp) {
+                socket.queue_text(text.into());
+            }
+        }
+        queued += 1;
+        if queued < ACKS_PER_WRITE {
+            next = settling.next().now_or_never().flatten();
+        }
+    }
+}
+
+/// The close a broken read ends with.
+fn read_failure(ctx: &ClientContext, e: ReadError) -> Ending {
+    match e {
+        ReadError::Frame(e) => {
+            if e.close_code() == close::TOO_BIG {
+                ctx.stats.too_big.fetch_add(1, Ordering::Relaxed);
+            } else {
+                ctx.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+            }
+            Ending::Close(e.close_code(), frame_reason(e))
+        }
+        ReadError::Eof => Ending::Eof,
+        _ => Ending::Gone,
+    }
+}
+
+fn frame_reason(e: FrameError) -> &'static str {
+    match e {
+        FrameError::Protocol(why) => why,
+        FrameError::TooBig => "message too big",
+        FrameError::InvalidUtf8 => "text is not UTF-8",
+    }
 }

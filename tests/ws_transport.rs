@@ -15,21 +15,19 @@ use tokio::net::TcpStream;
 const DEADLINE: Duration = Duration::from_secs(10);
 
 fn upgrade_request(extra_headers: &str) -> String {
+    upgrade_request_to("/ws", extra_headers)
+}
+
+fn upgrade_request_to(path: &str, extra_headers: &str) -> String {
     format!(
-        "GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra_headers}\r\n"
     )
 }
 
 /// A masked client frame.
 fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [9u8, 8, 7, 6];
-    let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
-    assert!(payload.len() < 126);
-    out.push(0x80 | payload.len() as u8);
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
-    out
+    tickfan::ws::frame::client_frame(fin, opcode, payload)
 }
 
 /// A raw connection after its 101, reading the server's (unmasked) frames.
@@ -48,8 +46,13 @@ enum ServerFrame {
 impl Raw {
     /// Sends the upgrade request plus `behind` in one write, and checks the 101.
     async fn open(server: &TestServer, behind: &[u8]) -> Self {
+        Self::open_at(server, "/ws", behind).await
+    }
+
+    /// [`Raw::open`] on another WebSocket route (`/ingest`).
+    async fn open_at(server: &TestServer, path: &str, behind: &[u8]) -> Self {
         let mut tcp = TcpStream::connect(server.addr).await.unwrap();
-        let mut first = upgrade_request("").into_bytes();
+        let mut first = upgrade_request_to(path, "").into_bytes();
         first.extend_from_slice(behind);
         tcp.write_all(&first).await.unwrap();
         let mut raw = Self {
@@ -317,4 +320,231 @@ async fn a_parked_connection_reads_a_request_split_across_packets() {
         .await
         .unwrap();
     assert_eq!(raw.text().await["id"], 42);
+}
+
+impl Raw {
+    /// Reads up to the server's close frame, answers it like a well-behaved client unless
+    /// `answer` is false (our own close already went out), and expects the TCP connection to
+    /// end (FIN) with nothing else on the wire. Returns the close code.
+    async fn close_then_fin(&mut self, answer: bool) -> u16 {
+        let code = self.close_code().await;
+        if answer {
+            let _ = self
+                .tcp
+                .write_all(&frame(true, 8, &code.to_be_bytes()))
+                .await;
+        }
+        match self.next().await {
+            None => code,
+            Some(_) => panic!("a frame after the close frame"),
+        }
+    }
+}
+
+/// Defect 5 (issue 12): every protocol error on `/ingest` ends with a close frame carrying
+/// the RFC 6455 code (1002, 1007, 1009), then FIN; not a bare FIN.
+#[tokio::test]
+async fn ingest_protocol_errors_send_a_close_frame_with_the_code_first() {
+    let server = TestServer::start_with(test_config()).await;
+    let mut unmasked = frame(true, 1, b"{}");
+    unmasked[1] &= 0x7F;
+    let mut rsv = frame(true, 1, b"{}");
+    rsv[0] |= 0x40;
+    let mut orphan_first = frame(true, 1, b"[]");
+    orphan_first.extend(frame(true, 0, b"x"));
+    // A frame header announcing more than `limits.max_message_bytes`; the payload never comes.
+    let mut too_big = vec![0x82, 0x80 | 127];
+    too_big.extend_from_slice(&(70_000u64).to_be_bytes());
+    too_big.extend_from_slice(&[1, 2, 3, 4]);
+    let cases: Vec<(&str, Vec<u8>, u16, bool)> = vec![
+        ("unmasked frame", unmasked, 1002, true),
+        ("reserved bit", rsv, 1002, true),
+        ("reserved opcode 3", frame(true, 3, b"x"), 1002, true),
+        ("reserved opcode 11", frame(true, 11, b""), 1002, true),
+        ("126-byte ping", frame(true, 9, &[b'p'; 126]), 1002, true),
+        ("fragmented ping", frame(false, 9, b"p"), 1002, true),
+        (
+            "invalid UTF-8",
+            frame(true, 1, &[b'[', 0xC3, 0x28, b']']),
+            1007,
+            true,
+        ),
+        (
+            "invalid UTF-8 in a fragment",
+            [frame(false, 1, b"[\xF0\x9F"), frame(false, 0, b"\x28]")].concat(),
+            1007,
+            true,
+        ),
+        ("orphan continuation", frame(true, 0, b"x"), 1002, true),
+        (
+            "continuation after a whole message",
+            orphan_first,
+            1002,
+            true,
+        ),
+        ("1-byte close payload", frame(true, 8, b"x"), 1002, false),
+        (
+            "close code 1005",
+            frame(true, 8, &1005u16.to_be_bytes()),
+            1002,
+            false,
+        ),
+        (
+            "close reason not UTF-8",
+            frame(true, 8, b"\x03\xe8\xff"),
+            1007,
+            false,
+        ),
+        ("too big", too_big, 1009, true),
+    ];
+    for (what, bytes, want, answer) in cases {
+        let mut raw = Raw::open_at(&server, "/ingest", &[]).await;
+        raw.tcp.write_all(&bytes).await.unwrap();
+        let got = tokio::time::timeout(DEADLINE, raw.close_then_fin(answer))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no close frame and FIN"));
+        assert_eq!(got, want, "{what}");
+    }
+    // Producers still work.
+    let mut producer = server.producer().await;
+    let ack = common::ingest(&mut producer, &[common::tick("AAPL", 1.0, 1.0)]).await;
+    assert_eq!(ack["accepted"], 1, "{ack}");
+}
+
+/// 1012-1014 are registered close codes (service restart, try again later, bad gateway): a
+/// client's close with one of them is echoed on both endpoints, not refused with 1002.
+#[tokio::test]
+async fn close_codes_1012_to_1014_are_echoed_on_both_endpoints() {
+    let server = TestServer::start_with(test_config()).await;
+    for path in ["/ws", "/ingest"] {
+        for code in [1012u16, 1013, 1014] {
+            let mut raw = Raw::open_at(&server, path, &[]).await;
+            if path == "/ws" {
+                assert_eq!(raw.text().await["type"], "welcome");
+            }
+            let mut payload = code.to_be_bytes().to_vec();
+            payload.extend_from_slice(b"later");
+            raw.tcp.write_all(&frame(true, 8, &payload)).await.unwrap();
+            assert_eq!(raw.close_then_fin(false).await, code, "{path} {code}");
+        }
+    }
+}
+
+/// Defect 2 (issue 12): a client with a tiny receive buffer floods masked pings and never
+/// reads. Every ping used to queue its own pong outside every limit (GBs of RSS). Now only the
+/// most recent unanswered ping gets a pong (RFC 6455 §5.5.3) and the server stops reading
+/// from a client whose control answers pile up, so the pongs it gets are a small fraction of
+/// the pings, the last one answers the last ping, and the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ping_flood_that_never_reads_gets_few_pongs_and_bounded_memory() {
+    // 6.5 MB of pings: they fit in the client's send buffer (below), so the flood is sent
+    // whole even after the server stops reading it.
+    const PINGS: usize = 50_000;
+    let server = TestServer::start_with(test_config()).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.set_send_buffer_size(8 << 20).unwrap();
+    let tcp = socket.connect(server.addr).await.unwrap();
+    let mut raw = Raw {
+        tcp,
+        buf: Vec::new(),
+    };
+    raw.tcp
+        .write_all(upgrade_request("").as_bytes())
+        .await
+        .unwrap();
+    assert!(raw.http_head().await.starts_with("HTTP/1.1 101"));
+    assert_eq!(raw.text().await["type"], "welcome");
+    let Raw { tcp, mut buf } = raw;
+    let (mut rd, mut wr) = tcp.into_split();
+    // Big payloads, so that a socket's worth of pongs is a small number of them.
+    let payload_of = |i: usize| {
+        let mut p = format!("{i:>10}").into_bytes();
+        p.resize(125, b'.');
+        p
+    };
+    let writer = tokio::spawn(async move {
+        let mut batch = Vec::new();
+        for i in 0..PINGS {
+            batch.extend(frame(true, 9, &payload_of(i)));
+            if batch.len() > 64 * 1024 {
+                wr.write_all(&batch).await.unwrap();
+                batch.clear();
+            }
+        }
+        batch.extend(frame(true, 1, br#"{"op":"ping","id":99}"#));
+        wr.write_all(&batch).await.unwrap();
+        wr
+    });
+    // Not reading while the flood goes in: once the socket is full, the server must start
+    // coalescing (old code: never; this wait then fails at its deadline).
+    let deadline = tokio::time::Instant::now() + common::DEADLINE;
+    while server.metric("tickfan_ws_pongs_coalesced_total").await == 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no pong was ever coalesced"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut pongs = 0usize;
+    let mut last_pong = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let reply = 'read: loop {
+        // Parse whatever is buffered.
+        loop {
+            if buf.len() < 2 {
+                break;
+            }
+            let (len, start) = match buf[1] {
+                126 if buf.len() >= 4 => (usize::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+                126 | 127 => break,
+                n => (usize::from(n), 2),
+            };
+            if buf.len() < start + len {
+                break;
+            }
+            let opcode = buf[0] & 0x0F;
+            let payload = buf[start..start + len].to_vec();
+            buf.drain(..start + len);
+            match opcode {
+                10 => {
+                    pongs += 1;
+                    last_pong = payload;
+                }
+                1 => {
+                    let v: Value = serde_json::from_slice(&payload).unwrap();
+                    if v["type"] == "pong" {
+                        break 'read v;
+                    }
+                }
+                9 => {}
+                other => panic!("unexpected opcode {other}: {:?}", payload),
+            }
+        }
+        let n = tokio::time::timeout(DEADLINE, rd.read(&mut chunk))
+            .await
+            .expect("server went quiet")
+            .unwrap();
+        assert!(n > 0, "closed during the flood");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let wr = writer.await.unwrap();
+    eprintln!("{pongs} pongs for {PINGS} pings");
+    assert_eq!(reply["id"], 99);
+    assert_eq!(
+        last_pong,
+        payload_of(PINGS - 1),
+        "the most recent ping is answered"
+    );
+    // How many depends on how much the kernel buffered before and how fast the server caught
+    // up once we read (a client that reads gets its pongs); never one per ping.
+    assert!(
+        pongs < PINGS,
+        "{pongs} pongs for {PINGS} pings: pongs are not coalesced"
+    );
+    drop(wr);
+    // The server is fine.
+    let (mut ws, _) = server.client().await;
+    let pong = ws.request(serde_json::json!({"op": "ping", "id": 1})).await;
+    assert_eq!(pong["type"], "pong");
 }

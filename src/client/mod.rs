@@ -105,6 +105,9 @@ pub struct ClientStats {
     /// Connections closed 4008 because a reply to one of their requests found the outbound
     /// link full (the dispatcher counts the slow consumers it closes itself).
     pub reply_overflow: AtomicU64,
+    /// Pings left unanswered because a newer ping replaced a pong not sent yet (`/ws` and
+    /// `/ingest`; see `ws::socket`).
+    pub pongs_coalesced: AtomicU64,
 }
 
 struct Conn {
@@ -294,7 +297,9 @@ fn next_event<'a>(
         if let Poll::Ready(Wake::Close(code)) = link {
             return Poll::Ready(Event::Link(Wake::Close(code)));
         }
+        // A peer that pings without reading the pongs is not read until the socket drains.
         match socket.poll_read_ready(cx) {
+            _ if socket.read_paused() => {}
             Poll::Ready(Ok(())) => return Poll::Ready(Event::Readable),
             Poll::Ready(Err(_)) => return Poll::Ready(Event::SocketFailed),
             Poll::Pending => {}
@@ -571,6 +576,7 @@ async fn write_until_done(
                     return Poll::Ready(Err(Written::Interrupted(code)));
                 }
                 match socket.poll_read_ready(cx) {
+                    _ if socket.read_paused() => Poll::Pending,
                     Poll::Ready(_) => Poll::Ready(Err(Written::Readable)),
                     Poll::Pending => Poll::Pending,
                 }
@@ -613,7 +619,8 @@ fn t_in_of(frame: &Frame) -> Option<i64> {
 }
 
 /// Sends an optional error message and a close frame, then (unless the peer already sent its
-/// close) waits briefly for the peer's close so the TCP connection ends cleanly.
+/// close, even a malformed one) waits briefly for the peer's close so the TCP connection ends
+/// cleanly.
 async fn close_with(
     socket: &mut WsSocket,
     notice: Option<String>,
@@ -633,18 +640,7 @@ async fn close_with(
     {
         return;
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        let mut seen = Vec::new();
-        while socket.readable().await.is_ok() {
-            if socket.read_some(&mut seen).is_err()
-                || seen.iter().any(|m| matches!(m, Incoming::Close(_)))
-            {
-                return;
-            }
-            seen.clear();
-        }
-    })
-    .await;
+    socket.await_peer_close(Duration::from_secs(2)).await;
 }
 
 /// Handles the messages in `inbox` in order (emptying it) until one ends the connection.
@@ -661,7 +657,7 @@ async fn on_messages(
     for msg in inbox.drain(..) {
         flow = match msg {
             Incoming::Text(text) => on_request(conn, &text).await,
-            Incoming::Binary => {
+            Incoming::Binary(_) => {
                 stats.bad_requests.fetch_add(1, Ordering::Relaxed);
                 reply(
                     conn,
@@ -676,7 +672,9 @@ async fn on_messages(
             // Echo the client's code (the parser only lets valid ones through).
             Incoming::Close(code) => Flow::PeerClosed(code.unwrap_or(close::NORMAL)),
             Incoming::Ping(payload) => {
-                socket.queue(opcode::PONG, payload);
+                if socket.queue_pong(payload) {
+                    stats.pongs_coalesced.fetch_add(1, Ordering::Relaxed);
+                }
                 answer_pings = true;
                 Flow::Continue
             }

@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -245,9 +244,6 @@ fn origin_allowed(config: &Config, headers: &HeaderMap) -> bool {
             .is_none_or(|o| allowed.iter().any(|a| a == o))
 }
 
-/// Read buffer of producer connections: frames of many ticks.
-const PRODUCER_READ_BUFFER: usize = 64 * 1024;
-
 /// Runs an upgraded connection as a tracked task (so shutdown waits for it) that frees its
 /// connection slot when it ends. Takes a closure rather than the future: a future moved into
 /// an async block and awaited there is stored twice, and connection futures are the bulk of
@@ -309,7 +305,7 @@ async fn ws_client(
 }
 
 async fn ws_ingest(
-    ws: WebSocketUpgrade,
+    ws: ClientUpgrade,
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
@@ -325,18 +321,15 @@ async fn ws_ingest(
         Ok(slot) => slot,
         Err(refused) => return refused.into_response(),
     };
-    let max = state.config.limits.max_message_bytes;
+    // tickfan's own transport, as `/ws`: frames and messages bounded by
+    // `limits.max_message_bytes`, protocol errors answered with their close code.
+    let (resp, pending) = ws.accept();
     let ingestor = state.ingestor.clone();
     let ctx = state.clients.clone();
-    // The read buffer is only the chunk size of socket reads; bigger frames still arrive whole.
-    ws.read_buffer_size(PRODUCER_READ_BUFFER)
-        .write_buffer_size(64 * 1024)
-        .max_write_buffer_size(state.config.limits.outbound_buffer_bytes + 1024 * 1024)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| {
-            tracked(&state, slot, move || producer::serve(socket, ingestor, ctx))
-        })
+    tokio::spawn(tracked(&state, slot, move || {
+        producer::serve(pending, ingestor, ctx)
+    }));
+    resp
 }
 
 async fn post_ticks(

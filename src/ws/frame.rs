@@ -49,6 +49,18 @@ impl fmt::Display for FrameError {
 
 impl std::error::Error for FrameError {}
 
+impl FrameError {
+    /// The close code the connection ends with (RFC 6455 §7.4.1).
+    #[must_use]
+    pub fn close_code(&self) -> u16 {
+        match self {
+            Self::TooBig => 1009,
+            Self::Protocol(_) => 1002,
+            Self::InvalidUtf8 => 1007,
+        }
+    }
+}
+
 /// One decoded client frame; `payload` is the range of the (still masked) payload bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
@@ -183,9 +195,11 @@ pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
     payload
 }
 
-/// A masked client frame, as a browser would send it (for tests of the decoding side).
-#[cfg(test)]
-pub(crate) fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+/// A masked client frame, as a browser would send it (for tests of the decoding side, and
+/// the raw-byte integration tests).
+#[doc(hidden)]
+#[must_use]
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mask = [0x37, 0xfa, 0x21, 0x3d];
     let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
     match payload.len() {

@@ -1,13 +1,20 @@
-//! The WebSocket transport of `/ws` client connections, written for many mostly idle
-//! connections: the HTTP upgrade ([`ClientUpgrade`], checked before the 101 goes out), then
-//! the bare `TcpStream` taken back from hyper and framed by [`WsSocket`], which holds no buffer
-//! while a connection is idle and writes the dispatcher's shared frames without copying them.
-//! Producers (`/ingest`) keep axum's tungstenite socket: they are few and send large frames.
+//! The WebSocket transport of `/ws` client and `/ingest` producer connections, written for many
+//! mostly idle connections: the HTTP upgrade ([`ClientUpgrade`], checked before the 101 goes
+//! out), then the bare `TcpStream` taken back from hyper and framed by [`WsSocket`], which
+//! decodes with the pure [`Decoder`], holds no buffer while a connection is idle and writes the
+//! dispatcher's shared frames without copying them. Both endpoints share this one framing
+//! layer, so limits (`limits.max_message_bytes`) and close behaviour (1002/1007/1009 before
+//! FIN) are the same on both. [`fuzzing`] holds the checks the fuzz targets (and the corpus
+//! replay test) run.
 
+pub mod decoder;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 mod socket;
 
-pub use socket::{Incoming, ReadError, WsSocket};
+pub use decoder::{Decoder, Incoming};
+pub use socket::{ReadError, WsSocket, CONTROL_DEBT_CAP};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -26,6 +33,14 @@ pub struct ClientUpgrade {
 /// Why an upgrade request was refused (answered 400 with this text, or 426 for the version).
 #[derive(Debug, Clone, Copy)]
 pub struct UpgradeRefused(&'static str);
+
+impl UpgradeRefused {
+    /// The reason, as sent in the response body.
+    #[must_use]
+    pub fn reason(&self) -> &'static str {
+        self.0
+    }
+}
 
 impl IntoResponse for UpgradeRefused {
     fn into_response(self) -> Response {
@@ -54,30 +69,37 @@ fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// Checks the headers of a WebSocket upgrade request (RFC 6455 §4.2.1) and returns the
+/// `Sec-WebSocket-Accept` value to answer with. Pure, so the fuzz target can drive it.
+///
+/// # Errors
+/// Why the request is refused (400, or 426 for the version).
+pub fn accept_key(headers: &HeaderMap) -> Result<HeaderValue, UpgradeRefused> {
+    if !has_token(headers, header::CONNECTION, "upgrade")
+        || !has_token(headers, header::UPGRADE, "websocket")
+    {
+        return Err(UpgradeRefused(
+            "expected a WebSocket upgrade (Connection: upgrade, Upgrade: websocket)",
+        ));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err(UpgradeRefused("Sec-WebSocket-Version must be 13"));
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return Err(UpgradeRefused("missing Sec-WebSocket-Key"));
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    HeaderValue::from_str(&accept).map_err(|_| UpgradeRefused("bad Sec-WebSocket-Key"))
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for ClientUpgrade {
     type Rejection = UpgradeRefused;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let headers = &parts.headers;
-        if !has_token(headers, header::CONNECTION, "upgrade")
-            || !has_token(headers, header::UPGRADE, "websocket")
-        {
-            return Err(UpgradeRefused(
-                "expected a WebSocket upgrade (Connection: upgrade, Upgrade: websocket)",
-            ));
-        }
-        if headers
-            .get(header::SEC_WEBSOCKET_VERSION)
-            .is_none_or(|v| v.as_bytes() != b"13")
-        {
-            return Err(UpgradeRefused("Sec-WebSocket-Version must be 13"));
-        }
-        let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
-            return Err(UpgradeRefused("missing Sec-WebSocket-Key"));
-        };
-        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-        let accept =
-            HeaderValue::from_str(&accept).map_err(|_| UpgradeRefused("bad Sec-WebSocket-Key"))?;
+        let accept = accept_key(&parts.headers)?;
         let on_upgrade = parts
             .extensions
             .remove::<OnUpgrade>()

@@ -1,11 +1,21 @@
-//! One upgraded `/ws` connection's bare `TcpStream`, with RFC 6455 framing done in place.
+//! One upgraded connection's bare `TcpStream` (`/ws` clients and `/ingest` producers), with
+//! RFC 6455 framing done in place.
 //!
-//! Inbound: [`WsSocket::read_some`] reads what the kernel has into a stack buffer and decodes
-//! every complete frame from it; only the tail of an incomplete frame (or a fragmented message)
-//! is kept, on the heap, until it completes. Outbound: queued frames are written with one
-//! `writev` per burst straight from the shared, serialize-once payloads, so no per-connection
-//! write buffer exists and nothing is copied. An idle connection therefore holds the socket and
-//! two empty fields: no buffers at all.
+//! Inbound: [`WsSocket::read_some`] reads what the kernel has into a stack buffer and hands it
+//! to the [`Decoder`]; only the tail of an incomplete frame (or a fragmented message) is kept,
+//! on the heap, until it completes. Outbound: queued frames are written with one `writev` per
+//! burst straight from the shared, serialize-once payloads, so no per-connection write buffer
+//! exists and nothing is copied. An idle connection therefore holds the socket and two empty
+//! fields: no buffers at all.
+//!
+//! Pongs are the one thing a peer makes us send without limit, so they are bounded here. While
+//! the kernel takes what we write, every ping gets its pong. Once it refuses (the peer does
+//! not read), at most one pong waits that the kernel has not started on (a newer ping replaces
+//! its payload; RFC 6455 §5.5.3 allows answering only the most recent ping), and once the pings
+//! answered
+//! while the kernel took none exceed [`CONTROL_DEBT_CAP`], [`WsSocket::read_paused`] tells the
+//! connection to stop reading until the socket drains: a ping flood that never reads meets TCP
+//! backpressure instead of growing memory.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
@@ -13,28 +23,18 @@ use std::io::{self, IoSlice};
 use bytes::Bytes;
 use tokio::net::TcpStream;
 
-use super::frame::{self, opcode, FrameError, Head, MAX_HEADER};
+use super::decoder::{Decoder, Incoming};
+use super::frame::{self, opcode, FrameError, MAX_HEADER};
 
 /// Bytes taken from the kernel per read. Client requests are small; a bigger frame simply
 /// takes several reads.
 const READ_CHUNK: usize = 4096;
 /// Slices per `writev`: header and payload of up to 128 frames.
 const MAX_IOV: usize = 256;
-
-/// A complete message from the client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Incoming {
-    /// A text message (UTF-8 checked).
-    Text(String),
-    /// A binary message (its content is not kept: clients must send JSON text).
-    Binary,
-    /// A ping; answered with a pong carrying the same payload.
-    Ping(Bytes),
-    /// A pong.
-    Pong,
-    /// The client's close frame, with its code if it sent one.
-    Close(Option<u16>),
-}
+/// Bytes of pongs answered (coalesced ones included) while the kernel took none, above which
+/// the connection stops reading: about 30 full-size or 2,000 empty pings. A peer that reads
+/// its pongs never comes near it.
+pub const CONTROL_DEBT_CAP: usize = 4096;
 
 /// Why reading stopped.
 #[derive(Debug, thiserror::Error)]
@@ -51,22 +51,13 @@ pub enum ReadError {
     Io(#[from] io::Error),
 }
 
-/// State only a connection in the middle of a frame or a fragmented message needs.
-#[derive(Debug, Default)]
-struct Partial {
-    /// Start of a frame whose end has not arrived.
-    carry: Vec<u8>,
-    /// Opcode of the fragmented message being reassembled, if any.
-    message_opcode: Option<u8>,
-    /// Its unmasked payload so far.
-    message: Vec<u8>,
-}
-
 /// A frame waiting for the kernel to take it.
 #[derive(Debug)]
 struct Chunk {
     head: [u8; MAX_HEADER],
     head_len: u8,
+    /// A pong, which a newer ping may replace until the kernel starts on it.
+    pong: bool,
     payload: Bytes,
 }
 
@@ -76,15 +67,21 @@ impl Chunk {
     }
 }
 
-/// The socket of one client connection.
+/// The socket of one connection.
 #[derive(Debug)]
 pub struct WsSocket {
     stream: TcpStream,
-    max_message: usize,
-    partial: Option<Box<Partial>>,
+    decoder: Decoder,
     unsent: VecDeque<Chunk>,
     /// Bytes of `unsent[0]` already written.
     front_written: usize,
+    /// Pong bytes answered since the kernel last started on a pong (see the module header).
+    control_debt: usize,
+    /// The kernel refused part of the queue and has not taken all of it since.
+    backed_up: bool,
+    /// A bigger read buffer than the stack chunk, for connections that carry large frames
+    /// (producers); `None` for clients, which keep no buffer while idle.
+    read_buf: Option<Box<[u8]>>,
 }
 
 impl WsSocket {
@@ -93,11 +90,19 @@ impl WsSocket {
     pub fn new(stream: TcpStream, max_message: usize) -> Self {
         Self {
             stream,
-            max_message,
-            partial: None,
+            decoder: Decoder::new(max_message),
             unsent: VecDeque::new(),
             front_written: 0,
+            control_debt: 0,
+            backed_up: false,
+            read_buf: None,
         }
+    }
+
+    /// Reads up to `size` bytes per call from now on (a buffer this connection keeps), instead
+    /// of the 4 KiB chunk: fewer reads for peers that send large frames.
+    pub fn set_read_buffer(&mut self, size: usize) {
+        self.read_buf = (size > READ_CHUNK).then(|| vec![0; size].into_boxed_slice());
     }
 
     /// Resolves when a read may make progress (data, EOF or an error is waiting).
@@ -106,6 +111,14 @@ impl WsSocket {
     /// The socket failed.
     pub async fn readable(&self) -> io::Result<()> {
         self.stream.readable().await
+    }
+
+    /// Resolves when the socket has room for more output (or failed).
+    ///
+    /// # Errors
+    /// The socket failed.
+    pub async fn writable(&self) -> io::Result<()> {
+        self.stream.writable().await
     }
 
     /// Polls for read readiness (data, EOF or an error waiting), registering `cx`.
@@ -130,16 +143,39 @@ impl WsSocket {
         self.stream.poll_write_ready(cx)
     }
 
+    /// Whether the connection should stop reading until the socket takes what is queued:
+    /// the peer keeps pinging and does not read the pongs (see the module header).
+    #[must_use]
+    pub fn read_paused(&self) -> bool {
+        self.control_debt > CONTROL_DEBT_CAP && !self.unsent.is_empty()
+    }
+
+    /// Whether the peer sent its close frame (even a malformed one): once ours is written,
+    /// there is nothing left to wait for.
+    #[must_use]
+    pub fn peer_closed(&self) -> bool {
+        self.decoder.peer_closed()
+    }
+
     /// Reads once without waiting and appends every message completed by the bytes read.
     /// Nothing read (a spurious wake-up) leaves `out` untouched.
     ///
     /// # Errors
     /// EOF, a socket error, or a protocol violation (the caller closes with its code).
     pub fn read_some(&mut self, out: &mut Vec<Incoming>) -> Result<(), ReadError> {
+        if let Some(mut buf) = self.read_buf.take() {
+            let read = self.read_into(&mut buf, out);
+            self.read_buf = Some(buf);
+            return read;
+        }
         let mut chunk = [0u8; READ_CHUNK];
-        match self.stream.try_read(&mut chunk) {
+        self.read_into(&mut chunk, out)
+    }
+
+    fn read_into(&mut self, buf: &mut [u8], out: &mut Vec<Incoming>) -> Result<(), ReadError> {
+        match self.stream.try_read(buf) {
             Ok(0) => Err(ReadError::Eof),
-            Ok(n) => self.absorb(&chunk[..n], out),
+            Ok(n) => self.absorb(&buf[..n], out),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(e.into()),
         }
@@ -151,108 +187,37 @@ impl WsSocket {
     /// # Errors
     /// A protocol violation.
     pub fn absorb(&mut self, fresh: &[u8], out: &mut Vec<Incoming>) -> Result<(), ReadError> {
-        let mut joined = match self.partial.as_mut() {
-            Some(p) if !p.carry.is_empty() => {
-                let mut carry = std::mem::take(&mut p.carry);
-                carry.extend_from_slice(fresh);
-                Some(carry)
-            }
-            _ => None,
-        };
-        let data = joined.as_deref().unwrap_or(fresh);
-        let mut at = 0;
-        while let Some(head) = frame::decode_head(&data[at..], self.max_message)? {
-            let end = at + head.frame_len();
-            if end > data.len() {
-                break;
-            }
-            self.on_frame(&head, &data[at + head.payload_start..end], out)?;
-            at = end;
-        }
-        let total = data.len();
-        if at < total {
-            let rest = match joined.take() {
-                // Reuse the joined buffer's allocation for the new carry.
-                Some(mut buf) => {
-                    buf.drain(..at);
-                    buf
-                }
-                None => fresh[at..].to_vec(),
-            };
-            self.partial.get_or_insert_with(Box::default).carry = rest;
-        } else if self
-            .partial
-            .as_ref()
-            .is_some_and(|p| p.message_opcode.is_none())
-        {
-            // Nothing half-done: an idle connection keeps no buffers.
-            self.partial = None;
-        }
-        Ok(())
+        Ok(self.decoder.absorb(fresh, out)?)
     }
 
-    fn on_frame(
-        &mut self,
-        head: &Head,
-        masked: &[u8],
-        out: &mut Vec<Incoming>,
-    ) -> Result<(), FrameError> {
-        let in_message = self
-            .partial
-            .as_ref()
-            .and_then(|p| p.message_opcode)
-            .is_some();
-        match head.opcode {
-            opcode::TEXT | opcode::BINARY if in_message => Err(FrameError::Protocol(
-                "a new message started inside a fragmented one",
-            )),
-            opcode::TEXT | opcode::BINARY if head.fin => {
-                let mut payload = Vec::new();
-                if head.opcode == opcode::TEXT {
-                    frame::unmask_into(masked, head.mask, &mut payload);
-                }
-                out.push(message(head.opcode, payload)?);
-                Ok(())
-            }
-            opcode::TEXT | opcode::BINARY => {
-                let partial = self.partial.get_or_insert_with(Box::default);
-                partial.message_opcode = Some(head.opcode);
-                frame::unmask_into(masked, head.mask, &mut partial.message);
-                Ok(())
-            }
-            opcode::CONTINUATION => {
-                let max = self.max_message;
-                let Some(partial) = self.partial.as_mut().filter(|_| in_message) else {
-                    return Err(FrameError::Protocol("continuation frame without a message"));
-                };
-                if partial.message.len() + masked.len() > max {
-                    return Err(FrameError::TooBig);
-                }
-                frame::unmask_into(masked, head.mask, &mut partial.message);
-                if head.fin {
-                    let kind = partial.message_opcode.take().unwrap_or(opcode::TEXT);
-                    let payload = std::mem::take(&mut partial.message);
-                    out.push(message(kind, payload)?);
-                }
-                Ok(())
-            }
-            opcode::PING => {
-                let mut payload = Vec::with_capacity(masked.len());
-                frame::unmask_into(masked, head.mask, &mut payload);
-                out.push(Incoming::Ping(payload.into()));
-                Ok(())
-            }
-            opcode::PONG => {
-                out.push(Incoming::Pong);
-                Ok(())
-            }
-            _ => {
-                let mut payload = Vec::with_capacity(masked.len());
-                frame::unmask_into(masked, head.mask, &mut payload);
-                out.push(Incoming::Close(close_code(&payload)?));
-                Ok(())
-            }
+    /// Queues the answer to a ping. Returns `true` when, the socket being backed up, it
+    /// replaced the payload of a pong the kernel had not started on (the older ping goes
+    /// unanswered, as RFC 6455 allows).
+    pub fn queue_pong(&mut self, payload: Bytes) -> bool {
+        self.control_debt = self.control_debt.saturating_add(2 + payload.len());
+        if !self.backed_up {
+            // Between two flushes at most one read's worth of pings (`READ_CHUNK` bytes).
+            self.push(opcode::PONG, payload);
+            return false;
         }
+        let started = usize::from(self.front_written > 0);
+        let waiting = self
+            .unsent
+            .iter_mut()
+            .skip(started)
+            .rev()
+            .find(|chunk| chunk.pong);
+        if let Some(chunk) = waiting {
+            let mut head = [0u8; MAX_HEADER];
+            let head_len = frame::encode_head(opcode::PONG, payload.len(), &mut head);
+            chunk.head = head;
+            // At most MAX_HEADER.
+            chunk.head_len = head_len as u8;
+            chunk.payload = payload;
+            return true;
+        }
+        self.push(opcode::PONG, payload);
+        false
     }
 
     /// Queues a text frame; nothing is written until [`WsSocket::flush`] or
@@ -261,14 +226,23 @@ impl WsSocket {
         self.queue(opcode::TEXT, payload);
     }
 
-    /// Queues a frame with `opcode`.
+    /// Queues a frame with `opcode` (a pong goes through [`WsSocket::queue_pong`]).
     pub fn queue(&mut self, opcode: u8, payload: Bytes) {
+        if opcode == opcode::PONG {
+            self.queue_pong(payload);
+        } else {
+            self.push(opcode, payload);
+        }
+    }
+
+    fn push(&mut self, opcode: u8, payload: Bytes) {
         let mut head = [0u8; MAX_HEADER];
         let head_len = frame::encode_head(opcode, payload.len(), &mut head);
         self.unsent.push_back(Chunk {
             head,
             // At most MAX_HEADER.
             head_len: head_len as u8,
+            pong: opcode == opcode::PONG,
             payload,
         });
     }
@@ -284,6 +258,7 @@ impl WsSocket {
         self.unsent.push_back(Chunk {
             head: [0; MAX_HEADER],
             head_len: 0,
+            pong: false,
             payload: bytes,
         });
     }
@@ -292,7 +267,7 @@ impl WsSocket {
     /// half reassembled, nothing waiting for the kernel. Only then may the socket be parked.
     #[must_use]
     pub fn is_quiet(&self) -> bool {
-        self.partial.is_none() && self.unsent.is_empty()
+        self.decoder.is_idle() && self.unsent.is_empty()
     }
 
     /// The client's address.
@@ -346,25 +321,37 @@ impl WsSocket {
             match self.stream.try_write_vectored(&slices[..used]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.backed_up = true;
+                    return Ok(false);
+                }
                 Err(e) => return Err(e),
             }
         }
         // Give the queue's memory back: idle connections should hold none.
         self.unsent = VecDeque::new();
+        self.control_debt = 0;
+        self.backed_up = false;
         Ok(true)
     }
 
     fn advance(&mut self, written: usize) {
         let mut done = self.front_written + written;
+        let mut pong_started = false;
         while let Some(front) = self.unsent.front() {
             if done < front.len() {
+                pong_started |= front.pong && done > 0;
                 break;
             }
+            pong_started |= front.pong;
             done -= front.len();
             self.unsent.pop_front();
         }
         self.front_written = done;
+        if pong_started {
+            // The peer is taking our pongs: it may ping again.
+            self.control_debt = 0;
+        }
     }
 
     /// Writes the whole queue; `Pending` (with `cx` registered for write readiness) while the
@@ -390,6 +377,26 @@ impl WsSocket {
         }
     }
 
+    /// After our close frame went out: waits (at most `wait`) for the peer's close frame or
+    /// EOF, so that the peer, not us, ends the TCP connection (RFC 6455 §7.1.1). Returns at
+    /// once if the peer's close already came, even a malformed one: there is nothing left to
+    /// wait for, and holding the connection only delays a peer that waits for our FIN.
+    pub async fn await_peer_close(&mut self, wait: std::time::Duration) {
+        if self.peer_closed() {
+            return;
+        }
+        let _ = tokio::time::timeout(wait, async {
+            let mut seen = Vec::new();
+            while self.readable().await.is_ok() {
+                if self.read_some(&mut seen).is_err() || self.peer_closed() {
+                    return;
+                }
+                seen.clear();
+            }
+        })
+        .await;
+    }
+
     /// Writes the whole queue, waiting for the socket as needed.
     ///
     /// # Errors
@@ -399,35 +406,6 @@ impl WsSocket {
             self.stream.writable().await?;
         }
         Ok(())
-    }
-}
-
-fn message(kind: u8, payload: Vec<u8>) -> Result<Incoming, FrameError> {
-    if kind == opcode::BINARY {
-        return Ok(Incoming::Binary);
-    }
-    String::from_utf8(payload)
-        .map(Incoming::Text)
-        .map_err(|_| FrameError::InvalidUtf8)
-}
-
-/// The code in a close frame's payload (RFC 6455 §5.5.1: empty, or a code plus UTF-8 reason).
-fn close_code(payload: &[u8]) -> Result<Option<u16>, FrameError> {
-    match payload {
-        [] => Ok(None),
-        [_] => Err(FrameError::Protocol("close frame with a one-byte payload")),
-        [hi, lo, reason @ ..] => {
-            let code = u16::from_be_bytes([*hi, *lo]);
-            // RFC 6455 §7.4: codes a peer may send; 1004-1006 and 1015 are reserved, below
-            // 1000 and above 4999 are invalid, 1012-2999 are unassigned.
-            if !matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999) {
-                return Err(FrameError::Protocol("invalid close code"));
-            }
-            if std::str::from_utf8(reason).is_err() {
-                return Err(FrameError::InvalidUtf8);
-            }
-            Ok(Some(code))
-        }
     }
 }
 
@@ -477,7 +455,7 @@ mod tests {
         assert_eq!(got[0], Incoming::Text("first".into()));
         assert_eq!(got[1], Incoming::Text("x".repeat(5000)));
         assert_eq!(got[2], Incoming::Ping(Bytes::from_static(b"p")));
-        assert!(socket.partial.is_none(), "no buffers kept once idle");
+        assert!(socket.decoder.is_idle(), "no buffers kept once idle");
     }
 
     #[tokio::test]
@@ -530,6 +508,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn pongs_to_a_peer_that_does_not_read_coalesce_and_pause_reading() {
+        let (mut socket, _client) = pair(100).await;
+        // While the kernel takes them, every ping gets its pong.
+        assert!(!socket.queue_pong(Bytes::from_static(b"a")));
+        assert!(!socket.queue_pong(Bytes::from_static(b"b")));
+        assert!(socket.try_flush().unwrap());
+        // Fill the socket: the client never reads.
+        let big = Bytes::from(vec![b'x'; 1 << 20]);
+        while socket.try_flush().unwrap() {
+            socket.queue_text(big.clone());
+        }
+        let before = socket.unsent.len();
+        let mut paused_at = None;
+        for i in 0..10_000u32 {
+            let payload = Bytes::from(format!("{i:0>100}"));
+            let replaced = socket.queue_pong(payload);
+            assert_eq!(replaced, i > 0, "ping {i}");
+            if paused_at.is_none() && socket.read_paused() {
+                paused_at = Some(i);
+            }
+        }
+        // One pong waits, carrying the most recent ping's payload.
+        assert_eq!(socket.unsent.len(), before + 1);
+        let pong = socket.unsent.back().unwrap();
+        assert!(pong.pong);
+        assert_eq!(&pong.payload[..], format!("{:0>100}", 9_999).as_bytes());
+        // Reading stopped once the answered pings passed the cap.
+        let paused_at = paused_at.expect("reading never paused") as usize;
+        assert!((paused_at + 1) * 102 > CONTROL_DEBT_CAP && paused_at * 102 <= CONTROL_DEBT_CAP);
+    }
+
+    #[tokio::test]
     async fn close_and_binary() {
         let (mut socket, mut client) = pair(100).await;
         let mut bytes = client_frame(true, opcode::BINARY, b"\x00\x01");
@@ -540,7 +550,10 @@ mod tests {
         ));
         client.write_all(&bytes).await.unwrap();
         let got = messages(&mut socket, 2).await.unwrap();
-        assert_eq!(got, [Incoming::Binary, Incoming::Close(Some(1000))]);
+        assert_eq!(
+            got,
+            [Incoming::Binary(vec![0, 1]), Incoming::Close(Some(1000))]
+        );
     }
 
     #[tokio::test]
