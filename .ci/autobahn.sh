@@ -11,7 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-AUTOBAHN_DIR=${AUTOBAHN_DIR:-/work/shared/autobahn}
+# shared/ sits beside the clone (the developers' checkout and CI alike).
+AUTOBAHN_DIR=${AUTOBAHN_DIR:-$(cd .. && pwd)/shared/autobahn}
 WORK=target/autobahn
 VENV=${AUTOBAHN_VENV:-$WORK/venv}
 mkdir -p "$WORK"
