@@ -1,0 +1,335 @@
+//! Cluster mode end to end: a real `nats-server -js` (port picked by the server, store in a
+//! temp dir) and several tickfan nodes in this process, each on 127.0.0.1:0 with its own store.
+//! `nats-server` must be installed (`apt-get install nats-server`; `.ci/run` does it).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{ingest, subscribe, tick, TestServer, Ws, DEADLINE};
+use serde_json::{json, Value};
+
+/// A `nats-server -js` child process; killed on drop.
+struct Nats {
+    child: Option<Child>,
+    port: u16,
+    store: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Nats {
+    /// Starts on a port the server picks (`-p -1`), read back from its log.
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("js");
+        let (child, port) = spawn_nats(dir.path(), &store, None);
+        Self {
+            child: Some(child),
+            port,
+            store,
+            dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL): its store stays.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and store, as an operator would.
+    fn restart(&mut self) {
+        self.kill();
+        let (child, port) = spawn_nats(self.dir.path(), &self.store, Some(self.port));
+        assert_eq!(port, self.port);
+        self.child = Some(child);
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Spawns nats-server logging to a fresh file in `dir` and waits (with a deadline) for the
+/// line saying where it listens.
+fn spawn_nats(dir: &Path, store: &Path, port: Option<u16>) -> (Child, u16) {
+    static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let log = dir.join(format!("nats-{n}.log"));
+    let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
+    let child = Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
+        .arg(store)
+        .arg("-l")
+        .arg(&log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run nats-server ({e}): the cluster tests need it; \
+                 install it with `apt-get install nats-server` (.ci/run does)"
+            )
+        });
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let listening = text.lines().find_map(|l| {
+            l.split("Listening for client connections on ")
+                .nth(1)?
+                .rsplit(':')
+                .next()?
+                .trim()
+                .parse::<u16>()
+                .ok()
+        });
+        if let (Some(p), true) = (listening, text.contains("Server is ready")) {
+            return (child, p);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nats-server did not start: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn node(nats: &Nats, name: &str) -> TestServer {
+    let mut c = common::test_config();
+    c.cluster.nats_url = nats.url();
+    c.cluster.node_name = name.to_owned();
+    TestServer::start_with(c).await
+}
+
+/// Polls `path` on `server` until `pred` holds on the JSON (or the deadline passes).
+async fn wait_json(server: &TestServer, path: &str, pred: impl Fn(u16, &Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, v) = server.get_json(path).await;
+        if pred(status, &v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting on {path}: {status} {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Reads ticks until `n` have arrived; returns (symbol, seq) -> price.
+async fn collect(ws: &mut Ws, n: usize) -> BTreeMap<(String, u64), f64> {
+    let mut got = BTreeMap::new();
+    while got.len() < n {
+        let v = ws.recv().await;
+        if v["type"] == "tick" {
+            let key = (v["symbol"].as_str().unwrap().to_owned(), v["seq"].as_u64().unwrap());
+            let old = got.insert(key.clone(), v["price"].as_f64().unwrap());
+            assert!(old.is_none(), "tick {key:?} delivered twice");
+        }
+    }
+    got
+}
+
+fn assert_gap_free(got: &BTreeMap<(String, u64), f64>, symbol: &str, n: u64) {
+    let seqs: Vec<u64> = got
+        .keys()
+        .filter(|(s, _)| s == symbol)
+        .map(|(_, q)| *q)
+        .collect();
+    assert_eq!(seqs, (1..=n).collect::<Vec<_>>(), "{symbol} seqs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_on_two_nodes_reach_clients_on_every_node_with_one_seq_per_symbol() {
+    let nats = Nats::start();
+    let a = node(&nats, "a").await;
+    let b = node(&nats, "b").await;
+    let c = node(&nats, "c").await;
+    let mut on_b = b.client().await.0;
+    let mut on_c = c.client().await.0;
+    subscribe(&mut on_b, 1, json!({"symbols": ["X", "Y"]})).await;
+    subscribe(&mut on_c, 1, json!({"symbols": ["X", "Y"]})).await;
+
+    // Producers on A and B write the same symbol at once: the seq chain must still be one.
+    let send = |server: &TestServer, base: f64| {
+        let url = server.ws_url("/ingest");
+        async move {
+            let mut p = Ws::connect(&url).await;
+            for i in 0..10 {
+                let frame = [
+                    tick("X", base + f64::from(i), 1.0),
+                    tick("Y", base + f64::from(i) + 0.5, 1.0),
+                ];
+                let ack = ingest(&mut p, &frame).await;
+                assert_eq!(ack["accepted"], 2, "{ack}");
+            }
+        }
+    };
+    tokio::join!(send(&a, 100.0), send(&b, 200.0));
+
+    let seen_b = collect(&mut on_b, 40).await;
+    let seen_c = collect(&mut on_c, 40).await;
+    assert_eq!(seen_b, seen_c, "B and C disagree on (symbol, seq) -> price");
+    assert_gap_free(&seen_b, "X", 20);
+    assert_gap_free(&seen_b, "Y", 20);
+    // Every price sent arrived once.
+    let mut prices: Vec<f64> = seen_b.values().copied().collect();
+    prices.sort_by(f64::total_cmp);
+    let mut sent: Vec<f64> = (0..10)
+        .flat_map(|i| {
+            let i = f64::from(i);
+            [100.0 + i, 100.5 + i, 200.0 + i, 200.5 + i]
+        })
+        .collect();
+    sent.sort_by(f64::total_cmp);
+    assert_eq!(prices, sent);
+
+    // The same epoch everywhere, and the nodes' own stores agree.
+    let epochs: Vec<Value> = [&a, &b, &c]
+        .iter()
+        .map(|n| n.get_json("/health"))
+        .collect::<futures_util::future::JoinAll<_>>()
+        .await
+        .into_iter()
+        .map(|(status, h)| {
+            assert_eq!(status, 200, "{h}");
+            assert_eq!(h["cluster"]["bus"], "connected", "{h}");
+            h["epoch"].clone()
+        })
+        .collect();
+    assert!(epochs.iter().all(|e| *e == epochs[0]), "{epochs:?}");
+    let history = |n: &TestServer| {
+        wait_json(n, "/api/history/X?limit=100", |_, v| v["last_seq"] == 20)
+    };
+    let (ha, hb, hc) = tokio::join!(history(&a), history(&b), history(&c));
+    assert_eq!(ha["ticks"], hb["ticks"]);
+    assert_eq!(ha["ticks"], hc["ticks"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_id_sent_to_two_nodes_is_stored_once() {
+    let nats = Nats::start();
+    let a = node(&nats, "a").await;
+    let b = node(&nats, "b").await;
+    let mut t = tick("D", 10.0, 1.0);
+    t["id"] = "trade-1".into();
+    let mut pa = a.producer().await;
+    assert_eq!(ingest(&mut pa, std::slice::from_ref(&t)).await["accepted"], 1);
+    // Right away on B, whether or not B has consumed A's copy yet.
+    let (status, _, ack) = b.post_ticks(t.to_string()).await;
+    assert_eq!(status, 200, "{ack}");
+    // A marker after both, then every node's history holds the id once.
+    let mut pb = b.producer().await;
+    ingest(&mut pb, &[tick("D", 11.0, 1.0)]).await;
+    for n in [&a, &b] {
+        let h = wait_json(n, "/api/history/D?limit=100", |_, v| {
+            v["ticks"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t["price"] == 11.0))
+        })
+        .await;
+        let ticks = h["ticks"].as_array().unwrap();
+        let ids = ticks.iter().filter(|t| t["id"] == "trade-1").count();
+        assert_eq!(ids, 1, "{h}");
+        assert_eq!(ticks.len(), 2, "{h}");
+        assert_eq!(h["last_seq"], 2, "{h}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_joining_node_serves_the_full_history() {
+    let nats = Nats::start();
+    let a = node(&nats, "a").await;
+    let mut p = a.producer().await;
+    for i in 0..6 {
+        let frame: Vec<Value> = (0..5)
+            .map(|j| tick("L", 50.0 + f64::from(i * 5 + j), 2.0))
+            .collect();
+        ingest(&mut p, &frame).await;
+    }
+    let late = node(&nats, "late").await;
+    let h_late = wait_json(&late, "/api/history/L?limit=100", |_, v| v["last_seq"] == 30).await;
+    let (_, h_a) = a.get_json("/api/history/L?limit=100").await;
+    assert_eq!(h_a["ticks"], h_late["ticks"]);
+    assert_eq!(h_a["epoch"], h_late["epoch"]);
+    let (_, s_a) = a.get_json("/api/symbols").await;
+    let (_, s_late) = late.get_json("/api/symbols").await;
+    assert_eq!(s_a, s_late);
+    let (_, b_a) = a.get_json("/api/bars/L?tf=1m").await;
+    let (_, b_late) = late.get_json("/api/bars/L?tf=1m").await;
+    assert_eq!(b_a, b_late);
+    // A client of the late node resumes from seq 10 with no gap.
+    let mut ws = late.client().await.0;
+    let ack = subscribe(&mut ws, 1, json!({"symbols": ["L"], "since_seq": {"L": 10}})).await;
+    assert_ne!(ack["gap"], true, "{ack}");
+    let mut seqs = Vec::new();
+    while seqs.len() < 20 {
+        let v = ws.recv().await;
+        if v["type"] == "tick" {
+            seqs.push(v["seq"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(seqs, (11..=30).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bus_outage_degrades_health_refuses_acks_and_resumes_without_a_gap() {
+    let mut nats = Nats::start();
+    let a = node(&nats, "a").await;
+    let b = node(&nats, "b").await;
+    let mut on_b = b.client().await.0;
+    subscribe(&mut on_b, 1, json!({"symbols": ["O"]})).await;
+    let mut p = a.producer().await;
+    for i in 0..5 {
+        ingest(&mut p, &[tick("O", 1.0 + f64::from(i), 1.0)]).await;
+    }
+    let before = collect(&mut on_b, 5).await;
+    assert_gap_free(&before, "O", 5);
+
+    nats.kill();
+    let h = wait_json(&a, "/health", |status, v| {
+        status == 503 && v["cluster"]["bus"] != "connected"
+    })
+    .await;
+    assert!(h["reasons"].to_string().contains("cluster"), "{h}");
+    // No ack for what the bus cannot hold: backpressure with a retry hint instead.
+    let (status, headers, body) = a.post_ticks(tick("O", 99.0, 1.0).to_string()).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "backpressure", "{body}");
+    assert!(body["retry_after_ms"].as_u64().unwrap() > 0);
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(body["accepted"], 0, "{body}");
+    // History is still served while the bus is down.
+    let (status, hist) = b.get_json("/api/history/O?limit=10").await;
+    assert_eq!((status, hist["last_seq"].clone()), (200, json!(5)));
+
+    nats.restart();
+    for n in [&a, &b] {
+        wait_json(n, "/health", |status, v| {
+            status == 200 && v["cluster"]["bus"] == "connected"
+        })
+        .await;
+    }
+    for i in 0..5 {
+        let ack = ingest(&mut p, &[tick("O", 10.0 + f64::from(i), 1.0)]).await;
+        assert_eq!(ack["accepted"], 1, "{ack}");
+    }
+    // The same client connection, still open, sees 6..10: contiguous, nothing from the outage.
+    let after = collect(&mut on_b, 5).await;
+    let seqs: Vec<u64> = after.keys().map(|(_, s)| *s).collect();
+    assert_eq!(seqs, (6..=10).collect::<Vec<_>>());
+    assert!(after.values().all(|p| *p >= 10.0), "{after:?}");
+    assert!(a.metric("tickfan_bus_reconnects_total").await >= 2.0);
+}
