@@ -14,7 +14,10 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let args: Vec<String> = std::env::args().collect();
-    let url = args.get(1).cloned().unwrap_or("nats://127.0.0.1:4222".into());
+    let url = args
+        .get(1)
+        .cloned()
+        .unwrap_or("nats://127.0.0.1:4222".into());
     let n: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100_000);
     let symbols: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(100);
     let client = async_nats::connect(&url).await?;
@@ -38,7 +41,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let msg = PublishMessage::build()
             .payload(payload.clone())
             .message_id(format!("raw:{i}"));
-        acks.push(js.send_publish(format!("bench.raw.S{}", i % symbols), msg).await?.into_future());
+        acks.push(
+            js.send_publish(format!("bench.raw.S{}", i % symbols), msg)
+                .await?
+                .into_future(),
+        );
         while acks.len() >= 4096 {
             acks.next().await.transpose()?;
         }

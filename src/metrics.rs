@@ -138,7 +138,7 @@ const HELP: &[(&str, &str)] = &[
     ),
     (
         "tickfan_bus_reconnects_total",
-        "Cluster mode: connections to NATS made (the first included).",
+        "Cluster mode: reconnections to NATS since start.",
     ),
     (
         "tickfan_bus_published_total",

@@ -65,16 +65,26 @@ pub(super) async fn run(mut c: Consumer, start: DeliverPolicy, stop: Cancellatio
             }
         };
         let mut messages = std::pin::pin!(messages);
+        // A reconnect (NATS restarted) ends this consumer: a new one starts after the last
+        // message seen rather than trusting the old one to notice.
+        let connections = c.status.reconnects.load(Ordering::Acquire);
+        let mut check = tokio::time::interval(RESTART_AFTER);
         loop {
             let item = tokio::select! {
                 () = stop.cancelled() => break 'outer,
                 item = messages.next() => item,
+                _ = check.tick() => {
+                    if c.status.reconnects.load(Ordering::Acquire) != connections {
+                        break;
+                    }
+                    continue;
+                }
             };
             let msg = match item {
                 Some(Ok(msg)) => msg,
                 Some(Err(e)) => {
-                    tracing::debug!(error = %e, "stream consumer error");
-                    continue;
+                    tracing::debug!(error = %e, "stream consumer error; starting a new one");
+                    break;
                 }
                 None => break,
             };
@@ -207,7 +217,12 @@ mod tests {
 
     #[test]
     fn a_published_tick_reads_back_identically() {
-        let mut t = Tick::new(Symbol::parse("BRK.B").unwrap(), 1_700_000_000_000, 412.5, 3.0);
+        let mut t = Tick::new(
+            Symbol::parse("BRK.B").unwrap(),
+            1_700_000_000_000,
+            412.5,
+            3.0,
+        );
         t.seq = 42;
         t.quality = 87;
         t.t_in = 1_700_000_000_000_123;

@@ -282,8 +282,7 @@ impl Cluster {
         wiring: Wiring,
     ) -> Result<Self, ClusterError> {
         let c = &config.cluster;
-        let status_slot: Arc<parking_lot::Mutex<Option<Arc<ClusterStatus>>>> =
-            Arc::default();
+        let status_slot: Arc<parking_lot::Mutex<Option<Arc<ClusterStatus>>>> = Arc::default();
         let slot = status_slot.clone();
         let connect = async_nats::ConnectOptions::new()
             .name(format!("tickfan {node}"))

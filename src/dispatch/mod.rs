@@ -377,7 +377,11 @@ impl<S: TickSink> Dispatcher<S> {
                 recent: RecentTicks::default(),
             });
         // A tick from the cluster bus carries its cluster-wide seq already.
-        state.seq = if tick.seq == 0 { state.seq + 1 } else { tick.seq };
+        state.seq = if tick.seq == 0 {
+            state.seq + 1
+        } else {
+            tick.seq
+        };
         self.stamped += 1;
         state.price = tick.price;
         state.ts = tick.ts;

@@ -457,7 +457,11 @@ impl Ingestor {
         let Some(key) = state.check(&mut tick) else {
             return Admission::Duplicate;
         };
-        if self.gate.as_ref().is_some_and(|g| !g.load(Ordering::Acquire)) {
+        if self
+            .gate
+            .as_ref()
+            .is_some_and(|g| !g.load(Ordering::Acquire))
+        {
             return Admission::Refused;
         }
         // The tick moves into the queue; only these are needed to remember it afterwards.
