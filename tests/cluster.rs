@@ -63,12 +63,14 @@ impl Drop for Nats {
 
 /// Spawns nats-server logging to a fresh file in `dir` and waits (with a deadline) for the
 /// line saying where it listens.
+// The child is returned to `Nats`, whose drop kills and waits for it.
+#[allow(clippy::zombie_processes)]
 fn spawn_nats(dir: &Path, store: &Path, port: Option<u16>) -> (Child, u16) {
     static RUN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let log = dir.join(format!("nats-{n}.log"));
     let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
-    let child = Command::new("nats-server")
+    let mut child = Command::new("nats-server")
         .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
         .arg(store)
         .arg("-l")
@@ -97,10 +99,11 @@ fn spawn_nats(dir: &Path, store: &Path, port: Option<u16>) -> (Child, u16) {
         if let (Some(p), true) = (listening, text.contains("Server is ready")) {
             return (child, p);
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nats-server did not start: {text}"
-        );
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("nats-server did not start: {text}");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
