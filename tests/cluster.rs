@@ -360,3 +360,141 @@ async fn bus_outage_degrades_health_refuses_acks_and_resumes_without_a_gap() {
     assert!(after.values().all(|p| *p >= 10.0), "{after:?}");
     assert!(a.metric("tickfan_bus_reconnects_total").await >= 1.0);
 }
+
+/// The real binary in cluster mode; killed (SIGKILL) on drop.
+struct NodeProcess {
+    child: Child,
+    addr: String,
+}
+
+impl NodeProcess {
+    // The child is owned by the returned value, whose drop kills and waits for it.
+    #[allow(clippy::zombie_processes)]
+    fn start(nats: &Nats, dir: &Path) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tickfan"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--no-simulator",
+                "--nats",
+            ])
+            .arg(nats.url())
+            .arg("--data-dir")
+            .arg(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("no listening line: {line:?}"))
+            .to_owned();
+        Self { child, addr }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_node_loses_no_acked_tick_and_its_clients_resume_elsewhere() {
+    let nats = Nats::start();
+    let dir_a = tempfile::tempdir().unwrap();
+    let mut a = NodeProcess::start(&nats, dir_a.path());
+    let b = node(&nats, "b").await;
+
+    // A client of A follows K; a producer on A sends, each frame acked, then more unacked.
+    let mut on_a = Ws::connect(&format!("ws://{}/ws", a.addr)).await;
+    on_a.recv().await; // welcome
+    subscribe(&mut on_a, 1, json!({"symbols": ["K"]})).await;
+    let mut p = Ws::connect(&format!("ws://{}/ingest", a.addr)).await;
+    let mut acked = Vec::new();
+    for i in 0..30 {
+        let price = 100.0 + f64::from(i);
+        assert_eq!(
+            ingest(&mut p, &[tick("K", price, 1.0)]).await["accepted"],
+            1
+        );
+        acked.push(price);
+    }
+    for i in 30..40 {
+        p.send_json(&Value::Array(vec![tick("K", 100.0 + f64::from(i), 1.0)]))
+            .await;
+    }
+    let seen_on_a = collect(&mut on_a, 10).await;
+    let last_seen = seen_on_a.keys().map(|(_, s)| *s).max().unwrap();
+    a.kill9();
+
+    // Every acked tick is on B, in one gap-free chain.
+    let h = wait_json(&b, "/api/history/K?limit=1000", |_, v| {
+        v["last_seq"].as_u64().unwrap_or(0) >= 30
+    })
+    .await;
+    let ticks = h["ticks"].as_array().unwrap();
+    let seqs: Vec<u64> = ticks.iter().map(|t| t["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    for price in &acked {
+        assert!(
+            ticks.iter().any(|t| t["price"].as_f64() == Some(*price)),
+            "acked tick {price} lost: {h}"
+        );
+    }
+    // A's client resumes on B from the last seq it saw: no gap.
+    let mut moved = b.client().await.0;
+    subscribe(
+        &mut moved,
+        1,
+        json!({"symbols": ["K"], "since_seq": {"K": last_seen}}),
+    )
+    .await;
+    let snap = moved
+        .recv_until(|v| v["type"] == "snapshot")
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(snap["gap"], false, "{snap}");
+    let resumed: Vec<u64> = snap["ticks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(resumed.first().copied(), Some(last_seen + 1), "{snap}");
+
+    // A restarted on its store catches up to the same history.
+    let a2 = NodeProcess::start(&nats, dir_a.path());
+    let last = h["last_seq"].clone();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let resp = reqwest::get(format!("http://{}/api/history/K?limit=1000", a2.addr))
+            .await
+            .unwrap();
+        let v: Value = resp.json().await.unwrap();
+        // B may have taken more of A's unacked ticks since `h` was read: compare its prefix.
+        if v["last_seq"].as_u64() >= last.as_u64() {
+            let got = v["ticks"].as_array().unwrap();
+            assert_eq!(got[..ticks.len()], ticks[..]);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A did not catch up: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
