@@ -498,3 +498,150 @@ async fn kill_9_of_a_node_loses_no_acked_tick_and_its_clients_resume_elsewhere()
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Three `nats-server -js` processes routed into one JetStream cluster.
+struct NatsCluster {
+    servers: Vec<Option<Child>>,
+    urls: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    // Each child is owned by the returned value, whose drop kills and waits for it.
+    #[allow(clippy::zombie_processes)]
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Route ports must be known before any server starts: the OS picks them.
+        let holders: Vec<std::net::TcpListener> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let routes: Vec<u16> = holders
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        drop(holders);
+        let mut servers = Vec::new();
+        let mut logs = Vec::new();
+        for i in 0..3 {
+            let log = dir.path().join(format!("n{i}.log"));
+            let others: Vec<String> = (0..3)
+                .filter(|j| *j != i)
+                .map(|j| format!("nats://127.0.0.1:{}", routes[j]))
+                .collect();
+            let child = Command::new("nats-server")
+                .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
+                .arg(dir.path().join(format!("js{i}")))
+                .args(["--server_name", &format!("n{i}"), "--cluster_name", "T"])
+                .args(["--cluster", &format!("nats://127.0.0.1:{}", routes[i])])
+                .args(["--routes", &others.join(",")])
+                .arg("-l")
+                .arg(&log)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("cannot run nats-server: apt-get install nats-server");
+            servers.push(Some(child));
+            logs.push(log);
+        }
+        let mut this = Self {
+            servers,
+            urls: Vec::new(),
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + DEADLINE;
+        loop {
+            let texts: Vec<String> = logs
+                .iter()
+                .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+                .collect();
+            let ports: Vec<u16> = texts
+                .iter()
+                .filter_map(|t| {
+                    t.lines().find_map(|l| {
+                        l.split("Listening for client connections on ")
+                            .nth(1)?
+                            .rsplit(':')
+                            .next()?
+                            .trim()
+                            .parse()
+                            .ok()
+                    })
+                })
+                .collect();
+            let leader = texts.iter().any(|t| t.contains("metadata leader"));
+            if ports.len() == 3 && leader {
+                this.urls = ports
+                    .iter()
+                    .map(|p| format!("nats://127.0.0.1:{p}"))
+                    .collect();
+                return this;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "NATS cluster did not form: {texts:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.servers[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.servers.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Sends one tick until a node acks it, retrying `backpressure` and `expired` (a bus
+/// failover in progress) until the deadline.
+async fn send_until_acked(server: &TestServer, t: &Value) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, _, ack) = server.post_ticks(t.to_string()).await;
+        if status == 200 && ack["accepted"] == 1 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "tick never acked: {status} {ack}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_server_nats_cluster_survives_losing_one_server() {
+    let mut nats = NatsCluster::start();
+    let start = |name: &str| {
+        let mut c = common::test_config();
+        c.cluster.nats_url = nats.urls.join(",");
+        c.cluster.node_name = name.to_owned();
+        c.cluster.publish_timeout_ms = 15_000;
+        TestServer::start_with(c)
+    };
+    let a = start("a").await;
+    let b = start("b").await;
+    let (_, h) = a.get_json("/health").await;
+    assert_eq!(h["cluster"]["replicas"], 3, "{h}");
+    let mut on_b = b.client().await.0;
+    subscribe(&mut on_b, 1, json!({"symbols": ["R"]})).await;
+    for i in 0..5 {
+        send_until_acked(&a, &tick("R", 1.0 + f64::from(i), 1.0)).await;
+    }
+    nats.kill(0);
+    for i in 5..10 {
+        send_until_acked(&a, &tick("R", 1.0 + f64::from(i), 1.0)).await;
+    }
+    let got = collect(&mut on_b, 10).await;
+    assert_gap_free(&got, "R", 10);
+    let prices: Vec<f64> = got.values().copied().collect();
+    assert_eq!(prices, (1..=10).map(f64::from).collect::<Vec<_>>());
+}

@@ -29,6 +29,9 @@ use crate::tick::{Symbol, Tick};
 /// Pause before re-creating the consumer after it failed.
 const RESTART_AFTER: Duration = Duration::from_millis(500);
 
+/// Behind the stream with no message for this long: the consumer is re-created.
+const STALL_AFTER: Duration = Duration::from_secs(2);
+
 /// What the consumer task owns.
 pub(super) struct Consumer {
     pub(super) stream: Stream,
@@ -69,12 +72,18 @@ pub(super) async fn run(mut c: Consumer, start: DeliverPolicy, stop: Cancellatio
         // message seen rather than trusting the old one to notice.
         let connections = c.status.reconnects.load(Ordering::Acquire);
         let mut check = tokio::time::interval(RESTART_AFTER);
+        let mut last_message = Instant::now();
         loop {
             let item = tokio::select! {
                 () = stop.cancelled() => break 'outer,
                 item = messages.next() => item,
                 _ = check.tick() => {
-                    if c.status.reconnects.load(Ordering::Acquire) != connections {
+                    let behind = c.status.stream_last.load(Ordering::Acquire).saturating_sub(last_seen);
+                    c.status.lag.store(behind, Ordering::Relaxed);
+                    // Behind the stream with nothing arriving: the consumer was lost with a
+                    // server (it lives on one); start a new one.
+                    let stalled = behind > 0 && last_message.elapsed() >= STALL_AFTER;
+                    if stalled || c.status.reconnects.load(Ordering::Acquire) != connections {
                         break;
                     }
                     continue;
@@ -88,6 +97,7 @@ pub(super) async fn run(mut c: Consumer, start: DeliverPolicy, stop: Cancellatio
                 }
                 None => break,
             };
+            last_message = Instant::now();
             let Ok(info) = msg.info() else { continue };
             let (stream_seq, pending) = (info.stream_sequence, info.pending);
             last_seen = stream_seq;

@@ -97,6 +97,8 @@ pub struct ClusterStatus {
     pub stream: String,
     /// The cluster epoch (the stream's creation time, ms).
     pub epoch: u64,
+    /// The stream's replica count.
+    pub replicas: usize,
     /// Open while ingest may admit ticks (the bus is connected and the stream answers).
     pub gate: Arc<AtomicBool>,
     state: AtomicU8,
@@ -118,6 +120,8 @@ pub struct ClusterStatus {
     pub consumed: AtomicU64,
     /// Messages in the stream not yet consumed by this node.
     pub lag: AtomicU64,
+    /// The stream's last sequence, as last probed.
+    pub stream_last: AtomicU64,
     /// Stream sequence up to which this node's store holds every message.
     pub position: AtomicU64,
     /// Seconds from publish to the bus's ack.
@@ -125,12 +129,19 @@ pub struct ClusterStatus {
 }
 
 impl ClusterStatus {
-    fn new(node: String, stream: String, epoch: u64, gate: Arc<AtomicBool>) -> Self {
+    fn new(
+        node: String,
+        stream: String,
+        epoch: u64,
+        replicas: usize,
+        gate: Arc<AtomicBool>,
+    ) -> Self {
         gate.store(true, Ordering::Release);
         Self {
             node,
             stream,
             epoch,
+            replicas,
             gate,
             state: AtomicU8::new(0),
             connected: AtomicBool::new(true),
@@ -142,6 +153,7 @@ impl ClusterStatus {
             publish_expired: AtomicU64::new(0),
             consumed: AtomicU64::new(0),
             lag: AtomicU64::new(0),
+            stream_last: AtomicU64::new(0),
             position: AtomicU64::new(0),
             publish_latency: parking_lot::Mutex::new(None),
         }
@@ -209,6 +221,7 @@ impl ClusterStatus {
             "stream": self.stream,
             "bus": self.state().as_str(),
             "epoch": self.epoch,
+            "replicas": self.replicas,
             "position": load(&self.position),
             "lag": load(&self.lag),
             "reconnects": load(&self.reconnects),
@@ -282,6 +295,15 @@ impl Cluster {
         wiring: Wiring,
     ) -> Result<Self, ClusterError> {
         let c = &config.cluster;
+        let servers = c
+            .nats_url
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ClusterError::Connect {
+                url: c.nats_url.clone(),
+                message: e.to_string(),
+            })?;
         let status_slot: Arc<parking_lot::Mutex<Option<Arc<ClusterStatus>>>> = Arc::default();
         let slot = status_slot.clone();
         let connect = async_nats::ConnectOptions::new()
@@ -303,7 +325,7 @@ impl Cluster {
                     }
                 }
             })
-            .connect(c.nats_url.as_str());
+            .connect(servers);
         let client = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| "timed out".to_owned())
@@ -344,6 +366,7 @@ impl Cluster {
             .await
             .map_err(|e| stream_err(&e))?;
         let info = stream.info().await.map_err(|e| stream_err(&e))?;
+        let replicas = info.config.num_replicas;
         let epoch = u64::try_from(info.created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
         let replica = replica_path(&config.store.dir);
         let position = check_replica(&replica, &c.stream, epoch, wiring.store_empty)?;
@@ -351,6 +374,7 @@ impl Cluster {
             node.clone(),
             c.stream.clone(),
             epoch,
+            replicas,
             wiring.gate.clone(),
         ));
         status.position.store(position, Ordering::Relaxed);
@@ -479,8 +503,9 @@ fn save_replica(path: &Path, stream: &str, epoch: u64, position: u64) {
     }
 }
 
-/// While the stream does not answer, asks it every `PROBE_EVERY`, so the gate reopens when
-/// NATS is back even if no producer is publishing.
+/// Asks the stream for its state every `PROBE_EVERY`: its last sequence (consumer lag, stall
+/// detection), and, while it did not answer, whether it is back, so the gate reopens even if
+/// no producer is publishing.
 async fn probe(mut stream: stream::Stream, status: Arc<ClusterStatus>, stop: CancellationToken) {
     let mut every = tokio::time::interval(PROBE_EVERY);
     loop {
@@ -488,8 +513,11 @@ async fn probe(mut stream: stream::Stream, status: Arc<ClusterStatus>, stop: Can
             () = stop.cancelled() => return,
             _ = every.tick() => {}
         }
-        if status.state() == BusState::StreamUnavailable {
-            if let Ok(info) = stream.info().await {
+        if let Ok(info) = stream.info().await {
+            status
+                .stream_last
+                .store(info.state.last_sequence, Ordering::Release);
+            if status.state() == BusState::StreamUnavailable {
                 let epoch =
                     u64::try_from(info.created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
                 // A recreated stream is a different history: stay closed (docs/cluster.md).
