@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{ingest, subscribe, tick, TestServer, Ws, DEADLINE};
+use common::{ingest, subscribe, tick, Binary, TestServer, Ws, DEADLINE};
 use serde_json::{json, Value};
 
 /// A `nats-server -js` child process; killed on drop.
@@ -146,6 +146,22 @@ async fn collect(ws: &mut Ws, n: usize) -> BTreeMap<(String, u64), f64> {
         }
     }
     got
+}
+
+/// The seqs of the `snapshot` that answers a `since_seq` subscribe; it must report no gap.
+async fn resumed_seqs(ws: &mut Ws) -> Vec<u64> {
+    let snap = ws
+        .recv_until(|v| v["type"] == "snapshot")
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(snap["gap"], false, "{snap}");
+    snap["ticks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["seq"].as_u64().unwrap())
+        .collect()
 }
 
 fn assert_gap_free(got: &BTreeMap<(String, u64), f64>, symbol: &str, n: u64) {
@@ -294,18 +310,7 @@ async fn a_late_joining_node_serves_the_full_history() {
         json!({"symbols": ["L"], "since_seq": {"L": 10}}),
     )
     .await;
-    let snap = ws
-        .recv_until(|v| v["type"] == "snapshot")
-        .await
-        .pop()
-        .unwrap();
-    assert_eq!(snap["gap"], false, "{snap}");
-    let seqs: Vec<u64> = snap["ticks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["seq"].as_u64().unwrap())
-        .collect();
+    let seqs = resumed_seqs(&mut ws).await;
     assert_eq!(seqs, (11..=30).collect::<Vec<_>>());
 }
 
@@ -361,61 +366,16 @@ async fn bus_outage_degrades_health_refuses_acks_and_resumes_without_a_gap() {
     assert!(a.metric("tickfan_bus_reconnects_total").await >= 1.0);
 }
 
-/// The real binary in cluster mode; killed (SIGKILL) on drop.
-struct NodeProcess {
-    child: Child,
-    addr: String,
-}
-
-impl NodeProcess {
-    // The child is owned by the returned value, whose drop kills and waits for it.
-    #[allow(clippy::zombie_processes)]
-    fn start(nats: &Nats, dir: &Path) -> Self {
-        use std::io::BufRead;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tickfan"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--no-simulator",
-                "--nats",
-            ])
-            .arg(nats.url())
-            .arg("--data-dir")
-            .arg(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("no listening line: {line:?}"))
-            .to_owned();
-        Self { child, addr }
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        self.kill9();
-    }
+/// The real binary in cluster mode on `dir`; killed (SIGKILL) on drop.
+fn node_process(nats: &Nats, dir: &Path) -> Binary {
+    Binary::start_with(dir, &["--nats", &nats.url()])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_node_loses_no_acked_tick_and_its_clients_resume_elsewhere() {
     let nats = Nats::start();
     let dir_a = tempfile::tempdir().unwrap();
-    let mut a = NodeProcess::start(&nats, dir_a.path());
+    let mut a = node_process(&nats, dir_a.path());
     let b = node(&nats, "b").await;
 
     // A client of A follows K; a producer on A sends, each frame acked, then more unacked.
@@ -462,22 +422,11 @@ async fn kill_9_of_a_node_loses_no_acked_tick_and_its_clients_resume_elsewhere()
         json!({"symbols": ["K"], "since_seq": {"K": last_seen}}),
     )
     .await;
-    let snap = moved
-        .recv_until(|v| v["type"] == "snapshot")
-        .await
-        .pop()
-        .unwrap();
-    assert_eq!(snap["gap"], false, "{snap}");
-    let resumed: Vec<u64> = snap["ticks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["seq"].as_u64().unwrap())
-        .collect();
-    assert_eq!(resumed.first().copied(), Some(last_seen + 1), "{snap}");
+    let resumed = resumed_seqs(&mut moved).await;
+    assert_eq!(resumed.first().copied(), Some(last_seen + 1), "{resumed:?}");
 
     // A restarted on its store catches up to the same history.
-    let a2 = NodeProcess::start(&nats, dir_a.path());
+    let a2 = node_process(&nats, dir_a.path());
     let last = h["last_seq"].clone();
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
