@@ -312,6 +312,23 @@ async fn a_late_joining_node_serves_the_full_history() {
     .await;
     let seqs = resumed_seqs(&mut ws).await;
     assert_eq!(seqs, (11..=30).collect::<Vec<_>>());
+    ws.close().await;
+
+    // A clean restart resumes from the saved position, neither losing nor repeating a tick.
+    let config = late.config.clone();
+    let dir = late.stop().await;
+    let saved: Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("cluster.json")).unwrap()).unwrap();
+    assert_eq!(saved["position"], 30, "{saved}");
+    let again = TestServer::start_in(config, dir).await;
+    ingest(&mut p, &[tick("L", 99.0, 2.0)]).await;
+    let h = wait_json(&again, "/api/history/L?limit=100", |_, v| {
+        v["last_seq"] == 31
+    })
+    .await;
+    let ticks = h["ticks"].as_array().unwrap();
+    assert_eq!(ticks[..30], h_a["ticks"].as_array().unwrap()[..]);
+    assert_eq!(ticks[30]["price"], 99.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
