@@ -215,6 +215,25 @@ pub struct LimitsConfig {
     pub max_connections_per_ip: usize,
     /// Open WebSocket connections in the whole process; further upgrades answer 503.
     pub max_connections: usize,
+    /// Open TCP connections of every kind (plain HTTP and upgraded WebSocket) in the whole
+    /// process, checked at accept before anything is read: over it, a connection gets a short
+    /// `503` and is closed at once. 0 derives it from the open-files limit: that limit minus
+    /// `reserved_fds`, so the store, the listener and the refusals themselves always find a
+    /// descriptor.
+    pub max_tcp_connections: usize,
+    /// File descriptors kept free under the open-files limit when `max_tcp_connections` is 0.
+    pub reserved_fds: usize,
+    /// Plain HTTP connections (not, or not yet, upgraded to WebSocket) open at once per client
+    /// IP address, checked at accept before anything is read: over it, a connection gets a
+    /// short `503` and is closed at once. Upgraded connections count against
+    /// `max_connections_per_ip` instead, so one address holds at most the sum of both.
+    pub max_http_connections_per_ip: usize,
+    /// Time a connection has to send a complete request head, in ms, counted from the accept
+    /// (or, on a kept-alive connection, from the previous response); then it is closed.
+    pub header_timeout_ms: u64,
+    /// Time a request has to send its whole body, in ms, counted from the end of its head;
+    /// then it is answered `408 request_timeout`, its body is freed and the connection closed.
+    pub body_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -228,6 +247,11 @@ impl Default for LimitsConfig {
             outbound_buffer_bytes: 4 * 1024 * 1024,
             max_connections_per_ip: 10_000,
             max_connections: 100_000,
+            max_tcp_connections: 0,
+            reserved_fds: 256,
+            max_http_connections_per_ip: 256,
+            header_timeout_ms: 30_000,
+            body_timeout_ms: 30_000,
         }
     }
 }
@@ -336,14 +360,21 @@ pub struct DispatchConfig {
     /// Most recent ticks the dispatcher keeps per symbol in memory. Snapshots and resumes
     /// within this window are served from memory, exactly in step with live delivery.
     pub recent_ticks: usize,
-    /// Page size of a `since_seq` replay read from the store. A longer backlog is read and sent
-    /// page by page, with no hole; between pages a client over its outbound buffer is closed as
-    /// a slow consumer, so one page bounds the memory a replay can take.
+    /// Largest page of a replay read from the store. A longer backlog is read and sent page by
+    /// page, with no hole, as fast as the client reads (see `replay_low_water_pct`); one page
+    /// bounds the memory a replay can take.
     pub max_replay_ticks: usize,
     /// Snapshot reads from the store running at once (each on a blocking thread). Further
     /// reads wait their turn in the dispatcher, so a reconnect storm cannot flood the blocking
     /// pool or the disk.
     pub max_store_reads: usize,
+    /// Paced replays (`history`, `since_seq`): the next messages are queued when a client's
+    /// outbound queue drains below this percent of `limits.outbound_buffer_bytes` (1-100).
+    pub replay_low_water_pct: u8,
+    /// Paced replays fill a client's outbound queue up to this percent of
+    /// `limits.outbound_buffer_bytes` (at least the low-water mark); the rest stays free for
+    /// live ticks of its other symbols.
+    pub replay_high_water_pct: u8,
 }
 
 impl Default for DispatchConfig {
@@ -359,6 +390,8 @@ impl Default for DispatchConfig {
             recent_ticks: 1_000,
             max_replay_ticks: 10_000,
             max_store_reads: 16,
+            replay_low_water_pct: 25,
+            replay_high_water_pct: 50,
         }
     }
 }
@@ -507,6 +540,15 @@ impl Config {
         if self.limits.outbound_buffer_bytes > 1 << 31 {
             return invalid("limits.outbound_buffer_bytes", "must be at most 2 GiB");
         }
+        if self.limits.max_http_connections_per_ip == 0 {
+            return invalid("limits.max_http_connections_per_ip", "must be at least 1");
+        }
+        if self.limits.header_timeout_ms == 0 || self.limits.body_timeout_ms == 0 {
+            return invalid(
+                "limits.header_timeout_ms",
+                "header_timeout_ms and body_timeout_ms must be >= 1",
+            );
+        }
         if self.auth.auth_timeout_ms < 100 {
             return invalid("auth.auth_timeout_ms", "must be at least 100");
         }
@@ -521,6 +563,16 @@ impl Config {
         }
         if self.dispatch.outbound_messages == 0 || self.dispatch.command_capacity == 0 {
             return invalid("dispatch.outbound_messages", "capacities must be >= 1");
+        }
+        let (low, high) = (
+            self.dispatch.replay_low_water_pct,
+            self.dispatch.replay_high_water_pct,
+        );
+        if !(1..=100).contains(&low) || !(low..=100).contains(&high) {
+            return invalid(
+                "dispatch.replay_high_water_pct",
+                "need 1 <= replay_low_water_pct <= replay_high_water_pct <= 100",
+            );
         }
         if u32::try_from(self.dispatch.outbound_messages).is_err() {
             return invalid("dispatch.outbound_messages", "must be below 2^32");

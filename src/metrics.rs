@@ -75,6 +75,14 @@ const HELP: &[(&str, &str)] = &[
         "tickfan_batch_group_members",
         "Batch-mode clients served by a shared batch group.",
     ),
+    (
+        "tickfan_replays",
+        "Paced replays (history, since_seq) running or waiting, one per client and symbol.",
+    ),
+    (
+        "tickfan_replayed_ticks_total",
+        "Ticks sent to clients in snapshot messages.",
+    ),
     ("tickfan_connections", "Open client (/ws) connections."),
     (
         "tickfan_parked_connections",
@@ -167,6 +175,10 @@ const HELP: &[(&str, &str)] = &[
     (
         "tickfan_bus_position",
         "Cluster mode: stream sequence up to which this node's store is complete.",
+    ),
+    (
+        "tickfan_http_connections",
+        "Open plain HTTP connections (accepted, not upgraded to WebSocket).",
     ),
 ];
 
@@ -336,6 +348,12 @@ impl Metrics {
             vec![],
             load(&d.batch_group_members),
         );
+        self.gauge("tickfan_replays", vec![], load(&d.replays));
+        self.counter(
+            "tickfan_replayed_ticks_total",
+            vec![],
+            load(&d.replayed_ticks),
+        );
         let c = &s.clients.stats;
         self.gauge("tickfan_connections", vec![], load(&c.open));
         let pk = &s.clients.parking.stats;
@@ -361,7 +379,11 @@ impl Metrics {
                 v,
             );
         };
-        limit("slow_consumer", load(&d.slow_consumer_closes));
+        // Closed by the dispatcher (data or its replies) or by the connection (its replies).
+        limit(
+            "slow_consumer",
+            load(&d.slow_consumer_closes) + load(&c.reply_overflow),
+        );
         limit("ops_per_sec", load(&c.rate_limited));
         limit("abuse_close", load(&c.abuse_closed));
         limit("max_message_bytes", load(&c.too_big));
@@ -419,6 +441,12 @@ impl Metrics {
         if let Some(bus) = &s.cluster {
             self.render_bus(bus);
         }
+        let accept = &s.limits.accept;
+        limit("max_tcp_connections", load(&accept.refused_total));
+        limit("max_http_connections_per_ip", load(&accept.refused_per_ip));
+        limit("header_timeout", load(&accept.header_timeouts));
+        limit("body_timeout", load(&accept.body_timeouts));
+        self.gauge("tickfan_http_connections", vec![], accept.open() as u64);
         self.recorder.handle().render()
     }
 

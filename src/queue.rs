@@ -281,4 +281,140 @@ mod tests {
         assert_eq!(q.stats(Priority::Normal).expired.load(Ordering::Relaxed), 1);
         assert_eq!(q.depth(), 0);
     }
+
+    mod properties {
+        //! Random pushes and drains against a model of the queue: every admitted tick comes
+        //! out exactly once (ready, or expired past its TTL), lanes in priority order and FIFO
+        //! within a lane, each lane in bounded chunks, and admission follows the per-priority
+        //! limits of one shared capacity.
+
+        use std::collections::VecDeque;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const PRIORITIES: [Priority; 4] = [
+            Priority::Critical,
+            Priority::High,
+            Priority::Normal,
+            Priority::Low,
+        ];
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Push(usize, usize),
+            Drain { expire: bool },
+        }
+
+        fn ops() -> impl Strategy<Value = Vec<Op>> {
+            proptest::collection::vec(
+                prop_oneof![
+                    4 => (0..4usize, 1..400usize).prop_map(|(p, n)| Op::Push(p, n)),
+                    1 => any::<bool>().prop_map(|expire| Op::Drain { expire }),
+                ],
+                1..40,
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+            #[test]
+            fn nothing_lost_or_duplicated_priority_order_and_capacity(
+                capacity in 1..1500usize,
+                ops in ops(),
+            ) {
+                let q = PriorityQueue::new(&QueueConfig {
+                    capacity,
+                    high_limit_pct: 90,
+                    normal_limit_pct: 70,
+                    low_limit_pct: 50,
+                    ttl_ms: TtlConfig { critical: 0, high: 30_000, normal: 10_000, low: 5_000 },
+                    ..QueueConfig::default()
+                });
+                let limit = |lane: usize| match lane {
+                    0 => capacity,
+                    1 => (capacity * 90 / 100).max(1),
+                    2 => (capacity * 70 / 100).max(1),
+                    _ => (capacity * 50 / 100).max(1),
+                };
+                // The model: ids waiting per lane, in order.
+                let mut lanes: [VecDeque<u64>; 4] = Default::default();
+                let mut next_id = 0u64;
+                let mut out_ids = Vec::new();
+                let mut admitted = 0u64;
+                for op in ops {
+                    match op {
+                        Op::Push(lane, n) => {
+                            for _ in 0..n {
+                                next_id += 1;
+                                let depth: usize = lanes.iter().map(VecDeque::len).sum();
+                                #[allow(clippy::cast_precision_loss)]
+                                let pushed = q.push(item(PRIORITIES[lane], next_id as f64));
+                                prop_assert_eq!(pushed.is_ok(), depth < limit(lane));
+                                match pushed {
+                                    Ok(()) => {
+                                        lanes[lane].push_back(next_id);
+                                        admitted += 1;
+                                    }
+                                    Err(Refused(back)) => {
+                                        #[allow(clippy::cast_precision_loss)]
+                                        let id = next_id as f64;
+                                        prop_assert_eq!(back.tick.price, id);
+                                    }
+                                }
+                                prop_assert!(q.depth() <= capacity);
+                            }
+                        }
+                        Op::Drain { expire } => {
+                            let now = if expire {
+                                Instant::now() + Duration::from_secs(60)
+                            } else {
+                                Instant::now()
+                            };
+                            let round = q.drain_round(now);
+                            // Expected: each lane's first chunk, lanes in priority order.
+                            let mut ready = Vec::new();
+                            let mut expired = Vec::new();
+                            for (lane, chunk) in DRAIN_CHUNK.iter().enumerate() {
+                                for _ in 0..*chunk {
+                                    let Some(id) = lanes[lane].pop_front() else { break };
+                                    if expire && lane > 0 {
+                                        expired.push(id);
+                                    } else {
+                                        ready.push(id);
+                                    }
+                                }
+                            }
+                            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                            let ids = |v: &[Queued]| -> Vec<u64> {
+                                v.iter().map(|q| q.tick.price as u64).collect()
+                            };
+                            prop_assert_eq!(ids(&round.ready), ready.clone());
+                            prop_assert_eq!(ids(&round.expired), expired.clone());
+                            out_ids.extend(ready);
+                            out_ids.extend(expired);
+                        }
+                    }
+                    let depth: usize = lanes.iter().map(VecDeque::len).sum();
+                    prop_assert_eq!(q.depth(), depth);
+                }
+                // Whatever is left comes out too: exactly the admitted ticks, each once.
+                loop {
+                    let round = q.drain_round(Instant::now());
+                    if round.ready.is_empty() && round.expired.is_empty() {
+                        break;
+                    }
+                    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                    out_ids.extend(round.ready.iter().chain(&round.expired).map(|q| q.tick.price as u64));
+                }
+                prop_assert_eq!(out_ids.len() as u64, admitted);
+                out_ids.sort_unstable();
+                out_ids.dedup();
+                prop_assert_eq!(out_ids.len() as u64, admitted, "a tick came out twice");
+                prop_assert_eq!(q.depth(), 0);
+            }
+        }
+    }
 }

@@ -201,7 +201,7 @@ pub async fn run(
         stop_on_signal.cancel();
     });
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
-    http::serve(listener, app, stop.clone(), grace).await?;
+    http::serve(listener, app, state.clone(), stop.clone(), grace).await?;
     stop.cancel();
     tracing::info!("shutting down: closing connections");
     tracker.close();

@@ -293,6 +293,65 @@ async fn read_apis_need_the_client_token() {
     assert_eq!(resp.status().as_u16(), 200);
 }
 
+/// `Authorization` values that carry the token `t`: the scheme in any case (RFC 9110 11.1),
+/// with extra spaces around the token.
+fn bearer_spellings(t: &str) -> Vec<String> {
+    vec![
+        format!("bearer {t}"),
+        format!("BEARER {t}"),
+        format!("BeArEr   {t}"),
+        format!("  Bearer\t{t}  "),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive_and_tolerates_extra_spaces() {
+    let mut config = with_client_tokens();
+    config.auth.ingest_tokens = vec!["p".into()];
+    let server = TestServer::start_with(config).await;
+    let http = reqwest::Client::new();
+    for value in bearer_spellings("secret") {
+        let resp = http
+            .get(server.http("/api/symbols"))
+            .header("authorization", &value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "GET with {value:?}");
+        let mut ws = client_with(upgrade(&server, "/ws", &[("authorization", &value)])).await;
+        let ack = subscribe(&mut ws, 1, json!({"symbols": ["BE"]})).await;
+        assert_eq!(ack["symbols"], json!(["BE"]), "/ws with {value:?}");
+    }
+    for (i, value) in bearer_spellings("p").into_iter().enumerate() {
+        let mut t = tick("BE", 1.0, 1.0);
+        t["id"] = json!(i);
+        let resp = http
+            .post(server.http("/api/ticks"))
+            .header("authorization", &value)
+            .body(t.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "POST with {value:?}");
+        let mut producer = try_connect(upgrade(&server, "/ingest", &[("authorization", &value)]))
+            .await
+            .unwrap_or_else(|s| panic!("/ingest with {value:?}: {s}"));
+        t["id"] = json!(100 + i);
+        assert_eq!(ingest(&mut producer, &[t]).await["accepted"], 1);
+        producer.close().await;
+    }
+    // Another scheme, or the scheme without a token, is still no token.
+    for value in ["Basic secret", "bearersecret", "Bearer", "Bearer "] {
+        let resp = http
+            .get(server.http("/api/symbols"))
+            .header("authorization", value)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 401, "GET with {value:?}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // ingest tokens
 
@@ -603,6 +662,62 @@ async fn binary_frames_get_bad_request_and_the_connection_keeps_working() {
         server.metric("tickfan_bad_requests_total").await,
         before + 1.0
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// replies to requests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_floods_requests_without_reading_gets_4008_and_is_counted() {
+    let mut config = test_config();
+    config.limits.outbound_buffer_bytes = 4096;
+    let server = TestServer::start_with(config).await;
+    // A small receive buffer, so the server's socket fills after a few replies and the rest
+    // queue in the connection's outbound link.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(server.addr).await.unwrap();
+    let (inner, _) = tokio_tungstenite::client_async(
+        server.ws_url("/ws"),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .unwrap();
+    let mut ws = Ws { inner };
+    assert_eq!(ws.recv().await["type"], "welcome");
+    // Pings are free of the rate limit; each pong echoes its 200-byte id. Keep sending, never
+    // reading, until the server stops taking them (it closed) or the deadline passes.
+    let pad = "x".repeat(200);
+    let deadline = Instant::now() + DEADLINE;
+    let mut sent = 0u64;
+    loop {
+        let ping = json!({"op": "ping", "id": format!("{sent}{pad}")}).to_string();
+        let fed = tokio::time::timeout(
+            Duration::from_millis(200),
+            ws.inner.send(Message::Text(ping.into())),
+        )
+        .await;
+        if !matches!(fed, Ok(Ok(()))) {
+            break;
+        }
+        sent += 1;
+        if sent.is_multiple_of(64) && limit_hits(&server, "slow_consumer").await >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never cut off after {sent} pings"
+        );
+    }
+    wait_limit_hits(&server, "slow_consumer", 1.0).await;
+    let (seen, ended) = closed(&mut ws).await;
+    assert_eq!(ended, Ended::Close(4008), "after {} messages", seen.len());
+    assert_eq!(
+        seen.last().map(|m| m["code"].clone()),
+        Some(json!("slow_consumer"))
+    );
+    // Counted once: the dispatcher does not count this close again.
+    assert_eq!(limit_hits(&server, "slow_consumer").await, 1.0);
 }
 
 // ---------------------------------------------------------------------------------------------

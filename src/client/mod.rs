@@ -102,6 +102,9 @@ pub struct ClientStats {
     pub http_unauthorized: AtomicU64,
     /// Write bursts, for sampling the write latency.
     pub bursts: AtomicU64,
+    /// Connections closed 4008 because a reply to one of their requests found the outbound
+    /// link full (the dispatcher counts the slow consumers it closes itself).
+    pub reply_overflow: AtomicU64,
 }
 
 struct Conn {

@@ -11,7 +11,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::{json, Value};
 
 use super::{AuthState, Conn, Flow};
-use crate::dispatch::outbound::Frame;
+use crate::dispatch::outbound::{Frame, PushError};
 use crate::dispatch::Command;
 use crate::protocol::{self, close, error_message, ErrorCode, Request};
 use crate::tick::now_ms;
@@ -48,7 +48,16 @@ impl RequestLimiter {
 pub(super) fn reply(conn: &Conn, text: String) -> Flow {
     match conn.out.push_control(Frame::from(text)) {
         Ok(()) => Flow::Continue,
-        Err(_) => Flow::Close(close::SLOW_CONSUMER, "slow consumer"),
+        Err(e) => {
+            // The dispatcher counts the slow consumers it closes; this one it never sees.
+            if matches!(e, PushError::Full) {
+                conn.ctx
+                    .stats
+                    .reply_overflow
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Flow::Close(close::SLOW_CONSUMER, "slow consumer")
+        }
     }
 }
 

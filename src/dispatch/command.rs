@@ -83,17 +83,21 @@ pub enum Command {
     },
 }
 
-/// One snapshot read in progress for one client and symbol.
+/// One store read of a paced replay, for one client and symbol.
 #[derive(Debug, Clone)]
 pub struct SnapshotRead {
     pub(super) key: ClientKey,
     /// Which registration of that key asked (keys are reused).
     pub(super) serial: u64,
     pub(super) symbol: Symbol,
-    pub(super) history: usize,
-    /// Resume point; advanced page by page.
-    pub(super) since: Option<u64>,
-    pub(super) page: u32,
+    /// Which replay of that symbol asked (a new subscribe restarts it).
+    pub(super) generation: u64,
+    /// Read ticks with seq above this.
+    pub(super) since: u64,
+    /// At most this many.
+    pub(super) limit: usize,
+    /// Wait first for ticks already handed to the store.
+    pub(super) flush: bool,
 }
 
 /// A handle for sending commands.

@@ -159,10 +159,30 @@ impl Delivery {
         self.mode = mode;
         self.smart = Effective::Realtime;
         self.next_flush = None;
-        match outcome {
-            Outcome::Done => Outcome::Done,
-            other => other,
+        if outcome != Outcome::Done {
+            return outcome;
         }
+        // Conflated ticks that the full queue did not take are older than anything that comes
+        // next: in a mode that does not conflate they must go first, so they lead the next
+        // batch (smart starts out batching), or, for realtime, the client is a slow consumer.
+        let stranded =
+            mode != Mode::Throttled && self.held.as_ref().is_some_and(|h| !h.latest.is_empty());
+        if !stranded {
+            return Outcome::Done;
+        }
+        if mode == Mode::Realtime {
+            return Outcome::SlowConsumer;
+        }
+        let held = self.held_mut();
+        for (symbol, (frame, skipped)) in std::mem::take(&mut held.latest) {
+            let frame = with_conflated(&frame, skipped);
+            held.batch_bytes += frame.len();
+            held.batch.push((symbol, frame));
+        }
+        if mode == Mode::Smart {
+            self.switch(Effective::Batch, out, tally);
+        }
+        self.reschedule(now)
     }
 
     /// Keeps held ticks only of symbols that `keep` accepts (unsubscribe: nothing for a
@@ -629,6 +649,36 @@ mod tests {
         assert_eq!(msgs.last().unwrap()["type"], "mode");
         assert_eq!(msgs.last().unwrap()["mode"], "realtime");
         assert_eq!(tally.mode_switches, 2);
+    }
+
+    #[test]
+    fn conflated_ticks_stranded_by_a_mode_switch_lead_the_next_batch() {
+        let (t1, f1) = tick("A", 1, Priority::Normal);
+        // Room for one message: a full queue without byte accounting getting in the way.
+        let (out, rx) = channel(1, 1 << 20);
+        let mut d = Delivery::new(Duration::from_millis(100));
+        let t0 = Instant::now();
+        set(&mut d, Mode::Throttled, &out, t0);
+        let mut tally = Tally::default();
+        d.deliver(&t1, &f1, &out, t0, SMART, &mut tally);
+        let (t2, f2) = tick("A", 2, Priority::Normal);
+        d.deliver(&t2, &f2, &out, t0, SMART, &mut tally);
+        // Seq 2 is held (the queue is full); the client switches to smart, then reads.
+        set(&mut d, Mode::Smart, &out, t0);
+        assert_eq!(drain(&rx)[0]["seq"], 1);
+        let (t3, f3) = tick("A", 3, Priority::Normal);
+        d.deliver(&t3, &f3, &out, t0, SMART, &mut tally);
+        d.flush(&out, t0 + Duration::from_secs(1), SMART, &mut tally);
+        let seqs: Vec<u64> = drain(&rx)
+            .iter()
+            .flat_map(|m| match m["type"].as_str() {
+                Some("batch") => m["ticks"].as_array().unwrap().clone(),
+                Some("tick") => vec![m.clone()],
+                _ => Vec::new(),
+            })
+            .map(|t| t["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, [2, 3], "the stranded tick goes before newer ones");
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub mod delivery;
 pub mod filter;
 pub mod latency;
 pub mod outbound;
+#[cfg(test)]
+mod proptests;
 pub mod recent;
 pub mod registry;
 pub mod sink;
@@ -34,7 +36,7 @@ use self::batch_group::{Groups, Membership};
 pub use self::command::{Command, DispatcherGone, DispatcherHandle, SnapshotRead};
 use self::delivery::{Delivery, Outcome, SmartThresholds, Tally};
 use self::filter::Filter;
-use self::outbound::{Frame, Outbound};
+use self::outbound::{Frame, Outbound, Refills};
 use self::recent::RecentTicks;
 use self::registry::{ClientKey, Registry, SymbolSet};
 pub use self::sink::{StoreSink, TickSink};
@@ -81,6 +83,10 @@ pub struct DispatchStats {
     pub batch_groups: AtomicU64,
     /// Batch-mode clients served by a shared group now.
     pub batch_group_members: AtomicU64,
+    /// Paced replays (`history`, `since_seq`) running or waiting now, one per client and symbol.
+    pub replays: AtomicU64,
+    /// Ticks sent in snapshot messages.
+    pub replayed_ticks: AtomicU64,
     /// Receive-to-dispatch percentiles over the last few seconds.
     pub latency: parking_lot::Mutex<latency::LatencySummary>,
 }
@@ -88,7 +94,7 @@ pub struct DispatchStats {
 struct Client {
     /// Distinguishes registrations that reuse a slab key.
     serial: u64,
-    /// Symbols whose snapshot is being read from the store: live ticks wait in the ring.
+    /// Symbols being replayed (`snapshot`): their live ticks wait in the ring or the store.
     /// A sorted set like `symbols`: usually empty, and then it costs no allocation.
     awaiting: SymbolSet,
     out: Outbound,
@@ -154,12 +160,21 @@ pub struct Dispatcher<S: TickSink> {
     max_replay: usize,
     /// Store reads for snapshots running now, and those waiting for a slot.
     reads_in_flight: usize,
-    queued_reads: std::collections::VecDeque<(SnapshotRead, bool)>,
+    queued_reads: std::collections::VecDeque<SnapshotRead>,
     max_store_reads: usize,
     /// Cluster mode: ticks consumed from the bus (`with_feed`).
     feed: Option<flume::Receiver<Queued>>,
     /// A feed tick received while the dispatcher waited; dispatched first in the next round.
     feed_head: Option<Queued>,
+    /// Paced replays by client (only clients with one running have an entry).
+    replays: HashMap<ClientKey, snapshot::Replays>,
+    /// Links that drained below their replay's low-water mark.
+    refills: Arc<Refills>,
+    /// Replay pacing marks, in percent of a client's byte limit.
+    replay_low_pct: u8,
+    replay_high_pct: u8,
+    /// Tells a restarted replay's reads from the old one's.
+    next_generation: u64,
 }
 
 /// Commands handled per loop turn before looking at the queue again.
@@ -224,6 +239,14 @@ impl<S: TickSink> Dispatcher<S> {
             max_store_reads: config.dispatch.max_store_reads.max(1),
             feed: None,
             feed_head: None,
+            replays: HashMap::new(),
+            refills: Arc::new(Refills::default()),
+            replay_low_pct: config.dispatch.replay_low_water_pct.clamp(1, 100),
+            replay_high_pct: config
+                .dispatch
+                .replay_high_water_pct
+                .clamp(config.dispatch.replay_low_water_pct.clamp(1, 100), 100),
+            next_generation: 0,
         };
         (dispatcher, DispatcherHandle { tx })
     }
@@ -255,6 +278,10 @@ impl<S: TickSink> Dispatcher<S> {
     pub async fn run(mut self, shutdown: CancellationToken) -> S {
         loop {
             let mut busy = false;
+            for key in self.refills.take() {
+                self.refill(key);
+                busy = true;
+            }
             for _ in 0..COMMAND_CHUNK {
                 match self.commands.try_recv() {
                     Ok(cmd) => {
@@ -291,6 +318,7 @@ impl<S: TickSink> Dispatcher<S> {
                 },
                 () = self.queue.wait_ready() => {}
                 item = feed_recv(self.feed.as_ref()) => self.feed_head = Some(item),
+                () = self.refills.notified() => {}
                 () = sleep_until(next_timer) => {}
             }
         }
@@ -542,6 +570,7 @@ impl<S: TickSink> Dispatcher<S> {
             return;
         }
         client.detached = true;
+        self.forget_replays(key);
         self.leave_group(key);
         let Some(client) = self.clients.get_mut(key) else {
             return;

@@ -10,10 +10,15 @@
 //! write", "ping due" and "close now", so an idle connection waits on its socket and this link
 //! and nothing else (no timer, no channel future). Liveness (last heard, auth deadline) sits
 //! here too, for the sweeper to read.
+//!
+//! Paced replays (see `snapshot`) ask to hear when the queue drains below a low-water mark:
+//! one armed mark per link and one entry in the dispatcher's [`Refills`] list when the
+//! connection's drain crosses it, so the notification is bounded by the number of links,
+//! never one message per drained frame.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use axum::extract::ws::Utf8Bytes;
@@ -70,6 +75,51 @@ struct Shared {
     /// The parking-lot ticket while the connection is parked (0: running).
     parked_at: AtomicU64,
     waker: AtomicWaker,
+    /// Armed low-water mark in bytes (0: nobody waits for the queue to drain).
+    refill_mark: AtomicU32,
+    /// Where a drain below the mark is reported; set once, by the first replay.
+    refill: OnceLock<Box<RefillHook>>,
+}
+
+/// The dispatcher's list of links whose queue drained below their armed low-water mark.
+/// Each link adds its key at most once per arming, so the list is bounded by the number of
+/// links; the dispatcher takes it whole.
+#[derive(Debug, Default)]
+pub struct Refills {
+    keys: Mutex<Vec<usize>>,
+    pending: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Refills {
+    fn signal(&self, key: usize) {
+        self.keys.lock().push(key);
+        self.pending.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// Takes the keys reported so far (cheap when there are none).
+    pub fn take(&self) -> Vec<usize> {
+        if !self.pending.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.keys.lock())
+    }
+
+    /// Resolves when a key was reported since the last wait (a report made while nobody
+    /// waited is kept as a permit, so none is missed).
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+}
+
+/// Whom a link reports to when it drains below its mark.
+#[derive(Debug)]
+pub struct RefillHook {
+    /// The dispatcher's list.
+    pub refills: Arc<Refills>,
+    /// The link's client key there.
+    pub key: usize,
 }
 
 /// The sending side; cheap to clone (dispatcher, sweeper and the connection all hold one).
@@ -102,6 +152,8 @@ pub fn channel(max_messages: usize, byte_limit: usize) -> (Outbound, OutboundRec
         park_due: AtomicBool::new(false),
         parked_at: AtomicU64::new(0),
         waker: AtomicWaker::new(),
+        refill_mark: AtomicU32::new(0),
+        refill: OnceLock::new(),
     });
     (
         Outbound {
@@ -268,6 +320,21 @@ impl Outbound {
         self.shared.waker.register(waker);
     }
 
+    /// Arms the low-water mark: when the connection's drain leaves fewer than `mark` bytes
+    /// queued, `hook` (made on first use) hears of it once. Returns `true` when the queue is
+    /// already below the mark and this call disarmed it again: the caller refills now, and no
+    /// report will come for this arming.
+    pub fn refill_below(&self, mark: usize, hook: impl FnOnce() -> RefillHook) -> bool {
+        let shared = &self.shared;
+        if shared.refill.get().is_none() {
+            let _ = shared.refill.set(Box::new(hook()));
+        }
+        let mark = u32::try_from(mark).unwrap_or(u32::MAX).max(1);
+        shared.refill_mark.store(mark, Ordering::Release);
+        shared.queued_bytes.load(Ordering::Acquire) < mark as usize
+            && shared.refill_mark.swap(0, Ordering::AcqRel) != 0
+    }
+
     /// The parking-lot ticket of a parked connection; `None` while it runs on the runtime.
     /// Only meaningful under the parking lot's lock, which parking and unparking hold.
     #[must_use]
@@ -317,9 +384,11 @@ impl OutboundReceiver {
     #[must_use]
     pub fn try_recv(&self) -> Option<Frame> {
         let frame = self.shared.queue.lock().pop_front()?;
-        self.shared
+        let before = self
+            .shared
             .queued_bytes
             .fetch_sub(frame.len(), Ordering::AcqRel);
+        self.drained_to(before - frame.len());
         Some(frame)
     }
 
@@ -343,11 +412,27 @@ impl OutboundReceiver {
                 *queue = VecDeque::new();
             }
         }
-        self.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        let before = self.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
         if frames > 0 {
             self.shared.active.store(true, Ordering::Release);
+            self.drained_to(before - bytes);
         }
         (frames, bytes)
+    }
+
+    /// Reports a drain below the armed low-water mark, once per arming. One relaxed load
+    /// when nothing is armed (every link that is not replaying).
+    fn drained_to(&self, remaining: usize) {
+        let shared = &self.shared;
+        let mark = shared.refill_mark.load(Ordering::Relaxed);
+        if mark != 0
+            && remaining < mark as usize
+            && shared.refill_mark.swap(0, Ordering::AcqRel) != 0
+        {
+            if let Some(hook) = shared.refill.get() {
+                hook.refills.signal(hook.key);
+            }
+        }
     }
 
     /// Whether a ping was requested since the last call.
@@ -417,6 +502,31 @@ mod tests {
         assert_eq!(tx.queued_bytes(), 4);
         assert_eq!(rx.drain(100, |f| got.push(f)), (1, 4));
         assert_eq!(rx.shared.queue.lock().capacity(), 0);
+    }
+
+    #[test]
+    fn a_drain_below_the_armed_mark_is_reported_once() {
+        let (tx, rx) = channel(100, 1000);
+        let refills = Arc::new(Refills::default());
+        let hook = || RefillHook {
+            refills: refills.clone(),
+            key: 7,
+        };
+        for _ in 0..4 {
+            tx.push(Frame::from("x".repeat(100))).unwrap();
+        }
+        assert!(!tx.refill_below(150, hook), "400 bytes queued: armed");
+        let _ = rx.try_recv();
+        assert!(refills.take().is_empty(), "300 left: not below yet");
+        let _ = rx.try_recv();
+        let _ = rx.try_recv();
+        assert_eq!(refills.take(), [7]);
+        let _ = rx.try_recv();
+        assert!(refills.take().is_empty(), "one report per arming");
+        assert!(tx.refill_below(150, hook), "already below: refill now");
+        tx.push(Frame::from("x".repeat(100))).unwrap();
+        rx.drain(1000, drop);
+        assert!(refills.take().is_empty(), "disarmed by the caller");
     }
 
     #[tokio::test]

@@ -160,9 +160,15 @@ impl<S: TickSink> Dispatcher<S> {
                 self.registry.add(sym, key);
             }
         }
-        if !client.wildcard {
+        let wildcard = client.wildcard;
+        if !wildcard {
             let still = &client.symbols;
             client.delivery.retain(|s| still.contains(s));
+            // Nothing for a dropped symbol after the ack: its replay stops too.
+            if self.replays.contains_key(&key) {
+                let still: Vec<Symbol> = client.symbols.iter().cloned().collect();
+                self.cancel_replays(key, |s| !still.contains(s));
+            }
         }
         self.reply(
             key,

@@ -4,9 +4,11 @@
 //! limits) live here; everything after the upgrade belongs to `client` and `producer`. The
 //! read-only JSON routes, health and metrics are in `api`.
 
+mod admission;
 mod api;
 mod serve;
 
+pub use admission::AcceptLimits;
 pub use serve::serve;
 
 use std::collections::HashMap;
@@ -70,7 +72,8 @@ pub struct AppState {
     pub cluster: Option<Arc<crate::cluster::ClusterStatus>>,
 }
 
-/// Global and per-IP caps on open WebSocket connections.
+/// Global and per-IP caps on open WebSocket connections, and (in `accept`) the caps on plain
+/// HTTP connections checked at accept.
 #[derive(Debug, Default)]
 pub struct ConnectionLimits {
     open: AtomicUsize,
@@ -79,6 +82,8 @@ pub struct ConnectionLimits {
     pub refused_global: AtomicU64,
     /// Upgrades refused because the client's IP was at its cap.
     pub refused_per_ip: AtomicU64,
+    /// Caps and deadlines applied before any handler runs.
+    pub accept: AcceptLimits,
 }
 
 /// Holds one connection slot; frees it on drop.
@@ -193,9 +198,17 @@ pub(super) fn request_token<'a>(headers: &'a HeaderMap, query: &'a TokenQuery) -
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(bearer_token)
         .or(query.token.as_deref())
+}
+
+/// The token of a `Bearer` credential. The scheme is case-insensitive (RFC 9110 11.1) and
+/// clients differ in the spaces they put around the token, so any case and any run of spaces
+/// or tabs pass; an empty token is no token.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once([' ', '\t'])?;
+    let token = token.trim_matches([' ', '\t']);
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// The `?token=` query parameter (other parameters are ignored).

@@ -1,42 +1,64 @@
 //! The accept loop: one hyper HTTP/1 connection per accepted TCP stream, with the router as
-//! its service. It replaces `axum::serve` for one reason: hyper is handed the bare
+//! its service. It replaces `axum::serve` for two reasons: hyper is handed the bare
 //! `TcpStream`, so an upgraded `/ws` connection can take that stream back (`ws::ClientUpgrade`)
-//! instead of living behind boxed, buffered I/O layers. Connections get `TCP_NODELAY` (writers
-//! coalesce bursts themselves; Nagle only adds delay) and the peer address as `ConnectInfo`.
+//! instead of living behind boxed, buffered I/O layers; and a connection is admitted (caps per
+//! address and in all, see `admission`) the moment it is accepted, before anything is read, so
+//! a flood of idle connects cannot take the descriptors other clients need. Connections get
+//! `TCP_NODELAY` (writers coalesce bursts themselves; Nagle only adds delay), the peer address
+//! as `ConnectInfo`, a deadline on request heads (hyper's) and on request bodies (here).
 
 use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
-/// A client that has not finished sending its request headers by then is dropped.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+use super::admission::{self, Refusal};
+use super::AppState;
+
 /// Pause after an accept error that is not about one connection (e.g. out of file
 /// descriptors), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Time a connection gets to deliver its 408 after a body deadline before it is dropped: a
+/// peer that also stopped reading must not keep the socket.
+const TIMED_OUT_GRACE: Duration = Duration::from_secs(1);
 
 /// Serves `app` on `listener` until `stop` is cancelled, then asks every open HTTP connection
 /// to finish its request and close, and returns once they have (at most after `grace`).
 /// Upgraded connections are not waited for here; their own tasks own them from the upgrade on.
+/// `state` is the router's state: its config and connection counts drive admission.
 ///
 /// # Errors
 /// None today; the signature leaves room for listener failures worth ending the server.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    state: Arc<AppState>,
     stop: CancellationToken,
     grace: Duration,
 ) -> io::Result<()> {
+    let limits = &state.config.limits;
+    let cap = admission::tcp_cap(limits, state.fd_limit);
+    if state.fd_limit > 0 && u64::try_from(cap).unwrap_or(u64::MAX) >= state.fd_limit {
+        tracing::warn!(
+            cap,
+            fd_limit = state.fd_limit,
+            "limits.max_tcp_connections is not below the open-files limit; a connection flood \
+             can exhaust descriptors"
+        );
+    }
+    let header_timeout = Duration::from_millis(limits.header_timeout_ms);
     let connections = TaskTracker::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -52,18 +74,57 @@ pub async fn serve(
                 }
             },
         };
+        let slot = match admission::admit(&state, peer.ip(), cap) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                refuse(&tcp, refusal);
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
         let stop = stop.clone();
+        let state = state.clone();
         connections.spawn(async move {
-            let service = service_fn(move |mut req: hyper::Request<Incoming>| {
+            let _slot = slot;
+            let body_timeout = Duration::from_millis(state.config.limits.body_timeout_ms);
+            let timed_out = Arc::new(Notify::new());
+            let on_timeout = timed_out.clone();
+            let service_state = state.clone();
+            let service = service_fn(move |req: hyper::Request<Incoming>| {
+                let deadline = tokio::time::Instant::now() + body_timeout;
+                let (mut req, watch) = admission::timed(req);
                 req.extensions_mut().insert(ConnectInfo(peer));
-                let mut app = app.clone();
-                app.call(req.map(Body::new))
+                let response = app.clone().call(req);
+                let state = service_state.clone();
+                let on_timeout = on_timeout.clone();
+                async move {
+                    // Most requests (every GET, every upgrade) have no body to wait for.
+                    if watch.is_done() {
+                        return response.await;
+                    }
+                    tokio::select! {
+                        response = response => return response,
+                        () = watch.owed_at(deadline) => {}
+                    }
+                    // The handler is dropped by now, and with it whatever body it had
+                    // buffered (up to `max_body_bytes`): hand that back to the OS too.
+                    crate::parking::release_memory();
+                    state
+                        .limits
+                        .accept
+                        .body_timeouts
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "request body deadline passed; answering 408");
+                    on_timeout.notify_one();
+                    Ok(admission::request_timeout(
+                        state.config.limits.body_timeout_ms,
+                    ))
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(tcp), service)
                 .with_upgrades();
             tokio::pin!(conn);
@@ -73,8 +134,21 @@ pub async fn serve(
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }
+                () = timed_out.notified() => {
+                    match tokio::time::timeout(TIMED_OUT_GRACE, conn.as_mut()).await {
+                        Ok(result) => result,
+                        Err(_) => return,
+                    }
+                }
             };
             if let Err(e) = result {
+                if e.is_timeout() {
+                    state
+                        .limits
+                        .accept
+                        .header_timeouts
+                        .fetch_add(1, Ordering::Relaxed);
+                }
                 tracing::trace!(%peer, error = %e, "http connection ended with an error");
             }
         });
@@ -87,6 +161,12 @@ pub async fn serve(
         tracing::warn!("http connections still open after the shutdown grace period");
     }
     Ok(())
+}
+
+/// Tells a refused connection why, if that fits into its empty send buffer at once (it always
+/// does; a socket that cannot take it gets nothing), and closes it.
+fn refuse(tcp: &TcpStream, refusal: Refusal) {
+    let _ = tcp.try_write(&refusal.response_bytes());
 }
 
 /// Errors that concern only the connection being accepted; the next accept may succeed.
