@@ -31,6 +31,8 @@ pub struct Config {
     pub dispatch: DispatchConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Cluster mode: nodes sharing one tick stream through NATS JetStream (docs/cluster.md).
+    pub cluster: ClusterConfig,
 }
 
 /// `[server]`
@@ -422,6 +424,64 @@ impl Default for LogConfig {
     }
 }
 
+/// `[cluster]`: several tickfan nodes sharing one tick stream through NATS JetStream
+/// (docs/cluster.md). An empty `nats_url` (the default) is single-node mode, exactly as without
+/// this section.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS server URL(s), comma-separated (`nats://127.0.0.1:4222`). Empty: single node.
+    pub nats_url: String,
+    /// This node's name in logs, `/health` and metrics. Empty: the listen address.
+    pub node_name: String,
+    /// The stream's replica count. 0: the number of servers in the NATS cluster, at most 3.
+    pub replicas: usize,
+    /// JetStream stream name; every node of one cluster uses the same.
+    pub stream: String,
+    /// Subject prefix; a symbol's ticks are published on `<prefix>.<SYMBOL>`.
+    pub subject_prefix: String,
+    /// Retention: messages kept per symbol in the stream (a late-joining node's history
+    /// reaches this far back). The last message of a symbol is never removed, which is what
+    /// keeps its seq chain intact.
+    pub max_msgs_per_symbol: i64,
+    /// The stream's `Nats-Msg-Id` duplicate window: the same producer `id` for the same
+    /// symbol sent to any node within this window is stored once.
+    pub duplicate_window_ms: u64,
+    /// How long a tick may wait for the bus's publish ack (retrying through a NATS outage)
+    /// before its producer is told `expired` (resend it; a resend is deduplicated).
+    pub publish_timeout_ms: u64,
+    /// Ticks being published at once on this node (over all symbols). When reached, the
+    /// priority queue fills and producers get `backpressure`.
+    pub max_in_flight: usize,
+    /// Ticks consumed from the stream and waiting for this node's dispatcher.
+    pub consumer_buffer: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            nats_url: String::new(),
+            node_name: String::new(),
+            replicas: 0,
+            stream: "TICKFAN".into(),
+            subject_prefix: "tickfan.ticks".into(),
+            max_msgs_per_symbol: 1_000_000,
+            duplicate_window_ms: 120_000,
+            publish_timeout_ms: 5_000,
+            max_in_flight: 8_192,
+            consumer_buffer: 8_192,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether cluster mode is on.
+    #[must_use]
+    pub fn enabled(&self) -> bool {
+        !self.nats_url.trim().is_empty()
+    }
+}
+
 impl Config {
     /// Parses a TOML document and validates it.
     ///
@@ -535,6 +595,21 @@ impl Config {
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return invalid("log.format", "must be \"text\" or \"json\"");
+        }
+        if self.cluster.enabled() {
+            let c = &self.cluster;
+            if c.replicas > 5 {
+                return invalid("cluster.replicas", "must be 0..=5");
+            }
+            if c.stream.is_empty() || c.subject_prefix.is_empty() {
+                return invalid("cluster.stream", "stream and subject_prefix must be set");
+            }
+            if c.max_msgs_per_symbol < 1 {
+                return invalid("cluster.max_msgs_per_symbol", "must be at least 1");
+            }
+            if c.max_in_flight == 0 || c.consumer_buffer == 0 {
+                return invalid("cluster.max_in_flight", "capacities must be >= 1");
+            }
         }
         Ok(())
     }

@@ -37,4 +37,7 @@ pub enum ServerError {
     /// The store could not be opened or written.
     #[error("store error: {0}")]
     Store(String),
+    /// Cluster mode could not start (NATS, the stream, or the store's replica file).
+    #[error("cluster error: {0}")]
+    Cluster(String),
 }

@@ -30,9 +30,12 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`server`]: wires everything and owns shutdown order; `server::run` is the entry point.
 //! - [`shutdown`]: the SIGINT/SIGTERM signal; [`logging`]: tracing setup.
+//! - [`cluster`]: cluster mode (off by default): nodes share one tick stream through NATS
+//!   JetStream; ingest publishes to it, every node's dispatcher consumes it.
 
 pub mod ack;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod dashboard;
 pub mod dispatch;

@@ -44,6 +44,9 @@ enum Cmd {
         /// Do not run the built-in market simulator.
         #[arg(long)]
         no_simulator: bool,
+        /// Cluster mode: NATS JetStream URL, overriding [cluster] nats_url (docs/cluster.md).
+        #[arg(long, value_name = "URL")]
+        nats: Option<String>,
     },
     /// Bulk-load CSV or NDJSON ticks into the store of a server that is not running.
     Import {
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         listen: None,
         data_dir: None,
         no_simulator: false,
+        nats: None,
     });
     match command {
         Cmd::Serve {
@@ -72,8 +76,12 @@ fn main() -> ExitCode {
             listen,
             data_dir,
             no_simulator,
+            nats,
         } => match load_config(config.as_deref(), data_dir) {
             Ok(mut cfg) => {
+                if let Some(url) = nats {
+                    cfg.cluster.nats_url = url;
+                }
                 if let Some(listen) = listen {
                     cfg.server.listen = listen;
                 }

@@ -137,6 +137,50 @@ const HELP: &[(&str, &str)] = &[
         "Store commits that failed (and were retried).",
     ),
     (
+        "tickfan_bus_publish_seconds",
+        "Cluster mode: seconds from a tick's publish to the bus's durable ack.",
+    ),
+    (
+        "tickfan_bus_state",
+        "Cluster mode: 1 for the bus state this node is in (label state), else 0.",
+    ),
+    (
+        "tickfan_bus_consumer_lag",
+        "Cluster mode: stream messages this node has not consumed yet.",
+    ),
+    (
+        "tickfan_bus_reconnects_total",
+        "Cluster mode: reconnections to NATS since start.",
+    ),
+    (
+        "tickfan_bus_published_total",
+        "Cluster mode: ticks this node stored in the stream.",
+    ),
+    (
+        "tickfan_bus_consumed_total",
+        "Cluster mode: stream messages this node consumed.",
+    ),
+    (
+        "tickfan_bus_publish_conflicts_total",
+        "Cluster mode: per-symbol compare-and-set conflicts (retried).",
+    ),
+    (
+        "tickfan_bus_publish_errors_total",
+        "Cluster mode: publish attempts that failed and were retried.",
+    ),
+    (
+        "tickfan_bus_publish_expired_total",
+        "Cluster mode: ticks not confirmed by the bus within publish_timeout_ms.",
+    ),
+    (
+        "tickfan_bus_duplicates_total",
+        "Cluster mode: publishes the stream answered as duplicates.",
+    ),
+    (
+        "tickfan_bus_position",
+        "Cluster mode: stream sequence up to which this node's store is complete.",
+    ),
+    (
         "tickfan_http_connections",
         "Open plain HTTP connections (accepted, not upgraded to WebSocket).",
     ),
@@ -203,6 +247,12 @@ impl Metrics {
             recorder,
             rate: Mutex::new((Instant::now(), 0, 0.0)),
         }
+    }
+
+    /// Cluster mode: histogram of seconds from a publish to the bus's ack.
+    pub fn bus_publish_seconds(&self) -> metrics::Histogram {
+        self.recorder
+            .register_histogram(&Key::from_name("tickfan_bus_publish_seconds"), &METADATA)
     }
 
     /// Histogram of seconds from server receipt (`t_in`) to the dispatcher stamping the tick.
@@ -417,6 +467,9 @@ impl Metrics {
         limit("allowed_origins", load(&c.forbidden_origin));
         limit("http_unauthorized", load(&c.http_unauthorized));
         limit("max_body_bytes", load(&c.body_too_large));
+        if let Some(bus) = &s.cluster {
+            self.render_bus(bus);
+        }
         let accept = &s.limits.accept;
         limit("max_tcp_connections", load(&accept.refused_total));
         limit("max_http_connections_per_ip", load(&accept.refused_per_ip));
@@ -440,5 +493,36 @@ impl Metrics {
             load(&ing.dead_letters_skipped),
         );
         self.recorder.handle().render()
+    }
+
+    /// Cluster mode: the bus link's state and counters.
+    fn render_bus(&self, bus: &crate::cluster::ClusterStatus) {
+        use crate::cluster::BusState;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let now = bus.state();
+        for state in [
+            BusState::Connected,
+            BusState::Disconnected,
+            BusState::StreamUnavailable,
+        ] {
+            self.gauge(
+                "tickfan_bus_state",
+                vec![Label::new("state", state.as_str())],
+                u64::from(state == now),
+            );
+        }
+        self.gauge("tickfan_bus_consumer_lag", vec![], load(&bus.lag));
+        self.gauge("tickfan_bus_position", vec![], load(&bus.position));
+        for (name, v) in [
+            ("tickfan_bus_reconnects_total", &bus.reconnects),
+            ("tickfan_bus_published_total", &bus.published),
+            ("tickfan_bus_consumed_total", &bus.consumed),
+            ("tickfan_bus_publish_conflicts_total", &bus.conflicts),
+            ("tickfan_bus_publish_errors_total", &bus.publish_errors),
+            ("tickfan_bus_publish_expired_total", &bus.publish_expired),
+            ("tickfan_bus_duplicates_total", &bus.bus_duplicates),
+        ] {
+            self.counter(name, vec![], load(v));
+        }
     }
 }

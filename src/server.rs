@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::client::{ClientContext, ClientStats};
+use crate::cluster::{Cluster, Wiring};
 use crate::config::Config;
 use crate::dispatch::{DispatchStats, Dispatcher, Seed, StoreSink};
 use crate::dlq::DeadLetters;
@@ -58,18 +59,59 @@ pub async fn run(
         config.store.dlq_capacity,
         store.clone(),
     ));
-    let ingestor = Arc::new(
-        Ingestor::new(
-            config.validation.clone(),
-            queue.clone(),
-            dead_letters.clone(),
-        )
-        .with_store(store.clone())
-        .with_limits(crate::ingest::IngestLimits::from(&config.limits)),
-    );
+    // Cluster mode: ingest admits only while the bus takes ticks.
+    let gate = config
+        .cluster
+        .enabled()
+        .then(|| Arc::new(std::sync::atomic::AtomicBool::new(true)));
+    let mut ingestor = Ingestor::new(
+        config.validation.clone(),
+        queue.clone(),
+        dead_letters.clone(),
+    )
+    .with_store(store.clone())
+    .with_limits(crate::ingest::IngestLimits::from(&config.limits));
+    if let Some(gate) = &gate {
+        ingestor = ingestor.with_admission_gate(gate.clone());
+    }
+    let ingestor = Arc::new(ingestor);
     let dispatch_stats = Arc::new(DispatchStats::default());
     let metrics = Metrics::new();
-    let epoch = recovery.epoch;
+    let mut epoch = recovery.epoch;
+    // Cluster mode: the queue ingest fills is popped by the bus publisher; the dispatcher gets
+    // the stream's ticks through its feed and an idle queue of its own.
+    let mut cluster = None;
+    let mut dispatch_queue = queue.clone();
+    let mut feed = None;
+    if let Some(gate) = gate {
+        let (tx, rx) = flume::bounded(config.cluster.consumer_buffer);
+        let node = if config.cluster.node_name.is_empty() {
+            local_name(&listener)
+        } else {
+            config.cluster.node_name.clone()
+        };
+        let wiring = Wiring {
+            admission: queue.clone(),
+            feed: tx,
+            ingestor: ingestor.clone(),
+            seqs: recovery
+                .symbols
+                .iter()
+                .map(|s| (s.symbol.clone(), s.seq))
+                .collect(),
+            store_empty: recovery.symbols.is_empty(),
+            gate,
+        };
+        let joined = Cluster::start(&config, node, wiring)
+            .await
+            .map_err(|e| ServerError::Cluster(e.to_string()))?;
+        let status = joined.status.clone();
+        status.attach_publish_histogram(metrics.bus_publish_seconds());
+        epoch = status.epoch;
+        dispatch_queue = Arc::new(PriorityQueue::new(&config.queue));
+        feed = Some(rx);
+        cluster = Some(joined);
+    }
     let seeds = recovery
         .symbols
         .into_iter()
@@ -82,16 +124,19 @@ pub async fn run(
         .collect();
     let (dispatcher, handle) = Dispatcher::new(
         &config,
-        queue.clone(),
+        dispatch_queue,
         StoreSink(store.clone()),
         dead_letters.clone(),
         dispatch_stats.clone(),
         seeds,
     );
     store.attach_histograms(metrics.store_commit_seconds(), metrics.store_batch_ticks());
-    let dispatcher = dispatcher
+    let mut dispatcher = dispatcher
         .with_latency_histogram(metrics.ingest_to_dispatch())
         .with_store(store.clone());
+    if let Some(feed) = feed {
+        dispatcher = dispatcher.with_feed(feed);
+    }
     let dispatcher_stop = CancellationToken::new();
     let dispatcher_task = tokio::spawn(dispatcher.run(dispatcher_stop.clone()));
 
@@ -132,6 +177,7 @@ pub async fn run(
         started: Instant::now(),
         fd_limit: fd_limit(),
         store: store.clone(),
+        cluster: cluster.as_ref().map(|c| c.status.clone()),
     });
     let app = http::router(state.clone());
     let local = listener.local_addr()?;
@@ -163,6 +209,12 @@ pub async fn run(
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period");
     }
+    if let Some(cluster) = &mut cluster {
+        // Producers have their acks (or not); then this node's own ticks come back from the
+        // stream before the dispatcher stops.
+        cluster.stop_publishing().await;
+        cluster.stop_consuming().await;
+    }
     dispatcher_stop.cancel();
     let _sink = dispatcher_task
         .await
@@ -177,6 +229,10 @@ pub async fn run(
         .await
         .map_err(|e| ServerError::Store(e.to_string()))?
         .map_err(|e| ServerError::Store(e.to_string()))?;
+    if let Some(cluster) = cluster {
+        // After the flush: the saved position covers only committed ticks.
+        cluster.close().await;
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }
@@ -191,6 +247,15 @@ impl Drop for EvictParked {
         self.0.shutdown.cancel();
         self.0.parking.evict(&self.0);
     }
+}
+
+/// The default node name: host and port.
+fn local_name(listener: &TcpListener) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    format!("{host}:{port}")
 }
 
 /// How often histogram samples are folded into buckets.

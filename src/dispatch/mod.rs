@@ -164,6 +164,10 @@ pub struct Dispatcher<S: TickSink> {
     reads_in_flight: usize,
     queued_reads: std::collections::VecDeque<SnapshotRead>,
     max_store_reads: usize,
+    /// Cluster mode: ticks consumed from the bus (`with_feed`).
+    feed: Option<flume::Receiver<Queued>>,
+    /// A feed tick received while the dispatcher waited; dispatched first in the next round.
+    feed_head: Option<Queued>,
     /// Paced replays by client (only clients with one running have an entry).
     replays: HashMap<ClientKey, snapshot::Replays>,
     /// Links that drained below their replay's low-water mark.
@@ -177,6 +181,9 @@ pub struct Dispatcher<S: TickSink> {
 
 /// Commands handled per loop turn before looking at the queue again.
 const COMMAND_CHUNK: usize = 64;
+
+/// Ticks taken from the cluster feed per round.
+const FEED_CHUNK: usize = 1024;
 
 impl<S: TickSink> Dispatcher<S> {
     /// Builds a dispatcher and its handle.
@@ -232,6 +239,8 @@ impl<S: TickSink> Dispatcher<S> {
             reads_in_flight: 0,
             queued_reads: std::collections::VecDeque::new(),
             max_store_reads: config.dispatch.max_store_reads.max(1),
+            feed: None,
+            feed_head: None,
             replays: HashMap::new(),
             refills: Arc::new(Refills::default()),
             replay_low_pct: config.dispatch.replay_low_water_pct.clamp(1, 100),
@@ -248,6 +257,14 @@ impl<S: TickSink> Dispatcher<S> {
     #[must_use]
     pub fn with_store(mut self, store: Store) -> Self {
         self.store = Some(store);
+        self
+    }
+
+    /// Cluster mode: also dispatches the ticks consumed from the bus, in the order received,
+    /// keeping the seq each carries (src/cluster/).
+    #[must_use]
+    pub fn with_feed(mut self, feed: flume::Receiver<Queued>) -> Self {
+        self.feed = Some(feed);
         self
     }
 
@@ -302,6 +319,7 @@ impl<S: TickSink> Dispatcher<S> {
                     Err(_) => break,
                 },
                 () = self.queue.wait_ready() => {}
+                item = feed_recv(self.feed.as_ref()) => self.feed_head = Some(item),
                 () = self.refills.notified() => {}
                 () = sleep_until(next_timer) => {}
             }
@@ -313,21 +331,47 @@ impl<S: TickSink> Dispatcher<S> {
         self.sink
     }
 
-    /// One bounded round from the queue. Returns whether anything was taken.
+    /// One bounded round from the queue (and the cluster feed). Returns whether anything was
+    /// taken.
     async fn dispatch_round(&mut self) -> bool {
+        let fed = self.feed_round().await;
         let drained = self.queue.drain_round(Instant::now());
         if drained.ready.is_empty() && drained.expired.is_empty() {
-            return false;
+            return fed;
         }
         if !drained.expired.is_empty() {
             self.expire(drained.expired);
         }
+        self.dispatch_ready(drained.ready).await;
+        true
+    }
+
+    /// Cluster mode: ticks consumed from the bus, in stream order with their seq already set.
+    /// They bypass the priority queue, whose lanes would reorder them.
+    async fn feed_round(&mut self) -> bool {
+        let Some(feed) = &self.feed else {
+            return false;
+        };
+        let head = self.feed_head.take();
+        let ready: Vec<Queued> = head
+            .into_iter()
+            .chain(feed.try_iter().take(FEED_CHUNK))
+            .collect();
+        if ready.is_empty() {
+            return false;
+        }
+        self.dispatch_ready(ready).await;
+        true
+    }
+
+    /// Stamps, fans out and hands to the sink one round of ticks.
+    async fn dispatch_ready(&mut self, ready: Vec<Queued>) {
         let now = Instant::now();
         let now_us = crate::tick::now_us();
         let mut tally = Tally::default();
         let mut gone = Vec::new();
-        let mut done = Vec::with_capacity(drained.ready.len());
-        for mut item in drained.ready {
+        let mut done = Vec::with_capacity(ready.len());
+        for mut item in ready {
             let waited = now_us - item.tick.t_in;
             self.window.record(waited);
             if let Some(h) = &self.latency {
@@ -349,7 +393,6 @@ impl<S: TickSink> Dispatcher<S> {
             self.drop_client(key, code);
         }
         self.sink.accept(done).await;
-        true
     }
 
     /// Assigns the next seq and serializes the tick once.
@@ -363,7 +406,12 @@ impl<S: TickSink> Dispatcher<S> {
                 ts: tick.ts,
                 recent: RecentTicks::default(),
             });
-        state.seq += 1;
+        // A tick from the cluster bus carries its cluster-wide seq already.
+        state.seq = if tick.seq == 0 {
+            state.seq + 1
+        } else {
+            tick.seq
+        };
         self.stamped += 1;
         state.price = tick.price;
         state.ts = tick.ts;
@@ -701,6 +749,16 @@ impl<S: TickSink> Dispatcher<S> {
             Outcome::Done => {}
         }
     }
+}
+
+/// The next tick of the cluster feed; never resolves without a feed (or once it closed).
+async fn feed_recv(feed: Option<&flume::Receiver<Queued>>) -> Queued {
+    if let Some(feed) = feed {
+        if let Ok(item) = feed.recv_async().await {
+            return item;
+        }
+    }
+    std::future::pending().await
 }
 
 async fn sleep_until(at: Option<Instant>) {

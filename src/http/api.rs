@@ -138,7 +138,13 @@ pub(super) async fn health(State(state): State<Arc<AppState>>) -> Response {
     if state.clients.shutdown.is_cancelled() {
         reasons.push("shutting down".to_owned());
     }
-    let body = json!({
+    if let Some(cluster) = &state.cluster {
+        let bus = cluster.state();
+        if bus != crate::cluster::BusState::Connected {
+            reasons.push(format!("cluster: bus {}", bus.as_str()));
+        }
+    }
+    let mut body = json!({
         "status": if reasons.is_empty() { "ok" } else { "degraded" },
         "reasons": reasons,
         "uptime_s": state.started.elapsed().as_secs(),
@@ -149,6 +155,9 @@ pub(super) async fn health(State(state): State<Arc<AppState>>) -> Response {
         "epoch": state.clients.epoch,
         "version": env!("CARGO_PKG_VERSION"),
     });
+    if let (Some(cluster), Some(obj)) = (&state.cluster, body.as_object_mut()) {
+        obj.insert("cluster".into(), cluster.health());
+    }
     let status = if reasons.is_empty() {
         StatusCode::OK
     } else {

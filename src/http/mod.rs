@@ -67,6 +67,8 @@ pub struct AppState {
     pub fd_limit: u64,
     /// The store (history, bars).
     pub store: Store,
+    /// Cluster mode: the bus link's state and counters (`/health`'s `cluster` object).
+    pub cluster: Option<Arc<crate::cluster::ClusterStatus>>,
 }
 
 /// Global and per-IP caps on open WebSocket connections, and (in `accept`) the caps on plain

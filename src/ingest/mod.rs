@@ -10,7 +10,7 @@ pub mod quality;
 pub mod validate;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -292,6 +292,9 @@ pub struct Ingestor {
     /// Seeds the memory of symbols seen before a restart.
     store: Option<Store>,
     limits: IngestLimits,
+    /// Cluster mode: open while the bus can take ticks; closed, every tick is refused with
+    /// `backpressure` (nothing is acked that the bus does not hold).
+    gate: Option<Arc<AtomicBool>>,
     /// Counters.
     pub stats: IngestStats,
 }
@@ -311,6 +314,7 @@ impl Ingestor {
             config,
             store: None,
             limits: IngestLimits::default(),
+            gate: None,
             stats: IngestStats::default(),
         }
     }
@@ -320,6 +324,26 @@ impl Ingestor {
     pub fn with_limits(mut self, limits: IngestLimits) -> Self {
         self.limits = limits;
         self
+    }
+
+    /// Cluster mode: admits ticks only while `gate` is open (the bus is connected).
+    #[must_use]
+    pub fn with_admission_gate(mut self, gate: Arc<AtomicBool>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// Cluster mode: remembers a tick another node accepted (consumed from the bus), so a
+    /// resend of it to this node is a duplicate here too and quality scores follow the one
+    /// cluster-wide stream.
+    pub fn remember_replicated(&self, tick: &Tick) {
+        let mut symbols = self.symbols.lock();
+        if !symbols.contains_key(&tick.symbol) && symbols.len() >= self.config.max_total_symbols {
+            return;
+        }
+        let window = self.config.dedup_window;
+        let state = symbols.entry(tick.symbol.clone()).or_default();
+        state.commit(dedup::key_of(tick), tick, window);
     }
 
     /// Seeds each symbol's dedup and quality memory from `store` the first time it is seen
@@ -526,6 +550,13 @@ impl Ingestor {
         let Some(key) = state.check(&mut tick) else {
             return Admission::Duplicate;
         };
+        if self
+            .gate
+            .as_ref()
+            .is_some_and(|g| !g.load(Ordering::Acquire))
+        {
+            return Admission::Refused;
+        }
         // The tick moves into the queue; only these are needed to remember it afterwards.
         let (price, volume, ts) = (tick.price, tick.volume, tick.ts);
         let queued = Queued {

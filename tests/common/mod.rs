@@ -358,6 +358,11 @@ pub struct Binary {
 
 impl Binary {
     pub fn start(dir: &std::path::Path) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    /// `start` with more `serve` arguments (e.g. `--nats URL`).
+    pub fn start_with(dir: &std::path::Path, extra: &[&str]) -> Self {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tickfan"))
             .args([
                 "serve",
@@ -367,6 +372,7 @@ impl Binary {
                 "--data-dir",
             ])
             .arg(dir)
+            .args(extra)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
