@@ -190,7 +190,7 @@ async fn track_commits(
 fn parse_tick(payload: &[u8]) -> Option<Tick> {
     let text = std::str::from_utf8(payload).ok()?;
     let mut scratch = payload.to_vec();
-    let parsed = parse_document(&mut scratch, text).ok()?;
+    let parsed = parse_document(&mut scratch, text, crate::json_depth::DEFAULT_MAX_DEPTH).ok()?;
     // The tick was validated where it was accepted; only its shape is read here.
     let rules = TimeRules {
         now_ms: 0,
