@@ -16,7 +16,8 @@
 //! - [`dispatch`]: the one owner of routing state; stamps `seq`, fans out with `try_send`.
 //! - [`client`]: one task per running `/ws` connection; requests in, queued frames out.
 //! - [`parking`]: quiet `/ws` connections waiting off the runtime, in one epoll set.
-//! - [`ws`]: the `/ws` WebSocket transport: upgrade, framing, buffer-free idle sockets.
+//! - [`ws`]: the WebSocket transport of `/ws` and `/ingest`: upgrade, framing (one socket-free
+//!   decoder), buffer-free idle sockets.
 //! - [`liveness`]: one sweep for every connection's heartbeat, idle and auth deadlines.
 //! - [`producer`]: the `/ingest` WebSocket.
 //! - [`http`]: the router and the plain HTTP routes.
