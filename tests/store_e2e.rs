@@ -5,7 +5,6 @@
 mod common;
 
 use std::io::Write;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -341,19 +340,6 @@ fn corrupt_store_file_is_a_clear_startup_error() {
         "the error names the file: {err}"
     );
     assert!(!err.contains("panicked at"), "no panic: {err}");
-}
-
-fn import(dir: &Path, files: &[&Path]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tickfan"))
-        .args(["import", "--data-dir"])
-        .arg(dir)
-        .args(files)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,10 +6,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
-use common::{now_ms, Binary, Ws};
+use common::{import, now_ms, Binary, Ws};
 use serde_json::{json, Value};
 
 fn http(bin: &Binary, path: &str) -> String {
@@ -127,19 +124,6 @@ async fn deeply_nested_ws_frames_get_an_error_and_the_connection_stays_open() {
     let pong = client.request(json!({"op": "ping", "id": 7})).await;
     assert_eq!(pong["type"], "pong");
     assert_eq!(bin.terminate(), Some(0));
-}
-
-fn import(dir: &Path, files: &[&Path]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tickfan"))
-        .args(["import", "--data-dir"])
-        .arg(dir)
-        .args(files)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
 }
 
 #[test]

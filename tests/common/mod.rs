@@ -409,3 +409,18 @@ impl Drop for Binary {
         self.kill9();
     }
 }
+
+/// Runs `tickfan import --data-dir DIR FILES...` (the real binary); whether it exited 0, and
+/// what it printed (stdout, then stderr).
+pub fn import(dir: &std::path::Path, files: &[&std::path::Path]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tickfan"))
+        .args(["import", "--data-dir"])
+        .arg(dir)
+        .args(files)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
