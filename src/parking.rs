@@ -738,18 +738,27 @@ mod tests {
     #[test]
     fn wake_ups_from_a_plain_thread_reach_the_lot_thread_even_past_the_ready_list() {
         let lot = ParkingLot::get().unwrap();
+        assert!(
+            lot.watching.load(Ordering::Acquire),
+            "the lot's thread runs"
+        );
         let overflows = lot.overflows.load(Ordering::Relaxed);
         // Tickets of no parked connection (stale ones, as after a resume): a wake-up from a
         // thread outside any runtime queues them without the lot's lock, the lot's thread
         // drains them and finds nothing to resume. More than the list holds overflow into a
         // scan instead of waiting or being lost.
-        std::thread::spawn(move || {
-            for i in 0..READY_LIST + 10 {
-                lot.wake(ticket_id(i + (1 << 20), u32::MAX));
-            }
-        })
-        .join()
-        .unwrap();
+        {
+            // Holding the lot's lock stalls its thread at the first ticket it takes, so the
+            // list really fills (a fast lot thread would otherwise keep up with the pushes).
+            let _stall = lot.spots.lock();
+            std::thread::spawn(move || {
+                for i in 0..READY_LIST + 10 {
+                    lot.wake(ticket_id(i + (1 << 20), u32::MAX));
+                }
+            })
+            .join()
+            .unwrap();
+        }
         assert!(lot.overflows.load(Ordering::Relaxed) > overflows);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !lot.ready_rx.is_empty() || lot.overflowed.load(Ordering::Acquire) {
