@@ -351,20 +351,33 @@ impl Cluster {
             stream: c.stream.clone(),
             message: e.to_string(),
         };
-        let mut stream = js
-            .get_or_create_stream(stream::Config {
-                name: c.stream.clone(),
-                subjects: vec![format!("{}.>", c.subject_prefix)],
-                max_messages_per_subject: c.max_msgs_per_symbol,
-                discard: stream::DiscardPolicy::Old,
-                duplicate_window: Duration::from_millis(c.duplicate_window_ms),
-                num_replicas: replicas,
-                storage: stream::StorageType::File,
-                allow_direct: true,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| stream_err(&e))?;
+        let stream_config = stream::Config {
+            name: c.stream.clone(),
+            subjects: vec![format!("{}.>", c.subject_prefix)],
+            max_messages_per_subject: c.max_msgs_per_symbol,
+            discard: stream::DiscardPolicy::Old,
+            duplicate_window: Duration::from_millis(c.duplicate_window_ms),
+            num_replicas: replicas,
+            storage: stream::StorageType::File,
+            allow_direct: true,
+            ..Default::default()
+        };
+        // A NATS cluster that has just elected its JetStream leader may still refuse a
+        // replicated stream for a moment (peers not all known yet): a node started beside it
+        // waits, as it does for the connect, instead of failing its start.
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let mut backoff = Duration::from_millis(100);
+        let mut stream = loop {
+            match js.get_or_create_stream(stream_config.clone()).await {
+                Ok(stream) => break stream,
+                Err(e) if tokio::time::Instant::now() + backoff < deadline => {
+                    tracing::warn!(error = %e, stream = %c.stream, "JetStream stream not ready; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(stream_err(&e)),
+            }
+        };
         let info = stream.info().await.map_err(|e| stream_err(&e))?;
         let replicas = info.config.num_replicas;
         let epoch = u64::try_from(info.created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
