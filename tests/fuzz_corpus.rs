@@ -1,6 +1,7 @@
-//! Replays the committed fuzz corpora (`fuzz/corpus/<target>/`) of the parsing targets on a
-//! stable toolchain, without libFuzzer: every input goes through the same entry functions the
-//! fuzz binaries call (`fuzz/entry/parsing.rs`). Inputs the fuzzer found interesting stay
+//! Replays the committed fuzz corpora (`fuzz/corpus/<target>/`) of every target on a stable
+//! toolchain, without libFuzzer: every input goes through the same entry functions the fuzz
+//! binaries call (`fuzz/entry/parsing.rs` for the parsers, `tickfan::ws::fuzzing` for the
+//! WebSocket framing and upgrade). Inputs the fuzzer found interesting stay
 //! regression tests for every `cargo test`.
 
 #[path = "../fuzz/entry/parsing.rs"]
@@ -15,11 +16,15 @@ fn replay(target: &str, run: fn(&[u8])) {
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.unwrap().path();
-        let data = std::fs::read(&path).unwrap();
-        run(&data);
-        n += 1;
+        if path.is_file() {
+            let data = std::fs::read(&path).unwrap();
+            let outcome = std::panic::catch_unwind(|| run(&data));
+            assert!(outcome.is_ok(), "{} fails the check", path.display());
+            n += 1;
+        }
     }
-    assert!(n > 0, "empty corpus {}", dir.display());
+    // An empty or missing corpus would make this test pass while checking nothing.
+    assert!(n >= 10, "only {n} corpus files in {}", dir.display());
 }
 
 #[test]
@@ -48,4 +53,14 @@ fn deep_nesting_from_the_issue_is_survived() {
     line.extend("[".repeat(500_000).bytes());
     line.extend("]".repeat(500_000).bytes());
     parsing::import_lines(&line);
+}
+
+#[test]
+fn ws_frames_corpus() {
+    replay("ws_frames", tickfan::ws::fuzzing::frames);
+}
+
+#[test]
+fn ws_upgrade_corpus() {
+    replay("ws_upgrade", tickfan::ws::fuzzing::upgrade);
 }

@@ -1,5 +1,5 @@
 //! What the fuzz targets `fuzz/fuzz_targets/ws_frames.rs` and `ws_upgrade.rs` check, as plain
-//! functions over untrusted bytes, so that `tests/fuzz_corpus_ws.rs` replays the committed
+//! functions over untrusted bytes, so that `tests/fuzz_corpus.rs` replays the committed
 //! corpus through exactly the same code on a stable toolchain. Each panics on a broken
 //! invariant (that is what the fuzzer reports); none does I/O.
 
