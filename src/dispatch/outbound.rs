@@ -45,7 +45,7 @@ pub enum Wake {
     /// Close with this code now.
     Close(u16),
     /// Nothing to do for a while: leave the runtime if nothing is in progress
-    /// ([`crate::parking`]).
+    /// ([`crate::session::parking`]).
     Park,
 }
 

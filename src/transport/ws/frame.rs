@@ -1,8 +1,17 @@
 //! RFC 6455 framing, server side, as pure functions over byte slices: decoding the masked
 //! frames a client sends (bounded by `max_message_bytes` before the payload is read) and the
 //! headers of the unmasked frames the server writes. No I/O here; `ws::socket` feeds it.
+//!
+//! Headers are written by tungstenite's [`FrameHeader`] (already a dependency) into a stack
+//! buffer, so nothing is allocated per frame. Reading keeps its own [`decode_head`]: it must
+//! refuse an oversized frame as soon as its length field is in, before the mask or any payload
+//! arrives, and name each protocol error for its close code (1002, 1009), which
+//! `FrameHeader::parse` (it waits for the whole header and knows no limit) does not do.
 
 use std::fmt;
+
+use tokio_tungstenite::tungstenite::protocol::frame::coding::OpCode;
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 
 /// Opcodes (RFC 6455 §5.2).
 pub mod opcode {
@@ -165,20 +174,23 @@ pub fn unmask_into(masked: &[u8], mask: [u8; 4], out: &mut Vec<u8>) {
 /// Writes the header of a final, unmasked frame carrying `len` payload bytes into `buf` and
 /// returns how many bytes it took.
 pub fn encode_head(opcode: u8, len: usize, buf: &mut [u8; MAX_HEADER]) -> usize {
-    buf[0] = 0x80 | opcode;
-    if len < 126 {
-        // Fits in seven bits by the check above.
-        buf[1] = len as u8;
-        2
-    } else if let Ok(short) = u16::try_from(len) {
-        buf[1] = 126;
-        buf[2..4].copy_from_slice(&short.to_be_bytes());
-        4
-    } else {
-        buf[1] = 127;
-        buf[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-        10
-    }
+    format_head(true, opcode, len, None, &mut buf[..])
+}
+
+/// Writes a frame header into `out` (which must have room: [`MAX_HEADER`] bytes, 4 more with
+/// a mask) and returns its length.
+fn format_head(fin: bool, opcode: u8, len: usize, mask: Option<[u8; 4]>, out: &mut [u8]) -> usize {
+    let head = FrameHeader {
+        is_final: fin,
+        opcode: OpCode::from(opcode),
+        mask,
+        ..FrameHeader::default()
+    };
+    let len = len as u64;
+    let mut cursor = out;
+    // Writing into a slice fails only when it is too short, which the callers rule out.
+    let _ = head.format(len, &mut cursor);
+    head.len(len)
 }
 
 /// The payload of a close frame: the code, then the reason (cut to fit 125 bytes on a char
@@ -201,19 +213,9 @@ pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
 #[must_use]
 pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     let mask = [0x37, 0xfa, 0x21, 0x3d];
-    let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
+    let mut head = [0u8; MAX_HEADER + 4];
+    let n = format_head(fin, opcode, payload.len(), Some(mask), &mut head);
+    let mut out = head[..n].to_vec();
     unmask_into(payload, mask, &mut out);
     out
 }

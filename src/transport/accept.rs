@@ -1,10 +1,12 @@
 //! Admission before any handler runs: the caps checked when a TCP connection is accepted (open
 //! connections in all, plain HTTP connections per client address) and the deadline on each
-//! request's body. Data flows one way: the accept loop (`serve`) asks [`admit`] for an
-//! [`HttpSlot`], which the connection's task holds until hyper lets go of the socket (at an
-//! upgrade the WebSocket caps in `ConnectionLimits` take over, so every open socket is counted
-//! by one or the other); each request body is wrapped in a [`TimedBody`], whose [`BodyWatch`]
-//! tells the service whether the body is still owed when its deadline passes.
+//! request's body. Data flows one way: the accept loop ([`super::listener`]) asks [`admit`]
+//! for an [`HttpSlot`], which the connection's task holds until hyper lets go of the socket (at
+//! an upgrade the session layer's WebSocket caps take over, so every open socket is counted by
+//! one or the other; the listener is told how many those hold); each request body is wrapped in
+//! a [`TimedBody`], whose [`BodyWatch`] tells the service whether the body is still owed when
+//! its deadline passes. The limits come in as plain values ([`AcceptConfig`]), so this layer
+//! knows nothing of the configuration file.
 //!
 //! Written here rather than taken from tower-http: its `TimeoutLayer` bounds the whole
 //! handler (an ingest commit may rightly take longer than a body may take to arrive) and its
@@ -24,12 +26,27 @@ use axum::response::Response;
 use hyper::body::{Body as HttpBody, Bytes, Frame, Incoming, SizeHint};
 use parking_lot::Mutex;
 
-use super::{error_response, AppState};
-use crate::config::LimitsConfig;
+use super::{error_body, error_response};
+
+/// The limits admission and the listener apply, as plain values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptConfig {
+    /// Sockets open in all (plain HTTP plus upgraded) past which a connection is refused at
+    /// accept: see [`tcp_cap`].
+    pub cap: usize,
+    /// Plain HTTP connections one address may hold (`limits.max_http_connections_per_ip`).
+    pub max_http_per_ip: usize,
+    /// Time a connection has to send a request head (`limits.header_timeout_ms`).
+    pub header_timeout_ms: u64,
+    /// Time a request has to send its body (`limits.body_timeout_ms`).
+    pub body_timeout_ms: u64,
+}
 
 /// Counters and per-address counts of plain HTTP connections (accepted, not upgraded).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AcceptLimits {
+    /// The limits in force.
+    pub config: AcceptConfig,
     open: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// Connections closed at accept: `limits.max_tcp_connections` open already.
@@ -43,6 +60,20 @@ pub struct AcceptLimits {
 }
 
 impl AcceptLimits {
+    /// No connection open yet, under `config`.
+    #[must_use]
+    pub fn new(config: AcceptConfig) -> Self {
+        Self {
+            config,
+            open: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+            refused_total: AtomicU64::new(0),
+            refused_per_ip: AtomicU64::new(0),
+            header_timeouts: AtomicU64::new(0),
+            body_timeouts: AtomicU64::new(0),
+        }
+    }
+
     /// Plain HTTP connections open now.
     #[must_use]
     pub fn open(&self) -> usize {
@@ -50,19 +81,20 @@ impl AcceptLimits {
     }
 }
 
-/// The cap on open TCP connections in force: `limits.max_tcp_connections`, or when that is 0
-/// the open-files limit minus `limits.reserved_fds` (never below half the limit, so a tiny
-/// limit still serves). An unknown limit (`fd_limit` 0) gives no derived cap.
+/// The cap on open TCP connections in force: `max_tcp_connections`
+/// (`limits.max_tcp_connections`), or when that is 0 the open-files limit minus
+/// `reserved_fds` (`limits.reserved_fds`; never below half the limit, so a tiny limit still
+/// serves). An unknown limit (`fd_limit` 0) gives no derived cap.
 #[must_use]
-pub fn tcp_cap(limits: &LimitsConfig, fd_limit: u64) -> usize {
-    if limits.max_tcp_connections > 0 {
-        return limits.max_tcp_connections;
+pub fn tcp_cap(max_tcp_connections: usize, reserved_fds: usize, fd_limit: u64) -> usize {
+    if max_tcp_connections > 0 {
+        return max_tcp_connections;
     }
     if fd_limit == 0 {
         return usize::MAX;
     }
     let fds = usize::try_from(fd_limit).unwrap_or(usize::MAX);
-    fds.saturating_sub(limits.reserved_fds).max(fds / 2).max(1)
+    fds.saturating_sub(reserved_fds).max(fds / 2).max(1)
 }
 
 /// Which cap refused a connection at accept.
@@ -86,8 +118,7 @@ impl Refusal {
                 "too many connections from this address (limits.max_http_connections_per_ip)"
             }
         };
-        let body =
-            format!(r#"{{"type":"error","code":"too_many_connections","message":"{message}"}}"#);
+        let body = error_body("too_many_connections", message);
         format!(
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
              content-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -99,13 +130,13 @@ impl Refusal {
 
 /// One admitted plain HTTP connection; frees its place on drop.
 pub struct HttpSlot {
-    state: Arc<AppState>,
+    limits: Arc<AcceptLimits>,
     ip: IpAddr,
 }
 
 impl Drop for HttpSlot {
     fn drop(&mut self) {
-        let accept = &self.state.limits.accept;
+        let accept = &self.limits;
         accept.open.fetch_sub(1, Ordering::AcqRel);
         let mut per_ip = accept.per_ip.lock();
         if let Some(n) = per_ip.get_mut(&self.ip) {
@@ -117,14 +148,14 @@ impl Drop for HttpSlot {
     }
 }
 
-/// Admits a connection just accepted from `ip` if the process has fewer than `cap` sockets
-/// open (plain HTTP plus upgraded) and the address fewer than its plain HTTP cap.
+/// Admits a connection just accepted from `ip` if the process has fewer than `config.cap`
+/// sockets open (plain HTTP plus the `upgraded` ones) and the address fewer than its plain
+/// HTTP cap.
 ///
 /// # Errors
 /// The cap that refused it (already counted).
-pub fn admit(state: &Arc<AppState>, ip: IpAddr, cap: usize) -> Result<HttpSlot, Refusal> {
-    let accept = &state.limits.accept;
-    let upgraded = state.limits.open();
+pub fn admit(accept: &Arc<AcceptLimits>, ip: IpAddr, upgraded: usize) -> Result<HttpSlot, Refusal> {
+    let cap = accept.config.cap;
     let admitted = accept
         .open
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -137,7 +168,7 @@ pub fn admit(state: &Arc<AppState>, ip: IpAddr, cap: usize) -> Result<HttpSlot, 
     }
     let mut per_ip = accept.per_ip.lock();
     let n = per_ip.entry(ip).or_insert(0);
-    if *n >= state.config.limits.max_http_connections_per_ip {
+    if *n >= accept.config.max_http_per_ip {
         drop(per_ip);
         accept.open.fetch_sub(1, Ordering::AcqRel);
         accept.refused_per_ip.fetch_add(1, Ordering::Relaxed);
@@ -145,7 +176,7 @@ pub fn admit(state: &Arc<AppState>, ip: IpAddr, cap: usize) -> Result<HttpSlot, 
     }
     *n += 1;
     Ok(HttpSlot {
-        state: state.clone(),
+        limits: accept.clone(),
         ip,
     })
 }
@@ -261,13 +292,13 @@ mod tests {
 
     #[test]
     fn the_derived_cap_leaves_reserved_fds_under_the_open_files_limit() {
-        let mut limits = LimitsConfig::default();
-        assert_eq!(tcp_cap(&limits, 20_000), 20_000 - limits.reserved_fds);
-        assert_eq!(tcp_cap(&limits, 0), usize::MAX);
+        let limits = crate::config::LimitsConfig::default();
+        let cap = |max_tcp, fds| tcp_cap(max_tcp, limits.reserved_fds, fds);
+        assert_eq!(cap(0, 20_000), 20_000 - limits.reserved_fds);
+        assert_eq!(cap(0, 0), usize::MAX);
         // A limit smaller than the reserve still serves half of it.
-        assert_eq!(tcp_cap(&limits, 300), 150);
-        limits.max_tcp_connections = 7;
-        assert_eq!(tcp_cap(&limits, 20_000), 7);
+        assert_eq!(cap(0, 300), 150);
+        assert_eq!(cap(7, 20_000), 7);
     }
 
     #[test]
