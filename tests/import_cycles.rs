@@ -172,6 +172,19 @@ fn expand_use(tree: &str, out: &mut Vec<String>) {
     walk("", &tree, out);
 }
 
+/// Where the path whose first segment ends at `end` ends (`::ident` segments follow).
+fn path_end(text: &str, mut end: usize) -> usize {
+    while text[end..].starts_with("::")
+        && text[end + 2..].starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+    {
+        end += 2;
+        end += text[end..]
+            .find(|c: char| !is_ident(c))
+            .unwrap_or(text.len() - end);
+    }
+    end
+}
+
 /// Every `crate::`/`super::`/`self::` path in `text`, and each declared child module `x`
 /// named as `x::...` (as `self::x::...`).
 fn paths(text: &str) -> Vec<String> {
@@ -202,16 +215,7 @@ fn paths(text: &str) -> Vec<String> {
         }
         for kw in ["crate", "super", "self"] {
             if text[i..].starts_with(kw) && text[i + kw.len()..].starts_with("::") {
-                let mut end = i + kw.len();
-                while text[end..].starts_with("::")
-                    && text[end + 2..].starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-                {
-                    end += 2;
-                    end += text[end..]
-                        .find(|c: char| !is_ident(c))
-                        .unwrap_or(text.len() - end);
-                }
-                out.push(text[i..end].to_owned());
+                out.push(text[i..path_end(text, i + kw.len())].to_owned());
             }
         }
     }
@@ -236,16 +240,10 @@ fn paths(text: &str) -> Vec<String> {
             if before.is_some_and(|c| is_ident(c) || c == ':') {
                 continue;
             }
-            let mut end = at + child.len();
-            while text[end..].starts_with("::")
-                && text[end + 2..].starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
-            {
-                end += 2;
-                end += text[end..]
-                    .find(|c: char| !is_ident(c))
-                    .unwrap_or(text.len() - end);
-            }
-            out.push(format!("self::{}", &text[at..end]));
+            out.push(format!(
+                "self::{}",
+                &text[at..path_end(text, at + child.len())]
+            ));
         }
     }
     out

@@ -5,15 +5,14 @@
 //! parked connection costs what it needs and no more. Plain HTTP connections are capped
 //! before this, at accept ([`crate::transport::accept`]).
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use parking_lot::Mutex;
 
+use crate::transport::accept::{CapHit, OpenCounts};
 use crate::transport::error_response;
 
 /// Global and per-IP caps on open WebSocket connections.
@@ -23,8 +22,7 @@ pub struct ConnectionLimits {
     max: usize,
     /// `limits.max_connections_per_ip`.
     max_per_ip: usize,
-    open: AtomicUsize,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    counts: OpenCounts,
     /// Upgrades refused because the global cap was reached.
     pub refused_global: AtomicU64,
     /// Upgrades refused because the client's IP was at its cap.
@@ -39,15 +37,7 @@ pub struct ConnectionSlot {
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        let limits = &self.limits;
-        limits.open.fetch_sub(1, Ordering::AcqRel);
-        let mut per_ip = limits.per_ip.lock();
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
+        self.limits.counts.remove(self.ip);
     }
 }
 
@@ -58,8 +48,7 @@ impl ConnectionLimits {
         Self {
             max,
             max_per_ip,
-            open: AtomicUsize::new(0),
-            per_ip: Mutex::new(HashMap::new()),
+            counts: OpenCounts::default(),
             refused_global: AtomicU64::new(0),
             refused_per_ip: AtomicU64::new(0),
         }
@@ -68,7 +57,7 @@ impl ConnectionLimits {
     /// Open connections.
     #[must_use]
     pub fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
+        self.counts.open()
     }
 
     /// A slot for one more connection from `ip`.
@@ -76,25 +65,17 @@ impl ConnectionLimits {
     /// # Errors
     /// The cap that refused it (already counted); its response is the answer to the upgrade.
     pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, LimitRefusal> {
-        let admitted = self
-            .open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .is_ok();
-        if !admitted {
-            self.refused_global.fetch_add(1, Ordering::Relaxed);
-            return Err(LimitRefusal::Global);
+        match self.counts.try_add(ip, |n| n < self.max, self.max_per_ip) {
+            Ok(()) => {}
+            Err(CapHit::Total) => {
+                self.refused_global.fetch_add(1, Ordering::Relaxed);
+                return Err(LimitRefusal::Global);
+            }
+            Err(CapHit::PerIp) => {
+                self.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+                return Err(LimitRefusal::PerIp);
+            }
         }
-        let mut per_ip = self.per_ip.lock();
-        let n = per_ip.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
-            drop(per_ip);
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            self.refused_per_ip.fetch_add(1, Ordering::Relaxed);
-            return Err(LimitRefusal::PerIp);
-        }
-        *n += 1;
         Ok(ConnectionSlot {
             limits: self.clone(),
             ip,

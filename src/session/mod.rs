@@ -700,3 +700,56 @@ async fn on_messages(
     }
     flow
 }
+
+/// Size budgets an idle connection's memory depends on (docs/benchmarks.md), checked so that a
+/// change cannot undo them silently: the task future of a running connection, and what a
+/// parked one keeps. (The link's 128 bytes are checked where it is defined.)
+#[cfg(test)]
+mod budgets {
+    use std::future::Future;
+    use std::mem::size_of;
+
+    use super::*;
+
+    /// The size of the future an `async fn` taking these arguments returns.
+    fn future_size<A, B, C, F: Future>(_: &impl FnOnce(A, B, C) -> F) -> usize {
+        size_of::<F>()
+    }
+
+    fn future_size5<A, B, C, D, E, F: Future>(_: &impl FnOnce(A, B, C, D, E) -> F) -> usize {
+        size_of::<F>()
+    }
+
+    /// Budgets of the connection futures, per profile: the release build's are what
+    /// docs/benchmarks.md measures (648 B when last measured there); `cargo test` builds
+    /// unoptimized, where the same futures are bigger (1,120 and 1,152 B when these were
+    /// set). Growth shows in both, so the test profile's pins catch it.
+    const FUTURE_BUDGET: usize = if cfg!(debug_assertions) { 1_152 } else { 700 };
+
+    /// A connection's task: started from the upgrade (`serve`), or from the parking lot
+    /// (`resume`). Idle, it waits inside `run`, so its future is what an idle running
+    /// connection costs besides the task header.
+    #[test]
+    fn connection_futures_stay_within_budget() {
+        let serve = future_size5(&serve);
+        let resume = future_size(&resume);
+        assert!(
+            serve <= FUTURE_BUDGET,
+            "serve's future is {serve} B (budget {FUTURE_BUDGET})"
+        );
+        assert!(
+            resume <= FUTURE_BUDGET,
+            "resume's future is {resume} B (budget {FUTURE_BUDGET})"
+        );
+    }
+
+    /// A parked connection is its session plus the socket in the lot's slab: 112 B a slot
+    /// (docs/benchmarks.md), of which the session is 104.
+    #[test]
+    fn a_parked_session_stays_within_budget() {
+        let session = size_of::<Session>();
+        assert!(session <= 104, "a session is {session} B (budget 104)");
+        let slot = crate::transport::lot::spot_size::<Session>();
+        assert!(slot <= 112, "a parking slot is {slot} B (budget 112)");
+    }
+}

@@ -42,13 +42,80 @@ pub struct AcceptConfig {
     pub body_timeout_ms: u64,
 }
 
+/// Connections open in all and per client address: the bookkeeping both connection caps (this
+/// one at accept, the session layer's on upgraded connections) share.
+#[derive(Debug, Default)]
+pub struct OpenCounts {
+    open: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Which cap [`OpenCounts::try_add`] hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CapHit {
+    /// The total.
+    Total,
+    /// The address's share.
+    PerIp,
+}
+
+impl OpenCounts {
+    /// Connections open now.
+    #[must_use]
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Counts one more connection from `ip` if `total_ok` accepts the number open now and the
+    /// address has fewer than `max_per_ip`; [`OpenCounts::remove`] takes it off again.
+    ///
+    /// # Errors
+    /// The cap that refused it (nothing was counted).
+    pub fn try_add(
+        &self,
+        ip: IpAddr,
+        total_ok: impl Fn(usize) -> bool,
+        max_per_ip: usize,
+    ) -> Result<(), CapHit> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                total_ok(n).then_some(n + 1)
+            })
+            .map_err(|_| CapHit::Total)?;
+        let mut per_ip = self.per_ip.lock();
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= max_per_ip {
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
+            drop(per_ip);
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(CapHit::PerIp);
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    /// Takes one connection from `ip` off the counts.
+    pub fn remove(&self, ip: IpAddr) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        let mut per_ip = self.per_ip.lock();
+        if let Some(n) = per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
+        }
+    }
+}
+
 /// Counters and per-address counts of plain HTTP connections (accepted, not upgraded).
 #[derive(Debug)]
 pub struct AcceptLimits {
     /// The limits in force.
     pub config: AcceptConfig,
-    open: AtomicUsize,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    counts: OpenCounts,
     /// Connections closed at accept: `limits.max_tcp_connections` open already.
     pub refused_total: AtomicU64,
     /// Connections closed at accept: `limits.max_http_connections_per_ip` open from the address.
@@ -65,8 +132,7 @@ impl AcceptLimits {
     pub fn new(config: AcceptConfig) -> Self {
         Self {
             config,
-            open: AtomicUsize::new(0),
-            per_ip: Mutex::new(HashMap::new()),
+            counts: OpenCounts::default(),
             refused_total: AtomicU64::new(0),
             refused_per_ip: AtomicU64::new(0),
             header_timeouts: AtomicU64::new(0),
@@ -77,7 +143,7 @@ impl AcceptLimits {
     /// Plain HTTP connections open now.
     #[must_use]
     pub fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
+        self.counts.open()
     }
 }
 
@@ -136,15 +202,7 @@ pub struct HttpSlot {
 
 impl Drop for HttpSlot {
     fn drop(&mut self) {
-        let accept = &self.limits;
-        accept.open.fetch_sub(1, Ordering::AcqRel);
-        let mut per_ip = accept.per_ip.lock();
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
+        self.limits.counts.remove(self.ip);
     }
 }
 
@@ -156,25 +214,22 @@ impl Drop for HttpSlot {
 /// The cap that refused it (already counted).
 pub fn admit(accept: &Arc<AcceptLimits>, ip: IpAddr, upgraded: usize) -> Result<HttpSlot, Refusal> {
     let cap = accept.config.cap;
-    let admitted = accept
-        .open
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n.saturating_add(upgraded) < cap).then_some(n + 1)
-        })
-        .is_ok();
-    if !admitted {
-        accept.refused_total.fetch_add(1, Ordering::Relaxed);
-        return Err(Refusal::Total);
+    let counted = accept.counts.try_add(
+        ip,
+        |n| n.saturating_add(upgraded) < cap,
+        accept.config.max_http_per_ip,
+    );
+    match counted {
+        Ok(()) => {}
+        Err(CapHit::Total) => {
+            accept.refused_total.fetch_add(1, Ordering::Relaxed);
+            return Err(Refusal::Total);
+        }
+        Err(CapHit::PerIp) => {
+            accept.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+            return Err(Refusal::PerIp);
+        }
     }
-    let mut per_ip = accept.per_ip.lock();
-    let n = per_ip.entry(ip).or_insert(0);
-    if *n >= accept.config.max_http_per_ip {
-        drop(per_ip);
-        accept.open.fetch_sub(1, Ordering::AcqRel);
-        accept.refused_per_ip.fetch_add(1, Ordering::Relaxed);
-        return Err(Refusal::PerIp);
-    }
-    *n += 1;
     Ok(HttpSlot {
         limits: accept.clone(),
         ip,

@@ -143,6 +143,13 @@ struct Spot<P> {
     parked: P,
 }
 
+/// Bytes one parked `P` takes in the lot's slab (for the size budgets' tests).
+#[doc(hidden)]
+#[must_use]
+pub fn spot_size<P>() -> usize {
+    std::mem::size_of::<Spot<P>>()
+}
+
 /// Slot and generation in one word: the epoll token, the link's `parked_at` and the waker's
 /// data. Generations start at 1, so a ticket is never 0.
 fn ticket_id(slot: usize, generation: u32) -> u64 {

@@ -44,19 +44,16 @@ impl UpgradeRefused {
 
 impl IntoResponse for UpgradeRefused {
     fn into_response(self) -> Response {
-        let status = if self.0.contains("Version") {
-            StatusCode::UPGRADE_REQUIRED
-        } else {
-            StatusCode::BAD_REQUEST
-        };
-        let mut resp = (status, self.0).into_response();
-        if status == StatusCode::UPGRADE_REQUIRED {
+        if self.0.contains("Version") {
+            let mut resp =
+                super::error_response(StatusCode::UPGRADE_REQUIRED, "upgrade_required", self.0);
             resp.headers_mut().insert(
                 header::SEC_WEBSOCKET_VERSION,
                 HeaderValue::from_static("13"),
             );
+            return resp;
         }
-        resp
+        super::error_response(StatusCode::BAD_REQUEST, "bad_request", self.0)
     }
 }
 
