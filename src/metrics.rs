@@ -310,7 +310,7 @@ impl Metrics {
     }
 
     /// Sets counter `def` (with these label values, in `def.labels`' order) to `value`.
-    pub fn counter(&self, def: &Def, labels: &[&'static str], value: u64) {
+    pub fn counter(&self, def: &Def, labels: &[&str], value: u64) {
         debug_assert_eq!(def.kind, Kind::Counter, "{} is not a counter", def.name);
         self.recorder
             .register_counter(&key(def, labels), &METADATA)
@@ -318,7 +318,7 @@ impl Metrics {
     }
 
     /// Sets gauge `def` (with these label values, in `def.labels`' order) to `value`.
-    pub fn gauge(&self, def: &Def, labels: &[&'static str], value: u64) {
+    pub fn gauge(&self, def: &Def, labels: &[&str], value: u64) {
         debug_assert_eq!(def.kind, Kind::Gauge, "{} is not a gauge", def.name);
         #[allow(clippy::cast_precision_loss)]
         self.recorder
@@ -334,13 +334,13 @@ impl Metrics {
 }
 
 /// The recorder's key for `def` with label values `values`.
-fn key(def: &Def, values: &[&'static str]) -> Key {
+fn key(def: &Def, values: &[&str]) -> Key {
     debug_assert_eq!(def.labels.len(), values.len(), "labels of {}", def.name);
     let labels: Vec<Label> = def
         .labels
         .iter()
         .zip(values)
-        .map(|(name, value)| Label::new(*name, *value))
+        .map(|(name, value)| Label::new(*name, (*value).to_owned()))
         .collect();
     Key::from_parts(def.name, labels)
 }
