@@ -134,8 +134,9 @@ impl PendingUpgrade {
                 return None;
             }
         };
-        // `http::serve` hands hyper the plain stream, so this cannot fail unless the accept
-        // loop changes; say so loudly rather than serve through a slower path.
+        // The listener (`transport::listener`) hands hyper the plain stream, so this cannot
+        // fail unless the accept loop changes; say so loudly rather than serve through a
+        // slower path.
         let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
             tracing::error!("upgraded connection is not a bare TcpStream");
             return None;
