@@ -14,8 +14,10 @@
 //! - [`json_depth`]: the nesting bound every untrusted JSON document passes before parsing.
 //! - [`queue`]: the four-level bounded priority queue with admission limits and TTL.
 //! - [`dispatch`]: the one owner of routing state; stamps `seq`, fans out with `try_send`.
+//!   Shares only its outbound link (`dispatch::outbound`) with the connection layers above.
 //!
-//! The connection layer is three layers, each importing only from those below it:
+//! The connection layer is three layers, each importing only from those below it
+//! (`tests/import_cycles.rs` checks this and that no module imports in a loop):
 //! - [`transport`]: bytes and sockets: the accept loop and its caps, RFC 6455 framing and the
 //!   buffer-free socket (`transport::ws`), the parking lot where quiet connections wait off
 //!   the runtime. Imports nothing of the crate but the outbound link.
@@ -25,6 +27,8 @@
 //! - [`http`]: the top: the router, [`http::AppState`], the plain routes, `/metrics`
 //!   rendering and the embedded dashboard (`web/`).
 //! - [`auth`]: tokens (bearer header or `?token=`), for sessions and routes alike.
+//!
+//! Beside the data path:
 //! - [`store`]: the redb store (history, bars, dead letters, epoch).
 //! - [`dlq`]: the bounded dead-letter list.
 //! - [`import`]: `tickfan import`, bulk loading of CSV/NDJSON history into the store.
