@@ -18,12 +18,7 @@ async fn the_exposition_is_the_defined_metrics() {
     assert_eq!(ack["accepted"], 1);
     let (mut client, _) = server.client().await;
     subscribe(&mut client, 1, serde_json::json!({"symbols": ["M"]})).await;
-    let text = reqwest::get(server.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics_text().await;
     let mut types = BTreeMap::new();
     let mut helps = BTreeMap::new();
     for line in text.lines() {

@@ -6,7 +6,7 @@
 //! before this, at accept ([`crate::transport::accept`]).
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use axum::http::StatusCode;
@@ -65,17 +65,17 @@ impl ConnectionLimits {
     /// # Errors
     /// The cap that refused it (already counted); its response is the answer to the upgrade.
     pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, LimitRefusal> {
-        match self.counts.try_add(ip, |n| n < self.max, self.max_per_ip) {
-            Ok(()) => {}
-            Err(CapHit::Total) => {
-                self.refused_global.fetch_add(1, Ordering::Relaxed);
-                return Err(LimitRefusal::Global);
-            }
-            Err(CapHit::PerIp) => {
-                self.refused_per_ip.fetch_add(1, Ordering::Relaxed);
-                return Err(LimitRefusal::PerIp);
-            }
-        }
+        self.counts
+            .try_add(
+                ip,
+                |n| n < self.max,
+                self.max_per_ip,
+                [&self.refused_global, &self.refused_per_ip],
+            )
+            .map_err(|hit| match hit {
+                CapHit::Total => LimitRefusal::Global,
+                CapHit::PerIp => LimitRefusal::PerIp,
+            })?;
         Ok(ConnectionSlot {
             limits: self.clone(),
             ip,

@@ -68,11 +68,31 @@ impl OpenCounts {
     }
 
     /// Counts one more connection from `ip` if `total_ok` accepts the number open now and the
-    /// address has fewer than `max_per_ip`; [`OpenCounts::remove`] takes it off again.
+    /// address has fewer than `max_per_ip`; [`OpenCounts::remove`] takes it off again. A
+    /// refusal is counted in `refused` (total, per address).
     ///
     /// # Errors
-    /// The cap that refused it (nothing was counted).
+    /// The cap that refused it (the connection was not counted in).
     pub fn try_add(
+        &self,
+        ip: IpAddr,
+        total_ok: impl Fn(usize) -> bool,
+        max_per_ip: usize,
+        refused: [&AtomicU64; 2],
+    ) -> Result<(), CapHit> {
+        let hit = self.add(ip, total_ok, max_per_ip);
+        if let Err(hit) = hit {
+            let counter = if hit == CapHit::Total {
+                refused[0]
+            } else {
+                refused[1]
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        hit
+    }
+
+    fn add(
         &self,
         ip: IpAddr,
         total_ok: impl Fn(usize) -> bool,
@@ -214,22 +234,18 @@ impl Drop for HttpSlot {
 /// The cap that refused it (already counted).
 pub fn admit(accept: &Arc<AcceptLimits>, ip: IpAddr, upgraded: usize) -> Result<HttpSlot, Refusal> {
     let cap = accept.config.cap;
-    let counted = accept.counts.try_add(
-        ip,
-        |n| n.saturating_add(upgraded) < cap,
-        accept.config.max_http_per_ip,
-    );
-    match counted {
-        Ok(()) => {}
-        Err(CapHit::Total) => {
-            accept.refused_total.fetch_add(1, Ordering::Relaxed);
-            return Err(Refusal::Total);
-        }
-        Err(CapHit::PerIp) => {
-            accept.refused_per_ip.fetch_add(1, Ordering::Relaxed);
-            return Err(Refusal::PerIp);
-        }
-    }
+    accept
+        .counts
+        .try_add(
+            ip,
+            |n| n.saturating_add(upgraded) < cap,
+            accept.config.max_http_per_ip,
+            [&accept.refused_total, &accept.refused_per_ip],
+        )
+        .map_err(|hit| match hit {
+            CapHit::Total => Refusal::Total,
+            CapHit::PerIp => Refusal::PerIp,
+        })?;
     Ok(HttpSlot {
         limits: accept.clone(),
         ip,

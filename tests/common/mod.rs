@@ -138,16 +138,22 @@ impl TestServer {
         (status, headers, resp.json().await.unwrap_or(Value::Null))
     }
 
-    /// One sample from `/metrics` (0 when the series is absent), e.g.
-    /// `tickfan_limit_hits_total{limit="slow_consumer"}`.
-    pub async fn metric(&self, series: &str) -> f64 {
-        let text = reqwest::get(self.http("/metrics"))
+    /// The whole `/metrics` exposition.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(self.http("/metrics"))
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        text.lines()
+            .unwrap()
+    }
+
+    /// One sample from `/metrics` (0 when the series is absent), e.g.
+    /// `tickfan_limit_hits_total{limit="slow_consumer"}`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.metrics_text()
+            .await
+            .lines()
             .find_map(|l| {
                 l.strip_prefix(series)?
                     .strip_prefix(' ')?
