@@ -11,16 +11,6 @@ use serde::Serialize;
 use crate::producer::ProducerReport;
 use crate::stats::{self, Counters, Tallies};
 
-/// Merges histograms of identical bounds (per thread or per connection) into one.
-pub fn merged<'a>(parts: impl IntoIterator<Item = &'a Histogram<u64>>) -> Histogram<u64> {
-    let mut out = stats::new_histogram();
-    for h in parts {
-        // add() only fails when a value exceeds the target's range; ours are identical.
-        let _ = out.add(h);
-    }
-    out
-}
-
 /// Latency percentiles in µs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Latency {
@@ -502,7 +492,7 @@ mod tests {
         for v in 501..=1000u64 {
             b.record(v).unwrap();
         }
-        let m = merged([&a, &b]);
+        let m = stats::merged([&a, &b]);
         let l = Latency::of(&m);
         assert_eq!(l.count, 1000);
         assert_eq!(l.p50, 500);
