@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::producer::ProducerReport;
-use crate::stats::{self, Counters, Tallies};
+use crate::stats::{Counters, Tallies};
 
 /// Latency percentiles in µs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -481,6 +481,7 @@ fn proc_line(p: &ProcSummary, server: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats;
 
     #[test]
     fn merge_and_percentiles() {
