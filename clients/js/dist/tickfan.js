@@ -624,7 +624,9 @@ export class Producer {
                 throw new TickfanError(bp.code ?? 'protocol', bp.message ?? 'expected a backpressure error');
             }
             indices = bp.refused_indices.map((i) => indices[i]);
-            delay = Math.max(bp.retry_after_ms ?? 100, delay ? Math.min(delay * 2, 5000) : 0);
+            // The server's delay while ticks get through; doubling while none does.
+            const retry = bp.retry_after_ms ?? 100;
+            delay = placed > 0 ? retry : Math.min(Math.max(retry, delay * 2), 5000);
         }
         total.rejected.sort((a, b) => a.index - b.index);
         if (!total.rejected_truncated)

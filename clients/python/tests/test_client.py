@@ -215,3 +215,25 @@ async def test_publish_reports_rejections_with_original_indices(servers):
         ack = await p.publish(items)
     assert ack.accepted == 2
     assert [(r["index"], r["code"]) for r in ack.rejected] == [(1, "invalid_symbol")]
+
+
+def test_examples_run_against_the_server(servers):
+    """The README points users at these: they must work as documented."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    server = servers()
+    ex = Path(__file__).resolve().parents[1] / "examples"
+    out = subprocess.run(
+        [sys.executable, str(ex / "producer.py"), server.ws("/ingest"), "ACME", "--batches", "2", "--size", "30"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("accepted 30") == 2, out.stdout
+    out = subprocess.run(
+        [sys.executable, str(ex / "bot.py"), server.ws("/ws"), "ACME", "--window", "5", "--history", "20", "--max-ticks", "20"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "done after 20 ticks" in out.stdout, out.stdout

@@ -120,7 +120,9 @@ class Client:
         if self._runner is None:
             self._runner = asyncio.ensure_future(self._run())
         waiter = asyncio.ensure_future(self._connected.wait())
-        done, _ = await asyncio.wait({waiter, self._runner}, timeout=self.open_timeout)
+        done, _ = await asyncio.wait(
+            {waiter, self._runner}, timeout=self.open_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         if waiter not in done:
             waiter.cancel()
             if self._fatal:
