@@ -461,7 +461,10 @@ async fn dashboard_end_to_end() {
         .to_owned();
     // The chart opens on the watchlist's first row, not on whichever symbol ticked first.
     assert_eq!(selected, "AAPL", "{s:#}");
-    assert_eq!(s["usesClient"], true, "the page runs on the JS client: {s:#}");
+    assert_eq!(
+        s["usesClient"], true,
+        "the page runs on the JS client: {s:#}"
+    );
     // The page loads the client the server embeds, byte for byte the committed build.
     let served = reqwest::get(server.http("/tickfan.js"))
         .await
@@ -473,7 +476,10 @@ async fn dashboard_end_to_end() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/js/dist/tickfan.js"),
     )
     .unwrap();
-    assert_eq!(served, committed, "/tickfan.js is the committed client build");
+    assert_eq!(
+        served, committed,
+        "/tickfan.js is the committed client build"
+    );
     let (_, bars) = server
         .get_json(&format!("/api/bars/{selected}?tf=1m&limit=500"))
         .await;
@@ -680,7 +686,13 @@ async fn dashboard_end_to_end() {
     for l in labels.as_array().unwrap() {
         assert_eq!(l["cut"], false, "label cut off: {l}");
     }
-    for want in ["uptime", "connections", "latency p50", "latency p99", "queue"] {
+    for want in [
+        "uptime",
+        "connections",
+        "latency p50",
+        "latency p99",
+        "queue",
+    ] {
         assert!(texts.contains(&want), "{want} missing from {texts:?}");
     }
     let lat = &browser.page().await["latency"];

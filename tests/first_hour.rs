@@ -18,7 +18,13 @@ use tokio_tungstenite::tungstenite::Message;
 /// returns everything it logged (stderr).
 fn serve_log(dir: &std::path::Path) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tickfan"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--no-simulator", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-simulator",
+            "--data-dir",
+        ])
         .arg(dir)
         .env("RUST_LOG", "info")
         .stdout(Stdio::piped())

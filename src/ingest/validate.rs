@@ -223,7 +223,10 @@ pub fn validate(obj: &TickObject<'_, '_>, rules: TimeRules, t_in: i64) -> Result
         if ts < rules.now_ms.saturating_sub(max_age) {
             return Err(Reject::new(
                 RejectCode::StaleTimestamp,
-                format!("ts is older than {max_age} ms{}", seconds_hint(ts, rules.now_ms)),
+                format!(
+                    "ts is older than {max_age} ms{}",
+                    seconds_hint(ts, rules.now_ms)
+                ),
             ));
         }
     }
