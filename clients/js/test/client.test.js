@@ -141,6 +141,30 @@ test('resume after the connection is cut: no gap, no duplicate', async () => {
   }
 });
 
+test('a silent connection is treated as dead: reconnect and resume', async () => {
+  const server = await startServer({ toml: '[server]\nheartbeat_ms = 200\n' });
+  const proxy = await startProxy(server.port);
+  try {
+    const client = new TickfanClient(proxy.url('/ws'), FAST);
+    const r = recorder(client);
+    await client.connect();
+    await client.subscribe(['HB']);
+    await publishAll(server, ticks('HB', 3));
+    await waitFor('first 3', () => r.seqs.HB?.length === 3);
+    proxy.freeze();
+    await publishAll(server, ticks('HB', 4, 3));
+    await waitFor('resumed', () => r.seqs.HB.length >= 7);
+    assert.deepEqual(r.seqs.HB, range(1, 7));
+    assert.ok(r.errors.includes('heartbeat_timeout'), JSON.stringify(r.errors));
+    assert.ok(client.reconnects >= 1);
+    client.close();
+  } finally {
+    proxy.close();
+    await server.stop();
+    cleanup(server.dataDir);
+  }
+});
+
 test('gap is reported when history no longer reaches back', async () => {
   const server = await startServer({
     toml: '[store]\nmax_ticks_per_symbol = 10\nretention_interval_ms = 50\n[dispatch]\nrecent_ticks = 10\n',

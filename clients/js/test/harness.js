@@ -60,21 +60,26 @@ export async function startProxy(upstreamPort) {
     const u = net.connect(state.upstream, '127.0.0.1');
     const pair = [c, u];
     pairs.add(pair);
-    const end = () => { c.destroy(); u.destroy(); pairs.delete(pair); };
+    // A frozen path does not pass the server's close on either: only the watchdog can tell.
+    const end = () => { u.destroy(); if (!pair.frozen) { c.destroy(); pairs.delete(pair); } };
     c.on('error', end); u.on('error', end); c.on('close', end); u.on('close', end);
-    c.pipe(u); u.pipe(c);
+    // Not pipe(): freeze() must be able to swallow data while the sockets stay open.
+    c.on('data', (d) => { if (!pair.frozen) u.write(d); });
+    u.on('data', (d) => { if (!pair.frozen) c.write(d); });
   });
   await new Promise((r) => server.listen(0, '127.0.0.1', r));
   const port = server.address().port;
   return {
     url: (p) => `ws://127.0.0.1:${port}${p}`,
+    /** Live connections stay open but carry nothing more (a half-dead network path). */
+    freeze() { for (const pair of pairs) pair.frozen = true; },
     /** Kills every live connection at the TCP level (no close frame). */
     cut() { for (const [c, u] of pairs) { c.destroy(); u.destroy(); } pairs.clear(); },
     /** Refuses new connections until release(). */
     hold() { state.held = true; },
     release() { state.held = false; },
     setUpstream(p) { state.upstream = p; },
-    close() { this.cut(); server.close(); },
+    close() { for (const [c, u] of pairs) { c.destroy(); u.destroy(); } pairs.clear(); server.close(); },
   };
 }
 

@@ -73,6 +73,7 @@ class Proxy:
         self.upstream: Optional[int] = None
         self.held = False
         self.pairs: List[tuple] = []
+        self.frozen: List[tuple] = []
         self.server: Optional[asyncio.base_events.Server] = None
         self.port = 0
 
@@ -100,15 +101,24 @@ class Proxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    if pair in self.frozen:
+                        continue  # a black hole: the connection stays open, nothing passes
                     dst.write(data)
                     await dst.drain()
             except (OSError, asyncio.CancelledError):
                 pass
             finally:
-                w.transport.abort()
+                # A frozen path does not pass the server's close on: only the client's
+                # watchdog can tell it is dead.
                 uw.transport.abort()
+                if pair not in self.frozen:
+                    w.transport.abort()
 
         await asyncio.gather(pipe(r, uw), pipe(ur, w))
+
+    def freeze(self) -> None:
+        """Live connections stay open but carry nothing more (a half-dead network path)."""
+        self.frozen.extend(self.pairs)
 
     def cut(self) -> None:
         """Kills every live connection at the TCP level (no close frame)."""

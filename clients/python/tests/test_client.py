@@ -118,6 +118,24 @@ async def test_resume_after_the_socket_is_cut(servers, proxy):
         assert rec.gaps == []
 
 
+async def test_silent_connection_is_treated_as_dead(servers, proxy):
+    # The path goes silent without closing: the heartbeat watchdog (3 heartbeats + 1 s)
+    # declares it dead, the client reconnects and resumes what it missed.
+    server = servers(toml="[server]\nheartbeat_ms = 200\n")
+    await proxy.start(server.port)
+    async with tickfan.connect(proxy.url("/ws"), **FAST) as tf:
+        rec = Recorder(tf)
+        await tf.subscribe(["HB"])
+        await publish_all(server, ticks("HB", 3))
+        await wait_for("first 3", lambda: rec.count("HB") == 3)
+        proxy.freeze()
+        await publish_all(server, ticks("HB", 4, 3))
+        await wait_for("resumed", lambda: rec.count("HB") >= 7)
+        assert rec.seqs["HB"] == list(range(1, 8))
+        assert any(e.code == "heartbeat_timeout" for e in rec.errors), rec.errors
+        assert tf.reconnects >= 1
+
+
 async def test_slow_consumer_is_reported_and_resumed(servers):
     # A tiny outbound buffer and a consumer that stops reading: the server closes us 4008,
     # the client says so (SlowConsumer event) and resumes from the last queued tick.

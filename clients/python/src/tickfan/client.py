@@ -283,6 +283,8 @@ class Client:
                     max_queue=16,
                     ping_interval=None,
                     compression=None,
+                    # close() should not hang on a dead path for websockets' default 10 s.
+                    close_timeout=2,
                 ) as ws:
                     welcome = json.loads(await asyncio.wait_for(ws.recv(), self.open_timeout))
                     await self._on_welcome(ws, welcome)
