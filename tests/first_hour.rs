@@ -7,44 +7,23 @@
 
 mod common;
 
-use std::io::{BufRead, Read, Write};
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
+use std::process::Stdio;
 
 use common::*;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Runs `tickfan serve` on a data dir until it printed its listening line, then SIGTERMs it and
-/// returns everything it logged (stderr).
+/// Runs `tickfan serve` on a data dir until it answers, then SIGTERMs it and returns everything
+/// it logged (stderr).
 fn serve_log(dir: &std::path::Path) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tickfan"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--no-simulator",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("{line:?}"))
-        .to_owned();
+    let mut server = Binary::spawn(dir, &[], Stdio::piped());
+    let mut stderr = server.child.stderr.take().unwrap();
     // SIGTERM once the server answers (its signal handler is installed by then).
     let deadline = std::time::Instant::now() + DEADLINE;
     loop {
         let mut answer = String::new();
-        if let Ok(mut c) = std::net::TcpStream::connect(&addr) {
+        if let Ok(mut c) = std::net::TcpStream::connect(&server.addr) {
             let _ = c.write_all(b"GET /health HTTP/1.0\r\n\r\n");
             let _ = c.read_to_string(&mut answer);
         }
@@ -54,18 +33,10 @@ fn serve_log(dir: &std::path::Path) -> String {
         assert!(std::time::Instant::now() < deadline, "no healthy server");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    // SAFETY: signalling our own child.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
+    let code = server.terminate();
     let mut log = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "{log}");
+    stderr.read_to_string(&mut log).unwrap();
+    assert_eq!(code, Some(0), "{log}");
     log
 }
 
