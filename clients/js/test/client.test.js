@@ -77,6 +77,30 @@ test('async iteration yields the same ticks in order', async () => {
   }
 });
 
+test('a consumer that falls behind the bounded buffer loses nothing', async () => {
+  const server = await startServer();
+  try {
+    // maxBuffered 50: the client drops its connection when the loop falls 50 events behind,
+    // and resumes with since_seq once the loop has read half of them.
+    const client = new TickfanClient(server.ws('/ws'), { ...FAST, iterate: true, maxBuffered: 50 });
+    await client.connect();
+    await client.subscribe(['BUF']);
+    await publishAll(server, ticks('BUF', 500));
+    const seen = [];
+    for await (const ev of client) {
+      if (ev.type === 'tick') seen.push(ev.tick.seq);
+      if (seen.length % 25 === 0) await new Promise((r) => setTimeout(r, 5)); // a slow loop
+      if (seen.length === 500) break;
+    }
+    assert.deepEqual(seen, range(1, 500));
+    assert.ok(client.reconnects >= 1, 'the buffer never overflowed; the test proves nothing');
+    client.close();
+  } finally {
+    await server.stop();
+    cleanup(server.dataDir);
+  }
+});
+
 test('resume after a SIGTERM restart on the same data dir: no gap, no duplicate', async () => {
   const dataDir = tempDir();
   let server = await startServer({ dataDir });
