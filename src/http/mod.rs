@@ -170,6 +170,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(crate::dashboard::index))
         .route("/app.js", get(crate::dashboard::app_js))
+        .route("/tickfan.js", get(crate::dashboard::client_js))
         .route("/style.css", get(crate::dashboard::style_css))
         .route(
             "/vendor/lightweight-charts.js",
