@@ -90,6 +90,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(dashboard::index))
         .route("/app.js", get(dashboard::app_js))
+        .route("/tickfan.js", get(dashboard::client_js))
         .route("/style.css", get(dashboard::style_css))
         .route("/vendor/lightweight-charts.js", get(dashboard::chart_js))
         .route("/ws", get(ws_client))
