@@ -279,3 +279,44 @@ test('publish resends exactly the refused ticks on backpressure', async () => {
     cleanup(server.dataDir);
   }
 });
+
+test('a wrong token is a fatal unauthorized error; the right one connects', async () => {
+  const server = await startServer({ toml: '[auth]\nclient_tokens = ["sekrit"]\n' });
+  try {
+    const bad = new TickfanClient(server.ws('/ws'), { ...FAST, token: 'wrong' });
+    const r = recorder(bad);
+    // The server answers the upgrade with a welcome, then `unauthorized` and close 4001, so
+    // connect() may resolve first; what matters is that the client stops for good (no retry
+    // loop against a server that will never accept it) and says why.
+    await bad.connect().catch((err) => assert.equal(err.code, 'unauthorized'));
+    await waitFor('fatal unauthorized', () => r.errors.includes('unauthorized') && bad.state === 'closed');
+    const good = new TickfanClient(server.ws('/ws'), { ...FAST, token: 'sekrit' });
+    await good.connect();
+    const ack = await good.subscribe(['AAPL']);
+    assert.equal(ack.op, 'subscribe');
+    good.close();
+  } finally {
+    await server.stop();
+    cleanup(server.dataDir);
+  }
+});
+
+test('requests refused with rate_limited are sent again and all succeed', async () => {
+  const server = await startServer({ toml: '[limits]\nops_per_sec = 1\n' });
+  try {
+    const client = new TickfanClient(server.ws('/ws'), FAST);
+    await client.connect();
+    const acks = await Promise.all(
+      ['A1', 'A2', 'A3', 'A4', 'A5'].map((s) => client.subscribe([s])),
+    );
+    assert.equal(acks.length, 5);
+    for (const ack of acks) assert.equal(ack.op, 'subscribe');
+    // The server really refused some of them first (bursts of 2 pass at 1/s).
+    const limited = await metric(server, 'tickfan_limit_hits_total{limit="ops_per_sec"}');
+    assert.ok(limited >= 1, `ops_per_sec limit hits = ${limited}`);
+    client.close();
+  } finally {
+    await server.stop();
+    cleanup(server.dataDir);
+  }
+});

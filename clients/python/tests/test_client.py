@@ -255,3 +255,12 @@ def test_examples_run_against_the_server(servers):
     )
     assert out.returncode == 0, out.stderr
     assert "done after 20 ticks" in out.stdout, out.stdout
+
+
+async def test_rate_limited_requests_are_sent_again_and_succeed(servers):
+    server = servers(toml="[limits]\nops_per_sec = 1\n")
+    async with tickfan.connect(server.ws("/ws"), **FAST) as tf:
+        acks = await asyncio.gather(*(tf.subscribe([f"R{i}"]) for i in range(5)))
+        assert [a["op"] for a in acks] == ["subscribe"] * 5
+    # The server did refuse some first (bursts of 2 pass at 1 request/s).
+    assert server.metric('tickfan_limit_hits_total{limit="ops_per_sec"}') >= 1
