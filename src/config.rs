@@ -199,13 +199,22 @@ impl FeedConfig {
                 return invalid("symbols", "must name at least one symbol");
             }
             if u.reconnect_min_ms == 0 || u.reconnect_min_ms > u.reconnect_max_ms {
-                return invalid("reconnect_min_ms", "need 1 <= reconnect_min_ms <= reconnect_max_ms");
+                return invalid(
+                    "reconnect_min_ms",
+                    "need 1 <= reconnect_min_ms <= reconnect_max_ms",
+                );
             }
             if u.failure_threshold == 0 || u.cooldown_ms == 0 || u.stale_ms == 0 {
-                return invalid("failure_threshold", "failure_threshold, cooldown_ms and stale_ms must be >= 1");
+                return invalid(
+                    "failure_threshold",
+                    "failure_threshold, cooldown_ms and stale_ms must be >= 1",
+                );
             }
             if u.max_message_bytes < 256 || u.max_json_depth < 2 || u.max_batch_ticks == 0 {
-                return invalid("max_message_bytes", "need max_message_bytes >= 256, max_json_depth >= 2, max_batch_ticks >= 1");
+                return invalid(
+                    "max_message_bytes",
+                    "need max_message_bytes >= 256, max_json_depth >= 2, max_batch_ticks >= 1",
+                );
             }
         }
         for u in &self.upstream {

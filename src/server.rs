@@ -148,7 +148,12 @@ pub async fn run(
             stop.clone(),
         ));
     }
-    let feeds = Arc::new(crate::feed::FeedSet::start(&config.feed, &ingestor, &dead_letters, &stop)); // feeds
+    let feeds = Arc::new(crate::feed::FeedSet::start(
+        &config.feed,
+        &ingestor,
+        &dead_letters,
+        &stop,
+    )); // feeds
     let clients = Arc::new(ClientContext {
         config: config.clone(),
         dispatcher: handle.clone(),

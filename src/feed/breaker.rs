@@ -131,7 +131,10 @@ mod tests {
         assert_eq!(b.permit(t0), Permit::Attempt);
         assert!(b.failure(t0), "third failure trips");
         assert_eq!(load(&state), BreakerState::Open);
-        assert_eq!(b.permit(t0 + Duration::from_secs(4)), Permit::Wait(Duration::from_secs(6)));
+        assert_eq!(
+            b.permit(t0 + Duration::from_secs(4)),
+            Permit::Wait(Duration::from_secs(6))
+        );
         assert_eq!(b.permit(t0 + Duration::from_secs(10)), Permit::Probe);
         assert_eq!(load(&state), BreakerState::HalfOpen);
         // A failed probe opens again for a whole cool-down.

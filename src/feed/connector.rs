@@ -163,17 +163,13 @@ impl Connector {
             }
             first = false;
             self.count(|c| &c.attempts, 1);
-            let ended = self.session(&mut state, &mut batch).await;
+            let ended = self
+                .session(&mut state, &mut batch, &mut breaker, &mut backoff)
+                .await;
             self.set_connected(false);
             match ended {
-                (Ended::Stopped, _) => return,
-                (Ended::Failed(why), worked) => {
-                    if worked {
-                        // The session was up (the upstream answered): the breaker closes and
-                        // the backoff starts over, before this failure counts as the first.
-                        breaker.success();
-                        backoff = self.backoff();
-                    }
+                Ended::Stopped => return,
+                Ended::Failed(why) => {
                     tracing::warn!(upstream = %name, reason = %why, "upstream session ended");
                     *self.status.last_error.lock() = Some(why);
                     if breaker.failure(Instant::now()) {
@@ -219,9 +215,16 @@ impl Connector {
         }
     }
 
-    /// One connection: returns how it ended and whether it ever worked (the upstream answered
-    /// after the subscribe).
-    async fn session(&self, state: &mut SourceState, batch: &mut Batch) -> (Ended, bool) {
+    /// One connection, until it fails or the connector stops. The first answer from the
+    /// upstream (a subscribe reply, heartbeat or trade) closes the breaker and restarts the
+    /// backoff: the upstream works again.
+    async fn session(
+        &self,
+        state: &mut SourceState,
+        batch: &mut Batch,
+        breaker: &mut Breaker,
+        backoff: &mut ExponentialBackoff,
+    ) -> Ended {
         let mut worked = false;
         let limit = Some(self.config.max_message_bytes);
         let ws_config = WebSocketConfig::default()
@@ -234,10 +237,10 @@ impl Connector {
         );
         let timeout = Duration::from_millis(self.config.connect_timeout_ms);
         let mut ws = tokio::select! {
-            () = self.stop.cancelled() => return (Ended::Stopped, false),
+            () = self.stop.cancelled() => return Ended::Stopped,
             r = tokio::time::timeout(timeout, connect) => match r {
-                Err(_) => return (Ended::Failed(format!("connect timed out after {} ms", self.config.connect_timeout_ms)), false),
-                Ok(Err(e)) => return (Ended::Failed(format!("connect: {e}")), false),
+                Err(_) => return Ended::Failed(format!("connect timed out after {} ms", self.config.connect_timeout_ms)),
+                Ok(Err(e)) => return Ended::Failed(format!("connect: {e}")),
                 Ok(Ok((ws, _))) => ws,
             },
         };
@@ -246,7 +249,7 @@ impl Connector {
         tracing::info!(upstream = %self.status.name, url = %self.config.url, "upstream connected");
         for msg in normalize::subscribe_messages(self.config.kind, &self.config.symbols) {
             if let Err(e) = ws.send(Message::text(msg)).await {
-                return (Ended::Failed(format!("subscribe: {e}")), false);
+                return Ended::Failed(format!("subscribe: {e}"));
             }
         }
         let stale = self.status.stale;
@@ -255,16 +258,13 @@ impl Connector {
             let next = tokio::select! {
                 () = self.stop.cancelled() => {
                     let _ = ws.close(None).await;
-                    return (Ended::Stopped, worked);
+                    return Ended::Stopped;
                 }
                 r = tokio::time::timeout(stale, ws.next()) => r,
             };
             let mut msg = match next {
                 Err(_) => {
-                    return (
-                        Ended::Failed(format!("stale: no message for {} ms", stale.as_millis())),
-                        worked,
-                    )
+                    return Ended::Failed(format!("stale: no message for {} ms", stale.as_millis()))
                 }
                 Ok(r) => r,
             };
@@ -277,7 +277,12 @@ impl Connector {
                 };
                 self.status.touch();
                 match self.handle(m, state, batch, &mut replies) {
-                    Ok(answered) => worked |= answered,
+                    Ok(true) if !worked => {
+                        worked = true;
+                        breaker.success();
+                        *backoff = self.backoff();
+                    }
+                    Ok(_) => {}
                     Err(why) => break Some(why),
                 }
                 if batch.spans.len() >= self.config.max_batch_ticks {
@@ -289,15 +294,15 @@ impl Connector {
                 }
             };
             if !self.flush(batch).await {
-                return (Ended::Stopped, worked);
+                return Ended::Stopped;
             }
             for reply in replies.drain(..) {
                 if let Err(e) = ws.send(Message::text(reply)).await {
-                    return (Ended::Failed(format!("send: {e}")), worked);
+                    return Ended::Failed(format!("send: {e}"));
                 }
             }
             if let Some(why) = ending {
-                return (Ended::Failed(why), worked);
+                return Ended::Failed(why);
             }
         }
     }

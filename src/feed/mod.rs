@@ -113,7 +113,12 @@ impl FeedSet {
     pub fn symbols_without_source(&self) -> Vec<String> {
         let all: BTreeSet<&String> = self.upstreams.iter().flat_map(|u| &u.symbols).collect();
         all.into_iter()
-            .filter(|s| !self.upstreams.iter().any(|u| u.live() && u.symbols.contains(s)))
+            .filter(|s| {
+                !self
+                    .upstreams
+                    .iter()
+                    .any(|u| u.live() && u.symbols.contains(s))
+            })
             .cloned()
             .collect()
     }
@@ -134,7 +139,10 @@ impl FeedSet {
         if missing.is_empty() {
             Vec::new()
         } else {
-            vec![format!("upstream feeds: no live source for {}", missing.join(", "))]
+            vec![format!(
+                "upstream feeds: no live source for {}",
+                missing.join(", ")
+            )]
         }
     }
 

@@ -125,14 +125,30 @@ impl SourceState {
     /// Remembers `id` for `symbol` (when configured) and returns the gap it reveals, if any.
     /// An id at or below the last one is a replay (dedup will drop it), not a gap.
     fn advance(&mut self, symbols: &Symbols, symbol: &str, id: u64) -> Option<Gap> {
+        self.advance_to(symbols, symbol, id, 1)
+    }
+
+    /// `advance` for an id that names the last trade without being delivered (Coinbase's
+    /// heartbeat `last_trade_id`): every id after the last one seen, up to it, was missed.
+    fn advance_past(&mut self, symbols: &Symbols, symbol: &str, id: u64) -> Option<Gap> {
+        self.advance_to(symbols, symbol, id, 0)
+    }
+
+    fn advance_to(
+        &mut self,
+        symbols: &Symbols,
+        symbol: &str,
+        id: u64,
+        delivered: u64,
+    ) -> Option<Gap> {
         if !symbols.contains(symbol) {
             return None;
         }
         match self.last.get_mut(symbol) {
             Some(last) => {
-                let gap = (id > *last + 1).then(|| Gap {
+                let gap = (id > *last + delivered).then(|| Gap {
                     symbol: symbol.to_owned(),
-                    missed: id - *last - 1,
+                    missed: id - *last - delivered,
                 });
                 *last = (*last).max(id);
                 gap
@@ -447,7 +463,7 @@ fn coinbase(
         "heartbeat" => {
             // The heartbeat names the product's last trade: one we never saw is a gap.
             if let (Some(symbol), Some(last)) = (msg.product_id, msg.last_trade_id) {
-                if let Some(gap) = state.advance(symbols, symbol, last) {
+                if let Some(gap) = state.advance_past(symbols, symbol, last) {
                     out.gap(gap);
                 }
             }
@@ -672,7 +688,11 @@ mod tests {
         }
     }
 
-    fn run(kind: UpstreamKind, syms: &[&str], msgs: &[&str]) -> (Seen, Vec<Result<Event, Garbage>>) {
+    fn run(
+        kind: UpstreamKind,
+        syms: &[&str],
+        msgs: &[&str],
+    ) -> (Seen, Vec<Result<Event, Garbage>>) {
         let symbols = Symbols::new(&syms.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
         let mut state = SourceState::default();
         let mut seen = Seen::default();
@@ -685,14 +705,19 @@ mod tests {
 
     #[test]
     fn rfc3339_to_ms() {
-        assert_eq!(rfc3339_ms("2014-11-07T08:19:27.028459Z").unwrap(), 1_415_348_367_028);
+        assert_eq!(
+            rfc3339_ms("2014-11-07T08:19:27.028459Z").unwrap(),
+            1_415_348_367_028
+        );
         assert!(rfc3339_ms("yesterday").is_err());
     }
 
     #[test]
     fn binance_trade_ids_reveal_gaps_and_replays_do_not() {
         let t = |id: u64| {
-            format!(r#"{{"e":"trade","E":1,"s":"BTCUSDT","t":{id},"p":"1.5","q":"2","T":1000,"m":true,"M":true}}"#)
+            format!(
+                r#"{{"e":"trade","E":1,"s":"BTCUSDT","t":{id},"p":"1.5","q":"2","T":1000,"m":true,"M":true}}"#
+            )
         };
         let (seen, _) = run(
             UpstreamKind::Binance,

@@ -125,7 +125,8 @@ impl Status {
         }
         let seen = self.last_seen.load(Ordering::Relaxed);
         let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        seen > 0 && now.saturating_sub(seen) < u64::try_from(self.stale.as_millis()).unwrap_or(u64::MAX)
+        seen > 0
+            && now.saturating_sub(seen) < u64::try_from(self.stale.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// `connected`, `connecting`, `open` or `half_open`.
@@ -213,21 +214,89 @@ impl Status {
 
 /// Every metric family, with its type and help.
 pub const FAMILIES: [(&str, &str, &str); 17] = [
-    ("tickfan_upstream_state", "gauge", "Breaker state: 0 closed, 1 open, 2 half-open."),
-    ("tickfan_upstream_connected", "gauge", "1 while a WebSocket session to the upstream is up."),
-    ("tickfan_upstream_ticks_total", "counter", "Trades normalized from the upstream."),
-    ("tickfan_upstream_messages_total", "counter", "WebSocket data messages received."),
-    ("tickfan_upstream_accepted_total", "counter", "Upstream ticks ingest accepted."),
-    ("tickfan_upstream_duplicates_total", "counter", "Upstream ticks dropped as duplicates."),
-    ("tickfan_upstream_rejected_total", "counter", "Upstream ticks ingest rejected."),
-    ("tickfan_upstream_refused_total", "counter", "Batches ingest refused for backpressure (retried)."),
-    ("tickfan_upstream_garbage_total", "counter", "Garbage messages dead-lettered."),
-    ("tickfan_upstream_gaps_total", "counter", "Trade ids or seqs the source skipped."),
-    ("tickfan_upstream_reconnects_total", "counter", "Connection attempts after a failure."),
-    ("tickfan_upstream_breaker_trips_total", "counter", "Times the circuit breaker opened."),
-    ("tickfan_upstream_probes_total", "counter", "Half-open probe attempts."),
-    ("tickfan_upstream_failovers_total", "counter", "Switches of a primary's symbols to its backup."),
-    ("tickfan_upstream_failbacks_total", "counter", "Switches back to the primary."),
-    ("tickfan_upstream_resumes_total", "counter", "tickfan-kind resumes with since_seq."),
-    ("tickfan_upstream_limit_hits_total", "counter", "Upstream limits hit, by limit."),
+    (
+        "tickfan_upstream_state",
+        "gauge",
+        "Breaker state: 0 closed, 1 open, 2 half-open.",
+    ),
+    (
+        "tickfan_upstream_connected",
+        "gauge",
+        "1 while a WebSocket session to the upstream is up.",
+    ),
+    (
+        "tickfan_upstream_ticks_total",
+        "counter",
+        "Trades normalized from the upstream.",
+    ),
+    (
+        "tickfan_upstream_messages_total",
+        "counter",
+        "WebSocket data messages received.",
+    ),
+    (
+        "tickfan_upstream_accepted_total",
+        "counter",
+        "Upstream ticks ingest accepted.",
+    ),
+    (
+        "tickfan_upstream_duplicates_total",
+        "counter",
+        "Upstream ticks dropped as duplicates.",
+    ),
+    (
+        "tickfan_upstream_rejected_total",
+        "counter",
+        "Upstream ticks ingest rejected.",
+    ),
+    (
+        "tickfan_upstream_refused_total",
+        "counter",
+        "Batches ingest refused for backpressure (retried).",
+    ),
+    (
+        "tickfan_upstream_garbage_total",
+        "counter",
+        "Garbage messages dead-lettered.",
+    ),
+    (
+        "tickfan_upstream_gaps_total",
+        "counter",
+        "Trade ids or seqs the source skipped.",
+    ),
+    (
+        "tickfan_upstream_reconnects_total",
+        "counter",
+        "Connection attempts after a failure.",
+    ),
+    (
+        "tickfan_upstream_breaker_trips_total",
+        "counter",
+        "Times the circuit breaker opened.",
+    ),
+    (
+        "tickfan_upstream_probes_total",
+        "counter",
+        "Half-open probe attempts.",
+    ),
+    (
+        "tickfan_upstream_failovers_total",
+        "counter",
+        "Switches of a primary's symbols to its backup.",
+    ),
+    (
+        "tickfan_upstream_failbacks_total",
+        "counter",
+        "Switches back to the primary.",
+    ),
+    (
+        "tickfan_upstream_resumes_total",
+        "counter",
+        "tickfan-kind resumes with since_seq.",
+    ),
+    (
+        "tickfan_upstream_limit_hits_total",
+        "counter",
+        "Upstream limits hit, by limit.",
+    ),
 ];
