@@ -161,6 +161,7 @@ pub struct FeedConfig {
     /// Share of simulator ticks sent with `critical` priority, in parts per thousand.
     pub simulator_critical_permille: u32,
     /// Upstream exchange feeds (`[[feed.upstream]]` blocks, docs/feeds.md); none by default.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub upstream: Vec<UpstreamConfig>,
 }
 

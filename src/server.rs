@@ -148,12 +148,8 @@ pub async fn run(
             stop.clone(),
         ));
     }
-    let feeds = Arc::new(crate::feed::FeedSet::start(
-        &config.feed,
-        &ingestor,
-        &dead_letters,
-        &stop,
-    )); // feeds
+    // feeds
+    let feeds = crate::feed::FeedSet::start(&config, &ingestor, &dead_letters, &stop);
     let clients = Arc::new(ClientContext {
         config: config.clone(),
         dispatcher: handle.clone(),

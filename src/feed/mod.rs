@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::FeedConfig;
+use crate::config::Config;
 use crate::dlq::DeadLetters;
 use crate::ingest::Ingestor;
 
@@ -41,11 +41,12 @@ impl FeedSet {
     /// They stop when `stop` is cancelled, or at [`FeedSet::stop`].
     #[must_use]
     pub fn start(
-        config: &FeedConfig,
+        config: &Config,
         ingestor: &Arc<Ingestor>,
         dead_letters: &Arc<DeadLetters>,
         stop: &CancellationToken,
-    ) -> Self {
+    ) -> Arc<Self> {
+        let config = &config.feed;
         let stop = stop.child_token();
         let tasks = TaskTracker::new();
         let mappings: Vec<_> = config.upstream.iter().map(connector::mapping).collect();
@@ -89,11 +90,11 @@ impl FeedSet {
         if !upstreams.is_empty() {
             tracing::info!(upstreams = upstreams.len(), "upstream feeds started");
         }
-        Self {
+        Arc::new(Self {
             upstreams,
             tasks,
             stop,
-        }
+        })
     }
 
     /// Stops every connector and waits for them, so nothing is ingested afterwards.
