@@ -41,6 +41,19 @@ fn messages(n: usize, first_id: u64) -> Vec<String> {
 /// Writes each trade as tick JSON into one frame, as the connector does.
 struct Frame(String, usize);
 
+impl Frame {
+    /// Normalizes `msgs` into a fresh frame `[...]`.
+    fn fill(&mut self, msgs: &[String], symbols: &Symbols, state: &mut SourceState) {
+        self.0.clear();
+        self.0.push('[');
+        self.1 = 0;
+        for m in msgs {
+            normalize(UpstreamKind::Binance, m, 16, symbols, state, self).unwrap();
+        }
+        self.0.push(']');
+    }
+}
+
 impl Emit for Frame {
     fn trade(&mut self, t: Trade<'_>) {
         if self.1 > 0 {
@@ -69,21 +82,7 @@ fn normalize_only(c: &mut Criterion) {
         let mut state = SourceState::default();
         let mut frame = Frame(String::with_capacity(512 * 128), 0);
         b.iter(|| {
-            frame.0.clear();
-            frame.0.push('[');
-            frame.1 = 0;
-            for m in &msgs {
-                normalize(
-                    UpstreamKind::Binance,
-                    m,
-                    16,
-                    &symbols,
-                    &mut state,
-                    &mut frame,
-                )
-                .unwrap();
-            }
-            frame.0.push(']');
+            frame.fill(&msgs, &symbols, &mut state);
             black_box(frame.0.len())
         });
     });
@@ -112,21 +111,7 @@ fn normalize_and_ingest(c: &mut Criterion) {
             let mut frame = Frame(String::with_capacity(512 * 128), 0);
             let start = Instant::now();
             for batch in &batches {
-                frame.0.clear();
-                frame.0.push('[');
-                frame.1 = 0;
-                for m in batch {
-                    normalize(
-                        UpstreamKind::Binance,
-                        m,
-                        16,
-                        &symbols,
-                        &mut state,
-                        &mut frame,
-                    )
-                    .unwrap();
-                }
-                frame.0.push(']');
+                frame.fill(batch, &symbols, &mut state);
                 let report = ingestor.ingest_frame(frame.0.as_bytes());
                 assert_eq!(report.accepted, 512);
                 // Keep the queue from filling, as the dispatcher would (its pops are timed

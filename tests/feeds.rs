@@ -199,6 +199,11 @@ async fn ticks(ws: &mut Ws, n: usize) -> Vec<Value> {
     out
 }
 
+/// The values of `keys` in a tick, as one array (compact assertions).
+fn pick(tick: &Value, keys: &[&str]) -> Value {
+    keys.iter().map(|k| tick[*k].clone()).collect()
+}
+
 fn binance_trade(symbol: &str, id: u64, price: &str) -> String {
     format!(
         r#"{{"e":"trade","E":{now},"s":"{symbol}","t":{id},"p":"{price}","q":"1.5","T":{now},"m":true,"M":true}}"#,
@@ -243,34 +248,12 @@ async fn each_kind_maps_its_messages_to_ticks() {
     }
     let got = ticks(&mut ws, 2).await;
     assert_eq!(
-        (
-            &got[0]["symbol"],
-            &got[0]["ts"],
-            &got[0]["price"],
-            &got[0]["volume"],
-            &got[0]["id"]
-        ),
-        (
-            &json!("bn:BNB-BTC"),
-            &json!(1_672_515_782_136_i64),
-            &json!(0.001),
-            &json!(100),
-            &json!(12345)
-        )
+        pick(&got[0], &["symbol", "ts", "price", "volume", "id"]),
+        json!(["bn:BNB-BTC", 1_672_515_782_136_i64, 0.001, 100, 12345])
     );
     assert_eq!(
-        (
-            &got[1]["symbol"],
-            &got[1]["ts"],
-            &got[1]["price"],
-            &got[1]["id"]
-        ),
-        (
-            &json!("bn:ETHBTC"),
-            &json!(1_579_481_530_910_i64),
-            &json!(0.019141),
-            &json!(158_410_082)
-        )
+        pick(&got[1], &["symbol", "ts", "price", "id"]),
+        json!(["bn:ETHBTC", 1_579_481_530_910_i64, 0.019141, 158_410_082])
     );
 
     // Coinbase: matches + heartbeat channels; last_match and match map; the heartbeat's
@@ -286,22 +269,12 @@ async fn each_kind_maps_its_messages_to_ticks() {
     }
     let got = ticks(&mut ws, 2).await;
     assert_eq!(
-        (&got[0]["symbol"], &got[0]["price"], &got[0]["id"]),
-        (&json!("BTC-USD"), &json!(399.98), &json!(9))
+        pick(&got[0], &["symbol", "price", "id"]),
+        json!(["BTC-USD", 399.98, 9])
     );
     assert_eq!(
-        (
-            &got[1]["ts"],
-            &got[1]["price"],
-            &got[1]["volume"],
-            &got[1]["id"]
-        ),
-        (
-            &json!(1_415_348_367_028_i64),
-            &json!(400.23),
-            &json!(5.23512),
-            &json!(10)
-        )
+        pick(&got[1], &["ts", "price", "volume", "id"]),
+        json!([1_415_348_367_028_i64, 400.23, 5.23512, 10])
     );
 
     // Kraken v2: subscribe to the trade channel; one update carries two trades.
@@ -317,25 +290,10 @@ async fn each_kind_maps_its_messages_to_ticks() {
     }
     let got = ticks(&mut ws, 2).await;
     assert_eq!(
-        (
-            &got[0]["symbol"],
-            &got[0]["ts"],
-            &got[0]["price"],
-            &got[0]["volume"],
-            &got[0]["id"]
-        ),
-        (
-            &json!("MATIC/USD"),
-            &json!(1_695_628_177_708_i64),
-            &json!(0.5117),
-            &json!(40),
-            &json!(4_665_906)
-        )
+        pick(&got[0], &["symbol", "ts", "price", "volume", "id"]),
+        json!(["MATIC/USD", 1_695_628_177_708_i64, 0.5117, 40, 4_665_906])
     );
-    assert_eq!(
-        (&got[1]["price"], &got[1]["id"]),
-        (&json!(0.5116), &json!(4_665_907))
-    );
+    assert_eq!(pick(&got[1], &["price", "id"]), json!([0.5116, 4_665_907]));
 
     let h = wait_upstream(&server, "cb", "coinbase gap", |u| u["gaps"] == 10).await;
     for name in ["bn", "cb", "kr"] {
@@ -394,32 +352,12 @@ async fn tickfan_kind_maps_its_messages_to_ticks() {
     }
     let got = ticks(&mut ws, 2).await;
     assert_eq!(
-        (
-            &got[0]["symbol"],
-            &got[0]["ts"],
-            &got[0]["price"],
-            &got[0]["id"]
-        ),
-        (
-            &json!("AAPL"),
-            &json!(1_733_400_000_000_i64),
-            &json!(190.25),
-            &json!("t-41")
-        )
+        pick(&got[0], &["symbol", "ts", "price", "id"]),
+        json!(["AAPL", 1_733_400_000_000_i64, 190.25, "t-41"])
     );
     assert_eq!(
-        (
-            &got[1]["price"],
-            &got[1]["bid"],
-            &got[1]["ask"],
-            &got[1]["id"]
-        ),
-        (
-            &json!(190.3),
-            &json!(190.29),
-            &json!(190.31),
-            &json!("t-42")
-        )
+        pick(&got[1], &["price", "bid", "ask", "id"]),
+        json!([190.3, 190.29, 190.31, "t-42"])
     );
     // The local seq is this server's own, not the upstream's.
     assert_eq!(got[0]["seq"], 1);
@@ -445,10 +383,7 @@ async fn garbage_is_dead_lettered_and_a_closing_upstream_is_reconnected() {
         .await;
     conn.send(&binance_trade("BTCUSDT", 2, "100.5")).await;
     let got = ticks(&mut ws, 1).await;
-    assert_eq!(
-        (&got[0]["id"], &got[0]["price"]),
-        (&json!(2), &json!(100.5))
-    );
+    assert_eq!(pick(&got[0], &["id", "price"]), json!([2, 100.5]));
     let (_, dlq) = server.get_json("/api/dlq").await;
     let entries = dlq["entries"]
         .as_array()
@@ -652,36 +587,40 @@ async fn failover_to_the_backup_and_back_delivers_each_trade_once() {
     let mut bk = backup.accept().await;
     bk.handshake(UpstreamKind::Binance).await;
     wait_upstream(&server, "bn", "primary live", |u| u["live"] == true).await;
-    let trade = |id: u64| binance_trade("BTCUSDT", id, &format!("{}.5", 100 + id));
+    // The same trade ids from both, but each source quotes its own price, so the client can
+    // tell who delivered a tick: the primary 100 + id, the backup 200 + id.
+    let from = |src: u64, id: u64| binance_trade("BTCUSDT", id, &format!("{}", src + id));
+    let (pri, bak) = (100, 200);
 
-    // Both sources see the same market; only the primary's ticks flow.
-    for id in 1..=5 {
-        bk.send(&trade(id)).await;
+    // Both sources see the same market; only the primary's ticks flow. The backup also sees
+    // trade 6, which the primary never delivers: it waits in the backup's seam buffer.
+    for id in 1..=6 {
+        bk.send(&from(bak, id)).await;
     }
     wait_upstream(&server, "bn-backup", "backup heard", |u| {
-        u["ticks_received"] == 5
+        u["ticks_received"] == 6
     })
     .await;
     for id in 1..=5 {
-        p.send(&trade(id)).await;
+        p.send(&from(pri, id)).await;
     }
     let mut got = ticks(&mut ws, 5).await;
 
-    // The primary drops and refuses: the backup takes over. Trades 4 and 5 cross the seam
-    // again from the backup and are dropped as duplicates.
+    // The primary drops and refuses: the backup takes over. Its seam (1-6) goes first: 1-5
+    // are duplicates and dropped, 6 is delivered; then 7-10.
     primary.stop();
     p.ws.close(None).await.unwrap();
     drop(p);
     let h = wait_upstream(&server, "bn", "failover", |u| u["failovers"] == 1).await;
     let (status, _) = health(&server).await;
     assert_eq!(status, 200, "the backup still serves BTCUSDT: {h}");
-    for id in 4..=10 {
-        bk.send(&trade(id)).await;
+    for id in 7..=10 {
+        bk.send(&from(bak, id)).await;
     }
     got.extend(ticks(&mut ws, 5).await);
 
-    // The primary comes back and takes over; the backup's 11 and 12 are held back, and the
-    // primary's replay of 9 and 10 is dropped.
+    // The primary comes back and takes over: the backup's 11 and 12 are held back, and the
+    // primary's replay of 9 and 10 is dropped as duplicates.
     let mut primary = FakeUpstream::restart(paddr).await;
     let mut p = primary.accept().await;
     p.handshake(UpstreamKind::Binance).await;
@@ -690,25 +629,34 @@ async fn failover_to_the_backup_and_back_delivers_each_trade_once() {
     })
     .await;
     for id in 11..=12 {
-        bk.send(&trade(id)).await;
+        bk.send(&from(bak, id)).await;
     }
     wait_upstream(&server, "bn-backup", "backup heard", |u| {
-        u["ticks_received"] == 14
+        u["ticks_received"] == 12
     })
     .await;
     for id in 9..=13 {
-        p.send(&trade(id)).await;
+        p.send(&from(pri, id)).await;
     }
     got.extend(ticks(&mut ws, 3).await);
-    let ids: Vec<u64> = got.iter().map(|t| t["id"].as_u64().unwrap()).collect();
+    let seen: Vec<(u64, u64)> = got
+        .iter()
+        .map(|t| {
+            let id = t["id"].as_u64().unwrap();
+            (id, t["price"].as_f64().unwrap() as u64 - id)
+        })
+        .collect();
+    let want: Vec<(u64, u64)> = (1..=13)
+        .map(|id| (id, if (6..=10).contains(&id) { bak } else { pri }))
+        .collect();
     assert_eq!(
-        ids,
-        (1..=13).collect::<Vec<_>>(),
-        "each trade once, in order"
+        seen, want,
+        "(id, source): each trade once, in order, from the serving source"
     );
-    // Nothing more is queued for the client: a ping's reply comes next, not a tick.
-    let pong = ws.request(json!({"op":"ping","id":9})).await;
-    assert_eq!(pong["type"], "pong");
+    // Nothing more is queued for the client: the next message is the ping's reply.
+    ws.send_json(&json!({"op":"ping","id":9})).await;
+    let next = ws.recv().await;
+    assert_eq!(next["type"], "pong", "{next}");
     assert!(
         server
             .metric(r#"tickfan_upstream_duplicates_total{upstream="bn"}"#)
@@ -784,4 +732,54 @@ async fn tickfan_kind_resumes_without_a_gap_after_its_upstream_restarts() {
             .await,
         0.0
     );
+}
+
+#[tokio::test]
+async fn the_dashboard_loads_the_upstreams_panel() {
+    let server = TestServer::start_with(config(Vec::new())).await;
+    let index = reqwest::get(server.http("/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(index.contains(r#"<script defer src="upstreams.js"></script>"#));
+    let resp = reqwest::get(server.http("/upstreams.js")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let js = resp.text().await.unwrap();
+    assert!(js.contains("fetch(\"health\"") && js.contains("symbols_without_source"));
+    // Without upstreams /health is as before: no feed keys.
+    let (status, h) = health(&server).await;
+    assert_eq!(status, 200);
+    assert!(h.get("upstreams").is_none(), "{h}");
+}
+
+#[tokio::test]
+async fn an_oversized_message_ends_the_session_and_is_counted() {
+    let mut fake = FakeUpstream::start().await;
+    let mut up = upstream("bn", UpstreamKind::Binance, &fake.url(), &["BTCUSDT"]);
+    up.max_message_bytes = 1_024;
+    let server = TestServer::start_with(config(vec![up])).await;
+    let mut ws = client(&server, &["BTCUSDT"]).await;
+    let mut conn = fake.accept().await;
+    conn.handshake(UpstreamKind::Binance).await;
+    conn.send(&format!(r#"{{"e":"trade","pad":"{}"}}"#, "x".repeat(4_096)))
+        .await;
+    // The connector drops that connection and comes back on a new one.
+    let mut conn = fake.accept().await;
+    conn.handshake(UpstreamKind::Binance).await;
+    conn.send(&binance_trade("BTCUSDT", 7, "10")).await;
+    assert_eq!(ticks(&mut ws, 1).await[0]["id"], 7);
+    assert_eq!(
+        server
+            .metric(r#"tickfan_upstream_limit_hits_total{upstream="bn",limit="max_message_bytes"}"#)
+            .await,
+        1.0
+    );
+    let h = wait_upstream(&server, "bn", "error recorded", |u| u["reconnects"] == 1).await;
+    let err = upstream_health(&h, "bn")["last_error"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(err.contains("max_message_bytes"), "{err}");
 }
