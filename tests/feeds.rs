@@ -783,3 +783,30 @@ async fn an_oversized_message_ends_the_session_and_is_counted() {
         .to_owned();
     assert!(err.contains("max_message_bytes"), "{err}");
 }
+
+#[tokio::test]
+async fn binance_pings_are_answered_with_pongs() {
+    // Binance pings every 20 s and drops a connection that does not pong within a minute.
+    let mut fake = FakeUpstream::start().await;
+    let server = TestServer::start_with(config(vec![upstream(
+        "bn",
+        UpstreamKind::Binance,
+        &fake.url(),
+        &["BTCUSDT"],
+    )]))
+    .await;
+    let mut conn = fake.accept().await;
+    conn.handshake(UpstreamKind::Binance).await;
+    conn.ws
+        .send(Message::Ping(b"1672515782136".to_vec().into()))
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(DEADLINE, conn.ws.next())
+        .await
+        .expect("no pong in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(reply, Message::Pong(b"1672515782136".to_vec().into()));
+    let (_, h) = health(&server).await;
+    assert_eq!(upstream_health(&h, "bn")["state"], "connected");
+}
