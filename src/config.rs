@@ -193,6 +193,14 @@ impl FeedConfig {
             if u.name.is_empty() || !names.insert(u.name.as_str()) {
                 return invalid("name", "must be set and unique");
             }
+            // It is a Prometheus label value and a log field: keep it plain.
+            if !u
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+            {
+                return invalid("name", "only letters, digits and - _ . : are allowed");
+            }
             if !(u.url.starts_with("ws://") || u.url.starts_with("wss://")) {
                 return invalid("url", "must start with ws:// or wss://");
             }

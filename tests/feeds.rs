@@ -810,3 +810,41 @@ async fn binance_pings_are_answered_with_pongs() {
     let (_, h) = health(&server).await;
     assert_eq!(upstream_health(&h, "bn")["state"], "connected");
 }
+
+#[test]
+fn upstream_blocks_are_validated() {
+    let base = "[[feed.upstream]]\nname = \"a\"\nkind = \"binance\"\nurl = \"ws://x/ws\"\nsymbols = [\"BTCUSDT\"]\n";
+    let ok = Config::from_toml(base).unwrap();
+    let u = &ok.feed.upstream[0];
+    assert_eq!(
+        (
+            u.reconnect_min_ms,
+            u.reconnect_max_ms,
+            u.failure_threshold,
+            u.cooldown_ms,
+            u.stale_ms
+        ),
+        (500, 30_000, 5, 60_000, 60_000)
+    );
+    for (extra, needle) in [
+        ("typo = 1\n", "typo"),
+        ("[[feed.upstream]]\nname = \"a\"\nkind = \"kraken\"\nurl = \"ws://y\"\nsymbols = [\"X\"]\n", "name"),
+        ("backup_for = \"nobody\"\n", "backup_for"),
+        ("reconnect_min_ms = 5000\nreconnect_max_ms = 10\n", "reconnect_min_ms"),
+    ] {
+        let err = Config::from_toml(&format!("{base}{extra}")).unwrap_err().to_string();
+        assert!(err.contains(needle), "{extra:?}: {err}");
+    }
+    let err = Config::from_toml(&base.replace("binance", "bitfinex"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bitfinex") || err.contains("variant"), "{err}");
+    let err = Config::from_toml(&base.replace("ws://x/ws", "http://x"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("url"), "{err}");
+    let err = Config::from_toml(&base.replace("name = \"a\"", "name = \"a b\""))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("name"), "{err}");
+}

@@ -257,7 +257,8 @@ impl Connector {
         loop {
             let next = tokio::select! {
                 () = self.stop.cancelled() => {
-                    let _ = ws.close(None).await;
+                    // A polite close, but shutdown does not wait on a stuck upstream.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
                     return Ended::Stopped;
                 }
                 r = tokio::time::timeout(stale, ws.next()) => r,

@@ -60,6 +60,7 @@ impl FeedSet {
                     .iter()
                     .filter_map(|s| m.get(s).map(|j| j[1..j.len() - 1].to_owned()))
                     .collect();
+                symbols.sort_unstable();
                 symbols.dedup();
                 Arc::new(Status::new(u, symbols))
             })
