@@ -245,8 +245,6 @@ impl Connector {
             },
         };
         self.status.touch();
-        self.set_connected(true);
-        tracing::info!(upstream = %self.status.name, url = %self.config.url, "upstream connected");
         for msg in normalize::subscribe_messages(self.config.kind, &self.config.symbols) {
             if let Err(e) = ws.send(Message::text(msg)).await {
                 return Ended::Failed(format!("subscribe: {e}"));
@@ -279,9 +277,13 @@ impl Connector {
                 self.status.touch();
                 match self.handle(m, state, batch, &mut replies) {
                     Ok(true) if !worked => {
+                        // Connected means subscribed and answered: only then does a primary
+                        // take its symbols back from a backup.
                         worked = true;
                         breaker.success();
                         *backoff = self.backoff();
+                        self.set_connected(true);
+                        tracing::info!(upstream = %self.status.name, url = %self.config.url, "upstream connected");
                     }
                     Ok(_) => {}
                     Err(why) => break Some(why),

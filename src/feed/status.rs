@@ -76,7 +76,7 @@ pub struct Status {
     pub stale: Duration,
     /// The breaker's published state.
     pub breaker: Arc<AtomicU8>,
-    /// A WebSocket session is up (handshake done).
+    /// A session is up: connected, subscribed, and the upstream answered.
     pub connected: AtomicBool,
     /// Last message (or handshake), ms since `origin`; 0 = never.
     last_seen: AtomicU64,
