@@ -24,6 +24,21 @@ const SYMBOLS: [&str; 10] = [
     "DOTUSDT", "LTCUSDT",
 ];
 
+/// CPU time of the whole process (every thread), user + system.
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage with a valid pointer to a local struct.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| {
+        #[allow(clippy::cast_sign_loss)]
+        Duration::new(t.tv_sec as u64, (t.tv_usec * 1_000) as u32)
+    };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 fn now_us() -> i64 {
     tickfan::tick::now_us()
 }
@@ -102,6 +117,7 @@ async fn throughput(n: usize) {
         .await
         .unwrap();
     let start = Instant::now();
+    let cpu_start = process_cpu();
     let sender = tokio::spawn(async move {
         for chunk in msgs.chunks(1_000) {
             for m in chunk {
@@ -123,12 +139,16 @@ async fn throughput(n: usize) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let elapsed = start.elapsed();
+    let cpu = process_cpu() - cpu_start;
     let _ws = sender.await.unwrap();
     #[allow(clippy::cast_precision_loss)]
     let rate = n as f64 / elapsed.as_secs_f64();
+    #[allow(clippy::cast_precision_loss)]
+    let per_cpu = n as f64 / cpu.as_secs_f64();
     println!(
-        "throughput: {n} Binance trades in {:.3} s = {rate:.0} ticks/s end to end (accepted {}, duplicates {}, rejected {}, backpressure retries {})",
+        "throughput: {n} Binance trades in {:.3} s wall = {rate:.0} ticks/s end to end; process CPU {:.3} s = {per_cpu:.0} ticks per CPU-second (all threads: upstream server, connector, ingest, dispatcher, store) (accepted {}, duplicates {}, rejected {}, backpressure retries {})",
         elapsed.as_secs_f64(),
+        cpu.as_secs_f64(),
         u["accepted"], u["duplicates"], u["rejected"],
         reqwest::get(format!("http://{addr}/metrics")).await.unwrap().text().await.unwrap()
             .lines().find(|l| l.starts_with("tickfan_upstream_refused_total")).unwrap_or("-")

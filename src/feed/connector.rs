@@ -12,7 +12,9 @@
 //! backpressure rather than a growing buffer; a backup's held-back ticks are capped at
 //! `seam_ticks`. Garbage is dead-lettered with the upstream's name and never ends a session.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -76,11 +78,16 @@ impl Batch {
     }
 
     fn push(&mut self, tick: &str) {
+        self.write(|frame| frame.push_str(tick));
+    }
+
+    /// Appends one tick written in place by `f` (no copy).
+    fn write(&mut self, f: impl FnOnce(&mut String)) {
         if !self.spans.is_empty() {
             self.frame.push(',');
         }
         let start = self.frame.len();
-        self.frame.push_str(tick);
+        f(&mut self.frame);
         self.spans.push((start, self.frame.len()));
     }
 
@@ -479,11 +486,11 @@ impl Emit for Sink<'_> {
             // A configured symbol whose tickfan name is invalid (logged at start).
             return;
         };
-        let mut json = String::with_capacity(128);
-        write_tick(&mut json, symbol, &trade);
         if let Some((_, served)) = &conn.primary {
             let held = self.gated && served.contains(&symbol[1..symbol.len() - 1]);
             if held {
+                let mut json = String::with_capacity(128);
+                write_tick(&mut json, symbol, &trade);
                 conn.count(|c| &c.gated, 1);
                 if self.batch.seam.len() >= conn.config.seam_ticks {
                     self.batch.seam.pop_front();
@@ -503,7 +510,7 @@ impl Emit for Sink<'_> {
                 }
             }
         }
-        self.batch.push(&json);
+        self.batch.write(|frame| write_tick(frame, symbol, &trade));
     }
 
     fn garbage(&mut self, garbage: Garbage) {

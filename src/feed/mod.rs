@@ -14,7 +14,9 @@ pub mod connector;
 pub mod normalize;
 pub mod status;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
+
+use ahash::AHashSet as HashSet;
 use std::fmt::Write as _;
 use std::sync::Arc;
 

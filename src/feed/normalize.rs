@@ -9,7 +9,8 @@
 //! its dead letter carries; a negative or non-finite price or size is garbage here so that its
 //! dead letter names the upstream (ingest would reject it too, but anonymously).
 
-use std::collections::HashMap;
+// aHash: these maps are looked up once or twice per trade on the hot path.
+use ahash::{AHashMap as HashMap, AHashSet as HashSet};
 
 use serde::Deserialize;
 
@@ -174,7 +175,7 @@ impl SourceState {
 
 /// The configured source symbols of one upstream (lookups by `&str`).
 #[derive(Debug, Default, Clone)]
-pub struct Symbols(std::collections::HashSet<String>);
+pub struct Symbols(HashSet<String>);
 
 impl Symbols {
     /// From the config's `symbols`.
