@@ -176,13 +176,26 @@ async fn latency(n: usize) {
         ))
         .await
         .unwrap();
+    // Trades sent before the subscription is in place would never reach the client.
+    loop {
+        if let Some(Ok(Message::Text(t))) = client.next().await {
+            if t.as_str().contains(r#""type":"ack""#) {
+                break;
+            }
+        }
+    }
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen_by_reader = seen.clone();
     let reader = tokio::spawn(async move {
         let mut hist = hdrhistogram::Histogram::<u64>::new(3).unwrap();
         let mut server_part = hdrhistogram::Histogram::<u64>::new(3).unwrap();
         while hist.len() < n as u64 {
-            let Some(Ok(Message::Text(t))) = client.next().await else {
+            let msg = client.next().await;
+            let Some(Ok(Message::Text(t))) = msg else {
+                assert!(msg.is_some(), "the /ws client was closed");
                 continue;
             };
+            seen_by_reader.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let now = now_us();
             let v: Value = serde_json::from_str(t.as_str()).unwrap();
             if v["type"] == "tick" {
@@ -212,7 +225,12 @@ async fn latency(n: usize) {
     }
     let (hist, server_part) = tokio::time::timeout(Duration::from_secs(60), reader)
         .await
-        .expect("latency reader timed out")
+        .unwrap_or_else(|_| {
+            panic!(
+                "latency reader timed out after {} messages",
+                seen.load(std::sync::atomic::Ordering::Relaxed)
+            )
+        })
         .unwrap();
     println!(
         "latency: {n} trades at 1000/s, upstream send -> /ws client receive: p50 {} µs, p90 {} µs, p99 {} µs, max {} µs; upstream send -> ingest (t_in): p50 {} µs, p99 {} µs",
