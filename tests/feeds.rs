@@ -178,6 +178,14 @@ async fn wait_upstream(
     }
 }
 
+/// A fake upstream and a tickfan with one upstream `name` of `kind` on it, for `symbol`.
+async fn one_upstream(name: &str, kind: UpstreamKind, symbol: &str) -> (FakeUpstream, TestServer) {
+    let fake = FakeUpstream::start().await;
+    let server =
+        TestServer::start_with(config(vec![upstream(name, kind, &fake.url(), &[symbol])])).await;
+    (fake, server)
+}
+
 /// Subscribes a client to `symbols` on `server`.
 async fn client(server: &TestServer, symbols: &[&str]) -> Ws {
     let (mut ws, _) = server.client().await;
@@ -330,14 +338,7 @@ async fn each_kind_maps_its_messages_to_ticks() {
 async fn tickfan_kind_maps_its_messages_to_ticks() {
     // A fake tickfan speaking the recorded /ws messages: welcome, then the subscribe
     // (without since_seq on a first connect), ack, snapshot, live tick.
-    let mut fake = FakeUpstream::start().await;
-    let server = TestServer::start_with(config(vec![upstream(
-        "edge",
-        UpstreamKind::Tickfan,
-        &fake.url(),
-        &["AAPL"],
-    )]))
-    .await;
+    let (mut fake, server) = one_upstream("edge", UpstreamKind::Tickfan, "AAPL").await;
     let mut ws = client(&server, &["AAPL"]).await;
     let mut conn = fake.accept().await;
     let lines = fixture("tickfan");
@@ -365,14 +366,7 @@ async fn tickfan_kind_maps_its_messages_to_ticks() {
 
 #[tokio::test]
 async fn garbage_is_dead_lettered_and_a_closing_upstream_is_reconnected() {
-    let mut fake = FakeUpstream::start().await;
-    let server = TestServer::start_with(config(vec![upstream(
-        "bn",
-        UpstreamKind::Binance,
-        &fake.url(),
-        &["BTCUSDT"],
-    )]))
-    .await;
+    let (mut fake, server) = one_upstream("bn", UpstreamKind::Binance, "BTCUSDT").await;
     let mut ws = client(&server, &["BTCUSDT"]).await;
     let mut conn = fake.accept().await;
     conn.handshake(UpstreamKind::Binance).await;
@@ -787,14 +781,7 @@ async fn an_oversized_message_ends_the_session_and_is_counted() {
 #[tokio::test]
 async fn binance_pings_are_answered_with_pongs() {
     // Binance pings every 20 s and drops a connection that does not pong within a minute.
-    let mut fake = FakeUpstream::start().await;
-    let server = TestServer::start_with(config(vec![upstream(
-        "bn",
-        UpstreamKind::Binance,
-        &fake.url(),
-        &["BTCUSDT"],
-    )]))
-    .await;
+    let (mut fake, server) = one_upstream("bn", UpstreamKind::Binance, "BTCUSDT").await;
     let mut conn = fake.accept().await;
     conn.handshake(UpstreamKind::Binance).await;
     conn.ws
