@@ -2,7 +2,11 @@
 //! raw pipelined publishes with acks (the ceiling), and per-subject compare-and-set publishes
 //! (`Nats-Expected-Last-Subject-Sequence`, one in flight per symbol) over S symbols.
 //!
-//! `cargo run --release --example bus_bench -- nats://127.0.0.1:4222 [ticks] [symbols]`
+//! `cargo run --release --example bus_bench -- nats://127.0.0.1:4222 [msgs] [symbols] [bytes]`
+//!
+//! `bytes` is the payload size (default 190, one tick's JSON); pass the mean message size of
+//! a batched run (`published ticks / published messages` x ~190) to get the raw ceiling at
+//! that size.
 
 use std::future::IntoFuture;
 use std::time::{Duration, Instant};
@@ -20,6 +24,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .unwrap_or("nats://127.0.0.1:4222".into());
     let n: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(100_000);
     let symbols: u64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(100);
+    let bytes: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(190);
     let client = async_nats::connect(&url).await?;
     let js = jetstream::new(client);
     let _ = js.delete_stream("BENCH").await;
@@ -32,7 +37,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     })
     .await?;
     // A tick's wire JSON is ~190 bytes.
-    let payload = Bytes::from(vec![b'x'; 190]);
+    let payload = Bytes::from(vec![b'x'; bytes]);
 
     // Raw: pipelined, with a Msg-Id each, acks awaited (up to 4096 in flight).
     let start = Instant::now();
@@ -54,7 +59,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         a?;
     }
     let raw = n as f64 / start.elapsed().as_secs_f64();
-    println!("raw pipelined publish with acks: {raw:.0} msgs/s ({n} msgs, {symbols} subjects)");
+    println!(
+        "raw pipelined publish with acks: {raw:.0} msgs/s, {:.1} MB/s ({n} msgs of {bytes} B, {symbols} subjects)",
+        raw * bytes as f64 / 1e6
+    );
 
     // CAS: one task per symbol, one publish in flight per symbol.
     let per = n / symbols;

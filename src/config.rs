@@ -629,6 +629,13 @@ pub struct ClusterConfig {
     pub max_in_flight: usize,
     /// Ticks consumed from the stream and waiting for this node's dispatcher.
     pub consumer_buffer: usize,
+    /// Most ticks of one symbol carried by one stream message. While a symbol's publish is
+    /// in flight, its next ticks queue and go out together as one message (JetStream's cost
+    /// is per message). 1: one tick per message.
+    pub max_ticks_per_message: usize,
+    /// Most payload bytes of one stream message (must stay below the NATS server's
+    /// `max_payload`, 1 MiB by default); a batch is cut before it would pass this.
+    pub max_message_bytes: usize,
 }
 
 impl Default for ClusterConfig {
@@ -644,6 +651,8 @@ impl Default for ClusterConfig {
             publish_timeout_ms: 5_000,
             max_in_flight: 8_192,
             consumer_buffer: 8_192,
+            max_ticks_per_message: 256,
+            max_message_bytes: 256 * 1024,
         }
     }
 }
@@ -784,6 +793,12 @@ impl Config {
             }
             if c.max_in_flight == 0 || c.consumer_buffer == 0 {
                 return invalid("cluster.max_in_flight", "capacities must be >= 1");
+            }
+            if c.max_ticks_per_message == 0 {
+                return invalid("cluster.max_ticks_per_message", "must be at least 1");
+            }
+            if !(1_024..=64 * 1024 * 1024).contains(&c.max_message_bytes) {
+                return invalid("cluster.max_message_bytes", "must be 1024..=67108864");
             }
         }
         Ok(())

@@ -69,6 +69,31 @@ impl ImportSummary {
         self.rejected.values().sum()
     }
 
+    /// Everything `tickfan import` prints at the end, in order: what a re-run skipped, the
+    /// rejections by code, and last the contract's summary line (scripts read the last line).
+    /// Skipped rows are "read by an earlier run", not "imported": that run may have rejected
+    /// them.
+    #[must_use]
+    pub fn report_lines(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        if self.resumed > 0 {
+            lines.push(format!(
+                "resumed: skipped {} rows already read by an earlier run",
+                self.resumed
+            ));
+        }
+        if !self.rejected.is_empty() {
+            let by_code: Vec<String> = self
+                .rejected
+                .iter()
+                .map(|(c, n)| format!("{c}={n}"))
+                .collect();
+            lines.push(format!("rejected by code: {}", by_code.join(", ")));
+        }
+        lines.push(self.line());
+        lines
+    }
+
     /// The contract's summary line.
     #[must_use]
     pub fn line(&self) -> String {

@@ -168,20 +168,8 @@ fn import(cfg: &Config, files: &[PathBuf]) -> ExitCode {
     tickfan::logging::init(&cfg.log);
     match tickfan::import::run(cfg, files, std::io::stderr().is_terminal()) {
         Ok(summary) => {
-            println!("{}", summary.line());
-            if !summary.rejected.is_empty() {
-                let by_code: Vec<String> = summary
-                    .rejected
-                    .iter()
-                    .map(|(c, n)| format!("{c}={n}"))
-                    .collect();
-                println!("rejected by code: {}", by_code.join(", "));
-            }
-            if summary.resumed > 0 {
-                println!(
-                    "resumed: skipped {} rows imported by an earlier run",
-                    summary.resumed
-                );
+            for line in summary.report_lines() {
+                println!("{line}");
             }
             if summary.failed_files.is_empty() {
                 ExitCode::SUCCESS

@@ -40,6 +40,19 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let config = Arc::new(config);
+    // A token sent to an open server is accepted without a word; say once that auth is off.
+    let open_to = match (
+        config.auth.client_tokens.is_empty(),
+        config.auth.ingest_tokens.is_empty(),
+    ) {
+        (true, true) => Some("clients and producers"),
+        (true, false) => Some("clients"),
+        (false, true) => Some("producers"),
+        (false, false) => None,
+    };
+    if let Some(who) = open_to {
+        tracing::warn!("auth is off for {who}: no [auth] tokens configured for them, so any token (or none) is accepted");
+    }
     let stop = CancellationToken::new();
     let queue = Arc::new(PriorityQueue::new(&config.queue));
     // Open the store off the runtime: recovery may verify the whole file.
@@ -50,7 +63,7 @@ pub async fn run(
         .map_err(|e| ServerError::Store(e.to_string()))?;
     tracing::info!(
         epoch = recovery.epoch,
-        clean = recovery.clean,
+        previous_run = recovery.previous_run(),
         symbols = recovery.symbols.len(),
         dir = %config.store.dir.display(),
         "store opened"

@@ -277,6 +277,68 @@ async fn the_same_id_sent_to_two_nodes_is_stored_once() {
     }
 }
 
+/// Ids sent to two nodes at once, in batches: each node's ingest accepts them (neither has
+/// seen the other's copy yet), so only the publisher's filter on a fully seen chain head keeps
+/// them single. The stream must hold one gap-free chain with every id exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_one_symbol_sent_to_two_nodes_at_once_is_one_gap_free_chain_without_repeats() {
+    let nats = Nats::start();
+    let a = node(&nats, "a").await;
+    let b = node(&nats, "b").await;
+    const SHARED: usize = 600;
+    const OWN: usize = 200;
+    let body = |own: &str| {
+        let mut ticks = Vec::new();
+        for i in 0..SHARED {
+            let mut t = tick("Z", 1.0 + i as f64, 1.0);
+            t["id"] = format!("z-{i}").into();
+            ticks.push(t);
+            if i < OWN {
+                let mut t = tick("Z", 5_000.0 + i as f64, 2.0);
+                t["id"] = format!("{own}-{i}").into();
+                ticks.push(t);
+            }
+        }
+        Value::Array(ticks).to_string()
+    };
+    let (body_a, body_b) = (body("a"), body("b"));
+    let ((sa, _, acka), (sb, _, ackb)) = tokio::join!(a.post_ticks(body_a), b.post_ticks(body_b));
+    assert_eq!((sa, sb), (200, 200), "{acka} {ackb}");
+    let total = SHARED + 2 * OWN;
+    let taken =
+        |ack: &Value| ack["accepted"].as_u64().unwrap() + ack["duplicates"].as_u64().unwrap();
+    assert_eq!(taken(&acka), (SHARED + OWN) as u64, "{acka}");
+    assert_eq!(taken(&ackb), (SHARED + OWN) as u64, "{ackb}");
+    let path = "/api/history/Z?limit=5000";
+    let full = |_: u16, v: &Value| v["last_seq"].as_u64() >= Some(total as u64);
+    for n in [&a, &b] {
+        let h = wait_json(n, path, full).await;
+        let ticks = h["ticks"].as_array().unwrap();
+        let seqs: Vec<u64> = ticks.iter().map(|t| t["seq"].as_u64().unwrap()).collect();
+        assert_eq!(
+            seqs,
+            (1..=total as u64).collect::<Vec<_>>(),
+            "one gap-free chain"
+        );
+        let mut ids: Vec<&str> = ticks.iter().map(|t| t["id"].as_str().unwrap()).collect();
+        ids.sort_unstable();
+        let before = ids.len();
+        ids.dedup();
+        assert_eq!(ids.len(), before, "an id stored twice");
+        assert_eq!(h["last_seq"], total, "{}", h["last_seq"]);
+    }
+    // Many ticks went out per message (that is what batching is for).
+    let (_, ha) = a.get_json("/health").await;
+    let (_, hb) = b.get_json("/health").await;
+    let count = |k: &str| ha["cluster"][k].as_u64().unwrap() + hb["cluster"][k].as_u64().unwrap();
+    assert!(
+        count("published_messages") < count("published_ticks"),
+        "{} {}",
+        ha["cluster"],
+        hb["cluster"]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_joining_node_serves_the_full_history() {
     let nats = Nats::start();
@@ -315,11 +377,18 @@ async fn a_late_joining_node_serves_the_full_history() {
     ws.close().await;
 
     // A clean restart resumes from the saved position, neither losing nor repeating a tick.
+    // The store has every message of the stream (the position is a stream sequence: a
+    // message may carry several ticks).
+    let h = wait_json(&late, "/health", |_, v| {
+        let c = &v["cluster"];
+        c["position"].as_u64() > Some(0) && c["position"] == c["stream_last"]
+    })
+    .await;
     let config = late.config.clone();
     let dir = late.stop().await;
     let saved: Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("cluster.json")).unwrap()).unwrap();
-    assert_eq!(saved["position"], 30, "{saved}");
+    assert_eq!(saved["position"], h["cluster"]["position"], "{saved}");
     let again = TestServer::start_in(config, dir).await;
     ingest(&mut p, &[tick("L", 99.0, 2.0)]).await;
     let h = wait_json(&again, "/api/history/L?limit=100", |_, v| {
@@ -360,6 +429,9 @@ async fn bus_outage_degrades_health_refuses_acks_and_resumes_without_a_gap() {
     assert!(body["retry_after_ms"].as_u64().unwrap() > 0);
     assert!(headers.contains_key("retry-after"));
     assert_eq!(body["accepted"], 0, "{body}");
+    let why = body["message"].as_str().unwrap();
+    assert!(why.contains("bus unavailable"), "{body}");
+    assert!(!why.contains("queue full"), "{body}");
     // History is still served while the bus is down.
     let (status, hist) = b.get_json("/api/history/O?limit=10").await;
     assert_eq!((status, hist["last_seq"].clone()), (200, json!(5)));

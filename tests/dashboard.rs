@@ -100,12 +100,18 @@ for (const tr of document.querySelectorAll('#watchlist-body tr[data-symbol]')) {
 }
 const canvases = Array.from(document.querySelectorAll('#chart canvas'))
   .map((c) => ({ width: c.width, height: c.height }));
+const c = t.client && t.client();
+const statLabels = Array.from(document.querySelectorAll('#stats .stat .k, #client-stats .stat .k'))
+  .map((k) => ({ text: k.textContent, cut: k.scrollWidth > k.clientWidth }));
 return {
   connected: s.connected, status: s.status, epoch: s.epoch, mode: s.mode,
   lastSeq: s.lastSeq, messages: s.messages, ticks: s.ticks, duplicates: s.duplicates,
   gaps: s.gaps, snapshotGaps: s.snapshotGaps, reconnects: s.reconnects,
   reconnectAttempts: s.reconnectAttempts,
   selected: s.selected, barsDrawn: s.barsDrawn, rows, canvases,
+  chartBars: t.chart.bars.map((b) => [b.t, Math.round(b.volume * 1e6) / 1e6]),
+  latency: s.latency, statLabels,
+  usesClient: !!(c && typeof c.subscribe === 'function' && c.lastSeq instanceof Map),
   e2e: window.__e2e || null,
 };
 "#;
@@ -453,7 +459,27 @@ async fn dashboard_end_to_end() {
         .as_str()
         .expect("a selected symbol")
         .to_owned();
-    assert!(symbols.contains(&selected.as_str()), "{selected}");
+    // The chart opens on the watchlist's first row, not on whichever symbol ticked first.
+    assert_eq!(selected, "AAPL", "{s:#}");
+    assert_eq!(
+        s["usesClient"], true,
+        "the page runs on the JS client: {s:#}"
+    );
+    // The page loads the client the server embeds, byte for byte the committed build.
+    let served = reqwest::get(server.http("/tickfan.js"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let committed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/js/dist/tickfan.js"),
+    )
+    .unwrap();
+    assert_eq!(
+        served, committed,
+        "/tickfan.js is the committed client build"
+    );
     let (_, bars) = server
         .get_json(&format!("/api/bars/{selected}?tf=1m&limit=500"))
         .await;
@@ -604,6 +630,77 @@ async fn dashboard_end_to_end() {
     );
     assert_eq!(s["mode"], "batch", "mode re-requested on reconnect: {s:#}");
     assert!(s["barsDrawn"].as_u64().unwrap() > 0, "{s:#}");
+
+    // No hole in the chart: the selected symbol's candles carry exactly the volume the
+    // server's bars do, including the ticks sent while the page was away (each tick has a
+    // distinct volume, so a missing or doubled tick shows).
+    let (_, bars) = server
+        .get_json(&format!("/api/bars/{selected}?tf=1m&limit=500"))
+        .await;
+    // As (bucket ms, volume) pairs, compared as numbers (JSON 9 and 9.0 are the same volume).
+    let pairs = |v: &Value| -> Vec<(i64, f64)> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|b| {
+                        (
+                            b[0].as_i64().unwrap_or(-1),
+                            (b[1].as_f64().unwrap_or(-1.0) * 1e6).round() / 1e6,
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let want: Vec<(i64, f64)> = bars["bars"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["t"].as_i64().unwrap(),
+                (b["volume"].as_f64().unwrap() * 1e6).round() / 1e6,
+            )
+        })
+        .collect();
+    let what = format!("chart bars match the server's after the restart: {want:?}");
+    browser
+        .wait_page(&what, |s| pairs(&s["chartBars"]) == want)
+        .await;
+
+    // The Server panel: short, distinct labels that fit; no negative latency.
+    let labels = browser
+        .wait_page("server panel filled", |s| {
+            s["statLabels"].as_array().is_some_and(|l| l.len() > 10)
+        })
+        .await["statLabels"]
+        .clone();
+    let texts: Vec<&str> = labels
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["text"].as_str().unwrap())
+        .collect();
+    let distinct: std::collections::BTreeSet<&str> = texts.iter().copied().collect();
+    assert_eq!(distinct.len(), texts.len(), "duplicate labels: {texts:?}");
+    for l in labels.as_array().unwrap() {
+        assert_eq!(l["cut"], false, "label cut off: {l}");
+    }
+    for want in [
+        "uptime",
+        "connections",
+        "latency p50",
+        "latency p99",
+        "queue",
+    ] {
+        assert!(texts.contains(&want), "{want} missing from {texts:?}");
+    }
+    let lat = &browser.page().await["latency"];
+    for q in ["p50", "p99"] {
+        if let Some(v) = lat[q].as_f64() {
+            assert!(v >= 0.0, "negative latency {q}: {lat}");
+        }
+    }
 
     // 6. A picture for people, then the console.
     let png = browser.client.screenshot().await.unwrap();

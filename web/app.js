@@ -1,11 +1,13 @@
-// tickfan live dashboard. Plain ES2020, no build step: the server embeds this file as is.
+// tickfan live dashboard. An ES module with no build step of its own: the server embeds this
+// file as is, and serves the JS client's committed build (clients/js/dist/tickfan.js) next to
+// it as tickfan.js.
 //
-// Data flow: one WebSocket to /ws. After `welcome` we send one `subscribe` (fresh: with
-// `history`; after a reconnect to the same epoch: with `since_seq` so nothing is missed or
-// repeated). `snapshot`, `tick` and `batch` messages all go through applyTick(), which drops
-// anything at or below the last seq seen for its symbol. The DOM is updated once per animation
-// frame from a set of dirty rows, so a fast feed costs one layout per frame, not one per tick.
-'use strict';
+// Data flow: one TickfanClient (the same client library users get) owns the /ws connection:
+// it resumes with since_seq after any disconnect, drops duplicates at the seam, reports
+// history gaps and epoch changes, and watches heartbeats. Its `tick` events go through
+// applyTick(). The DOM is updated once per animation frame from a set of dirty rows, so a fast
+// feed costs one layout per frame, not one per tick.
+import { TickfanClient } from './tickfan.js';
 
 (function tickfanDashboard() {
   // ---------------------------------------------------------------- constants and options
@@ -16,6 +18,8 @@
   const MODES = ['realtime', 'throttled', 'batch', 'smart'];
   const BACKOFF_MIN_MS = 250;
   const BACKOFF_MAX_MS = 10000;
+  const DEFAULT_SELECT_MS = 300;  // wait for the first snapshots before picking a chart symbol
+  const SELECTED_KEY = 'tickfan.selected';
   const LATENCY_WINDOW_MS = 5000;
   const LATENCY_MAX_SAMPLES = 8192;
   const POLL_MS = 2000;
@@ -65,26 +69,19 @@
     dlq: [],
   };
 
+  // The client's counters, read live (tests and the panel see them without a state change).
+  for (const [key, of] of [['reconnects', 'reconnects'], ['reconnectAttempts', 'reconnectAttempts'], ['duplicates', 'duplicates']]) {
+    Object.defineProperty(state, key, { enumerable: true, get: () => (client ? client[of] : 0) });
+  }
+
   // Per-symbol view model: symbol -> { row, cells, first, last tick fields, counters }.
   const symbols = new Map();
   // Symbols whose row needs repainting at the next frame.
   const dirty = new Set();
-  // Last seq per symbol used for gap checks; cleared whenever a hole becomes legitimate
-  // (filters on, epoch change, server-declared snapshot gap).
-  const gapRef = new Map();
   // Latency samples: parallel ring of [arrival ms, latency ms].
   const latency = { at: new Float64Array(LATENCY_MAX_SAMPLES), ms: new Float64Array(LATENCY_MAX_SAMPLES), head: 0, size: 0 };
 
-  let ws = null;
-  let backoffAttempt = 0;
-  let reconnectTimer = 0;
-  let pingTimer = 0;
-  let watchdogTimer = 0;
-  let lastMessageAt = 0;
-  let everConnected = false;
-  let stopped = false;          // true after a fatal close (bad token): no more retries
-  let nextId = 1;
-  const pending = new Map();    // request id -> { msg, retries }
+  let client = null;            // the TickfanClient
   let configureTimer = 0;
   let flushScheduled = false;
   let pollTimer = 0;
@@ -126,14 +123,6 @@
   function withToken(url) {
     if (!token) return url;
     return url + (url.includes('?') ? '&' : '?') + 'token=' + encodeURIComponent(token);
-  }
-
-  function wsUrl() {
-    const u = new URL('ws', location.href);
-    u.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    u.search = token ? '?token=' + encodeURIComponent(token) : '';
-    u.hash = '';
-    return u.toString();
   }
 
   // Shows the price exactly as sent, padded to at least 2 decimals so columns line up.
@@ -208,166 +197,76 @@
     el.reconnect.hidden = status !== 'disconnected';
   }
 
-  // ---------------------------------------------------------------- WebSocket lifecycle
+  // ---------------------------------------------------------------- the client
 
+  // Fresh start: `history` ticks per symbol; after that the client resumes by itself.
   function connect() {
-    clearTimeout(reconnectTimer);
-    reconnectTimer = 0;
-    stopped = false;
-    if (ws) return;
-    setStatus('reconnecting');
-    let sock;
-    try {
-      sock = new WebSocket(wsUrl());
-    } catch (err) {
-      console.error('tickfan: cannot open WebSocket', err);
-      scheduleReconnect();
+    if (client) {
+      client.connect().catch(() => { /* reported through the error event */ });
       return;
     }
-    ws = sock;
-    sock.onmessage = (ev) => onMessage(sock, ev);
-    sock.onclose = (ev) => onClose(sock, ev);
-    // onerror is always followed by onclose, which does the work; the browser already logs it.
-    sock.onerror = () => {};
+    client = new TickfanClient(wsUrl(), { token, backoffMinMs: BACKOFF_MIN_MS, backoffMaxMs: BACKOFF_MAX_MS });
+    client.on('state', onClientState);
+    client.on('message', () => { state.messages += 1; });
+    client.on('welcome', onWelcome);
+    client.on('epoch', onEpoch);
+    client.on('tick', (t, snapshot) => applyTick(t, !snapshot));
+    client.on('gap', onGap);
+    client.on('ack', onAck);
+    client.on('mode', (m) => setMode(m.mode, typeof m.reason === 'string' ? m.reason : null));
+    client.on('error', onClientError);
+    client.connect().then(subscribe, () => { /* reported through the error event */ });
   }
 
   function disconnect() {
-    stopped = true;
-    clearTimeout(reconnectTimer);
-    if (ws) {
-      const sock = ws;
-      dropSocket();
-      try { sock.close(1000, 'bye'); } catch (_) { /* already closed */ }
-    }
+    if (client) client.close();
     setStatus('disconnected');
   }
 
-  function dropSocket() {
-    if (ws) {
-      ws.onmessage = null;
-      ws.onclose = null;
-    }
-    ws = null;
-    clearInterval(pingTimer);
-    clearInterval(watchdogTimer);
-    pending.clear();
+  function onClientState(s) {
+    setStatus(s === 'connected' ? 'connected' : s === 'closed' ? 'disconnected' : 'reconnecting');
   }
 
-  function onClose(sock, ev) {
-    if (sock !== ws) return;
-    dropSocket();
-    // 4001: the token is missing or wrong; retrying with the same token cannot succeed.
-    if (ev.code === 4001) {
-      stopped = true;
-      showNotice('unauthorized: add a valid ?token= to the page URL', 'error');
-      setStatus('disconnected');
-      return;
-    }
-    if (ev.code === 4008) showNotice('server closed us as a slow consumer; resuming', 'warn');
-    if (stopped) {
-      setStatus('disconnected');
-      return;
-    }
-    scheduleReconnect();
-  }
-
-  // Exponential backoff 250 ms .. 10 s with jitter, so a restarted server is not stampeded.
-  function scheduleReconnect() {
-    setStatus('reconnecting');
-    clearTimeout(reconnectTimer);
-    const base = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** backoffAttempt);
-    const delay = Math.max(BACKOFF_MIN_MS, Math.round(base * (0.5 + Math.random() * 0.5)));
-    backoffAttempt = Math.min(backoffAttempt + 1, 16);
-    state.reconnectAttempts += 1;
-    reconnectTimer = setTimeout(connect, delay);
-  }
-
-  function send(msg) {
-    if (!ws || ws.readyState !== WebSocket.OPEN) return false;
-    try {
-      ws.send(JSON.stringify(msg));
-      return true;
-    } catch (err) {
-      console.error('tickfan: send failed', err);
-      return false;
-    }
-  }
-
-  // Sends a request with a fresh id and remembers it, so an ack can tell which mode it
-  // confirmed and a rate_limited error can be retried.
-  function request(msg) {
-    const id = nextId++;
-    const full = Object.assign({ id }, msg);
-    pending.set(id, { msg: full, retries: 0 });
-    if (pending.size > 100) pending.delete(pending.keys().next().value);
-    send(full);
-    return id;
-  }
-
-  function onMessage(sock, ev) {
-    if (sock !== ws) return;
-    state.messages += 1;
-    lastMessageAt = Date.now();
-    if (typeof ev.data !== 'string') return;
-    let msg;
-    try {
-      msg = JSON.parse(ev.data);
-    } catch (_) {
-      return; // not ours to fix; a bad frame must not stop the dashboard
-    }
-    if (!msg || typeof msg !== 'object') return;
-    try {
-      dispatch(msg);
-    } catch (err) {
-      console.error('tickfan: failed to handle', msg.type, err);
-    }
-  }
-
-  function dispatch(msg) {
-    switch (msg.type) {
-      case 'welcome': onWelcome(msg); break;
-      case 'ack': onAck(msg); break;
-      case 'snapshot': onSnapshot(msg); break;
-      case 'tick': applyTick(msg, true); break;
-      case 'batch': onBatch(msg); break;
-      case 'mode': onModeAnnounce(msg); break;
-      case 'error': onServerError(msg); break;
-      case 'pong': onPong(msg); break;
-      case 'heartbeat': break; // lastMessageAt already refreshed the watchdog
-      default: break;
-    }
+  // The token goes in ?token= (browsers cannot set headers); the client adds it.
+  function wsUrl() {
+    const u = new URL('ws', location.href);
+    u.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
+    u.search = '';
+    u.hash = '';
+    return u.toString();
   }
 
   function onWelcome(msg) {
-    const epochChanged = state.epoch !== null && msg.epoch !== undefined && msg.epoch !== state.epoch;
-    if (everConnected) state.reconnects += 1;
-    everConnected = true;
-    backoffAttempt = 0;
     state.session = msg.session ?? null;
     state.server = msg.server ?? null;
-    state.heartbeatMs = isNum(msg.heartbeat_ms) && msg.heartbeat_ms >= 500 ? msg.heartbeat_ms : DEFAULT_HEARTBEAT_MS;
-    if (epochChanged) forgetSeqs();
-    if (msg.epoch !== undefined) state.epoch = msg.epoch;
+    state.heartbeatMs = isNum(msg.heartbeat_ms) ? msg.heartbeat_ms : DEFAULT_HEARTBEAT_MS;
+    state.epoch = msg.epoch ?? null;
     setText(el.epoch, state.epoch === null ? '–' : String(state.epoch));
     setText(el.server, state.server || '');
     if (msg.protocol !== undefined && msg.protocol !== 1) {
       showNotice(`server speaks protocol ${msg.protocol}; this page expects 1`, 'warn');
-    } else if (epochChanged) {
-      showNotice('server epoch changed: history reloaded', 'warn');
-    } else {
+    } else if (!epochNotice) {
       showNotice('');
     }
-    setStatus('connected');
-    subscribe();
-    startKeepalive();
-    if (state.selected) loadBars();
+    epochNotice = false;
+    // No bars reload after a reconnect: the client's since_seq replay brings every tick we
+    // missed through applyTick() into the chart, once (a reload raced with that replay and
+    // could count ticks twice).
     pollNow();
   }
 
-  // A new epoch means the server's seqs started over: old seqs would hide every new tick.
+  let epochNotice = false;
+
+  // A new epoch means the server's seqs started over: the client forgot its seqs; so do we.
+  function onEpoch() {
+    forgetSeqs();
+    epochNotice = true;
+    if (state.selected) loadBars();
+    showNotice('server epoch changed: history reloaded', 'warn');
+  }
+
   function forgetSeqs() {
     state.lastSeq = {};
-    gapRef.clear();
     symbols.clear();
     dirty.clear();
     if (el.tbody) el.tbody.textContent = '';
@@ -376,50 +275,22 @@
 
   function subscribe() {
     const r = state.requested;
-    const msg = {
-      op: 'subscribe',
-      symbols: state.subscribed,
-      mode: r.mode,
-      interval_ms: r.interval_ms,
-      min_quality: r.min_quality,
-      min_volume: r.min_volume,
+    const opts = {
+      mode: r.mode, interval_ms: r.interval_ms, min_quality: r.min_quality, min_volume: r.min_volume,
     };
-    const since = resumePoints();
-    if (since) msg.since_seq = since;
-    else if (freshHistory > 0) msg.history = freshHistory;
-    request(msg);
-  }
-
-  // since_seq for every symbol we have seen (limited to the subscribed list when there is one).
-  function resumePoints() {
-    const wildcard = state.subscribed.includes('*');
-    const since = {};
-    let any = false;
-    for (const [sym, seq] of Object.entries(state.lastSeq)) {
-      if (wildcard || state.subscribed.includes(sym)) {
-        since[sym] = seq;
-        any = true;
-      }
-    }
-    return any ? since : null;
+    if (freshHistory > 0) opts.history = freshHistory;
+    client.subscribe(state.subscribed, opts).catch((e) => onClientError(e));
   }
 
   function onAck(msg) {
-    const req = isNum(msg.id) ? pending.get(msg.id) : undefined;
-    if (req) pending.delete(msg.id);
-    const op = msg.op || (req && req.msg.op);
-    if (op === 'subscribe' || op === 'configure') {
-      const acked = pickMode(msg.mode) || (req && pickMode(req.msg.mode));
+    if (msg.op === 'subscribe' || msg.op === 'configure') {
+      const acked = pickMode(msg.mode);
       if (acked) setMode(acked, null);
     }
     if (Array.isArray(msg.rejected) && msg.rejected.length) {
       const list = msg.rejected.map((r) => `${r.symbol}: ${r.code}`).join(', ');
       showNotice('rejected: ' + list, 'warn');
     }
-  }
-
-  function onModeAnnounce(msg) {
-    if (typeof msg.mode === 'string') setMode(msg.mode, typeof msg.reason === 'string' ? msg.reason : null);
   }
 
   function setMode(mode, reason) {
@@ -430,112 +301,53 @@
     el.mode.title = `requested: ${state.requested.mode}`;
   }
 
-  function onServerError(msg) {
-    state.lastError = { code: msg.code, message: msg.message };
-    const req = isNum(msg.id) ? pending.get(msg.id) : undefined;
-    if (msg.code === 'rate_limited' && req && req.retries < 3) {
-      // Our own request was refused for speed: send the same thing again once allowed,
-      // on the same connection only (a new one re-subscribes by itself).
-      req.retries += 1;
-      const wait = isNum(msg.retry_after_ms) ? msg.retry_after_ms : 1000;
-      const sock = ws;
-      setTimeout(() => { if (ws === sock) send(req.msg); }, Math.min(wait, 10000));
-      return;
+  function onClientError(err) {
+    state.lastError = { code: err.code, message: err.message };
+    if (err.code === 'unauthorized' || err.code === 'token_expired') {
+      showNotice('unauthorized: add a valid ?token= to the page URL', 'error');
+    } else if (err.code === 'slow_consumer') {
+      showNotice('server closed us as a slow consumer; resuming', 'warn');
+    } else if (err.code !== 'heartbeat_timeout' && err.code !== 'disconnected') {
+      showNotice(`server: ${err.code}${err.message ? ' – ' + err.message : ''}`, 'warn');
     }
-    if (req) pending.delete(msg.id);
-    showNotice(`server: ${msg.code || 'error'}${msg.message ? ' – ' + msg.message : ''}`,
-      msg.code === 'unauthorized' ? 'error' : 'warn');
   }
 
-  function onPong(msg) {
-    const req = isNum(msg.id) ? pending.get(msg.id) : undefined;
-    if (!req) return;
-    pending.delete(msg.id);
-    state.rttMs = Date.now() - req.sentAt;
-  }
-
-  // The server drops a client that sent nothing for 3 heartbeats, and a half-open TCP
-  // connection would never fire onclose: ping on every heartbeat and give up after 3 silent ones.
-  function startKeepalive() {
-    clearInterval(pingTimer);
-    clearInterval(watchdogTimer);
-    lastMessageAt = Date.now();
-    pingTimer = setInterval(sendPing, state.heartbeatMs);
-    watchdogTimer = setInterval(checkSilence, Math.min(state.heartbeatMs, 5000));
-  }
-
-  function sendPing() {
-    const id = request({ op: 'ping' });
-    const req = pending.get(id);
-    if (req) req.sentAt = Date.now();
-  }
-
-  function checkSilence() {
-    if (!ws || Date.now() - lastMessageAt < state.heartbeatMs * 3 + 1000) return;
-    const sock = ws;
-    dropSocket();
-    try { sock.close(4000, 'heartbeat timeout'); } catch (_) { /* gone already */ }
-    scheduleReconnect();
+  function onGap(g) {
+    if (g.reason === 'history') {
+      // The store no longer reaches back to our since_seq: the hole is known and reported.
+      state.snapshotGaps += 1;
+      showNotice(`${g.symbol}: history no longer reaches the last seen seq; some ticks were skipped`, 'warn');
+    } else {
+      state.gaps += 1;
+    }
   }
 
   // ---------------------------------------------------------------- ticks
 
-  function onSnapshot(msg) {
-    if (!Array.isArray(msg.ticks)) return;
-    if (msg.gap === true) {
-      // The store no longer reaches back to our since_seq: the hole is known and reported.
-      state.snapshotGaps += 1;
-      if (typeof msg.symbol === 'string') gapRef.delete(msg.symbol);
-      showNotice(`${msg.symbol}: history no longer reaches the last seen seq; some ticks were skipped`, 'warn');
-    }
-    for (const t of msg.ticks) {
-      if (t && typeof t === 'object' && t.symbol === undefined) t.symbol = msg.symbol;
-      applyTick(t, false);
-    }
-  }
-
-  function onBatch(msg) {
-    if (!Array.isArray(msg.ticks)) return;
-    for (const t of msg.ticks) applyTick(t, true);
-  }
-
-  function filtersActive() {
-    return state.requested.min_quality > 0 || state.requested.min_volume > 0;
-  }
-
-  // Applies one tick (live or replayed) in seq order; returns false when it was ignored.
+  // Applies one tick (live or replayed); the client already dropped duplicates and keeps
+  // seq order per symbol.
   function applyTick(t, live) {
     if (!t || typeof t.symbol !== 'string' || !isNum(t.seq) || !isNum(t.price)) return false;
     const sym = t.symbol;
-    const last = state.lastSeq[sym];
-    if (last !== undefined && t.seq <= last) {
-      state.duplicates += 1;
-      return false;
-    }
-    checkGap(sym, t);
     state.lastSeq[sym] = t.seq;
     state.ticks += 1;
-    if (live && isNum(t.t_in)) recordLatency(Date.now() - t.t_in / 1000);
+    if (live && isNum(t.t_in)) recordLatency(nowMs() - t.t_in / 1000);
     updateSymbol(sym, t);
     if (sym === state.selected) chartOnTick(t);
     return true;
   }
 
-  // A hole is only a gap when nothing legitimate explains it: filters hide ticks, and throttled
-  // delivery says how many it skipped in `conflated`.
-  function checkGap(sym, t) {
-    if (filtersActive()) {
-      gapRef.delete(sym);
-      return;
-    }
-    const prev = gapRef.get(sym);
-    const skipped = isNum(t.conflated) ? t.conflated : 0;
-    if (prev !== undefined && t.seq > prev + 1 + skipped) state.gaps += 1;
-    gapRef.set(sym, t.seq);
+  // Sub-millisecond wall clock: Date.now() has 1 ms steps, which made the latency of a fast
+  // server read negative (t_in is in µs).
+  function nowMs() {
+    return performance.timeOrigin + performance.now();
   }
 
   function recordLatency(ms) {
     if (!isNum(ms)) return;
+    // Clocks of different resolution (and a server clock a hair ahead) can still make it a
+    // little negative; a delivery cannot take less than nothing.
+    ms = Math.max(0, ms);
     const i = latency.head;
     latency.at[i] = Date.now();
     latency.ms[i] = ms;
@@ -576,7 +388,7 @@
     s.count += 1 + (isNum(t.conflated) ? t.conflated : 0);
     s.updatedAt = Date.now();
     markDirty(sym);
-    if (state.selected === null) selectSymbol(sym);
+    if (state.selected === null) scheduleDefaultSelection();
   }
 
   function addSymbol(sym) {
@@ -766,8 +578,32 @@
     chart.candles.priceScale().applyOptions({ scaleMargins: { top: 0.08, bottom: 0.25 } });
   }
 
-  function selectSymbol(sym) {
+  let defaultSelectTimer = 0;
+
+  // The chart opens on ?symbol=, else on the symbol picked last time (kept in localStorage)
+  // when the server has it, else on the watchlist's first row, chosen once the first snapshots
+  // are in (not on whichever symbol happened to tick first).
+  function scheduleDefaultSelection() {
+    if (defaultSelectTimer) return;
+    defaultSelectTimer = setTimeout(() => {
+      defaultSelectTimer = 0;
+      if (state.selected !== null) return;
+      const saved = readSaved();
+      const first = el.tbody.rows[0] ? el.tbody.rows[0].dataset.symbol : null;
+      const pick = saved && symbols.has(saved) ? saved : first;
+      if (pick) selectSymbol(pick, false);
+    }, DEFAULT_SELECT_MS);
+  }
+
+  function readSaved() {
+    try { return localStorage.getItem(SELECTED_KEY); } catch (_) { return null; }
+  }
+
+  function selectSymbol(sym, remember = true) {
     if (typeof sym !== 'string' || !sym) return;
+    if (remember) {
+      try { localStorage.setItem(SELECTED_KEY, sym); } catch (_) { /* private mode */ }
+    }
     const prev = state.selected && symbols.get(state.selected);
     if (prev) prev.row.classList.remove('selected');
     state.selected = sym;
@@ -930,13 +766,12 @@
       Object.assign(state.requested, overrides);
       writeControls();
     }
-    // Hidden ticks make seq holes legitimate until filters are off again.
-    gapRef.clear();
     const r = state.requested;
-    return request({
-      op: 'configure', mode: r.mode, interval_ms: r.interval_ms,
+    if (!client) return Promise.resolve(null);
+    return client.configure({
+      mode: r.mode, interval_ms: r.interval_ms,
       min_quality: r.min_quality, min_volume: r.min_volume,
-    });
+    }).catch((e) => onClientError(e));
   }
 
   // ---------------------------------------------------------------- HTTP polling
@@ -963,10 +798,18 @@
     if (polling) return; // the running round schedules the next one
     polling = true;
     try {
-      if (state.connected) await Promise.all([pollStats(), dlqAvailable ? pollDlq() : null]);
+      if (state.connected) await Promise.all([pollStats(), dlqAvailable ? pollDlq() : null, pollRtt()]);
     } finally {
       polling = false;
       pollTimer = setTimeout(poll, POLL_MS);
+    }
+  }
+
+  async function pollRtt() {
+    try {
+      state.rttMs = await client.ping();
+    } catch (_) {
+      state.rttMs = null;
     }
   }
 
@@ -996,50 +839,63 @@
     }
   }
 
-  // Nested objects become dotted keys, so queue_depth.critical etc. show without special cases.
-  function flatten(obj, prefix, out) {
-    for (const [k, v] of Object.entries(obj)) {
-      const key = prefix ? `${prefix}.${k}` : k;
-      if (v && typeof v === 'object' && !Array.isArray(v)) flatten(v, key, out);
-      else out.push([key, v]);
-    }
-    return out;
+  // The Server panel: a fixed list of what a person wants to know, with short labels that fit
+  // (a raw dump of /api/stats cut "dispatch latency p50..p999" to six identical stubs).
+  // Fields an older server lacks show "–".
+  function count(v) {
+    return fmtNum(v, 0);
   }
 
-  function fmtStat(key, v) {
-    if (isNum(v)) {
-      if (/uptime_s$/.test(key)) return fmtDuration(v);
-      // Identifiers, not quantities: no thousands separators.
-      if (/(^|\.)epoch$/.test(key)) return String(v);
-      if (/^latency_us\..*\.(p\d+|max)$/.test(key)) return fmtNum(v, 0) + ' µs';
-      if (/rate/.test(key)) return fmtNum(v, 1) + '/s';
-      return fmtNum(v, 2);
-    }
-    if (Array.isArray(v)) return v.join(', ');
-    if (v === null || v === undefined) return '–';
-    return String(v);
+  function micros(v) {
+    if (!isNum(v)) return '–';
+    return v >= 1000 ? fmtMs(v / 1000) + ' ms' : Math.round(v) + ' µs';
   }
+
+  function queueText(b) {
+    const d = b.queue_depth;
+    const depth = isNum(d) ? d : d && typeof d === 'object'
+      ? Object.values(d).reduce((a, v) => a + (isNum(v) ? v : 0), 0) : null;
+    if (!isNum(depth)) return '–';
+    return isNum(b.queue_capacity) ? `${count(depth)} / ${count(b.queue_capacity)}` : count(depth);
+  }
+
+  const STAT_ROWS = [
+    ['uptime', 'how long the server has run', (b) => fmtDuration(b.uptime_s)],
+    ['connections', 'open /ws connections', (b) => count(b.connections)],
+    ['ingest', 'ticks received per second', (b) => (isNum(b.ingest_rate) ? fmtNum(b.ingest_rate, 1) + '/s' : '–')],
+    ['accepted', 'ticks accepted since start', (b) => count(b.ticks_accepted)],
+    ['rejected', 'ticks rejected (see Dead letters)', (b) => count(b.ticks_rejected)],
+    ['duplicates', 'duplicate ticks dropped', (b) => count(b.ticks_duplicate)],
+    ['refused', 'ticks refused with backpressure (producers resend them)', (b) => count(b.ticks_refused)],
+    ['queue', 'ticks waiting / queue capacity', queueText],
+    ['latency p50', 'ingest to dispatch, median', (b) => micros(b.latency_us?.ingest_to_dispatch?.p50)],
+    ['latency p99', 'ingest to dispatch, 99th percentile', (b) => micros(b.latency_us?.ingest_to_dispatch?.p99)],
+    ['latency max', 'ingest to dispatch, slowest', (b) => micros(b.latency_us?.ingest_to_dispatch?.max)],
+    ['sent', 'messages sent to clients', (b) => count(b.messages_sent)],
+    ['slow closes', 'clients closed as slow consumers', (b) => count(b.dropped?.slow_consumer_closes)],
+    ['conflated', 'ticks skipped by throttled/smart delivery', (b) => count(b.dropped?.conflated)],
+  ];
 
   function renderStats(body) {
-    renderKv(el.stats, flatten(body, '', []).map(([k, v]) => [k, fmtStat(k, v)]));
+    renderKv(el.stats, STAT_ROWS.map(([label, title, f]) => [label, f(body), title]));
   }
 
   function renderClientStats() {
     renderKv(el.clientStats, [
-      ['page.messages', fmtNum(state.messages, 0)],
-      ['page.msg_rate', fmtNum(msgRate, 1) + '/s'],
-      ['page.ticks', fmtNum(state.ticks, 0)],
-      ['page.duplicates_ignored', fmtNum(state.duplicates, 0)],
-      ['page.gaps', String(state.gaps)],
-      ['page.reconnects', String(state.reconnects)],
-      ['page.rtt', state.rttMs === null ? '–' : state.rttMs + ' ms'],
+      ['page messages', fmtNum(state.messages, 0), 'WebSocket messages this page received'],
+      ['page msg rate', fmtNum(msgRate, 1) + '/s', 'messages per second'],
+      ['page ticks', fmtNum(state.ticks, 0), 'ticks applied (history and live)'],
+      ['page dupes', fmtNum(state.duplicates, 0), 'ticks ignored at a resume seam (already shown)'],
+      ['page gaps', String(state.gaps + state.snapshotGaps), 'seq holes the server could not fill'],
+      ['reconnects', String(state.reconnects), 'times the page reconnected and resumed'],
+      ['rtt', state.rttMs === null ? '–' : state.rttMs + ' ms', 'ping round trip'],
     ]);
   }
 
   // Reuses nodes keyed by data-key so polling does not rebuild the panel every 2 s.
-  function renderKv(container, pairs) {
+  function renderKv(container, rows) {
     const seen = new Set();
-    for (const [key, text] of pairs) {
+    for (const [key, text, title] of rows) {
       seen.add(key);
       let item = container.querySelector(`[data-key="${CSS.escape(key)}"]`);
       if (!item) {
@@ -1048,11 +904,8 @@
         item.dataset.key = key;
         const k = document.createElement('span');
         k.className = 'k';
-        // Long nested keys keep their tail readable (latency_us.ingest_to_dispatch.p99 -> p99
-        // with the full name on hover).
-        const label = key.replace(/^page\./, '').replace(/^latency_us\.ingest_to_dispatch\./, 'dispatch latency ');
-        k.textContent = label.replace(/_/g, ' ');
-        k.title = key;
+        k.textContent = key;
+        if (title) k.title = title;
         const v = document.createElement('span');
         v.className = 'v';
         item.append(k, v);
@@ -1114,9 +967,9 @@
     el.controls.addEventListener('submit', (ev) => ev.preventDefault());
     el.controls.addEventListener('change', onControlsChanged);
     el.controls.addEventListener('input', onControlsChanged);
-    el.reconnect.addEventListener('click', () => { backoffAttempt = 0; connect(); });
+    el.reconnect.addEventListener('click', () => connect());
     // Close cleanly so the server logs a normal close instead of a dropped connection.
-    window.addEventListener('pagehide', () => { if (ws) { const s = ws; dropSocket(); s.close(1000, 'page closed'); } });
+    window.addEventListener('pagehide', () => { if (client) client.close(); });
   }
 
   function start() {
@@ -1125,7 +978,7 @@
     bindEvents();
     createChart();
     const wanted = params.get('symbol');
-    if (wanted) selectSymbol(wanted);
+    if (wanted) selectSymbol(wanted, false);
     setInterval(updateRates, 1000);
     setInterval(renderLatency, 500);
     setInterval(sweepFlashes, 150);
@@ -1142,7 +995,7 @@
     setTimeframe,
     configure,
     reloadBars: loadBars,
-    send,
+    client: () => client,
     chart,
     symbols,
   };

@@ -17,8 +17,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,13 +26,14 @@ use hdrhistogram::Histogram;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::http::header::{HeaderValue, AUTHORIZATION};
 use tokio_tungstenite::tungstenite::Error as WsError;
 
+use crate::net;
 use crate::stats::{self, Counters, Tally, CONNS};
 use crate::ws::{self, Flow, Msg, Step, WsIn};
 
@@ -58,19 +58,30 @@ pub struct Subscription {
     pub min_volume: f64,
 }
 
+/// One server's address and WebSocket URL.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Resolved address (connecting needs no DNS per connection).
+    pub addr: SocketAddr,
+    /// Full `ws://HOST:PORT/ws` URL for the handshake's Host header and path.
+    pub ws_url: String,
+}
+
 /// What every connection shares: built once, read-only, behind an `Arc`.
 #[derive(Debug)]
 pub struct ClientCtx {
-    /// Resolved server address (connecting needs no DNS per connection).
-    pub server: SocketAddr,
-    /// Full `ws://HOST:PORT/ws` URL for the handshake's Host header and path.
-    pub ws_url: String,
+    /// The servers (one, or the nodes of a cluster); connection `i` goes to
+    /// `targets[i % len]`, so clients spread round-robin over them.
+    pub targets: Box<[Endpoint]>,
     /// Sent as `Authorization: Bearer TOKEN` when set.
     pub token: Option<String>,
     /// Bind each socket to 127.0.0.x first (only when the server is on IPv4 loopback).
     pub spread_source: bool,
     /// Connections per source address before moving to the next one.
     pub conns_per_ip: usize,
+    /// Source addresses skipped first (127.0.0.(1 + offset) is the first one used), so
+    /// several load-test processes on one box can use disjoint addresses.
+    pub source_offset: usize,
     /// All symbol names; a tick's symbol is mapped to its index in here.
     pub symbols: Arc<[String]>,
     pub symbol_index: SymbolIndex,
@@ -127,22 +138,6 @@ impl SymbolIndex {
         }
         self.map.get(name).copied()
     }
-}
-
-/// Source address of the `index`-th connection: 127.0.0.1 for the first `per_ip`
-/// connections, 127.0.0.2 for the next `per_ip`, and so on. One source address can hold
-/// only as many connections to the server as there are ephemeral ports (and the server
-/// caps connections per peer IP), so big tests spread over several loopback addresses.
-pub fn source_ip(index: usize, per_ip: usize) -> Ipv4Addr {
-    let offset = (index / per_ip.max(1)) as u32;
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 1)) + offset)
-}
-
-/// Source address for the producer: the first one after the clients' blocks, so that it
-/// never competes with them for ports or for the server's per-IP connection cap.
-pub fn producer_source_ip(connections: usize, per_ip: usize) -> Ipv4Addr {
-    let per_ip = per_ip.max(1);
-    source_ip(connections.div_ceil(per_ip) * per_ip, per_ip)
 }
 
 /// The symbol indexes client `client` subscribes to: K consecutive symbols starting at
@@ -686,47 +681,20 @@ fn ws_reason(e: &WsError) -> String {
     }
 }
 
-/// Opens a TCP connection to `server`, first binding to `source` when given.
-///
-/// # Errors
-/// The socket, bind or connect error.
-pub async fn open_tcp(server: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
-    let socket = match server {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
-    }?;
-    if let Some(ip) = source {
-        // Let connect() pick the port from the full 4-tuple instead of bind() reserving
-        // one per source address; otherwise a source address runs out of ports sooner.
-        let one: libc::c_int = 1;
-        // SAFETY: valid fd, option value is a c_int that outlives the call.
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-        socket.bind(SocketAddr::new(ip, 0))?;
-    }
-    let stream = socket.connect(server).await?;
-    // Small frames must leave at once: Nagle would hold them for the previous ACK.
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
 /// TCP connect (from this connection's source address) plus WebSocket handshake. Returns
 /// the stream and the bytes that came in behind the handshake response.
 async fn connect(ctx: &ClientCtx, index: usize) -> Result<(TcpStream, Vec<u8>), String> {
-    let source = ctx
-        .spread_source
-        .then(|| IpAddr::V4(source_ip(index, ctx.conns_per_ip)));
-    let mut stream = open_tcp(ctx.server, source)
+    let source = ctx.spread_source.then(|| {
+        IpAddr::V4(net::source_ip(
+            index + ctx.source_offset * ctx.conns_per_ip,
+            ctx.conns_per_ip,
+        ))
+    });
+    let target = &ctx.targets[index % ctx.targets.len()];
+    let mut stream = net::open_tcp(target.addr, source)
         .await
         .map_err(|e| io_reason(&e))?;
-    let mut request = ctx
+    let mut request = target
         .ws_url
         .as_str()
         .into_client_request()
@@ -1090,30 +1058,6 @@ mod tests {
         assert_eq!(c.missing, 2 + 10);
         assert_eq!(c.duplicates, 2);
         assert_eq!(c.unexpected_symbol, 1);
-    }
-
-    #[test]
-    fn source_ips_spread_by_block() {
-        assert_eq!(source_ip(0, 10_000), Ipv4Addr::new(127, 0, 0, 1));
-        assert_eq!(source_ip(9_999, 10_000), Ipv4Addr::new(127, 0, 0, 1));
-        assert_eq!(source_ip(10_000, 10_000), Ipv4Addr::new(127, 0, 0, 2));
-        assert_eq!(source_ip(18_999, 10_000), Ipv4Addr::new(127, 0, 0, 2));
-        assert_eq!(source_ip(5, 2), Ipv4Addr::new(127, 0, 0, 3));
-        // Past .255 it carries into the next octet instead of wrapping.
-        assert_eq!(source_ip(255, 1), Ipv4Addr::new(127, 0, 1, 0));
-        // A zero per-address count is treated as one rather than dividing by zero.
-        assert_eq!(source_ip(3, 0), Ipv4Addr::new(127, 0, 0, 4));
-        // The producer takes the next unused address.
-        assert_eq!(producer_source_ip(100, 10_000), Ipv4Addr::new(127, 0, 0, 2));
-        assert_eq!(
-            producer_source_ip(10_000, 10_000),
-            Ipv4Addr::new(127, 0, 0, 2)
-        );
-        assert_eq!(
-            producer_source_ip(19_000, 10_000),
-            Ipv4Addr::new(127, 0, 0, 3)
-        );
-        assert_eq!(producer_source_ip(0, 10_000), Ipv4Addr::new(127, 0, 0, 1));
     }
 
     #[test]

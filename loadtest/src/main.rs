@@ -8,9 +8,11 @@
 //!
 //! This file is only the command line: parse, validate, build the runtime, run, report.
 //! `run` owns the timeline, `client` one connection, `producer` the `/ingest` feed,
-//! `stats` the counters, `report` the output, `sysinfo` `/proc` and rlimits.
+//! `net` loopback sockets and source addresses, `stats` the counters, `report` the output,
+//! `sysinfo` `/proc` and rlimits.
 
 mod client;
+mod net;
 mod producer;
 mod report;
 mod run;
@@ -30,7 +32,7 @@ use clap::{Parser, ValueEnum};
 use tokio::sync::{Notify, Semaphore};
 use tokio_tungstenite::tungstenite::http::Uri;
 
-use crate::client::{ClientCtx, Subscription, SymbolIndex};
+use crate::client::{ClientCtx, Endpoint, Subscription, SymbolIndex};
 use crate::producer::ProducerConfig;
 use crate::report::{ConfigEcho, ConnSummary, IdleMemory, Latency, ProcSummary, Summary};
 use crate::run::{RunConfig, Samples};
@@ -65,9 +67,23 @@ impl Mode {
 #[derive(Debug, Parser)]
 #[command(name = "tickfan-loadtest", version, about)]
 struct Args {
-    /// Server base URL (ws:// or http://, no path); /ws and /ingest are appended.
+    /// Server base URL (ws:// or http://, no path); /ws and /ingest are appended. A
+    /// comma-separated list (the nodes of a cluster) spreads the clients round-robin.
     #[arg(long, default_value = "ws://127.0.0.1:8080")]
     url: String,
+    /// Where the producer sends (/ingest), when not --url's first server. A comma-separated
+    /// list starts one producer per URL, each at rate/N, each with its own share of the
+    /// symbols (or all of them with --shared-symbols).
+    #[arg(long)]
+    ingest_url: Option<String>,
+    /// With several --ingest-url producers: every producer sends every symbol, so the
+    /// nodes contend for each symbol's seq chain (default: the symbols are split).
+    #[arg(long)]
+    shared_symbols: bool,
+    /// Skip this many source-address blocks (of --conns-per-ip) first, so several
+    /// load-test processes on one box use disjoint 127.0.0.x addresses.
+    #[arg(long, default_value_t = 0)]
+    source_offset: usize,
     /// Allow a server that is not on a loopback address.
     #[arg(long)]
     allow_remote: bool,
@@ -309,7 +325,21 @@ fn try_main() -> anyhow::Result<ExitCode> {
     if args.idle && args.server_pid.is_none() {
         eprintln!("warning: --idle without --server-pid cannot report memory per connection");
     }
-    let target = parse_target(&args.url, args.allow_remote)?;
+    let targets = args
+        .url
+        .split(',')
+        .map(|u| parse_target(u.trim(), args.allow_remote))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let ingest_targets = match &args.ingest_url {
+        Some(list) => list
+            .split(',')
+            .map(|u| parse_target(u.trim(), args.allow_remote))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        None => vec![parse_target(
+            targets[0].ws_url.trim_end_matches("/ws"),
+            true,
+        )?],
+    };
     let symbols: Arc<[String]> = parse_symbols(&args.symbols, &args.symbol_prefix)?.into();
 
     let nofile = sysinfo::raise_nofile_limit().context("raising RLIMIT_NOFILE")?;
@@ -321,7 +351,9 @@ fn try_main() -> anyhow::Result<ExitCode> {
             args.connections as u64 + SPARE_FDS
         );
     }
-    let spread_source = matches!(target.addr, SocketAddr::V4(a) if a.ip().is_loopback());
+    let spread_source = targets
+        .iter()
+        .all(|t| matches!(t.addr, SocketAddr::V4(a) if a.ip().is_loopback()));
     if let Some(ports) = sysinfo::ephemeral_port_count() {
         if args.conns_per_ip > ports {
             eprintln!(
@@ -336,11 +368,17 @@ fn try_main() -> anyhow::Result<ExitCode> {
     stats::init_final_seqs(symbols.len());
     ws::set_read_size(args.read_buffer_kb.max(1) * 1024);
     let ctx = Arc::new(ClientCtx {
-        server: target.addr,
-        ws_url: target.ws_url.clone(),
+        targets: targets
+            .iter()
+            .map(|t| Endpoint {
+                addr: t.addr,
+                ws_url: t.ws_url.clone(),
+            })
+            .collect(),
         token: args.token.clone(),
         spread_source,
         conns_per_ip: args.conns_per_ip.max(1),
+        source_offset: args.source_offset,
         symbols: Arc::clone(&symbols),
         symbol_index,
         symbols_per_client: args.symbols_per_client,
@@ -361,20 +399,34 @@ fn try_main() -> anyhow::Result<ExitCode> {
         },
         connect_sem: Arc::new(Semaphore::new(args.connect_concurrency.max(1))),
     });
-    let producer = (args.rate > 0.0).then(|| ProducerConfig {
-        url: target.ingest_url.clone(),
-        server: target.addr,
-        source: spread_source.then(|| {
-            IpAddr::V4(client::producer_source_ip(
-                args.connections,
-                args.conns_per_ip,
-            ))
-        }),
-        token: args.ingest_token.clone().or_else(|| args.token.clone()),
-        rate: args.rate,
-        symbols: Arc::clone(&symbols),
-        batch_ms: args.batch_ms,
-    });
+    let parts = ingest_targets.len();
+    let producers: Vec<ProducerConfig> = if args.rate > 0.0 {
+        ingest_targets
+            .iter()
+            .enumerate()
+            .map(|(part, t)| ProducerConfig {
+                url: t.ingest_url.clone(),
+                server: t.addr,
+                // The first block after the clients' addresses (each producer connects to
+                // another server, so they may share it).
+                source: spread_source.then(|| {
+                    IpAddr::V4(net::producer_source_ip(
+                        args.connections + args.source_offset * args.conns_per_ip.max(1),
+                        args.conns_per_ip,
+                    ))
+                }),
+                token: args.ingest_token.clone().or_else(|| args.token.clone()),
+                rate: args.rate / parts as f64,
+                symbols: Arc::clone(&symbols),
+                batch_ms: args.batch_ms,
+                part,
+                parts,
+                shared_symbols: args.shared_symbols,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let cfg = RunConfig {
         ctx,
         connections: args.connections,
@@ -383,7 +435,7 @@ fn try_main() -> anyhow::Result<ExitCode> {
         duration: Duration::from_secs_f64(args.duration),
         drain: Duration::from_millis(args.drain_ms),
         idle: args.idle,
-        producer,
+        producers,
         server_pid: args.server_pid,
         live: !args.quiet,
         churn_per_sec: args.churn,

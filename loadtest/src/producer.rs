@@ -48,6 +48,13 @@ pub struct ProducerConfig {
     pub symbols: Arc<[String]>,
     /// Pacing step: one burst of frames every `batch_ms`.
     pub batch_ms: u64,
+    /// This producer is number `part` of `parts` (one per `--ingest-url`): it sends the
+    /// symbols whose index % parts == part (or every symbol with `shared_symbols`), and its
+    /// trade ids never collide with another part's.
+    pub part: usize,
+    pub parts: usize,
+    /// Every producer sends every symbol (they contend for each symbol's chain).
+    pub shared_symbols: bool,
 }
 
 /// Counters the live report reads while the producer runs.
@@ -92,6 +99,40 @@ pub struct ProducerReport {
     /// Ticks sent per symbol index, for the expected-delivery count.
     #[serde(skip)]
     pub sent_per_symbol: Vec<u64>,
+}
+
+impl ProducerReport {
+    /// Adds another producer's account (several producers, one per `--ingest-url`): rates
+    /// and counts add up, the window is the longest one, the first failure is kept.
+    pub fn merge(&mut self, other: ProducerReport) {
+        self.target_rate += other.target_rate;
+        self.elapsed_secs = self.elapsed_secs.max(other.elapsed_secs);
+        self.ticks_sent += other.ticks_sent;
+        self.frames_sent += other.frames_sent;
+        self.ticks_skipped_behind += other.ticks_skipped_behind;
+        self.acks += other.acks;
+        self.accepted += other.accepted;
+        self.duplicates += other.duplicates;
+        self.rejected += other.rejected;
+        self.backpressure_errors += other.backpressure_errors;
+        self.refused += other.refused;
+        self.unanswered_frames += other.unanswered_frames;
+        for (k, v) in other.rejected_by_code {
+            *self.rejected_by_code.entry(k).or_insert(0) += v;
+        }
+        for (k, v) in other.errors_by_code {
+            *self.errors_by_code.entry(k).or_insert(0) += v;
+        }
+        if self.failure.is_none() {
+            self.failure = other.failure;
+        }
+        if self.sent_per_symbol.len() < other.sent_per_symbol.len() {
+            self.sent_per_symbol.resize(other.sent_per_symbol.len(), 0);
+        }
+        for (a, b) in self.sent_per_symbol.iter_mut().zip(other.sent_per_symbol) {
+            *a += b;
+        }
+    }
 }
 
 /// Starts the producer thread. It sends until `stop` turns true, waits briefly for the
@@ -141,6 +182,12 @@ struct Generator {
     symbols: Arc<[String]>,
     prices: Vec<f64>,
     next_symbol: usize,
+    /// This producer's first symbol index and step (its share of the symbols).
+    first: usize,
+    stride: usize,
+    /// Trade ids are `id_base + n * parts + part`: unique across the parts.
+    part: u64,
+    parts: u64,
     /// xorshift state: no `rand` dependency for a few random numbers.
     rng: u64,
     /// Trade ids are `id_base + n`; the base comes from the start time so that a second
@@ -150,12 +197,22 @@ struct Generator {
 }
 
 impl Generator {
-    fn new(symbols: Arc<[String]>, start_ms: u64) -> Self {
+    fn new(symbols: Arc<[String]>, start_ms: u64, part: usize, parts: usize, shared: bool) -> Self {
         let prices = (0..symbols.len()).map(|i| 100.0 + i as f64).collect();
+        let parts = parts.max(1);
+        let (first, stride) = if shared || parts > symbols.len() {
+            (0, 1)
+        } else {
+            (part, parts)
+        };
         Self {
             symbols,
             prices,
-            next_symbol: 0,
+            next_symbol: first,
+            first,
+            stride,
+            part: part as u64,
+            parts: parts as u64,
             rng: 0x9E37_79B9_7F4A_7C15 ^ start_ms,
             id_base: start_ms.saturating_mul(1_000_000),
             n: 0,
@@ -174,13 +231,16 @@ impl Generator {
     /// Appends one tick object to `out`; returns its symbol index.
     fn write_tick(&mut self, out: &mut String, ts_ms: u64) -> usize {
         let i = self.next_symbol;
-        self.next_symbol = (i + 1) % self.symbols.len();
+        self.next_symbol = i + self.stride;
+        if self.next_symbol >= self.symbols.len() {
+            self.next_symbol = self.first;
+        }
         // Steps of at most ±0.05%: far from the jump rules that lower quality.
         let r = (self.next_random() % 10_001) as f64 / 10_000.0 - 0.5;
         let p = (self.prices[i] * (1.0 + r * 0.001)).max(0.01);
         self.prices[i] = p;
         let volume = 1 + self.next_random() % 100;
-        let id = self.id_base + self.n;
+        let id = self.id_base + self.n * self.parts + self.part;
         self.n += 1;
         let _ = write!(
             out,
@@ -226,7 +286,7 @@ async fn run(
         }
     }
     let connected = async {
-        let stream = crate::client::open_tcp(cfg.server, cfg.source)
+        let stream = crate::net::open_tcp(cfg.server, cfg.source)
             .await
             .map_err(|e| e.to_string())?;
         tokio_tungstenite::client_async(request, stream)
@@ -308,7 +368,13 @@ async fn run(
     });
 
     let start_ms = now_ms();
-    let mut gen = Generator::new(Arc::clone(&cfg.symbols), start_ms);
+    let mut gen = Generator::new(
+        Arc::clone(&cfg.symbols),
+        start_ms,
+        cfg.part,
+        cfg.parts,
+        cfg.shared_symbols,
+    );
     let step = Duration::from_millis(cfg.batch_ms.max(1));
     let mut ticker = tokio::time::interval(step);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -337,13 +403,12 @@ async fn run(
             frame.clear();
             frame.push('[');
             let mut in_frame = 0;
-            // Symbols go round-robin, so the frame covers `in_frame` symbols from here on.
-            let first_symbol = gen.next_symbol;
+            let mut indices = Vec::new();
             while n > 0 && in_frame < MAX_FRAME_TICKS && frame.len() < MAX_FRAME_BYTES {
                 if in_frame > 0 {
                     frame.push(',');
                 }
-                gen.write_tick(&mut frame, ts);
+                indices.push(gen.write_tick(&mut frame, ts));
                 in_frame += 1;
                 n -= 1;
             }
@@ -361,8 +426,8 @@ async fn run(
                 }
             }
             // Counted only once sent: a frame cut off by the stop never reached the server.
-            for j in 0..in_frame {
-                report.sent_per_symbol[(first_symbol + j) % cfg.symbols.len()] += 1;
+            for i in indices {
+                report.sent_per_symbol[i] += 1;
             }
             live.frames_sent.fetch_add(1, Relaxed);
             live.ticks_sent.fetch_add(in_frame as u64, Relaxed);
@@ -414,7 +479,7 @@ mod tests {
     #[test]
     fn generator_round_robins_with_valid_ticks() {
         let symbols: Arc<[String]> = vec!["A".to_string(), "B".to_string()].into();
-        let mut g = Generator::new(symbols, 1_700_000_000_000);
+        let mut g = Generator::new(symbols, 1_700_000_000_000, 0, 1, false);
         let mut out = String::from("[");
         let mut seen = Vec::new();
         for k in 0..4 {

@@ -9,17 +9,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::producer::ProducerReport;
-use crate::stats::{self, Counters, Tallies};
-
-/// Merges histograms of identical bounds (per thread or per connection) into one.
-pub fn merged<'a>(parts: impl IntoIterator<Item = &'a Histogram<u64>>) -> Histogram<u64> {
-    let mut out = stats::new_histogram();
-    for h in parts {
-        // add() only fails when a value exceeds the target's range; ours are identical.
-        let _ = out.add(h);
-    }
-    out
-}
+use crate::stats::{Counters, Tallies};
 
 /// Latency percentiles in µs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -491,6 +481,7 @@ fn proc_line(p: &ProcSummary, server: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats;
 
     #[test]
     fn merge_and_percentiles() {
@@ -502,7 +493,7 @@ mod tests {
         for v in 501..=1000u64 {
             b.record(v).unwrap();
         }
-        let m = merged([&a, &b]);
+        let m = stats::merged([&a, &b]);
         let l = Latency::of(&m);
         assert_eq!(l.count, 1000);
         assert_eq!(l.p50, 500);

@@ -7,7 +7,7 @@
 //! summary is built after the runtime has shut down (see `main`), when every thread has
 //! flushed its counters.
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,8 +59,8 @@ pub struct RunConfig {
     pub drain: Duration,
     /// `--idle`: measure the server's memory per connection instead of throughput.
     pub idle: bool,
-    /// The producer, when `--rate` > 0.
-    pub producer: Option<ProducerConfig>,
+    /// The producers (one per `--ingest-url`), when `--rate` > 0.
+    pub producers: Vec<ProducerConfig>,
     pub server_pid: Option<u32>,
     /// Print the live line (off with `--quiet`).
     pub live: bool,
@@ -106,7 +106,7 @@ struct Live {
     started: Instant,
     last_print: Instant,
     last_counters: Counters,
-    producer: Option<Arc<ProducerLive>>,
+    producer: Vec<Arc<ProducerLive>>,
     last_producer: (u64, u64, u64),
     server_pid: Option<u32>,
     last_server: Option<ProcSample>,
@@ -179,11 +179,17 @@ impl Live {
         delta.bytes -= self.last_counters.bytes;
         delta.deliveries -= self.last_counters.deliveries;
         self.last_counters = total;
-        let producer = self.producer.as_ref().map(|p| {
+        let producer = (!self.producer.is_empty()).then(|| {
+            let sum = |f: fn(&ProducerLive) -> &AtomicU64| {
+                self.producer
+                    .iter()
+                    .map(|p| f(p).load(Relaxed))
+                    .sum::<u64>()
+            };
             let cur = (
-                p.ticks_sent.load(Relaxed),
-                p.accepted.load(Relaxed),
-                p.refused.load(Relaxed),
+                sum(|p| &p.ticks_sent),
+                sum(|p| &p.accepted),
+                sum(|p| &p.refused),
             );
             let prev = std::mem::replace(&mut self.last_producer, cur);
             (cur.0 - prev.0, cur.1 - prev.1, cur.2 - prev.2)
@@ -288,7 +294,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
         started,
         last_print: started,
         last_counters: Counters::default(),
-        producer: None,
+        producer: Vec::new(),
         last_producer: (0, 0, 0),
         server_pid: cfg.server_pid,
         last_server: sample_server(),
@@ -382,11 +388,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
     let churn = (cfg.churn_per_sec > 0.0 && !cfg.ctx.churn.is_empty())
         .then(|| tokio::spawn(churn(Arc::clone(&cfg.ctx), cfg.churn_per_sec)));
     let (prod_stop_tx, prod_stop_rx) = watch::channel(false);
-    let producer = cfg.producer.clone().map(|pc| {
-        let plive = Arc::new(ProducerLive::default());
-        live.producer = Some(Arc::clone(&plive));
-        producer::spawn(pc, plive, prod_stop_rx)
-    });
+    let producers: Vec<_> = cfg
+        .producers
+        .iter()
+        .cloned()
+        .map(|pc| {
+            let plive = Arc::new(ProducerLive::default());
+            live.producer.push(Arc::clone(&plive));
+            producer::spawn(pc, plive, prod_stop_rx.clone())
+        })
+        .collect();
     live.wait(window_start + cfg.duration, || false).await;
     if let (true, Some(before), Some(connected)) = (cfg.idle, rss_before, rss_connected) {
         // Idle connections are held for the whole window: a server may shrink them meanwhile
@@ -416,11 +427,17 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Outcome> {
     out.client.end = sysinfo::sample(None).ok();
     out.open_at_end = CONNS.open.load(Relaxed);
     stats::set_phase(Phase::Done);
-    if let Some(h) = producer {
-        out.producer = tokio::task::spawn_blocking(move || h.join().ok())
+    for h in producers {
+        let report = tokio::task::spawn_blocking(move || h.join().ok())
             .await
             .ok()
             .flatten();
+        if let Some(report) = report {
+            match &mut out.producer {
+                Some(all) => all.merge(report),
+                None => out.producer = Some(report),
+            }
+        }
     }
     if let Some(mut sampler) = live.sampler.take() {
         out.fd_end = settle_fds(&mut sampler, out.fd_start).await;

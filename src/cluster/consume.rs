@@ -1,11 +1,14 @@
 //! The consumer: every node reads the whole stream in stream order through an ordered
-//! JetStream consumer (it re-creates itself after gaps and reconnects) and feeds each tick,
-//! with the seq it carries, to its own dispatcher, which fans it out and stores it in the
+//! JetStream consumer (it re-creates itself after gaps and reconnects), unpacks each message
+//! (one tick, or a batch of one symbol's consecutive ticks) and feeds each tick, with the seq
+//! it carries, to its own dispatcher, which fans it out and stores it in the
 //! node's redb replica. A tick whose seq the replica already has is skipped, so replaying from a
 //! position a little behind the store (after a crash) changes nothing. The feed is bounded:
 //! when this node's dispatcher or store falls behind, reading pauses and the stream keeps the
-//! rest (`lag` grows). Each fed tick carries an ack group that settles after the store commit;
-//! the position saved in `cluster.json` only moves past committed ticks.
+//! rest (`lag` grows). Each message's fed ticks share an ack group that settles after the
+//! store commit; the position saved in `cluster.json` only moves past committed messages.
+//! Every message's tick keys go to [`Seen`] before the consumed position moves past it: the
+//! publisher's exact dedup waits on that.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,10 +22,11 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use super::publish::NODE_HEADER;
+use super::seen::Seen;
 use super::{save_replica, ClusterStatus, SAVE_EVERY};
 use crate::ack::AckGroup;
 use crate::ingest::parse::{parse_document, Element, Field};
-use crate::ingest::{validate, Ingestor, TimeRules};
+use crate::ingest::{dedup, validate, Ingestor, TimeRules};
 use crate::queue::Queued;
 use crate::tick::{Symbol, Tick};
 
@@ -42,6 +46,7 @@ pub(super) struct Consumer {
     /// Each symbol's last seq in this node's store (or fed to the dispatcher).
     pub(super) seqs: HashMap<Symbol, u64>,
     pub(super) status: Arc<ClusterStatus>,
+    pub(super) seen: Arc<Seen>,
     pub(super) replica: PathBuf,
 }
 
@@ -108,30 +113,35 @@ pub(super) async fn run(mut c: Consumer, start: DeliverPolicy, stop: Cancellatio
                 .as_ref()
                 .and_then(|h| h.get(NODE_HEADER))
                 .is_some_and(|n| n.as_str() == c.node);
-            let group = match parse_tick(&msg.payload) {
-                Some(tick) if tick.seq > c.seqs.get(&tick.symbol).copied().unwrap_or(0) => {
-                    c.seqs.insert(tick.symbol.clone(), tick.seq);
-                    if !from_here {
-                        c.ingestor.remember_replicated(&tick);
-                    }
-                    let group = Arc::new(AckGroup::new(1));
-                    let queued = Queued {
-                        tick,
-                        ack: Some(group.clone()),
-                        index: 0,
-                        enqueued: Instant::now(),
-                    };
-                    if c.feed.send_async(queued).await.is_err() {
-                        break 'outer;
-                    }
-                    group
+            let ticks = parse_ticks(&msg.payload);
+            if ticks.is_empty() {
+                tracing::warn!(stream_seq, "unreadable message in the stream; skipped");
+            }
+            if let Some(first) = ticks.first() {
+                c.seen
+                    .remember(&first.symbol, ticks.iter().map(dedup::key_of));
+            }
+            let fresh: Vec<Tick> = ticks
+                .into_iter()
+                .filter(|t| t.seq > c.seqs.get(&t.symbol).copied().unwrap_or(0))
+                .collect();
+            let group = Arc::new(AckGroup::new(fresh.len()));
+            for tick in fresh {
+                c.seqs.insert(tick.symbol.clone(), tick.seq);
+                if !from_here {
+                    c.ingestor.remember_replicated(&tick);
                 }
-                Some(_) => Arc::new(AckGroup::new(0)),
-                None => {
-                    tracing::warn!(stream_seq, "unreadable tick in the stream; skipped");
-                    Arc::new(AckGroup::new(0))
+                let queued = Queued {
+                    tick,
+                    ack: Some(group.clone()),
+                    index: 0,
+                    enqueued: Instant::now(),
+                };
+                if c.feed.send_async(queued).await.is_err() {
+                    break 'outer;
                 }
-            };
+            }
+            c.seen.consumed_through(stream_seq);
             if commits_tx.send_async((stream_seq, group)).await.is_err() {
                 break 'outer;
             }
@@ -186,18 +196,24 @@ async fn track_commits(
     }
 }
 
-/// The tick a stream message carries (its wire JSON, seq included).
-fn parse_tick(payload: &[u8]) -> Option<Tick> {
-    let text = std::str::from_utf8(payload).ok()?;
+/// The ticks a stream message carries (one tick's wire JSON, or a JSON array of them, seqs
+/// included); empty when unreadable.
+fn parse_ticks(payload: &[u8]) -> Vec<Tick> {
+    let mut out = Vec::new();
+    let Ok(text) = std::str::from_utf8(payload) else {
+        return out;
+    };
     let mut scratch = payload.to_vec();
-    let parsed = parse_document(&mut scratch, text, crate::json_depth::DEFAULT_MAX_DEPTH).ok()?;
-    // The tick was validated where it was accepted; only its shape is read here.
+    let Ok(parsed) = parse_document(&mut scratch, text, crate::json_depth::DEFAULT_MAX_DEPTH)
+    else {
+        return out;
+    };
+    // The ticks were validated where they were accepted; only their shape is read here.
     let rules = TimeRules {
         now_ms: 0,
         max_future_ms: i64::MAX / 2,
         max_age_ms: None,
     };
-    let mut out = None;
     parsed.for_each_element(|e| {
         if let Element::Object(o) = e {
             let int = |name| match o.get(name) {
@@ -212,7 +228,7 @@ fn parse_tick(payload: &[u8]) -> Option<Tick> {
                 tick.seq = u64::try_from(seq).unwrap_or(0);
                 tick.quality = u8::try_from(quality).unwrap_or(0);
                 if tick.seq > 0 {
-                    out = Some(tick);
+                    out.push(tick);
                 }
             }
         }
@@ -239,14 +255,20 @@ mod tests {
         t.bid = Some(412.25);
         t.id = Some(TradeId::Str("x\"1".into()));
         t.priority = crate::tick::Priority::High;
-        let back = parse_tick(t.to_json().as_bytes()).unwrap();
+        let back = parse_ticks(t.to_json().as_bytes()).pop().unwrap();
         assert_eq!(back, t);
         assert_eq!(back.to_json(), t.to_json());
+        // A batch: a JSON array of consecutive ticks, each with its own seq.
+        let mut u = t.clone();
+        u.seq = 43;
+        u.price = 413.0;
+        let batch = format!("[{},{}]", t.to_json(), u.to_json());
+        assert_eq!(parse_ticks(batch.as_bytes()), vec![t, u]);
     }
 
     #[test]
     fn a_payload_without_seq_is_refused() {
-        assert!(parse_tick(br#"{"symbol":"A","ts":1,"price":1,"volume":1}"#).is_none());
-        assert!(parse_tick(b"not json").is_none());
+        assert!(parse_ticks(br#"{"symbol":"A","ts":1,"price":1,"volume":1}"#).is_empty());
+        assert!(parse_ticks(b"not json").is_empty());
     }
 }

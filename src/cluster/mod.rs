@@ -14,6 +14,7 @@
 
 mod consume;
 mod publish;
+mod seen;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -108,6 +109,9 @@ pub struct ClusterStatus {
     pub reconnects: AtomicU64,
     /// Ticks stored in the stream by this node.
     pub published: AtomicU64,
+    /// Messages stored in the stream by this node (each carries one or more ticks of one
+    /// symbol: `cluster.max_ticks_per_message`).
+    pub messages: AtomicU64,
     /// Publishes the stream answered `duplicate` (the same id already in the stream).
     pub bus_duplicates: AtomicU64,
     /// Per-symbol compare-and-set conflicts (another node published first; retried).
@@ -147,6 +151,7 @@ impl ClusterStatus {
             connected: AtomicBool::new(true),
             reconnects: AtomicU64::new(0),
             published: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
             bus_duplicates: AtomicU64::new(0),
             conflicts: AtomicU64::new(0),
             publish_errors: AtomicU64::new(0),
@@ -223,8 +228,11 @@ impl ClusterStatus {
             "epoch": self.epoch,
             "replicas": self.replicas,
             "position": load(&self.position),
+            "stream_last": load(&self.stream_last),
             "lag": load(&self.lag),
             "reconnects": load(&self.reconnects),
+            "published_ticks": load(&self.published),
+            "published_messages": load(&self.messages),
         })
     }
 }
@@ -398,10 +406,22 @@ impl Cluster {
             "cluster mode: joined the stream"
         );
 
+        let seen = Arc::new(seen::Seen::new(
+            config.validation.dedup_window,
+            config.validation.max_total_symbols,
+            position,
+        ));
         let stop_publish = CancellationToken::new();
         let stop_consume = CancellationToken::new();
         let publisher = tokio::spawn(publish::run(
-            publish::Publisher::new(config, &node, js.clone(), stream.clone(), status.clone()),
+            publish::Publisher::new(
+                config,
+                &node,
+                js.clone(),
+                stream.clone(),
+                status.clone(),
+                seen.clone(),
+            ),
             wiring.admission,
             stop_publish.clone(),
         ));
@@ -421,6 +441,7 @@ impl Cluster {
                 ingestor: wiring.ingestor,
                 seqs: wiring.seqs.into_iter().collect(),
                 status: status.clone(),
+                seen,
                 replica: replica.clone(),
             },
             start,

@@ -1,17 +1,27 @@
 //! The publisher: pops this node's priority queue (so priorities still order admission and a
-//! full queue still pushes back on producers) and stores each tick in the stream. The per-symbol
+//! full queue still pushes back on producers) and stores ticks in the stream. The per-symbol
 //! `seq` is assigned here by compare-and-set: the publish carries
 //! `Nats-Expected-Last-Subject-Sequence` = the stream sequence of the symbol's last message,
 //! which this node knows (its own last publish) or reads (after a conflict or an error), and
-//! the tick's seq = that message's seq + 1. JetStream stores it only if nobody else published
-//! that symbol in between, so each symbol's messages form one chain 1, 2, 3... with no hole and
-//! no repeat, whichever nodes publish. One publish per symbol is in flight at a time; symbols
-//! run in parallel. `Nats-Msg-Id` (symbol + the tick's dedup key) makes a resend within the
-//! stream's duplicate window (to any node) a duplicate. The producer's ack settles when the
-//! stream acked: an ack means the bus holds the tick.
+//! the message's ticks get the seqs that follow that message's last one. JetStream stores it
+//! only if nobody else published that symbol in between, so each symbol's messages form one
+//! chain of seqs 1, 2, 3... with no hole and no repeat, whichever nodes publish.
+//!
+//! Batching: one publish per symbol is in flight at a time, and everything of that symbol
+//! that queued meanwhile goes out as ONE message (a JSON array of consecutive ticks, headers
+//! `Tickfan-Seq` = first seq and `Tickfan-Count`), bounded by `cluster.max_ticks_per_message`
+//! and `cluster.max_message_bytes`. JetStream's cost is per message, so this is what lifts
+//! the bus above its per-message ceiling (docs/cluster.md has the numbers).
+//!
+//! Dedup stays exact per tick: a batch is filtered against [`Seen`] (the keys of the symbol's
+//! recent ticks in the stream) right before it is published on a head this node has fully
+//! seen; see `seen.rs`. `Nats-Msg-Id` still makes a resend of the same message (a retry after
+//! a lost ack) a duplicate. The producer's ack settles when the stream acked: an ack means the
+//! bus holds the tick.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::hash::Hasher;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -23,22 +33,26 @@ use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio_util::sync::CancellationToken;
 
+use super::seen::Seen;
 use super::{subject_of, ClusterStatus};
 use crate::config::Config;
 use crate::ingest::dedup;
 use crate::queue::{PriorityQueue, Queued};
 use crate::tick::Symbol;
 
-/// Header carrying the tick's per-symbol seq (also in the JSON payload), read on resync.
+/// Header carrying the per-symbol seq of the message's first tick (each tick's JSON has its
+/// own seq too), read on resync.
 pub(super) const SEQ_HEADER: &str = "Tickfan-Seq";
-/// Header naming the node that published the tick.
+/// Header carrying how many ticks the message holds (absent: one).
+pub(super) const COUNT_HEADER: &str = "Tickfan-Count";
+/// Header naming the node that published the message.
 pub(super) const NODE_HEADER: &str = "Tickfan-Node";
 
 /// Backoff between retries while the bus fails.
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_millis(1_000);
 
-/// A symbol's chain head: (stream sequence of its last message, that message's seq).
+/// A symbol's chain head: (stream sequence of its last message, that message's last seq).
 type Head = (u64, u64);
 
 /// Everything a publish needs, cheap to clone into each in-flight publish.
@@ -47,10 +61,13 @@ pub(super) struct Publisher {
     js: Context,
     stream: Stream,
     status: Arc<ClusterStatus>,
+    seen: Arc<Seen>,
     node: Arc<str>,
     prefix: Arc<str>,
     timeout: Duration,
     max_in_flight: usize,
+    max_ticks: usize,
+    max_bytes: usize,
 }
 
 impl Publisher {
@@ -60,33 +77,45 @@ impl Publisher {
         js: Context,
         stream: Stream,
         status: Arc<ClusterStatus>,
+        seen: Arc<Seen>,
     ) -> Self {
+        let c = &config.cluster;
         Self {
             js,
             stream,
             status,
+            seen,
             node: node.into(),
-            prefix: config.cluster.subject_prefix.as_str().into(),
-            timeout: Duration::from_millis(config.cluster.publish_timeout_ms),
-            max_in_flight: config.cluster.max_in_flight,
+            prefix: c.subject_prefix.as_str().into(),
+            timeout: Duration::from_millis(c.publish_timeout_ms),
+            max_in_flight: c.max_in_flight,
+            max_ticks: c.max_ticks_per_message.max(1),
+            max_bytes: c.max_message_bytes,
         }
     }
 }
 
-/// How one tick's publish ended.
+/// How one message's publish ended.
 enum Outcome {
-    /// Stored with this head.
+    /// Stored with this head; the batch's ticks that were already in the stream were left out
+    /// (they are settled too: the bus holds them).
     Stored(Head),
-    /// The stream already held it (same `Nats-Msg-Id`); the head is unknown now.
+    /// Every tick of the batch was already in the stream; the head (if known) is unchanged.
+    AllSeen(Option<Head>),
+    /// The stream already held this very message (same `Nats-Msg-Id`); the head is unknown.
     Duplicate,
     /// Not confirmed within `publish_timeout_ms`.
     TimedOut,
 }
 
-type Done = Pin<Box<dyn Future<Output = (Symbol, Queued, Outcome)> + Send>>;
+/// What an in-flight publish hands back: the symbol, its batch, how it ended, and how many
+/// of the batch's ticks were found already in the stream.
+type Done = Pin<Box<dyn Future<Output = (Symbol, Vec<Queued>, Outcome, usize)> + Send>>;
 
 #[derive(Default)]
 struct SymbolChain {
+    /// The head this node built on last; only ever a head whose messages this node has all
+    /// seen (see `seen.rs`), so a publish on it is filtered against everything before it.
     head: Option<Head>,
     waiting: VecDeque<Queued>,
     busy: bool,
@@ -106,29 +135,33 @@ pub(super) async fn run(p: Publisher, queue: Arc<PriorityQueue>, stop: Cancellat
                     ack.expire(q.index);
                 }
             }
+            let mut touched: Vec<Symbol> = Vec::new();
             for q in drained.ready {
                 held += 1;
-                let symbol = q.tick.symbol.clone();
+                let chain = chains.entry(q.tick.symbol.clone()).or_default();
+                if !chain.busy && chain.waiting.is_empty() {
+                    touched.push(q.tick.symbol.clone());
+                }
+                chain.waiting.push_back(q);
+            }
+            // Each idle symbol that got ticks publishes them now, as one message.
+            for symbol in touched {
                 let chain = chains.entry(symbol.clone()).or_default();
-                if chain.busy {
-                    chain.waiting.push_back(q);
-                } else {
-                    chain.busy = true;
-                    running.push(Box::pin(publish_one(p.clone(), symbol, chain.head, q)));
+                if !chain.busy {
+                    start_next(&p, &mut running, symbol, chain);
                 }
             }
         }
         tokio::select! {
             biased;
             () = stop.cancelled() => break,
-            Some((symbol, q, outcome)) = running.next(), if !running.is_empty() => {
-                held -= 1;
+            Some((symbol, batch, outcome, seen)) = running.next(), if !running.is_empty() => {
+                held -= batch.len() + seen;
                 let chain = chains.entry(symbol.clone()).or_default();
                 chain.busy = false;
-                settle(&p.status, chain, &q, outcome);
-                if let Some(next) = chain.waiting.pop_front() {
-                    chain.busy = true;
-                    running.push(Box::pin(publish_one(p.clone(), symbol, chain.head, next)));
+                settle(&p.status, chain, &batch, outcome);
+                if !chain.waiting.is_empty() {
+                    start_next(&p, &mut running, symbol, chain);
                 } else if chains.len() > MAX_IDLE_CHAINS {
                     // Forget idle symbols' heads; one read restores a head when needed.
                     chains.retain(|_, c| c.busy || !c.waiting.is_empty());
@@ -143,66 +176,154 @@ pub(super) async fn run(p: Publisher, queue: Arc<PriorityQueue>, stop: Cancellat
 /// Idle chains kept before they are dropped.
 const MAX_IDLE_CHAINS: usize = 100_000;
 
-fn settle(status: &ClusterStatus, chain: &mut SymbolChain, q: &Queued, outcome: Outcome) {
+/// Takes the next batch of `chain`'s waiting ticks (up to the tick and byte caps) and starts
+/// publishing it.
+fn start_next(
+    p: &Publisher,
+    running: &mut FuturesUnordered<Done>,
+    symbol: Symbol,
+    chain: &mut SymbolChain,
+) {
+    let mut batch = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(q) = chain.waiting.front() {
+        // The JSON of a tick is about its wire size; +1 for the array's comma.
+        let size = q.tick.to_json().len() + 1;
+        if !batch.is_empty() && (batch.len() >= p.max_ticks || bytes + size > p.max_bytes) {
+            break;
+        }
+        bytes += size;
+        batch.extend(chain.waiting.pop_front());
+    }
+    chain.busy = true;
+    running.push(Box::pin(publish_batch(
+        p.clone(),
+        symbol,
+        chain.head,
+        batch,
+    )));
+}
+
+fn settle(status: &ClusterStatus, chain: &mut SymbolChain, batch: &[Queued], outcome: Outcome) {
+    let settle_all = || {
+        for q in batch {
+            if let Some(ack) = &q.ack {
+                ack.settle();
+            }
+        }
+    };
     match outcome {
         Outcome::Stored(head) => {
             chain.head = Some(head);
-            status.published.fetch_add(1, Ordering::Relaxed);
-            if let Some(ack) = &q.ack {
-                ack.settle();
-            }
+            status
+                .published
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            status.messages.fetch_add(1, Ordering::Relaxed);
+            settle_all();
         }
+        Outcome::AllSeen(head) => chain.head = head,
         Outcome::Duplicate => {
             chain.head = None;
-            status.bus_duplicates.fetch_add(1, Ordering::Relaxed);
+            status
+                .bus_duplicates
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
             // Durable in the bus (the earlier copy): the producer may count it as taken.
-            if let Some(ack) = &q.ack {
-                ack.settle();
-            }
+            settle_all();
         }
         Outcome::TimedOut => {
             chain.head = None;
-            status.publish_expired.fetch_add(1, Ordering::Relaxed);
-            if let Some(ack) = &q.ack {
-                ack.expire(q.index);
+            status
+                .publish_expired
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            for q in batch {
+                if let Some(ack) = &q.ack {
+                    ack.expire(q.index);
+                }
             }
         }
     }
 }
 
-/// Publishes one tick with compare-and-set on its symbol's chain, retrying conflicts (at
-/// once, after re-reading the head) and bus errors (with backoff) until the deadline.
-async fn publish_one(
+/// Publishes one batch of a symbol's ticks as one message with compare-and-set on the
+/// symbol's chain, retrying conflicts (after re-reading the head and catching up with it)
+/// and bus errors (with backoff) until the deadline. Ticks found already in the stream are
+/// settled and dropped from the batch on the way; their count is returned.
+async fn publish_batch(
     p: Publisher,
     symbol: Symbol,
     mut head: Option<Head>,
-    mut q: Queued,
-) -> (Symbol, Queued, Outcome) {
+    mut batch: Vec<Queued>,
+) -> (Symbol, Vec<Queued>, Outcome, usize) {
     let deadline = Instant::now() + p.timeout;
     let subject = subject_of(&p.prefix, &symbol);
-    let msg_id = format!("{symbol}:{:016x}", dedup::key_of(&q.tick));
+    let mut keys: Vec<u64> = batch.iter().map(|q| dedup::key_of(&q.tick)).collect();
+    let mut dropped = 0usize;
     let mut backoff = RETRY_MIN;
     loop {
         if Instant::now() >= deadline {
-            return (symbol, q, Outcome::TimedOut);
+            return (symbol, batch, Outcome::TimedOut, dropped);
         }
-        let (last_stream_seq, last_seq) = match head {
-            Some(h) => h,
-            None => match read_head(&p.stream, &subject).await {
-                Ok(h) => h,
-                Err(()) => {
-                    fail(&p, &mut backoff).await;
-                    continue;
-                }
-            },
+        let (last_stream_seq, last_seq) = if let Some(h) = head {
+            h
+        } else {
+            // A head this node did not build itself: read it, and publish on it only once
+            // the consumer has passed it, so the batch is filtered against every message
+            // before it (exact dedup; see seen.rs).
+            let Ok(h) = read_head(&p.stream, &subject).await else {
+                fail(&p, &mut backoff).await;
+                continue;
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !p.seen.wait_consumed(h.0, left).await {
+                continue;
+            }
+            head = Some(h);
+            h
         };
-        q.tick.seq = last_seq + 1;
-        let msg = PublishMessage::build()
-            .payload(q.tick.to_json().into())
+        // Leave out what the stream already holds (sent to another node too, or a retry of
+        // a publish whose ack was lost).
+        let mut i = 0;
+        while i < batch.len() {
+            if p.seen.contains(&symbol, keys[i]) {
+                let q = batch.remove(i);
+                keys.remove(i);
+                dropped += 1;
+                p.status.bus_duplicates.fetch_add(1, Ordering::Relaxed);
+                if let Some(ack) = &q.ack {
+                    ack.settle();
+                }
+            } else {
+                i += 1;
+            }
+        }
+        if batch.is_empty() {
+            return (symbol, batch, Outcome::AllSeen(head), dropped);
+        }
+        let mut payload = Vec::with_capacity(batch.len() * 256);
+        if batch.len() > 1 {
+            payload.push(b'[');
+        }
+        for (n, q) in batch.iter_mut().enumerate() {
+            q.tick.seq = last_seq + 1 + n as u64;
+            if n > 0 {
+                payload.push(b',');
+            }
+            payload.extend_from_slice(q.tick.to_json().as_bytes());
+        }
+        if batch.len() > 1 {
+            payload.push(b']');
+        }
+        let msg_id = message_id(&symbol, &keys);
+        let first = (last_seq + 1).to_string();
+        let mut msg = PublishMessage::build()
+            .payload(payload.into())
             .message_id(msg_id.as_str())
             .expected_last_subject_sequence(last_stream_seq)
-            .header(SEQ_HEADER, q.tick.seq.to_string().as_str())
+            .header(SEQ_HEADER, first.as_str())
             .header(NODE_HEADER, &*p.node);
+        if batch.len() > 1 {
+            msg = msg.header(COUNT_HEADER, batch.len().to_string().as_str());
+        }
         let sent = Instant::now();
         let acked = match p.js.send_publish(subject.clone(), msg).await {
             Ok(ack) => ack.await,
@@ -211,13 +332,14 @@ async fn publish_one(
         match acked {
             Ok(ack) if ack.duplicate => {
                 p.status.set_stream_ok(true);
-                return (symbol, q, Outcome::Duplicate);
+                return (symbol, batch, Outcome::Duplicate, dropped);
             }
             Ok(ack) => {
                 p.status.set_stream_ok(true);
                 p.status.record_publish(sent.elapsed().as_secs_f64());
-                let head = (ack.sequence, q.tick.seq);
-                return (symbol, q, Outcome::Stored(head));
+                p.seen.remember(&symbol, keys.iter().copied());
+                let head = (ack.sequence, last_seq + batch.len() as u64);
+                return (symbol, batch, Outcome::Stored(head), dropped);
             }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                 p.status.conflicts.fetch_add(1, Ordering::Relaxed);
@@ -232,6 +354,20 @@ async fn publish_one(
     }
 }
 
+/// `Nats-Msg-Id` of a message: `<symbol>:<key>` for one tick (so the same tick published
+/// alone by two nodes is one message, as before batching), `<symbol>:b<hash of the keys>:<n>`
+/// for a batch (a retry of the same batch is a duplicate).
+fn message_id(symbol: &Symbol, keys: &[u64]) -> String {
+    if let [key] = keys {
+        return format!("{symbol}:{key:016x}");
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    for k in keys {
+        h.write_u64(*k);
+    }
+    format!("{symbol}:b{:016x}:{}", h.finish(), keys.len())
+}
+
 async fn fail(p: &Publisher, backoff: &mut Duration) {
     p.status.publish_errors.fetch_add(1, Ordering::Relaxed);
     p.status.set_stream_ok(false);
@@ -239,17 +375,19 @@ async fn fail(p: &Publisher, backoff: &mut Duration) {
     *backoff = (*backoff * 2).min(RETRY_MAX);
 }
 
-/// The symbol's chain head from the stream: its last message's stream sequence and seq, or
-/// (0, 0) when the stream has none.
-async fn read_head(stream: &Stream, subject: &str) -> Result<Head, ()> {
+/// The symbol's chain head from the stream: its last message's stream sequence and last
+/// seq, or (0, 0) when the stream has none.
+pub(super) async fn read_head(stream: &Stream, subject: &str) -> Result<Head, ()> {
     match stream.get_last_raw_message_by_subject(subject).await {
         Ok(m) => {
-            let seq = m
-                .headers
-                .get(SEQ_HEADER)
-                .and_then(|v| v.as_str().parse::<u64>().ok())
-                .ok_or(())?;
-            Ok((m.sequence, seq))
+            let header = |name| {
+                m.headers
+                    .get(name)
+                    .and_then(|v| v.as_str().parse::<u64>().ok())
+            };
+            let first = header(SEQ_HEADER).ok_or(())?;
+            let count = header(COUNT_HEADER).unwrap_or(1).max(1);
+            Ok((m.sequence, first + count - 1))
         }
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok((0, 0)),
         Err(e) => {

@@ -173,6 +173,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/", get(crate::dashboard::index))
         .route("/app.js", get(crate::dashboard::app_js))
         .route("/upstreams.js", get(crate::dashboard::upstreams_js)) // feeds
+        .route("/tickfan.js", get(crate::dashboard::client_js))
         .route("/style.css", get(crate::dashboard::style_css))
         .route(
             "/vendor/lightweight-charts.js",

@@ -198,6 +198,8 @@ pub struct IngestReport {
     pub retry_after_ms: u64,
     /// The ticks were refused because store writes are failing, not because the queue is full.
     pub store_failing: bool,
+    /// Cluster mode: the ticks were refused because the bus is unavailable (gate closed).
+    pub bus_unavailable: bool,
 }
 
 /// The ack a producer receives, after the frame's ticks have settled.
@@ -262,6 +264,8 @@ impl IngestReport {
                 "{}: {} tick(s) refused, resend them after retry_after_ms",
                 if self.store_failing {
                     "store writes failing (disk full?)"
+                } else if self.bus_unavailable {
+                    "cluster bus unavailable (NATS down or the stream not answering)"
                 } else {
                     "queue full"
                 },
@@ -464,6 +468,10 @@ impl Ingestor {
             ack: ack.clone(),
             retry_after_ms: self.queue.retry_after_ms(),
             store_failing: self.store.as_ref().is_some_and(Store::is_failing),
+            bus_unavailable: self
+                .gate
+                .as_ref()
+                .is_some_and(|g| !g.load(Ordering::Acquire)),
         };
         if report.store_failing {
             // Nothing new is accepted while the store cannot write: what it holds already is

@@ -199,8 +199,10 @@ pub enum ParseError {
     /// Nested past `limits.max_json_depth`; refused before any parser ran.
     #[error(transparent)]
     TooDeep(#[from] TooDeep),
-    /// Not JSON for either parser.
-    #[error("not valid JSON: {0}")]
+    /// Not JSON for either parser. The text is serde_json's (line and column, in words)
+    /// rather than simd-json's (`ExpectedNull at character 0` is parser jargon), followed by
+    /// what a tick document looks like.
+    #[error("not valid JSON ({0}); expected a tick object like {{\"symbol\":\"AAPL\",\"ts\":1732278000000,\"price\":190.1,\"volume\":5}}, a JSON array of them, or NDJSON (one per line)")]
     Invalid(String),
 }
 
@@ -218,9 +220,9 @@ pub fn parse_document<'a>(
     json_depth::check(original.as_bytes(), max_depth)?;
     match simd_json::to_borrowed_value(scratch) {
         Ok(v) => Ok(Parsed::Simd(v)),
-        Err(simd_err) => serde_json::from_str::<&RawValue>(original)
+        Err(_) => serde_json::from_str::<&RawValue>(original)
             .map(Parsed::Raw)
-            .map_err(|_| ParseError::Invalid(simd_err.to_string())),
+            .map_err(|e| ParseError::Invalid(e.to_string())),
     }
 }
 

@@ -223,7 +223,10 @@ pub fn validate(obj: &TickObject<'_, '_>, rules: TimeRules, t_in: i64) -> Result
         if ts < rules.now_ms.saturating_sub(max_age) {
             return Err(Reject::new(
                 RejectCode::StaleTimestamp,
-                format!("ts is older than {max_age} ms"),
+                format!(
+                    "ts is older than {max_age} ms{}",
+                    seconds_hint(ts, rules.now_ms)
+                ),
             ));
         }
     }
@@ -264,6 +267,18 @@ fn optional_positive(
     match field {
         Field::Absent | Field::Null => Ok(None),
         f => positive(f, name, code).map(Some),
+    }
+}
+
+/// A hint for the most common stale `ts`: seconds where milliseconds are expected. A ts in
+/// seconds is ~1000x smaller than now in ms; anything within a day of now read as seconds
+/// qualifies.
+fn seconds_hint(ts: i64, now_ms: i64) -> &'static str {
+    const DAY_S: i64 = 86_400;
+    if ts > 0 && (ts - now_ms / 1000).abs() <= DAY_S {
+        "; ts looks like seconds; tickfan expects milliseconds since the epoch"
+    } else {
+        ""
     }
 }
 

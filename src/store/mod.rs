@@ -124,6 +124,22 @@ pub struct Recovery {
     pub symbols: Vec<SymbolLast>,
 }
 
+impl Recovery {
+    /// How the previous run ended, for the start-up log: `"new store"` (nothing to recover:
+    /// logging `clean=false` here read like crash recovery), `"clean stop"`, or
+    /// `"unclean stop"` (a crash or kill; the epoch changed).
+    #[must_use]
+    pub fn previous_run(&self) -> &'static str {
+        if self.created {
+            "new store"
+        } else if self.clean {
+            "clean stop"
+        } else {
+            "unclean stop"
+        }
+    }
+}
+
 /// A symbol's last stored tick: where its seq continues.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SymbolLast {

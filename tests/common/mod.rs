@@ -363,6 +363,11 @@ impl Binary {
 
     /// `start` with more `serve` arguments (e.g. `--nats URL`).
     pub fn start_with(dir: &std::path::Path, extra: &[&str]) -> Self {
+        Self::spawn(dir, extra, std::process::Stdio::null())
+    }
+
+    /// `start_with`, choosing where the log (stderr) goes, e.g. `Stdio::piped()` to read it.
+    pub fn spawn(dir: &std::path::Path, extra: &[&str], stderr: std::process::Stdio) -> Self {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tickfan"))
             .args([
                 "serve",
@@ -374,7 +379,7 @@ impl Binary {
             .arg(dir)
             .args(extra)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let mut line = String::new();
