@@ -27,6 +27,8 @@
 //! - [`import`]: `tickfan import`, bulk loading of CSV/NDJSON history into the store.
 //! - [`ack`]: ingest acks that wait for the tick's durable fate.
 //! - [`simulator`]: the built-in market simulator.
+//! - [`feed`]: upstream exchange feeds (Binance, Coinbase, Kraken, another tickfan) pulled
+//!   into ingest, with reconnect backoff, a circuit breaker and failover.
 //! - [`protocol`]: client request and reply messages.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`server`]: wires everything and owns shutdown order; `server::run` is the entry point.
@@ -42,6 +44,7 @@ pub mod dashboard;
 pub mod dispatch;
 pub mod dlq;
 pub mod error;
+pub mod feed;
 pub mod http;
 pub mod import;
 pub mod ingest;

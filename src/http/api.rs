@@ -144,6 +144,7 @@ pub(super) async fn health(State(state): State<Arc<AppState>>) -> Response {
             reasons.push(format!("cluster: bus {}", bus.as_str()));
         }
     }
+    reasons.extend(state.feeds.health_reasons()); // feeds
     let mut body = json!({
         "status": if reasons.is_empty() { "ok" } else { "degraded" },
         "reasons": reasons,
@@ -155,6 +156,7 @@ pub(super) async fn health(State(state): State<Arc<AppState>>) -> Response {
         "epoch": state.clients.epoch,
         "version": env!("CARGO_PKG_VERSION"),
     });
+    state.feeds.extend_health(&mut body); // feeds
     if let (Some(cluster), Some(obj)) = (&state.cluster, body.as_object_mut()) {
         obj.insert("cluster".into(), cluster.health());
     }
@@ -167,7 +169,8 @@ pub(super) async fn health(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let text = state.metrics.render(&state);
+    let mut text = state.metrics.render(&state);
+    state.feeds.render_metrics(&mut text); // feeds
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -69,6 +69,8 @@ pub struct AppState {
     pub store: Store,
     /// Cluster mode: the bus link's state and counters (`/health`'s `cluster` object).
     pub cluster: Option<Arc<crate::cluster::ClusterStatus>>,
+    /// Upstream feeds (`/health`'s `upstreams`, `tickfan_upstream_*` metrics). // feeds
+    pub feeds: Arc<crate::feed::FeedSet>,
 }
 
 /// Global and per-IP caps on open WebSocket connections, and (in `accept`) the caps on plain
@@ -170,6 +172,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(crate::dashboard::index))
         .route("/app.js", get(crate::dashboard::app_js))
+        .route("/upstreams.js", get(crate::dashboard::upstreams_js)) // feeds
         .route("/tickfan.js", get(crate::dashboard::client_js))
         .route("/style.css", get(crate::dashboard::style_css))
         .route(
