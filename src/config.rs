@@ -160,6 +160,9 @@ pub struct FeedConfig {
     pub simulator_rate: u32,
     /// Share of simulator ticks sent with `critical` priority, in parts per thousand.
     pub simulator_critical_permille: u32,
+    /// Upstream exchange feeds (`[[feed.upstream]]` blocks, docs/feeds.md); none by default.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub upstream: Vec<UpstreamConfig>,
 }
 
 impl Default for FeedConfig {
@@ -168,7 +171,178 @@ impl Default for FeedConfig {
             simulator: true,
             simulator_rate: 1_000,
             simulator_critical_permille: 2,
+            upstream: Vec::new(),
         }
+    }
+}
+
+impl FeedConfig {
+    /// Checks the `[[feed.upstream]]` blocks: unique names, known `backup_for`, sane timings.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the upstream and key.
+    pub fn validate_upstreams(&self) -> Result<(), ConfigError> {
+        let mut names = std::collections::HashSet::new();
+        for u in &self.upstream {
+            let invalid = |key: &str, why: &str| {
+                Err(ConfigError::Invalid(format!(
+                    "feed.upstream[{}].{key}: {why}",
+                    u.name
+                )))
+            };
+            if u.name.is_empty() || !names.insert(u.name.as_str()) {
+                return invalid("name", "must be set and unique");
+            }
+            // It is a Prometheus label value and a log field: keep it plain.
+            if !u
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+            {
+                return invalid("name", "only letters, digits and - _ . : are allowed");
+            }
+            if !(u.url.starts_with("ws://") || u.url.starts_with("wss://")) {
+                return invalid("url", "must start with ws:// or wss://");
+            }
+            if u.symbols.is_empty() {
+                return invalid("symbols", "must name at least one symbol");
+            }
+            if u.reconnect_min_ms == 0 || u.reconnect_min_ms > u.reconnect_max_ms {
+                return invalid(
+                    "reconnect_min_ms",
+                    "need 1 <= reconnect_min_ms <= reconnect_max_ms",
+                );
+            }
+            if u.failure_threshold == 0 || u.cooldown_ms == 0 || u.stale_ms == 0 {
+                return invalid(
+                    "failure_threshold",
+                    "failure_threshold, cooldown_ms and stale_ms must be >= 1",
+                );
+            }
+            if u.max_message_bytes < 256 || u.max_json_depth < 2 || u.max_batch_ticks == 0 {
+                return invalid(
+                    "max_message_bytes",
+                    "need max_message_bytes >= 256, max_json_depth >= 2, max_batch_ticks >= 1",
+                );
+            }
+        }
+        for u in &self.upstream {
+            if let Some(primary) = &u.backup_for {
+                let found = self.upstream.iter().find(|p| &p.name == primary);
+                if found.is_none() || primary == &u.name {
+                    return Err(ConfigError::Invalid(format!(
+                        "feed.upstream[{}].backup_for: no other upstream named {primary:?}",
+                        u.name
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What protocol an upstream speaks.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum UpstreamKind {
+    /// Binance spot WebSocket trade streams (`<symbol>@trade`).
+    Binance,
+    /// Coinbase Exchange WebSocket feed, `matches` and `heartbeat` channels.
+    Coinbase,
+    /// Kraken WebSocket v2, `trade` channel.
+    Kraken,
+    /// Another tickfan's `/ws` (an edge tier), resumed with `since_seq`.
+    Tickfan,
+}
+
+/// One `[[feed.upstream]]` block: an exchange (or another tickfan) this server pulls ticks from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Unique name, used in metrics, `/health`, logs and dead letters.
+    pub name: String,
+    /// `binance`, `coinbase`, `kraken` or `tickfan`.
+    pub kind: UpstreamKind,
+    /// WebSocket URL (`ws://` or `wss://`).
+    pub url: String,
+    /// The source's own symbols to subscribe to (`BTCUSDT`, `BTC-USD`, `BTC/USD`, ...).
+    pub symbols: Vec<String>,
+    /// First reconnect delay, ms (doubled per failure, with jitter).
+    #[serde(default = "upstream_defaults::reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay, ms.
+    #[serde(default = "upstream_defaults::reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+    /// Consecutive failures (refused, closed, stale, handshake errors) that open the breaker.
+    #[serde(default = "upstream_defaults::failure_threshold")]
+    pub failure_threshold: u32,
+    /// How long an open breaker waits before one half-open probe, ms.
+    #[serde(default = "upstream_defaults::cooldown_ms")]
+    pub cooldown_ms: u64,
+    /// No message at all (trade, heartbeat, ping) for this long while subscribed is a failure, ms.
+    #[serde(default = "upstream_defaults::stale_ms")]
+    pub stale_ms: u64,
+    /// This upstream is the backup of the named one: its ticks flow only while that one is down.
+    #[serde(default)]
+    pub backup_for: Option<String>,
+    /// Prefix put before every symbol of this upstream (after `map`), e.g. `"binance:"`.
+    #[serde(default)]
+    pub prefix: String,
+    /// Source symbol -> tickfan symbol, e.g. `{ "BTCUSDT" = "BTC-USD" }`.
+    #[serde(default)]
+    pub map: std::collections::BTreeMap<String, String>,
+    /// Largest WebSocket message (and frame) accepted from the upstream, bytes; a bigger one is
+    /// a failure (the connection is dropped and retried).
+    #[serde(default = "upstream_defaults::max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Deepest JSON nesting accepted in an upstream message; deeper is a dead letter.
+    #[serde(default = "upstream_defaults::max_json_depth")]
+    pub max_json_depth: usize,
+    /// Most ticks handed to ingest as one frame (messages already received are batched).
+    #[serde(default = "upstream_defaults::max_batch_ticks")]
+    pub max_batch_ticks: usize,
+    /// Time allowed for TCP connect, TLS and the WebSocket handshake, ms.
+    #[serde(default = "upstream_defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Backup only: ticks held back while the primary serves (newest kept), replayed into
+    /// ingest at a failover so trades the primary missed before it was declared down still
+    /// arrive; dedup drops the ones it did deliver.
+    #[serde(default = "upstream_defaults::seam_ticks")]
+    pub seam_ticks: usize,
+}
+
+/// Defaults of the `[[feed.upstream]]` keys.
+mod upstream_defaults {
+    pub fn reconnect_min_ms() -> u64 {
+        500
+    }
+    pub fn reconnect_max_ms() -> u64 {
+        30_000
+    }
+    pub fn failure_threshold() -> u32 {
+        5
+    }
+    pub fn cooldown_ms() -> u64 {
+        60_000
+    }
+    pub fn stale_ms() -> u64 {
+        60_000
+    }
+    pub fn max_message_bytes() -> usize {
+        1 << 20
+    }
+    pub fn max_json_depth() -> usize {
+        16
+    }
+    pub fn max_batch_ticks() -> usize {
+        512
+    }
+    pub fn connect_timeout_ms() -> u64 {
+        10_000
+    }
+    pub fn seam_ticks() -> usize {
+        256
     }
 }
 
@@ -602,6 +776,7 @@ impl Config {
         if self.validation.dedup_window == 0 {
             return invalid("validation.dedup_window", "must be at least 1");
         }
+        self.feed.validate_upstreams()?;
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return invalid("log.format", "must be \"text\" or \"json\"");
         }

@@ -34,6 +34,8 @@
 //! - [`import`]: `tickfan import`, bulk loading of CSV/NDJSON history into the store.
 //! - [`ack`]: ingest acks that wait for the tick's durable fate.
 //! - [`simulator`]: the built-in market simulator.
+//! - [`feed`]: upstream exchange feeds (Binance, Coinbase, Kraken, another tickfan) pulled
+//!   into ingest, with reconnect backoff, a circuit breaker and failover.
 //! - [`protocol`]: client request and reply messages.
 //! - [`metrics`]: every Prometheus metric's definition (name, type, labels, help) and the
 //!   recorder.
@@ -49,6 +51,7 @@ pub mod config;
 pub mod dispatch;
 pub mod dlq;
 pub mod error;
+pub mod feed;
 pub mod http;
 pub mod import;
 pub mod ingest;

@@ -67,7 +67,8 @@ macro_rules! metrics {
                 help: $help,
             };
         )*
-        /// Every metric tickfan exposes (the cluster's only in cluster mode).
+        /// Every metric tickfan exposes (the cluster's only in cluster mode, the upstream
+        /// feeds' only with upstreams configured).
         pub const ALL: &[Def] = &[$($id),*];
     };
 }
@@ -184,7 +185,44 @@ metrics! {
         "Cluster mode: ticks not confirmed by the bus within publish_timeout_ms.";
     BUS_DUPLICATES: Counter "tickfan_bus_duplicates_total" []
         "Cluster mode: publishes the stream answered as duplicates.";
+    UPSTREAM_STATE: Gauge "tickfan_upstream_state" ["upstream"]
+        "Upstream feeds: breaker state, 0 closed, 1 open, 2 half-open.";
+    UPSTREAM_CONNECTED: Gauge "tickfan_upstream_connected" ["upstream"]
+        "Upstream feeds: 1 while a WebSocket session to the upstream is up.";
+    UPSTREAM_TICKS: Counter "tickfan_upstream_ticks_total" ["upstream"]
+        "Upstream feeds: trades normalized from the upstream.";
+    UPSTREAM_MESSAGES: Counter "tickfan_upstream_messages_total" ["upstream"]
+        "Upstream feeds: WebSocket data messages received.";
+    UPSTREAM_ACCEPTED: Counter "tickfan_upstream_accepted_total" ["upstream"]
+        "Upstream feeds: upstream ticks ingest accepted.";
+    UPSTREAM_DUPLICATES: Counter "tickfan_upstream_duplicates_total" ["upstream"]
+        "Upstream feeds: upstream ticks dropped as duplicates.";
+    UPSTREAM_REJECTED: Counter "tickfan_upstream_rejected_total" ["upstream"]
+        "Upstream feeds: upstream ticks ingest rejected.";
+    UPSTREAM_REFUSED: Counter "tickfan_upstream_refused_total" ["upstream"]
+        "Upstream feeds: batches ingest refused for backpressure (retried).";
+    UPSTREAM_GARBAGE: Counter "tickfan_upstream_garbage_total" ["upstream"]
+        "Upstream feeds: garbage messages dead-lettered.";
+    UPSTREAM_GAPS: Counter "tickfan_upstream_gaps_total" ["upstream"]
+        "Upstream feeds: trade ids or seqs the source skipped.";
+    UPSTREAM_RECONNECTS: Counter "tickfan_upstream_reconnects_total" ["upstream"]
+        "Upstream feeds: connection attempts after a failure.";
+    UPSTREAM_BREAKER_TRIPS: Counter "tickfan_upstream_breaker_trips_total" ["upstream"]
+        "Upstream feeds: times the circuit breaker opened.";
+    UPSTREAM_PROBES: Counter "tickfan_upstream_probes_total" ["upstream"]
+        "Upstream feeds: half-open probe attempts.";
+    UPSTREAM_FAILOVERS: Counter "tickfan_upstream_failovers_total" ["upstream"]
+        "Upstream feeds: switches of a primary's symbols to its backup.";
+    UPSTREAM_FAILBACKS: Counter "tickfan_upstream_failbacks_total" ["upstream"]
+        "Upstream feeds: switches back to the primary.";
+    UPSTREAM_RESUMES: Counter "tickfan_upstream_resumes_total" ["upstream"]
+        "Upstream feeds: tickfan-kind resumes with since_seq.";
+    UPSTREAM_LIMIT_HITS: Counter "tickfan_upstream_limit_hits_total" ["upstream", "limit"]
+        "Upstream feeds: upstream limits hit, by limit.";
 }
+
+/// Every value of `tickfan_upstream_limit_hits_total`'s `limit` label.
+pub const UPSTREAM_LIMITS: &[&str] = &["max_message_bytes", "max_json_depth", "seam_ticks"];
 
 /// Every value of `tickfan_limit_hits_total`'s `limit` label: one per configured limit that
 /// can be hit (docs/configuration.md says what hitting each looks like).

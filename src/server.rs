@@ -164,6 +164,8 @@ pub async fn run(
             stop.clone(),
         ));
     }
+    // feeds
+    let feeds = crate::feed::FeedSet::start(&config, &ingestor, &dead_letters, &stop);
     let clients = Arc::new(ClientContext {
         config: config.clone(),
         dispatcher: handle.clone(),
@@ -207,6 +209,7 @@ pub async fn run(
         fd_limit,
         store: store.clone(),
         cluster: cluster.as_ref().map(|c| c.status.clone()),
+        feeds: feeds.clone(), // feeds
     });
     let app = http::router(state.clone());
     let local = listener.local_addr()?;
@@ -247,6 +250,7 @@ pub async fn run(
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period");
     }
+    feeds.stop().await; // feeds: nothing is ingested once the dispatcher drains
     if let Some(cluster) = &mut cluster {
         // Producers have their acks (or not); then this node's own ticks come back from the
         // stream before the dispatcher stops.

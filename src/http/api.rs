@@ -116,6 +116,7 @@ pub(super) async fn health(State(state): State<Arc<AppState>>) -> Response {
             reasons.push(format!("cluster: bus {}", bus.as_str()));
         }
     }
+    reasons.extend(state.feeds.health_reasons()); // feeds
     let mut body = json!({
         "status": if reasons.is_empty() { "ok" } else { "degraded" },
         "reasons": reasons,
@@ -127,6 +128,7 @@ pub(super) async fn health(State(state): State<Arc<AppState>>) -> Response {
         "epoch": state.clients.epoch,
         "version": env!("CARGO_PKG_VERSION"),
     });
+    state.feeds.extend_health(&mut body); // feeds
     if let (Some(cluster), Some(obj)) = (&state.cluster, body.as_object_mut()) {
         obj.insert("cluster".into(), cluster.health());
     }

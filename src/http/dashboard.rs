@@ -9,6 +9,7 @@ use axum::response::IntoResponse;
 
 const INDEX: &str = include_str!("../../web/index.html");
 const APP_JS: &str = include_str!("../../web/app.js");
+const UPSTREAMS_JS: &str = include_str!("../../web/upstreams.js");
 const CLIENT_JS: &str = include_str!("../../clients/js/dist/tickfan.js");
 const STYLE: &str = include_str!("../../web/style.css");
 const CHARTS: &str = include_str!("../../web/vendor/lightweight-charts.standalone.production.js");
@@ -31,6 +32,11 @@ pub async fn index() -> impl IntoResponse {
 /// `GET /app.js`
 pub async fn app_js() -> impl IntoResponse {
     asset("text/javascript; charset=utf-8", APP_JS)
+}
+
+/// `GET /upstreams.js`: the upstream feeds panel (polls `/health`).
+pub async fn upstreams_js() -> impl IntoResponse {
+    asset("text/javascript; charset=utf-8", UPSTREAMS_JS)
 }
 
 /// `GET /tickfan.js`: the JS client (ES module) the dashboard imports; usable by any page.

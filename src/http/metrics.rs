@@ -138,7 +138,56 @@ pub fn render(s: &AppState) -> String {
     if let Some(bus) = &s.cluster {
         render_bus(r, bus);
     }
+    render_upstreams(r, &s.feeds);
     r.render()
+}
+
+/// Upstream feeds: each upstream's state and counters, labelled with its name.
+fn render_upstreams(r: &Metrics, feeds: &crate::feed::FeedSet) {
+    for u in feeds.upstreams() {
+        let l = [u.name.as_str()];
+        let c = &u.counters;
+        r.gauge(
+            &m::UPSTREAM_STATE,
+            &l,
+            u64::from(u.breaker.load(Ordering::Relaxed)),
+        );
+        r.gauge(
+            &m::UPSTREAM_CONNECTED,
+            &l,
+            u64::from(u.connected.load(Ordering::Relaxed)),
+        );
+        for (def, v) in [
+            (&m::UPSTREAM_TICKS, &c.ticks),
+            (&m::UPSTREAM_MESSAGES, &c.messages),
+            (&m::UPSTREAM_ACCEPTED, &c.accepted),
+            (&m::UPSTREAM_DUPLICATES, &c.duplicates),
+            (&m::UPSTREAM_REJECTED, &c.rejected),
+            (&m::UPSTREAM_REFUSED, &c.refused),
+            (&m::UPSTREAM_GARBAGE, &c.garbage),
+            (&m::UPSTREAM_GAPS, &c.gaps),
+            (&m::UPSTREAM_RECONNECTS, &c.reconnects),
+            (&m::UPSTREAM_BREAKER_TRIPS, &c.breaker_trips),
+            (&m::UPSTREAM_PROBES, &c.probes),
+            (&m::UPSTREAM_FAILOVERS, &c.failovers),
+            (&m::UPSTREAM_FAILBACKS, &c.failbacks),
+            (&m::UPSTREAM_RESUMES, &c.resumes),
+        ] {
+            r.counter(def, &l, load(v));
+        }
+        let limits = [
+            ("max_message_bytes", &c.too_big),
+            ("max_json_depth", &c.too_deep),
+            ("seam_ticks", &c.seam_dropped),
+        ];
+        debug_assert!(limits
+            .iter()
+            .map(|(l, _)| *l)
+            .eq(m::UPSTREAM_LIMITS.iter().copied()));
+        for (limit, v) in limits {
+            r.counter(&m::UPSTREAM_LIMIT_HITS, &[u.name.as_str(), limit], load(v));
+        }
+    }
 }
 
 /// Cluster mode: the bus link's state and counters.

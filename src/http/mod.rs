@@ -83,6 +83,8 @@ pub struct AppState {
     pub store: Store,
     /// Cluster mode: the bus link's state and counters (`/health`'s `cluster` object).
     pub cluster: Option<Arc<crate::cluster::ClusterStatus>>,
+    /// Upstream feeds (`/health`'s `upstreams`, `tickfan_upstream_*` metrics). // feeds
+    pub feeds: Arc<crate::feed::FeedSet>,
 }
 
 /// Builds the router.
@@ -90,6 +92,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(dashboard::index))
         .route("/app.js", get(dashboard::app_js))
+        .route("/upstreams.js", get(dashboard::upstreams_js)) // feeds
         .route("/tickfan.js", get(dashboard::client_js))
         .route("/style.css", get(dashboard::style_css))
         .route("/vendor/lightweight-charts.js", get(dashboard::chart_js))
