@@ -283,8 +283,76 @@ async fn the_same_id_sent_to_two_nodes_is_stored_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_one_symbol_sent_to_two_nodes_at_once_is_one_gap_free_chain_without_repeats() {
     let nats = Nats::start();
-    let a = node(&nats, "a").await;
-    let b = node(&nats, "b").await;
+    batch_to_nodes_at_once(&[nats.url(), nats.url()]).await;
+}
+
+/// The same on a replicated (R3) stream, where nats-server 2.9 does not serialize the
+/// per-subject compare-and-set (nats-server#4320): several publishes built on the same head
+/// can all be stored, and only the consumers' arbitration keeps one chain. Each node talks to
+/// its own NATS server, as in c4.py of the review.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_one_symbol_sent_to_three_nodes_at_once_is_one_chain_on_a_replicated_stream() {
+    let nats = NatsCluster::start();
+    let nodes = batch_to_nodes_at_once(&nats.urls).await;
+    let (_, h) = nodes[0].get_json("/health").await;
+    assert_eq!(h["cluster"]["replicas"], 3, "{h}");
+    // Then many symbols' first ticks on every node at once: one race per symbol, each
+    // node's publish built on the same empty head.
+    const SYMBOLS: usize = 200;
+    let posts = nodes.iter().enumerate().map(|(i, n)| {
+        let ticks: Vec<Value> = (0..SYMBOLS)
+            .map(|s| {
+                let mut t = tick(&format!("F{s}"), 1.0 + i as f64, 1.0);
+                t["id"] = format!("f{s}-n{i}").into();
+                t
+            })
+            .collect();
+        n.post_ticks(Value::Array(ticks).to_string())
+    });
+    for (status, _, ack) in futures_util::future::join_all(posts).await {
+        assert_eq!(
+            (status, ack["accepted"].as_u64()),
+            (200, Some(SYMBOLS as u64)),
+            "{ack}"
+        );
+    }
+    for s in 0..SYMBOLS {
+        let path = format!("/api/history/F{s}?limit=10");
+        let mut first: Option<Value> = None;
+        for n in &nodes {
+            let h = wait_json(n, &path, |_, v| v["last_seq"].as_u64() >= Some(3)).await;
+            let ticks = &h["ticks"];
+            let mut prices: Vec<f64> = ticks
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["price"].as_f64().unwrap())
+                .collect();
+            prices.sort_by(f64::total_cmp);
+            assert_eq!(
+                prices,
+                [1.0, 2.0, 3.0],
+                "F{s}: an acked tick lost or repeated: {h}"
+            );
+            assert_eq!(h["last_seq"], 3, "{h}");
+            if let Some(f) = &first {
+                assert_eq!(f, ticks, "F{s}: the nodes disagree");
+            }
+            first = Some(ticks.clone());
+        }
+    }
+}
+
+/// One tickfan node per URL; each gets one POST of the shared ids and its own, all at once.
+async fn batch_to_nodes_at_once(urls: &[String]) -> Vec<TestServer> {
+    let mut nodes = Vec::new();
+    for (i, url) in urls.iter().enumerate() {
+        let mut c = common::test_config();
+        c.cluster.nats_url = url.clone();
+        c.cluster.node_name = format!("n{i}");
+        c.cluster.publish_timeout_ms = 15_000;
+        nodes.push(TestServer::start_with(c).await);
+    }
     const SHARED: usize = 600;
     const OWN: usize = 200;
     let body = |own: &str| {
@@ -301,18 +369,24 @@ async fn a_batch_of_one_symbol_sent_to_two_nodes_at_once_is_one_gap_free_chain_w
         }
         Value::Array(ticks).to_string()
     };
-    let (body_a, body_b) = (body("a"), body("b"));
-    let ((sa, _, acka), (sb, _, ackb)) = tokio::join!(a.post_ticks(body_a), b.post_ticks(body_b));
-    assert_eq!((sa, sb), (200, 200), "{acka} {ackb}");
-    let total = SHARED + 2 * OWN;
+    let posts = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| n.post_ticks(body(&format!("own{i}"))));
+    let acks = futures_util::future::join_all(posts).await;
+    let total = SHARED + nodes.len() * OWN;
     let taken =
         |ack: &Value| ack["accepted"].as_u64().unwrap() + ack["duplicates"].as_u64().unwrap();
-    assert_eq!(taken(&acka), (SHARED + OWN) as u64, "{acka}");
-    assert_eq!(taken(&ackb), (SHARED + OWN) as u64, "{ackb}");
+    for (status, _, ack) in &acks {
+        assert_eq!(*status, 200, "{ack}");
+        assert_eq!(taken(ack), (SHARED + OWN) as u64, "{ack}");
+    }
     let path = "/api/history/Z?limit=5000";
     let full = |_: u16, v: &Value| v["last_seq"].as_u64() >= Some(total as u64);
-    for n in [&a, &b] {
+    let mut histories = Vec::new();
+    for n in &nodes {
         let h = wait_json(n, path, full).await;
+        histories.push(h["ticks"].clone());
         let ticks = h["ticks"].as_array().unwrap();
         let seqs: Vec<u64> = ticks.iter().map(|t| t["seq"].as_u64().unwrap()).collect();
         assert_eq!(
@@ -325,18 +399,36 @@ async fn a_batch_of_one_symbol_sent_to_two_nodes_at_once_is_one_gap_free_chain_w
         let before = ids.len();
         ids.dedup();
         assert_eq!(ids.len(), before, "an id stored twice");
+        // Every acked id is there.
+        for i in 0..SHARED {
+            assert!(
+                ids.binary_search(&format!("z-{i}").as_str()).is_ok(),
+                "z-{i} lost"
+            );
+        }
+        for i in 0..OWN {
+            for own in 0..nodes.len() {
+                let id = format!("own{own}-{i}");
+                assert!(ids.binary_search(&id.as_str()).is_ok(), "{id} lost");
+            }
+        }
         assert_eq!(h["last_seq"], total, "{}", h["last_seq"]);
     }
+    assert!(
+        histories.iter().all(|h| *h == histories[0]),
+        "the nodes disagree"
+    );
     // Many ticks went out per message (that is what batching is for).
-    let (_, ha) = a.get_json("/health").await;
-    let (_, hb) = b.get_json("/health").await;
-    let count = |k: &str| ha["cluster"][k].as_u64().unwrap() + hb["cluster"][k].as_u64().unwrap();
+    let mut healths = Vec::new();
+    for n in &nodes {
+        healths.push(n.get_json("/health").await.1["cluster"].clone());
+    }
+    let count = |k: &str| healths.iter().map(|h| h[k].as_u64().unwrap()).sum::<u64>();
     assert!(
         count("published_messages") < count("published_ticks"),
-        "{} {}",
-        ha["cluster"],
-        hb["cluster"]
+        "{healths:?}"
     );
+    nodes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -122,6 +122,9 @@ pub struct ClusterStatus {
     pub publish_expired: AtomicU64,
     /// Messages consumed from the stream.
     pub consumed: AtomicU64,
+    /// Stream messages the consumer skipped: not the next link of their symbol's chain (a
+    /// concurrent publish that lost) or malformed (docs/cluster.md, "consumer as arbiter").
+    pub skipped: AtomicU64,
     /// Messages in the stream not yet consumed by this node.
     pub lag: AtomicU64,
     /// The stream's last sequence, as last probed.
@@ -157,6 +160,7 @@ impl ClusterStatus {
             publish_errors: AtomicU64::new(0),
             publish_expired: AtomicU64::new(0),
             consumed: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
             lag: AtomicU64::new(0),
             stream_last: AtomicU64::new(0),
             position: AtomicU64::new(0),
@@ -233,6 +237,8 @@ impl ClusterStatus {
             "reconnects": load(&self.reconnects),
             "published_ticks": load(&self.published),
             "published_messages": load(&self.messages),
+            "skipped_messages": load(&self.skipped),
+            "conflicts": load(&self.conflicts),
         })
     }
 }
@@ -386,7 +392,7 @@ impl Cluster {
                 Err(e) => return Err(stream_err(&e)),
             }
         };
-        let info = stream.info().await.map_err(|e| stream_err(&e))?;
+        let info = stream.info().await.map_err(|e| stream_err(&e))?.clone();
         let replicas = info.config.num_replicas;
         let epoch = u64::try_from(info.created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
         let replica = replica_path(&config.store.dir);
@@ -411,6 +417,7 @@ impl Cluster {
             config.validation.max_total_symbols,
             position,
         ));
+        seen.seed_heads(wiring.seqs);
         let stop_publish = CancellationToken::new();
         let stop_consume = CancellationToken::new();
         let publisher = tokio::spawn(publish::run(
@@ -436,10 +443,16 @@ impl Cluster {
             consume::Consumer {
                 stream: stream.clone(),
                 filter: format!("{}.>", c.subject_prefix),
+                prefix: format!("{}.", c.subject_prefix),
                 node: node.clone(),
                 feed: wiring.feed,
                 ingestor: wiring.ingestor,
-                seqs: wiring.seqs.into_iter().collect(),
+                replay_through: if position == 0 {
+                    0
+                } else {
+                    info.state.last_sequence
+                },
+                bootstrap: position == 0,
                 status: status.clone(),
                 seen,
                 replica: replica.clone(),

@@ -18,6 +18,15 @@
 //! seen; see `seen.rs`. `Nats-Msg-Id` still makes a resend of the same message (a retry after
 //! a lost ack) a duplicate. The producer's ack settles when the stream acked: an ack means the
 //! bus holds the tick.
+//!
+//! The compare-and-set is not what keeps the chain one: the consumers are its arbiter
+//! (`consume.rs`), because a replicated stream in nats-server 2.9 can store several publishes
+//! built on the same head (nats-server#4320). So a head is built from the accepted chain (the
+//! subject's last stream sequence, and the consumer's accepted tick head), and on a stream with
+//! replicas > 1 a stored message is acked to its producers only after this node's consumer
+//! judged it accepted; a skipped one is re-filtered and published again with new seqs. With
+//! one replica the compare-and-set is serializable and a stored message is always accepted, so
+//! the ack comes with the stream's ack (the fast path).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -65,6 +74,8 @@ pub(super) struct Publisher {
     node: Arc<str>,
     prefix: Arc<str>,
     timeout: Duration,
+    /// Whether a stored compare-and-set means accepted (one replica; see the module docs).
+    cas_trusted: bool,
     max_in_flight: usize,
     max_ticks: usize,
     max_bytes: usize,
@@ -80,6 +91,7 @@ impl Publisher {
         seen: Arc<Seen>,
     ) -> Self {
         let c = &config.cluster;
+        let cas_trusted = status.replicas <= 1;
         Self {
             js,
             stream,
@@ -88,6 +100,7 @@ impl Publisher {
             node: node.into(),
             prefix: c.subject_prefix.as_str().into(),
             timeout: Duration::from_millis(c.publish_timeout_ms),
+            cas_trusted,
             max_in_flight: c.max_in_flight,
             max_ticks: c.max_ticks_per_message.max(1),
             max_bytes: c.max_message_bytes,
@@ -269,16 +282,18 @@ async fn publish_batch(
             // A head this node did not build itself: read it, and publish on it only once
             // the consumer has passed it, so the batch is filtered against every message
             // before it (exact dedup; see seen.rs).
-            let Ok(h) = read_head(&p.stream, &subject).await else {
-                fail(&p, &mut backoff).await;
-                continue;
-            };
             let left = deadline.saturating_duration_since(Instant::now());
-            if !p.seen.wait_consumed(h.0, left).await {
-                continue;
+            match read_head(&p, &subject, &symbol, left).await {
+                Ok(Some(h)) => {
+                    head = Some(h);
+                    h
+                }
+                Ok(None) => continue,
+                Err(()) => {
+                    fail(&p, &mut backoff).await;
+                    continue;
+                }
             }
-            head = Some(h);
-            h
         };
         // Leave out what the stream already holds (sent to another node too, or a retry of
         // a publish whose ack was lost).
@@ -313,7 +328,7 @@ async fn publish_batch(
         if batch.len() > 1 {
             payload.push(b']');
         }
-        let msg_id = message_id(&symbol, &keys);
+        let msg_id = message_id(&symbol, &keys, last_seq + 1);
         let first = (last_seq + 1).to_string();
         let mut msg = PublishMessage::build()
             .payload(payload.into())
@@ -330,16 +345,37 @@ async fn publish_batch(
             Err(e) => Err(e),
         };
         match acked {
-            Ok(ack) if ack.duplicate => {
+            Ok(ack) if p.cas_trusted && ack.duplicate => {
                 p.status.set_stream_ok(true);
                 return (symbol, batch, Outcome::Duplicate, dropped);
             }
-            Ok(ack) => {
+            Ok(ack) if p.cas_trusted => {
                 p.status.set_stream_ok(true);
                 p.status.record_publish(sent.elapsed().as_secs_f64());
                 p.seen.remember(&symbol, keys.iter().copied());
                 let head = (ack.sequence, last_seq + batch.len() as u64);
                 return (symbol, batch, Outcome::Stored(head), dropped);
+            }
+            Ok(ack) => {
+                // Stored (or, duplicate, stored earlier), but maybe beside another message
+                // built on the same head: the consumer decides (module docs).
+                p.status.set_stream_ok(true);
+                let left = deadline.saturating_duration_since(Instant::now());
+                if !p.seen.wait_consumed(ack.sequence, left).await {
+                    continue; // the deadline check above reports it `expired`
+                }
+                if p.seen.verdict(ack.sequence) == Some(true) {
+                    p.status.record_publish(sent.elapsed().as_secs_f64());
+                    if ack.duplicate {
+                        return (symbol, batch, Outcome::Duplicate, dropped);
+                    }
+                    let head = (ack.sequence, last_seq + batch.len() as u64);
+                    return (symbol, batch, Outcome::Stored(head), dropped);
+                }
+                // Skipped (it lost to a concurrent publish): re-read the accepted head,
+                // re-filter, and publish what is left with new seqs.
+                p.status.conflicts.fetch_add(1, Ordering::Relaxed);
+                head = None;
             }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                 p.status.conflicts.fetch_add(1, Ordering::Relaxed);
@@ -354,18 +390,20 @@ async fn publish_batch(
     }
 }
 
-/// `Nats-Msg-Id` of a message: `<symbol>:<key>` for one tick (so the same tick published
-/// alone by two nodes is one message, as before batching), `<symbol>:b<hash of the keys>:<n>`
-/// for a batch (a retry of the same batch is a duplicate).
-fn message_id(symbol: &Symbol, keys: &[u64]) -> String {
+/// `Nats-Msg-Id` of a message: `<symbol>:<key>:<first seq>` for one tick (so the same tick
+/// published alone by two nodes on the same head is one message, as before batching),
+/// `<symbol>:b<hash of the keys>:<n>:<first seq>` for a batch (a retry of the same message is
+/// a duplicate). The first seq is part of it: a message republished after the consumer
+/// skipped it is a different message.
+fn message_id(symbol: &Symbol, keys: &[u64], first: u64) -> String {
     if let [key] = keys {
-        return format!("{symbol}:{key:016x}");
+        return format!("{symbol}:{key:016x}:{first}");
     }
     let mut h = std::hash::DefaultHasher::new();
     for k in keys {
         h.write_u64(*k);
     }
-    format!("{symbol}:b{:016x}:{}", h.finish(), keys.len())
+    format!("{symbol}:b{:016x}:{}:{first}", h.finish(), keys.len())
 }
 
 async fn fail(p: &Publisher, backoff: &mut Duration) {
@@ -375,24 +413,27 @@ async fn fail(p: &Publisher, backoff: &mut Duration) {
     *backoff = (*backoff * 2).min(RETRY_MAX);
 }
 
-/// The symbol's chain head from the stream: its last message's stream sequence and last
-/// seq, or (0, 0) when the stream has none.
-pub(super) async fn read_head(stream: &Stream, subject: &str) -> Result<Head, ()> {
-    match stream.get_last_raw_message_by_subject(subject).await {
-        Ok(m) => {
-            let header = |name| {
-                m.headers
-                    .get(name)
-                    .and_then(|v| v.as_str().parse::<u64>().ok())
-            };
-            let first = header(SEQ_HEADER).ok_or(())?;
-            let count = header(COUNT_HEADER).unwrap_or(1).max(1);
-            Ok((m.sequence, first + count - 1))
-        }
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok((0, 0)),
+/// The symbol's chain head from the accepted chain: the stream sequence of the subject's last
+/// message (whatever it is: the compare-and-set compares against it), and, once this node's
+/// consumer has passed that message, the symbol's accepted tick head. Never read from the last
+/// message's headers: it may be a skipped loser or garbage. `Ok(None)`: the consumer did not
+/// get there within `wait`; `Err`: the stream did not answer.
+async fn read_head(
+    p: &Publisher,
+    subject: &str,
+    symbol: &Symbol,
+    wait: Duration,
+) -> Result<Option<Head>, ()> {
+    let last = match p.stream.get_last_raw_message_by_subject(subject).await {
+        Ok(m) => m.sequence,
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => 0,
         Err(e) => {
             tracing::debug!(error = %e, subject, "cannot read the chain head");
-            Err(())
+            return Err(());
         }
+    };
+    if !p.seen.wait_consumed(last, wait).await {
+        return Ok(None);
     }
+    Ok(Some((last, p.seen.head(symbol).unwrap_or(0))))
 }
