@@ -775,3 +775,95 @@ async fn a_three_server_nats_cluster_survives_losing_one_server() {
     let prices: Vec<f64> = got.values().copied().collect();
     assert_eq!(prices, (1..=10).map(f64::from).collect::<Vec<_>>());
 }
+
+/// Messages published into the stream by something else than tickfan (`nats pub`), or
+/// malformed: each is skipped whole and counted, the symbol's chain goes on from its accepted
+/// head on every node, and no node closes its gate for every symbol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_stream_messages_are_skipped_and_counted_and_the_chain_goes_on() {
+    let nats = Nats::start();
+    let a = node(&nats, "a").await;
+    let b = node(&nats, "b").await;
+    for p in [1.0, 2.0] {
+        let (status, _, ack) = a.post_ticks(tick("G", p, 1.0).to_string()).await;
+        assert_eq!(status, 200, "{ack}");
+    }
+    for n in [&a, &b] {
+        wait_json(n, "/api/history/G?limit=10", |_, v| v["last_seq"] == 2).await;
+    }
+    let raw = |symbol: &str, seq: u64| {
+        json!({"type": "tick", "symbol": symbol, "seq": seq, "ts": 1_700_000_000_000_u64,
+               "price": 666.0, "volume": 1.0, "quality": 100, "t_in": 1_700_000_000_000_000_u64})
+        .to_string()
+    };
+    let headers = |first: &str, count: Option<&str>| {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Tickfan-Seq", first);
+        if let Some(c) = count {
+            h.insert("Tickfan-Count", c);
+        }
+        h
+    };
+    let bad: Vec<(Option<async_nats::HeaderMap>, String)> = vec![
+        // `nats pub tickfan.ticks.G x`
+        (None, "x".into()),
+        // Tickfan-Count says 2, the payload has 1.
+        (Some(headers("3", Some("2"))), raw("G", 3)),
+        // A huge seq, well formed otherwise.
+        (
+            Some(headers("999999999999", None)),
+            raw("G", 999_999_999_999),
+        ),
+        // Half a batch unparsable.
+        (
+            Some(headers("3", Some("2"))),
+            format!("[{},{{\"nope\":1}}]", raw("G", 3)),
+        ),
+        // A tick of another symbol on G's subject.
+        (Some(headers("3", None)), raw("W", 3)),
+        // The header disagrees with the tick's seq.
+        (Some(headers("4", None)), raw("G", 3)),
+    ];
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    for (h, payload) in &bad {
+        let ack = match h {
+            Some(h) => js
+                .publish_with_headers("tickfan.ticks.G", h.clone(), payload.clone().into())
+                .await
+                .unwrap(),
+            None => js
+                .publish("tickfan.ticks.G", payload.clone().into())
+                .await
+                .unwrap(),
+        };
+        ack.await.unwrap();
+    }
+    // Both nodes judged all of them, skipped them, and still take G (B from a head it must
+    // read: the stream's last message of G is garbage) and other symbols.
+    for n in [&a, &b] {
+        wait_json(n, "/health", |status, v| {
+            status == 200 && v["cluster"]["skipped_messages"].as_u64() >= Some(bad.len() as u64)
+        })
+        .await;
+    }
+    for (n, p) in [(&b, 3.0), (&a, 4.0)] {
+        let (status, _, ack) = n.post_ticks(tick("G", p, 1.0).to_string()).await;
+        assert_eq!((status, ack["accepted"].as_u64()), (200, Some(1)), "{ack}");
+        let (status, _, ack) = n.post_ticks(tick("W", p, 1.0).to_string()).await;
+        assert_eq!((status, ack["accepted"].as_u64()), (200, Some(1)), "{ack}");
+    }
+    for n in [&a, &b] {
+        let h = wait_json(n, "/api/history/G?limit=10", |_, v| v["last_seq"] == 4).await;
+        let prices: Vec<f64> = h["ticks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["price"].as_f64().unwrap())
+            .collect();
+        assert_eq!(prices, [1.0, 2.0, 3.0, 4.0], "{h}");
+        wait_json(n, "/api/history/W?limit=10", |_, v| v["last_seq"] == 2).await;
+        let (status, h) = n.get_json("/health").await;
+        assert_eq!(status, 200, "{h}");
+    }
+}

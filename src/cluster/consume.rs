@@ -386,4 +386,75 @@ mod tests {
         assert!(parse_ticks(br#"{"symbol":"A","ts":1,"price":1,"volume":1}"#).is_none());
         assert!(parse_ticks(b"not json").is_none());
     }
+
+    #[test]
+    fn the_arbiter_takes_exactly_the_next_link() {
+        let g = Symbol::parse("G").unwrap();
+        let tick = |seq| {
+            let mut t = Tick::new(g.clone(), 1_700_000_000_000, 1.0, 1.0);
+            t.seq = seq;
+            t.t_in = 1;
+            t
+        };
+        let batch = |first: u64, n: u64| {
+            let ticks: Vec<String> = (first..first + n).map(|s| tick(s).to_json()).collect();
+            format!("[{}]", ticks.join(","))
+        };
+        let headers = |first: u64, n: u64| {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(SEQ_HEADER, first.to_string().as_str());
+            h.insert(COUNT_HEADER, n.to_string().as_str());
+            h
+        };
+        let j = |first, n, head, replay, bootstrap| {
+            judge(
+                Some(&g),
+                Some(&headers(first, n)),
+                batch(first, n).as_bytes(),
+                head,
+                replay,
+                bootstrap,
+            )
+        };
+        assert_eq!(
+            j(6, 2, Some(5), false, false),
+            Judged::Accept(vec![tick(6), tick(7)])
+        );
+        assert!(
+            matches!(j(5, 2, Some(5), false, false), Judged::Skip(_)),
+            "a loser"
+        );
+        assert!(
+            matches!(j(8, 1, Some(5), false, false), Judged::Skip(_)),
+            "a hole"
+        );
+        assert!(matches!(
+            j(1, 1, Some(u64::MAX), false, false),
+            Judged::Skip(_)
+        ));
+        assert!(matches!(j(3, 1, None, false, false), Judged::Skip(_)));
+        assert_eq!(j(3, 1, None, false, true), Judged::Accept(vec![tick(3)]));
+        assert_eq!(j(4, 2, Some(5), true, false), Judged::Replayed);
+        assert_eq!(j(5, 2, Some(5), true, false), Judged::Accept(vec![tick(6)]));
+        // Headers that disagree with the payload.
+        let h = headers(6, 3);
+        let skip = judge(
+            Some(&g),
+            Some(&h),
+            batch(6, 2).as_bytes(),
+            Some(5),
+            false,
+            false,
+        );
+        assert!(matches!(skip, Judged::Skip(_)));
+        let skip = judge(
+            Some(&g),
+            None,
+            batch(6, 2).as_bytes(),
+            Some(5),
+            false,
+            false,
+        );
+        assert!(matches!(skip, Judged::Skip(_)));
+    }
 }
