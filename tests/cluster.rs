@@ -867,3 +867,35 @@ async fn malformed_stream_messages_are_skipped_and_counted_and_the_chain_goes_on
         assert_eq!(status, 200, "{h}");
     }
 }
+
+/// A node restarted on an idle, non-empty stream continues from its saved position: it does
+/// not read the stream again from sequence 1 (its position and lag never go backwards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_on_an_idle_stream_does_not_replay_it() {
+    let nats = Nats::start();
+    let a = node(&nats, "a").await;
+    for i in 0..5 {
+        let (status, _, ack) = a
+            .post_ticks(tick("I", 1.0 + f64::from(i), 1.0).to_string())
+            .await;
+        assert_eq!(status, 200, "{ack}");
+    }
+    let caught_up = |_: u16, v: &Value| {
+        let c = &v["cluster"];
+        c["stream_last"].as_u64() > Some(0)
+            && c["position"] == c["stream_last"]
+            && c["read_through"] == c["stream_last"]
+            && c["lag"] == 0
+    };
+    let before = wait_json(&a, "/health", caught_up).await;
+    let config = a.config.clone();
+    let dir = a.stop().await;
+    let a = TestServer::start_in(config, dir).await;
+    let after = wait_json(&a, "/health", caught_up).await;
+    let c = &after["cluster"];
+    assert_eq!(c["position"], before["cluster"]["position"], "{after}");
+    assert_eq!(c["consumed_messages"], 0, "read the stream again: {after}");
+    assert_eq!(c["replayed_messages"], 0, "{after}");
+    let (_, h) = a.get_json("/api/history/I?limit=10").await;
+    assert_eq!(h["last_seq"], 5, "{h}");
+}

@@ -77,6 +77,7 @@ pub(super) async fn run(c: Consumer, start: DeliverPolicy, stop: CancellationTok
     let mut next = start;
     // Where the store ends: a stall check or a reconnect reopens after it, never at 1.
     let mut last_seen = c.status.position.load(Ordering::Acquire);
+    c.status.read_through.store(last_seen, Ordering::Relaxed);
     'outer: loop {
         let messages = match open(&c.stream, &c.filter, next).await {
             Ok(m) => m,
@@ -122,6 +123,7 @@ pub(super) async fn run(c: Consumer, start: DeliverPolicy, stop: CancellationTok
             let Ok(info) = msg.info() else { continue };
             let (stream_seq, pending) = (info.stream_sequence, info.pending);
             last_seen = stream_seq;
+            c.status.read_through.store(stream_seq, Ordering::Relaxed);
             c.status.lag.store(pending, Ordering::Relaxed);
             c.status.consumed.fetch_add(1, Ordering::Relaxed);
             let from_here = msg
@@ -148,6 +150,7 @@ pub(super) async fn run(c: Consumer, start: DeliverPolicy, stop: CancellationTok
                     ticks
                 }
                 Judged::Replayed => {
+                    c.status.replayed.fetch_add(1, Ordering::Relaxed);
                     c.seen.record_verdict(stream_seq, false);
                     Vec::new()
                 }

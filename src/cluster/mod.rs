@@ -122,6 +122,10 @@ pub struct ClusterStatus {
     pub publish_expired: AtomicU64,
     /// Messages consumed from the stream.
     pub consumed: AtomicU64,
+    /// Stream messages read again after a restart whose ticks the store already had.
+    pub replayed: AtomicU64,
+    /// The stream sequence the consumer has read through (starts at the saved position).
+    pub read_through: AtomicU64,
     /// Stream messages the consumer skipped: not the next link of their symbol's chain (a
     /// concurrent publish that lost) or malformed (docs/cluster.md, "consumer as arbiter").
     pub skipped: AtomicU64,
@@ -161,6 +165,8 @@ impl ClusterStatus {
             publish_expired: AtomicU64::new(0),
             consumed: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            read_through: AtomicU64::new(0),
             lag: AtomicU64::new(0),
             stream_last: AtomicU64::new(0),
             position: AtomicU64::new(0),
@@ -238,6 +244,9 @@ impl ClusterStatus {
             "published_ticks": load(&self.published),
             "published_messages": load(&self.messages),
             "skipped_messages": load(&self.skipped),
+            "consumed_messages": load(&self.consumed),
+            "replayed_messages": load(&self.replayed),
+            "read_through": load(&self.read_through),
             "conflicts": load(&self.conflicts),
         })
     }
