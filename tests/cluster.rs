@@ -899,3 +899,45 @@ async fn a_restarted_node_on_an_idle_stream_does_not_replay_it() {
     let (_, h) = a.get_json("/api/history/I?limit=10").await;
     assert_eq!(h["last_seq"], 5, "{h}");
 }
+
+/// A node restarted while another node published its symbol still knows the ticks its store
+/// held before the restart: a resend of one of them to it is a duplicate, not a second copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_to_a_restarted_node_of_a_tick_stored_before_the_restart_is_a_duplicate() {
+    let nats = Nats::start();
+    let a = node(&nats, "a").await;
+    let b = node(&nats, "b").await;
+    let mut x = tick("RS", 10.0, 1.0);
+    x["id"] = "x-1".into();
+    let mut y = tick("RS", 11.0, 1.0);
+    y["id"] = "y-1".into();
+    let (status, _, ack) = a.post_ticks(x.to_string()).await;
+    assert_eq!((status, ack["accepted"].as_u64()), (200, Some(1)), "{ack}");
+    wait_json(&a, "/api/history/RS?limit=10", |_, v| v["last_seq"] == 1).await;
+    let config = a.config.clone();
+    let dir = a.stop().await;
+    let (status, _, ack) = b.post_ticks(y.to_string()).await;
+    assert_eq!((status, ack["accepted"].as_u64()), (200, Some(1)), "{ack}");
+    let a = TestServer::start_in(config, dir).await;
+    wait_json(&a, "/api/history/RS?limit=10", |_, v| v["last_seq"] == 2).await;
+    let (status, _, ack) = a.post_ticks(x.to_string()).await;
+    assert_eq!(status, 200, "{ack}");
+    assert_eq!(ack["duplicates"], 1, "{ack}");
+    // A marker through B: once it is on A, anything A published before it is too.
+    let (status, _, _) = b.post_ticks(tick("RS", 12.0, 1.0).to_string()).await;
+    assert_eq!(status, 200);
+    let h = wait_json(&a, "/api/history/RS?limit=10", |_, v| {
+        v["ticks"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["price"] == 12.0))
+    })
+    .await;
+    let ids: Vec<&Value> = h["ticks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["id"])
+        .collect();
+    assert_eq!(h["last_seq"], 3, "x stored twice: {h}");
+    assert_eq!(ids.iter().filter(|i| **i == "x-1").count(), 1, "{h}");
+}
