@@ -23,8 +23,14 @@ struct Nats {
 impl Nats {
     /// Starts on a port the server picks (`-p -1`), read back from its log.
     fn start() -> Self {
+        Self::start_with_config("")
+    }
+
+    /// Starts with `config` (nats-server configuration file syntax) as its `-c` file.
+    fn start_with_config(config: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("js");
+        std::fs::write(dir.path().join("nats.conf"), config).unwrap();
         let (child, port) = spawn_nats(dir.path(), &store, None);
         Self {
             child: Some(child),
@@ -71,6 +77,8 @@ fn spawn_nats(dir: &Path, store: &Path, port: Option<u16>) -> (Child, u16) {
     let log = dir.join(format!("nats-{n}.log"));
     let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
     let mut child = Command::new("nats-server")
+        .arg("-c")
+        .arg(dir.join("nats.conf"))
         .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
         .arg(store)
         .arg("-l")
@@ -940,4 +948,26 @@ async fn a_resend_to_a_restarted_node_of_a_tick_stored_before_the_restart_is_a_d
         .collect();
     assert_eq!(h["last_seq"], 3, "x stored twice: {h}");
     assert_eq!(ids.iter().filter(|i| **i == "x-1").count(), 1, "{h}");
+}
+
+/// A NATS server with a small `max_payload`: tickfan sizes its batches below it (headers
+/// included) instead of failing them, and never takes a too-large message for a bus outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_fit_the_servers_max_payload() {
+    let nats = Nats::start_with_config("max_payload: 4096\n");
+    let a = node(&nats, "a").await;
+    let ticks: Vec<Value> = (0..100)
+        .map(|i| tick("MP", 1.0 + f64::from(i), 1.0))
+        .collect();
+    let (status, _, ack) = a.post_ticks(Value::Array(ticks).to_string()).await;
+    assert_eq!(
+        (status, ack["accepted"].as_u64()),
+        (200, Some(100)),
+        "{ack}"
+    );
+    let h = wait_json(&a, "/api/history/MP?limit=200", |_, v| v["last_seq"] == 100).await;
+    assert_eq!(h["ticks"].as_array().unwrap().len(), 100, "{h}");
+    let (status, health) = a.get_json("/health").await;
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(health["cluster"]["publish_errors"], 0, "{health}");
 }

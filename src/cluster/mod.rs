@@ -248,6 +248,7 @@ impl ClusterStatus {
             "replayed_messages": load(&self.replayed),
             "read_through": load(&self.read_through),
             "conflicts": load(&self.conflicts),
+            "publish_errors": load(&self.publish_errors),
         })
     }
 }
@@ -437,6 +438,7 @@ impl Cluster {
                 stream.clone(),
                 status.clone(),
                 seen.clone(),
+                client.server_info().max_payload,
             ),
             wiring.admission,
             stop_publish.clone(),

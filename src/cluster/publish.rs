@@ -61,6 +61,18 @@ pub(super) const NODE_HEADER: &str = "Tickfan-Node";
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_millis(1_000);
 
+/// Bytes kept free under the server's `max_payload` for a message's headers besides the node
+/// name: `Nats-Msg-Id` (symbol up to 64 + hash + two numbers), the expected sequence, the
+/// seq and count, and the header block's framing.
+const HEADER_ROOM: usize = 512;
+
+/// The smallest batch byte budget (one tick always goes out alone if it must).
+const MIN_MESSAGE_BYTES: usize = 1024;
+
+/// Bytes a tick's seq may add to its JSON once assigned (it is counted before: up to 20
+/// digits), plus the comma between array elements.
+const TICK_OVERHEAD: usize = 21;
+
 /// A symbol's chain head: (stream sequence of its last message, that message's last seq).
 type Head = (u64, u64);
 
@@ -89,9 +101,27 @@ impl Publisher {
         stream: Stream,
         status: Arc<ClusterStatus>,
         seen: Arc<Seen>,
+        max_payload: usize,
     ) -> Self {
         let c = &config.cluster;
         let cas_trusted = status.replicas <= 1;
+        // The server refuses a message (headers + payload) above its `max_payload`; a
+        // batch must fit below it with its headers, whatever `max_message_bytes` says.
+        let header_room = HEADER_ROOM + node.len();
+        let fits = max_payload
+            .saturating_sub(header_room)
+            .max(MIN_MESSAGE_BYTES);
+        let max_bytes = if c.max_message_bytes > fits {
+            tracing::warn!(
+                max_message_bytes = c.max_message_bytes,
+                server_max_payload = max_payload,
+                using = fits,
+                "cluster.max_message_bytes is above the NATS server's max_payload (less header room); using the smaller"
+            );
+            fits
+        } else {
+            c.max_message_bytes
+        };
         Self {
             js,
             stream,
@@ -103,7 +133,7 @@ impl Publisher {
             cas_trusted,
             max_in_flight: c.max_in_flight,
             max_ticks: c.max_ticks_per_message.max(1),
-            max_bytes: c.max_message_bytes,
+            max_bytes,
         }
     }
 }
@@ -198,10 +228,12 @@ fn start_next(
     chain: &mut SymbolChain,
 ) {
     let mut batch = Vec::new();
-    let mut bytes = 0usize;
+    // The array's brackets.
+    let mut bytes = 2usize;
     while let Some(q) = chain.waiting.front() {
-        // The JSON of a tick is about its wire size; +1 for the array's comma.
-        let size = q.tick.to_json().len() + 1;
+        // An upper bound of the tick's size in the payload, so the message never exceeds
+        // the server's max_payload (see `Publisher::new`).
+        let size = q.tick.to_json().len() + TICK_OVERHEAD;
         if !batch.is_empty() && (batch.len() >= p.max_ticks || bytes + size > p.max_bytes) {
             break;
         }
@@ -376,6 +408,14 @@ async fn publish_batch(
                 // re-filter, and publish what is left with new seqs.
                 p.status.conflicts.fetch_add(1, Ordering::Relaxed);
                 head = None;
+            }
+            Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                // Not a bus outage: this one message is too large (batches are sized below
+                // max_payload, so only a single oversized tick gets here). Its ticks are
+                // reported `expired`; the gate stays open for everything else.
+                tracing::warn!(error = %e, %symbol, "a message above the server's max_payload");
+                p.status.publish_errors.fetch_add(1, Ordering::Relaxed);
+                return (symbol, batch, Outcome::TimedOut, dropped);
             }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                 p.status.conflicts.fetch_add(1, Ordering::Relaxed);
