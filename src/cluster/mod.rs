@@ -7,11 +7,11 @@
 //! compare-and-set on the subject's last stream sequence; the producer's ack settles on the
 //! JetStream publish ack, and with replicas > 1 once this node's consumer accepted the
 //! message) → the stream → [`consume`] on every node (an ordered consumer, in stream order,
-//! the arbiter that accepts only each symbol's next link) → that node's dispatcher feed (seq kept) → clients and the node's own redb
-//! replica. The replica's position in the stream is kept in `<store.dir>/cluster.json`, so a
-//! restarted node resumes where its store ends and a new node replays the stream from the
-//! start. The epoch every node announces is the stream's creation time: it changes exactly
-//! when the stream was lost or recreated.
+//! the arbiter that accepts only each symbol's next link) → that node's dispatcher feed (seq
+//! kept) → clients and the node's own redb replica. The replica's position in the stream is
+//! kept in `<store.dir>/cluster.json`, so a restarted node resumes where its store ends and a
+//! new node replays the stream from the start. The epoch every node announces is the stream's
+//! creation time: it changes exactly when the stream was lost or recreated.
 
 mod consume;
 mod publish;
