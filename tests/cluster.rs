@@ -971,3 +971,53 @@ async fn batches_fit_the_servers_max_payload() {
     assert_eq!(status, 200, "{health}");
     assert_eq!(health["cluster"]["publish_errors"], 0, "{health}");
 }
+
+/// A tick whose publish never reached the bus (the server froze, then died without reading
+/// it) is reported `expired`; its resend, once the bus is back, is a new tick, not a
+/// `duplicates` answer for a tick the bus never held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_expired_in_publish_can_be_resent() {
+    let mut nats = Nats::start();
+    let mut c = common::test_config();
+    c.cluster.nats_url = nats.url();
+    c.cluster.node_name = "a".into();
+    c.cluster.publish_timeout_ms = 1_000;
+    let a = TestServer::start_with(c).await;
+    let (status, _, ack) = a.post_ticks(tick("EX", 1.0, 1.0).to_string()).await;
+    assert_eq!((status, ack["accepted"].as_u64()), (200, Some(1)), "{ack}");
+    let mut x = tick("EX", 2.0, 1.0);
+    x["id"] = "x-expired".into();
+    // Frozen: the connection stays up, nothing is answered, nothing is read.
+    let pid = nats.child.as_ref().unwrap().id().to_string();
+    let stopped = Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+    assert!(stopped.success());
+    let (_, _, ack) = a.post_ticks(x.to_string()).await;
+    assert_eq!(ack["accepted"], 0, "{ack}");
+    assert!(ack.to_string().contains("expired"), "{ack}");
+    // Killed unread, and started again on its store: the stream never held x.
+    nats.restart();
+    wait_json(&a, "/health", |status, v| {
+        status == 200 && v["cluster"]["bus"] == "connected"
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, _, ack) = a.post_ticks(x.to_string()).await;
+        if status == 200 {
+            assert_eq!(ack["duplicates"], 0, "swallowed as a duplicate: {ack}");
+            if ack["accepted"] == 1 {
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status} {ack}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let h = wait_json(&a, "/api/history/EX?limit=10", |_, v| v["last_seq"] == 2).await;
+    let ids = h["ticks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["id"] == "x-expired")
+        .count();
+    assert_eq!(ids, 1, "{h}");
+}

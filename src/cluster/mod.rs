@@ -439,6 +439,7 @@ impl Cluster {
                 stream.clone(),
                 status.clone(),
                 seen.clone(),
+                wiring.ingestor.clone(),
                 client.server_info().max_payload,
             ),
             wiring.admission,

@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use super::seen::Seen;
 use super::{subject_of, ClusterStatus};
 use crate::config::Config;
-use crate::ingest::dedup;
+use crate::ingest::{dedup, Ingestor};
 use crate::queue::{PriorityQueue, Queued};
 use crate::tick::Symbol;
 
@@ -83,6 +83,8 @@ pub(super) struct Publisher {
     stream: Stream,
     status: Arc<ClusterStatus>,
     seen: Arc<Seen>,
+    /// Told about ticks that expired before the bus held them (their dedup keys go).
+    ingestor: Arc<Ingestor>,
     node: Arc<str>,
     prefix: Arc<str>,
     timeout: Duration,
@@ -101,6 +103,7 @@ impl Publisher {
         stream: Stream,
         status: Arc<ClusterStatus>,
         seen: Arc<Seen>,
+        ingestor: Arc<Ingestor>,
         max_payload: usize,
     ) -> Self {
         let c = &config.cluster;
@@ -127,6 +130,7 @@ impl Publisher {
             stream,
             status,
             seen,
+            ingestor,
             node: node.into(),
             prefix: c.subject_prefix.as_str().into(),
             timeout: Duration::from_millis(c.publish_timeout_ms),
@@ -174,6 +178,7 @@ pub(super) async fn run(p: Publisher, queue: Arc<PriorityQueue>, stop: Cancellat
         if held < p.max_in_flight {
             let drained = queue.drain_round(Instant::now());
             for q in drained.expired {
+                p.ingestor.forget_expired(&q.tick);
                 if let Some(ack) = &q.ack {
                     ack.expire(q.index);
                 }
@@ -202,7 +207,7 @@ pub(super) async fn run(p: Publisher, queue: Arc<PriorityQueue>, stop: Cancellat
                 held -= batch.len() + seen;
                 let chain = chains.entry(symbol.clone()).or_default();
                 chain.busy = false;
-                settle(&p.status, chain, &batch, outcome);
+                settle(&p, chain, &batch, outcome);
                 if !chain.waiting.is_empty() {
                     start_next(&p, &mut running, symbol, chain);
                 } else if chains.len() > MAX_IDLE_CHAINS {
@@ -249,7 +254,8 @@ fn start_next(
     )));
 }
 
-fn settle(status: &ClusterStatus, chain: &mut SymbolChain, batch: &[Queued], outcome: Outcome) {
+fn settle(p: &Publisher, chain: &mut SymbolChain, batch: &[Queued], outcome: Outcome) {
+    let status = &p.status;
     let settle_all = || {
         for q in batch {
             if let Some(ack) = &q.ack {
@@ -281,6 +287,9 @@ fn settle(status: &ClusterStatus, chain: &mut SymbolChain, batch: &[Queued], out
                 .publish_expired
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             for q in batch {
+                // Not (known to be) in the bus: a resend must not be taken for a duplicate.
+                // Had it landed after all, the publisher's filter still drops the resend.
+                p.ingestor.forget_expired(&q.tick);
                 if let Some(ack) = &q.ack {
                     ack.expire(q.index);
                 }

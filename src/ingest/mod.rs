@@ -354,6 +354,14 @@ impl Ingestor {
         state.commit(dedup::key_of(tick), tick, window);
     }
 
+    /// Cluster mode: forgets a tick that was admitted but never reached the bus (its publish
+    /// expired), so a resend is a new tick instead of a `duplicates` answer.
+    pub fn forget_expired(&self, tick: &Tick) {
+        if let Some(state) = self.symbols.lock().get_mut(&tick.symbol) {
+            state.recent.remove(dedup::key_of(tick));
+        }
+    }
+
     /// A symbol's memory when first seen: seeded from the store when there is one.
     fn fresh_symbol(&self, symbol: &Symbol) -> SymbolIngest {
         let window = self.config.dedup_window;
