@@ -440,7 +440,6 @@ impl Cluster {
                 status.clone(),
                 seen.clone(),
                 wiring.ingestor.clone(),
-                client.server_info().max_payload,
             ),
             wiring.admission,
             stop_publish.clone(),

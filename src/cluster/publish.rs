@@ -104,8 +104,8 @@ impl Publisher {
         status: Arc<ClusterStatus>,
         seen: Arc<Seen>,
         ingestor: Arc<Ingestor>,
-        max_payload: usize,
     ) -> Self {
+        let max_payload = js.client().server_info().max_payload;
         let c = &config.cluster;
         let cas_trusted = status.replicas <= 1;
         // The server refuses a message (headers + payload) above its `max_payload`; a
