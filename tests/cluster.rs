@@ -1021,3 +1021,76 @@ async fn a_tick_expired_in_publish_can_be_resent() {
         .count();
     assert_eq!(ids, 1, "{h}");
 }
+
+/// A batch the server stored but whose ack was lost (the server froze past the request
+/// timeout, then went on) is resent identically, so JetStream's `Nats-Msg-Id` dedup answers
+/// `duplicate`, instead of being rebuilt on a new head: with a dedup window smaller than the
+/// batch, a rebuilt batch would store its first ticks a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stored_but_not_acked_is_resent_identically_and_stored_once() {
+    let nats = Nats::start();
+    let mut c = common::test_config();
+    c.cluster.nats_url = nats.url();
+    c.cluster.node_name = "a".into();
+    c.cluster.publish_timeout_ms = 15_000;
+    c.validation.dedup_window = 1;
+    let a = TestServer::start_with(c).await;
+    let (status, _, ack) = a.post_ticks(tick("AM", 1.0, 1.0).to_string()).await;
+    assert_eq!((status, ack["accepted"].as_u64()), (200, Some(1)), "{ack}");
+    wait_json(&a, "/api/history/AM?limit=10", |_, v| v["last_seq"] == 1).await;
+    let pid = nats.child.as_ref().unwrap().id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let batch: Vec<Value> = (0..3)
+        .map(|i| {
+            let mut t = tick("AM", 10.0 + f64::from(i), 1.0);
+            t["id"] = format!("am-{i}").into();
+            t
+        })
+        .collect();
+    let post = tokio::spawn({
+        let url = format!("http://{}/api/ticks", a.addr);
+        let body = Value::Array(batch).to_string();
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    });
+    // The publish is in the server's socket, unread; the client's request times out.
+    wait_json(&a, "/health", |_, v| {
+        v["cluster"]["publish_errors"].as_u64() >= Some(1)
+    })
+    .await;
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let ack = post.await.unwrap();
+    assert_eq!(ack["accepted"], 3, "{ack}");
+    let (status, _, _) = a.post_ticks(tick("AM", 99.0, 1.0).to_string()).await;
+    assert_eq!(status, 200);
+    let h = wait_json(&a, "/api/history/AM?limit=20", |_, v| {
+        v["ticks"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["price"] == 99.0))
+    })
+    .await;
+    let prices: Vec<f64> = h["ticks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["price"].as_f64().unwrap())
+        .collect();
+    assert_eq!(prices, [1.0, 10.0, 11.0, 12.0, 99.0], "{h}");
+}

@@ -313,6 +313,10 @@ async fn publish_batch(
     let mut keys: Vec<u64> = batch.iter().map(|q| dedup::key_of(&q.tick)).collect();
     let mut dropped = 0usize;
     let mut backoff = RETRY_MIN;
+    // After an ambiguous failure (timeout, broken connection) the last message may be stored
+    // with its ack lost: it is sent again IDENTICAL (same head, seqs, payload, Nats-Msg-Id),
+    // so JetStream answers `duplicate` for it, before anything is re-read or re-filtered.
+    let mut resend = false;
     loop {
         if Instant::now() >= deadline {
             return (symbol, batch, Outcome::TimedOut, dropped);
@@ -337,9 +341,10 @@ async fn publish_batch(
             }
         };
         // Leave out what the stream already holds (sent to another node too, or a retry of
-        // a publish whose ack was lost).
+        // a publish whose ack was lost). Not on an identical resend: that must stay the
+        // same message.
         let mut i = 0;
-        while i < batch.len() {
+        while i < batch.len() && !resend {
             if p.seen.contains(&symbol, keys[i]) {
                 let q = batch.remove(i);
                 keys.remove(i);
@@ -416,6 +421,7 @@ async fn publish_batch(
                 // Skipped (it lost to a concurrent publish): re-read the accepted head,
                 // re-filter, and publish what is left with new seqs.
                 p.status.conflicts.fetch_add(1, Ordering::Relaxed);
+                resend = false;
                 head = None;
             }
             Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
@@ -428,11 +434,12 @@ async fn publish_batch(
             }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                 p.status.conflicts.fetch_add(1, Ordering::Relaxed);
+                resend = false;
                 head = None;
             }
             Err(e) => {
-                tracing::debug!(error = %e, %symbol, "bus publish failed; retrying");
-                head = None;
+                tracing::debug!(error = %e, %symbol, "bus publish failed; resending it");
+                resend = true;
                 fail(&p, &mut backoff).await;
             }
         }
