@@ -932,14 +932,7 @@ async fn a_resend_to_a_restarted_node_of_a_tick_stored_before_the_restart_is_a_d
     assert_eq!(status, 200, "{ack}");
     assert_eq!(ack["duplicates"], 1, "{ack}");
     // A marker through B: once it is on A, anything A published before it is too.
-    let (status, _, _) = b.post_ticks(tick("RS", 12.0, 1.0).to_string()).await;
-    assert_eq!(status, 200);
-    let h = wait_json(&a, "/api/history/RS?limit=10", |_, v| {
-        v["ticks"]
-            .as_array()
-            .is_some_and(|t| t.iter().any(|t| t["price"] == 12.0))
-    })
-    .await;
+    let h = history_after_marker(&b, &a, "RS", 12.0).await;
     let ids: Vec<&Value> = h["ticks"]
         .as_array()
         .unwrap()
@@ -988,9 +981,7 @@ async fn a_tick_expired_in_publish_can_be_resent() {
     let mut x = tick("EX", 2.0, 1.0);
     x["id"] = "x-expired".into();
     // Frozen: the connection stays up, nothing is answered, nothing is read.
-    let pid = nats.child.as_ref().unwrap().id().to_string();
-    let stopped = Command::new("kill").args(["-STOP", &pid]).status().unwrap();
-    assert!(stopped.success());
+    freeze(&nats);
     let (_, _, ack) = a.post_ticks(x.to_string()).await;
     assert_eq!(ack["accepted"], 0, "{ack}");
     assert!(ack.to_string().contains("expired"), "{ack}");
@@ -1038,12 +1029,7 @@ async fn a_batch_stored_but_not_acked_is_resent_identically_and_stored_once() {
     let (status, _, ack) = a.post_ticks(tick("AM", 1.0, 1.0).to_string()).await;
     assert_eq!((status, ack["accepted"].as_u64()), (200, Some(1)), "{ack}");
     wait_json(&a, "/api/history/AM?limit=10", |_, v| v["last_seq"] == 1).await;
-    let pid = nats.child.as_ref().unwrap().id().to_string();
-    assert!(Command::new("kill")
-        .args(["-STOP", &pid])
-        .status()
-        .unwrap()
-        .success());
+    freeze(&nats);
     let batch: Vec<Value> = (0..3)
         .map(|i| {
             let mut t = tick("AM", 10.0 + f64::from(i), 1.0);
@@ -1071,21 +1057,10 @@ async fn a_batch_stored_but_not_acked_is_resent_identically_and_stored_once() {
         v["cluster"]["publish_errors"].as_u64() >= Some(1)
     })
     .await;
-    assert!(Command::new("kill")
-        .args(["-CONT", &pid])
-        .status()
-        .unwrap()
-        .success());
+    signal(&nats, "-CONT", 'S');
     let ack = post.await.unwrap();
     assert_eq!(ack["accepted"], 3, "{ack}");
-    let (status, _, _) = a.post_ticks(tick("AM", 99.0, 1.0).to_string()).await;
-    assert_eq!(status, 200);
-    let h = wait_json(&a, "/api/history/AM?limit=20", |_, v| {
-        v["ticks"]
-            .as_array()
-            .is_some_and(|t| t.iter().any(|t| t["price"] == 99.0))
-    })
-    .await;
+    let h = history_after_marker(&a, &a, "AM", 99.0).await;
     let prices: Vec<f64> = h["ticks"]
         .as_array()
         .unwrap()
@@ -1093,4 +1068,63 @@ async fn a_batch_stored_but_not_acked_is_resent_identically_and_stored_once() {
         .map(|t| t["price"].as_f64().unwrap())
         .collect();
     assert_eq!(prices, [1.0, 10.0, 11.0, 12.0, 99.0], "{h}");
+}
+
+/// Posts a marker tick (`price`) of `symbol` to `via`, waits until `reader`'s history has it,
+/// and returns that history: everything published to the stream before the marker is in it.
+async fn history_after_marker(
+    via: &TestServer,
+    reader: &TestServer,
+    symbol: &str,
+    price: f64,
+) -> Value {
+    let (status, _, ack) = via.post_ticks(tick(symbol, price, 1.0).to_string()).await;
+    assert_eq!((status, ack["accepted"].as_u64()), (200, Some(1)), "{ack}");
+    wait_json(
+        reader,
+        &format!("/api/history/{symbol}?limit=100"),
+        |_, v| {
+            v["ticks"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t["price"] == price))
+        },
+    )
+    .await
+}
+
+/// Stops (SIGSTOP) the server: its connections stay open, nothing is read or answered.
+fn freeze(nats: &Nats) {
+    signal(nats, "-STOP", 'T');
+}
+
+/// Sends `sig` to the server and waits until the kernel shows it in `state` (or, for
+/// running, anything but stopped).
+fn signal(nats: &Nats, sig: &str, state: char) {
+    let pid = nats.child.as_ref().unwrap().id();
+    let sent = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // "pid (comm) S ...": the state follows the command's closing parenthesis.
+        let now = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .trim_start()
+            .chars()
+            .next()
+            .unwrap();
+        if (state == 'T') == (now == 'T') {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{sig} not applied: {stat}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
