@@ -155,7 +155,12 @@ pub(super) async fn run(c: Consumer, start: DeliverPolicy, stop: CancellationTok
                     Vec::new()
                 }
                 Judged::Skip(why) => {
-                    tracing::warn!(stream_seq, subject = %msg.subject, why, "stream message skipped");
+                    // A lost race is routine on a replicated stream; malformed is not.
+                    if why == NOT_NEXT {
+                        tracing::debug!(stream_seq, subject = %msg.subject, why, "stream message skipped");
+                    } else {
+                        tracing::warn!(stream_seq, subject = %msg.subject, why, "stream message skipped");
+                    }
                     c.status.skipped.fetch_add(1, Ordering::Relaxed);
                     c.seen.record_verdict(stream_seq, false);
                     Vec::new()
@@ -237,6 +242,9 @@ fn symbol_of(prefix: &str, subject: &str) -> Option<Symbol> {
     Symbol::parse(&token.replace('~', "."))
 }
 
+/// Why a well-formed message is skipped: it is not the next link of its symbol's chain.
+const NOT_NEXT: &str = "first seq is not the accepted head + 1";
+
 /// What the arbiter decided about one stream message.
 #[derive(Debug, PartialEq)]
 enum Judged {
@@ -303,7 +311,7 @@ fn judge(
                 Judged::Accept(ticks.into_iter().filter(|t| t.seq > h).collect())
             }
         }
-        Some(_) => Judged::Skip("first seq is not the accepted head + 1"),
+        Some(_) => Judged::Skip(NOT_NEXT),
         None if first == 1 || bootstrap => Judged::Accept(ticks),
         None => Judged::Skip("a symbol's first message must start at seq 1"),
     }
