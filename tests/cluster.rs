@@ -23,8 +23,14 @@ struct Nats {
 impl Nats {
     /// Starts on a port the server picks (`-p -1`), read back from its log.
     fn start() -> Self {
+        Self::start_with_config("")
+    }
+
+    /// Starts with `config` (nats-server configuration file syntax) as its `-c` file.
+    fn start_with_config(config: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("js");
+        std::fs::write(dir.path().join("nats.conf"), config).unwrap();
         let (child, port) = spawn_nats(dir.path(), &store, None);
         Self {
             child: Some(child),
@@ -71,6 +77,8 @@ fn spawn_nats(dir: &Path, store: &Path, port: Option<u16>) -> (Child, u16) {
     let log = dir.join(format!("nats-{n}.log"));
     let port_arg = port.map_or("-1".to_owned(), |p| p.to_string());
     let mut child = Command::new("nats-server")
+        .arg("-c")
+        .arg(dir.join("nats.conf"))
         .args(["-a", "127.0.0.1", "-p", &port_arg, "-js", "-sd"])
         .arg(store)
         .arg("-l")
@@ -283,8 +291,76 @@ async fn the_same_id_sent_to_two_nodes_is_stored_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_one_symbol_sent_to_two_nodes_at_once_is_one_gap_free_chain_without_repeats() {
     let nats = Nats::start();
-    let a = node(&nats, "a").await;
-    let b = node(&nats, "b").await;
+    batch_to_nodes_at_once(&[nats.url(), nats.url()]).await;
+}
+
+/// The same on a replicated (R3) stream, where nats-server 2.9 does not serialize the
+/// per-subject compare-and-set (nats-server#4320): several publishes built on the same head
+/// can all be stored, and only the consumers' arbitration keeps one chain. Each node talks to
+/// its own NATS server, as in c4.py of the review.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_one_symbol_sent_to_three_nodes_at_once_is_one_chain_on_a_replicated_stream() {
+    let nats = NatsCluster::start();
+    let nodes = batch_to_nodes_at_once(&nats.urls).await;
+    let (_, h) = nodes[0].get_json("/health").await;
+    assert_eq!(h["cluster"]["replicas"], 3, "{h}");
+    // Then many symbols' first ticks on every node at once: one race per symbol, each
+    // node's publish built on the same empty head.
+    const SYMBOLS: usize = 200;
+    let posts = nodes.iter().enumerate().map(|(i, n)| {
+        let ticks: Vec<Value> = (0..SYMBOLS)
+            .map(|s| {
+                let mut t = tick(&format!("F{s}"), 1.0 + i as f64, 1.0);
+                t["id"] = format!("f{s}-n{i}").into();
+                t
+            })
+            .collect();
+        n.post_ticks(Value::Array(ticks).to_string())
+    });
+    for (status, _, ack) in futures_util::future::join_all(posts).await {
+        assert_eq!(
+            (status, ack["accepted"].as_u64()),
+            (200, Some(SYMBOLS as u64)),
+            "{ack}"
+        );
+    }
+    for s in 0..SYMBOLS {
+        let path = format!("/api/history/F{s}?limit=10");
+        let mut first: Option<Value> = None;
+        for n in &nodes {
+            let h = wait_json(n, &path, |_, v| v["last_seq"].as_u64() >= Some(3)).await;
+            let ticks = &h["ticks"];
+            let mut prices: Vec<f64> = ticks
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["price"].as_f64().unwrap())
+                .collect();
+            prices.sort_by(f64::total_cmp);
+            assert_eq!(
+                prices,
+                [1.0, 2.0, 3.0],
+                "F{s}: an acked tick lost or repeated: {h}"
+            );
+            assert_eq!(h["last_seq"], 3, "{h}");
+            if let Some(f) = &first {
+                assert_eq!(f, ticks, "F{s}: the nodes disagree");
+            }
+            first = Some(ticks.clone());
+        }
+    }
+}
+
+/// One tickfan node per URL; each gets one POST of the shared ids and its own, all at once.
+async fn batch_to_nodes_at_once(urls: &[String]) -> Vec<TestServer> {
+    let mut nodes = Vec::new();
+    for (i, url) in urls.iter().enumerate() {
+        let mut c = common::test_config();
+        c.cluster.nats_url = url.clone();
+        c.cluster.node_name = format!("n{i}");
+        c.cluster.publish_timeout_ms = 15_000;
+        nodes.push(TestServer::start_with(c).await);
+    }
     const SHARED: usize = 600;
     const OWN: usize = 200;
     let body = |own: &str| {
@@ -301,18 +377,24 @@ async fn a_batch_of_one_symbol_sent_to_two_nodes_at_once_is_one_gap_free_chain_w
         }
         Value::Array(ticks).to_string()
     };
-    let (body_a, body_b) = (body("a"), body("b"));
-    let ((sa, _, acka), (sb, _, ackb)) = tokio::join!(a.post_ticks(body_a), b.post_ticks(body_b));
-    assert_eq!((sa, sb), (200, 200), "{acka} {ackb}");
-    let total = SHARED + 2 * OWN;
+    let posts = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| n.post_ticks(body(&format!("own{i}"))));
+    let acks = futures_util::future::join_all(posts).await;
+    let total = SHARED + nodes.len() * OWN;
     let taken =
         |ack: &Value| ack["accepted"].as_u64().unwrap() + ack["duplicates"].as_u64().unwrap();
-    assert_eq!(taken(&acka), (SHARED + OWN) as u64, "{acka}");
-    assert_eq!(taken(&ackb), (SHARED + OWN) as u64, "{ackb}");
+    for (status, _, ack) in &acks {
+        assert_eq!(*status, 200, "{ack}");
+        assert_eq!(taken(ack), (SHARED + OWN) as u64, "{ack}");
+    }
     let path = "/api/history/Z?limit=5000";
     let full = |_: u16, v: &Value| v["last_seq"].as_u64() >= Some(total as u64);
-    for n in [&a, &b] {
+    let mut histories = Vec::new();
+    for n in &nodes {
         let h = wait_json(n, path, full).await;
+        histories.push(h["ticks"].clone());
         let ticks = h["ticks"].as_array().unwrap();
         let seqs: Vec<u64> = ticks.iter().map(|t| t["seq"].as_u64().unwrap()).collect();
         assert_eq!(
@@ -325,18 +407,36 @@ async fn a_batch_of_one_symbol_sent_to_two_nodes_at_once_is_one_gap_free_chain_w
         let before = ids.len();
         ids.dedup();
         assert_eq!(ids.len(), before, "an id stored twice");
+        // Every acked id is there.
+        for i in 0..SHARED {
+            assert!(
+                ids.binary_search(&format!("z-{i}").as_str()).is_ok(),
+                "z-{i} lost"
+            );
+        }
+        for i in 0..OWN {
+            for own in 0..nodes.len() {
+                let id = format!("own{own}-{i}");
+                assert!(ids.binary_search(&id.as_str()).is_ok(), "{id} lost");
+            }
+        }
         assert_eq!(h["last_seq"], total, "{}", h["last_seq"]);
     }
+    assert!(
+        histories.iter().all(|h| *h == histories[0]),
+        "the nodes disagree"
+    );
     // Many ticks went out per message (that is what batching is for).
-    let (_, ha) = a.get_json("/health").await;
-    let (_, hb) = b.get_json("/health").await;
-    let count = |k: &str| ha["cluster"][k].as_u64().unwrap() + hb["cluster"][k].as_u64().unwrap();
+    let mut healths = Vec::new();
+    for n in &nodes {
+        healths.push(n.get_json("/health").await.1["cluster"].clone());
+    }
+    let count = |k: &str| healths.iter().map(|h| h[k].as_u64().unwrap()).sum::<u64>();
     assert!(
         count("published_messages") < count("published_ticks"),
-        "{} {}",
-        ha["cluster"],
-        hb["cluster"]
+        "{healths:?}"
     );
+    nodes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -682,4 +782,349 @@ async fn a_three_server_nats_cluster_survives_losing_one_server() {
     assert_gap_free(&got, "R", 10);
     let prices: Vec<f64> = got.values().copied().collect();
     assert_eq!(prices, (1..=10).map(f64::from).collect::<Vec<_>>());
+}
+
+/// Messages published into the stream by something else than tickfan (`nats pub`), or
+/// malformed: each is skipped whole and counted, the symbol's chain goes on from its accepted
+/// head on every node, and no node closes its gate for every symbol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_stream_messages_are_skipped_and_counted_and_the_chain_goes_on() {
+    let nats = Nats::start();
+    let a = node(&nats, "a").await;
+    let b = node(&nats, "b").await;
+    for p in [1.0, 2.0] {
+        let (status, _, ack) = a.post_ticks(tick("G", p, 1.0).to_string()).await;
+        assert_eq!(status, 200, "{ack}");
+    }
+    for n in [&a, &b] {
+        wait_json(n, "/api/history/G?limit=10", |_, v| v["last_seq"] == 2).await;
+    }
+    let raw = |symbol: &str, seq: u64| {
+        json!({"type": "tick", "symbol": symbol, "seq": seq, "ts": 1_700_000_000_000_u64,
+               "price": 666.0, "volume": 1.0, "quality": 100, "t_in": 1_700_000_000_000_000_u64})
+        .to_string()
+    };
+    let headers = |first: &str, count: Option<&str>| {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Tickfan-Seq", first);
+        if let Some(c) = count {
+            h.insert("Tickfan-Count", c);
+        }
+        h
+    };
+    let bad: Vec<(Option<async_nats::HeaderMap>, String)> = vec![
+        // `nats pub tickfan.ticks.G x`
+        (None, "x".into()),
+        // Tickfan-Count says 2, the payload has 1.
+        (Some(headers("3", Some("2"))), raw("G", 3)),
+        // A huge seq, well formed otherwise.
+        (
+            Some(headers("999999999999", None)),
+            raw("G", 999_999_999_999),
+        ),
+        // Half a batch unparsable.
+        (
+            Some(headers("3", Some("2"))),
+            format!("[{},{{\"nope\":1}}]", raw("G", 3)),
+        ),
+        // A tick of another symbol on G's subject.
+        (Some(headers("3", None)), raw("W", 3)),
+        // The header disagrees with the tick's seq.
+        (Some(headers("4", None)), raw("G", 3)),
+    ];
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    for (h, payload) in &bad {
+        let ack = match h {
+            Some(h) => js
+                .publish_with_headers("tickfan.ticks.G", h.clone(), payload.clone().into())
+                .await
+                .unwrap(),
+            None => js
+                .publish("tickfan.ticks.G", payload.clone().into())
+                .await
+                .unwrap(),
+        };
+        ack.await.unwrap();
+    }
+    // Both nodes judged all of them, skipped them, and still take G (B from a head it must
+    // read: the stream's last message of G is garbage) and other symbols.
+    for n in [&a, &b] {
+        wait_json(n, "/health", |status, v| {
+            status == 200 && v["cluster"]["skipped_messages"].as_u64() >= Some(bad.len() as u64)
+        })
+        .await;
+    }
+    for (n, p) in [(&b, 3.0), (&a, 4.0)] {
+        let (status, _, ack) = n.post_ticks(tick("G", p, 1.0).to_string()).await;
+        assert_eq!((status, ack["accepted"].as_u64()), (200, Some(1)), "{ack}");
+        let (status, _, ack) = n.post_ticks(tick("W", p, 1.0).to_string()).await;
+        assert_eq!((status, ack["accepted"].as_u64()), (200, Some(1)), "{ack}");
+    }
+    for n in [&a, &b] {
+        let h = wait_json(n, "/api/history/G?limit=10", |_, v| v["last_seq"] == 4).await;
+        let prices: Vec<f64> = h["ticks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["price"].as_f64().unwrap())
+            .collect();
+        assert_eq!(prices, [1.0, 2.0, 3.0, 4.0], "{h}");
+        wait_json(n, "/api/history/W?limit=10", |_, v| v["last_seq"] == 2).await;
+        let (status, h) = n.get_json("/health").await;
+        assert_eq!(status, 200, "{h}");
+    }
+}
+
+/// A node restarted on an idle, non-empty stream continues from its saved position: it does
+/// not read the stream again from sequence 1 (its position and lag never go backwards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_on_an_idle_stream_does_not_replay_it() {
+    let nats = Nats::start();
+    let a = node(&nats, "a").await;
+    for i in 0..5 {
+        let (status, _, ack) = a
+            .post_ticks(tick("I", 1.0 + f64::from(i), 1.0).to_string())
+            .await;
+        assert_eq!(status, 200, "{ack}");
+    }
+    let caught_up = |_: u16, v: &Value| {
+        let c = &v["cluster"];
+        c["stream_last"].as_u64() > Some(0)
+            && c["position"] == c["stream_last"]
+            && c["read_through"] == c["stream_last"]
+            && c["lag"] == 0
+    };
+    let before = wait_json(&a, "/health", caught_up).await;
+    let config = a.config.clone();
+    let dir = a.stop().await;
+    let a = TestServer::start_in(config, dir).await;
+    let after = wait_json(&a, "/health", caught_up).await;
+    let c = &after["cluster"];
+    assert_eq!(c["position"], before["cluster"]["position"], "{after}");
+    assert_eq!(c["consumed_messages"], 0, "read the stream again: {after}");
+    assert_eq!(c["replayed_messages"], 0, "{after}");
+    let (_, h) = a.get_json("/api/history/I?limit=10").await;
+    assert_eq!(h["last_seq"], 5, "{h}");
+}
+
+/// A node restarted while another node published its symbol still knows the ticks its store
+/// held before the restart: a resend of one of them to it is a duplicate, not a second copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_to_a_restarted_node_of_a_tick_stored_before_the_restart_is_a_duplicate() {
+    let nats = Nats::start();
+    let a = node(&nats, "a").await;
+    let b = node(&nats, "b").await;
+    let mut x = tick("RS", 10.0, 1.0);
+    x["id"] = "x-1".into();
+    let mut y = tick("RS", 11.0, 1.0);
+    y["id"] = "y-1".into();
+    let (status, _, ack) = a.post_ticks(x.to_string()).await;
+    assert_eq!((status, ack["accepted"].as_u64()), (200, Some(1)), "{ack}");
+    wait_json(&a, "/api/history/RS?limit=10", |_, v| v["last_seq"] == 1).await;
+    let config = a.config.clone();
+    let dir = a.stop().await;
+    let (status, _, ack) = b.post_ticks(y.to_string()).await;
+    assert_eq!((status, ack["accepted"].as_u64()), (200, Some(1)), "{ack}");
+    let a = TestServer::start_in(config, dir).await;
+    wait_json(&a, "/api/history/RS?limit=10", |_, v| v["last_seq"] == 2).await;
+    let (status, _, ack) = a.post_ticks(x.to_string()).await;
+    assert_eq!(status, 200, "{ack}");
+    assert_eq!(ack["duplicates"], 1, "{ack}");
+    // A marker through B: once it is on A, anything A published before it is too.
+    let h = history_after_marker(&b, &a, "RS", 12.0).await;
+    let ids: Vec<&Value> = h["ticks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["id"])
+        .collect();
+    assert_eq!(h["last_seq"], 3, "x stored twice: {h}");
+    assert_eq!(ids.iter().filter(|i| **i == "x-1").count(), 1, "{h}");
+}
+
+/// A NATS server with a small `max_payload`: tickfan sizes its batches below it (headers
+/// included) instead of failing them, and never takes a too-large message for a bus outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_fit_the_servers_max_payload() {
+    let nats = Nats::start_with_config("max_payload: 4096\n");
+    let a = node(&nats, "a").await;
+    let ticks: Vec<Value> = (0..100)
+        .map(|i| tick("MP", 1.0 + f64::from(i), 1.0))
+        .collect();
+    let (status, _, ack) = a.post_ticks(Value::Array(ticks).to_string()).await;
+    assert_eq!(
+        (status, ack["accepted"].as_u64()),
+        (200, Some(100)),
+        "{ack}"
+    );
+    let h = wait_json(&a, "/api/history/MP?limit=200", |_, v| v["last_seq"] == 100).await;
+    assert_eq!(h["ticks"].as_array().unwrap().len(), 100, "{h}");
+    let (status, health) = a.get_json("/health").await;
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(health["cluster"]["publish_errors"], 0, "{health}");
+}
+
+/// A tick whose publish never reached the bus (the server froze, then died without reading
+/// it) is reported `expired`; its resend, once the bus is back, is a new tick, not a
+/// `duplicates` answer for a tick the bus never held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_expired_in_publish_can_be_resent() {
+    let mut nats = Nats::start();
+    let mut c = common::test_config();
+    c.cluster.nats_url = nats.url();
+    c.cluster.node_name = "a".into();
+    c.cluster.publish_timeout_ms = 1_000;
+    let a = TestServer::start_with(c).await;
+    let (status, _, ack) = a.post_ticks(tick("EX", 1.0, 1.0).to_string()).await;
+    assert_eq!((status, ack["accepted"].as_u64()), (200, Some(1)), "{ack}");
+    let mut x = tick("EX", 2.0, 1.0);
+    x["id"] = "x-expired".into();
+    // Frozen: the connection stays up, nothing is answered, nothing is read.
+    freeze(&nats);
+    let (_, _, ack) = a.post_ticks(x.to_string()).await;
+    assert_eq!(ack["accepted"], 0, "{ack}");
+    assert!(ack.to_string().contains("expired"), "{ack}");
+    // Killed unread, and started again on its store: the stream never held x.
+    nats.restart();
+    wait_json(&a, "/health", |status, v| {
+        status == 200 && v["cluster"]["bus"] == "connected"
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (status, _, ack) = a.post_ticks(x.to_string()).await;
+        if status == 200 {
+            assert_eq!(ack["duplicates"], 0, "swallowed as a duplicate: {ack}");
+            if ack["accepted"] == 1 {
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status} {ack}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let h = wait_json(&a, "/api/history/EX?limit=10", |_, v| v["last_seq"] == 2).await;
+    let ids = h["ticks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["id"] == "x-expired")
+        .count();
+    assert_eq!(ids, 1, "{h}");
+}
+
+/// A batch the server stored but whose ack was lost (the server froze past the request
+/// timeout, then went on) is resent identically, so JetStream's `Nats-Msg-Id` dedup answers
+/// `duplicate`, instead of being rebuilt on a new head: with a dedup window smaller than the
+/// batch, a rebuilt batch would store its first ticks a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stored_but_not_acked_is_resent_identically_and_stored_once() {
+    let nats = Nats::start();
+    let mut c = common::test_config();
+    c.cluster.nats_url = nats.url();
+    c.cluster.node_name = "a".into();
+    c.cluster.publish_timeout_ms = 15_000;
+    c.validation.dedup_window = 1;
+    let a = TestServer::start_with(c).await;
+    let (status, _, ack) = a.post_ticks(tick("AM", 1.0, 1.0).to_string()).await;
+    assert_eq!((status, ack["accepted"].as_u64()), (200, Some(1)), "{ack}");
+    wait_json(&a, "/api/history/AM?limit=10", |_, v| v["last_seq"] == 1).await;
+    freeze(&nats);
+    let batch: Vec<Value> = (0..3)
+        .map(|i| {
+            let mut t = tick("AM", 10.0 + f64::from(i), 1.0);
+            t["id"] = format!("am-{i}").into();
+            t
+        })
+        .collect();
+    let post = tokio::spawn({
+        let url = format!("http://{}/api/ticks", a.addr);
+        let body = Value::Array(batch).to_string();
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    });
+    // The publish is in the server's socket, unread; the client's request times out.
+    wait_json(&a, "/health", |_, v| {
+        v["cluster"]["publish_errors"].as_u64() >= Some(1)
+    })
+    .await;
+    signal(&nats, "-CONT", 'S');
+    let ack = post.await.unwrap();
+    assert_eq!(ack["accepted"], 3, "{ack}");
+    let h = history_after_marker(&a, &a, "AM", 99.0).await;
+    let prices: Vec<f64> = h["ticks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["price"].as_f64().unwrap())
+        .collect();
+    assert_eq!(prices, [1.0, 10.0, 11.0, 12.0, 99.0], "{h}");
+}
+
+/// Posts a marker tick (`price`) of `symbol` to `via`, waits until `reader`'s history has it,
+/// and returns that history: everything published to the stream before the marker is in it.
+async fn history_after_marker(
+    via: &TestServer,
+    reader: &TestServer,
+    symbol: &str,
+    price: f64,
+) -> Value {
+    let (status, _, ack) = via.post_ticks(tick(symbol, price, 1.0).to_string()).await;
+    assert_eq!((status, ack["accepted"].as_u64()), (200, Some(1)), "{ack}");
+    wait_json(
+        reader,
+        &format!("/api/history/{symbol}?limit=100"),
+        |_, v| {
+            v["ticks"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t["price"] == price))
+        },
+    )
+    .await
+}
+
+/// Stops (SIGSTOP) the server: its connections stay open, nothing is read or answered.
+fn freeze(nats: &Nats) {
+    signal(nats, "-STOP", 'T');
+}
+
+/// Sends `sig` to the server and waits until the kernel shows it in `state` (or, for
+/// running, anything but stopped).
+fn signal(nats: &Nats, sig: &str, state: char) {
+    let pid = nats.child.as_ref().unwrap().id();
+    let sent = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // "pid (comm) S ...": the state follows the command's closing parenthesis.
+        let now = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .trim_start()
+            .chars()
+            .next()
+            .unwrap();
+        if (state == 'T') == (now == 'T') {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{sig} not applied: {stat}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

@@ -9,8 +9,16 @@
 //! store commit; the position saved in `cluster.json` only moves past committed messages.
 //! Every message's tick keys go to [`Seen`] before the consumed position moves past it: the
 //! publisher's exact dedup waits on that.
+//!
+//! The consumer is the **arbiter** of each symbol's chain: a message is accepted iff its
+//! headers and payload agree (`Tickfan-Seq` = first tick's seq, `Tickfan-Count` = number of
+//! ticks, seqs consecutive, every tick of the subject's symbol) and its first seq is the
+//! symbol's accepted head + 1. Anything else is skipped whole and counted
+//! (`skipped_messages` in `/health`). The stream's order is the same on every node, so every
+//! node accepts the same messages: correctness does not rest on JetStream's per-subject
+//! compare-and-set, which a replicated stream does not serialize (nats-server#4320). The
+//! verdicts go to [`Seen`], where the publisher waits for them before acking (`publish.rs`).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,7 +29,7 @@ use async_nats::jetstream::stream::Stream;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::publish::NODE_HEADER;
+use super::publish::{COUNT_HEADER, NODE_HEADER, SEQ_HEADER};
 use super::seen::Seen;
 use super::{save_replica, ClusterStatus, SAVE_EVERY};
 use crate::ack::AckGroup;
@@ -41,17 +49,24 @@ pub(super) struct Consumer {
     pub(super) stream: Stream,
     pub(super) filter: String,
     pub(super) node: String,
+    /// `<subject_prefix>.`: a message's subject without it names its symbol.
+    pub(super) prefix: String,
     pub(super) feed: flume::Sender<Queued>,
     pub(super) ingestor: Arc<Ingestor>,
-    /// Each symbol's last seq in this node's store (or fed to the dispatcher).
-    pub(super) seqs: HashMap<Symbol, u64>,
+    /// Stream sequences up to here may be replays of messages this node's store already has
+    /// (in part: a crash between two commits of one message); see `judge`.
+    pub(super) replay_through: u64,
+    /// A new node (empty store) reading the stream from its start: retention
+    /// (`max_msgs_per_symbol`) may have dropped a symbol's first messages, so the first
+    /// well-formed message it sees of a symbol starts that symbol's chain wherever it starts.
+    pub(super) bootstrap: bool,
     pub(super) status: Arc<ClusterStatus>,
     pub(super) seen: Arc<Seen>,
     pub(super) replica: PathBuf,
 }
 
 /// Runs until `stop`, starting at `start`.
-pub(super) async fn run(mut c: Consumer, start: DeliverPolicy, stop: CancellationToken) {
+pub(super) async fn run(c: Consumer, start: DeliverPolicy, stop: CancellationToken) {
     // Fed ticks in stream order, each with the group that settles at its commit.
     let (commits_tx, commits_rx) = flume::bounded(c.feed.capacity().unwrap_or(1024).max(1));
     let tracker = tokio::spawn(track_commits(
@@ -60,7 +75,9 @@ pub(super) async fn run(mut c: Consumer, start: DeliverPolicy, stop: Cancellatio
         c.replica.clone(),
     ));
     let mut next = start;
-    let mut last_seen = 0u64;
+    // Where the store ends: a stall check or a reconnect reopens after it, never at 1.
+    let mut last_seen = c.status.position.load(Ordering::Acquire);
+    c.status.read_through.store(last_seen, Ordering::Relaxed);
     'outer: loop {
         let messages = match open(&c.stream, &c.filter, next).await {
             Ok(m) => m,
@@ -106,6 +123,7 @@ pub(super) async fn run(mut c: Consumer, start: DeliverPolicy, stop: Cancellatio
             let Ok(info) = msg.info() else { continue };
             let (stream_seq, pending) = (info.stream_sequence, info.pending);
             last_seen = stream_seq;
+            c.status.read_through.store(stream_seq, Ordering::Relaxed);
             c.status.lag.store(pending, Ordering::Relaxed);
             c.status.consumed.fetch_add(1, Ordering::Relaxed);
             let from_here = msg
@@ -113,21 +131,43 @@ pub(super) async fn run(mut c: Consumer, start: DeliverPolicy, stop: Cancellatio
                 .as_ref()
                 .and_then(|h| h.get(NODE_HEADER))
                 .is_some_and(|n| n.as_str() == c.node);
-            let ticks = parse_ticks(&msg.payload);
-            if ticks.is_empty() {
-                tracing::warn!(stream_seq, "unreadable message in the stream; skipped");
-            }
-            if let Some(first) = ticks.first() {
-                c.seen
-                    .remember(&first.symbol, ticks.iter().map(dedup::key_of));
-            }
-            let fresh: Vec<Tick> = ticks
-                .into_iter()
-                .filter(|t| t.seq > c.seqs.get(&t.symbol).copied().unwrap_or(0))
-                .collect();
+            let symbol = symbol_of(&c.prefix, msg.subject.as_str());
+            let verdict = judge(
+                symbol.as_ref(),
+                msg.headers.as_ref(),
+                &msg.payload,
+                symbol.as_ref().and_then(|s| c.seen.head(s)),
+                stream_seq <= c.replay_through,
+                c.bootstrap,
+            );
+            let fresh = match verdict {
+                Judged::Accept(ticks) => {
+                    if let (Some(symbol), Some(last)) = (&symbol, ticks.last()) {
+                        c.seen.set_head(symbol, last.seq);
+                        c.seen.remember(symbol, ticks.iter().map(dedup::key_of));
+                    }
+                    c.seen.record_verdict(stream_seq, true);
+                    ticks
+                }
+                Judged::Replayed => {
+                    c.status.replayed.fetch_add(1, Ordering::Relaxed);
+                    c.seen.record_verdict(stream_seq, false);
+                    Vec::new()
+                }
+                Judged::Skip(why) => {
+                    // A lost race is routine on a replicated stream; malformed is not.
+                    if why == NOT_NEXT {
+                        tracing::debug!(stream_seq, subject = %msg.subject, why, "stream message skipped");
+                    } else {
+                        tracing::warn!(stream_seq, subject = %msg.subject, why, "stream message skipped");
+                    }
+                    c.status.skipped.fetch_add(1, Ordering::Relaxed);
+                    c.seen.record_verdict(stream_seq, false);
+                    Vec::new()
+                }
+            };
             let group = Arc::new(AckGroup::new(fresh.len()));
             for tick in fresh {
-                c.seqs.insert(tick.symbol.clone(), tick.seq);
                 if !from_here {
                     c.ingestor.remember_replicated(&tick);
                 }
@@ -196,44 +236,130 @@ async fn track_commits(
     }
 }
 
+/// The symbol a subject names (`<prefix>.<SYMBOL>`, `~` standing for `.`).
+fn symbol_of(prefix: &str, subject: &str) -> Option<Symbol> {
+    let token = subject.strip_prefix(prefix)?;
+    Symbol::parse(&token.replace('~', "."))
+}
+
+/// Why a well-formed message is skipped: it is not the next link of its symbol's chain.
+const NOT_NEXT: &str = "first seq is not the accepted head + 1";
+
+/// What the arbiter decided about one stream message.
+#[derive(Debug, PartialEq)]
+enum Judged {
+    /// The next link of its symbol's chain: these ticks go to the dispatcher (all of the
+    /// message's ticks, or after a crash the ones past what the store already has).
+    Accept(Vec<Tick>),
+    /// A replay of what the store already has (a restart a little behind the store).
+    Replayed,
+    /// Not a link of the chain (a losing concurrent publish) or malformed; nothing of it is
+    /// delivered.
+    Skip(&'static str),
+}
+
+/// The arbiter's rule (module docs). `head` is the symbol's accepted head; `replay` says the
+/// message may be one the store already holds; `bootstrap` lets a symbol's first message
+/// seen start past 1 (retention may have dropped the beginning before this new node read it).
+fn judge(
+    symbol: Option<&Symbol>,
+    headers: Option<&async_nats::HeaderMap>,
+    payload: &[u8],
+    head: Option<u64>,
+    replay: bool,
+    bootstrap: bool,
+) -> Judged {
+    let Some(symbol) = symbol else {
+        return Judged::Skip("subject names no valid symbol");
+    };
+    let header = |name: &str| {
+        headers
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().parse::<u64>())
+    };
+    let first = match header(SEQ_HEADER) {
+        Some(Ok(first)) if first > 0 => first,
+        _ => return Judged::Skip("missing or bad Tickfan-Seq"),
+    };
+    let count = match header(COUNT_HEADER) {
+        None => 1,
+        Some(Ok(n)) if n > 0 => n,
+        Some(_) => return Judged::Skip("bad Tickfan-Count"),
+    };
+    let Some(ticks) = parse_ticks(payload) else {
+        return Judged::Skip("payload is not a batch of valid ticks");
+    };
+    if ticks.len() as u64 != count {
+        return Judged::Skip("Tickfan-Count does not match the payload");
+    }
+    for (i, t) in ticks.iter().enumerate() {
+        if &t.symbol != symbol {
+            return Judged::Skip("a tick of another symbol than the subject's");
+        }
+        if first.checked_add(i as u64) != Some(t.seq) {
+            return Judged::Skip("seqs are not Tickfan-Seq, +1, +2, ...");
+        }
+    }
+    let last = first + (count - 1);
+    match head {
+        Some(h) if h.checked_add(1) == Some(first) => Judged::Accept(ticks),
+        // A replay after a restart: the store has all of it, or its first part.
+        Some(h) if replay && first <= h => {
+            if last <= h {
+                Judged::Replayed
+            } else {
+                Judged::Accept(ticks.into_iter().filter(|t| t.seq > h).collect())
+            }
+        }
+        Some(_) => Judged::Skip(NOT_NEXT),
+        None if first == 1 || bootstrap => Judged::Accept(ticks),
+        None => Judged::Skip("a symbol's first message must start at seq 1"),
+    }
+}
+
 /// The ticks a stream message carries (one tick's wire JSON, or a JSON array of them, seqs
-/// included); empty when unreadable.
-fn parse_ticks(payload: &[u8]) -> Vec<Tick> {
+/// included); `None` when any part of it is not a valid tick (a message is taken whole or
+/// not at all: a half-read batch would leave a silent hole).
+fn parse_ticks(payload: &[u8]) -> Option<Vec<Tick>> {
     let mut out = Vec::new();
-    let Ok(text) = std::str::from_utf8(payload) else {
-        return out;
-    };
+    let text = std::str::from_utf8(payload).ok()?;
     let mut scratch = payload.to_vec();
-    let Ok(parsed) = parse_document(&mut scratch, text, crate::json_depth::DEFAULT_MAX_DEPTH)
-    else {
-        return out;
-    };
+    let parsed = parse_document(&mut scratch, text, crate::json_depth::DEFAULT_MAX_DEPTH).ok()?;
     // The ticks were validated where they were accepted; only their shape is read here.
     let rules = TimeRules {
         now_ms: 0,
         max_future_ms: i64::MAX / 2,
         max_age_ms: None,
     };
+    let mut bad = false;
     parsed.for_each_element(|e| {
-        if let Element::Object(o) = e {
-            let int = |name| match o.get(name) {
-                Field::Int(i) => Some(i),
-                _ => None,
-            };
-            let (Some(seq), Some(quality), Some(t_in)) = (int("seq"), int("quality"), int("t_in"))
-            else {
-                return;
-            };
-            if let Ok(mut tick) = validate::validate(&o, rules, t_in) {
-                tick.seq = u64::try_from(seq).unwrap_or(0);
-                tick.quality = u8::try_from(quality).unwrap_or(0);
-                if tick.seq > 0 {
-                    out.push(tick);
-                }
+        let Element::Object(o) = e else {
+            bad = true;
+            return;
+        };
+        let int = |name| match o.get(name) {
+            Field::Int(i) => Some(i),
+            _ => None,
+        };
+        let (Some(seq), Some(quality), Some(t_in)) = (int("seq"), int("quality"), int("t_in"))
+        else {
+            bad = true;
+            return;
+        };
+        match (
+            validate::validate(&o, rules, t_in),
+            u64::try_from(seq),
+            u8::try_from(quality),
+        ) {
+            (Ok(mut tick), Ok(seq), Ok(quality)) if seq > 0 => {
+                tick.seq = seq;
+                tick.quality = quality;
+                out.push(tick);
             }
+            _ => bad = true,
         }
     });
-    out
+    (!bad && !out.is_empty()).then_some(out)
 }
 
 #[cfg(test)]
@@ -255,7 +381,7 @@ mod tests {
         t.bid = Some(412.25);
         t.id = Some(TradeId::Str("x\"1".into()));
         t.priority = crate::tick::Priority::High;
-        let back = parse_ticks(t.to_json().as_bytes()).pop().unwrap();
+        let back = parse_ticks(t.to_json().as_bytes()).unwrap().pop().unwrap();
         assert_eq!(back, t);
         assert_eq!(back.to_json(), t.to_json());
         // A batch: a JSON array of consecutive ticks, each with its own seq.
@@ -263,12 +389,83 @@ mod tests {
         u.seq = 43;
         u.price = 413.0;
         let batch = format!("[{},{}]", t.to_json(), u.to_json());
-        assert_eq!(parse_ticks(batch.as_bytes()), vec![t, u]);
+        assert_eq!(parse_ticks(batch.as_bytes()), Some(vec![t, u]));
     }
 
     #[test]
     fn a_payload_without_seq_is_refused() {
-        assert!(parse_ticks(br#"{"symbol":"A","ts":1,"price":1,"volume":1}"#).is_empty());
-        assert!(parse_ticks(b"not json").is_empty());
+        assert!(parse_ticks(br#"{"symbol":"A","ts":1,"price":1,"volume":1}"#).is_none());
+        assert!(parse_ticks(b"not json").is_none());
+    }
+
+    #[test]
+    fn the_arbiter_takes_exactly_the_next_link() {
+        let g = Symbol::parse("G").unwrap();
+        let tick = |seq| {
+            let mut t = Tick::new(g.clone(), 1_700_000_000_000, 1.0, 1.0);
+            t.seq = seq;
+            t.t_in = 1;
+            t
+        };
+        let batch = |first: u64, n: u64| {
+            let ticks: Vec<String> = (first..first + n).map(|s| tick(s).to_json()).collect();
+            format!("[{}]", ticks.join(","))
+        };
+        let headers = |first: u64, n: u64| {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(SEQ_HEADER, first.to_string().as_str());
+            h.insert(COUNT_HEADER, n.to_string().as_str());
+            h
+        };
+        let j = |first, n, head, replay, bootstrap| {
+            judge(
+                Some(&g),
+                Some(&headers(first, n)),
+                batch(first, n).as_bytes(),
+                head,
+                replay,
+                bootstrap,
+            )
+        };
+        assert_eq!(
+            j(6, 2, Some(5), false, false),
+            Judged::Accept(vec![tick(6), tick(7)])
+        );
+        assert!(
+            matches!(j(5, 2, Some(5), false, false), Judged::Skip(_)),
+            "a loser"
+        );
+        assert!(
+            matches!(j(8, 1, Some(5), false, false), Judged::Skip(_)),
+            "a hole"
+        );
+        assert!(matches!(
+            j(1, 1, Some(u64::MAX), false, false),
+            Judged::Skip(_)
+        ));
+        assert!(matches!(j(3, 1, None, false, false), Judged::Skip(_)));
+        assert_eq!(j(3, 1, None, false, true), Judged::Accept(vec![tick(3)]));
+        assert_eq!(j(4, 2, Some(5), true, false), Judged::Replayed);
+        assert_eq!(j(5, 2, Some(5), true, false), Judged::Accept(vec![tick(6)]));
+        // Headers that disagree with the payload.
+        let h = headers(6, 3);
+        let skip = judge(
+            Some(&g),
+            Some(&h),
+            batch(6, 2).as_bytes(),
+            Some(5),
+            false,
+            false,
+        );
+        assert!(matches!(skip, Judged::Skip(_)));
+        let skip = judge(
+            Some(&g),
+            None,
+            batch(6, 2).as_bytes(),
+            Some(5),
+            false,
+            false,
+        );
+        assert!(matches!(skip, Judged::Skip(_)));
     }
 }

@@ -5,12 +5,13 @@
 //! Data flows: ingest (any node) → this node's priority queue → [`publish`] (one JetStream
 //! stream, subject `<prefix>.<SYMBOL>`, the tick's cluster-wide `seq` assigned by a per-symbol
 //! compare-and-set on the subject's last stream sequence; the producer's ack settles on the
-//! JetStream publish ack) → the stream → [`consume`] on every node (an ordered consumer, in
-//! stream order) → that node's dispatcher feed (seq kept) → clients and the node's own redb
-//! replica. The replica's position in the stream is kept in `<store.dir>/cluster.json`, so a
-//! restarted node resumes where its store ends and a new node replays the stream from the
-//! start. The epoch every node announces is the stream's creation time: it changes exactly
-//! when the stream was lost or recreated.
+//! JetStream publish ack, and with replicas > 1 once this node's consumer accepted the
+//! message) → the stream → [`consume`] on every node (an ordered consumer, in stream order,
+//! the arbiter that accepts only each symbol's next link) → that node's dispatcher feed (seq
+//! kept) → clients and the node's own redb replica. The replica's position in the stream is
+//! kept in `<store.dir>/cluster.json`, so a restarted node resumes where its store ends and a
+//! new node replays the stream from the start. The epoch every node announces is the stream's
+//! creation time: it changes exactly when the stream was lost or recreated.
 
 mod consume;
 mod publish;
@@ -122,6 +123,13 @@ pub struct ClusterStatus {
     pub publish_expired: AtomicU64,
     /// Messages consumed from the stream.
     pub consumed: AtomicU64,
+    /// Stream messages read again after a restart whose ticks the store already had.
+    pub replayed: AtomicU64,
+    /// The stream sequence the consumer has read through (starts at the saved position).
+    pub read_through: AtomicU64,
+    /// Stream messages the consumer skipped: not the next link of their symbol's chain (a
+    /// concurrent publish that lost) or malformed (docs/cluster.md, "consumer as arbiter").
+    pub skipped: AtomicU64,
     /// Messages in the stream not yet consumed by this node.
     pub lag: AtomicU64,
     /// The stream's last sequence, as last probed.
@@ -157,6 +165,9 @@ impl ClusterStatus {
             publish_errors: AtomicU64::new(0),
             publish_expired: AtomicU64::new(0),
             consumed: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            read_through: AtomicU64::new(0),
             lag: AtomicU64::new(0),
             stream_last: AtomicU64::new(0),
             position: AtomicU64::new(0),
@@ -233,6 +244,12 @@ impl ClusterStatus {
             "reconnects": load(&self.reconnects),
             "published_ticks": load(&self.published),
             "published_messages": load(&self.messages),
+            "skipped_messages": load(&self.skipped),
+            "consumed_messages": load(&self.consumed),
+            "replayed_messages": load(&self.replayed),
+            "read_through": load(&self.read_through),
+            "conflicts": load(&self.conflicts),
+            "publish_errors": load(&self.publish_errors),
         })
     }
 }
@@ -386,7 +403,7 @@ impl Cluster {
                 Err(e) => return Err(stream_err(&e)),
             }
         };
-        let info = stream.info().await.map_err(|e| stream_err(&e))?;
+        let info = stream.info().await.map_err(|e| stream_err(&e))?.clone();
         let replicas = info.config.num_replicas;
         let epoch = u64::try_from(info.created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
         let replica = replica_path(&config.store.dir);
@@ -411,6 +428,7 @@ impl Cluster {
             config.validation.max_total_symbols,
             position,
         ));
+        seen.seed_heads(wiring.seqs);
         let stop_publish = CancellationToken::new();
         let stop_consume = CancellationToken::new();
         let publisher = tokio::spawn(publish::run(
@@ -421,6 +439,7 @@ impl Cluster {
                 stream.clone(),
                 status.clone(),
                 seen.clone(),
+                wiring.ingestor.clone(),
             ),
             wiring.admission,
             stop_publish.clone(),
@@ -436,10 +455,16 @@ impl Cluster {
             consume::Consumer {
                 stream: stream.clone(),
                 filter: format!("{}.>", c.subject_prefix),
+                prefix: format!("{}.", c.subject_prefix),
                 node: node.clone(),
                 feed: wiring.feed,
                 ingestor: wiring.ingestor,
-                seqs: wiring.seqs.into_iter().collect(),
+                replay_through: if position == 0 {
+                    0
+                } else {
+                    info.state.last_sequence
+                },
+                bootstrap: position == 0,
                 status: status.clone(),
                 seen,
                 replica: replica.clone(),

@@ -18,6 +18,15 @@
 //! seen; see `seen.rs`. `Nats-Msg-Id` still makes a resend of the same message (a retry after
 //! a lost ack) a duplicate. The producer's ack settles when the stream acked: an ack means the
 //! bus holds the tick.
+//!
+//! The compare-and-set is not what keeps the chain one: the consumers are its arbiter
+//! (`consume.rs`), because a replicated stream in nats-server 2.9 can store several publishes
+//! built on the same head (nats-server#4320). So a head is built from the accepted chain (the
+//! subject's last stream sequence, and the consumer's accepted tick head), and on a stream with
+//! replicas > 1 a stored message is acked to its producers only after this node's consumer
+//! judged it accepted; a skipped one is re-filtered and published again with new seqs. With
+//! one replica the compare-and-set is serializable and a stored message is always accepted, so
+//! the ack comes with the stream's ack (the fast path).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -36,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use super::seen::Seen;
 use super::{subject_of, ClusterStatus};
 use crate::config::Config;
-use crate::ingest::dedup;
+use crate::ingest::{dedup, Ingestor};
 use crate::queue::{PriorityQueue, Queued};
 use crate::tick::Symbol;
 
@@ -52,6 +61,18 @@ pub(super) const NODE_HEADER: &str = "Tickfan-Node";
 const RETRY_MIN: Duration = Duration::from_millis(50);
 const RETRY_MAX: Duration = Duration::from_millis(1_000);
 
+/// Bytes kept free under the server's `max_payload` for a message's headers besides the node
+/// name: `Nats-Msg-Id` (symbol up to 64 + hash + two numbers), the expected sequence, the
+/// seq and count, and the header block's framing.
+const HEADER_ROOM: usize = 512;
+
+/// The smallest batch byte budget (one tick always goes out alone if it must).
+const MIN_MESSAGE_BYTES: usize = 1024;
+
+/// Bytes a tick's seq may add to its JSON once assigned (it is counted before: up to 20
+/// digits), plus the comma between array elements.
+const TICK_OVERHEAD: usize = 21;
+
 /// A symbol's chain head: (stream sequence of its last message, that message's last seq).
 type Head = (u64, u64);
 
@@ -62,9 +83,13 @@ pub(super) struct Publisher {
     stream: Stream,
     status: Arc<ClusterStatus>,
     seen: Arc<Seen>,
+    /// Told about ticks that expired before the bus held them (their dedup keys go).
+    ingestor: Arc<Ingestor>,
     node: Arc<str>,
     prefix: Arc<str>,
     timeout: Duration,
+    /// Whether a stored compare-and-set means accepted (one replica; see the module docs).
+    cas_trusted: bool,
     max_in_flight: usize,
     max_ticks: usize,
     max_bytes: usize,
@@ -78,19 +103,41 @@ impl Publisher {
         stream: Stream,
         status: Arc<ClusterStatus>,
         seen: Arc<Seen>,
+        ingestor: Arc<Ingestor>,
     ) -> Self {
+        let max_payload = js.client().server_info().max_payload;
         let c = &config.cluster;
+        let cas_trusted = status.replicas <= 1;
+        // The server refuses a message (headers + payload) above its `max_payload`; a
+        // batch must fit below it with its headers, whatever `max_message_bytes` says.
+        let header_room = HEADER_ROOM + node.len();
+        let fits = max_payload
+            .saturating_sub(header_room)
+            .max(MIN_MESSAGE_BYTES);
+        let max_bytes = if c.max_message_bytes > fits {
+            tracing::warn!(
+                max_message_bytes = c.max_message_bytes,
+                server_max_payload = max_payload,
+                using = fits,
+                "cluster.max_message_bytes is above the NATS server's max_payload (less header room); using the smaller"
+            );
+            fits
+        } else {
+            c.max_message_bytes
+        };
         Self {
             js,
             stream,
             status,
             seen,
+            ingestor,
             node: node.into(),
             prefix: c.subject_prefix.as_str().into(),
             timeout: Duration::from_millis(c.publish_timeout_ms),
+            cas_trusted,
             max_in_flight: c.max_in_flight,
             max_ticks: c.max_ticks_per_message.max(1),
-            max_bytes: c.max_message_bytes,
+            max_bytes,
         }
     }
 }
@@ -131,6 +178,7 @@ pub(super) async fn run(p: Publisher, queue: Arc<PriorityQueue>, stop: Cancellat
         if held < p.max_in_flight {
             let drained = queue.drain_round(Instant::now());
             for q in drained.expired {
+                p.ingestor.forget_expired(&q.tick);
                 if let Some(ack) = &q.ack {
                     ack.expire(q.index);
                 }
@@ -159,7 +207,7 @@ pub(super) async fn run(p: Publisher, queue: Arc<PriorityQueue>, stop: Cancellat
                 held -= batch.len() + seen;
                 let chain = chains.entry(symbol.clone()).or_default();
                 chain.busy = false;
-                settle(&p.status, chain, &batch, outcome);
+                settle(&p, chain, &batch, outcome);
                 if !chain.waiting.is_empty() {
                     start_next(&p, &mut running, symbol, chain);
                 } else if chains.len() > MAX_IDLE_CHAINS {
@@ -185,10 +233,12 @@ fn start_next(
     chain: &mut SymbolChain,
 ) {
     let mut batch = Vec::new();
-    let mut bytes = 0usize;
+    // The array's brackets.
+    let mut bytes = 2usize;
     while let Some(q) = chain.waiting.front() {
-        // The JSON of a tick is about its wire size; +1 for the array's comma.
-        let size = q.tick.to_json().len() + 1;
+        // An upper bound of the tick's size in the payload, so the message never exceeds
+        // the server's max_payload (see `Publisher::new`).
+        let size = q.tick.to_json().len() + TICK_OVERHEAD;
         if !batch.is_empty() && (batch.len() >= p.max_ticks || bytes + size > p.max_bytes) {
             break;
         }
@@ -204,7 +254,8 @@ fn start_next(
     )));
 }
 
-fn settle(status: &ClusterStatus, chain: &mut SymbolChain, batch: &[Queued], outcome: Outcome) {
+fn settle(p: &Publisher, chain: &mut SymbolChain, batch: &[Queued], outcome: Outcome) {
+    let status = &p.status;
     let settle_all = || {
         for q in batch {
             if let Some(ack) = &q.ack {
@@ -236,6 +287,9 @@ fn settle(status: &ClusterStatus, chain: &mut SymbolChain, batch: &[Queued], out
                 .publish_expired
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             for q in batch {
+                // Not (known to be) in the bus: a resend must not be taken for a duplicate.
+                // Had it landed after all, the publisher's filter still drops the resend.
+                p.ingestor.forget_expired(&q.tick);
                 if let Some(ack) = &q.ack {
                     ack.expire(q.index);
                 }
@@ -259,6 +313,10 @@ async fn publish_batch(
     let mut keys: Vec<u64> = batch.iter().map(|q| dedup::key_of(&q.tick)).collect();
     let mut dropped = 0usize;
     let mut backoff = RETRY_MIN;
+    // After an ambiguous failure (timeout, broken connection) the last message may be stored
+    // with its ack lost: it is sent again IDENTICAL (same head, seqs, payload, Nats-Msg-Id),
+    // so JetStream answers `duplicate` for it, before anything is re-read or re-filtered.
+    let mut resend = false;
     loop {
         if Instant::now() >= deadline {
             return (symbol, batch, Outcome::TimedOut, dropped);
@@ -269,21 +327,24 @@ async fn publish_batch(
             // A head this node did not build itself: read it, and publish on it only once
             // the consumer has passed it, so the batch is filtered against every message
             // before it (exact dedup; see seen.rs).
-            let Ok(h) = read_head(&p.stream, &subject).await else {
-                fail(&p, &mut backoff).await;
-                continue;
-            };
             let left = deadline.saturating_duration_since(Instant::now());
-            if !p.seen.wait_consumed(h.0, left).await {
-                continue;
+            match read_head(&p, &subject, &symbol, left).await {
+                Ok(Some(h)) => {
+                    head = Some(h);
+                    h
+                }
+                Ok(None) => continue,
+                Err(()) => {
+                    fail(&p, &mut backoff).await;
+                    continue;
+                }
             }
-            head = Some(h);
-            h
         };
         // Leave out what the stream already holds (sent to another node too, or a retry of
-        // a publish whose ack was lost).
+        // a publish whose ack was lost). Not on an identical resend: that must stay the
+        // same message.
         let mut i = 0;
-        while i < batch.len() {
+        while i < batch.len() && !resend {
             if p.seen.contains(&symbol, keys[i]) {
                 let q = batch.remove(i);
                 keys.remove(i);
@@ -313,7 +374,7 @@ async fn publish_batch(
         if batch.len() > 1 {
             payload.push(b']');
         }
-        let msg_id = message_id(&symbol, &keys);
+        let msg_id = message_id(&symbol, &keys, last_seq + 1);
         let first = (last_seq + 1).to_string();
         let mut msg = PublishMessage::build()
             .payload(payload.into())
@@ -330,42 +391,75 @@ async fn publish_batch(
             Err(e) => Err(e),
         };
         match acked {
-            Ok(ack) if ack.duplicate => {
+            Ok(ack) if p.cas_trusted && ack.duplicate => {
                 p.status.set_stream_ok(true);
                 return (symbol, batch, Outcome::Duplicate, dropped);
             }
-            Ok(ack) => {
+            Ok(ack) if p.cas_trusted => {
                 p.status.set_stream_ok(true);
                 p.status.record_publish(sent.elapsed().as_secs_f64());
                 p.seen.remember(&symbol, keys.iter().copied());
                 let head = (ack.sequence, last_seq + batch.len() as u64);
                 return (symbol, batch, Outcome::Stored(head), dropped);
             }
+            Ok(ack) => {
+                // Stored (or, duplicate, stored earlier), but maybe beside another message
+                // built on the same head: the consumer decides (module docs).
+                p.status.set_stream_ok(true);
+                let left = deadline.saturating_duration_since(Instant::now());
+                if !p.seen.wait_consumed(ack.sequence, left).await {
+                    continue; // the deadline check above reports it `expired`
+                }
+                if p.seen.verdict(ack.sequence) == Some(true) {
+                    p.status.record_publish(sent.elapsed().as_secs_f64());
+                    if ack.duplicate {
+                        return (symbol, batch, Outcome::Duplicate, dropped);
+                    }
+                    let head = (ack.sequence, last_seq + batch.len() as u64);
+                    return (symbol, batch, Outcome::Stored(head), dropped);
+                }
+                // Skipped (it lost to a concurrent publish): re-read the accepted head,
+                // re-filter, and publish what is left with new seqs.
+                p.status.conflicts.fetch_add(1, Ordering::Relaxed);
+                resend = false;
+                head = None;
+            }
+            Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                // Not a bus outage: this one message is too large (batches are sized below
+                // max_payload, so only a single oversized tick gets here). Its ticks are
+                // reported `expired`; the gate stays open for everything else.
+                tracing::warn!(error = %e, %symbol, "a message above the server's max_payload");
+                p.status.publish_errors.fetch_add(1, Ordering::Relaxed);
+                return (symbol, batch, Outcome::TimedOut, dropped);
+            }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                 p.status.conflicts.fetch_add(1, Ordering::Relaxed);
+                resend = false;
                 head = None;
             }
             Err(e) => {
-                tracing::debug!(error = %e, %symbol, "bus publish failed; retrying");
-                head = None;
+                tracing::debug!(error = %e, %symbol, "bus publish failed; resending it");
+                resend = true;
                 fail(&p, &mut backoff).await;
             }
         }
     }
 }
 
-/// `Nats-Msg-Id` of a message: `<symbol>:<key>` for one tick (so the same tick published
-/// alone by two nodes is one message, as before batching), `<symbol>:b<hash of the keys>:<n>`
-/// for a batch (a retry of the same batch is a duplicate).
-fn message_id(symbol: &Symbol, keys: &[u64]) -> String {
+/// `Nats-Msg-Id` of a message: `<symbol>:<key>:<first seq>` for one tick (so the same tick
+/// published alone by two nodes on the same head is one message, as before batching),
+/// `<symbol>:b<hash of the keys>:<n>:<first seq>` for a batch (a retry of the same message is
+/// a duplicate). The first seq is part of it: a message republished after the consumer
+/// skipped it is a different message.
+fn message_id(symbol: &Symbol, keys: &[u64], first: u64) -> String {
     if let [key] = keys {
-        return format!("{symbol}:{key:016x}");
+        return format!("{symbol}:{key:016x}:{first}");
     }
     let mut h = std::hash::DefaultHasher::new();
     for k in keys {
         h.write_u64(*k);
     }
-    format!("{symbol}:b{:016x}:{}", h.finish(), keys.len())
+    format!("{symbol}:b{:016x}:{}:{first}", h.finish(), keys.len())
 }
 
 async fn fail(p: &Publisher, backoff: &mut Duration) {
@@ -375,24 +469,27 @@ async fn fail(p: &Publisher, backoff: &mut Duration) {
     *backoff = (*backoff * 2).min(RETRY_MAX);
 }
 
-/// The symbol's chain head from the stream: its last message's stream sequence and last
-/// seq, or (0, 0) when the stream has none.
-pub(super) async fn read_head(stream: &Stream, subject: &str) -> Result<Head, ()> {
-    match stream.get_last_raw_message_by_subject(subject).await {
-        Ok(m) => {
-            let header = |name| {
-                m.headers
-                    .get(name)
-                    .and_then(|v| v.as_str().parse::<u64>().ok())
-            };
-            let first = header(SEQ_HEADER).ok_or(())?;
-            let count = header(COUNT_HEADER).unwrap_or(1).max(1);
-            Ok((m.sequence, first + count - 1))
-        }
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok((0, 0)),
+/// The symbol's chain head from the accepted chain: the stream sequence of the subject's last
+/// message (whatever it is: the compare-and-set compares against it), and, once this node's
+/// consumer has passed that message, the symbol's accepted tick head. Never read from the last
+/// message's headers: it may be a skipped loser or garbage. `Ok(None)`: the consumer did not
+/// get there within `wait`; `Err`: the stream did not answer.
+async fn read_head(
+    p: &Publisher,
+    subject: &str,
+    symbol: &Symbol,
+    wait: Duration,
+) -> Result<Option<Head>, ()> {
+    let last = match p.stream.get_last_raw_message_by_subject(subject).await {
+        Ok(m) => m.sequence,
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => 0,
         Err(e) => {
             tracing::debug!(error = %e, subject, "cannot read the chain head");
-            Err(())
+            return Err(());
         }
+    };
+    if !p.seen.wait_consumed(last, wait).await {
+        return Ok(None);
     }
+    Ok(Some((last, p.seen.head(symbol).unwrap_or(0))))
 }

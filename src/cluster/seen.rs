@@ -10,8 +10,14 @@
 //! in the stream that the batch was not filtered against: a producer id sent to two nodes at
 //! once is stored by the first, and dropped from the second's batch when its compare-and-set
 //! conflicts and it re-filters.
+//!
+//! It also holds the consumer's arbitration (see `consume.rs`): each symbol's accepted head
+//! (the last tick seq of the accepted chain) and, for recent stream sequences, whether the
+//! message there was accepted or skipped. The publisher builds its next head from the former
+//! and, on a replicated stream whose compare-and-set is not serializable (nats-server#4320),
+//! acks its producers only once the latter says "accepted".
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -27,7 +33,15 @@ pub(super) struct Seen {
     window: usize,
     max_symbols: usize,
     consumed: watch::Sender<u64>,
+    /// Each symbol's accepted head: the last tick seq of its accepted chain.
+    heads: Mutex<HashMap<Symbol, u64>>,
+    /// Stream sequence -> accepted, for the last `VERDICTS_KEPT` messages consumed.
+    verdicts: Mutex<BTreeMap<u64, bool>>,
 }
+
+/// Verdicts kept; far more than the messages a node can have in flight within a publish
+/// timeout, so a publisher finds the verdict of its message.
+const VERDICTS_KEPT: usize = 65_536;
 
 impl Seen {
     /// A view that keeps `window` keys per symbol for at most `max_symbols` symbols (the
@@ -38,7 +52,38 @@ impl Seen {
             window: window.max(1),
             max_symbols,
             consumed: watch::Sender::new(consumed_through),
+            heads: Mutex::default(),
+            verdicts: Mutex::default(),
         }
+    }
+
+    /// Starts the accepted heads from the node's store (each symbol's last stored seq).
+    pub(super) fn seed_heads(&self, heads: impl IntoIterator<Item = (Symbol, u64)>) {
+        self.heads.lock().extend(heads);
+    }
+
+    /// The symbol's accepted head (`None`: no message of it accepted yet).
+    pub(super) fn head(&self, symbol: &Symbol) -> Option<u64> {
+        self.heads.lock().get(symbol).copied()
+    }
+
+    /// The consumer accepted a message of `symbol` ending at tick seq `last`.
+    pub(super) fn set_head(&self, symbol: &Symbol, last: u64) {
+        self.heads.lock().insert(symbol.clone(), last);
+    }
+
+    /// The consumer judged the message at `stream_seq` (call before `consumed_through`).
+    pub(super) fn record_verdict(&self, stream_seq: u64, accepted: bool) {
+        let mut v = self.verdicts.lock();
+        v.insert(stream_seq, accepted);
+        while v.len() > VERDICTS_KEPT {
+            v.pop_first();
+        }
+    }
+
+    /// Whether the message at `stream_seq` was accepted (`None`: not judged, or forgotten).
+    pub(super) fn verdict(&self, stream_seq: u64) -> Option<bool> {
+        self.verdicts.lock().get(&stream_seq).copied()
     }
 
     /// Records keys of a symbol's ticks that are in the stream.

@@ -38,6 +38,13 @@ impl RecentKeys {
         self.keys.contains(&key)
     }
 
+    /// Forgets `key` (a tick admitted, then never delivered: its resend must be taken).
+    pub fn remove(&mut self, key: u64) {
+        if self.keys.remove(&key) {
+            self.order.retain(|k| *k != key);
+        }
+    }
+
     /// Adds `key`, evicting the oldest past `window`.
     pub fn insert(&mut self, key: u64, window: usize) {
         if self.keys.insert(key) {

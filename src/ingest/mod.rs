@@ -346,8 +346,28 @@ impl Ingestor {
             return;
         }
         let window = self.config.dedup_window;
-        let state = symbols.entry(tick.symbol.clone()).or_default();
+        // Seeded from the store like a producer's first tick of the symbol: after a restart
+        // the store knows ticks from before it that nothing else in memory does.
+        let state = symbols
+            .entry(tick.symbol.clone())
+            .or_insert_with(|| self.fresh_symbol(&tick.symbol));
         state.commit(dedup::key_of(tick), tick, window);
+    }
+
+    /// Cluster mode: forgets a tick that was admitted but never reached the bus (its publish
+    /// expired), so a resend is a new tick instead of a `duplicates` answer.
+    pub fn forget_expired(&self, tick: &Tick) {
+        if let Some(state) = self.symbols.lock().get_mut(&tick.symbol) {
+            state.recent.remove(dedup::key_of(tick));
+        }
+    }
+
+    /// A symbol's memory when first seen: seeded from the store when there is one.
+    fn fresh_symbol(&self, symbol: &Symbol) -> SymbolIngest {
+        let window = self.config.dedup_window;
+        self.store.as_ref().map_or_else(SymbolIngest::default, |s| {
+            SymbolIngest::from_store(s, symbol, window)
+        })
     }
 
     /// Seeds each symbol's dedup and quality memory from `store` the first time it is seen
@@ -550,11 +570,9 @@ impl Ingestor {
             return Admission::Rejected(reject, tick.to_json());
         }
         let window = self.config.dedup_window;
-        let state = symbols.entry(tick.symbol.clone()).or_insert_with(|| {
-            self.store.as_ref().map_or_else(SymbolIngest::default, |s| {
-                SymbolIngest::from_store(s, &tick.symbol, window)
-            })
-        });
+        let state = symbols
+            .entry(tick.symbol.clone())
+            .or_insert_with(|| self.fresh_symbol(&tick.symbol));
         let Some(key) = state.check(&mut tick) else {
             return Admission::Duplicate;
         };
