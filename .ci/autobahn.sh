@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Autobahn|Testsuite (fuzzing client, Python 3 port in $AUTOBAHN_DIR) against tickfan's
-# WebSocket transport: sections 1-7, 9 and 10 against an echo server built on `tickfan::ws`
+# WebSocket transport: sections 1-7, 9 and 10 against an echo server built on `tickfan::transport::ws`
 # (examples/ws_echo.rs), and the protocol sections 2-7 against `/ws` itself (judged on protocol
 # behaviour by tools/judge_nonecho.py, since /ws answers with JSON instead of echoing).
 # Exits non-zero unless every case is OK, except INFORMATIONAL ones and 6.4.3/6.4.4
@@ -128,7 +128,7 @@ for cases in idx.values():
         if r["behaviorClose"] not in ("OK", "INFORMATIONAL") and v in ("OK", "NON-STRICT"):
             v = "FAILED"
         echo[case] = v if v in ("OK", "NON-STRICT", "INFORMATIONAL") else "FAILED"
-table("echo server (tickfan::ws)", echo)
+table("echo server (tickfan::transport::ws)", echo)
 
 # /ws run: protocol behaviour only (tools/judge_nonecho.py's rules).
 idx = json.load(open(os.path.join(reports, "ws", "index.json")))

@@ -129,7 +129,7 @@ fn serialize(c: &mut Criterion) {
 
 fn ws_write(c: &mut Criterion) {
     use std::io::Read;
-    use tickfan::ws::WsSocket;
+    use tickfan::transport::ws::WsSocket;
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _entered = rt.enter();

@@ -1,4 +1,4 @@
-//! A WebSocket echo server on tickfan's own transport (`tickfan::ws`: the same upgrade,
+//! A WebSocket echo server on tickfan's own transport (`tickfan::transport::ws`: the same upgrade,
 //! framing, reassembly and close behaviour as `/ws` and `/ingest`), for the Autobahn|Testsuite
 //! echo cases (`.ci/autobahn.sh`). Every text and binary message is echoed back, every ping
 //! answered, and the peer's close code echoed; protocol errors close with 1002/1007/1009.
@@ -14,8 +14,8 @@ use axum::routing::get;
 use axum::Router;
 use bytes::Bytes;
 use hyper::body::Incoming;
-use tickfan::ws::frame::opcode;
-use tickfan::ws::{ClientUpgrade, PendingUpgrade, ReadError, WsSocket};
+use tickfan::transport::ws::frame::opcode;
+use tickfan::transport::ws::{ClientUpgrade, PendingUpgrade, ReadError, WsSocket};
 use tower_service::Service;
 
 #[tokio::main]
@@ -74,17 +74,17 @@ async fn echo(pending: PendingUpgrade, max_message: usize) {
         let mut peer_close = None;
         for msg in inbox.drain(..) {
             match msg {
-                tickfan::ws::Incoming::Text(text) => {
+                tickfan::transport::ws::Incoming::Text(text) => {
                     socket.queue_text(Bytes::from(text.into_bytes()))
                 }
-                tickfan::ws::Incoming::Binary(data) => {
+                tickfan::transport::ws::Incoming::Binary(data) => {
                     socket.queue(opcode::BINARY, Bytes::from(data))
                 }
-                tickfan::ws::Incoming::Ping(payload) => {
+                tickfan::transport::ws::Incoming::Ping(payload) => {
                     socket.queue_pong(payload);
                 }
-                tickfan::ws::Incoming::Pong => {}
-                tickfan::ws::Incoming::Close(code) => {
+                tickfan::transport::ws::Incoming::Pong => {}
+                tickfan::transport::ws::Incoming::Close(code) => {
                     peer_close = Some(code);
                     break;
                 }

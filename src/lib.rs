@@ -14,14 +14,21 @@
 //! - [`json_depth`]: the nesting bound every untrusted JSON document passes before parsing.
 //! - [`queue`]: the four-level bounded priority queue with admission limits and TTL.
 //! - [`dispatch`]: the one owner of routing state; stamps `seq`, fans out with `try_send`.
-//! - [`client`]: one task per running `/ws` connection; requests in, queued frames out.
-//! - [`parking`]: quiet `/ws` connections waiting off the runtime, in one epoll set.
-//! - [`ws`]: the WebSocket transport of `/ws` and `/ingest`: upgrade, framing (one socket-free
-//!   decoder), buffer-free idle sockets.
-//! - [`liveness`]: one sweep for every connection's heartbeat, idle and auth deadlines.
-//! - [`producer`]: the `/ingest` WebSocket.
-//! - [`http`]: the router and the plain HTTP routes.
-//! - [`dashboard`]: the embedded browser dashboard (`web/`).
+//!   Shares only its outbound link (`dispatch::outbound`) with the connection layers above.
+//!
+//! The connection layer is three layers, each importing only from those below it
+//! (`tests/import_cycles.rs` checks this and that no module imports in a loop):
+//! - [`transport`]: bytes and sockets: the accept loop and its caps, RFC 6455 framing and the
+//!   buffer-free socket (`transport::ws`), the parking lot where quiet connections wait off
+//!   the runtime. Imports nothing of the crate but the outbound link.
+//! - [`session`]: what an upgraded connection does: the `/ws` client session (requests,
+//!   liveness sweep, parking, admission) and the `/ingest` producer session. Talks to routing
+//!   through the dispatcher handle, its `Command`s and the outbound link.
+//! - [`http`]: the top: the router, [`http::AppState`], the plain routes, `/metrics`
+//!   rendering and the embedded dashboard (`web/`).
+//! - [`auth`]: tokens (bearer header or `?token=`), for sessions and routes alike.
+//!
+//! Beside the data path:
 //! - [`store`]: the redb store (history, bars, dead letters, epoch).
 //! - [`dlq`]: the bounded dead-letter list.
 //! - [`import`]: `tickfan import`, bulk loading of CSV/NDJSON history into the store.
@@ -30,17 +37,17 @@
 //! - [`feed`]: upstream exchange feeds (Binance, Coinbase, Kraken, another tickfan) pulled
 //!   into ingest, with reconnect backoff, a circuit breaker and failover.
 //! - [`protocol`]: client request and reply messages.
-//! - [`metrics`]: Prometheus metrics.
+//! - [`metrics`]: every Prometheus metric's definition (name, type, labels, help) and the
+//!   recorder.
 //! - [`server`]: wires everything and owns shutdown order; `server::run` is the entry point.
 //! - [`shutdown`]: the SIGINT/SIGTERM signal; [`logging`]: tracing setup.
 //! - [`cluster`]: cluster mode (off by default): nodes share one tick stream through NATS
 //!   JetStream; ingest publishes to it, every node's dispatcher consumes it.
 
 pub mod ack;
-pub mod client;
+pub mod auth;
 pub mod cluster;
 pub mod config;
-pub mod dashboard;
 pub mod dispatch;
 pub mod dlq;
 pub mod error;
@@ -49,19 +56,17 @@ pub mod http;
 pub mod import;
 pub mod ingest;
 pub mod json_depth;
-pub mod liveness;
 pub mod logging;
 pub mod metrics;
-pub mod parking;
-pub mod producer;
 pub mod protocol;
 pub mod queue;
 pub mod server;
+pub mod session;
 pub mod shutdown;
 pub mod simulator;
 pub mod store;
 pub mod tick;
-pub mod ws;
+pub mod transport;
 
 pub use config::Config;
 pub use server::run;

@@ -118,7 +118,7 @@ fn load_config(path: Option<&Path>, data_dir: Option<PathBuf>) -> Result<Config,
 
 fn serve(cfg: Config) -> ExitCode {
     tickfan::logging::init(&cfg.log);
-    tickfan::parking::set_memory_release(release_memory);
+    tickfan::transport::set_memory_release(release_memory);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -1,10 +1,13 @@
-//! Prometheus metrics through `metrics-exporter-prometheus`. Each server owns its own recorder
-//! (no global state, so tests can run several servers in one process). Counters live as atomics
-//! next to the code that counts (ingest, queue, dispatcher, connections); at scrape time they are
-//! copied into the recorder, which does the exposition. Latency histograms are recorded directly
-//! by the dispatcher through handles taken from here.
+//! Prometheus metrics through `metrics-exporter-prometheus`: every metric tickfan exposes is
+//! defined once, here ([`Def`]: name, type, label names, help text; [`ALL`] lists them), and
+//! docs/operations.md's metrics table is checked against that list by a test. Each server owns
+//! its own recorder (no global state, so tests can run several servers in one process).
+//! Counters live as atomics next to the code that counts (ingest, queue, dispatcher,
+//! connections: a relaxed add on the hot path, nothing more); at scrape time the HTTP layer
+//! (`http::metrics`) reads them into the recorder through [`Metrics::counter`] and
+//! [`Metrics::gauge`], which take a [`Def`], and the recorder does the exposition. Latency
+//! histograms are recorded directly through handles taken from here.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use metrics::{Key, Label, Recorder};
@@ -12,198 +15,238 @@ use metrics::{KeyName, SharedString};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
 use parking_lot::Mutex;
 
-use crate::http::AppState;
-use crate::ingest::RejectCode;
-use crate::tick::Priority;
-
 static METADATA: metrics::Metadata<'static> =
     metrics::Metadata::new("tickfan", metrics::Level::INFO, Some(module_path!()));
 
-/// `# HELP` lines (the exporter prints them for any metric type).
-const HELP: &[(&str, &str)] = &[
-    (
-        "tickfan_ticks_received_total",
-        "Ticks received from producers and the simulator.",
-    ),
-    (
-        "tickfan_ticks_accepted_total",
-        "Ticks accepted into the priority queue.",
-    ),
-    ("tickfan_ticks_duplicate_total", "Duplicate ticks dropped."),
-    (
-        "tickfan_ticks_rejected_total",
-        "Ticks rejected, by reject code (expired: accepted but past queue TTL).",
-    ),
-    (
-        "tickfan_ticks_dispatched_total",
-        "Ticks that received a seq and were fanned out.",
-    ),
-    (
-        "tickfan_queue_depth",
-        "Ticks waiting in the priority queue, by priority.",
-    ),
-    (
-        "tickfan_queue_refused_total",
-        "Ticks refused for backpressure, by priority.",
-    ),
-    (
-        "tickfan_queue_expired_total",
-        "Ticks dropped at dequeue after their TTL, by priority.",
-    ),
-    (
-        "tickfan_messages_queued_total",
-        "Frames handed to client outbound queues by the dispatcher.",
-    ),
-    (
-        "tickfan_messages_sent_total",
-        "Frames written to client sockets.",
-    ),
-    (
-        "tickfan_sent_bytes_total",
-        "Payload bytes written to client sockets.",
-    ),
-    (
-        "tickfan_conflated_ticks_total",
-        "Ticks skipped by conflation (throttled and smart modes).",
-    ),
-    ("tickfan_mode_switches_total", "Smart-mode switches."),
-    (
-        "tickfan_batch_groups",
-        "Shared batch groups (batch-mode clients with the same symbols, filter and interval get one frame per flush).",
-    ),
-    (
-        "tickfan_batch_group_members",
-        "Batch-mode clients served by a shared batch group.",
-    ),
-    (
-        "tickfan_replays",
-        "Paced replays (history, since_seq) running or waiting, one per client and symbol.",
-    ),
-    (
-        "tickfan_replayed_ticks_total",
-        "Ticks sent to clients in snapshot messages.",
-    ),
-    ("tickfan_connections", "Open client (/ws) connections."),
-    (
-        "tickfan_parked_connections",
-        "Client connections parked off the runtime (quiet for server.park_after_ms).",
-    ),
-    (
-        "tickfan_connection_parks_total",
-        "Times a quiet client connection was parked.",
-    ),
-    (
-        "tickfan_connection_unparks_total",
-        "Times a parked client connection was resumed (a tick, request or close for it).",
-    ),
-    (
-        "tickfan_parked_heartbeats_total",
-        "Heartbeats written straight to parked connections' sockets (without resuming them).",
-    ),
-    (
-        "tickfan_parked_pongs_total",
-        "Pongs read from parked connections' sockets (without resuming them).",
-    ),
-    (
-        "tickfan_open_connections",
-        "Open WebSocket connections of all kinds (clients and producers).",
-    ),
-    (
-        "tickfan_limit_hits_total",
-        "Times a configured limit was hit, by limit.",
-    ),
-    (
-        "tickfan_dead_letters_skipped_total",
-        "Rejections not written to the dead-letter list because one frame or body had more than store.dlq_capacity.",
-    ),
-    (
-        "tickfan_ingest_to_dispatch_seconds",
-        "Seconds from server receipt to seq assignment.",
-    ),
-    (
-        "tickfan_ingest_to_write_seconds",
-        "Seconds from server receipt to the socket write (sampled).",
-    ),
-    (
-        "tickfan_store_commit_seconds",
-        "Duration of durable store commits.",
-    ),
-    (
-        "tickfan_store_batch_ticks",
-        "Ticks per durable store commit.",
-    ),
-    (
-        "tickfan_store_commit_errors_total",
-        "Store commits that failed (and were retried).",
-    ),
-    (
-        "tickfan_bus_publish_seconds",
-        "Cluster mode: seconds from a tick's publish to the bus's durable ack.",
-    ),
-    (
-        "tickfan_bus_state",
-        "Cluster mode: 1 for the bus state this node is in (label state), else 0.",
-    ),
-    (
-        "tickfan_bus_consumer_lag",
-        "Cluster mode: stream messages this node has not consumed yet.",
-    ),
-    (
-        "tickfan_bus_reconnects_total",
-        "Cluster mode: reconnections to NATS since start.",
-    ),
-    (
-        "tickfan_bus_published_total",
-        "Cluster mode: ticks this node stored in the stream.",
-    ),
-    (
-        "tickfan_bus_consumed_total",
-        "Cluster mode: stream messages this node consumed.",
-    ),
-    (
-        "tickfan_bus_publish_conflicts_total",
-        "Cluster mode: per-symbol compare-and-set conflicts (retried).",
-    ),
-    (
-        "tickfan_bus_publish_errors_total",
-        "Cluster mode: publish attempts that failed and were retried.",
-    ),
-    (
-        "tickfan_bus_publish_expired_total",
-        "Cluster mode: ticks not confirmed by the bus within publish_timeout_ms.",
-    ),
-    (
-        "tickfan_bus_duplicates_total",
-        "Cluster mode: publishes the stream answered as duplicates.",
-    ),
-    (
-        "tickfan_bus_position",
-        "Cluster mode: stream sequence up to which this node's store is complete.",
-    ),
-    (
-        "tickfan_http_connections",
-        "Open plain HTTP connections (accepted, not upgraded to WebSocket).",
-    ),
-    (
-        "tickfan_store_failing",
-        "1 while store writes fail (e.g. a full disk) and ingest refuses new ticks.",
-    ),
-    (
-        "tickfan_store_retry_ticks",
-        "Accepted ticks waiting for a failing store commit to be retried.",
-    ),
-    (
-        "tickfan_store_reopens_total",
-        "Times the store file was reopened after a write error.",
-    ),
-    (
-        "tickfan_parking_wake_overflows_total",
-        "Wake-ups of parked connections that overflowed the parking lot's ready list.",
-    ),
-    (
-        "tickfan_ws_pongs_coalesced_total",
-        "Pings left unanswered because a newer ping replaced a pong the socket had not taken yet.",
-    ),
+/// A metric's Prometheus type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Kind {
+    /// Only goes up (from 0 at start).
+    Counter,
+    /// A value now.
+    Gauge,
+    /// A distribution, in buckets.
+    Histogram,
+}
+
+impl Kind {
+    /// The name docs and the exposition use.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Counter => "counter",
+            Self::Gauge => "gauge",
+            Self::Histogram => "histogram",
+        }
+    }
+}
+
+/// One metric: everything about it but its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Def {
+    /// Full name (`tickfan_...`).
+    pub name: &'static str,
+    /// Its type.
+    pub kind: Kind,
+    /// The names of its labels, in order.
+    pub labels: &'static [&'static str],
+    /// The `# HELP` text.
+    pub help: &'static str,
+}
+
+/// Defines each metric as a `pub const` [`Def`] and lists them all in [`ALL`].
+macro_rules! metrics {
+    ($($id:ident: $kind:ident $name:literal [$($label:literal),*] $help:literal;)*) => {
+        $(
+            #[doc = $help]
+            pub const $id: Def = Def {
+                name: $name,
+                kind: Kind::$kind,
+                labels: &[$($label),*],
+                help: $help,
+            };
+        )*
+        /// Every metric tickfan exposes (the cluster's only in cluster mode, the upstream
+        /// feeds' only with upstreams configured).
+        pub const ALL: &[Def] = &[$($id),*];
+    };
+}
+
+metrics! {
+    TICKS_RECEIVED: Counter "tickfan_ticks_received_total" []
+        "Ticks seen by ingest: accepted + duplicate + rejected + refused.";
+    TICKS_ACCEPTED: Counter "tickfan_ticks_accepted_total" []
+        "Ticks accepted into the priority queue.";
+    TICKS_DUPLICATE: Counter "tickfan_ticks_duplicate_total" [] "Duplicate ticks dropped.";
+    TICKS_REJECTED: Counter "tickfan_ticks_rejected_total" ["code"]
+        "Ticks rejected, by reject code (expired: accepted but past queue TTL).";
+    TICKS_DISPATCHED: Counter "tickfan_ticks_dispatched_total" []
+        "Ticks that received a seq and were fanned out.";
+    QUEUE_DEPTH: Gauge "tickfan_queue_depth" ["priority"]
+        "Ticks waiting in the priority queue, by priority.";
+    QUEUE_CAPACITY: Gauge "tickfan_queue_capacity" [] "The priority queue's capacity (queue.capacity).";
+    QUEUE_PUSHED: Counter "tickfan_queue_pushed_total" ["priority"]
+        "Ticks admitted to the priority queue, by priority.";
+    QUEUE_REFUSED: Counter "tickfan_queue_refused_total" ["priority"]
+        "Ticks refused for backpressure, by priority.";
+    QUEUE_EXPIRED: Counter "tickfan_queue_expired_total" ["priority"]
+        "Ticks dropped at dequeue after their TTL, by priority.";
+    INGEST_TO_DISPATCH: Histogram "tickfan_ingest_to_dispatch_seconds" []
+        "Seconds from server receipt to seq assignment.";
+    INGEST_TO_WRITE: Histogram "tickfan_ingest_to_write_seconds" []
+        "Seconds from server receipt to the socket write (sampled).";
+    CONNECTIONS: Gauge "tickfan_connections" [] "Open client (/ws) connections.";
+    OPEN_CONNECTIONS: Gauge "tickfan_open_connections" []
+        "Open WebSocket connections of all kinds (clients and producers).";
+    HTTP_CONNECTIONS: Gauge "tickfan_http_connections" []
+        "Open plain HTTP connections (accepted, not upgraded to WebSocket).";
+    CLIENTS: Gauge "tickfan_clients" [] "Authorized clients registered with the dispatcher.";
+    PARKED_CONNECTIONS: Gauge "tickfan_parked_connections" []
+        "Client connections parked off the runtime (quiet for server.park_after_ms).";
+    CONNECTION_PARKS: Counter "tickfan_connection_parks_total" []
+        "Times a quiet client connection was parked.";
+    CONNECTION_UNPARKS: Counter "tickfan_connection_unparks_total" []
+        "Times a parked client connection was resumed (a tick, request or close for it).";
+    PARKED_HEARTBEATS: Counter "tickfan_parked_heartbeats_total" []
+        "Heartbeats written straight to parked connections' sockets (without resuming them).";
+    PARKED_PONGS: Counter "tickfan_parked_pongs_total" []
+        "Pongs read from parked connections' sockets (without resuming them).";
+    PARKING_WAKE_OVERFLOWS: Counter "tickfan_parking_wake_overflows_total" []
+        "Wake-ups of parked connections that overflowed the parking lot's ready list.";
+    MESSAGES_QUEUED: Counter "tickfan_messages_queued_total" []
+        "Data messages handed to client outbound queues by the dispatcher.";
+    MESSAGES_SENT: Counter "tickfan_messages_sent_total" []
+        "Frames written to client sockets: data, replies, errors and heartbeats (not pongs or pings).";
+    SENT_BYTES: Counter "tickfan_sent_bytes_total" []
+        "Payload bytes of the frames in tickfan_messages_sent_total.";
+    CONFLATED_TICKS: Counter "tickfan_conflated_ticks_total" []
+        "Ticks skipped by conflation (throttled and smart modes).";
+    MODE_SWITCHES: Counter "tickfan_mode_switches_total" [] "Smart-mode switches.";
+    BATCH_GROUPS: Gauge "tickfan_batch_groups" []
+        "Shared batch groups (batch-mode clients with the same symbols, filter and interval get one frame per flush).";
+    BATCH_GROUP_MEMBERS: Gauge "tickfan_batch_group_members" []
+        "Batch-mode clients served by a shared batch group.";
+    REPLAYS: Gauge "tickfan_replays" []
+        "Paced replays (history, since_seq) running or waiting, one per client and symbol.";
+    REPLAYED_TICKS: Counter "tickfan_replayed_ticks_total" []
+        "Ticks sent to clients in snapshot messages.";
+    LIMIT_HITS: Counter "tickfan_limit_hits_total" ["limit"]
+        "Times a configured limit was hit, by limit.";
+    BAD_REQUESTS: Counter "tickfan_bad_requests_total" []
+        "Client requests answered bad_request, and /ws or /ingest connections closed for broken framing or text that is not UTF-8.";
+    WS_PONGS_COALESCED: Counter "tickfan_ws_pongs_coalesced_total" []
+        "Pings left unanswered because a newer ping replaced a pong the socket had not taken yet.";
+    DEAD_LETTERS: Gauge "tickfan_dead_letters" [] "Entries in the dead-letter list.";
+    DEAD_LETTERS_SKIPPED: Counter "tickfan_dead_letters_skipped_total" []
+        "Rejections not written to the dead-letter list because one frame or body had more than store.dlq_capacity.";
+    STORE_COMMITS: Counter "tickfan_store_commits_total" [] "Durable store commits.";
+    STORE_TICKS: Counter "tickfan_store_ticks_total" [] "Ticks committed to the store.";
+    STORE_COMMIT_SECONDS: Histogram "tickfan_store_commit_seconds" []
+        "Duration of durable store commits.";
+    STORE_BATCH_TICKS: Histogram "tickfan_store_batch_ticks" [] "Ticks per durable store commit.";
+    STORE_ERRORS: Gauge "tickfan_store_errors" [] "1 while the most recent store commit failed.";
+    STORE_DUPLICATE_TICKS: Counter "tickfan_store_duplicate_ticks_total" []
+        "Ticks whose (symbol, seq) was already stored.";
+    STORE_DEAD_LETTERS_DROPPED: Counter "tickfan_store_dead_letters_dropped_total" []
+        "Dead letters not persisted because the store writer's queue was full.";
+    STORE_RETENTION_REMOVED: Counter "tickfan_store_retention_removed_total" []
+        "Raw ticks removed by retention.";
+    STORE_COMMIT_ERRORS: Counter "tickfan_store_commit_errors_total" []
+        "Store commits that failed (and were retried).";
+    STORE_FAILING: Gauge "tickfan_store_failing" []
+        "1 while store writes fail (e.g. a full disk) and ingest refuses new ticks.";
+    STORE_RETRY_TICKS: Gauge "tickfan_store_retry_ticks" []
+        "Accepted ticks waiting for a failing store commit to be retried.";
+    STORE_REOPENS: Counter "tickfan_store_reopens_total" []
+        "Times the store file was reopened after a write error.";
+    FD_LIMIT: Gauge "tickfan_fd_limit" [] "The open-files limit in force.";
+    UPTIME: Gauge "tickfan_uptime_seconds" [] "Seconds since the server started.";
+    BUILD_INFO: Gauge "tickfan_build_info" ["version"] "Always 1; the version is its label.";
+    BUS_PUBLISH_SECONDS: Histogram "tickfan_bus_publish_seconds" []
+        "Cluster mode: seconds from a tick's publish to the bus's durable ack.";
+    BUS_STATE: Gauge "tickfan_bus_state" ["state"]
+        "Cluster mode: 1 for the bus state this node is in (label state), else 0.";
+    BUS_CONSUMER_LAG: Gauge "tickfan_bus_consumer_lag" []
+        "Cluster mode: stream messages this node has not consumed yet.";
+    BUS_POSITION: Gauge "tickfan_bus_position" []
+        "Cluster mode: stream sequence up to which this node's store is complete.";
+    BUS_RECONNECTS: Counter "tickfan_bus_reconnects_total" []
+        "Cluster mode: reconnections to NATS since start.";
+    BUS_PUBLISHED: Counter "tickfan_bus_published_total" []
+        "Cluster mode: ticks this node stored in the stream.";
+    BUS_CONSUMED: Counter "tickfan_bus_consumed_total" []
+        "Cluster mode: stream messages this node consumed.";
+    BUS_PUBLISH_CONFLICTS: Counter "tickfan_bus_publish_conflicts_total" []
+        "Cluster mode: per-symbol compare-and-set conflicts (retried).";
+    BUS_PUBLISH_ERRORS: Counter "tickfan_bus_publish_errors_total" []
+        "Cluster mode: publish attempts that failed and were retried.";
+    BUS_PUBLISH_EXPIRED: Counter "tickfan_bus_publish_expired_total" []
+        "Cluster mode: ticks not confirmed by the bus within publish_timeout_ms.";
+    BUS_DUPLICATES: Counter "tickfan_bus_duplicates_total" []
+        "Cluster mode: publishes the stream answered as duplicates.";
+    UPSTREAM_STATE: Gauge "tickfan_upstream_state" ["upstream"]
+        "Upstream feeds: breaker state, 0 closed, 1 open, 2 half-open.";
+    UPSTREAM_CONNECTED: Gauge "tickfan_upstream_connected" ["upstream"]
+        "Upstream feeds: 1 while a WebSocket session to the upstream is up.";
+    UPSTREAM_TICKS: Counter "tickfan_upstream_ticks_total" ["upstream"]
+        "Upstream feeds: trades normalized from the upstream.";
+    UPSTREAM_MESSAGES: Counter "tickfan_upstream_messages_total" ["upstream"]
+        "Upstream feeds: WebSocket data messages received.";
+    UPSTREAM_ACCEPTED: Counter "tickfan_upstream_accepted_total" ["upstream"]
+        "Upstream feeds: upstream ticks ingest accepted.";
+    UPSTREAM_DUPLICATES: Counter "tickfan_upstream_duplicates_total" ["upstream"]
+        "Upstream feeds: upstream ticks dropped as duplicates.";
+    UPSTREAM_REJECTED: Counter "tickfan_upstream_rejected_total" ["upstream"]
+        "Upstream feeds: upstream ticks ingest rejected.";
+    UPSTREAM_REFUSED: Counter "tickfan_upstream_refused_total" ["upstream"]
+        "Upstream feeds: batches ingest refused for backpressure (retried).";
+    UPSTREAM_GARBAGE: Counter "tickfan_upstream_garbage_total" ["upstream"]
+        "Upstream feeds: garbage messages dead-lettered.";
+    UPSTREAM_GAPS: Counter "tickfan_upstream_gaps_total" ["upstream"]
+        "Upstream feeds: trade ids or seqs the source skipped.";
+    UPSTREAM_RECONNECTS: Counter "tickfan_upstream_reconnects_total" ["upstream"]
+        "Upstream feeds: connection attempts after a failure.";
+    UPSTREAM_BREAKER_TRIPS: Counter "tickfan_upstream_breaker_trips_total" ["upstream"]
+        "Upstream feeds: times the circuit breaker opened.";
+    UPSTREAM_PROBES: Counter "tickfan_upstream_probes_total" ["upstream"]
+        "Upstream feeds: half-open probe attempts.";
+    UPSTREAM_FAILOVERS: Counter "tickfan_upstream_failovers_total" ["upstream"]
+        "Upstream feeds: switches of a primary's symbols to its backup.";
+    UPSTREAM_FAILBACKS: Counter "tickfan_upstream_failbacks_total" ["upstream"]
+        "Upstream feeds: switches back to the primary.";
+    UPSTREAM_RESUMES: Counter "tickfan_upstream_resumes_total" ["upstream"]
+        "Upstream feeds: tickfan-kind resumes with since_seq.";
+    UPSTREAM_LIMIT_HITS: Counter "tickfan_upstream_limit_hits_total" ["upstream", "limit"]
+        "Upstream feeds: upstream limits hit, by limit.";
+}
+
+/// Every value of `tickfan_upstream_limit_hits_total`'s `limit` label.
+pub const UPSTREAM_LIMITS: &[&str] = &["max_message_bytes", "max_json_depth", "seam_ticks"];
+
+/// Every value of `tickfan_limit_hits_total`'s `limit` label: one per configured limit that
+/// can be hit (docs/configuration.md says what hitting each looks like).
+pub const LIMITS: &[&str] = &[
+    "slow_consumer",
+    "ops_per_sec",
+    "abuse_close",
+    "max_message_bytes",
+    "unauthorized",
+    "heartbeat_timeout",
+    "max_connections",
+    "max_connections_per_ip",
+    "queue_full",
+    "max_symbols",
+    "allowed_origins",
+    "http_unauthorized",
+    "max_body_bytes",
+    "max_tcp_connections",
+    "max_http_connections_per_ip",
+    "header_timeout",
+    "body_timeout",
+    "store_failing",
+    "max_json_depth",
+    "max_listed_rejections",
 ];
 
 /// Histogram buckets in seconds: 10 µs .. 5 s.
@@ -232,7 +275,7 @@ impl Metrics {
             .set_buckets(&LATENCY_BUCKETS)
             .and_then(|b| {
                 b.set_buckets_for_metric(
-                    Matcher::Full("tickfan_store_batch_ticks".into()),
+                    Matcher::Full(STORE_BATCH_TICKS.name.into()),
                     &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 100_000.0],
                 )
             })
@@ -240,8 +283,13 @@ impl Metrics {
                 |_| PrometheusBuilder::new().build_recorder(),
                 PrometheusBuilder::build_recorder,
             );
-        for (name, help) in HELP {
-            recorder.describe_counter(KeyName::from(*name), None, SharedString::from(*help));
+        for def in ALL {
+            let (name, help) = (KeyName::from(def.name), SharedString::from(def.help));
+            match def.kind {
+                Kind::Counter => recorder.describe_counter(name, None, help),
+                Kind::Gauge => recorder.describe_gauge(name, None, help),
+                Kind::Histogram => recorder.describe_histogram(name, None, help),
+            }
         }
         Self {
             recorder,
@@ -249,38 +297,36 @@ impl Metrics {
         }
     }
 
+    /// A handle to record into the histogram `def`.
+    pub fn histogram(&self, def: &Def) -> metrics::Histogram {
+        debug_assert_eq!(def.kind, Kind::Histogram, "{} is not a histogram", def.name);
+        self.recorder
+            .register_histogram(&Key::from_name(def.name), &METADATA)
+    }
+
     /// Cluster mode: histogram of seconds from a publish to the bus's ack.
     pub fn bus_publish_seconds(&self) -> metrics::Histogram {
-        self.recorder
-            .register_histogram(&Key::from_name("tickfan_bus_publish_seconds"), &METADATA)
+        self.histogram(&BUS_PUBLISH_SECONDS)
     }
 
     /// Histogram of seconds from server receipt (`t_in`) to the dispatcher stamping the tick.
     pub fn ingest_to_dispatch(&self) -> metrics::Histogram {
-        self.recorder.register_histogram(
-            &Key::from_name("tickfan_ingest_to_dispatch_seconds"),
-            &METADATA,
-        )
+        self.histogram(&INGEST_TO_DISPATCH)
     }
 
     /// Histogram of seconds from a tick's receipt to its socket write (sampled).
     pub fn ingest_to_write(&self) -> metrics::Histogram {
-        self.recorder.register_histogram(
-            &Key::from_name("tickfan_ingest_to_write_seconds"),
-            &METADATA,
-        )
+        self.histogram(&INGEST_TO_WRITE)
     }
 
     /// Histogram of store commit durations, seconds.
     pub fn store_commit_seconds(&self) -> metrics::Histogram {
-        self.recorder
-            .register_histogram(&Key::from_name("tickfan_store_commit_seconds"), &METADATA)
+        self.histogram(&STORE_COMMIT_SECONDS)
     }
 
     /// Histogram of ticks per store commit.
     pub fn store_batch_ticks(&self) -> metrics::Histogram {
-        self.recorder
-            .register_histogram(&Key::from_name("tickfan_store_batch_ticks"), &METADATA)
+        self.histogram(&STORE_BATCH_TICKS)
     }
 
     /// Folds recorded histogram samples into their buckets. The exporter keeps raw samples
@@ -301,228 +347,111 @@ impl Metrics {
         r.2
     }
 
-    fn counter(&self, name: &'static str, labels: Vec<Label>, value: u64) {
+    /// Sets counter `def` (with these label values, in `def.labels`' order) to `value`.
+    pub fn counter(&self, def: &Def, labels: &[&str], value: u64) {
+        debug_assert_eq!(def.kind, Kind::Counter, "{} is not a counter", def.name);
         self.recorder
-            .register_counter(&Key::from_parts(name, labels), &METADATA)
+            .register_counter(&key(def, labels), &METADATA)
             .absolute(value);
     }
 
-    fn gauge(&self, name: &'static str, labels: Vec<Label>, value: u64) {
+    /// Sets gauge `def` (with these label values, in `def.labels`' order) to `value`.
+    pub fn gauge(&self, def: &Def, labels: &[&str], value: u64) {
+        debug_assert_eq!(def.kind, Kind::Gauge, "{} is not a gauge", def.name);
         #[allow(clippy::cast_precision_loss)]
         self.recorder
-            .register_gauge(&Key::from_parts(name, labels), &METADATA)
+            .register_gauge(&key(def, labels), &METADATA)
             .set(value as f64);
     }
 
-    /// Copies every counter into the recorder and renders the exposition text.
+    /// The exposition text of everything set so far.
     #[must_use]
-    pub fn render(&self, s: &AppState) -> String {
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let ing = &s.ingestor.stats;
-        self.counter("tickfan_ticks_received_total", vec![], load(&ing.received));
-        self.counter("tickfan_ticks_accepted_total", vec![], load(&ing.accepted));
-        self.counter(
-            "tickfan_ticks_duplicate_total",
-            vec![],
-            load(&ing.duplicates),
-        );
-        for (i, code) in RejectCode::ALL.iter().enumerate() {
-            // Expiry happens after acceptance, in the dispatcher; it is counted there.
-            let v = if *code == RejectCode::Expired {
-                load(&s.dispatch_stats.expired)
-            } else {
-                load(&ing.rejected[i])
-            };
-            self.counter(
-                "tickfan_ticks_rejected_total",
-                vec![Label::new("code", code.as_str())],
-                v,
-            );
-        }
-        for p in Priority::ALL {
-            let lane = s.queue.stats(p);
-            let l = || vec![Label::new("priority", p.as_str())];
-            self.gauge(
-                "tickfan_queue_depth",
-                l(),
-                lane.depth.load(Ordering::Relaxed) as u64,
-            );
-            self.counter("tickfan_queue_pushed_total", l(), load(&lane.pushed));
-            self.counter("tickfan_queue_refused_total", l(), load(&lane.refused));
-            self.counter("tickfan_queue_expired_total", l(), load(&lane.expired));
-        }
-        self.gauge("tickfan_queue_capacity", vec![], s.queue.capacity() as u64);
-        let d = &s.dispatch_stats;
-        self.counter(
-            "tickfan_ticks_dispatched_total",
-            vec![],
-            load(&d.dispatched),
-        );
-        self.counter("tickfan_messages_queued_total", vec![], load(&d.messages));
-        self.counter("tickfan_conflated_ticks_total", vec![], load(&d.conflated));
-        self.counter(
-            "tickfan_mode_switches_total",
-            vec![],
-            load(&d.mode_switches),
-        );
-        self.gauge("tickfan_clients", vec![], load(&d.clients));
-        self.gauge("tickfan_batch_groups", vec![], load(&d.batch_groups));
-        self.gauge(
-            "tickfan_batch_group_members",
-            vec![],
-            load(&d.batch_group_members),
-        );
-        self.gauge("tickfan_replays", vec![], load(&d.replays));
-        self.counter(
-            "tickfan_replayed_ticks_total",
-            vec![],
-            load(&d.replayed_ticks),
-        );
-        let c = &s.clients.stats;
-        self.gauge("tickfan_connections", vec![], load(&c.open));
-        let pk = &s.clients.parking.stats;
-        self.gauge("tickfan_parked_connections", vec![], load(&pk.parked));
-        self.counter("tickfan_connection_parks_total", vec![], load(&pk.parks));
-        self.counter(
-            "tickfan_connection_unparks_total",
-            vec![],
-            load(&pk.unparks),
-        );
-        self.counter(
-            "tickfan_parked_heartbeats_total",
-            vec![],
-            load(&pk.heartbeats),
-        );
-        self.counter("tickfan_parked_pongs_total", vec![], load(&pk.pongs));
-        self.counter("tickfan_messages_sent_total", vec![], load(&c.frames_sent));
-        self.counter("tickfan_sent_bytes_total", vec![], load(&c.bytes_sent));
-        let limit = |name: &'static str, v: u64| {
-            self.counter(
-                "tickfan_limit_hits_total",
-                vec![Label::new("limit", name)],
-                v,
-            );
-        };
-        // Closed by the dispatcher (data or its replies) or by the connection (its replies).
-        limit(
-            "slow_consumer",
-            load(&d.slow_consumer_closes) + load(&c.reply_overflow),
-        );
-        limit("ops_per_sec", load(&c.rate_limited));
-        limit("abuse_close", load(&c.abuse_closed));
-        limit("max_message_bytes", load(&c.too_big));
-        limit("unauthorized", load(&c.unauthorized));
-        limit("heartbeat_timeout", load(&c.idle_closed));
-        limit("max_connections", load(&s.limits.refused_global));
-        limit("max_connections_per_ip", load(&s.limits.refused_per_ip));
-        limit("queue_full", load(&ing.refused));
-        self.counter("tickfan_bad_requests_total", vec![], load(&c.bad_requests));
-        self.counter(
-            "tickfan_ws_pongs_coalesced_total",
-            vec![],
-            load(&c.pongs_coalesced),
-        );
-        self.gauge("tickfan_dead_letters", vec![], s.dead_letters.len() as u64);
-        let st = s.store.stats();
-        self.counter("tickfan_store_commits_total", vec![], st.commits);
-        self.counter("tickfan_store_ticks_total", vec![], st.ticks_committed);
-        self.counter(
-            "tickfan_store_duplicate_ticks_total",
-            vec![],
-            st.duplicate_ticks,
-        );
-        self.counter(
-            "tickfan_store_dead_letters_dropped_total",
-            vec![],
-            st.dead_letters_dropped,
-        );
-        self.counter(
-            "tickfan_store_retention_removed_total",
-            vec![],
-            st.ticks_retained_away,
-        );
-        self.gauge(
-            "tickfan_store_errors",
-            vec![],
-            u64::from(st.last_error.is_some()),
-        );
-        self.counter(
-            "tickfan_store_commit_errors_total",
-            vec![],
-            st.commit_errors,
-        );
-        self.gauge("tickfan_open_connections", vec![], s.limits.open() as u64);
-        self.gauge("tickfan_fd_limit", vec![], s.fd_limit);
-        self.gauge(
-            "tickfan_uptime_seconds",
-            vec![],
-            s.started.elapsed().as_secs(),
-        );
-        self.gauge(
-            "tickfan_build_info",
-            vec![Label::new("version", env!("CARGO_PKG_VERSION"))],
-            1,
-        );
-        limit("max_symbols", load(&d.too_many_symbols));
-        limit("allowed_origins", load(&c.forbidden_origin));
-        limit("http_unauthorized", load(&c.http_unauthorized));
-        limit("max_body_bytes", load(&c.body_too_large));
-        if let Some(bus) = &s.cluster {
-            self.render_bus(bus);
-        }
-        let accept = &s.limits.accept;
-        limit("max_tcp_connections", load(&accept.refused_total));
-        limit("max_http_connections_per_ip", load(&accept.refused_per_ip));
-        limit("header_timeout", load(&accept.header_timeouts));
-        limit("body_timeout", load(&accept.body_timeouts));
-        self.gauge("tickfan_http_connections", vec![], accept.open() as u64);
-        limit("store_failing", load(&ing.refused_store_failing));
-        self.gauge("tickfan_store_failing", vec![], u64::from(st.failing));
-        self.gauge("tickfan_store_retry_ticks", vec![], st.retry_ticks);
-        self.counter("tickfan_store_reopens_total", vec![], st.reopens);
-        self.counter(
-            "tickfan_parking_wake_overflows_total",
-            vec![],
-            s.clients.parking.wake_overflows(),
-        );
-        limit("max_json_depth", load(&ing.too_deep));
-        limit("max_listed_rejections", load(&ing.unlisted_rejections));
-        self.counter(
-            "tickfan_dead_letters_skipped_total",
-            vec![],
-            load(&ing.dead_letters_skipped),
-        );
+    pub fn render(&self) -> String {
         self.recorder.handle().render()
     }
+}
 
-    /// Cluster mode: the bus link's state and counters.
-    fn render_bus(&self, bus: &crate::cluster::ClusterStatus) {
-        use crate::cluster::BusState;
-        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let now = bus.state();
-        for state in [
-            BusState::Connected,
-            BusState::Disconnected,
-            BusState::StreamUnavailable,
-        ] {
-            self.gauge(
-                "tickfan_bus_state",
-                vec![Label::new("state", state.as_str())],
-                u64::from(state == now),
+/// The recorder's key for `def` with label values `values`.
+fn key(def: &Def, values: &[&str]) -> Key {
+    debug_assert_eq!(def.labels.len(), values.len(), "labels of {}", def.name);
+    let labels: Vec<Label> = def
+        .labels
+        .iter()
+        .zip(values)
+        .map(|(name, value)| Label::new(*name, (*value).to_owned()))
+        .collect();
+    Key::from_parts(def.name, labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// The rows of docs/operations.md's metrics table: name -> (type, labels).
+    fn documented() -> BTreeMap<String, (String, String)> {
+        let doc = include_str!("../docs/operations.md");
+        let table = &doc[doc
+            .find("| metric | type | labels | meaning |")
+            .expect("the table")..];
+        table
+            .lines()
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|row| {
+                let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+                let strip = |c: &str| c.trim_matches('`').to_owned();
+                (strip(cells[1]), (cells[2].to_owned(), strip(cells[3])))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_docs_table_lists_every_metric_with_its_type_and_labels() {
+        let documented = documented();
+        for def in ALL {
+            let (kind, labels) = documented
+                .get(def.name)
+                .unwrap_or_else(|| panic!("{} is missing from docs/operations.md", def.name));
+            assert_eq!(kind, def.kind.as_str(), "type of {}", def.name);
+            assert_eq!(labels, &def.labels.join(", "), "labels of {}", def.name);
+        }
+        for name in documented.keys() {
+            assert!(
+                ALL.iter().any(|d| d.name == name),
+                "docs/operations.md lists {name}, which the code does not define"
             );
         }
-        self.gauge("tickfan_bus_consumer_lag", vec![], load(&bus.lag));
-        self.gauge("tickfan_bus_position", vec![], load(&bus.position));
-        for (name, v) in [
-            ("tickfan_bus_reconnects_total", &bus.reconnects),
-            ("tickfan_bus_published_total", &bus.published),
-            ("tickfan_bus_consumed_total", &bus.consumed),
-            ("tickfan_bus_publish_conflicts_total", &bus.conflicts),
-            ("tickfan_bus_publish_errors_total", &bus.publish_errors),
-            ("tickfan_bus_publish_expired_total", &bus.publish_expired),
-            ("tickfan_bus_duplicates_total", &bus.bus_duplicates),
-        ] {
-            self.counter(name, vec![], load(v));
+    }
+
+    #[test]
+    fn the_docs_name_every_limit_label() {
+        let doc = include_str!("../docs/operations.md");
+        for limit in LIMITS {
+            assert!(
+                doc.contains(&format!("`{limit}`")),
+                "limit=\"{limit}\" is not in docs/operations.md"
+            );
+        }
+    }
+
+    #[test]
+    fn names_are_unique_and_prometheus_shaped() {
+        for (i, def) in ALL.iter().enumerate() {
+            assert!(def.name.starts_with("tickfan_"), "{}", def.name);
+            assert_eq!(
+                def.kind == Kind::Counter,
+                def.name.ends_with("_total"),
+                "{}: counters and only counters end in _total",
+                def.name
+            );
+            assert!(!def.help.is_empty());
+            assert!(
+                ALL[i + 1..].iter().all(|d| d.name != def.name),
+                "{}",
+                def.name
+            );
         }
     }
 }

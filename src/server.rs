@@ -15,20 +15,23 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::client::{ClientContext, ClientStats};
 use crate::cluster::{Cluster, Wiring};
 use crate::config::Config;
 use crate::dispatch::{DispatchStats, Dispatcher, Seed, StoreSink};
 use crate::dlq::DeadLetters;
 use crate::error::ServerError;
-use crate::http::{self, AppState, ConnectionLimits};
+use crate::http::{self, AppState};
 use crate::ingest::Ingestor;
-use crate::liveness::{self, Connections};
 use crate::metrics::Metrics;
-use crate::parking::Parking;
 use crate::queue::PriorityQueue;
+use crate::session::admission::ConnectionLimits;
+use crate::session::liveness::{self, Connections};
+use crate::session::parking::Parking;
+use crate::session::producer::{ProducerContext, ProducerStats};
+use crate::session::{ClientContext, ClientStats};
 use crate::simulator;
 use crate::store::Store;
+use crate::transport::accept::{self, AcceptConfig, AcceptLimits};
 
 /// Runs the server on `listener` until `shutdown` resolves, then shuts down in order.
 ///
@@ -178,6 +181,14 @@ pub async fn run(
     // However `run` ends, none of this server's connections stays behind in the process-wide
     // parking lot.
     let _evict = EvictParked(clients.clone());
+    let producers = Arc::new(ProducerContext {
+        ingestor: ingestor.clone(),
+        max_message_bytes: config.limits.max_message_bytes,
+        close_timeout: Duration::from_millis(config.server.close_timeout_ms),
+        shutdown: stop.clone(),
+        stats: ProducerStats::default(),
+    });
+    let fd_limit = fd_limit();
     let state = Arc::new(AppState {
         config: config.clone(),
         ingestor,
@@ -185,12 +196,17 @@ pub async fn run(
         dispatcher: handle,
         dispatch_stats,
         clients,
+        producers,
         dead_letters,
         tracker: tracker.clone(),
-        limits: ConnectionLimits::default(),
+        connections: Arc::new(ConnectionLimits::new(
+            config.limits.max_connections,
+            config.limits.max_connections_per_ip,
+        )),
+        accept: Arc::new(AcceptLimits::new(accept_config(&config, fd_limit))),
         metrics,
         started: Instant::now(),
-        fd_limit: fd_limit(),
+        fd_limit,
         store: store.clone(),
         cluster: cluster.as_ref().map(|c| c.status.clone()),
         feeds: feeds.clone(), // feeds
@@ -218,7 +234,16 @@ pub async fn run(
         stop_on_signal.cancel();
     });
     let grace = Duration::from_millis(config.server.shutdown_grace_ms);
-    http::serve(listener, app, state.clone(), stop.clone(), grace).await?;
+    let upgraded = state.connections.clone();
+    crate::transport::serve(
+        listener,
+        app,
+        state.accept.clone(),
+        move || upgraded.open(),
+        stop.clone(),
+        grace,
+    )
+    .await?;
     stop.cancel();
     tracing::info!("shutting down: closing connections");
     tracker.close();
@@ -273,6 +298,26 @@ fn local_name(listener: &TcpListener) -> String {
         .unwrap_or_default();
     let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
     format!("{host}:{port}")
+}
+
+/// The accept caps and request deadlines of `config`, for an open-files limit of `fd_limit`.
+fn accept_config(config: &Config, fd_limit: u64) -> AcceptConfig {
+    let limits = &config.limits;
+    let cap = accept::tcp_cap(limits.max_tcp_connections, limits.reserved_fds, fd_limit);
+    if fd_limit > 0 && u64::try_from(cap).unwrap_or(u64::MAX) >= fd_limit {
+        tracing::warn!(
+            cap,
+            fd_limit,
+            "limits.max_tcp_connections is not below the open-files limit; a connection flood \
+             can exhaust descriptors"
+        );
+    }
+    AcceptConfig {
+        cap,
+        max_http_per_ip: limits.max_http_connections_per_ip,
+        header_timeout_ms: limits.header_timeout_ms,
+        body_timeout_ms: limits.body_timeout_ms,
+    }
 }
 
 /// How often histogram samples are folded into buckets.

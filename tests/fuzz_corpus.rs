@@ -1,6 +1,6 @@
 //! Replays the committed fuzz corpora (`fuzz/corpus/<target>/`) of every target on a stable
 //! toolchain, without libFuzzer: every input goes through the same entry functions the fuzz
-//! binaries call (`fuzz/entry/parsing.rs` for the parsers, `tickfan::ws::fuzzing` for the
+//! binaries call (`fuzz/entry/parsing.rs` for the parsers, `tickfan::transport::ws::fuzzing` for the
 //! WebSocket framing and upgrade). Inputs the fuzzer found interesting stay
 //! regression tests for every `cargo test`.
 
@@ -57,10 +57,10 @@ fn deep_nesting_from_the_issue_is_survived() {
 
 #[test]
 fn ws_frames_corpus() {
-    replay("ws_frames", tickfan::ws::fuzzing::frames);
+    replay("ws_frames", tickfan::transport::ws::fuzzing::frames);
 }
 
 #[test]
 fn ws_upgrade_corpus() {
-    replay("ws_upgrade", tickfan::ws::fuzzing::upgrade);
+    replay("ws_upgrade", tickfan::transport::ws::fuzzing::upgrade);
 }

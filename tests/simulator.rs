@@ -74,12 +74,7 @@ async fn unknown_routes_are_404_and_the_dashboard_is_served() {
             "{asset}"
         );
     }
-    let metrics = reqwest::get(server.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.metrics_text().await;
     assert!(metrics.contains("tickfan_ticks_accepted_total"));
     assert!(metrics.contains("# HELP tickfan_ticks_accepted_total"));
 }

@@ -27,7 +27,7 @@ fn upgrade_request_to(path: &str, extra_headers: &str) -> String {
 
 /// A masked client frame.
 fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    tickfan::ws::frame::client_frame(fin, opcode, payload)
+    tickfan::transport::ws::frame::client_frame(fin, opcode, payload)
 }
 
 /// A raw connection after its 101, reading the server's (unmasked) frames.

@@ -324,21 +324,19 @@ pub fn encode(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
     encode_with_mask(opcode, payload, mask_key(), out);
 }
 
+/// The header is tungstenite's `FrameHeader::format` (no copy of the encoder here; the
+/// reader above stays this crate's own, so it does not share the server's bugs).
 fn encode_with_mask(opcode: u8, payload: &[u8], mask: [u8; 4], out: &mut Vec<u8>) {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::OpCode;
+    use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
     out.reserve(14 + payload.len());
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n @ 0..=125 => out.push(0x80 | n as u8),
-        n @ 126..=0xFFFF => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
+    let head = FrameHeader {
+        opcode: OpCode::from(opcode),
+        mask: Some(mask),
+        ..FrameHeader::default()
+    };
+    // Writing into a `Vec` cannot fail.
+    let _ = head.format(payload.len() as u64, out);
     out.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
 }
 

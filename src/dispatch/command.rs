@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use super::outbound::Outbound;
 use super::registry::ClientKey;
 use super::SymbolInfo;
-use crate::protocol::Settings;
+use crate::protocol::{Request, Settings};
 use crate::store::History;
 use crate::tick::Symbol;
 
@@ -81,6 +81,40 @@ pub enum Command {
         /// Receives the list.
         reply: oneshot::Sender<Vec<SymbolInfo>>,
     },
+}
+
+impl Command {
+    /// The command a client's request becomes, from connection `key` with request `id`: the
+    /// one place request fields are carried over. `Err` gives back a request the dispatcher
+    /// does not handle (`ping` and `auth` are answered by the session).
+    ///
+    /// # Errors
+    /// The request, unchanged, when it is not the dispatcher's.
+    pub fn from_request(
+        key: ClientKey,
+        id: Option<Value>,
+        request: Request,
+    ) -> Result<Self, Request> {
+        Ok(match request {
+            Request::Subscribe {
+                symbols,
+                settings,
+                history,
+                since_seq,
+            } => Self::Subscribe {
+                key,
+                id,
+                symbols,
+                settings,
+                history,
+                since_seq,
+            },
+            Request::Unsubscribe { symbols } => Self::Unsubscribe { key, id, symbols },
+            Request::Configure(settings) => Self::Configure { key, id, settings },
+            Request::Symbols => Self::ClientSymbols { key, id },
+            other @ (Request::Ping | Request::Auth { .. }) => return Err(other),
+        })
+    }
 }
 
 /// One store read of a paced replay, for one client and symbol.

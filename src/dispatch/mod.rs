@@ -6,6 +6,11 @@
 //! producers' acks after the durable commit. Subscriptions live in `subscription`, snapshots
 //! and resumes in `snapshot`, per-client delivery modes in `delivery`, and batches shared by
 //! batch clients with the same settings in `batch_group`.
+//!
+//! This is the routing layer under the connection layers: it never imports the sessions
+//! (`crate::session`) or the transport (`crate::transport`). What it shares with them is its
+//! own small module, [`outbound`]: each connection's bounded link, which the dispatcher pushes
+//! to and the session (or the parking lot, for a parked connection) drains.
 
 mod batch_group;
 pub mod command;

@@ -45,7 +45,7 @@ pub enum Wake {
     /// Close with this code now.
     Close(u16),
     /// Nothing to do for a while: leave the runtime if nothing is in progress
-    /// ([`crate::parking`]).
+    /// ([`crate::session::parking`]).
     Park,
 }
 
@@ -53,8 +53,8 @@ pub enum Wake {
 struct Shared {
     queue: Mutex<VecDeque<Frame>>,
     queued_bytes: AtomicUsize,
-    // 32-bit limits (config caps them) keep the link within 128 bytes with its `Arc`: an
-    // idle connection is mostly this link.
+    // 32-bit limits (config caps them) keep the link small (see `LINK_BUDGET`): an idle
+    // connection is mostly this link.
     byte_limit: u32,
     max_messages: u32,
     /// Close code the connection must use (0: none yet). First caller wins.
@@ -121,6 +121,17 @@ pub struct RefillHook {
     /// The link's client key there.
     pub key: usize,
 }
+
+/// The link's size budget in bytes: its shared state plus the `Arc`'s two counts (an idle
+/// connection is mostly this link; docs/benchmarks.md). Checked when the crate builds, so a new
+/// field cannot undo it silently. It was 128 until the paced replays' low-water mark and hook
+/// (`refill_mark`, `refill`: 20 B and padding) came in without anything guarding it; this pins
+/// what the link is now (152), so it cannot grow further unnoticed.
+pub const LINK_BUDGET: usize = 152;
+const _: () = assert!(
+    std::mem::size_of::<Shared>() + 2 * std::mem::size_of::<usize>() <= LINK_BUDGET,
+    "the outbound link outgrew its budget (LINK_BUDGET)"
+);
 
 /// The sending side; cheap to clone (dispatcher, sweeper and the connection all hold one).
 #[derive(Debug, Clone)]

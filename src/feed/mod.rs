@@ -4,8 +4,8 @@
 //! `upstream socket -> connector (normalize, failover gate) -> Ingestor::ingest_frame -> queue`.
 //!
 //! [`FeedSet`] is the small handle the server holds: it starts one [`connector`] task per
-//! upstream, stops them, and answers `/health` and `/metrics` from each upstream's
-//! [`status`]. A backup (`backup_for = "PRIMARY"`) holds back its ticks for the primary's
+//! upstream, stops them, and answers `/health` from each upstream's [`status`] (`/metrics`
+//! reads the same statuses, through the metrics defined in `crate::metrics`). A backup (`backup_for = "PRIMARY"`) holds back its ticks for the primary's
 //! symbols while the primary is live (connected and heard from within `stale_ms`), and lets
 //! them through while it is not; dedup in ingest drops a trade that arrives from both.
 
@@ -17,7 +17,6 @@ pub mod status;
 use std::collections::BTreeSet;
 
 use ahash::AHashSet as HashSet;
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -29,7 +28,7 @@ use crate::dlq::DeadLetters;
 use crate::ingest::Ingestor;
 
 use self::connector::Connector;
-use self::status::{Status, FAMILIES};
+use self::status::Status;
 
 /// The running upstream connectors of one server.
 pub struct FeedSet {
@@ -157,19 +156,6 @@ impl FeedSet {
         }
         if let (Value::Object(body), Value::Object(part)) = (body, self.health_json()) {
             body.extend(part);
-        }
-    }
-
-    /// Appends the `tickfan_upstream_*` families to a Prometheus exposition.
-    pub fn render_metrics(&self, out: &mut String) {
-        if self.upstreams.is_empty() {
-            return;
-        }
-        for (family, kind, help) in FAMILIES {
-            let _ = writeln!(out, "# HELP {family} {help}\n# TYPE {family} {kind}");
-            for u in &self.upstreams {
-                u.render(family, out);
-            }
         }
     }
 }

@@ -1,37 +1,23 @@
 //! The read-only HTTP API: symbols, dead letters, stats, history and bars (store reads run
 //! off the async runtime), plus `/health` and `/metrics`. Every route checks the client token
-//! when `[auth] client_tokens` is set, except health and metrics (for probes and scrapers).
+//! ([`ClientToken`]) when `[auth] client_tokens` is set, except health and metrics (for probes
+//! and scrapers).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{error_response, request_token, unauthorized, AppState, TokenQuery};
-use crate::client::token_ok;
+use super::{error_response, AppState, ClientToken, Params};
 use crate::store::{Store, Timeframe};
 use crate::tick::{Priority, Symbol};
 
-fn read_allowed(state: &AppState, headers: &HeaderMap, query: &TokenQuery) -> bool {
-    token_ok(
-        &state.config.auth.client_tokens,
-        request_token(headers, query),
-    )
-}
-
-pub(super) async fn symbols(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Query(query): Query<TokenQuery>,
-) -> Response {
-    if !read_allowed(&state, &headers, &query) {
-        return unauthorized(&state);
-    }
+pub(super) async fn symbols(_: ClientToken, State(state): State<Arc<AppState>>) -> Response {
     match state.dispatcher.symbols().await {
         Ok(list) => Json(json!({ "symbols": list })).into_response(),
         Err(_) => error_response(
@@ -42,36 +28,22 @@ pub(super) async fn symbols(
     }
 }
 
-/// `?limit=N` (and `?token=`).
+/// `?limit=N` (`?token=` is read by [`ClientToken`]).
 #[derive(Debug, Deserialize)]
 pub struct LimitQuery {
     limit: Option<usize>,
-    token: Option<String>,
 }
 
 pub(super) async fn dlq(
+    _: ClientToken,
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Query(q): Query<LimitQuery>,
+    Params(q): Params<LimitQuery>,
 ) -> Response {
-    let tq = TokenQuery {
-        token: q.token.clone(),
-    };
-    if !read_allowed(&state, &headers, &tq) {
-        return unauthorized(&state);
-    }
     let limit = q.limit.unwrap_or(100).min(MAX_HTTP_LIMIT);
     Json(json!({ "entries": state.dead_letters.recent(limit) })).into_response()
 }
 
-pub(super) async fn stats(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Query(query): Query<TokenQuery>,
-) -> Response {
-    if !read_allowed(&state, &headers, &query) {
-        return unauthorized(&state);
-    }
+pub(super) async fn stats(_: ClientToken, State(state): State<Arc<AppState>>) -> Response {
     let ing = &state.ingestor.stats;
     let d = &state.dispatch_stats;
     let lanes: serde_json::Map<_, _> = Priority::ALL
@@ -149,7 +121,7 @@ pub(super) async fn health(State(state): State<Arc<AppState>>) -> Response {
         "status": if reasons.is_empty() { "ok" } else { "degraded" },
         "reasons": reasons,
         "uptime_s": state.started.elapsed().as_secs(),
-        "connections": state.limits.open(),
+        "connections": state.connections.open(),
         "max_connections": state.config.limits.max_connections,
         "fd_limit": state.fd_limit,
         "queue_depth": depth,
@@ -169,34 +141,27 @@ pub(super) async fn health(State(state): State<Arc<AppState>>) -> Response {
 }
 
 pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let mut text = state.metrics.render(&state);
-    state.feeds.render_metrics(&mut text); // feeds
+    let text = super::metrics::render(&state);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-/// `?limit=N&since_seq=S` (and `?token=`).
+/// `?limit=N&since_seq=S` (`?token=` is read by [`ClientToken`]).
 #[derive(Debug, Deserialize)]
 pub struct HistoryQuery {
     limit: Option<usize>,
     since_seq: Option<u64>,
-    token: Option<String>,
 }
 
 /// Largest `limit` of `/api/history` and `/api/bars`.
 const MAX_HTTP_LIMIT: usize = 10_000;
 
-/// The shared part of the store-backed read routes: token, symbol name, and a read off the
+/// The shared part of the store-backed read routes: the symbol name, and a read off the
 /// async runtime with errors mapped to responses.
 async fn read_store<T: Send + 'static>(
     state: &Arc<AppState>,
-    headers: &HeaderMap,
-    token: Option<String>,
     symbol: &str,
     read: impl FnOnce(&Store, &str) -> Result<T, crate::store::StoreError> + Send + 'static,
 ) -> Result<T, Response> {
-    if !read_allowed(state, headers, &TokenQuery { token }) {
-        return Err(unauthorized(state));
-    }
     if !Symbol::is_valid(symbol) {
         return Err(error_response(
             StatusCode::BAD_REQUEST,
@@ -222,14 +187,14 @@ async fn read_store<T: Send + 'static>(
 }
 
 pub(super) async fn history(
+    _: ClientToken,
     State(state): State<Arc<AppState>>,
     Path(symbol): Path<String>,
-    headers: HeaderMap,
-    Query(q): Query<HistoryQuery>,
+    Params(q): Params<HistoryQuery>,
 ) -> Response {
     let limit = q.limit.unwrap_or(100).min(MAX_HTTP_LIMIT);
     let since = q.since_seq;
-    let h = match read_store(&state, &headers, q.token, &symbol, move |store, sym| {
+    let h = match read_store(&state, &symbol, move |store, sym| {
         store.history(sym, limit, since)
     })
     .await
@@ -258,19 +223,18 @@ pub(super) async fn history(
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-/// `?tf=1m&limit=N` (and `?token=`).
+/// `?tf=1m&limit=N` (`?token=` is read by [`ClientToken`]).
 #[derive(Debug, Deserialize)]
 pub struct BarsQuery {
     tf: Option<String>,
     limit: Option<usize>,
-    token: Option<String>,
 }
 
 pub(super) async fn bars(
+    _: ClientToken,
     State(state): State<Arc<AppState>>,
     Path(symbol): Path<String>,
-    headers: HeaderMap,
-    Query(q): Query<BarsQuery>,
+    Params(q): Params<BarsQuery>,
 ) -> Response {
     let Some(tf) = Timeframe::parse(q.tf.as_deref().unwrap_or("1m")) else {
         return error_response(
@@ -280,7 +244,7 @@ pub(super) async fn bars(
         );
     };
     let limit = q.limit.unwrap_or(100).min(MAX_HTTP_LIMIT);
-    match read_store(&state, &headers, q.token, &symbol, move |store, sym| {
+    match read_store(&state, &symbol, move |store, sym| {
         store.bars(sym, tf, limit)
     })
     .await

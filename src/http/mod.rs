@@ -1,43 +1,53 @@
-//! The one listener's routes: WebSocket upgrades for clients (`/ws`) and producers
-//! (`/ingest`), the producer batch endpoint, read-only JSON APIs, health, metrics and the
-//! embedded dashboard. Checks that must happen before an upgrade (tokens, origin, connection
-//! limits) live here; everything after the upgrade belongs to `client` and `producer`. The
-//! read-only JSON routes, health and metrics are in `api`.
+//! The top layer: the one listener's routes and the state they share ([`AppState`]). WebSocket
+//! upgrades for clients (`/ws`) and producers (`/ingest`) are checked here (tokens, origin,
+//! connection caps) and handed to the session layer ([`crate::session`]); the producer batch
+//! endpoint is here; the read-only JSON APIs, `/health` and `/metrics` are in [`api`], the
+//! exposition in [`metrics`], the embedded dashboard in [`dashboard`]. This layer may import
+//! anything below it; nothing below imports it.
+//!
+//! The openings every handler shares are extractors, written once: [`ClientToken`] and
+//! [`IngestToken`] (the token check, 401 when it fails), [`Admitted`] (a WebSocket connection
+//! slot, 503/429 when the caps are reached), [`AllowedOrigin`] and [`Params`] (query
+//! parameters, 400 when malformed). Every error this layer sends has the JSON shape of
+//! docs/protocol.md (`{"type":"error","code","message"}`): its own through
+//! [`error_response`], and anything axum answers by itself (an unknown route, a method a
+//! route does not serve) through [`json_errors`].
 
-mod admission;
-mod api;
-mod serve;
+pub mod api;
+pub mod dashboard;
+pub mod metrics;
 
-pub use admission::AcceptLimits;
-pub use serve::serve;
-
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::json;
 use tokio_util::task::TaskTracker;
 
-use crate::client::{self, token_ok, AuthState, ClientContext};
+use crate::auth::{request_token, token_ok, AuthState};
 use crate::config::Config;
 use crate::dispatch::{DispatchStats, DispatcherHandle};
 use crate::dlq::DeadLetters;
 use crate::ingest::Ingestor;
 use crate::metrics::Metrics;
-use crate::producer;
 use crate::queue::PriorityQueue;
+use crate::session::admission::{ConnectionLimits, ConnectionSlot};
+use crate::session::producer::{self, ProducerContext};
+use crate::session::{self, ClientContext};
 use crate::store::Store;
-use crate::ws::ClientUpgrade;
+use crate::transport::accept::AcceptLimits;
+pub use crate::transport::error_response;
+use crate::transport::ws::ClientUpgrade;
 
 /// Everything the routes need; cloned per request (an `Arc`).
 pub struct AppState {
@@ -53,12 +63,16 @@ pub struct AppState {
     pub dispatch_stats: Arc<DispatchStats>,
     /// Shared by client connections.
     pub clients: Arc<ClientContext>,
+    /// Shared by producer connections.
+    pub producers: Arc<ProducerContext>,
     /// Dead letters.
     pub dead_letters: Arc<DeadLetters>,
     /// Upgraded connections, so shutdown can wait for them.
     pub tracker: TaskTracker,
-    /// Connection limits.
-    pub limits: ConnectionLimits,
+    /// Caps on open WebSocket connections.
+    pub connections: Arc<ConnectionLimits>,
+    /// Caps on plain HTTP connections, checked at accept.
+    pub accept: Arc<AcceptLimits>,
     /// Prometheus exposition.
     pub metrics: Metrics,
     /// Start time for uptime.
@@ -73,112 +87,15 @@ pub struct AppState {
     pub feeds: Arc<crate::feed::FeedSet>,
 }
 
-/// Global and per-IP caps on open WebSocket connections, and (in `accept`) the caps on plain
-/// HTTP connections checked at accept.
-#[derive(Debug, Default)]
-pub struct ConnectionLimits {
-    open: AtomicUsize,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-    /// Upgrades refused because the global cap was reached.
-    pub refused_global: AtomicU64,
-    /// Upgrades refused because the client's IP was at its cap.
-    pub refused_per_ip: AtomicU64,
-    /// Caps and deadlines applied before any handler runs.
-    pub accept: AcceptLimits,
-}
-
-/// Holds one connection slot; frees it on drop.
-pub struct ConnectionSlot {
-    state: Arc<AppState>,
-    ip: IpAddr,
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        let limits = &self.state.limits;
-        limits.open.fetch_sub(1, Ordering::AcqRel);
-        let mut per_ip = limits.per_ip.lock();
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
-
-impl ConnectionLimits {
-    /// Open connections.
-    #[must_use]
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
-    }
-
-    fn acquire(state: &Arc<AppState>, ip: IpAddr) -> Result<ConnectionSlot, LimitRefusal> {
-        let limits = &state.limits;
-        let cfg = &state.config.limits;
-        let admitted = limits
-            .open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < cfg.max_connections).then_some(n + 1)
-            })
-            .is_ok();
-        if !admitted {
-            limits.refused_global.fetch_add(1, Ordering::Relaxed);
-            return Err(LimitRefusal::Global);
-        }
-        let mut per_ip = limits.per_ip.lock();
-        let n = per_ip.entry(ip).or_insert(0);
-        if *n >= cfg.max_connections_per_ip {
-            drop(per_ip);
-            limits.open.fetch_sub(1, Ordering::AcqRel);
-            limits.refused_per_ip.fetch_add(1, Ordering::Relaxed);
-            return Err(LimitRefusal::PerIp);
-        }
-        *n += 1;
-        Ok(ConnectionSlot {
-            state: state.clone(),
-            ip,
-        })
-    }
-}
-
-/// Which connection cap refused an upgrade.
-#[derive(Debug, Clone, Copy)]
-enum LimitRefusal {
-    Global,
-    PerIp,
-}
-
-impl IntoResponse for LimitRefusal {
-    fn into_response(self) -> Response {
-        match self {
-            Self::Global => error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too_many_connections",
-                "server connection limit reached (limits.max_connections)",
-            ),
-            Self::PerIp => error_response(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_connections",
-                "connection limit for this address reached (limits.max_connections_per_ip)",
-            ),
-        }
-    }
-}
-
 /// Builds the router.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/", get(crate::dashboard::index))
-        .route("/app.js", get(crate::dashboard::app_js))
-        .route("/upstreams.js", get(crate::dashboard::upstreams_js)) // feeds
-        .route("/tickfan.js", get(crate::dashboard::client_js))
-        .route("/style.css", get(crate::dashboard::style_css))
-        .route(
-            "/vendor/lightweight-charts.js",
-            get(crate::dashboard::chart_js),
-        )
+        .route("/", get(dashboard::index))
+        .route("/app.js", get(dashboard::app_js))
+        .route("/upstreams.js", get(dashboard::upstreams_js)) // feeds
+        .route("/tickfan.js", get(dashboard::client_js))
+        .route("/style.css", get(dashboard::style_css))
+        .route("/vendor/lightweight-charts.js", get(dashboard::chart_js))
         .route("/ws", get(ws_client))
         .route("/ingest", get(ws_ingest))
         .route(
@@ -187,67 +104,214 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(post_ticks).layer(DefaultBodyLimit::disable()),
         )
         .route("/api/symbols", get(api::symbols))
-        .route("/api/history/{symbol}", get(api::history))
-        .route("/api/bars/{symbol}", get(api::bars))
+        // A catch-all, so symbols with a `/` (`EUR/USD`) work as they are written; the
+        // percent-encoded form (`EUR%2FUSD`) is decoded to the same.
+        .route("/api/history/{*symbol}", get(api::history))
+        .route("/api/bars/{*symbol}", get(api::bars))
         .route("/api/dlq", get(api::dlq))
         .route("/api/stats", get(api::stats))
         .route("/health", get(api::health))
         .route("/metrics", get(api::metrics))
+        .fallback(not_found)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }
 
-/// `Authorization: Bearer T` or `?token=T`.
-pub(super) fn request_token<'a>(headers: &'a HeaderMap, query: &'a TokenQuery) -> Option<&'a str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer_token)
-        .or(query.token.as_deref())
+async fn not_found() -> Response {
+    error_response(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
-/// The token of a `Bearer` credential. The scheme is case-insensitive (RFC 9110 11.1) and
-/// clients differ in the spaces they put around the token, so any case and any run of spaces
-/// or tabs pass; an empty token is no token.
-fn bearer_token(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim().split_once([' ', '\t'])?;
-    let token = token.trim_matches([' ', '\t']);
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+/// Gives every error response the JSON error shape: those the handlers build already have it;
+/// those axum builds itself (405 with its `Allow` header, a rejected extractor's text) get a
+/// JSON body with the same status and headers, their text as the message.
+pub async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    // axum's own error bodies are a line of text; anything longer is cut, not buffered.
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error"),
+        text => text,
+    };
+    let code = match status {
+        StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => "bad_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UPGRADE_REQUIRED => "upgrade_required",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let body = crate::transport::error_body(code, message);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body))
 }
 
 /// The `?token=` query parameter (other parameters are ignored).
 #[derive(Debug, Default, Deserialize)]
-pub struct TokenQuery {
+struct TokenQuery {
     token: Option<String>,
 }
 
-pub(super) fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
-    (
-        status,
-        Json(json!({"type": "error", "code": code, "message": message})),
-    )
-        .into_response()
+/// The token a request carries (`Authorization: Bearer T` or `?token=T`), if any.
+#[derive(Debug)]
+pub struct RequestToken(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestToken {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        // A query that does not parse carries no token (its other parameters are checked by
+        // the route's own `Params`).
+        let query = Query::<TokenQuery>::try_from_uri(&parts.uri)
+            .map(|Query(q)| q)
+            .unwrap_or_default();
+        let token = request_token(&parts.headers, query.token.as_deref()).map(str::to_owned);
+        Ok(Self(token))
+    }
 }
 
-pub(super) fn unauthorized(state: &AppState) -> Response {
-    state
-        .clients
-        .stats
-        .http_unauthorized
-        .fetch_add(1, Ordering::Relaxed);
-    error_response(
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-        "missing or invalid token",
-    )
+/// Which token list guards a route.
+pub trait TokenList {
+    /// The configured tokens (empty: none needed).
+    fn tokens(config: &Config) -> &[String];
 }
 
-fn origin_allowed(config: &Config, headers: &HeaderMap) -> bool {
-    let allowed = &config.server.allowed_origins;
-    allowed.is_empty()
-        || headers
-            .get(header::ORIGIN)
-            .and_then(|o| o.to_str().ok())
-            .is_none_or(|o| allowed.iter().any(|a| a == o))
+/// `[auth] client_tokens`: `/ws` and the read APIs.
+#[derive(Debug)]
+pub struct Clients;
+
+impl TokenList for Clients {
+    fn tokens(config: &Config) -> &[String] {
+        &config.auth.client_tokens
+    }
+}
+
+/// `[auth] ingest_tokens`: `/ingest` and `POST /api/ticks`.
+#[derive(Debug)]
+pub struct Producers;
+
+impl TokenList for Producers {
+    fn tokens(config: &Config) -> &[String] {
+        &config.auth.ingest_tokens
+    }
+}
+
+/// The request carries an acceptable token for the routes of `L` (or none is needed).
+/// Rejection: 401 `unauthorized`, counted.
+#[derive(Debug)]
+pub struct Token<L>(PhantomData<L>);
+
+/// The token check of the read APIs.
+pub type ClientToken = Token<Clients>;
+/// The token check of the ingest routes.
+pub type IngestToken = Token<Producers>;
+
+impl<L: TokenList> FromRequestParts<Arc<AppState>> for Token<L> {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let Ok(RequestToken(token)) = RequestToken::from_request_parts(parts, state).await;
+        if token_ok(L::tokens(&state.config), token.as_deref()) {
+            return Ok(Self(PhantomData));
+        }
+        state
+            .clients
+            .stats
+            .http_unauthorized
+            .fetch_add(1, Ordering::Relaxed);
+        Err(error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid token",
+        ))
+    }
+}
+
+/// A WebSocket connection slot for the peer (`limits.max_connections`,
+/// `limits.max_connections_per_ip`). Rejection: 503 or 429 `too_many_connections`.
+pub struct Admitted(ConnectionSlot);
+
+impl FromRequestParts<Arc<AppState>> for Admitted {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |c| c.0.ip());
+        state
+            .connections
+            .acquire(peer)
+            .map(Self)
+            .map_err(IntoResponse::into_response)
+    }
+}
+
+/// The request's `Origin` is allowed (`server.allowed_origins`; no `Origin`, or an empty
+/// list, passes). Rejection: 403 `forbidden_origin`, counted.
+pub struct AllowedOrigin;
+
+impl FromRequestParts<Arc<AppState>> for AllowedOrigin {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let allowed = &state.config.server.allowed_origins;
+        let ok = allowed.is_empty()
+            || parts
+                .headers
+                .get(header::ORIGIN)
+                .and_then(|o| o.to_str().ok())
+                .is_none_or(|o| allowed.iter().any(|a| a == o));
+        if ok {
+            return Ok(Self);
+        }
+        state
+            .clients
+            .stats
+            .forbidden_origin
+            .fetch_add(1, Ordering::Relaxed);
+        Err(error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            "origin not allowed (server.allowed_origins)",
+        ))
+    }
+}
+
+/// A route's query parameters. Rejection: 400 `bad_request` with what was wrong.
+pub struct Params<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Params<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::try_from_uri(&parts.uri)
+            .map(|Query(q)| Self(q))
+            .map_err(|e| error_response(StatusCode::BAD_REQUEST, "bad_request", &e.body_text()))
+    }
 }
 
 /// Runs an upgraded connection as a tracked task (so shutdown waits for it) that frees its
@@ -270,37 +334,16 @@ where
 
 async fn ws_client(
     ws: ClientUpgrade,
+    _: AllowedOrigin,
+    RequestToken(token): RequestToken,
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Query(query): Query<TokenQuery>,
+    Admitted(slot): Admitted,
 ) -> Response {
-    if !origin_allowed(&state.config, &headers) {
-        state
-            .clients
-            .stats
-            .forbidden_origin
-            .fetch_add(1, Ordering::Relaxed);
-        return error_response(
-            StatusCode::FORBIDDEN,
-            "forbidden_origin",
-            "origin not allowed (server.allowed_origins)",
-        );
-    }
-    let tokens = &state.config.auth.client_tokens;
-    let auth = match request_token(&headers, &query) {
-        _ if tokens.is_empty() => AuthState::Authorized,
-        Some(t) if token_ok(tokens, Some(t)) => AuthState::Authorized,
-        Some(_) => AuthState::Rejected,
-        None => AuthState::Pending,
-    };
-    let slot = match ConnectionLimits::acquire(&state, peer.ip()) {
-        Ok(slot) => slot,
-        Err(refused) => return refused.into_response(),
-    };
+    // A missing or wrong token is answered on the WebSocket (a late `auth` op, or 4001).
+    let auth = AuthState::of(&state.config.auth.client_tokens, token.as_deref());
     let (resp, pending) = ws.accept();
     let ctx = state.clients.clone();
-    tokio::spawn(client::serve(
+    tokio::spawn(session::serve(
         pending,
         ctx,
         auth,
@@ -312,44 +355,19 @@ async fn ws_client(
 
 async fn ws_ingest(
     ws: ClientUpgrade,
+    _: IngestToken,
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    Query(query): Query<TokenQuery>,
+    Admitted(slot): Admitted,
 ) -> Response {
-    if !token_ok(
-        &state.config.auth.ingest_tokens,
-        request_token(&headers, &query),
-    ) {
-        return unauthorized(&state);
-    }
-    let slot = match ConnectionLimits::acquire(&state, peer.ip()) {
-        Ok(slot) => slot,
-        Err(refused) => return refused.into_response(),
-    };
     // tickfan's own transport, as `/ws`: frames and messages bounded by
     // `limits.max_message_bytes`, protocol errors answered with their close code.
     let (resp, pending) = ws.accept();
-    let ingestor = state.ingestor.clone();
-    let ctx = state.clients.clone();
-    tokio::spawn(tracked(&state, slot, move || {
-        producer::serve(pending, ingestor, ctx)
-    }));
+    let ctx = state.producers.clone();
+    tokio::spawn(tracked(&state, slot, move || producer::serve(pending, ctx)));
     resp
 }
 
-async fn post_ticks(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    Query(query): Query<TokenQuery>,
-    body: Body,
-) -> Response {
-    if !token_ok(
-        &state.config.auth.ingest_tokens,
-        request_token(&headers, &query),
-    ) {
-        return unauthorized(&state);
-    }
+async fn post_ticks(_: IngestToken, State(state): State<Arc<AppState>>, body: Body) -> Response {
     let limit = state.config.limits.max_body_bytes;
     let Ok(body) = axum::body::to_bytes(body, limit).await else {
         state

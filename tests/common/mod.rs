@@ -50,9 +50,18 @@ impl TestServer {
     }
 
     /// Starts on an existing data dir (restart tests).
-    pub async fn start_in(mut config: Config, dir: tempfile::TempDir) -> Self {
-        config.store.dir = dir.path().to_path_buf();
+    pub async fn start_in(config: Config, dir: tempfile::TempDir) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, config, dir)
+    }
+
+    /// Runs a server on `listener` with its store in `dir`, stopped by `stop` or on drop.
+    fn serve(
+        listener: tokio::net::TcpListener,
+        mut config: Config,
+        dir: tempfile::TempDir,
+    ) -> Self {
+        config.store.dir = dir.path().to_path_buf();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(tickfan::run(listener, config.clone(), async move {
@@ -129,16 +138,22 @@ impl TestServer {
         (status, headers, resp.json().await.unwrap_or(Value::Null))
     }
 
-    /// One sample from `/metrics` (0 when the series is absent), e.g.
-    /// `tickfan_limit_hits_total{limit="slow_consumer"}`.
-    pub async fn metric(&self, series: &str) -> f64 {
-        let text = reqwest::get(self.http("/metrics"))
+    /// The whole `/metrics` exposition.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(self.http("/metrics"))
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        text.lines()
+            .unwrap()
+    }
+
+    /// One sample from `/metrics` (0 when the series is absent), e.g.
+    /// `tickfan_limit_hits_total{limit="slow_consumer"}`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.metrics_text()
+            .await
+            .lines()
             .find_map(|l| {
                 l.strip_prefix(series)?
                     .strip_prefix(' ')?
@@ -295,6 +310,16 @@ pub fn now_ms() -> i64 {
     tickfan::tick::now_ms()
 }
 
+/// The reject codes of an ack's `rejected` list, in order.
+pub fn reject_codes(ack: &Value) -> Vec<String> {
+    ack["rejected"]
+        .as_array()
+        .expect("a rejected list")
+        .iter()
+        .map(|r| r["code"].as_str().expect("a code").to_owned())
+        .collect()
+}
+
 /// Sends ticks as one `/ingest` frame and returns the ack.
 pub async fn ingest(producer: &mut Ws, ticks: &[Value]) -> Value {
     producer.send_json(&Value::Array(ticks.to_vec())).await;
@@ -322,8 +347,7 @@ pub fn code(c: CloseCode) -> u16 {
 /// at the same address (e.g. the browser dashboard test, whose page reconnects to the URL it was
 /// loaded from). `addr` is normally the ephemeral port an earlier `TestServer` got; the bind is
 /// retried until `DEADLINE` in case the port is briefly busy after the old listener closed.
-pub async fn start_on(addr: SocketAddr, mut config: Config, dir: tempfile::TempDir) -> TestServer {
-    config.store.dir = dir.path().to_path_buf();
+pub async fn start_on(addr: SocketAddr, config: Config, dir: tempfile::TempDir) -> TestServer {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let listener = loop {
         match tokio::net::TcpListener::bind(addr).await {
@@ -337,17 +361,7 @@ pub async fn start_on(addr: SocketAddr, mut config: Config, dir: tempfile::TempD
             }
         }
     };
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(tickfan::run(listener, config.clone(), async move {
-        let _ = stopped.await;
-    }));
-    TestServer {
-        addr,
-        config,
-        dir,
-        stop: Some(stop),
-        task: Some(task),
-    }
+    TestServer::serve(listener, config, dir)
 }
 
 /// The real binary on a data dir; killed (SIGKILL) on drop if still running.

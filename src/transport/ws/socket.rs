@@ -412,7 +412,7 @@ impl WsSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ws::frame::client_frame;
+    use crate::transport::ws::frame::client_frame;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 

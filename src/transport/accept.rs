@@ -1,10 +1,12 @@
 //! Admission before any handler runs: the caps checked when a TCP connection is accepted (open
 //! connections in all, plain HTTP connections per client address) and the deadline on each
-//! request's body. Data flows one way: the accept loop (`serve`) asks [`admit`] for an
-//! [`HttpSlot`], which the connection's task holds until hyper lets go of the socket (at an
-//! upgrade the WebSocket caps in `ConnectionLimits` take over, so every open socket is counted
-//! by one or the other); each request body is wrapped in a [`TimedBody`], whose [`BodyWatch`]
-//! tells the service whether the body is still owed when its deadline passes.
+//! request's body. Data flows one way: the accept loop ([`super::listener`]) asks [`admit`]
+//! for an [`HttpSlot`], which the connection's task holds until hyper lets go of the socket (at
+//! an upgrade the session layer's WebSocket caps take over, so every open socket is counted by
+//! one or the other; the listener is told how many those hold); each request body is wrapped in
+//! a [`TimedBody`], whose [`BodyWatch`] tells the service whether the body is still owed when
+//! its deadline passes. The limits come in as plain values ([`AcceptConfig`]), so this layer
+//! knows nothing of the configuration file.
 //!
 //! Written here rather than taken from tower-http: its `TimeoutLayer` bounds the whole
 //! handler (an ingest commit may rightly take longer than a body may take to arrive) and its
@@ -24,14 +26,116 @@ use axum::response::Response;
 use hyper::body::{Body as HttpBody, Bytes, Frame, Incoming, SizeHint};
 use parking_lot::Mutex;
 
-use super::{error_response, AppState};
-use crate::config::LimitsConfig;
+use super::{error_body, error_response};
 
-/// Counters and per-address counts of plain HTTP connections (accepted, not upgraded).
+/// The limits admission and the listener apply, as plain values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptConfig {
+    /// Sockets open in all (plain HTTP plus upgraded) past which a connection is refused at
+    /// accept: see [`tcp_cap`].
+    pub cap: usize,
+    /// Plain HTTP connections one address may hold (`limits.max_http_connections_per_ip`).
+    pub max_http_per_ip: usize,
+    /// Time a connection has to send a request head (`limits.header_timeout_ms`).
+    pub header_timeout_ms: u64,
+    /// Time a request has to send its body (`limits.body_timeout_ms`).
+    pub body_timeout_ms: u64,
+}
+
+/// Connections open in all and per client address: the bookkeeping both connection caps (this
+/// one at accept, the session layer's on upgraded connections) share.
 #[derive(Debug, Default)]
-pub struct AcceptLimits {
+pub struct OpenCounts {
     open: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Which cap [`OpenCounts::try_add`] hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CapHit {
+    /// The total.
+    Total,
+    /// The address's share.
+    PerIp,
+}
+
+impl OpenCounts {
+    /// Connections open now.
+    #[must_use]
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Counts one more connection from `ip` if `total_ok` accepts the number open now and the
+    /// address has fewer than `max_per_ip`; [`OpenCounts::remove`] takes it off again. A
+    /// refusal is counted in `refused` (total, per address).
+    ///
+    /// # Errors
+    /// The cap that refused it (the connection was not counted in).
+    pub fn try_add(
+        &self,
+        ip: IpAddr,
+        total_ok: impl Fn(usize) -> bool,
+        max_per_ip: usize,
+        refused: [&AtomicU64; 2],
+    ) -> Result<(), CapHit> {
+        let hit = self.add(ip, total_ok, max_per_ip);
+        if let Err(hit) = hit {
+            let counter = if hit == CapHit::Total {
+                refused[0]
+            } else {
+                refused[1]
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        hit
+    }
+
+    fn add(
+        &self,
+        ip: IpAddr,
+        total_ok: impl Fn(usize) -> bool,
+        max_per_ip: usize,
+    ) -> Result<(), CapHit> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                total_ok(n).then_some(n + 1)
+            })
+            .map_err(|_| CapHit::Total)?;
+        let mut per_ip = self.per_ip.lock();
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= max_per_ip {
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
+            drop(per_ip);
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(CapHit::PerIp);
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    /// Takes one connection from `ip` off the counts.
+    pub fn remove(&self, ip: IpAddr) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        let mut per_ip = self.per_ip.lock();
+        if let Some(n) = per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
+        }
+    }
+}
+
+/// Counters and per-address counts of plain HTTP connections (accepted, not upgraded).
+#[derive(Debug)]
+pub struct AcceptLimits {
+    /// The limits in force.
+    pub config: AcceptConfig,
+    counts: OpenCounts,
     /// Connections closed at accept: `limits.max_tcp_connections` open already.
     pub refused_total: AtomicU64,
     /// Connections closed at accept: `limits.max_http_connections_per_ip` open from the address.
@@ -43,26 +147,40 @@ pub struct AcceptLimits {
 }
 
 impl AcceptLimits {
+    /// No connection open yet, under `config`.
+    #[must_use]
+    pub fn new(config: AcceptConfig) -> Self {
+        Self {
+            config,
+            counts: OpenCounts::default(),
+            refused_total: AtomicU64::new(0),
+            refused_per_ip: AtomicU64::new(0),
+            header_timeouts: AtomicU64::new(0),
+            body_timeouts: AtomicU64::new(0),
+        }
+    }
+
     /// Plain HTTP connections open now.
     #[must_use]
     pub fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
+        self.counts.open()
     }
 }
 
-/// The cap on open TCP connections in force: `limits.max_tcp_connections`, or when that is 0
-/// the open-files limit minus `limits.reserved_fds` (never below half the limit, so a tiny
-/// limit still serves). An unknown limit (`fd_limit` 0) gives no derived cap.
+/// The cap on open TCP connections in force: `max_tcp_connections`
+/// (`limits.max_tcp_connections`), or when that is 0 the open-files limit minus
+/// `reserved_fds` (`limits.reserved_fds`; never below half the limit, so a tiny limit still
+/// serves). An unknown limit (`fd_limit` 0) gives no derived cap.
 #[must_use]
-pub fn tcp_cap(limits: &LimitsConfig, fd_limit: u64) -> usize {
-    if limits.max_tcp_connections > 0 {
-        return limits.max_tcp_connections;
+pub fn tcp_cap(max_tcp_connections: usize, reserved_fds: usize, fd_limit: u64) -> usize {
+    if max_tcp_connections > 0 {
+        return max_tcp_connections;
     }
     if fd_limit == 0 {
         return usize::MAX;
     }
     let fds = usize::try_from(fd_limit).unwrap_or(usize::MAX);
-    fds.saturating_sub(limits.reserved_fds).max(fds / 2).max(1)
+    fds.saturating_sub(reserved_fds).max(fds / 2).max(1)
 }
 
 /// Which cap refused a connection at accept.
@@ -86,8 +204,7 @@ impl Refusal {
                 "too many connections from this address (limits.max_http_connections_per_ip)"
             }
         };
-        let body =
-            format!(r#"{{"type":"error","code":"too_many_connections","message":"{message}"}}"#);
+        let body = error_body("too_many_connections", message);
         format!(
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
              content-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -99,53 +216,38 @@ impl Refusal {
 
 /// One admitted plain HTTP connection; frees its place on drop.
 pub struct HttpSlot {
-    state: Arc<AppState>,
+    limits: Arc<AcceptLimits>,
     ip: IpAddr,
 }
 
 impl Drop for HttpSlot {
     fn drop(&mut self) {
-        let accept = &self.state.limits.accept;
-        accept.open.fetch_sub(1, Ordering::AcqRel);
-        let mut per_ip = accept.per_ip.lock();
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
+        self.limits.counts.remove(self.ip);
     }
 }
 
-/// Admits a connection just accepted from `ip` if the process has fewer than `cap` sockets
-/// open (plain HTTP plus upgraded) and the address fewer than its plain HTTP cap.
+/// Admits a connection just accepted from `ip` if the process has fewer than `config.cap`
+/// sockets open (plain HTTP plus the `upgraded` ones) and the address fewer than its plain
+/// HTTP cap.
 ///
 /// # Errors
 /// The cap that refused it (already counted).
-pub fn admit(state: &Arc<AppState>, ip: IpAddr, cap: usize) -> Result<HttpSlot, Refusal> {
-    let accept = &state.limits.accept;
-    let upgraded = state.limits.open();
-    let admitted = accept
-        .open
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-            (n.saturating_add(upgraded) < cap).then_some(n + 1)
-        })
-        .is_ok();
-    if !admitted {
-        accept.refused_total.fetch_add(1, Ordering::Relaxed);
-        return Err(Refusal::Total);
-    }
-    let mut per_ip = accept.per_ip.lock();
-    let n = per_ip.entry(ip).or_insert(0);
-    if *n >= state.config.limits.max_http_connections_per_ip {
-        drop(per_ip);
-        accept.open.fetch_sub(1, Ordering::AcqRel);
-        accept.refused_per_ip.fetch_add(1, Ordering::Relaxed);
-        return Err(Refusal::PerIp);
-    }
-    *n += 1;
+pub fn admit(accept: &Arc<AcceptLimits>, ip: IpAddr, upgraded: usize) -> Result<HttpSlot, Refusal> {
+    let cap = accept.config.cap;
+    accept
+        .counts
+        .try_add(
+            ip,
+            |n| n.saturating_add(upgraded) < cap,
+            accept.config.max_http_per_ip,
+            [&accept.refused_total, &accept.refused_per_ip],
+        )
+        .map_err(|hit| match hit {
+            CapHit::Total => Refusal::Total,
+            CapHit::PerIp => Refusal::PerIp,
+        })?;
     Ok(HttpSlot {
-        state: state.clone(),
+        limits: accept.clone(),
         ip,
     })
 }
@@ -261,13 +363,13 @@ mod tests {
 
     #[test]
     fn the_derived_cap_leaves_reserved_fds_under_the_open_files_limit() {
-        let mut limits = LimitsConfig::default();
-        assert_eq!(tcp_cap(&limits, 20_000), 20_000 - limits.reserved_fds);
-        assert_eq!(tcp_cap(&limits, 0), usize::MAX);
+        let limits = crate::config::LimitsConfig::default();
+        let cap = |max_tcp, fds| tcp_cap(max_tcp, limits.reserved_fds, fds);
+        assert_eq!(cap(0, 20_000), 20_000 - limits.reserved_fds);
+        assert_eq!(cap(0, 0), usize::MAX);
         // A limit smaller than the reserve still serves half of it.
-        assert_eq!(tcp_cap(&limits, 300), 150);
-        limits.max_tcp_connections = 7;
-        assert_eq!(tcp_cap(&limits, 20_000), 7);
+        assert_eq!(cap(0, 300), 150);
+        assert_eq!(cap(7, 20_000), 7);
     }
 
     #[test]

@@ -1,10 +1,13 @@
-//! The parking lot: where `/ws` connections with nothing to do wait, off the tokio runtime.
+//! The parking lot: where connections with nothing to do wait, off the tokio runtime.
 //!
 //! A running connection costs a task (its future and header, about 0.8 KiB) and a reactor
 //! registration (256 B); most connections of a market-data server are idle most of the time.
-//! So when the liveness sweep sees a connection quiet for `server.park_after_ms`, the
-//! connection's task ends and leaves its [`Session`] and bare socket here: a slab entry of
-//! about 100 B, the socket watched by one epoll set (mio) on a thread of its own.
+//! So when a connection has been quiet long enough, its task ends and leaves what it is (a
+//! [`Parked`] value: for `/ws`, the session layer's `Session`) and its bare socket here: a slab
+//! entry of about 100 B, the socket watched by one epoll set (mio) on a thread of its own.
+//! The lot is generic over what it parks, so this layer knows nothing of sessions: it needs
+//! only the parked value's outbound link (whose pushes wake it), a way to hand it back to its
+//! runtime ([`Parked::resume`]) and somewhere to report pongs and counts.
 //!
 //! Data flow while parked:
 //! - **Outbound.** Anything pushed onto the connection's link (a tick, an ack, a close order)
@@ -12,28 +15,26 @@
 //!   O(1) and takes no lot lock, because it runs inside the dispatcher's fan-out loop: the
 //!   ticket goes onto a bounded ready list and the lot's thread is signalled (a mio `Waker`,
 //!   one eventfd write, and none while a signal is still pending). The lot's thread then takes
-//!   the session out, stops watching its socket (`epoll_ctl`) and starts a new task that
-//!   resumes it on its server's runtime ([`client::resume`]), where the frame is written. When
-//!   the ready list is full the wake-up is not lost: an overflow flag makes the lot's thread
-//!   look at every parked connection for queued work instead (rare, and still off the
-//!   dispatcher). A bounded flume channel is the list: already a dependency, `try_send` is
+//!   the parked value out, stops watching its socket (`epoll_ctl`) and calls
+//!   [`Parked::resume`], which starts a new task on its server's runtime, where the frame is
+//!   written. When the ready list is full the wake-up is not lost: an overflow flag makes the
+//!   lot's thread look at every parked connection for queued work instead (rare, and still off
+//!   the dispatcher). A bounded flume channel is the list: already a dependency, `try_send` is
 //!   O(1) and never waits.
-//! - **Heartbeats** do not unpark: the sweep hands them to [`Parking::heartbeat`], which writes
-//!   the pre-framed heartbeat and ping straight to the socket (the sweep does that from a
-//!   blocking-pool thread, so 100k parked sockets are 100k syscalls there, not in one poll of
-//!   a runtime task).
+//! - **Heartbeats** do not unpark: [`Lot::write_parked`] writes a pre-framed heartbeat and ping
+//!   straight to the socket (the liveness sweep does that from a blocking-pool thread, so 100k
+//!   parked sockets are 100k syscalls there, not in one poll of a runtime task).
 //! - **Inbound.** Readable sockets are peeked on the lot's thread: complete pongs (the answer
-//!   to the heartbeat ping) are consumed there and count as life; anything else (a request,
-//!   a close, EOF, an error) unparks the connection without consuming a byte, and its task
-//!   reads it.
+//!   to the heartbeat ping) are consumed there and count as life ([`Parked::heard`]); anything
+//!   else (a request, a close, EOF, an error) unparks the connection without consuming a byte,
+//!   and its task reads it.
 //!
-//! There is one lot per process, like the kernel's one epoll facility it wraps: the waker of a
-//! parked connection is then just its ticket (slot and generation) with no allocation, and
-//! each server reaches the lot through its [`Parking`] handle, which also holds the server's
-//! runtime and counters. Every transition happens under the lot's one lock, and a wake-up
-//! that arrives after its connection left, or for a slot reused since, finds a different
-//! generation and does nothing. On shutdown the sweep's close order unparks a server's
-//! connections; [`Parking::evict`] drops whatever is left after the grace period.
+//! There is one lot per parked type per process, like the kernel's one epoll facility it
+//! wraps: the waker of a parked connection is then just its ticket (slot and generation) with
+//! no allocation, and the type finds its lot through [`Parked::lot`] (a static the type's
+//! owner keeps, since statics cannot be generic). Every transition happens under the lot's one
+//! lock, and a wake-up that arrives after its connection left, or for a slot reused since,
+//! finds a different generation and does nothing.
 //!
 //! A ticket is 64 bits (32 of slot, 32 of generation) and travels as a waker's data pointer
 //! and as a mio `Token(usize)`. On targets whose pointers are narrower it would lose its
@@ -41,10 +42,11 @@
 //! runtime, costing memory but nothing else, rather than the whole server refusing to build.
 
 use std::io::{self, Read, Write};
+use std::marker::PhantomData;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::task::{RawWaker, RawWakerVTable, Waker};
 
 use bytes::Bytes;
@@ -53,17 +55,15 @@ use mio::{Events, Interest, Poll, Registry, Token};
 use parking_lot::Mutex;
 use slab::Slab;
 
-use crate::client::{self, ClientContext, Session};
-use crate::dispatch::outbound::{Frame, Outbound};
-use crate::protocol::close;
-use crate::ws::frame::{self, opcode, MAX_CONTROL_PAYLOAD};
+use super::ws::frame::{self, opcode, MAX_CONTROL_PAYLOAD};
+use crate::dispatch::outbound::Outbound;
 
 /// Readiness events taken per wait.
 const EVENTS_PER_WAIT: usize = 256;
 /// Tickets woken and not yet resumed by the lot's thread. Past it a wake-up sets the overflow
 /// flag instead (the thread then scans every parked connection), so nothing is lost and the
 /// waker never waits; it bounds memory, not correctness, and so is not a config key.
-const READY_LIST: usize = 16_384;
+pub const READY_LIST: usize = 16_384;
 /// The epoll token of the lot's own `Waker`. Tickets are never 0 (generations start at 1).
 const WAKE_TOKEN: Token = Token(0);
 
@@ -75,60 +75,38 @@ const PEEK_BYTES: usize = 512;
 /// handled by its task, so it cannot hold the lot's lock (and every wake-up) for long.
 const MAX_LOOKS: usize = 4;
 
-/// The process's parking lot, started by the first server.
-static LOT: OnceLock<ParkingLot> = OnceLock::new();
-/// Held while the lot starts, so only one thread starts it.
+/// Held while a lot starts, so only one thread starts it.
 static STARTING: Mutex<()> = Mutex::new(());
 
-/// What the binary's allocator does to give freed memory back to the OS at once.
-static RELEASE_MEMORY: OnceLock<fn()> = OnceLock::new();
+/// What a lot parks: a connection's state without its socket. Everything the lot does to it
+/// goes through here.
+pub trait Parked: Send + Sized + 'static {
+    /// The connection's outbound link: pushes onto it wake the parked connection.
+    fn link(&self) -> &Outbound;
 
-/// Sets how to return freed memory to the OS, called after many connections parked at once
-/// (their tasks' memory is freed together, but an allocator may hold on to it for a while).
-/// The binary owns the allocator choice, so it supplies this; the library never calls into
-/// an allocator on its own. Only the first call counts.
-pub fn set_memory_release(release: fn()) {
-    let _ = RELEASE_MEMORY.set(release);
+    /// Whether it may park now; checked under the lot's lock, so a server that has stopped
+    /// parking (see [`Lot::evict`]) sees no connection slip in after its sweep.
+    fn may_park(&self) -> bool;
+
+    /// It was parked (for counting; called under the lot's lock, before anything can resume
+    /// it).
+    fn parked(&self);
+
+    /// Pongs were read off its socket while it was parked: the peer is alive.
+    fn heard(&self);
+
+    /// It leaves the lot: start it again on its runtime with `stream`, writing `unsent` (the
+    /// rest of a frame written while it was parked) first. Called on the lot's thread, a
+    /// waker's, or the parking one's; must not block.
+    fn resume(self, stream: TcpStream, unsent: Option<Bytes>);
+
+    /// The process's lot for this type.
+    fn lot() -> &'static Lot<Self>;
 }
 
-/// Returns freed memory to the OS if the binary said how.
-pub(crate) fn release_memory() {
-    if let Some(release) = RELEASE_MEMORY.get() {
-        release();
-    }
-}
-
-/// Counters of one server's parked connections.
-#[derive(Debug, Default)]
-pub struct ParkingStats {
-    /// Connections parked now.
-    pub parked: AtomicU64,
-    /// Times a connection parked.
-    pub parks: AtomicU64,
-    /// Times a connection was resumed.
-    pub unparks: AtomicU64,
-    /// Heartbeats written to parked sockets directly.
-    pub heartbeats: AtomicU64,
-    /// Pongs read from parked sockets (answers to those heartbeats' pings).
-    pub pongs: AtomicU64,
-}
-
-/// One server's way into the parking lot.
-#[derive(Debug)]
-pub struct Parking {
-    lot: &'static ParkingLot,
-    /// Where resumed connections run.
-    runtime: tokio::runtime::Handle,
-    /// The server has ended ([`Parking::evict`]): connections that try to park are dropped.
-    closed: AtomicBool,
-    /// Counters, for `/metrics` and `/api/stats`.
-    pub stats: ParkingStats,
-}
-
-/// Parked connections of every server in the process, and the epoll set that watches them.
-#[derive(Debug)]
-struct ParkingLot {
-    spots: Mutex<Spots>,
+/// Parked connections of one type, and the epoll set that watches them.
+pub struct Lot<P> {
+    spots: Mutex<Spots<P>>,
     registry: Registry,
     /// The lot's thread is running (parking is refused if it could not start).
     watching: AtomicBool,
@@ -146,24 +124,30 @@ struct ParkingLot {
     overflows: AtomicU64,
 }
 
-#[derive(Debug, Default)]
-struct Spots {
-    slab: Slab<Spot>,
+impl<P> std::fmt::Debug for Lot<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lot")
+            .field("overflows", &self.overflows)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Spots<P> {
+    slab: Slab<Spot<P>>,
     next_generation: u32,
 }
 
-struct Spot {
+struct Spot<P> {
     generation: u32,
     stream: TcpStream,
-    session: Session,
+    parked: P,
 }
 
-impl std::fmt::Debug for Spot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Spot")
-            .field("generation", &self.generation)
-            .finish_non_exhaustive()
-    }
+/// Bytes one parked `P` takes in the lot's slab (for the size budgets' tests).
+#[doc(hidden)]
+#[must_use]
+pub fn spot_size<P>() -> usize {
+    std::mem::size_of::<Spot<P>>()
 }
 
 /// Slot and generation in one word: the epoll token, the link's `parked_at` and the waker's
@@ -177,58 +161,30 @@ fn split(ticket: u64) -> (usize, u32) {
     ((ticket & 0xFFFF_FFFF) as usize, (ticket >> 32) as u32)
 }
 
-/// The waker a parked connection's link holds: its ticket, nothing allocated. Waking it
-/// resumes the connection if it is still parked under that ticket.
-fn ticket_waker(ticket: u64) -> Waker {
-    // The data pointer carries the ticket as a plain number; it is never dereferenced.
-    // SAFETY: every vtable function below treats the data as an integer, is thread-safe, and
-    // owns nothing, which is all `RawWaker`'s contract asks.
-    unsafe { Waker::from_raw(RawWaker::new(ticket as usize as *const (), &TICKET_VTABLE)) }
-}
+/// The wakers of parked `P`s: a ticket, nothing allocated. Waking one resumes the connection
+/// if it is still parked under that ticket.
+struct Tickets<P>(PhantomData<P>);
 
-const TICKET_VTABLE: RawWakerVTable =
-    RawWakerVTable::new(ticket_clone, ticket_wake, ticket_wake, ticket_drop);
+impl<P: Parked> Tickets<P> {
+    const VTABLE: RawWakerVTable =
+        RawWakerVTable::new(Self::clone, Self::wake, Self::wake, Self::drop);
 
-fn ticket_clone(data: *const ()) -> RawWaker {
-    RawWaker::new(data, &TICKET_VTABLE)
-}
-
-fn ticket_wake(data: *const ()) {
-    if let Some(lot) = LOT.get() {
-        lot.wake(data as usize as u64);
-    }
-}
-
-fn ticket_drop(_: *const ()) {}
-
-/// A heartbeat as it goes out: the shared frame for running connections, and a WebSocket
-/// ping plus the same frame, already framed, for parked ones.
-#[derive(Debug)]
-pub struct Beat {
-    frame: Frame,
-    wire: Vec<u8>,
-}
-
-impl Beat {
-    /// Payload bytes of the heartbeat message.
-    #[must_use]
-    pub fn payload_len(&self) -> usize {
-        self.frame.len()
+    fn waker(ticket: u64) -> Waker {
+        // The data pointer carries the ticket as a plain number; it is never dereferenced.
+        // SAFETY: every vtable function below treats the data as an integer, is thread-safe,
+        // and owns nothing, which is all `RawWaker`'s contract asks.
+        unsafe { Waker::from_raw(RawWaker::new(ticket as usize as *const (), &Self::VTABLE)) }
     }
 
-    /// The heartbeat `frame` and its wire form.
-    #[must_use]
-    pub fn new(frame: Frame) -> Self {
-        // Ping first, then the text: the order a running connection writes them in.
-        let mut head = [0u8; frame::MAX_HEADER];
-        let n = frame::encode_head(opcode::PING, 0, &mut head);
-        let mut wire = Vec::with_capacity(n + frame.len() + frame::MAX_HEADER);
-        wire.extend_from_slice(&head[..n]);
-        let n = frame::encode_head(opcode::TEXT, frame.len(), &mut head);
-        wire.extend_from_slice(&head[..n]);
-        wire.extend_from_slice(frame.as_bytes());
-        Self { frame, wire }
+    fn clone(data: *const ()) -> RawWaker {
+        RawWaker::new(data, &Self::VTABLE)
     }
+
+    fn wake(data: *const ()) {
+        P::lot().wake(data as usize as u64);
+    }
+
+    fn drop(_: *const ()) {}
 }
 
 /// What a look at a parked socket found.
@@ -243,101 +199,28 @@ enum Inbound {
     ForTheTask { heard: bool },
 }
 
-impl Parking {
-    /// A handle for a server whose connections resume on the current tokio runtime; starts
-    /// the process's lot if no server has yet.
+impl<P: Parked> Lot<P> {
+    /// The lot in `cell`, started (its epoll set and thread) on first use.
     ///
     /// # Errors
     /// The epoll set could not be created.
-    pub fn start() -> io::Result<Self> {
-        Ok(Self {
-            lot: ParkingLot::get()?,
-            runtime: tokio::runtime::Handle::current(),
-            closed: AtomicBool::new(false),
-            stats: ParkingStats::default(),
-        })
-    }
-
-    /// Parks a connection whose task is ending: `stream` must be out of the runtime's reactor
-    /// and `session` must have nothing in progress. If anything arrives for it meanwhile, it is
-    /// resumed at once.
-    pub fn park(&self, session: Session, stream: TcpStream) {
-        self.lot.park(session, stream);
-    }
-
-    /// The runtime this server's connections run on, for work that must happen in its
-    /// context from any thread (a session dropped on the lot's thread, say).
-    #[must_use]
-    pub fn runtime(&self) -> &tokio::runtime::Handle {
-        &self.runtime
-    }
-
-    /// Wake-ups of parked connections that did not fit the lot's ready list (process-wide);
-    /// each made the lot's thread look at every parked connection once.
-    #[must_use]
-    pub fn wake_overflows(&self) -> u64 {
-        self.lot.overflows.load(Ordering::Relaxed)
-    }
-
-    /// Sends the heartbeat to one connection: straight to its socket if it is parked with
-    /// nothing queued (no wake-up), through its link otherwise. `true`: written directly
-    /// (the link's writer did not see it, so the caller counts it as sent).
-    pub fn heartbeat(&self, link: &Outbound, beat: &Beat) -> bool {
-        if self.lot.write_parked(link, &beat.wire) {
-            self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
-            return true;
-        }
-        if link.push_control(beat.frame.clone()).is_err() {
-            let _ = link.kill(close::SLOW_CONSUMER);
-        }
-        // A WebSocket ping too: browsers answer it with a pong that counts as life.
-        link.request_ping();
-        false
-    }
-
-    /// Drops this server's connections still parked (shutdown, after the grace period: the
-    /// close order normally resumed them all). Each session cleans up after itself.
-    pub fn evict(&self, ctx: &Arc<ClientContext>) {
-        self.closed.store(true, Ordering::Release);
-        // Closing a socket takes it out of the epoll set too.
-        let evicted = self
-            .lot
-            .take_all(|spot| Arc::ptr_eq(spot.session.context(), ctx));
-        self.stats
-            .parked
-            .fetch_sub(evicted.len() as u64, Ordering::Relaxed);
-        drop(evicted);
-    }
-
-    fn spawn_resumed(&self, spot: Spot, unsent: Option<Bytes>) {
-        self.stats.unparks.fetch_add(1, Ordering::Relaxed);
-        // On a runtime that is shutting down the task is dropped unrun, and with it the
-        // session, which cleans up after itself; in the runtime's context, which that may need
-        // (this runs on the lot's thread or a waker's).
-        let _context = self.runtime.enter();
-        drop(
-            self.runtime
-                .spawn(client::resume(spot.session, spot.stream, unsent)),
-        );
-    }
-}
-
-impl ParkingLot {
-    /// The process's lot, started on first use.
-    fn get() -> io::Result<&'static Self> {
-        if let Some(lot) = LOT.get() {
+    pub fn get_or_start(cell: &'static OnceLock<Self>) -> io::Result<&'static Self> {
+        if let Some(lot) = cell.get() {
             return Ok(lot);
         }
         let _one = STARTING.lock();
-        if let Some(lot) = LOT.get() {
+        if let Some(lot) = cell.get() {
             return Ok(lot);
         }
         let poll = Poll::new()?;
         let registry = poll.registry().try_clone()?;
         let signal = mio::Waker::new(poll.registry(), WAKE_TOKEN)?;
         let (ready, ready_rx) = flume::bounded(READY_LIST);
-        let lot = LOT.get_or_init(|| Self {
-            spots: Mutex::new(Spots::default()),
+        let lot = cell.get_or_init(|| Self {
+            spots: Mutex::new(Spots {
+                slab: Slab::new(),
+                next_generation: 0,
+            }),
             registry,
             watching: AtomicBool::new(false),
             ready,
@@ -359,48 +242,56 @@ impl ParkingLot {
         Ok(lot)
     }
 
-    fn park(&self, session: Session, stream: TcpStream) {
-        let ctx = session.context().clone();
-        let parking = &ctx.parking;
-        let link = session.outbound().clone();
+    /// Wake-ups of parked connections that did not fit the ready list; each made the lot's
+    /// thread look at every parked connection once.
+    #[must_use]
+    pub fn wake_overflows(&self) -> u64 {
+        self.overflows.load(Ordering::Relaxed)
+    }
+
+    /// Parks `parked` with its socket, which must be out of the runtime's reactor; it must have
+    /// nothing in progress. If anything arrives for it meanwhile, it is resumed at once. One
+    /// that may not park (see [`Parked::may_park`]) is dropped.
+    ///
+    /// # Errors
+    /// The lot cannot take it (no lot thread, no 64-bit tickets, a full slab): it is handed
+    /// back, for its owner to keep running.
+    pub fn park(&self, parked: P, stream: TcpStream) -> Result<(), (P, TcpStream)> {
+        let link = parked.link().clone();
         let mut spots = self.spots.lock();
         // Checked under the lock `evict` takes: nothing parks after its sweep.
-        if parking.closed.load(Ordering::Acquire) {
+        if !parked.may_park() {
             drop(spots);
-            drop(session);
-            return;
+            drop(parked);
+            return Ok(());
         }
         if !SUPPORTED
             || !self.watching.load(Ordering::Acquire)
             || spots.slab.vacant_key() > u32::MAX as usize
         {
-            drop(spots);
-            let _context = parking.runtime.enter();
-            drop(parking.runtime.spawn(client::resume(session, stream, None)));
-            return;
+            return Err((parked, stream));
         }
         spots.next_generation = spots.next_generation.wrapping_add(1).max(1);
         let generation = spots.next_generation;
+        // Counted before anything can resume it (which counts it out).
+        parked.parked();
         let slot = spots.slab.insert(Spot {
             generation,
             stream,
-            session,
+            parked,
         });
         let id = ticket_id(slot, generation);
-        // Counted before anything can resume it (which counts it out).
-        parking.stats.parked.fetch_add(1, Ordering::Relaxed);
-        parking.stats.parks.fetch_add(1, Ordering::Relaxed);
         drop(spots);
         // The ticket takes over the link's waker outside the lock (registering may wake it at
         // once, and waking takes the lock), and before the connection can be found by its
         // link (`parked_at`) or its socket (the epoll set): until then only a ticket wake can
         // resume it, so no resumed task's waker is ever replaced by the ticket.
-        link.set_waker(&ticket_waker(id));
+        link.set_waker(&Tickets::<P>::waker(id));
         {
             let spots = self.spots.lock();
             // Woken in between: already resumed, its socket is the runtime's now.
             let Some(spot) = spots.slab.get(slot).filter(|s| s.generation == generation) else {
-                return;
+                return Ok(());
             };
             link.set_parked_at(id);
             // `usize` holds 64 bits on every target tokio's epoll backend runs on.
@@ -413,7 +304,7 @@ impl ParkingLot {
                 drop(spots);
                 tracing::warn!(error = %e, "cannot watch a parked socket: resuming it");
                 self.unpark(id, None);
-                return;
+                return Ok(());
             }
         }
         // A push between the task's last look and the ticket taking over woke the old task,
@@ -421,6 +312,7 @@ impl ParkingLot {
         if link.has_work() {
             self.unpark(id, None);
         }
+        Ok(())
     }
 
     /// A push woke the connection with ticket `id`: hands it to the lot's thread without
@@ -459,7 +351,7 @@ impl ParkingLot {
                 spots
                     .slab
                     .iter()
-                    .filter(|(_, spot)| spot.session.outbound().has_work())
+                    .filter(|(_, spot)| spot.parked.link().has_work())
                     .map(|(slot, spot)| ticket_id(slot, spot.generation))
                     .collect()
             };
@@ -479,7 +371,7 @@ impl ParkingLot {
     }
 
     /// Takes the spot of ticket `id` out (under the lot's lock), if it is still there.
-    fn take(spots: &mut Spots, id: u64) -> Option<Spot> {
+    fn take(spots: &mut Spots<P>, id: u64) -> Option<Spot<P>> {
         let (slot, generation) = split(id);
         if spots
             .slab
@@ -489,35 +381,43 @@ impl ParkingLot {
             return None;
         }
         let spot = spots.slab.remove(slot);
-        spot.session.outbound().set_parked_at(0);
+        spot.parked.link().set_parked_at(0);
         Some(spot)
     }
 
     /// Resumes a spot taken out, with `unsent` going out first.
-    fn resume(&self, spot: Spot, unsent: Option<Bytes>) {
+    fn resume(&self, spot: Spot<P>, unsent: Option<Bytes>) {
         // Fails harmlessly for a socket not watched yet.
         let _ = self
             .registry
             .deregister(&mut SourceFd(&spot.stream.as_raw_fd()));
-        let ctx = spot.session.context().clone();
-        ctx.parking.stats.parked.fetch_sub(1, Ordering::Relaxed);
-        ctx.parking.spawn_resumed(spot, unsent);
+        spot.parked.resume(spot.stream, unsent);
+    }
+
+    /// Takes out every parked connection that `pick` picks and returns them; their sockets
+    /// close (which takes them out of the epoll set too). For a server's shutdown, after the
+    /// grace period: the close order normally resumed them all.
+    pub fn evict(&self, pick: impl Fn(&P) -> bool) -> Vec<P> {
+        self.take_all(pick)
+            .into_iter()
+            .map(|spot| spot.parked)
+            .collect()
     }
 
     /// Takes out every parked connection that `pick` picks.
-    fn take_all(&self, pick: impl Fn(&Spot) -> bool) -> Vec<Spot> {
+    fn take_all(&self, pick: impl Fn(&P) -> bool) -> Vec<Spot<P>> {
         let mut spots = self.spots.lock();
         let picked: Vec<usize> = spots
             .slab
             .iter()
-            .filter(|(_, spot)| pick(spot))
+            .filter(|(_, spot)| pick(&spot.parked))
             .map(|(slot, _)| slot)
             .collect();
         picked
             .into_iter()
             .map(|slot| {
                 let spot = spots.slab.remove(slot);
-                spot.session.outbound().set_parked_at(0);
+                spot.parked.link().set_parked_at(0);
                 spot
             })
             .collect()
@@ -526,7 +426,7 @@ impl ParkingLot {
     /// Writes `wire` to the socket of `link`'s connection if it is parked; `false` if it is
     /// not parked or its socket took nothing (then the caller pushes through the link, which
     /// resumes it).
-    fn write_parked(&self, link: &Outbound, wire: &[u8]) -> bool {
+    pub fn write_parked(&self, link: &Outbound, wire: &[u8]) -> bool {
         // Running connections (most of them, under load) skip the lock.
         if link.parked_at().is_none() {
             return false;
@@ -586,13 +486,6 @@ impl ParkingLot {
         }
     }
 
-    /// Pongs read where the connection waits count as life, as they would in its task.
-    fn heard(spot: &Spot) {
-        let ctx = spot.session.context();
-        spot.session.link().heard(ctx.connections.clock_ms());
-        ctx.parking.stats.pongs.fetch_add(1, Ordering::Relaxed);
-    }
-
     fn on_readable(&self, id: u64) {
         let (slot, generation) = split(id);
         let spots = self.spots.lock();
@@ -601,10 +494,11 @@ impl ParkingLot {
         };
         match consume_pongs(&spot.stream) {
             Inbound::Nothing => {}
-            Inbound::Pongs => Self::heard(spot),
+            // Pongs read where the connection waits count as life, as they would in its task.
+            Inbound::Pongs => spot.parked.heard(),
             Inbound::ForTheTask { heard } => {
                 if heard {
-                    Self::heard(spot);
+                    spot.parked.heard();
                 }
                 drop(spots);
                 self.unpark(id, None);
@@ -658,7 +552,27 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::ws::frame::client_frame;
+    use crate::transport::ws::frame::client_frame;
+
+    /// A parked type of no connection, for the lot's own machinery.
+    struct Nobody(Outbound);
+
+    static NOBODY_LOT: OnceLock<Lot<Nobody>> = OnceLock::new();
+
+    impl Parked for Nobody {
+        fn link(&self) -> &Outbound {
+            &self.0
+        }
+        fn may_park(&self) -> bool {
+            true
+        }
+        fn parked(&self) {}
+        fn heard(&self) {}
+        fn resume(self, _: TcpStream, _: Option<Bytes>) {}
+        fn lot() -> &'static Lot<Self> {
+            Lot::get_or_start(&NOBODY_LOT).unwrap()
+        }
+    }
 
     /// A connected pair: the server side non-blocking, as a parked socket is.
     fn pair() -> (TcpStream, TcpStream) {
@@ -726,18 +640,8 @@ mod tests {
     }
 
     #[test]
-    fn a_heartbeat_goes_out_as_a_ping_and_one_text_frame() {
-        let beat = Beat::new(Frame::from(r#"{"type":"heartbeat"}"#));
-        let text = br#"{"type":"heartbeat"}"#;
-        assert_eq!(beat.wire[..2], [0x80 | opcode::PING, 0]);
-        assert_eq!(beat.wire[2], 0x80 | opcode::TEXT);
-        assert_eq!(usize::from(beat.wire[3]), text.len());
-        assert_eq!(&beat.wire[4..], text);
-    }
-
-    #[test]
     fn wake_ups_from_a_plain_thread_reach_the_lot_thread_even_past_the_ready_list() {
-        let lot = ParkingLot::get().unwrap();
+        let lot = Nobody::lot();
         assert!(
             lot.watching.load(Ordering::Acquire),
             "the lot's thread runs"

@@ -1,8 +1,9 @@
 //! The accept loop: one hyper HTTP/1 connection per accepted TCP stream, with the router as
 //! its service. It replaces `axum::serve` for two reasons: hyper is handed the bare
-//! `TcpStream`, so an upgraded `/ws` connection can take that stream back (`ws::ClientUpgrade`)
-//! instead of living behind boxed, buffered I/O layers; and a connection is admitted (caps per
-//! address and in all, see `admission`) the moment it is accepted, before anything is read, so
+//! `TcpStream`, so an upgraded `/ws` connection can take that stream back
+//! ([`super::ws::ClientUpgrade`]) instead of living behind boxed, buffered I/O layers; and a
+//! connection is admitted (caps per address and in all, see [`super::accept`]) the moment it is
+//! accepted, before anything is read, so
 //! a flood of idle connects cannot take the descriptors other clients need. Connections get
 //! `TCP_NODELAY` (writers coalesce bursts themselves; Nagle only adds delay), the peer address
 //! as `ConnectInfo`, a deadline on request heads (hyper's) and on request bodies (here).
@@ -24,8 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
-use super::admission::{self, Refusal};
-use super::AppState;
+use super::accept::{self, AcceptLimits, Refusal};
 
 /// Pause after an accept error that is not about one connection (e.g. out of file
 /// descriptors), so the loop does not spin.
@@ -37,28 +37,21 @@ const TIMED_OUT_GRACE: Duration = Duration::from_secs(1);
 /// Serves `app` on `listener` until `stop` is cancelled, then asks every open HTTP connection
 /// to finish its request and close, and returns once they have (at most after `grace`).
 /// Upgraded connections are not waited for here; their own tasks own them from the upgrade on.
-/// `state` is the router's state: its config and connection counts drive admission.
+/// `accept` holds the caps and deadlines; `upgraded` tells how many sockets the upgraded
+/// connections hold (they count toward the total cap).
 ///
 /// # Errors
 /// None today; the signature leaves room for listener failures worth ending the server.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
-    state: Arc<AppState>,
+    accept: Arc<AcceptLimits>,
+    upgraded: impl Fn() -> usize,
     stop: CancellationToken,
     grace: Duration,
 ) -> io::Result<()> {
-    let limits = &state.config.limits;
-    let cap = admission::tcp_cap(limits, state.fd_limit);
-    if state.fd_limit > 0 && u64::try_from(cap).unwrap_or(u64::MAX) >= state.fd_limit {
-        tracing::warn!(
-            cap,
-            fd_limit = state.fd_limit,
-            "limits.max_tcp_connections is not below the open-files limit; a connection flood \
-             can exhaust descriptors"
-        );
-    }
-    let header_timeout = Duration::from_millis(limits.header_timeout_ms);
+    let header_timeout = Duration::from_millis(accept.config.header_timeout_ms);
+    let body_timeout = Duration::from_millis(accept.config.body_timeout_ms);
     let connections = TaskTracker::new();
     loop {
         let (tcp, peer) = tokio::select! {
@@ -74,7 +67,7 @@ pub async fn serve(
                 }
             },
         };
-        let slot = match admission::admit(&state, peer.ip(), cap) {
+        let slot = match accept::admit(&accept, peer.ip(), upgraded()) {
             Ok(slot) => slot,
             Err(refusal) => {
                 refuse(&tcp, refusal);
@@ -84,19 +77,18 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
         let stop = stop.clone();
-        let state = state.clone();
+        let accept = accept.clone();
         connections.spawn(async move {
             let _slot = slot;
-            let body_timeout = Duration::from_millis(state.config.limits.body_timeout_ms);
             let timed_out = Arc::new(Notify::new());
             let on_timeout = timed_out.clone();
-            let service_state = state.clone();
+            let service_accept = accept.clone();
             let service = service_fn(move |req: hyper::Request<Incoming>| {
                 let deadline = tokio::time::Instant::now() + body_timeout;
-                let (mut req, watch) = admission::timed(req);
+                let (mut req, watch) = accept::timed(req);
                 req.extensions_mut().insert(ConnectInfo(peer));
                 let response = app.clone().call(req);
-                let state = service_state.clone();
+                let accept = service_accept.clone();
                 let on_timeout = on_timeout.clone();
                 async move {
                     // Most requests (every GET, every upgrade) have no body to wait for.
@@ -109,17 +101,11 @@ pub async fn serve(
                     }
                     // The handler is dropped by now, and with it whatever body it had
                     // buffered (up to `max_body_bytes`): hand that back to the OS too.
-                    crate::parking::release_memory();
-                    state
-                        .limits
-                        .accept
-                        .body_timeouts
-                        .fetch_add(1, Ordering::Relaxed);
+                    super::release_memory();
+                    accept.body_timeouts.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%peer, "request body deadline passed; answering 408");
                     on_timeout.notify_one();
-                    Ok(admission::request_timeout(
-                        state.config.limits.body_timeout_ms,
-                    ))
+                    Ok(accept::request_timeout(accept.config.body_timeout_ms))
                 }
             });
             let conn = http1::Builder::new()
@@ -143,11 +129,7 @@ pub async fn serve(
             };
             if let Err(e) = result {
                 if e.is_timeout() {
-                    state
-                        .limits
-                        .accept
-                        .header_timeouts
-                        .fetch_add(1, Ordering::Relaxed);
+                    accept.header_timeouts.fetch_add(1, Ordering::Relaxed);
                 }
                 tracing::trace!(%peer, error = %e, "http connection ended with an error");
             }

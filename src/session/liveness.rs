@@ -7,9 +7,9 @@
 //! connections are socket writes (one syscall each), so the sweep hands them, as one list, to
 //! a blocking-pool thread instead of doing 100k of them in one poll of its task; and it
 //! yields every [`YIELD_EVERY`] connections, so a sweep of many running ones does not hold a
-//! runtime worker either. Connections enter and
-//! leave the set with their `client::Session`; the sweep reads and writes them only through
-//! their `Outbound` link and the parking lot, and never waits on one.
+//! runtime worker either. Connections enter and leave the set with their [`super::Session`];
+//! the sweep reads and writes them only through their `Outbound` link and the parking lot,
+//! and never waits on one.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,11 +20,12 @@ use serde_json::json;
 use slab::Slab;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::ClientContext;
+use super::parking::{self, Beat};
+use super::ClientContext;
 use crate::dispatch::outbound::{Frame, Outbound};
-use crate::parking::Beat;
 use crate::protocol::close;
 use crate::tick::now_ms;
+use crate::transport::release_memory;
 
 /// Park requests in one sweep after which the next sweep asks the allocator to give memory
 /// back: that many tasks ended together, and their memory would otherwise linger.
@@ -100,7 +101,7 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
     let heartbeat = Duration::from_millis(ctx.config.server.heartbeat_ms);
     let heartbeat_ms = ctx.config.server.heartbeat_ms;
     // Parking needs 64-bit tickets (see `parking`); elsewhere connections stay on the runtime.
-    let park_after_ms = if crate::parking::SUPPORTED {
+    let park_after_ms = if parking::SUPPORTED {
         ctx.config.server.park_after_ms
     } else {
         0
@@ -139,7 +140,7 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
         // A burst too soon after the last release waits for the next one, not forever.
         release_due |= parked_last_sweep >= RELEASE_AFTER_PARKS;
         if release_due && released_at.is_none_or(|at| now.saturating_sub(at) >= RELEASE_EVERY_MS) {
-            crate::parking::release_memory();
+            release_memory();
             released_at = Some(now);
             release_due = false;
         }

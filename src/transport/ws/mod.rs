@@ -44,19 +44,16 @@ impl UpgradeRefused {
 
 impl IntoResponse for UpgradeRefused {
     fn into_response(self) -> Response {
-        let status = if self.0.contains("Version") {
-            StatusCode::UPGRADE_REQUIRED
-        } else {
-            StatusCode::BAD_REQUEST
-        };
-        let mut resp = (status, self.0).into_response();
-        if status == StatusCode::UPGRADE_REQUIRED {
+        if self.0.contains("Version") {
+            let mut resp =
+                super::error_response(StatusCode::UPGRADE_REQUIRED, "upgrade_required", self.0);
             resp.headers_mut().insert(
                 header::SEC_WEBSOCKET_VERSION,
                 HeaderValue::from_static("13"),
             );
+            return resp;
         }
-        resp
+        super::error_response(StatusCode::BAD_REQUEST, "bad_request", self.0)
     }
 }
 
@@ -137,8 +134,9 @@ impl PendingUpgrade {
                 return None;
             }
         };
-        // `http::serve` hands hyper the plain stream, so this cannot fail unless the accept
-        // loop changes; say so loudly rather than serve through a slower path.
+        // The listener (`transport::listener`) hands hyper the plain stream, so this cannot
+        // fail unless the accept loop changes; say so loudly rather than serve through a
+        // slower path.
         let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
             tracing::error!("upgraded connection is not a bare TcpStream");
             return None;

@@ -258,7 +258,7 @@ fn close_code(payload: &[u8]) -> Result<Option<u16>, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ws::frame::client_frame;
+    use crate::transport::ws::frame::client_frame;
 
     fn decode(bytes: &[u8], max: usize) -> (Vec<Incoming>, Result<(), FrameError>) {
         let mut d = Decoder::new(max);

@@ -1,5 +1,5 @@
-//! One `/ingest` producer connection, on tickfan's own WebSocket transport (`ws::WsSocket`, the
-//! same framing and close behaviour as `/ws`). Frames are ingested as they arrive (so a
+//! One `/ingest` producer connection, on tickfan's own WebSocket transport
+//! ([`WsSocket`], the same framing and close behaviour as `/ws`). Frames are ingested as they arrive (so a
 //! producer can pipeline) and their reports wait in order; each frame's ack goes out, in frame
 //! order, once that frame's accepted ticks have settled (stored, or dispatched without a
 //! store). At most `PIPELINE_FRAMES` acks may be outstanding and a new ack is only taken once
@@ -11,19 +11,46 @@
 //!
 //! One task does both directions (a `select!` over reading, the next settled ack, writing and
 //! shutdown): the socket's state (a half-read frame, queued acks and pongs) has one owner.
+//! A producer session needs only the ingest stage, a few limits, the shutdown token and its
+//! own counters ([`ProducerContext`]), nothing of the `/ws` sessions.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
+use tokio_util::sync::CancellationToken;
 
-use crate::client::ClientContext;
 use crate::ingest::{Backpressure, IngestAck, Ingestor};
 use crate::protocol::close;
-use crate::ws::frame::FrameError;
-use crate::ws::{Incoming, PendingUpgrade, ReadError, WsSocket};
+use crate::transport::ws::frame::FrameError;
+use crate::transport::ws::{Incoming, PendingUpgrade, ReadError, WsSocket};
+
+/// What every producer connection of a server shares.
+pub struct ProducerContext {
+    /// Where frames go.
+    pub ingestor: Arc<Ingestor>,
+    /// `limits.max_message_bytes`: the largest frame or message read.
+    pub max_message_bytes: usize,
+    /// `server.close_timeout_ms`: how long closing may wait behind queued acks.
+    pub close_timeout: Duration,
+    /// Cancelled on shutdown: close with 1001 once the acks are out.
+    pub shutdown: CancellationToken,
+    /// Counters.
+    pub stats: ProducerStats,
+}
+
+/// Per-server producer counters.
+#[derive(Debug, Default)]
+pub struct ProducerStats {
+    /// Connections closed for oversized frames or messages (1009).
+    pub too_big: AtomicU64,
+    /// Connections closed for broken framing or text that is not UTF-8 (1002, 1007).
+    pub bad_frames: AtomicU64,
+    /// Pings left unanswered because a newer ping replaced a pong not sent yet.
+    pub pongs_coalesced: AtomicU64,
+}
 
 /// Frames whose acks may be outstanding per producer connection.
 pub const PIPELINE_FRAMES: usize = 1_024;
@@ -45,11 +72,12 @@ enum Ending {
 }
 
 /// Serves one upgraded producer connection until it closes.
-pub async fn serve(pending: PendingUpgrade, ingestor: Arc<Ingestor>, ctx: Arc<ClientContext>) {
+pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>) {
     let Some((stream, early)) = pending.stream().await else {
         return;
     };
-    let mut socket = WsSocket::new(stream, ctx.config.limits.max_message_bytes);
+    let ingestor = &ctx.ingestor;
+    let mut socket = WsSocket::new(stream, ctx.max_message_bytes);
     socket.set_read_buffer(READ_BUFFER);
     let mut inbox = Vec::new();
     // A producer may send its first frame right behind the handshake.
@@ -117,7 +145,7 @@ pub async fn serve(pending: PendingUpgrade, ingestor: Arc<Ingestor>, ctx: Arc<Cl
         return;
     }
     // Acks for every frame read before the end go out first, in order.
-    let grace = Duration::from_millis(ctx.config.server.close_timeout_ms);
+    let grace = ctx.close_timeout;
     let finish = async {
         while let Some(settled) = settling.next().await {
             queue_acks(&mut socket, settled, &mut settling);
@@ -164,13 +192,13 @@ fn queue_acks<F>(
 }
 
 /// The close a broken read ends with.
-fn read_failure(ctx: &ClientContext, e: ReadError) -> Ending {
+fn read_failure(ctx: &ProducerContext, e: ReadError) -> Ending {
     match e {
         ReadError::Frame(e) => {
             if e.close_code() == close::TOO_BIG {
                 ctx.stats.too_big.fetch_add(1, Ordering::Relaxed);
             } else {
-                ctx.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
+                ctx.stats.bad_frames.fetch_add(1, Ordering::Relaxed);
             }
             Ending::Close(e.close_code(), frame_reason(e))
         }

@@ -7,12 +7,12 @@
 use axum::http::header;
 use axum::response::IntoResponse;
 
-const INDEX: &str = include_str!("../web/index.html");
-const APP_JS: &str = include_str!("../web/app.js");
-const UPSTREAMS_JS: &str = include_str!("../web/upstreams.js");
-const STYLE: &str = include_str!("../web/style.css");
-const CLIENT_JS: &str = include_str!("../clients/js/dist/tickfan.js");
-const CHARTS: &str = include_str!("../web/vendor/lightweight-charts.standalone.production.js");
+const INDEX: &str = include_str!("../../web/index.html");
+const APP_JS: &str = include_str!("../../web/app.js");
+const UPSTREAMS_JS: &str = include_str!("../../web/upstreams.js");
+const CLIENT_JS: &str = include_str!("../../clients/js/dist/tickfan.js");
+const STYLE: &str = include_str!("../../web/style.css");
+const CHARTS: &str = include_str!("../../web/vendor/lightweight-charts.standalone.production.js");
 
 fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
     (

@@ -1,12 +1,23 @@
-//! One `/ws` client connection, served by a single task (no split halves, no per-connection
-//! channels beyond the outbound queue) over a buffer-free [`WsSocket`] to keep idle
-//! connections small. Inbound: messages are read and framed here; text requests go to
-//! `requests` (rate limit, parse, `auth`, dispatcher commands), pings are answered here.
-//! Outbound: frames queued by the dispatcher and by this task are written in coalesced bursts
-//! (feed many, flush once). The task closes with the right code when told to (slow consumer,
-//! shutdown, or the liveness sweep's timeouts). A connection with nothing to do for
-//! `server.park_after_ms` ends its task and waits in the parking lot as a [`Session`] plus its
-//! socket; the first tick, request or close for it starts a new task from there ([`resume`]).
+//! The session layer: what an upgraded connection does, between the transport below
+//! ([`crate::transport`]: sockets, framing, the parking lot) and routing
+//! ([`crate::dispatch`], which it sees only through the dispatcher handle, the `Command` enum
+//! and each connection's outbound link). The HTTP routes on top upgrade a request and hand the
+//! connection here.
+//!
+//! - this module: one `/ws` client connection, served by a single task (no split halves, no
+//!   per-connection channels beyond the outbound link) over a buffer-free [`WsSocket`] to keep
+//!   idle connections small. Inbound: messages are read and framed here; text requests go to
+//!   [`requests`] (rate limit, parse, `auth`, dispatcher commands), pings are answered here.
+//!   Outbound: frames queued by the dispatcher and by this task are written in coalesced
+//!   bursts (feed many, flush once). The task closes with the right code when told to (slow
+//!   consumer, shutdown, or the liveness sweep's timeouts).
+//! - [`liveness`]: one sweep for every connection's heartbeat, idle and auth deadlines, and
+//!   the requests to park.
+//! - [`parking`]: a connection with nothing to do for `server.park_after_ms` ends its task and
+//!   waits in the parking lot as a [`Session`] plus its socket; the first tick, request or
+//!   close for it starts a new task from there ([`resume`]).
+//! - [`admission`]: the per-address and global caps on open WebSocket connections.
+//! - [`producer`]: one `/ingest` producer connection.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,32 +29,26 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
+use crate::auth::AuthState;
 use crate::config::Config;
 use crate::dispatch::outbound::{self, Frame, Outbound, OutboundReceiver, Wake};
 use crate::dispatch::registry::ClientKey;
 use crate::dispatch::DispatcherHandle;
-use crate::http::ConnectionSlot;
-use crate::liveness::Connections;
-use crate::parking::Parking;
 use crate::protocol::{self, close, error_message, ErrorCode};
-use crate::ws::frame::{opcode, FrameError};
-use crate::ws::{Incoming, PendingUpgrade, ReadError, WsSocket};
+use crate::transport::ws::frame::{opcode, FrameError};
+use crate::transport::ws::{Incoming, PendingUpgrade, ReadError, WsSocket};
 
-mod requests;
+pub mod admission;
+pub mod liveness;
+pub mod parking;
+pub mod producer;
+pub mod requests;
 
+use admission::ConnectionSlot;
+use liveness::Connections;
+use parking::Parking;
+pub use requests::BURST_REFILL_MS;
 use requests::{on_request, reply, RequestLimiter};
-pub use requests::{token_ok, BURST_REFILL_MS};
-
-/// How a connection stands with authentication when it is upgraded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthState {
-    /// No token needed, or a valid one came with the upgrade request.
-    Authorized,
-    /// A token came and it is wrong: close 4001 at once.
-    Rejected,
-    /// Tokens are required and none came: wait for the `auth` op.
-    Pending,
-}
 
 /// Most bytes written per flush, so one busy client cannot hog its task's turn.
 const WRITE_BURST_BYTES: usize = 256 * 1024;
@@ -105,8 +110,8 @@ pub struct ClientStats {
     /// Connections closed 4008 because a reply to one of their requests found the outbound
     /// link full (the dispatcher counts the slow consumers it closes itself).
     pub reply_overflow: AtomicU64,
-    /// Pings left unanswered because a newer ping replaced a pong not sent yet (`/ws` and
-    /// `/ingest`; see `ws::socket`).
+    /// Pings left unanswered because a newer ping replaced a pong not sent yet (see
+    /// `transport::ws::socket`; `/ingest` counts its own in [`producer::ProducerStats`]).
     pub pongs_coalesced: AtomicU64,
 }
 
@@ -134,7 +139,7 @@ enum Flow {
 }
 
 /// Everything a running connection is apart from its socket, and all a parked one keeps
-/// ([`crate::parking`]). Dropping it ends the connection's presence in the server: its link
+/// ([`parking`]). Dropping it ends the connection's presence in the server: its link
 /// leaves the sweep, the dispatcher forgets it, its connection slot and shutdown tracking are
 /// released. That happens however it ends (closed, failed, or dropped while parked).
 pub struct Session {
@@ -149,7 +154,7 @@ pub struct Session {
 impl Session {
     /// The connection's end of its outbound link.
     #[must_use]
-    pub fn link(&self) -> &OutboundReceiver {
+    pub fn receiver(&self) -> &OutboundReceiver {
         &self.rx
     }
 
@@ -694,4 +699,57 @@ async fn on_messages(
         };
     }
     flow
+}
+
+/// Size budgets an idle connection's memory depends on (docs/benchmarks.md), checked so that a
+/// change cannot undo them silently: the task future of a running connection, and what a
+/// parked one keeps. (The link's 128 bytes are checked where it is defined.)
+#[cfg(test)]
+mod budgets {
+    use std::future::Future;
+    use std::mem::size_of;
+
+    use super::*;
+
+    /// The size of the future an `async fn` taking these arguments returns.
+    fn future_size<A, B, C, F: Future>(_: &impl FnOnce(A, B, C) -> F) -> usize {
+        size_of::<F>()
+    }
+
+    fn future_size5<A, B, C, D, E, F: Future>(_: &impl FnOnce(A, B, C, D, E) -> F) -> usize {
+        size_of::<F>()
+    }
+
+    /// Budgets of the connection futures, per profile: the release build's are what
+    /// docs/benchmarks.md measures (648 B when last measured there); `cargo test` builds
+    /// unoptimized, where the same futures are bigger (1,120 and 1,152 B when these were
+    /// set). Growth shows in both, so the test profile's pins catch it.
+    const FUTURE_BUDGET: usize = if cfg!(debug_assertions) { 1_152 } else { 700 };
+
+    /// A connection's task: started from the upgrade (`serve`), or from the parking lot
+    /// (`resume`). Idle, it waits inside `run`, so its future is what an idle running
+    /// connection costs besides the task header.
+    #[test]
+    fn connection_futures_stay_within_budget() {
+        let serve = future_size5(&serve);
+        let resume = future_size(&resume);
+        assert!(
+            serve <= FUTURE_BUDGET,
+            "serve's future is {serve} B (budget {FUTURE_BUDGET})"
+        );
+        assert!(
+            resume <= FUTURE_BUDGET,
+            "resume's future is {resume} B (budget {FUTURE_BUDGET})"
+        );
+    }
+
+    /// A parked connection is its session plus the socket in the lot's slab: 112 B a slot
+    /// (docs/benchmarks.md), of which the session is 104.
+    #[test]
+    fn a_parked_session_stays_within_budget() {
+        let session = size_of::<Session>();
+        assert!(session <= 104, "a session is {session} B (budget 104)");
+        let slot = crate::transport::lot::spot_size::<Session>();
+        assert!(slot <= 112, "a parking slot is {slot} B (budget 112)");
+    }
 }

@@ -1,7 +1,7 @@
 //! What a `/ws` client's text requests do, in order: the request rate limit (a GCRA per
 //! connection, created with its first request), parsing, the late `auth` op, and either an
 //! answer from here (`pong`, errors) or a command to the dispatcher (subscribe, unsubscribe,
-//! configure, list). Requests come in from the connection loop in `client`; replies go out
+//! configure, list). Requests come in from the connection loop in [`super`]; replies go out
 //! through the connection's link.
 
 use std::num::NonZeroU32;
@@ -10,7 +10,8 @@ use std::sync::atomic::Ordering;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::{json, Value};
 
-use super::{AuthState, Conn, Flow};
+use super::{Conn, Flow};
+use crate::auth::{token_ok, AuthState};
 use crate::dispatch::outbound::{Frame, PushError};
 use crate::dispatch::Command;
 use crate::protocol::{self, close, error_message, ErrorCode, Request};
@@ -121,24 +122,9 @@ pub(super) async fn on_request(conn: &mut Conn, text: &str) -> Flow {
             ),
         ),
         request => {
-            let key = conn.key.unwrap_or_default();
-            let cmd = match request {
-                Request::Subscribe {
-                    symbols,
-                    settings,
-                    history,
-                    since_seq,
-                } => Command::Subscribe {
-                    key,
-                    id,
-                    symbols,
-                    settings,
-                    history,
-                    since_seq,
-                },
-                Request::Unsubscribe { symbols } => Command::Unsubscribe { key, id, symbols },
-                Request::Configure(settings) => Command::Configure { key, id, settings },
-                _ => Command::ClientSymbols { key, id },
+            let Ok(cmd) = Command::from_request(conn.key.unwrap_or_default(), id, request) else {
+                // Ping and auth were answered above.
+                return Flow::Continue;
             };
             match ctx.dispatcher.send(cmd).await {
                 Ok(()) => Flow::Continue,
@@ -173,20 +159,4 @@ async fn on_auth(conn: &mut Conn, id: Option<Value>, token: &str) -> Flow {
         }
         Err(_) => Flow::Close(close::GOING_AWAY, "server shutting down"),
     }
-}
-
-/// Whether `token` is acceptable for a route guarded by `tokens` (empty: no token needed).
-#[must_use]
-pub fn token_ok(tokens: &[String], token: Option<&str>) -> bool {
-    tokens.is_empty()
-        || token.is_some_and(|t| {
-            tokens
-                .iter()
-                .any(|k| constant_time_eq(k.as_bytes(), t.as_bytes()))
-        })
-}
-
-/// Compares without an early exit so response timing does not leak how much of a token matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
