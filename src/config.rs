@@ -636,6 +636,10 @@ pub struct ClusterConfig {
     /// Most payload bytes of one stream message (must stay below the NATS server's
     /// `max_payload`, 1 MiB by default); a batch is cut before it would pass this.
     pub max_message_bytes: usize,
+    /// How long a starting node waits for NATS: the connect, then the stream (a NATS cluster
+    /// that has just formed may refuse a replicated stream for a while). Past it, the start
+    /// fails with the reason.
+    pub start_timeout_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -653,6 +657,7 @@ impl Default for ClusterConfig {
             consumer_buffer: 8_192,
             max_ticks_per_message: 256,
             max_message_bytes: 256 * 1024,
+            start_timeout_ms: 30_000,
         }
     }
 }
@@ -799,6 +804,9 @@ impl Config {
             }
             if !(1_024..=64 * 1024 * 1024).contains(&c.max_message_bytes) {
                 return invalid("cluster.max_message_bytes", "must be 1024..=67108864");
+            }
+            if c.start_timeout_ms < 100 {
+                return invalid("cluster.start_timeout_ms", "must be at least 100");
             }
         }
         Ok(())

@@ -295,9 +295,6 @@ pub struct Wiring {
     pub gate: Arc<AtomicBool>,
 }
 
-/// How long the first connection to NATS may take before the node refuses to start.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The JetStream request timeout (publish acks, stream reads); a publish that times out is
 /// retried until `publish_timeout_ms`.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -351,7 +348,9 @@ impl Cluster {
                 }
             })
             .connect(servers);
-        let client = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        let start_timeout = Duration::from_millis(c.start_timeout_ms);
+        let deadline = tokio::time::Instant::now() + start_timeout;
+        let client = tokio::time::timeout_at(deadline, connect)
             .await
             .map_err(|_| "timed out".to_owned())
             .and_then(|r| r.map_err(|e| e.to_string()))
@@ -390,7 +389,6 @@ impl Cluster {
         // A NATS cluster that has just elected its JetStream leader may still refuse a
         // replicated stream for a moment (peers not all known yet): a node started beside it
         // waits, as it does for the connect, instead of failing its start.
-        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
         let mut backoff = Duration::from_millis(100);
         let mut stream = loop {
             match js.get_or_create_stream(stream_config.clone()).await {
