@@ -38,7 +38,7 @@ run() { # name, server, server cpus, loadtest cpus, loadtest args...
   start_server "$server" "$scpu"
   echo "== $name on $server ($(cut -d' ' -f1-3 /proc/loadavg)): tickfan-loadtest $*"
   taskset -c "$lcpu" "$LT" --url "ws://127.0.0.1:$PORT" --server-pid "$SPID" --json "$OUT/$name-$server.json" "$@" 2>/dev/null \
-    | tee "$OUT/$name-$server.txt" | grep -E '^(deliveries|expected|seq|latency|producer|server|client)'
+    | tee "$OUT/$name-$server.txt" | grep -E "^(connections|deliveries|expected|seq|latency|closes|producer|server|client)" || true
   echo "   load after: $(cut -d' ' -f1-3 /proc/loadavg)"
   stop_server
 }
@@ -60,7 +60,7 @@ for sc in "${@:-cost w2 w1 ingest10k ingest100k}"; do
         echo "== ingestmax on tickfan ($(cut -d' ' -f1-3 /proc/loadavg)): 4 producers, ${RATE:-1500000} ticks/s in all"
         "$LT" --url "ws://127.0.0.1:$PORT" --ingest-url "${U/PORT/$PORT},${U/PORT/$PORT},${U/PORT/$PORT},${U/PORT/$PORT}" \
           --server-pid "$SPID" --json "$OUT/ingestmax.json" -c 0 --symbols 1000 -r "${RATE:-1500000}" --batch-ms 2 -d "$DUR" -q 2>/dev/null \
-          | tee "$OUT/ingestmax.txt" | grep -E '^(producer|server|client)'
+          | tee "$OUT/ingestmax.txt" | grep -E "^(producer|server|client)" || true
         echo "   load after: $(cut -d' ' -f1-3 /proc/loadavg)"
         stop_server ;;
       *) echo "unknown scenario $one"; exit 2 ;;

@@ -12,7 +12,7 @@
 //! is a measuring stick, not a product; it trusts its input and is for loopback runs only.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::IoSlice;
+use std::io::{IoSlice, Write as _};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -37,9 +37,10 @@ pub struct CeilingArgs {
     /// Address to listen on; port 0 picks one, printed as `listening on ADDR`.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// Frames queued per socket at most; a socket that falls further behind is dropped.
-    #[arg(long, default_value_t = 65_536)]
-    queue_frames: usize,
+    /// Bytes queued per socket at most (tickfan's `limits.outbound_buffer_bytes` default);
+    /// a socket that falls further behind is dropped, as tickfan drops a slow consumer.
+    #[arg(long, default_value_t = 4 << 20)]
+    queue_bytes: usize,
     /// Runtime worker threads (1: a current-thread runtime, like one pinned core).
     #[arg(long, default_value_t = 1)]
     threads: usize,
@@ -68,7 +69,7 @@ pub fn main(args: CeilingArgs) -> anyhow::Result<()> {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
             let hub = Arc::clone(&hub);
-            let cap = args.queue_frames;
+            let cap = args.queue_bytes;
             tokio::spawn(async move {
                 let _ = serve(stream, hub, cap).await;
             });
@@ -80,12 +81,14 @@ pub fn main(args: CeilingArgs) -> anyhow::Result<()> {
 struct Conn {
     queue: Mutex<Outbox>,
     notify: Notify,
+    /// Byte bound of the queue.
     cap: usize,
 }
 
 #[derive(Default)]
 struct Outbox {
     frames: VecDeque<Arc<[u8]>>,
+    bytes: usize,
     closed: bool,
 }
 
@@ -96,10 +99,11 @@ impl Conn {
         if q.closed {
             return;
         }
-        if q.frames.len() >= self.cap {
+        if q.bytes + frame.len() > self.cap {
             q.closed = true;
             q.frames.clear();
         } else {
+            q.bytes += frame.len();
             q.frames.push_back(Arc::clone(frame));
             if q.frames.len() > 1 {
                 return;
@@ -160,7 +164,7 @@ impl Hub {
             body.clear();
             body.extend_from_slice(br#"{"type":"tick","#);
             body.extend_from_slice(&obj[1..obj.len() - 1]);
-            body.extend_from_slice(format!(r#","seq":{},"t_in":{t_in}}}"#, route.seq).as_bytes());
+            let _ = write!(body, r#","seq":{},"t_in":{t_in}}}"#, route.seq);
             let frame = text_frame(&body);
             for conn in &route.subscribers {
                 conn.push(&frame);
@@ -361,6 +365,7 @@ async fn write_loop(mut wr: OwnedWriteHalf, conn: Arc<Conn>) {
         let closed = {
             let mut q = conn.queue.lock().expect("queue lock");
             std::mem::swap(&mut pending, &mut q.frames);
+            q.bytes = 0;
             q.closed
         };
         let mut offset = 0;
@@ -392,6 +397,7 @@ async fn write_loop(mut wr: OwnedWriteHalf, conn: Arc<Conn>) {
                 // More may have come in while writing: take it in the same wake-up.
                 let mut q = conn.queue.lock().expect("queue lock");
                 std::mem::swap(&mut pending, &mut q.frames);
+                q.bytes = 0;
             }
         }
         if closed {
@@ -411,7 +417,7 @@ mod tests {
         let a = Arc::new(Conn {
             queue: Mutex::new(Outbox::default()),
             notify: Notify::new(),
-            cap: 8,
+            cap: 4096,
         });
         hub.subscribe("A", &a);
         let n = hub.ingest(br#"[{"symbol":"A","ts":1,"price":2,"volume":3,"id":9},{"symbol":"B","ts":1,"price":2,"volume":3,"id":10}]"#);
