@@ -11,7 +11,9 @@
 #   w1              W1: 1,000 clients, 100 symbols, 10 per client, 20,000 ticks/s (2M/s)
 #   ingest10k ingest100k   no clients, one producer: server CPU per accepted tick
 #   ingestmax       no clients, 4 producers, server on both cores: accepted ticks/s
-# SERVERS="tickfan ceiling" (default) picks which servers run; DUR=10 the window in seconds.
+# SERVERS="tickfan ceiling" (default) picks which servers run; "base" is a second tickfan binary
+# given as BASE_BIN=path (before/after runs in one sitting). DUR=10 is the window in seconds;
+# SERVE_ARGS go to `tickfan serve` (e.g. "--config gc20.toml").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=target/release/tickfan
@@ -23,8 +25,9 @@ mkdir -p "$OUT"
 
 start_server() { # $1: tickfan|ceiling, $2: cpu list
   DATA=$(mktemp -d)
-  if [ "$1" = tickfan ]; then
-    taskset -c "$2" "$BIN" serve --listen 127.0.0.1:0 --no-simulator --data-dir "$DATA" ${SERVE_ARGS:-} >"$OUT/server.out" 2>"$OUT/server.err" &
+  if [ "$1" = tickfan ] || [ "$1" = base ]; then
+    local bin=$BIN; [ "$1" = base ] && bin=${BASE_BIN:?BASE_BIN=path of the other tickfan binary}
+    taskset -c "$2" "$bin" serve --listen 127.0.0.1:0 --no-simulator --data-dir "$DATA" ${SERVE_ARGS:-} >"$OUT/server.out" 2>"$OUT/server.err" &
   else
     taskset -c "$2" "$LT" ceiling >"$OUT/server.out" 2>"$OUT/server.err" &
   fi
@@ -52,8 +55,8 @@ for sc in "${@:-cost w2 w1 ingest10k ingest100k}"; do
       w2) w2 ;;
       cost) cost ;;
       w1) w1 ;;
-      ingest10k)  run ingest10k tickfan 0 1 -c 0 --symbols 100 -r 10000 --batch-ms 1 -d "$DUR" -q ;;
-      ingest100k) run ingest100k tickfan 0 1 -c 0 --symbols 100 -r 100000 --batch-ms 1 -d "$DUR" -q ;;
+      ingest10k)  for s in $SERVERS; do [ "$s" = ceiling ] || run ingest10k "$s" 0 1 -c 0 --symbols 10 -r 10000 --batch-ms 1 -d "$DUR" -q; done ;;
+      ingest100k) for s in $SERVERS; do [ "$s" = ceiling ] || run ingest100k "$s" 0 1 -c 0 --symbols 10 -r 100000 --batch-ms 1 -d "$DUR" -q; done ;;
       ingestmax)
         U="ws://127.0.0.1:PORT"
         start_server tickfan 0,1

@@ -239,7 +239,9 @@ async fn serve(mut stream: TcpStream, hub: Arc<Hub>, cap: usize) -> anyhow::Resu
     };
     let ingest = path.starts_with("/ingest");
     if !ingest && !path.starts_with("/ws") {
-        stream.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n").await?;
+        stream
+            .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+            .await?;
         return Ok(());
     }
     let reply = format!(
@@ -425,7 +427,10 @@ mod tests {
         let q = a.queue.lock().unwrap();
         assert_eq!(q.frames.len(), 1);
         let body = std::str::from_utf8(&q.frames[0][2..]).unwrap();
-        assert!(body.starts_with(r#"{"type":"tick","symbol":"A","#), "{body}");
+        assert!(
+            body.starts_with(r#"{"type":"tick","symbol":"A","#),
+            "{body}"
+        );
         assert!(body.contains(r#","seq":1,"t_in":"#), "{body}");
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(v["id"], 9);
