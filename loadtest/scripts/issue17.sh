@@ -42,8 +42,12 @@ run() { # name, server, server cpus, loadtest cpus, loadtest args...
   echo "== $name on $server ($(cut -d' ' -f1-3 /proc/loadavg)): tickfan-loadtest $*"
   taskset -c "$lcpu" "$LT" --url "ws://127.0.0.1:$PORT" --server-pid "$SPID" --json "$OUT/$name-$server.json" "$@" 2>/dev/null \
     | tee "$OUT/$name-$server.txt" | grep -E "^(connections|deliveries|expected|seq|latency|closes|producer|server|client)" || true
+  case $name in ingest*) per_tick "$OUT/$name-$server.json" ;; esac
   echo "   load after: $(cut -d' ' -f1-3 /proc/loadavg)"
   stop_server
+}
+per_tick() { # server CPU per accepted tick, from a --json summary
+  python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); a=d["producer"]["accepted"] if d.get("producer") else 0; c=d["server"]["cpu_secs"]; print(f"   server CPU per accepted tick: {c/a*1e6:.2f} us ({a:,} accepted, {c:.2f} s)" if a else "")' "$1" 2>/dev/null || true
 }
 w2()   { for s in $SERVERS; do run "w2-${RATE:-60000}" "$s" 0 1 -c 100 --symbols 10 -k 10 -r "${RATE:-60000}" --batch-ms 1 --read-buffer-kb 64 -d "$DUR" -q; done; }
 cost() { for s in $SERVERS; do run cost "$s" 0 1 -c 100 --symbols 10 -k 10 -r 10000 --batch-ms 1 --read-buffer-kb 64 -d "$DUR" -q; done; }
@@ -64,6 +68,7 @@ for sc in "${@:-cost w2 w1 ingest10k ingest100k}"; do
         "$LT" --url "ws://127.0.0.1:$PORT" --ingest-url "${U/PORT/$PORT},${U/PORT/$PORT},${U/PORT/$PORT},${U/PORT/$PORT}" \
           --server-pid "$SPID" --json "$OUT/ingestmax.json" -c 0 --symbols 1000 -r "${RATE:-1500000}" --batch-ms 2 -d "$DUR" -q 2>/dev/null \
           | tee "$OUT/ingestmax.txt" | grep -E "^(producer|server|client)" || true
+        per_tick "$OUT/ingestmax.json"
         echo "   load after: $(cut -d' ' -f1-3 /proc/loadavg)"
         stop_server ;;
       *) echo "unknown scenario $one"; exit 2 ;;
