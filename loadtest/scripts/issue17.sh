@@ -13,7 +13,7 @@
 #   ingestmax       no clients, 4 producers, server on both cores: accepted ticks/s
 # SERVERS="tickfan ceiling" (default) picks which servers run; "base" is a second tickfan binary
 # given as BASE_BIN=path (before/after runs in one sitting). DUR=10 is the window in seconds;
-# SERVE_ARGS go to `tickfan serve` (e.g. "--config gc20.toml").
+# SERVE_ARGS go to `tickfan serve`; GC_MS=20 runs tickfan with store.group_commit_ms = 20.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=target/release/tickfan
@@ -22,6 +22,10 @@ OUT=${OUT:-target/issue17-results}
 DUR=${DUR:-10}
 SERVERS=${SERVERS:-tickfan ceiling}
 mkdir -p "$OUT"
+if [ -n "${GC_MS:-}" ]; then # another store.group_commit_ms for tickfan
+  printf '[store]\ngroup_commit_ms = %d\n' "$GC_MS" >"$OUT/gc.toml"
+  SERVE_ARGS="${SERVE_ARGS:-} --config $OUT/gc.toml"
+fi
 
 start_server() { # $1: tickfan|ceiling, $2: cpu list
   DATA=$(mktemp -d)
