@@ -197,23 +197,9 @@ fn symbol_of(obj: &[u8]) -> Option<&[u8]> {
     Some(&obj[at..at + len])
 }
 
-/// An unmasked server text frame.
+/// An unmasked server text frame, shared by every socket that gets it.
 fn text_frame(payload: &[u8]) -> Arc<[u8]> {
-    let mut f = Vec::with_capacity(payload.len() + 10);
-    f.push(0x81);
-    match payload.len() {
-        n if n < 126 => f.push(n as u8),
-        n if n <= 0xFFFF => {
-            f.push(126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(payload);
-    f.into()
+    crate::ws::server_frame(true, 0x1, payload).into()
 }
 
 /// One connection: the HTTP upgrade, then a reader here and a writer task.
