@@ -16,7 +16,7 @@
 # SERVE_ARGS go to `tickfan serve`; GC_MS=20 runs tickfan with store.group_commit_ms = 20.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-BIN=target/release/tickfan
+BIN=${BIN:-target/release/tickfan}
 LT=target/release/tickfan-loadtest
 OUT=${OUT:-target/issue17-results}
 DUR=${DUR:-10}
@@ -29,6 +29,9 @@ fi
 
 start_server() { # $1: tickfan|ceiling, $2: cpu list
   DATA=$(mktemp -d)
+  # Emptied here, not by the background job's redirection: that may run after the first
+  # check below, which would then read the previous server's port.
+  : >"$OUT/server.out"
   if [ "$1" = tickfan ] || [ "$1" = base ]; then
     local bin=$BIN; [ "$1" = base ] && bin=${BASE_BIN:?BASE_BIN=path of the other tickfan binary}
     taskset -c "$2" "$bin" serve --listen 127.0.0.1:0 --no-simulator --data-dir "$DATA" ${SERVE_ARGS:-} >"$OUT/server.out" 2>"$OUT/server.err" &
@@ -70,7 +73,7 @@ for sc in "${@:-cost w2 w1 ingest10k ingest100k}"; do
         start_server tickfan 0,1
         echo "== ingestmax on tickfan ($(cut -d' ' -f1-3 /proc/loadavg)): 4 producers, ${RATE:-1500000} ticks/s in all"
         "$LT" --url "ws://127.0.0.1:$PORT" --ingest-url "${U/PORT/$PORT},${U/PORT/$PORT},${U/PORT/$PORT},${U/PORT/$PORT}" \
-          --server-pid "$SPID" --json "$OUT/ingestmax.json" -c 0 --symbols 1000 -r "${RATE:-1500000}" --batch-ms 2 -d "$DUR" -q 2>/dev/null \
+          --server-pid "$SPID" --json "$OUT/ingestmax.json" -c 0 --symbols "${SYMS:-100}" -r "${RATE:-1500000}" --batch-ms 2 -d "$DUR" -q 2>/dev/null \
           | tee "$OUT/ingestmax.txt" | grep -E "^(producer|server|client)" || true
         per_tick "$OUT/ingestmax.json"
         echo "   load after: $(cut -d' ' -f1-3 /proc/loadavg)"
