@@ -9,8 +9,10 @@
 //! This file is only the command line: parse, validate, build the runtime, run, report.
 //! `run` owns the timeline, `client` one connection, `producer` the `/ingest` feed,
 //! `net` loopback sockets and source addresses, `stats` the counters, `report` the output,
-//! `sysinfo` `/proc` and rlimits.
+//! `sysinfo` `/proc` and rlimits. `tickfan-loadtest ceiling` runs `ceiling`, the bare
+//! fan-out server tickfan is compared with.
 
+mod ceiling;
 mod client;
 mod net;
 mod producer;
@@ -287,6 +289,12 @@ fn main() -> ExitCode {
 }
 
 fn try_main() -> anyhow::Result<ExitCode> {
+    // `tickfan-loadtest ceiling ...` runs the bare comparison server instead of a test.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "ceiling") {
+        let args = ceiling::CeilingArgs::parse_from(std::env::args_os().skip(1));
+        ceiling::main(args)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let args = Args::parse();
     if !(args.duration > 0.0 && args.duration <= 86_400.0) {
         bail!("--duration must be > 0 and at most 86400 seconds");

@@ -319,6 +319,28 @@ fn mask_key() -> [u8; 4] {
     })
 }
 
+/// One unmasked frame as a server sends it: the `ceiling` server's frames, and the input of
+/// this reader's tests.
+pub fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(payload.len() + 10);
+    v.push(u8::from(fin) << 7 | opcode);
+    match payload.len() {
+        #[allow(clippy::cast_possible_truncation)]
+        n @ 0..=125 => v.push(n as u8),
+        #[allow(clippy::cast_possible_truncation)]
+        n @ 126..=0xFFFF => {
+            v.push(126);
+            v.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            v.push(127);
+            v.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    v.extend_from_slice(payload);
+    v
+}
+
 /// Appends one final, masked client frame to `out`.
 pub fn encode(opcode: u8, payload: &[u8], out: &mut Vec<u8>) {
     encode_with_mask(opcode, payload, mask_key(), out);
@@ -565,20 +587,7 @@ mod tests {
 
     /// An unmasked server frame.
     fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut v = vec![u8::from(fin) << 7 | opcode];
-        match payload.len() {
-            n @ 0..=125 => v.push(n as u8),
-            n @ 126..=0xFFFF => {
-                v.push(126);
-                v.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                v.push(127);
-                v.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        v.extend_from_slice(payload);
-        v
+        server_frame(fin, opcode, payload)
     }
 
     /// What `on` saw, as owned values.

@@ -51,7 +51,7 @@ use crate::config::Config;
 use crate::dlq::{DeadLetter, DeadLetters};
 use crate::protocol::{close, Settings};
 use crate::queue::{PriorityQueue, Queued};
-use crate::store::Store;
+use crate::store::{Store, StoredTick};
 use crate::tick::{now_ms, Symbol, Tick};
 
 /// What `/api/symbols` and the `symbols` op report per symbol.
@@ -388,7 +388,13 @@ impl<S: TickSink> Dispatcher<S> {
             for g in flush_now {
                 self.flush_group(g, now, &mut tally, &mut gone);
             }
-            done.push((item, frame));
+            // Straight into the store's shape: a tick is ~200 bytes, and each extra vector it
+            // passes through is a copy into cold memory (3-4 % of the worker at 100k ticks/s).
+            done.push(StoredTick {
+                tick: item.tick,
+                json: frame.into(),
+                ack: item.ack,
+            });
         }
         self.stats
             .dispatched

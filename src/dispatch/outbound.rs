@@ -18,11 +18,12 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::task::AtomicWaker;
+use once_cell::race::OnceBox;
 use parking_lot::Mutex;
 
 /// A frame on its way to one client.
@@ -62,10 +63,12 @@ struct Shared {
     /// The receiving side has gone: pushes fail with `Closed`.
     closed: AtomicBool,
     ping_due: AtomicBool,
-    /// When the connection last heard from its client, ms on the server's clock.
-    heard_ms: AtomicU64,
-    /// Close 4001 at this time unless authenticated (0: no deadline).
-    auth_deadline_ms: AtomicU64,
+    /// When the connection last heard from its client, ms on the server's clock, in 32 bits:
+    /// it is only ever compared with the clock a few heartbeats later, and a wrapping
+    /// difference is exact for spans under 24 days (see [`clock_diff`]).
+    heard_ms: AtomicU32,
+    /// Close 4001 at this time unless authenticated (0: no deadline); 32 bits as `heard_ms`.
+    auth_deadline_ms: AtomicU32,
     /// Something was read or written since the sweep last looked.
     active: AtomicBool,
     /// Sweeps in a row that saw no activity, for parking.
@@ -75,10 +78,33 @@ struct Shared {
     /// The parking-lot ticket while the connection is parked (0: running).
     parked_at: AtomicU64,
     waker: AtomicWaker,
+    /// The low-water mark and where a drain below it is reported; set once, by the first
+    /// replay. One pointer: links that never replay (nearly all) pay 8 bytes for it.
+    refill: OnceBox<Refill>,
+}
+
+/// A link's paced-replay state, boxed because few links ever have one.
+#[derive(Debug)]
+struct Refill {
+    hook: RefillHook,
     /// Armed low-water mark in bytes (0: nobody waits for the queue to drain).
-    refill_mark: AtomicU32,
-    /// Where a drain below the mark is reported; set once, by the first replay.
-    refill: OnceLock<Box<RefillHook>>,
+    mark: AtomicU32,
+}
+
+/// `now - then` for two times on the server's ms clock kept in 32 bits: exact while the
+/// true span is under 2^31 ms (24 days); a `then` slightly after `now` (a race between the
+/// sweep reading the clock and a connection recording a read) counts as 0.
+fn clock_diff(now_ms: u64, then: u32) -> u64 {
+    // Truncating the clock to 32 bits is the point: differences are taken modulo 2^32.
+    #[allow(clippy::cast_possible_truncation)]
+    let d = (now_ms as u32).wrapping_sub(then).cast_signed();
+    u64::from(d.max(0).cast_unsigned())
+}
+
+/// The server's ms clock in the 32 bits a link keeps (see [`clock_diff`]).
+#[allow(clippy::cast_possible_truncation)]
+fn clock32(ms: u64) -> u32 {
+    ms as u32
 }
 
 /// The dispatcher's list of links whose queue drained below their armed low-water mark.
@@ -124,10 +150,10 @@ pub struct RefillHook {
 
 /// The link's size budget in bytes: its shared state plus the `Arc`'s two counts (an idle
 /// connection is mostly this link; docs/benchmarks.md). Checked when the crate builds, so a new
-/// field cannot undo it silently. It was 128 until the paced replays' low-water mark and hook
-/// (`refill_mark`, `refill`: 20 B and padding) came in without anything guarding it; this pins
-/// what the link is now (152), so it cannot grow further unnoticed.
-pub const LINK_BUDGET: usize = 152;
+/// field cannot undo it silently. The paced replays' mark and hook had taken it to 152; back at
+/// 128 with the mark inside the hook's box (one pointer for both), and the two liveness times
+/// (`heard_ms`, `auth_deadline_ms`) in 32 bits.
+pub const LINK_BUDGET: usize = 128;
 const _: () = assert!(
     std::mem::size_of::<Shared>() + 2 * std::mem::size_of::<usize>() <= LINK_BUDGET,
     "the outbound link outgrew its budget (LINK_BUDGET)"
@@ -156,15 +182,14 @@ pub fn channel(max_messages: usize, byte_limit: usize) -> (Outbound, OutboundRec
         close_code: AtomicU16::new(0),
         closed: AtomicBool::new(false),
         ping_due: AtomicBool::new(false),
-        heard_ms: AtomicU64::new(0),
-        auth_deadline_ms: AtomicU64::new(0),
+        heard_ms: AtomicU32::new(0),
+        auth_deadline_ms: AtomicU32::new(0),
         active: AtomicBool::new(true),
         quiet_sweeps: AtomicU16::new(0),
         park_due: AtomicBool::new(false),
         parked_at: AtomicU64::new(0),
         waker: AtomicWaker::new(),
-        refill_mark: AtomicU32::new(0),
-        refill: OnceLock::new(),
+        refill: OnceBox::new(),
     });
     (
         Outbound {
@@ -249,17 +274,18 @@ impl Outbound {
         self.shared.waker.wake();
     }
 
-    /// When the connection last heard from its client (ms).
+    /// How long (ms) the connection has not heard from its client at `now_ms`.
     #[must_use]
-    pub fn heard_ms(&self) -> u64 {
-        self.shared.heard_ms.load(Ordering::Acquire)
+    pub fn quiet_ms(&self, now_ms: u64) -> u64 {
+        clock_diff(now_ms, self.shared.heard_ms.load(Ordering::Acquire))
     }
 
     /// Sets the time by which the client must authenticate (ms).
     pub fn set_auth_deadline(&self, at_ms: u64) {
+        // 0 means "no deadline": a deadline that truncates to 0 moves 1 ms later.
         self.shared
             .auth_deadline_ms
-            .store(at_ms.max(1), Ordering::Release);
+            .store(clock32(at_ms).max(1), Ordering::Release);
     }
 
     /// Lifts the auth deadline because the client authenticated. `false` if the deadline had
@@ -275,7 +301,9 @@ impl Outbound {
         self.shared
             .auth_deadline_ms
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |at| {
-                (at != 0 && now_ms >= at).then_some(0)
+                // Passed: `now - at` is not negative (a wrapping difference, as for heard).
+                let passed = clock32(now_ms).wrapping_sub(at).cast_signed() >= 0;
+                (at != 0 && passed).then_some(0)
             })
             .is_ok()
     }
@@ -337,13 +365,16 @@ impl Outbound {
     /// report will come for this arming.
     pub fn refill_below(&self, mark: usize, hook: impl FnOnce() -> RefillHook) -> bool {
         let shared = &self.shared;
-        if shared.refill.get().is_none() {
-            let _ = shared.refill.set(Box::new(hook()));
-        }
+        let refill = shared.refill.get_or_init(|| {
+            Box::new(Refill {
+                hook: hook(),
+                mark: AtomicU32::new(0),
+            })
+        });
         let mark = u32::try_from(mark).unwrap_or(u32::MAX).max(1);
-        shared.refill_mark.store(mark, Ordering::Release);
+        refill.mark.store(mark, Ordering::Release);
         shared.queued_bytes.load(Ordering::Acquire) < mark as usize
-            && shared.refill_mark.swap(0, Ordering::AcqRel) != 0
+            && refill.mark.swap(0, Ordering::AcqRel) != 0
     }
 
     /// The parking-lot ticket of a parked connection; `None` while it runs on the runtime.
@@ -431,18 +462,15 @@ impl OutboundReceiver {
         (frames, bytes)
     }
 
-    /// Reports a drain below the armed low-water mark, once per arming. One relaxed load
-    /// when nothing is armed (every link that is not replaying).
+    /// Reports a drain below the armed low-water mark, once per arming. One pointer load
+    /// for a link that never replayed (nearly all of them).
     fn drained_to(&self, remaining: usize) {
-        let shared = &self.shared;
-        let mark = shared.refill_mark.load(Ordering::Relaxed);
-        if mark != 0
-            && remaining < mark as usize
-            && shared.refill_mark.swap(0, Ordering::AcqRel) != 0
-        {
-            if let Some(hook) = shared.refill.get() {
-                hook.refills.signal(hook.key);
-            }
+        let Some(refill) = self.shared.refill.get() else {
+            return;
+        };
+        let mark = refill.mark.load(Ordering::Relaxed);
+        if mark != 0 && remaining < mark as usize && refill.mark.swap(0, Ordering::AcqRel) != 0 {
+            refill.hook.refills.signal(refill.hook.key);
         }
     }
 
@@ -453,7 +481,9 @@ impl OutboundReceiver {
 
     /// Records that the client was heard from at `now_ms`.
     pub fn heard(&self, now_ms: u64) {
-        self.shared.heard_ms.store(now_ms, Ordering::Release);
+        self.shared
+            .heard_ms
+            .store(clock32(now_ms), Ordering::Release);
         self.shared.active.store(true, Ordering::Release);
     }
 }
@@ -470,6 +500,28 @@ impl Drop for OutboundReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn liveness_times_survive_the_32_bit_wrap() {
+        let (tx, rx) = channel(10, 1000);
+        let wrap = 1u64 << 32;
+        // Heard 1 s before the 32-bit clock wraps, checked 2 s after it.
+        rx.heard(wrap - 1_000);
+        assert_eq!(tx.quiet_ms(wrap + 2_000), 3_000);
+        assert_eq!(tx.quiet_ms(wrap - 1_000), 0);
+        // A read recorded just after the sweep read its clock is not "quiet for 49 days".
+        rx.heard(wrap + 5);
+        assert_eq!(tx.quiet_ms(wrap + 2), 0);
+        // An auth deadline past the wrap: not passed before it, passed after it.
+        tx.set_auth_deadline(wrap + 500);
+        assert!(!tx.expire_auth_deadline(wrap - 100));
+        assert!(!tx.expire_auth_deadline(wrap + 499));
+        assert!(tx.expire_auth_deadline(wrap + 500));
+        assert!(!tx.lift_auth_deadline(), "expired once, then gone");
+        // A deadline that truncates to 0 is still a deadline.
+        tx.set_auth_deadline(wrap);
+        assert!(tx.lift_auth_deadline());
+    }
 
     #[test]
     fn byte_limit_and_accounting() {

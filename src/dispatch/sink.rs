@@ -4,17 +4,13 @@
 //! acks settle after the durable commit; awaiting `append` when the store's queue is full is
 //! the backpressure that reaches the dispatcher, the queue and finally producers.
 
-use super::outbound::Frame;
-use crate::queue::Queued;
 use crate::store::{Store, StoredTick};
 
 /// The next stage after fan-out.
 pub trait TickSink: Send + 'static {
-    /// Takes ownership of dispatched ticks.
-    fn accept(
-        &mut self,
-        ticks: Vec<(Queued, Frame)>,
-    ) -> impl std::future::Future<Output = ()> + Send;
+    /// Takes ownership of dispatched ticks (each with its frame and its producer's ack). The
+    /// dispatcher builds this vector as it fans out, so a tick is moved into it once.
+    fn accept(&mut self, ticks: Vec<StoredTick>) -> impl std::future::Future<Output = ()> + Send;
 }
 
 /// The redb store: group-committed appends; acks settle after the commit.
@@ -22,16 +18,8 @@ pub trait TickSink: Send + 'static {
 pub struct StoreSink(pub Store);
 
 impl TickSink for StoreSink {
-    async fn accept(&mut self, ticks: Vec<(Queued, Frame)>) {
-        let batch: Vec<StoredTick> = ticks
-            .into_iter()
-            .map(|(q, frame)| StoredTick {
-                tick: q.tick,
-                json: frame.into(),
-                ack: q.ack,
-            })
-            .collect();
-        if let Err(e) = self.0.append(batch).await {
+    async fn accept(&mut self, ticks: Vec<StoredTick>) {
+        if let Err(e) = self.0.append(ticks).await {
             // The writer has stopped (shutdown or a fatal disk error): acks of these ticks
             // never settle, so producers see no ack rather than a false one.
             tracing::error!(error = %e, "store append failed");

@@ -385,6 +385,14 @@ impl Ingestor {
         self.admit(batch)
     }
 
+    /// As [`Ingestor::ingest_frame`], for a text frame: the transport has checked its UTF-8
+    /// already, so it is not scanned a second time (2 % of the worker at 100k ticks/s).
+    pub fn ingest_text(&self, text: &str) -> IngestReport {
+        let mut batch = self.batch();
+        self.parse_text_into(text, &mut batch);
+        self.admit(batch)
+    }
+
     /// Ingests a `POST /api/ticks` body: a JSON array, one object, or NDJSON (one tick, or an
     /// array, per line; blank lines skipped). Indices run over the ticks of the whole body.
     /// Each line is parsed and dropped in turn, and only a bounded part of the rejections is
@@ -428,6 +436,21 @@ impl Ingestor {
 
     /// Parses and validates one JSON document into `batch`.
     fn parse_into(&self, bytes: &[u8], batch: &mut Batch) {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => self.parse_text_into(text, batch),
+            Err(_) => {
+                batch.reject(
+                    &self.stats,
+                    RejectCode::BadJson,
+                    "not valid UTF-8".into(),
+                    || String::from_utf8_lossy(bytes).into_owned(),
+                );
+            }
+        }
+    }
+
+    /// Parses and validates one JSON document, known to be UTF-8, into `batch`.
+    fn parse_text_into(&self, text: &str, batch: &mut Batch) {
         let t_in = now_us();
         let rules = TimeRules {
             now_ms: t_in / 1000,
@@ -435,13 +458,7 @@ impl Ingestor {
             max_age_ms: Some(self.config.max_age_ms),
         };
         let stats = &self.stats;
-        let Ok(text) = std::str::from_utf8(bytes) else {
-            batch.reject(stats, RejectCode::BadJson, "not valid UTF-8".into(), || {
-                String::from_utf8_lossy(bytes).into_owned()
-            });
-            return;
-        };
-        let mut scratch = bytes.to_vec();
+        let mut scratch = text.as_bytes().to_vec();
         match parse_document(&mut scratch, text, self.limits.max_json_depth) {
             Ok(parsed) => parsed.for_each_element(|element| match element {
                 Element::Object(obj) => match validate::validate(&obj, rules, t_in) {

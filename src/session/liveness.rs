@@ -156,7 +156,7 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
                 if link.kill(close::UNAUTHORIZED) {
                     ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
                 }
-            } else if now.saturating_sub(link.heard_ms()) > heartbeat_ms * 3 {
+            } else if link.quiet_ms(now) > heartbeat_ms * 3 {
                 if link.kill(close::NORMAL) {
                     ctx.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
                 }

@@ -91,7 +91,7 @@ pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>) {
             match msg {
                 // Ingest copies the frame once into simd-json's scratch buffer; no copy here.
                 Incoming::Text(text) => {
-                    settling.push_back(ingestor.ingest_frame(text.as_bytes()).settle());
+                    settling.push_back(ingestor.ingest_text(&text).settle());
                 }
                 // Binary frames carrying JSON are accepted too: producers often send bytes.
                 Incoming::Binary(bytes) => {
