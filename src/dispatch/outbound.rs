@@ -22,11 +22,109 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 
-/// A frame on its way to one client.
-pub type Frame = Utf8Bytes;
+/// A frame on its way to clients: its text, serialized once and shared (a clone is a
+/// reference count) by every connection it goes to. A frame the dispatcher shares (a tick, a
+/// batch group's batch) can also carry a slot for its permessage-deflate form, filled by the
+/// first connection that negotiated compression and needs it, and shared by all the others:
+/// a frame is compressed at most once, however many clients get it compressed.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    text: Utf8Bytes,
+    /// The compressed form, once made (`None` inside: not worth compressing).
+    deflated: Option<Arc<OnceLock<Option<Bytes>>>>,
+}
+
+impl Frame {
+    /// A frame several connections will get: with a slot for its compressed form when
+    /// `compressible` (some client negotiated compression).
+    #[must_use]
+    pub fn shared(text: impl Into<Utf8Bytes>, compressible: bool) -> Self {
+        Self {
+            text: text.into(),
+            deflated: compressible.then(Default::default),
+        }
+    }
+
+    /// Whether several connections get this frame (its compressed form is made once).
+    #[must_use]
+    pub fn is_shared(&self) -> bool {
+        self.deflated.is_some()
+    }
+
+    /// The text.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        self.text.as_str()
+    }
+
+    /// The compressed form for a connection that negotiated permessage-deflate: made by
+    /// `compress` once for a shared frame (later calls, from any connection, get the same
+    /// bytes), or each time for a frame made for one connection. `None`: send it plain.
+    pub fn deflated(&self, compress: impl FnOnce(&[u8]) -> Option<Bytes>) -> Option<Bytes> {
+        match &self.deflated {
+            Some(slot) => slot.get_or_init(|| compress(self.text.as_bytes())).clone(),
+            None => compress(self.text.as_bytes()),
+        }
+    }
+}
+
+impl std::ops::Deref for Frame {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.text.as_str()
+    }
+}
+
+impl From<String> for Frame {
+    fn from(text: String) -> Self {
+        Self::shared(text, false)
+    }
+}
+
+impl From<&str> for Frame {
+    fn from(text: &str) -> Self {
+        Self::shared(text, false)
+    }
+}
+
+impl TryFrom<Bytes> for Frame {
+    type Error = std::str::Utf8Error;
+
+    fn try_from(bytes: Bytes) -> Result<Self, Self::Error> {
+        Utf8Bytes::try_from(bytes).map(|text| Self::shared(text, false))
+    }
+}
+
+impl From<Frame> for Bytes {
+    fn from(frame: Frame) -> Self {
+        frame.text.into()
+    }
+}
+
+impl PartialEq for Frame {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Frame {}
+
+impl PartialEq<&str> for Frame {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<str> for Frame {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
 
 /// Why a push failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +177,9 @@ struct Shared {
     refill_mark: AtomicU32,
     /// Where a drain below the mark is reported; set once, by the first replay.
     refill: OnceLock<Box<RefillHook>>,
+    /// The connection negotiated permessage-deflate: the dispatcher gives the frames it
+    /// shares a slot for their compressed form while such clients are registered.
+    deflate: AtomicBool,
 }
 
 /// The dispatcher's list of links whose queue drained below their armed low-water mark.
@@ -165,6 +266,7 @@ pub fn channel(max_messages: usize, byte_limit: usize) -> (Outbound, OutboundRec
         waker: AtomicWaker::new(),
         refill_mark: AtomicU32::new(0),
         refill: OnceLock::new(),
+        deflate: AtomicBool::new(false),
     });
     (
         Outbound {
@@ -217,6 +319,17 @@ impl Outbound {
             shared.waker.wake();
         }
         Ok(())
+    }
+
+    /// Marks the connection as one that negotiated permessage-deflate (before it registers).
+    pub fn set_deflate(&self) {
+        self.shared.deflate.store(true, Ordering::Release);
+    }
+
+    /// Whether the connection negotiated permessage-deflate.
+    #[must_use]
+    pub fn deflate(&self) -> bool {
+        self.shared.deflate.load(Ordering::Acquire)
     }
 
     /// Bytes queued and not yet taken by the connection.

@@ -50,6 +50,27 @@ pub struct ProducerStats {
     pub bad_frames: AtomicU64,
     /// Pings left unanswered because a newer ping replaced a pong not sent yet.
     pub pongs_coalesced: AtomicU64,
+    /// Open connections that negotiated permessage-deflate (they may send compressed frames).
+    pub deflate_open: AtomicU64,
+    /// Connections closed 1009 for a compressed message inflating past the limit (also
+    /// counted in `too_big`).
+    pub inflate_too_big: AtomicU64,
+}
+
+/// Counts an open connection that negotiated permessage-deflate, for as long as it lives.
+struct DeflateOpen<'a>(&'a AtomicU64);
+
+impl<'a> DeflateOpen<'a> {
+    fn new(open: &'a AtomicU64) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self(open)
+    }
+}
+
+impl Drop for DeflateOpen<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Frames whose acks may be outstanding per producer connection.
@@ -73,12 +94,18 @@ enum Ending {
 
 /// Serves one upgraded producer connection until it closes.
 pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>) {
+    let deflate = pending.deflate();
     let Some((stream, early)) = pending.stream().await else {
         return;
     };
     let ingestor = &ctx.ingestor;
     let mut socket = WsSocket::new(stream, ctx.max_message_bytes);
     socket.set_read_buffer(READ_BUFFER);
+    // Producers' frames may come compressed; acks go out plain (they are small).
+    let _deflate_open = deflate.then(|| {
+        socket.inflate_compressed();
+        DeflateOpen::new(&ctx.stats.deflate_open)
+    });
     let mut inbox = Vec::new();
     // A producer may send its first frame right behind the handshake.
     let mut broken = socket.absorb(&early, &mut inbox).err();
@@ -195,6 +222,9 @@ fn queue_acks<F>(
 fn read_failure(ctx: &ProducerContext, e: ReadError) -> Ending {
     match e {
         ReadError::Frame(e) => {
+            if e == FrameError::InflatedTooBig {
+                ctx.stats.inflate_too_big.fetch_add(1, Ordering::Relaxed);
+            }
             if e.close_code() == close::TOO_BIG {
                 ctx.stats.too_big.fetch_add(1, Ordering::Relaxed);
             } else {
@@ -212,5 +242,6 @@ fn frame_reason(e: FrameError) -> &'static str {
         FrameError::Protocol(why) => why,
         FrameError::TooBig => "message too big",
         FrameError::InvalidUtf8 => "text is not UTF-8",
+        FrameError::InflatedTooBig => "message inflates past max_message_bytes",
     }
 }

@@ -8,9 +8,15 @@
 //! `max_message`: the tail of an incomplete frame (its header is checked against the limit
 //! before its payload is waited for) and the reassembled message. An idle decoder holds no
 //! buffer at all.
+//!
+//! With permessage-deflate negotiated ([`Decoder::inflate_compressed`]), a message whose first
+//! frame has RSV1 set is inflated as its frames arrive (`deflate`), into the same bounded
+//! message buffer: the inflated size, not the wire size, is held to `max_message`, and the
+//! inflater exists only while such a message is in progress.
 
 use bytes::Bytes;
 
+use super::deflate::{self, Inflater};
 use super::frame::{self, opcode, FrameError, Head};
 
 /// A complete message from the peer.
@@ -40,6 +46,8 @@ struct Partial {
     /// How much of `message` is known to be valid UTF-8 (text only): the rest is the start
     /// of a code point the next fragment completes.
     utf8_valid: usize,
+    /// The message is compressed: its fragments are inflated onto `message` as they come.
+    inflater: Option<Box<Inflater>>,
 }
 
 /// Decodes one connection's inbound bytes into messages.
@@ -49,6 +57,8 @@ pub struct Decoder {
     partial: Option<Box<Partial>>,
     /// A close frame (well-formed or not) arrived: nothing after it is decoded.
     closed: bool,
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
+    deflate: bool,
 }
 
 impl Decoder {
@@ -59,7 +69,19 @@ impl Decoder {
             max_message,
             partial: None,
             closed: false,
+            deflate: false,
         }
+    }
+
+    /// Accepts compressed messages (RSV1) from now on: permessage-deflate was negotiated.
+    pub fn inflate_compressed(&mut self) {
+        self.deflate = true;
+    }
+
+    /// Whether permessage-deflate was negotiated.
+    #[must_use]
+    pub fn inflates(&self) -> bool {
+        self.deflate
     }
 
     /// Whether nothing is half done: no frame half read, no message half reassembled.
@@ -95,7 +117,7 @@ impl Decoder {
         let data = joined.as_deref().unwrap_or(fresh);
         let mut at = 0;
         while !self.closed {
-            let head = match frame::decode_head(&data[at..], self.max_message) {
+            let head = match frame::decode_head_with(&data[at..], self.max_message, self.deflate) {
                 Ok(Some(head)) => head,
                 Ok(None) => break,
                 Err(e) => {
@@ -151,13 +173,20 @@ impl Decoder {
             opcode::TEXT | opcode::BINARY if head.fin => {
                 let mut payload = Vec::new();
                 frame::unmask_into(masked, head.mask, &mut payload);
+                if head.compressed {
+                    payload = deflate::inflate_message(&payload, self.max_message)?;
+                }
                 out.push(message(head.opcode, payload)?);
                 Ok(())
             }
             opcode::TEXT | opcode::BINARY => {
+                let max = self.max_message;
                 let partial = self.partial.get_or_insert_with(Box::default);
                 partial.message_opcode = Some(head.opcode);
-                frame::unmask_into(masked, head.mask, &mut partial.message);
+                if head.compressed {
+                    partial.inflater = Some(Box::default());
+                }
+                partial.append(masked, head.mask, false, max)?;
                 partial.check_utf8(false)
             }
             opcode::CONTINUATION => {
@@ -165,15 +194,13 @@ impl Decoder {
                 let Some(partial) = self.partial.as_mut().filter(|_| in_message) else {
                     return Err(FrameError::Protocol("continuation frame without a message"));
                 };
-                if partial.message.len() + masked.len() > max {
-                    return Err(FrameError::TooBig);
-                }
-                frame::unmask_into(masked, head.mask, &mut partial.message);
+                partial.append(masked, head.mask, head.fin, max)?;
                 partial.check_utf8(head.fin)?;
                 if head.fin {
                     let kind = partial.message_opcode.take().unwrap_or(opcode::TEXT);
                     let payload = std::mem::take(&mut partial.message);
                     partial.utf8_valid = 0;
+                    partial.inflater = None;
                     out.push(message(kind, payload)?);
                 }
                 Ok(())
@@ -201,6 +228,27 @@ impl Decoder {
 }
 
 impl Partial {
+    /// Adds a fragment's payload to the message: unmasked, and inflated if the message is
+    /// compressed (`last`: its final fragment). The message never grows past `max`.
+    fn append(
+        &mut self,
+        masked: &[u8],
+        mask: [u8; 4],
+        last: bool,
+        max: usize,
+    ) -> Result<(), FrameError> {
+        let Some(inflater) = self.inflater.as_mut() else {
+            if self.message.len() + masked.len() > max {
+                return Err(FrameError::TooBig);
+            }
+            frame::unmask_into(masked, mask, &mut self.message);
+            return Ok(());
+        };
+        let mut compressed = Vec::with_capacity(masked.len());
+        frame::unmask_into(masked, mask, &mut compressed);
+        inflater.inflate(&compressed, last, &mut self.message, max)
+    }
+
     /// Checks the text received so far; `complete`: no code point may be left unfinished.
     fn check_utf8(&mut self, complete: bool) -> Result<(), FrameError> {
         if self.message_opcode != Some(opcode::TEXT) {

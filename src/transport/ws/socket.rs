@@ -226,6 +226,26 @@ impl WsSocket {
         self.queue(opcode::TEXT, payload);
     }
 
+    /// Queues a text message compressed with permessage-deflate (RSV1 set; the payload is
+    /// what `deflate::compress` made). Only for a connection that negotiated the extension.
+    pub fn queue_compressed_text(&mut self, payload: Bytes) {
+        self.push(opcode::TEXT, payload);
+        if let Some(chunk) = self.unsent.back_mut() {
+            chunk.head[0] |= frame::RSV1;
+        }
+    }
+
+    /// Accepts compressed messages from the peer: permessage-deflate was negotiated.
+    pub fn inflate_compressed(&mut self) {
+        self.decoder.inflate_compressed();
+    }
+
+    /// Whether permessage-deflate was negotiated on this connection.
+    #[must_use]
+    pub fn deflate(&self) -> bool {
+        self.decoder.inflates()
+    }
+
     /// Queues a frame with `opcode` (a pong goes through [`WsSocket::queue_pong`]).
     pub fn queue(&mut self, opcode: u8, payload: Bytes) {
         if opcode == opcode::PONG {

@@ -1,0 +1,450 @@
+//! permessage-deflate (RFC 7692) over real sockets: what is negotiated in the upgrade, that
+//! compressed ticks inflate to exactly what a plain client gets, that every client gets the
+//! same compressed bytes (compressed once: the server's compression counter), compressed
+//! client messages (whole and fragmented, on `/ws` and `/ingest`), the inflate limit (a small
+//! frame inflating past `max_message_bytes` closes 1009 and nobody else notices), and that
+//! plain clients, malformed offers and the config switch all give plain connections.
+//!
+//! tungstenite (the other tests' client) does not speak permessage-deflate, so this client is
+//! written by hand on a `TcpStream`, with flate2 for the DEFLATE.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const ANSWER: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+const TEXT: u8 = 0x1;
+const CONTINUATION: u8 = 0x0;
+const CLOSE: u8 = 0x8;
+const RSV1: u8 = 0x40;
+
+/// One frame from the server.
+struct Frame {
+    rsv1: bool,
+    opcode: u8,
+    payload: Vec<u8>,
+}
+
+/// A hand-written WebSocket client.
+struct Client {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+    /// The response head, lowercased.
+    head: String,
+}
+
+impl Client {
+    /// Upgrades `path`, offering `extensions` (a whole `Sec-WebSocket-Extensions` value) if
+    /// given.
+    async fn open(server: &TestServer, path: &str, extensions: Option<&str>) -> Self {
+        let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+        let offer = extensions
+            .map(|e| format!("Sec-WebSocket-Extensions: {e}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{offer}\r\n"
+        );
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut client = Self {
+            tcp,
+            buf: Vec::new(),
+            head: String::new(),
+        };
+        loop {
+            if let Some(end) = client.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                client.head = String::from_utf8_lossy(&client.buf[..end]).to_lowercase();
+                client.buf.drain(..end + 4);
+                break;
+            }
+            assert!(client.fill().await, "closed before the response head");
+        }
+        assert!(client.head.starts_with("http/1.1 101"), "{}", client.head);
+        client
+    }
+
+    /// The negotiated extensions header, if any.
+    fn extensions(&self) -> Option<&str> {
+        self.head
+            .lines()
+            .find_map(|l| l.strip_prefix("sec-websocket-extensions: "))
+            .map(str::trim)
+    }
+
+    async fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 8192];
+        let n = tokio::time::timeout(DEADLINE, self.tcp.read(&mut chunk))
+            .await
+            .expect("server went quiet")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    /// The next frame (`None`: the connection ended).
+    async fn frame(&mut self) -> Option<Frame> {
+        loop {
+            if self.buf.len() >= 2 {
+                let b = &self.buf;
+                let (len, start) = match b[1] & 0x7F {
+                    126 if b.len() >= 4 => (usize::from(u16::from_be_bytes([b[2], b[3]])), 4),
+                    127 if b.len() >= 10 => (
+                        usize::try_from(u64::from_be_bytes(b[2..10].try_into().unwrap())).unwrap(),
+                        10,
+                    ),
+                    126 | 127 => (usize::MAX, 0),
+                    n => (usize::from(n), 2),
+                };
+                if len != usize::MAX && b.len() >= start + len {
+                    assert_eq!(b[1] & 0x80, 0, "server frames are unmasked");
+                    assert_eq!(b[0] & 0x80, 0x80, "server messages are not fragmented");
+                    assert_eq!(b[0] & 0x30, 0, "RSV2/RSV3 never set");
+                    let frame = Frame {
+                        rsv1: b[0] & RSV1 != 0,
+                        opcode: b[0] & 0x0F,
+                        payload: b[start..start + len].to_vec(),
+                    };
+                    self.buf.drain(..start + len);
+                    return Some(frame);
+                }
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// The next text message as JSON, with its frame (control frames skipped; a close frame
+    /// fails the test).
+    async fn message(&mut self) -> (Value, Frame) {
+        loop {
+            let frame = self.frame().await.expect("connection ended");
+            match frame.opcode {
+                TEXT => {
+                    let text = if frame.rsv1 {
+                        inflate(&frame.payload)
+                    } else {
+                        frame.payload.clone()
+                    };
+                    let value = serde_json::from_slice(&text).unwrap_or_else(|e| {
+                        panic!("not JSON ({e}): {}", String::from_utf8_lossy(&text))
+                    });
+                    return (value, frame);
+                }
+                CLOSE => panic!(
+                    "closed: {:?}",
+                    String::from_utf8_lossy(frame.payload.get(2..).unwrap_or_default())
+                ),
+                _ => assert!(!frame.rsv1, "RSV1 on a control frame"),
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns its close code and reason.
+    async fn close_code(&mut self) -> (u16, String) {
+        while let Some(frame) = self.frame().await {
+            if frame.opcode == CLOSE {
+                let code = u16::from_be_bytes([frame.payload[0], frame.payload[1]]);
+                let reason = String::from_utf8_lossy(&frame.payload[2..]).into_owned();
+                return (code, reason);
+            }
+        }
+        panic!("ended without a close frame");
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.tcp.write_all(bytes).await.unwrap();
+    }
+
+    /// Sends `text` as one plain text frame.
+    async fn send_text(&mut self, text: &str) {
+        self.send(&frame(true, TEXT, false, text.as_bytes())).await;
+    }
+
+    /// Sends `text` as one compressed text frame.
+    async fn send_compressed(&mut self, text: &str) {
+        self.send(&frame(true, TEXT, true, &deflate(text.as_bytes())))
+            .await;
+    }
+
+    /// Reads messages until the reply to request `id`.
+    async fn reply(&mut self, id: u64) -> Value {
+        loop {
+            let (msg, _) = self.message().await;
+            if msg["id"] == id {
+                return msg;
+            }
+        }
+    }
+
+    /// Reads until a tick for `symbol`; returns it and its frame.
+    async fn tick(&mut self, symbol: &str) -> (Value, Frame) {
+        loop {
+            let (msg, frame) = self.message().await;
+            if msg["type"] == "tick" && msg["symbol"] == symbol {
+                return (msg, frame);
+            }
+        }
+    }
+}
+
+/// A masked client frame, RSV1 set if `compressed`.
+fn frame(fin: bool, opcode: u8, compressed: bool, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = tickfan::transport::ws::frame::client_frame(fin, opcode, payload);
+    if compressed {
+        bytes[0] |= RSV1;
+    }
+    bytes
+}
+
+/// `plain` as one permessage-deflate message (raw DEFLATE, `00 00 ff ff` removed), made with
+/// flate2 independently of the server's code.
+fn deflate(plain: &[u8]) -> Vec<u8> {
+    let mut c = Compress::new(Compression::default(), false);
+    let mut out = Vec::with_capacity(plain.len() + 1024);
+    c.compress_vec(plain, &mut out, FlushCompress::Sync).unwrap();
+    assert_eq!(c.total_in() as usize, plain.len());
+    assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
+    out.truncate(out.len() - 4);
+    out
+}
+
+/// A permessage-deflate message back to its text (RFC 7692 §7.2.2: add the tail, inflate).
+fn inflate(compressed: &[u8]) -> Vec<u8> {
+    let mut d = Decompress::new(false);
+    let mut input = compressed.to_vec();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut out = Vec::with_capacity(compressed.len() * 20 + 1024);
+    d.decompress_vec(&input, &mut out, FlushDecompress::Sync)
+        .unwrap();
+    assert_eq!(d.total_in() as usize, input.len(), "inflated in one go");
+    out
+}
+
+/// A tick big enough to be compressed (ticks under ~100 bytes go plain).
+fn big_tick(symbol: &str, price: f64) -> Value {
+    let mut t = tick(symbol, price, 1.5);
+    t["bid"] = json!(price - 0.25);
+    t["ask"] = json!(price + 0.25);
+    t
+}
+
+async fn deflate_metrics(server: &TestServer) -> BTreeMap<&'static str, f64> {
+    let mut out = BTreeMap::new();
+    for name in [
+        "tickfan_deflate_connections",
+        "tickfan_deflate_compressions_total",
+        "tickfan_deflate_frames_sent_total",
+        "tickfan_deflate_plain_bytes_total",
+        "tickfan_deflate_wire_bytes_total",
+        "tickfan_inflate_too_big_total",
+    ] {
+        out.insert(name, server.metric(name).await);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_ticks_are_the_plain_ticks_compressed_once_for_everyone() {
+    let server = TestServer::start().await;
+    // Chromium's and Python websockets' offer, and a list whose first offer is declined.
+    let mut a = Client::open(&server, "/ws", Some("permessage-deflate; client_max_window_bits")).await;
+    let mut b = Client::open(
+        &server,
+        "/ws",
+        Some("permessage-deflate; server_max_window_bits=9, permessage-deflate"),
+    )
+    .await;
+    let mut plain = Client::open(&server, "/ws", None).await;
+    assert_eq!(a.extensions(), Some(ANSWER));
+    assert_eq!(b.extensions(), Some(ANSWER));
+    assert_eq!(plain.extensions(), None, "no offer, no extension");
+    for c in [&mut a, &mut b, &mut plain] {
+        let (welcome, _) = c.message().await;
+        assert_eq!(welcome["type"], "welcome");
+    }
+    // Requests may come compressed (a), or plain on a deflate connection (b).
+    a.send_compressed(r#"{"op":"subscribe","id":1,"symbols":["DFL"]}"#)
+        .await;
+    b.send_text(r#"{"op":"subscribe","id":1,"symbols":["DFL"]}"#)
+        .await;
+    plain
+        .send_text(r#"{"op":"subscribe","id":1,"symbols":["DFL"]}"#)
+        .await;
+    for c in [&mut a, &mut b, &mut plain] {
+        assert_eq!(c.reply(1).await["type"], "ack");
+    }
+    assert_eq!(
+        server.metric("tickfan_deflate_connections").await,
+        2.0,
+        "a and b"
+    );
+    let before = deflate_metrics(&server).await;
+
+    let mut producer = server.producer().await;
+    let n = 5;
+    for i in 0..n {
+        let ack = ingest(&mut producer, &[big_tick("DFL", 100.0 + f64::from(i))]).await;
+        assert_eq!(ack["accepted"], 1, "{ack}");
+    }
+    for _ in 0..n {
+        let (plain_tick, plain_frame) = plain.tick("DFL").await;
+        let (a_tick, a_frame) = a.tick("DFL").await;
+        let (b_tick, b_frame) = b.tick("DFL").await;
+        assert!(!plain_frame.rsv1, "plain client, plain frames");
+        assert!(a_frame.rsv1 && b_frame.rsv1, "deflate clients get RSV1 frames");
+        assert_eq!(a_tick["seq"], plain_tick["seq"]);
+        // Byte for byte the frame the plain client got, and the same compressed bytes.
+        assert_eq!(inflate(&a_frame.payload), plain_frame.payload);
+        assert_eq!(a_frame.payload, b_frame.payload, "shared compressed bytes");
+        assert!(a_frame.payload.len() < plain_frame.payload.len());
+        assert_eq!(a_tick, b_tick);
+    }
+    let after = deflate_metrics(&server).await;
+    let delta = |name| after[name] - before[name];
+    assert_eq!(
+        delta("tickfan_deflate_compressions_total"),
+        f64::from(n),
+        "each tick compressed once for both clients"
+    );
+    assert_eq!(delta("tickfan_deflate_frames_sent_total"), f64::from(2 * n));
+    assert!(delta("tickfan_deflate_wire_bytes_total") < delta("tickfan_deflate_plain_bytes_total"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_config_switch_and_bad_offers_give_plain_connections() {
+    let mut config = test_config();
+    config.server.permessage_deflate = false;
+    let off = TestServer::start_with(config).await;
+    let mut c = Client::open(&off, "/ws", Some("permessage-deflate")).await;
+    assert_eq!(c.extensions(), None, "turned off in the config");
+    let (welcome, frame) = c.message().await;
+    assert_eq!(welcome["type"], "welcome");
+    assert!(!frame.rsv1);
+    // Not negotiated: a compressed frame is a protocol error.
+    c.send_compressed(r#"{"op":"ping","id":1}"#).await;
+    assert_eq!(c.close_code().await.0, 1002);
+    let ingest = Client::open(&off, "/ingest", Some("permessage-deflate")).await;
+    assert_eq!(ingest.extensions(), None);
+
+    let server = TestServer::start().await;
+    for malformed in [
+        "permessage-deflate; server_max_window_bits=abc",
+        "permessage-deflate; =",
+        "permessage-deflate; client_no_context_takeover=yes",
+        "permessage-deflate; server_max_window_bits=8",
+        "x-webkit-deflate-frame",
+    ] {
+        let mut c = Client::open(&server, "/ws", Some(malformed)).await;
+        assert_eq!(c.extensions(), None, "{malformed}");
+        let (welcome, frame) = c.message().await;
+        assert_eq!(welcome["type"], "welcome");
+        assert!(!frame.rsv1);
+        c.send_text(r#"{"op":"ping","id":7}"#).await;
+        assert_eq!(c.reply(7).await["type"], "pong");
+    }
+    // A client that offered nothing may not send RSV1 either.
+    let mut c = Client::open(&server, "/ws", None).await;
+    c.message().await;
+    c.send_compressed(r#"{"op":"ping","id":1}"#).await;
+    let (code, reason) = c.close_code().await;
+    assert_eq!(code, 1002, "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_messages_in_fragments_and_on_ingest() {
+    let server = TestServer::start().await;
+    let mut c = Client::open(&server, "/ws", Some("permessage-deflate")).await;
+    c.message().await;
+    // One compressed message in three fragments: RSV1 on the first only.
+    let body = deflate(br#"{"op":"subscribe","id":2,"symbols":["FRAG"],"mode":"realtime"}"#);
+    let (one, rest) = body.split_at(3);
+    let (two, three) = rest.split_at(rest.len() / 2);
+    let mut bytes = frame(false, TEXT, true, one);
+    bytes.extend(frame(false, CONTINUATION, false, two));
+    bytes.extend(frame(true, CONTINUATION, false, three));
+    c.send(&bytes).await;
+    let ack = c.reply(2).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    // Producers may compress their frames too.
+    let mut producer = Client::open(&server, "/ingest", Some("permessage-deflate")).await;
+    assert_eq!(producer.extensions(), Some(ANSWER));
+    let ticks = Value::Array((0..50).map(|i| big_tick("FRAG", 10.0 + f64::from(i))).collect());
+    producer.send_compressed(&ticks.to_string()).await;
+    let (ack, _) = producer.message().await;
+    assert_eq!(ack["type"], "ingest_ack", "{ack}");
+    assert_eq!(ack["accepted"], 50, "{ack}");
+    let (tick, frame) = c.tick("FRAG").await;
+    assert!(frame.rsv1);
+    assert_eq!(tick["seq"], 1);
+    // RSV1 on a continuation frame is a protocol error.
+    let mut bad = frame_pair_with_rsv1_on_continuation();
+    c.send(&std::mem::take(&mut bad)).await;
+    assert_eq!(c.close_code().await.0, 1002);
+}
+
+fn frame_pair_with_rsv1_on_continuation() -> Vec<u8> {
+    let body = deflate(br#"{"op":"ping","id":3}"#);
+    let mut bytes = frame(false, TEXT, true, &body[..2]);
+    bytes.extend(frame(true, CONTINUATION, true, &body[2..]));
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compression_bomb_closes_1009_and_the_server_keeps_serving() {
+    let mut config = test_config();
+    config.limits.max_message_bytes = 64 * 1024;
+    let server = TestServer::start_with(config).await;
+    let mut bystander = Client::open(&server, "/ws", Some("permessage-deflate")).await;
+    bystander.message().await;
+    bystander
+        .send_text(r#"{"op":"subscribe","id":1,"symbols":["BOMB"]}"#)
+        .await;
+    bystander.reply(1).await;
+
+    // 10 MiB of JSON-ish text in about 10 KiB: far under the frame limit, far over the
+    // message limit once inflated.
+    let mut plain = br#"{"op":"ping","id":1,"pad":""#.to_vec();
+    plain.extend(std::iter::repeat_n(b' ', 10 << 20));
+    plain.extend_from_slice(br#""}"#);
+    let bomb = deflate(&plain);
+    assert!(bomb.len() < 64 * 1024, "{}", bomb.len());
+
+    let mut attacker = Client::open(&server, "/ws", Some("permessage-deflate")).await;
+    attacker.message().await;
+    attacker.send(&frame(true, TEXT, true, &bomb)).await;
+    let (code, reason) = attacker.close_code().await;
+    assert_eq!(code, 1009);
+    assert!(reason.contains("inflates"), "{reason}");
+    // The same bomb in fragments, and to /ingest.
+    let mut fragmented = Client::open(&server, "/ws", Some("permessage-deflate")).await;
+    fragmented.message().await;
+    let mut bytes = Vec::new();
+    let pieces: Vec<&[u8]> = bomb.chunks(1000).collect();
+    for (i, piece) in pieces.iter().enumerate() {
+        let op = if i == 0 { TEXT } else { CONTINUATION };
+        bytes.extend(frame(i + 1 == pieces.len(), op, i == 0, piece));
+    }
+    fragmented.send(&bytes).await;
+    assert_eq!(fragmented.close_code().await.0, 1009);
+    let mut producer = Client::open(&server, "/ingest", Some("permessage-deflate")).await;
+    producer.send(&frame(true, TEXT, true, &bomb)).await;
+    let (code, reason) = producer.close_code().await;
+    assert_eq!(code, 1009);
+    assert!(reason.contains("inflates"), "{reason}");
+    assert_eq!(server.metric("tickfan_inflate_too_big_total").await, 3.0);
+
+    // Everyone else is still served.
+    let mut producer = server.producer().await;
+    let ack = ingest(&mut producer, &[big_tick("BOMB", 1.0)]).await;
+    assert_eq!(ack["accepted"], 1);
+    let (tick, frame) = bystander.tick("BOMB").await;
+    assert!(frame.rsv1);
+    assert_eq!(tick["price"], 1.0);
+}
