@@ -673,7 +673,7 @@ fn queue_frame(socket: &mut WsSocket, frame: Frame, stats: &ClientStats) {
             stats
                 .deflate_wire_bytes
                 .fetch_add(deflated.len() as u64, Ordering::Relaxed);
-            socket.queue_compressed_text(deflated);
+            socket.queue_compressed(opcode::TEXT, deflated);
             return;
         }
     }

@@ -226,10 +226,12 @@ impl WsSocket {
         self.queue(opcode::TEXT, payload);
     }
 
-    /// Queues a text message compressed with permessage-deflate (RSV1 set; the payload is
-    /// what `deflate::compress` made). Only for a connection that negotiated the extension.
-    pub fn queue_compressed_text(&mut self, payload: Bytes) {
-        self.push(opcode::TEXT, payload);
+    /// Queues a data message (text or binary) compressed with permessage-deflate (RSV1 set;
+    /// the payload is what `deflate::compress` made). Only for a connection that negotiated
+    /// the extension.
+    pub fn queue_compressed(&mut self, opcode: u8, payload: Bytes) {
+        debug_assert!(opcode == opcode::TEXT || opcode == opcode::BINARY);
+        self.push(opcode, payload);
         if let Some(chunk) = self.unsent.back_mut() {
             chunk.head[0] |= frame::RSV1;
         }
