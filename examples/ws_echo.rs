@@ -127,7 +127,10 @@ async fn echo(pending: PendingUpgrade, max_message: usize) {
 
 /// Queues an echo: compressed when the connection negotiated it and compressing pays.
 fn send(socket: &mut WsSocket, deflate: bool, op: u8, data: Vec<u8>) {
-    match deflate.then(|| tickfan::transport::ws::deflate::compress(&data)).flatten() {
+    match deflate
+        .then(|| tickfan::transport::ws::deflate::compress(&data))
+        .flatten()
+    {
         Some(deflated) => socket.queue_compressed(op, deflated),
         None => socket.queue(op, Bytes::from(data)),
     }

@@ -208,7 +208,8 @@ fn frame(fin: bool, opcode: u8, compressed: bool, payload: &[u8]) -> Vec<u8> {
 fn deflate(plain: &[u8]) -> Vec<u8> {
     let mut c = Compress::new(Compression::default(), false);
     let mut out = Vec::with_capacity(plain.len() + 1024);
-    c.compress_vec(plain, &mut out, FlushCompress::Sync).unwrap();
+    c.compress_vec(plain, &mut out, FlushCompress::Sync)
+        .unwrap();
     assert_eq!(c.total_in() as usize, plain.len());
     assert!(out.ends_with(&[0, 0, 0xff, 0xff]));
     out.truncate(out.len() - 4);
@@ -254,7 +255,12 @@ async fn deflate_metrics(server: &TestServer) -> BTreeMap<&'static str, f64> {
 async fn compressed_ticks_are_the_plain_ticks_compressed_once_for_everyone() {
     let server = TestServer::start().await;
     // Chromium's and Python websockets' offer, and a list whose first offer is declined.
-    let mut a = Client::open(&server, "/ws", Some("permessage-deflate; client_max_window_bits")).await;
+    let mut a = Client::open(
+        &server,
+        "/ws",
+        Some("permessage-deflate; client_max_window_bits"),
+    )
+    .await;
     let mut b = Client::open(
         &server,
         "/ws",
@@ -298,7 +304,10 @@ async fn compressed_ticks_are_the_plain_ticks_compressed_once_for_everyone() {
         let (a_tick, a_frame) = a.tick("DFL").await;
         let (b_tick, b_frame) = b.tick("DFL").await;
         assert!(!plain_frame.rsv1, "plain client, plain frames");
-        assert!(a_frame.rsv1 && b_frame.rsv1, "deflate clients get RSV1 frames");
+        assert!(
+            a_frame.rsv1 && b_frame.rsv1,
+            "deflate clients get RSV1 frames"
+        );
         assert_eq!(a_tick["seq"], plain_tick["seq"]);
         // Byte for byte the frame the plain client got, and the same compressed bytes.
         assert_eq!(inflate(&a_frame.payload), plain_frame.payload);
@@ -375,7 +384,11 @@ async fn compressed_messages_in_fragments_and_on_ingest() {
     // Producers may compress their frames too.
     let mut producer = Client::open(&server, "/ingest", Some("permessage-deflate")).await;
     assert_eq!(producer.extensions(), Some(ANSWER));
-    let ticks = Value::Array((0..50).map(|i| big_tick("FRAG", 10.0 + f64::from(i))).collect());
+    let ticks = Value::Array(
+        (0..50)
+            .map(|i| big_tick("FRAG", 10.0 + f64::from(i)))
+            .collect(),
+    );
     producer.send_compressed(&ticks.to_string()).await;
     let (ack, _) = producer.message().await;
     assert_eq!(ack["type"], "ingest_ack", "{ack}");

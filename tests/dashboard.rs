@@ -791,8 +791,7 @@ async fn chromium_negotiates_permessage_deflate() {
     };
     let s = state(|s| s["acked"] == true).await;
     assert_eq!(
-        s["ext"],
-        "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        s["ext"], "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
         "{s:#}"
     );
     let mut producer = server.producer().await;
@@ -805,7 +804,10 @@ async fn chromium_negotiates_permessage_deflate() {
     assert_eq!(s["seqs"], json!((1..=20).collect::<Vec<u64>>()), "{s:#}");
     assert_eq!(s["errors"], json!([]), "{s:#}");
     assert_eq!(server.metric("tickfan_deflate_connections").await, 1.0);
-    assert_eq!(server.metric("tickfan_deflate_frames_sent_total").await, 20.0);
+    assert_eq!(
+        server.metric("tickfan_deflate_frames_sent_total").await,
+        20.0
+    );
     let _ = browser.client.clone().close().await;
     drop(browser);
     let _ = server.stop().await;

@@ -534,10 +534,7 @@ fn read_failure(ctx: &ClientContext, e: ReadError) -> Option<(u16, &'static str)
         ReadError::Frame(FrameError::InflatedTooBig) => {
             ctx.stats.too_big.fetch_add(1, Ordering::Relaxed);
             ctx.stats.inflate_too_big.fetch_add(1, Ordering::Relaxed);
-            Some((
-                close::TOO_BIG,
-                "message inflates past max_message_bytes",
-            ))
+            Some((close::TOO_BIG, "message inflates past max_message_bytes"))
         }
         ReadError::Frame(FrameError::InvalidUtf8) => {
             ctx.stats.bad_requests.fetch_add(1, Ordering::Relaxed);

@@ -174,7 +174,9 @@ pub fn compress(plain: &[u8]) -> Option<Bytes> {
         loop {
             let consumed = usize::try_from(c.total_in()).unwrap_or(usize::MAX);
             let input = plain.get(consumed..).unwrap_or_default();
-            if c.compress_vec(input, &mut out, FlushCompress::Sync).is_err() {
+            if c.compress_vec(input, &mut out, FlushCompress::Sync)
+                .is_err()
+            {
                 return None;
             }
             let done = usize::try_from(c.total_in()).unwrap_or(usize::MAX) == plain.len();
@@ -390,7 +392,12 @@ mod tests {
         let first = compress(batch.as_bytes()).unwrap();
         let _ = compress(tick.as_bytes());
         assert_eq!(compress(batch.as_bytes()).unwrap(), first);
-        assert!(first.len() * 4 < batch.len(), "{} of {}", first.len(), batch.len());
+        assert!(
+            first.len() * 4 < batch.len(),
+            "{} of {}",
+            first.len(),
+            batch.len()
+        );
         assert_eq!(inflate_message(&first, 1 << 20).unwrap(), batch.as_bytes());
         assert_eq!(compress(b"short"), None);
     }
