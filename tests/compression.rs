@@ -461,3 +461,30 @@ async fn a_compression_bomb_closes_1009_and_the_server_keeps_serving() {
     assert!(frame.rsv1);
     assert_eq!(tick["price"], 1.0);
 }
+
+/// A compressed connection that parks (quiet for `server.park_after_ms`) and is resumed by a
+/// tick keeps its compression both ways: the socket rebuilt on resume still inflates, and
+/// ticks still go out compressed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_survives_parking() {
+    let mut config = test_config();
+    config.server.park_after_ms = 100;
+    let server = TestServer::start_with(config).await;
+    let mut c = Client::open(&server, "/ws", Some("permessage-deflate")).await;
+    c.message().await;
+    c.send_compressed(r#"{"op":"subscribe","id":1,"symbols":["PARK"]}"#)
+        .await;
+    c.reply(1).await;
+    server
+        .wait_stats("the connection to park", |s| s["parking"]["parked"] == 1)
+        .await;
+    let before = server.metric("tickfan_connection_unparks_total").await;
+    let mut producer = server.producer().await;
+    ingest(&mut producer, &[big_tick("PARK", 5.0)]).await;
+    let (tick, frame) = c.tick("PARK").await;
+    assert!(frame.rsv1, "still compressed after resuming");
+    assert_eq!(tick["price"], 5.0);
+    assert!(server.metric("tickfan_connection_unparks_total").await > before);
+    c.send_compressed(r#"{"op":"ping","id":9}"#).await;
+    assert_eq!(c.reply(9).await["type"], "pong");
+}
