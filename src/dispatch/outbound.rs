@@ -126,6 +126,10 @@ impl PartialEq<str> for Frame {
     }
 }
 
+/// Frames [`OutboundReceiver::drain`] takes out of the queue per lock: the lock is held only
+/// to move them, never while the connection works on them.
+const DRAIN_BATCH: usize = 32;
+
 /// Why a push failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushError {
@@ -516,30 +520,54 @@ impl OutboundReceiver {
         Some(frame)
     }
 
-    /// Takes queued frames in order, under one lock, until `budget` bytes are taken or the
-    /// queue is empty; returns the number of frames and bytes taken.
+    /// Takes queued frames in order until `budget` bytes are taken or the queue is empty;
+    /// returns the number of frames and bytes taken. Frames leave the queue [`DRAIN_BATCH`]
+    /// at a time under the lock and are handed to `take` with the lock released: `take` may
+    /// compress them, and the dispatcher's pushes to this link must not wait for that.
     pub fn drain(&self, budget: usize, mut take: impl FnMut(Frame)) -> (u64, usize) {
         let mut frames = 0;
         let mut bytes = 0;
-        {
-            let mut queue = self.shared.queue.lock();
-            while bytes < budget {
-                let Some(frame) = queue.pop_front() else {
-                    break;
-                };
-                bytes += frame.len();
-                frames += 1;
+        let mut batch: [Option<Frame>; DRAIN_BATCH] = Default::default();
+        let mut remaining = None;
+        while bytes < budget {
+            let (got, got_bytes) = {
+                let mut queue = self.shared.queue.lock();
+                let mut got = 0;
+                let mut got_bytes = 0;
+                while got < DRAIN_BATCH && bytes + got_bytes < budget {
+                    let Some(frame) = queue.pop_front() else {
+                        break;
+                    };
+                    got_bytes += frame.len();
+                    batch[got] = Some(frame);
+                    got += 1;
+                }
+                if queue.is_empty() && queue.capacity() > 0 {
+                    // An idle connection keeps no queue storage.
+                    *queue = VecDeque::new();
+                }
+                (got, got_bytes)
+            };
+            if got == 0 {
+                break;
+            }
+            let before = self
+                .shared
+                .queued_bytes
+                .fetch_sub(got_bytes, Ordering::AcqRel);
+            remaining = Some(before - got_bytes);
+            frames += got as u64;
+            bytes += got_bytes;
+            for frame in batch[..got].iter_mut().filter_map(Option::take) {
                 take(frame);
             }
-            if queue.is_empty() && queue.capacity() > 0 {
-                // An idle connection keeps no queue storage.
-                *queue = VecDeque::new();
+            if got < DRAIN_BATCH {
+                break;
             }
         }
-        let before = self.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-        if frames > 0 {
+        if let Some(remaining) = remaining {
             self.shared.active.store(true, Ordering::Release);
-            self.drained_to(before - bytes);
+            self.drained_to(remaining);
         }
         (frames, bytes)
     }
@@ -626,6 +654,30 @@ mod tests {
         assert_eq!(tx.queued_bytes(), 4);
         assert_eq!(rx.drain(100, |f| got.push(f)), (1, 4));
         assert_eq!(rx.shared.queue.lock().capacity(), 0);
+    }
+
+    /// The connection compresses (or otherwise works on) what it takes: that must never
+    /// happen under the link's lock, which the dispatcher's push waits on.
+    #[test]
+    fn drain_hands_frames_over_with_the_queue_unlocked() {
+        let (tx, rx) = channel(10_000, 1 << 20);
+        for i in 0..1000 {
+            tx.push(Frame::from(format!("frame {i}"))).unwrap();
+        }
+        let mut taken = 0;
+        let (frames, _) = rx.drain(usize::MAX, |f| {
+            assert!(
+                rx.shared.queue.try_lock().is_some(),
+                "the queue is locked while {f:?} is taken"
+            );
+            // The dispatcher may push meanwhile; those frames are taken too.
+            if taken < 10 {
+                tx.push(Frame::from("pushed while draining")).unwrap();
+            }
+            taken += 1;
+        });
+        assert_eq!((frames, taken), (1010, 1010));
+        assert_eq!(tx.queued_bytes(), 0);
     }
 
     #[test]
