@@ -149,6 +149,8 @@ metrics! {
         "Compressed payload bytes of the frames in tickfan_deflate_frames_sent_total.";
     INFLATE_TOO_BIG: Counter "tickfan_inflate_too_big_total" []
         "Connections closed 1009 because a compressed message inflated past limits.max_message_bytes.";
+    INFLATE_DEFERRED: Counter "tickfan_inflate_deferred_total" []
+        "Reads (/ws and /ingest) whose compressed frames inflated past the per-read budget (limits.max_message_bytes): the rest was decoded on the connection's next turn.";
     DEAD_LETTERS: Gauge "tickfan_dead_letters" [] "Entries in the dead-letter list.";
     DEAD_LETTERS_SKIPPED: Counter "tickfan_dead_letters_skipped_total" []
         "Rejections not written to the dead-letter list because one frame or body had more than store.dlq_capacity.";

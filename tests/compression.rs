@@ -488,3 +488,70 @@ async fn compression_survives_parking() {
     c.send_compressed(r#"{"op":"ping","id":9}"#).await;
     assert_eq!(c.reply(9).await["type"], "pong");
 }
+
+/// Many small frames that each inflate to nearly `max_message_bytes`, all in ONE write, on
+/// `/ws` and on `/ingest`: the server inflates them a budget at a time (the read's rest waits
+/// in the decoder and is taken up without waiting for the socket), answers every one in order,
+/// and keeps serving everyone else meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_limit_compressed_frames_in_one_write_are_inflated_a_budget_at_a_time() {
+    let max = 64 * 1024;
+    let mut config = test_config();
+    config.limits.max_message_bytes = max;
+    let server = TestServer::start_with(config).await;
+    let mut bystander = Client::open(&server, "/ws", Some("permessage-deflate")).await;
+    bystander.message().await;
+    bystander
+        .send_text(r#"{"op":"subscribe","id":1,"symbols":["MANY"]}"#)
+        .await;
+    bystander.reply(1).await;
+
+    // 50 pings, each padded with JSON whitespace to just under the limit: ~100 bytes each
+    // compressed, ~3 MiB inflated, about 5 KiB on the wire in one write.
+    let n = 50;
+    let mut bytes = Vec::new();
+    for id in 0..n {
+        let mut text = format!(r#"{{"op":"ping","id":{id}}}"#).into_bytes();
+        text.resize(max - 16, b' ');
+        bytes.extend(frame(true, TEXT, true, &deflate(&text)));
+    }
+    assert!(bytes.len() < 8 * 1024, "{}", bytes.len());
+    let mut attacker = Client::open(&server, "/ws", Some("permessage-deflate")).await;
+    attacker.message().await;
+    attacker.send(&bytes).await;
+    for id in 0..n {
+        let (msg, _) = attacker.message().await;
+        assert_eq!(msg["id"], id, "{msg}");
+        assert_eq!(msg["type"], "pong", "{msg}");
+    }
+    let deferred = server.metric("tickfan_inflate_deferred_total").await;
+    // Read 4 KiB at a time, one read holds ~37 of the frames: ~18 turns wait for the next.
+    assert!(deferred >= 10.0, "{deferred}");
+
+    // A producer's 64 KiB read would hold all of them: the same, one budget at a time.
+    let mut bytes = Vec::new();
+    for i in 0..n {
+        let mut text = Value::Array(vec![big_tick("MANY", 1.0 + f64::from(i))])
+            .to_string()
+            .into_bytes();
+        text.resize(max - 16, b' ');
+        bytes.extend(frame(true, TEXT, true, &deflate(&text)));
+    }
+    let mut producer = Client::open(&server, "/ingest", Some("permessage-deflate")).await;
+    producer.send(&bytes).await;
+    let mut acked = 0;
+    while acked < n {
+        let (ack, _) = producer.message().await;
+        if ack["type"] == "ingest_ack" {
+            assert_eq!(ack["accepted"], 1, "{ack}");
+            acked += 1;
+        }
+    }
+    assert!(server.metric("tickfan_inflate_deferred_total").await >= deferred + 10.0);
+    // Every tick reached the bystander, in order.
+    for i in 0..n {
+        let (tick, _) = bystander.tick("MANY").await;
+        assert_eq!(tick["price"], 1.0 + f64::from(i));
+    }
+    assert_eq!(server.metric("tickfan_inflate_too_big_total").await, 0.0);
+}

@@ -127,6 +127,11 @@ pub fn render(s: &AppState) -> String {
         &[],
         load(&c.inflate_too_big) + load(&p.inflate_too_big),
     );
+    r.counter(
+        &m::INFLATE_DEFERRED,
+        &[],
+        load(&c.inflate_deferred) + load(&p.inflate_deferred),
+    );
     r.gauge(&m::DEAD_LETTERS, &[], s.dead_letters.len() as u64);
     r.counter(
         &m::DEAD_LETTERS_SKIPPED,

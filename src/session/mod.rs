@@ -127,6 +127,9 @@ pub struct ClientStats {
     /// Connections closed 1009 for a compressed message inflating past the limit (also
     /// counted in `too_big`).
     pub inflate_too_big: AtomicU64,
+    /// Reads whose compressed frames passed the per-read inflate budget: the rest waited for
+    /// the connection's next turn.
+    pub inflate_deferred: AtomicU64,
 }
 
 /// Frames made for one connection (replies, snapshots, conflated ticks) are compressed for it
@@ -343,6 +346,8 @@ fn next_event<'a>(
         // A peer that pings without reading the pongs is not read until the socket drains.
         match socket.poll_read_ready(cx) {
             _ if socket.read_paused() => {}
+            // Frames read earlier and left over by the inflate budget: no need to wait.
+            _ if socket.has_buffered() => return Poll::Ready(Event::Readable),
             Poll::Ready(Ok(())) => return Poll::Ready(Event::Readable),
             Poll::Ready(Err(_)) => return Poll::Ready(Event::SocketFailed),
             Poll::Pending => {}
@@ -410,7 +415,18 @@ async fn run(
             }
         }
         match next_event(socket, rx).await {
-            Event::Readable => broken = socket.read_some(&mut inbox).err(),
+            Event::Readable => {
+                if socket.has_buffered() {
+                    // Leftovers of a read full of compressed frames: let other tasks run
+                    // between two budgets' worth when this one has run long.
+                    tokio::task::coop::consume_budget().await;
+                }
+                broken = socket.read_some(&mut inbox).err();
+                if socket.has_buffered() {
+                    let stats = &conn.ctx.stats;
+                    stats.inflate_deferred.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             Event::SocketFailed => return Exit::Ended,
             Event::Link(Wake::Close(code)) => break (code, close_reason(code), Ending::Order),
             // The sweep saw nothing happen for `server.park_after_ms`. Anything still in
@@ -626,6 +642,7 @@ async fn write_until_done(
                 }
                 match socket.poll_read_ready(cx) {
                     _ if socket.read_paused() => Poll::Pending,
+                    _ if socket.has_buffered() => Poll::Ready(Err(Written::Readable)),
                     Poll::Ready(_) => Poll::Ready(Err(Written::Readable)),
                     Poll::Pending => Poll::Pending,
                 }

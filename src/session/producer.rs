@@ -55,6 +55,9 @@ pub struct ProducerStats {
     /// Connections closed 1009 for a compressed message inflating past the limit (also
     /// counted in `too_big`).
     pub inflate_too_big: AtomicU64,
+    /// Reads whose compressed frames passed the per-read inflate budget: the rest waited for
+    /// the connection's next turn.
+    pub inflate_deferred: AtomicU64,
 }
 
 /// Counts an open connection that negotiated permessage-deflate, for as long as it lives.
@@ -160,11 +163,18 @@ pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>) {
                     break Ending::Gone;
                 }
             }
+            // Frames read earlier and left over by the inflate budget: decoded without waiting
+            // for the socket (other tasks run in between once this one has run long).
+            () = tokio::task::coop::consume_budget(), if may_read && socket.has_buffered() => {
+                broken = socket.read_some(&mut inbox).err();
+                count_deferred(&ctx, &socket);
+            }
             ready = socket.readable(), if may_read => {
                 broken = match ready {
                     Ok(()) => socket.read_some(&mut inbox).err(),
                     Err(e) => Some(e.into()),
                 };
+                count_deferred(&ctx, &socket);
             }
         }
     };
@@ -188,6 +198,13 @@ pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>) {
     };
     if matches!(tokio::time::timeout(grace, finish).await, Ok(Ok(()))) {
         socket.await_peer_close(Duration::from_secs(2)).await;
+    }
+}
+
+/// Counts a read that left compressed frames for the next turn (the inflate budget).
+fn count_deferred(ctx: &ProducerContext, socket: &WsSocket) {
+    if socket.has_buffered() {
+        ctx.stats.inflate_deferred.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -50,8 +50,17 @@ fn decode(
     let mut at = 0;
     while at < input.len() {
         let end = (at + sizes.next().unwrap_or(1)).min(input.len());
-        if let Err(e) = decoder.absorb(&input[at..end], &mut out) {
-            return (out, Some(e));
+        let mut fresh = &input[at..end];
+        // As the socket does: frames left over by the inflate budget are decoded before
+        // anything new is read.
+        loop {
+            if let Err(e) = decoder.absorb(fresh, &mut out) {
+                return (out, Some(e));
+            }
+            if !decoder.has_buffered() {
+                break;
+            }
+            fresh = &[];
         }
         at = end;
     }

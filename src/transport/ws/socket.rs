@@ -157,12 +157,24 @@ impl WsSocket {
         self.decoder.peer_closed()
     }
 
+    /// Whether whole frames read earlier wait to be decoded (the decoder stopped at its
+    /// inflate budget): the connection calls [`WsSocket::read_some`] again without waiting
+    /// for the socket, which then decodes those instead of reading.
+    #[must_use]
+    pub fn has_buffered(&self) -> bool {
+        self.decoder.has_buffered()
+    }
+
     /// Reads once without waiting and appends every message completed by the bytes read.
     /// Nothing read (a spurious wake-up) leaves `out` untouched.
     ///
     /// # Errors
     /// EOF, a socket error, or a protocol violation (the caller closes with its code).
     pub fn read_some(&mut self, out: &mut Vec<Incoming>) -> Result<(), ReadError> {
+        // Frames already read but left for this turn (the inflate budget) come first.
+        if self.decoder.has_buffered() {
+            return self.absorb(&[], out);
+        }
         if let Some(mut buf) = self.read_buf.take() {
             let read = self.read_into(&mut buf, out);
             self.read_buf = Some(buf);
