@@ -555,3 +555,37 @@ async fn near_limit_compressed_frames_in_one_write_are_inflated_a_budget_at_a_ti
     }
     assert_eq!(server.metric("tickfan_inflate_too_big_total").await, 0.0);
 }
+
+/// A compressed message whose DEFLATE data ends with a final block (BFINAL) is valid, but
+/// bytes after that block are not silently dropped: close 1002.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_after_the_final_deflate_block_close_1002() {
+    let server = TestServer::start().await;
+    let finished = |text: &[u8]| {
+        let mut c = Compress::new(Compression::default(), false);
+        let mut out = Vec::with_capacity(text.len() + 64);
+        c.compress_vec(text, &mut out, FlushCompress::Finish)
+            .unwrap();
+        out
+    };
+    let mut c = Client::open(&server, "/ws", Some("permessage-deflate")).await;
+    c.message().await;
+    c.send(&frame(
+        true,
+        TEXT,
+        true,
+        &finished(br#"{"op":"ping","id":1}"#),
+    ))
+    .await;
+    assert_eq!(
+        c.reply(1).await["type"],
+        "pong",
+        "a final block alone is fine"
+    );
+    let mut body = finished(br#"{"op":"ping","id":2}"#);
+    body.extend(deflate(br#"{"op":"ping","id":3}"#));
+    c.send(&frame(true, TEXT, true, &body)).await;
+    let (code, reason) = c.close_code().await;
+    assert_eq!(code, 1002, "{reason}");
+    assert!(reason.contains("final"), "{reason}");
+}

@@ -197,14 +197,24 @@ pub fn compress(plain: &[u8]) -> Option<Bytes> {
     })
 }
 
+/// Bytes after a message's final DEFLATE block (close 1002).
+const AFTER_FINAL: FrameError = FrameError::Protocol("data after the final deflate block");
+
 /// One compressed message being inflated: the state exists only from its first frame to its
 /// last, so an idle connection holds none.
 #[derive(Debug)]
-pub struct Inflater(Decompress);
+pub struct Inflater {
+    state: Decompress,
+    /// The message's final DEFLATE block (BFINAL) has been inflated: nothing may follow it.
+    ended: bool,
+}
 
 impl Default for Inflater {
     fn default() -> Self {
-        Self(Decompress::new_with_window_bits(false, WINDOW_BITS))
+        Self {
+            state: Decompress::new_with_window_bits(false, WINDOW_BITS),
+            ended: false,
+        }
     }
 }
 
@@ -223,8 +233,12 @@ impl Inflater {
         out: &mut Vec<u8>,
         limit: usize,
     ) -> Result<(), FrameError> {
+        if self.ended && !compressed.is_empty() {
+            return Err(AFTER_FINAL);
+        }
         self.feed(compressed, out, limit)?;
-        if last {
+        // After a final block the stream is over: the tail (§7.2.2) is not fed then.
+        if last && !self.ended {
             self.feed(&TAIL, out, limit)?;
         }
         Ok(())
@@ -232,7 +246,7 @@ impl Inflater {
 
     fn feed(&mut self, input: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<(), FrameError> {
         const BAD: FrameError = FrameError::Protocol("invalid compressed data");
-        let d = &mut self.0;
+        let d = &mut self.state;
         let mut at = 0;
         loop {
             if out.len() == out.capacity() {
@@ -240,12 +254,21 @@ impl Inflater {
                     // At the limit: one more byte of output means the message is too big.
                     let mut probe = [0u8; 1];
                     let before = (d.total_in(), d.total_out());
-                    d.decompress(&input[at..], &mut probe, FlushDecompress::None)
+                    let status = d
+                        .decompress(&input[at..], &mut probe, FlushDecompress::None)
                         .map_err(|_| BAD)?;
                     if d.total_out() != before.1 {
                         return Err(FrameError::InflatedTooBig);
                     }
                     at += usize::try_from(d.total_in() - before.0).map_err(|_| BAD)?;
+                    if status == Status::StreamEnd {
+                        self.ended = true;
+                        return if at == input.len() {
+                            Ok(())
+                        } else {
+                            Err(AFTER_FINAL)
+                        };
+                    }
                     if at == input.len() || d.total_in() == before.0 {
                         return Ok(());
                     }
@@ -262,8 +285,16 @@ impl Inflater {
             at += usize::try_from(d.total_in() - before.0).map_err(|_| BAD)?;
             let progressed = d.total_in() != before.0 || d.total_out() != before.1;
             match status {
-                // A final block: nothing may follow it but the tail's empty block.
-                Status::StreamEnd => return Ok(()),
+                // A final block: nothing of the message may follow it (RFC 7692 §7.2.3.3
+                // lets a sender end with one; the tail is then not fed).
+                Status::StreamEnd => {
+                    self.ended = true;
+                    return if at == input.len() {
+                        Ok(())
+                    } else {
+                        Err(AFTER_FINAL)
+                    };
+                }
                 _ if at == input.len() && out.len() < out.capacity() => return Ok(()),
                 _ if !progressed && out.len() < out.capacity() => return Err(BAD),
                 _ => {}
@@ -280,7 +311,8 @@ pub fn inflate_message(compressed: &[u8], limit: usize) -> Result<Vec<u8>, Frame
     INFLATER.with(|cell| {
         let mut slot = cell.borrow_mut();
         let inflater = slot.get_or_insert_with(Inflater::default);
-        inflater.0.reset(false);
+        inflater.state.reset(false);
+        inflater.ended = false;
         let mut out = Vec::new();
         let result = inflater.inflate(compressed, true, &mut out, limit);
         if result.is_err() {
@@ -438,6 +470,51 @@ mod tests {
                 .unwrap();
             assert_eq!(out, batch.as_bytes(), "cut {cut}");
         }
+    }
+
+    /// A message may end its DEFLATE data with a final block (BFINAL, RFC 7692 §7.2.3.3):
+    /// fine on its own, but bytes after it are not part of the message and must not be
+    /// silently dropped.
+    #[test]
+    fn bytes_after_the_final_block_are_a_protocol_error() {
+        let tick = tick_json(3);
+        let mut c = Compress::new(Compression::default(), false);
+        let mut finished = Vec::with_capacity(tick.len() + 64);
+        c.compress_vec(tick.as_bytes(), &mut finished, FlushCompress::Finish)
+            .unwrap();
+        assert_eq!(
+            inflate_message(&finished, 1 << 20).unwrap(),
+            tick.as_bytes(),
+            "a final block alone is a valid message"
+        );
+        let extra = compress(tick_json(4).as_bytes()).unwrap();
+        let mut trailing = finished.clone();
+        trailing.extend_from_slice(&extra);
+        assert!(
+            matches!(
+                inflate_message(&trailing, 1 << 20),
+                Err(FrameError::Protocol(_))
+            ),
+            "whole message"
+        );
+        // The same across fragments: the final block in one, more bytes in the next.
+        let mut inflater = Inflater::default();
+        let mut out = Vec::new();
+        inflater
+            .inflate(&finished, false, &mut out, 1 << 20)
+            .unwrap();
+        assert!(matches!(
+            inflater.inflate(&extra, true, &mut out, 1 << 20),
+            Err(FrameError::Protocol(_))
+        ));
+        // An empty last fragment after the final block is fine.
+        let mut inflater = Inflater::default();
+        let mut out = Vec::new();
+        inflater
+            .inflate(&finished, false, &mut out, 1 << 20)
+            .unwrap();
+        inflater.inflate(&[], true, &mut out, 1 << 20).unwrap();
+        assert_eq!(out, tick.as_bytes());
     }
 
     #[test]
