@@ -1,10 +1,20 @@
 //! permessage-deflate: compressing one tick frame and one batch frame the way the server does
 //! (`transport::ws::deflate::compress`, once per shared frame), and inflating them. Prints each
 //! frame's plain and compressed size, so the compression ratio is in the output too.
+//!
+//! `params`: the same per-message compression (reset, compress, sync flush) with the
+//! alternatives the server could use: zlib-rs (flate2) at levels 1 and 6 with LZ77 windows of
+//! 2^9 to 2^15 bytes, and miniz_oxide (flate2's default backend, always a 2^15 window) at
+//! levels 1 and 6. `cargo bench --bench deflate -- params` picks the server's settings
+//! (`transport::ws::deflate`, docs/benchmarks.md "Compression").
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use flate2::{Compress, Compression, FlushCompress};
+use miniz_oxide::deflate::core::{
+    compress as miniz_compress, create_comp_flags_from_zip_params, CompressorOxide, TDEFLFlush,
+};
 use tickfan::tick::{Symbol, Tick, TradeId};
 use tickfan::transport::ws::deflate;
 
@@ -58,5 +68,53 @@ fn compress(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, compress);
+/// One message with zlib-rs at `level` and `window` bits, reset first, as the server does.
+fn zlib_rs(c: &mut Compress, plain: &[u8], out: &mut Vec<u8>) -> usize {
+    c.reset();
+    out.clear();
+    c.compress_vec(plain, out, FlushCompress::Sync).unwrap();
+    out.len() - 4
+}
+
+/// One message with miniz_oxide, reset first.
+fn miniz(c: &mut CompressorOxide, plain: &[u8], out: &mut [u8]) -> usize {
+    c.reset();
+    let (_, _, written) = miniz_compress(c, plain, out, TDEFLFlush::Sync);
+    written - 4
+}
+
+fn params(c: &mut Criterion) {
+    let mut group = c.benchmark_group("params");
+    for (name, text) in [("tick", tick_json(1)), ("batch_10", batch_json(10))] {
+        let plain = text.as_bytes();
+        for level in [1u32, 6] {
+            for window in [9u8, 12, 15] {
+                let mut z = Compress::new_with_window_bits(Compression::new(level), false, window);
+                let mut out = Vec::with_capacity(plain.len() + 64);
+                let size = zlib_rs(&mut z, plain, &mut out);
+                eprintln!(
+                    "{name} zlib-rs level {level} window {window}: {} -> {size} bytes",
+                    plain.len()
+                );
+                group.bench_function(format!("{name}/zlib-rs/l{level}/w{window}"), |b| {
+                    b.iter(|| zlib_rs(&mut z, black_box(plain), &mut out));
+                });
+            }
+            let flags = create_comp_flags_from_zip_params(level as i32, -15, 0);
+            let mut m = CompressorOxide::new(flags);
+            let mut out = vec![0u8; plain.len() + 64];
+            let size = miniz(&mut m, plain, &mut out);
+            eprintln!(
+                "{name} miniz_oxide level {level}: {} -> {size} bytes",
+                plain.len()
+            );
+            group.bench_function(format!("{name}/miniz_oxide/l{level}/w15"), |b| {
+                b.iter(|| miniz(&mut m, black_box(plain), &mut out));
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, compress, params);
 criterion_main!(benches);
