@@ -589,3 +589,112 @@ async fn bytes_after_the_final_deflate_block_close_1002() {
     assert_eq!(code, 1002, "{reason}");
     assert!(reason.contains("final"), "{reason}");
 }
+
+/// Two batch-mode clients with the same subscription form one batch group: each flush builds
+/// one frame, compressed once and shared by both (the compression counter rises by the
+/// number of batch frames, not twice that), and both get the same compressed bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_groups_frame_is_compressed_once_for_all_members() {
+    let server = TestServer::start().await;
+    let subscribe =
+        r#"{"op":"subscribe","id":1,"symbols":["BGRP"],"mode":"batch","interval_ms":50}"#;
+    let mut a = Client::open(&server, "/ws", Some("permessage-deflate")).await;
+    let mut b = Client::open(&server, "/ws", Some("permessage-deflate")).await;
+    for c in [&mut a, &mut b] {
+        c.message().await;
+        c.send_text(subscribe).await;
+        assert_eq!(c.reply(1).await["type"], "ack");
+    }
+    let before = server.metric("tickfan_deflate_compressions_total").await;
+    let mut producer = server.producer().await;
+    let n = 20;
+    for i in 0..n {
+        ingest(&mut producer, &[big_tick("BGRP", 1.0 + f64::from(i))]).await;
+    }
+    // Read the batches of both until each has all n ticks, frame by frame side by side.
+    let mut a_frames = Vec::new();
+    let mut b_frames = Vec::new();
+    for (c, frames) in [(&mut a, &mut a_frames), (&mut b, &mut b_frames)] {
+        let mut prices = Vec::new();
+        while prices.len() < n as usize {
+            let (msg, frame) = c.message().await;
+            if msg["type"] != "batch" {
+                continue;
+            }
+            assert!(frame.rsv1, "batch frames go out compressed");
+            for t in msg["ticks"].as_array().unwrap() {
+                prices.push(t["price"].as_f64().unwrap());
+            }
+            frames.push(frame.payload);
+        }
+        let expected: Vec<f64> = (0..n).map(|i| 1.0 + f64::from(i)).collect();
+        assert_eq!(prices, expected);
+    }
+    assert_eq!(
+        a_frames, b_frames,
+        "the same compressed frames for both members"
+    );
+    let compressed = server.metric("tickfan_deflate_compressions_total").await - before;
+    assert_eq!(
+        compressed,
+        a_frames.len() as f64,
+        "one compression per batch frame, shared by both members"
+    );
+}
+
+/// Ticks a compressing client gets other than live from the dispatcher's shared frames: a
+/// `since_seq` replay from the store (ticks stamped while no compressing client was
+/// connected) and throttled (conflated) ticks made for the connection alone. Whatever the
+/// server chose per message (RSV1 or not), every message decodes to the right ticks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_and_throttled_ticks_reach_a_compressing_client() {
+    let server = TestServer::start().await;
+    let mut producer = server.producer().await;
+    let stored: u32 = 12;
+    for i in 0..stored {
+        ingest(&mut producer, &[big_tick("RPLY", 1.0 + f64::from(i))]).await;
+    }
+    let mut c = Client::open(&server, "/ws", Some("permessage-deflate")).await;
+    c.message().await;
+    c.send_compressed(r#"{"op":"subscribe","id":1,"symbols":["RPLY"],"since_seq":{"RPLY":0}}"#)
+        .await;
+    assert_eq!(c.reply(1).await["type"], "ack");
+    let (snapshot, frame) = loop {
+        let (msg, frame) = c.message().await;
+        if msg["type"] == "snapshot" {
+            break (msg, frame);
+        }
+    };
+    let seqs: Vec<u64> = snapshot["ticks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=stored).map(u64::from).collect::<Vec<_>>());
+    assert!(
+        frame.rsv1,
+        "a snapshot over 1 KiB is compressed for the connection ({} bytes)",
+        frame.payload.len()
+    );
+    // Live again: shared and compressed.
+    ingest(&mut producer, &[big_tick("RPLY", 100.0)]).await;
+    let (tick, frame) = c.tick("RPLY").await;
+    assert_eq!(tick["seq"], stored + 1);
+    assert!(frame.rsv1);
+
+    // Throttled: the latest tick per interval, conflated for this connection.
+    c.send_text(r#"{"op":"configure","id":2,"mode":"throttled","interval_ms":50}"#)
+        .await;
+    assert_eq!(c.reply(2).await["type"], "ack");
+    for i in 0..5 {
+        ingest(&mut producer, &[big_tick("RPLY", 200.0 + f64::from(i))]).await;
+    }
+    let mut last = 0.0;
+    while last != 204.0 {
+        let (tick, _) = c.tick("RPLY").await;
+        let price = tick["price"].as_f64().unwrap();
+        assert!(price > last && (200.0..=204.0).contains(&price), "{tick}");
+        last = price;
+    }
+}
