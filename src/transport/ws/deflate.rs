@@ -44,13 +44,26 @@ const RESPONSE_WITH_WINDOW: &str = "permessage-deflate; server_no_context_takeov
 /// costs more than the bytes saved.
 pub const MIN_COMPRESS_BYTES: usize = 96;
 
-/// zlib level 6 (the default): measured with `cargo bench --bench deflate`, levels 1-6 differ
-/// little in time on messages this small, and 6 saves a few more bytes on batch frames.
-const LEVEL: u32 = 6;
+/// The zlib level for a message under [`SMALL_MESSAGE_BYTES`] (a single tick): level 1 is
+/// zlib-rs's quick strategy, which costs less than half of levels 2-6 per message (3.9 vs
+/// 9.4 µs of CPU for a 194-byte tick, most of it the per-message reset) for 154 instead of
+/// 135 bytes (docs/benchmarks.md "Compression"). Ticks are compressed once per tick, so this
+/// is the per-tick cost.
+const SMALL_LEVEL: u32 = 1;
+
+/// The zlib level from [`SMALL_MESSAGE_BYTES`] up (batch frames, snapshots): compressed once
+/// per flush for many ticks, where the ratio pays (a 10-tick batch: 5.6× at level 6, 4.2× at
+/// level 1, for 16 vs 6 µs).
+const LARGE_LEVEL: u32 = 6;
+
+/// Where [`SMALL_LEVEL`] gives way to [`LARGE_LEVEL`].
+const SMALL_MESSAGE_BYTES: usize = 1024;
 
 /// The LZ77 window the server compresses with (2^15 bytes, DEFLATE's largest). An offer that
 /// limits it (`server_max_window_bits` below 15) is declined: one shared compressed frame
-/// serves every client, so the window cannot vary per client.
+/// serves every client, so the window cannot vary per client. A smaller window was measured
+/// and saves no time (2^9-2^15: the same CPU per tick within noise) while batches shrink less,
+/// so accepting smaller-window offers would cost every client ratio for nothing.
 const WINDOW_BITS: u8 = 15;
 
 /// The tail every compressed message loses on the wire (RFC 7692 §7.2.1) and regains before
@@ -148,9 +161,10 @@ fn is_token_byte(b: u8) -> bool {
 }
 
 thread_local! {
-    /// One compressor per runtime thread (a zlib deflate state is ~270 KiB), reset for every
-    /// message: no context is taken over, so none needs to live with a connection.
-    static COMPRESSOR: RefCell<Option<Compress>> = const { RefCell::new(None) };
+    /// Two compressors per runtime thread, one per level (small and large messages; a zlib
+    /// deflate state is ~270 KiB), reset for every message: no context is taken over, so none
+    /// needs to live with a connection.
+    static COMPRESSOR: RefCell<[Option<Compress>; 2]> = const { RefCell::new([None, None]) };
     /// One inflater per thread for unfragmented compressed messages.
     static INFLATER: RefCell<Option<Inflater>> = const { RefCell::new(None) };
 }
@@ -163,10 +177,15 @@ pub fn compress(plain: &[u8]) -> Option<Bytes> {
     if plain.len() < MIN_COMPRESS_BYTES {
         return None;
     }
+    let (index, level) = if plain.len() < SMALL_MESSAGE_BYTES {
+        (0, SMALL_LEVEL)
+    } else {
+        (1, LARGE_LEVEL)
+    };
     COMPRESSOR.with(|cell| {
-        let mut slot = cell.borrow_mut();
-        let c = slot.get_or_insert_with(|| {
-            Compress::new_with_window_bits(Compression::new(LEVEL), false, WINDOW_BITS)
+        let mut slots = cell.borrow_mut();
+        let c = slots[index].get_or_insert_with(|| {
+            Compress::new_with_window_bits(Compression::new(level), false, WINDOW_BITS)
         });
         c.reset();
         // Enough for most messages in one call; grown below if not.
