@@ -409,17 +409,23 @@ fn frame_pair_with_rsv1_on_continuation() -> Vec<u8> {
     bytes
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_compression_bomb_closes_1009_and_the_server_keeps_serving() {
+/// A server with `limits.max_message_bytes = max` and a compressing client subscribed to
+/// `symbol`, which shows whether everyone else is still served.
+async fn with_bystander(max: usize, symbol: &str) -> (TestServer, Client) {
     let mut config = test_config();
-    config.limits.max_message_bytes = 64 * 1024;
+    config.limits.max_message_bytes = max;
     let server = TestServer::start_with(config).await;
     let mut bystander = Client::open(&server, "/ws", Some("permessage-deflate")).await;
     bystander.message().await;
-    bystander
-        .send_text(r#"{"op":"subscribe","id":1,"symbols":["BOMB"]}"#)
-        .await;
+    let subscribe = json!({"op": "subscribe", "id": 1, "symbols": [symbol]});
+    bystander.send_text(&subscribe.to_string()).await;
     bystander.reply(1).await;
+    (server, bystander)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compression_bomb_closes_1009_and_the_server_keeps_serving() {
+    let (server, mut bystander) = with_bystander(64 * 1024, "BOMB").await;
 
     // 10 MiB of JSON-ish text in about 10 KiB: far under the frame limit, far over the
     // message limit once inflated.
@@ -496,15 +502,7 @@ async fn compression_survives_parking() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn near_limit_compressed_frames_in_one_write_are_inflated_a_budget_at_a_time() {
     let max = 64 * 1024;
-    let mut config = test_config();
-    config.limits.max_message_bytes = max;
-    let server = TestServer::start_with(config).await;
-    let mut bystander = Client::open(&server, "/ws", Some("permessage-deflate")).await;
-    bystander.message().await;
-    bystander
-        .send_text(r#"{"op":"subscribe","id":1,"symbols":["MANY"]}"#)
-        .await;
-    bystander.reply(1).await;
+    let (server, mut bystander) = with_bystander(max, "MANY").await;
 
     // 50 pings, each padded with JSON whitespace to just under the limit: ~100 bytes each
     // compressed, ~3 MiB inflated, about 5 KiB on the wire in one write.
