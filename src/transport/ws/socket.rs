@@ -3,7 +3,9 @@
 //!
 //! Inbound: [`WsSocket::read_some`] reads what the kernel has into a stack buffer and hands it
 //! to the [`Decoder`]; only the tail of an incomplete frame (or a fragmented message) is kept,
-//! on the heap, until it completes. Outbound: queued frames are written with one `writev` per
+//! on the heap, until it completes, plus, on a connection that negotiated permessage-deflate,
+//! whole frames the decoder's per-read inflate budget left over ([`WsSocket::has_buffered`]),
+//! which the next [`WsSocket::read_some`] decodes before it reads anything new. Outbound: queued frames are written with one `writev` per
 //! burst straight from the shared, serialize-once payloads, so no per-connection write buffer
 //! exists and nothing is copied. An idle connection therefore holds the socket and two empty
 //! fields: no buffers at all.
