@@ -5,7 +5,9 @@
 //!
 //! Usage: `cargo run --release --example ws_echo [ADDR]` (default `127.0.0.1:0`); prints
 //! `listening on 127.0.0.1:PORT` once it accepts connections. `--max-message BYTES` (default
-//! 64 MiB: Autobahn section 9 sends messages of up to 16 MiB).
+//! 64 MiB: Autobahn section 9 sends messages of up to 16 MiB). permessage-deflate is negotiated
+//! as on `/ws` (Autobahn sections 12 and 13): a compressed connection gets its echoes
+//! compressed (each on its own, as the server compresses), unless `--no-deflate`.
 
 use std::time::Duration;
 
@@ -22,9 +24,12 @@ use tower_service::Service;
 async fn main() -> std::io::Result<()> {
     let mut addr = "127.0.0.1:0".to_string();
     let mut max_message = 64 << 20;
+    let mut deflate = true;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        if arg == "--max-message" {
+        if arg == "--no-deflate" {
+            deflate = false;
+        } else if arg == "--max-message" {
             max_message = args
                 .next()
                 .and_then(|v| v.parse().ok())
@@ -37,7 +42,7 @@ async fn main() -> std::io::Result<()> {
     println!("listening on {}", listener.local_addr()?);
     let app = Router::new().route(
         "/",
-        get(move |ws: ClientUpgrade| async move { upgrade(ws, max_message) }),
+        get(move |ws: ClientUpgrade| async move { upgrade(ws, max_message, deflate) }),
     );
     // hyper directly on the bare stream (as tickfan's own accept loop does), so the upgrade
     // hands back a plain `TcpStream`.
@@ -57,17 +62,21 @@ async fn main() -> std::io::Result<()> {
     }
 }
 
-fn upgrade(ws: ClientUpgrade, max_message: usize) -> Response {
-    let (resp, pending) = ws.accept();
+fn upgrade(ws: ClientUpgrade, max_message: usize, deflate: bool) -> Response {
+    let (resp, pending) = ws.accept(deflate);
     tokio::spawn(echo(pending, max_message));
     resp
 }
 
 async fn echo(pending: PendingUpgrade, max_message: usize) {
+    let deflate = pending.deflate();
     let Some((stream, early)) = pending.stream().await else {
         return;
     };
     let mut socket = WsSocket::new(stream, max_message);
+    if deflate {
+        socket.inflate_compressed();
+    }
     let mut inbox = Vec::new();
     let mut broken = socket.absorb(&early, &mut inbox).err();
     let close = loop {
@@ -75,10 +84,10 @@ async fn echo(pending: PendingUpgrade, max_message: usize) {
         for msg in inbox.drain(..) {
             match msg {
                 tickfan::transport::ws::Incoming::Text(text) => {
-                    socket.queue_text(Bytes::from(text.into_bytes()))
+                    send(&mut socket, deflate, opcode::TEXT, text.into_bytes());
                 }
                 tickfan::transport::ws::Incoming::Binary(data) => {
-                    socket.queue(opcode::BINARY, Bytes::from(data))
+                    send(&mut socket, deflate, opcode::BINARY, data);
                 }
                 tickfan::transport::ws::Incoming::Ping(payload) => {
                     socket.queue_pong(payload);
@@ -113,5 +122,16 @@ async fn echo(pending: PendingUpgrade, max_message: usize) {
     }
     if socket.flush().await.is_ok() {
         socket.await_peer_close(Duration::from_secs(2)).await;
+    }
+}
+
+/// Queues an echo: compressed when the connection negotiated it and compressing pays.
+fn send(socket: &mut WsSocket, deflate: bool, op: u8, data: Vec<u8>) {
+    match deflate
+        .then(|| tickfan::transport::ws::deflate::compress(&data))
+        .flatten()
+    {
+        Some(deflated) => socket.queue_compressed(op, deflated),
+        None => socket.queue(op, Bytes::from(data)),
     }
 }

@@ -62,6 +62,13 @@ pub struct ServerConfig {
     /// rate limiter is full again and need not be kept). 0 keeps every connection on the
     /// runtime.
     pub park_after_ms: u64,
+    /// Accept a client's permessage-deflate offer (RFC 7692) on `/ws` and `/ingest`, in the one
+    /// form where every message is compressed on its own (`server_no_context_takeover;
+    /// client_no_context_takeover`): a tick or batch frame is then compressed once and the same
+    /// bytes go to every client that negotiated it, so compression costs no memory per
+    /// connection. Clients that do not offer it get plain frames; `false` answers every offer
+    /// with plain frames.
+    pub permessage_deflate: bool,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +81,7 @@ impl Default for ServerConfig {
             listen_backlog: 4_096,
             close_timeout_ms: 30_000,
             park_after_ms: 2_000,
+            permessage_deflate: true,
         }
     }
 }

@@ -137,6 +137,20 @@ metrics! {
         "Client requests answered bad_request, and /ws or /ingest connections closed for broken framing or text that is not UTF-8.";
     WS_PONGS_COALESCED: Counter "tickfan_ws_pongs_coalesced_total" []
         "Pings left unanswered because a newer ping replaced a pong the socket had not taken yet.";
+    DEFLATE_CONNECTIONS: Gauge "tickfan_deflate_connections" []
+        "Open WebSocket connections (/ws and /ingest) that negotiated permessage-deflate.";
+    DEFLATE_COMPRESSIONS: Counter "tickfan_deflate_compressions_total" []
+        "Messages compressed for permessage-deflate clients: a shared tick or batch frame once, however many clients get it.";
+    DEFLATE_FRAMES_SENT: Counter "tickfan_deflate_frames_sent_total" []
+        "Frames written to /ws clients compressed (RSV1 set).";
+    DEFLATE_PLAIN_BYTES: Counter "tickfan_deflate_plain_bytes_total" []
+        "Uncompressed payload bytes of the frames in tickfan_deflate_frames_sent_total.";
+    DEFLATE_WIRE_BYTES: Counter "tickfan_deflate_wire_bytes_total" []
+        "Compressed payload bytes of the frames in tickfan_deflate_frames_sent_total.";
+    INFLATE_TOO_BIG: Counter "tickfan_inflate_too_big_total" []
+        "Connections closed 1009 because a compressed message inflated past limits.max_message_bytes.";
+    INFLATE_DEFERRED: Counter "tickfan_inflate_deferred_total" []
+        "Reads (/ws and /ingest) whose compressed frames inflated past the per-read budget (limits.max_message_bytes): the rest was decoded on the connection's next turn.";
     DEAD_LETTERS: Gauge "tickfan_dead_letters" [] "Entries in the dead-letter list.";
     DEAD_LETTERS_SKIPPED: Counter "tickfan_dead_letters_skipped_total" []
         "Rejections not written to the dead-letter list because one frame or body had more than store.dlq_capacity.";

@@ -743,3 +743,72 @@ async fn dashboard_end_to_end() {
     drop(browser);
     let _ = server.stop().await;
 }
+
+/// Chromium offers permessage-deflate on its own; the server accepts it with no context
+/// takeover, and the page's ticks arrive compressed (the server counts RSV1 frames, and this
+/// page's socket is its only client) and parse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_negotiates_permessage_deflate() {
+    let Some(browser) = Browser::launch().await else {
+        return;
+    };
+    let server = TestServer::start().await;
+    // A page of this server that opens no WebSocket of its own.
+    browser.client.goto(&server.http("/health")).await.unwrap();
+    let open = format!(
+        r#"
+        const rec = window.__dfl = {{ ext: null, acked: false, seqs: [], errors: [] }};
+        const ws = new WebSocket('ws://{}/ws');
+        ws.onopen = () => {{
+          rec.ext = ws.extensions;
+          ws.send(JSON.stringify({{ op: 'subscribe', id: 1, symbols: ['CHR'] }}));
+        }};
+        ws.onmessage = (ev) => {{
+          const m = JSON.parse(ev.data);
+          if (m.type === 'ack' && m.id === 1) rec.acked = true;
+          if (m.type === 'tick' && m.symbol === 'CHR') rec.seqs.push(m.seq);
+        }};
+        ws.onerror = () => rec.errors.push('error');
+        ws.onclose = (ev) => rec.errors.push('closed ' + ev.code);
+        return true;
+        "#,
+        server.addr
+    );
+    browser.js(&open).await;
+    let state = |pred: fn(&Value) -> bool| {
+        let browser = &browser;
+        async move {
+            let deadline = tokio::time::Instant::now() + DEADLINE;
+            loop {
+                let s = browser.js("return window.__dfl;").await;
+                if pred(&s) {
+                    return s;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "page state: {s:#}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let s = state(|s| s["acked"] == true).await;
+    assert_eq!(
+        s["ext"], "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        "{s:#}"
+    );
+    let mut producer = server.producer().await;
+    let now = now_ms();
+    let ticks: Vec<Value> = (0..20)
+        .map(|n| tick_at("CHR", now + n as i64, 100.0 + n as f64, n))
+        .collect();
+    ingest_all(&mut producer, &ticks).await;
+    let s = state(|s| s["seqs"].as_array().is_some_and(|v| v.len() == 20)).await;
+    assert_eq!(s["seqs"], json!((1..=20).collect::<Vec<u64>>()), "{s:#}");
+    assert_eq!(s["errors"], json!([]), "{s:#}");
+    assert_eq!(server.metric("tickfan_deflate_connections").await, 1.0);
+    assert_eq!(
+        server.metric("tickfan_deflate_frames_sent_total").await,
+        20.0
+    );
+    let _ = browser.client.clone().close().await;
+    drop(browser);
+    let _ = server.stop().await;
+}

@@ -703,6 +703,12 @@ async fn connect(ctx: &ClientCtx, index: usize) -> Result<(TcpStream, Vec<u8>), 
         let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| "bad_token")?;
         request.headers_mut().insert(AUTHORIZATION, value);
     }
+    if ws::deflate() {
+        request.headers_mut().insert(
+            "sec-websocket-extensions",
+            HeaderValue::from_static(ws::DEFLATE_OFFER),
+        );
+    }
     let leftover = ws::handshake(&mut stream, request)
         .await
         .map_err(|e| ws_reason(&e))?;

@@ -162,6 +162,10 @@ struct Args {
     /// not to the connection; a connection keeps only an incomplete frame between reads.
     #[arg(long, default_value_t = 64)]
     read_buffer_kb: usize,
+    /// Subscribers offer permessage-deflate (`permessage-deflate; client_max_window_bits`,
+    /// as browsers do), require it, and inflate every compressed message before checking it.
+    #[arg(long)]
+    deflate: bool,
     /// Make the first M clients slow consumers (they pause --slow-ms after every message),
     /// to check that the server cuts them off (4008) without slowing the others.
     #[arg(long, default_value_t = 0)]
@@ -375,6 +379,7 @@ fn try_main() -> anyhow::Result<ExitCode> {
     stats::init_subscribers(symbols.len());
     stats::init_final_seqs(symbols.len());
     ws::set_read_size(args.read_buffer_kb.max(1) * 1024);
+    ws::set_deflate(args.deflate);
     let ctx = Arc::new(ClientCtx {
         targets: targets
             .iter()

@@ -15,6 +15,12 @@
 //!
 //! The handshake is done here too: tungstenite would keep any bytes that followed its 101
 //! response (the server's `welcome` often does) in a buffer that cannot be taken back.
+//!
+//! `--deflate` ([`set_deflate`]): subscribers offer permessage-deflate (as browsers do),
+//! require the server's answer, and inflate each compressed (RSV1) text message into the
+//! thread's inflate buffer before handing it over, so ticks are checked as usual. The server
+//! compresses every message on its own, so one inflater per thread, reset per message, serves
+//! every connection.
 
 use std::cell::RefCell;
 use std::hash::{BuildHasher, Hasher};
@@ -60,10 +66,66 @@ pub fn set_read_size(bytes: usize) {
     READ_SIZE.store(bytes.max(1024), Relaxed);
 }
 
+/// `--deflate`: subscribers offer permessage-deflate and inflate compressed messages.
+static DEFLATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// What `--deflate` offers: the browsers' offer.
+pub const DEFLATE_OFFER: &str = "permessage-deflate; client_max_window_bits";
+
+pub fn set_deflate(on: bool) {
+    DEFLATE.store(on, Relaxed);
+}
+
+/// Whether `--deflate` is on.
+pub fn deflate() -> bool {
+    DEFLATE.load(Relaxed)
+}
+
+/// One compressed message inflated (RFC 7692 §7.2.2: the `00 00 ff ff` tail added back).
+fn inflate(payload: &[u8], out: &mut Vec<u8>) -> Result<(), WsError> {
+    use flate2::{Decompress, FlushDecompress};
+    thread_local! {
+        static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
+    }
+    INFLATER.with(|d| {
+        let mut d = d.borrow_mut();
+        d.reset(false);
+        out.clear();
+        out.reserve(payload.len() * 4 + 256);
+        for input in [payload, &[0, 0, 0xff, 0xff][..]] {
+            let mut at = 0;
+            loop {
+                let before = d.total_in();
+                let status = d
+                    .decompress_vec(&input[at..], out, FlushDecompress::Sync)
+                    .map_err(|_| WsError::Protocol(ProtocolError::NonZeroReservedBits))?;
+                at += usize::try_from(d.total_in() - before).unwrap_or(0);
+                if at == input.len() && out.len() < out.capacity() {
+                    break;
+                }
+                if out.len() > MAX_MESSAGE {
+                    return Err(CapacityError::MessageTooLong {
+                        size: out.len(),
+                        max_size: MAX_MESSAGE,
+                    }
+                    .into());
+                }
+                if status == flate2::Status::StreamEnd {
+                    break;
+                }
+                out.reserve(out.capacity());
+            }
+        }
+        Ok(())
+    })
+}
+
 thread_local! {
     /// The worker thread's read buffer: every connection polled on this thread reads into
     /// it and parses it before returning. Its length is its capacity (zeroed once).
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// The thread's inflate output (`--deflate`), reused for every compressed message.
+    static INFLATED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     /// State of the mask generator (xorshift64*), seeded per thread.
     static MASK_STATE: std::cell::Cell<u64> = std::cell::Cell::new({
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -99,6 +161,8 @@ pub enum Flow {
 struct Header {
     fin: bool,
     rsv: bool,
+    /// RSV1 alone: a permessage-deflate message.
+    compressed: bool,
     opcode: u8,
     masked: bool,
     /// Header bytes, mask key included.
@@ -144,6 +208,7 @@ fn parse_header(buf: &[u8]) -> Result<Option<Header>, WsError> {
     Ok(Some(Header {
         fin: b0 & 0x80 != 0,
         rsv: b0 & 0x70 != 0,
+        compressed: b0 & 0x70 == 0x40,
         opcode,
         masked,
         len,
@@ -208,6 +273,23 @@ impl Parser {
             }
             let payload = &rest[h.len..end];
             pos += end;
+            if h.rsv && h.compressed && h.fin && h.opcode == OP_TEXT && deflate() {
+                // The server never fragments what it compresses.
+                if self.partial.is_some() {
+                    return Err(ProtocolError::ExpectedFragment(Data::Text).into());
+                }
+                texts += 1;
+                let flow = INFLATED.with(|cell| {
+                    let mut text = cell.borrow_mut();
+                    inflate(payload, &mut text)?;
+                    check_utf8(&text)?;
+                    Ok::<_, WsError>(on(Msg::Text(&text)))
+                })?;
+                if flow == Flow::Stop {
+                    return Ok((pos, flow));
+                }
+                continue;
+            }
             if h.rsv {
                 return Err(ProtocolError::NonZeroReservedBits.into());
             }
@@ -571,6 +653,19 @@ fn check_response(buf: &[u8], accept: &str) -> Result<Option<usize>, WsError> {
     }
     if header("Sec-WebSocket-Accept") != Some(accept.as_bytes()) {
         return Err(ProtocolError::SecWebSocketAcceptKeyMismatch.into());
+    }
+    if deflate()
+        && !header("Sec-WebSocket-Extensions")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .is_some_and(|v| v.to_ascii_lowercase().starts_with("permessage-deflate"))
+    {
+        // --deflate measures compressed delivery: a plain connection would skew it.
+        return Err(ProtocolError::InvalidHeader(Box::new(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_static(
+                "sec-websocket-extensions",
+            ),
+        ))
+        .into());
     }
     if header("Sec-WebSocket-Protocol").is_some() {
         return Err(ProtocolError::SecWebSocketSubProtocolError(

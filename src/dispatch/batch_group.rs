@@ -126,7 +126,11 @@ impl BatchGroup {
         if self.held.is_empty() {
             return None;
         }
-        let frame = super::delivery::batch_frame(&self.held, self.held_bytes);
+        // Every member gets this one frame: shared, compressed at most once.
+        let frame = Frame::shared(
+            super::delivery::batch_frame(&self.held, self.held_bytes),
+            true,
+        );
         self.held.clear();
         self.held_bytes = 0;
         Some(frame)

@@ -332,7 +332,7 @@ impl Delivery {
             return Outcome::Done;
         };
         if !held.batch.is_empty() {
-            let frame = batch_frame(&held.batch, held.batch_bytes);
+            let frame = Frame::from(batch_frame(&held.batch, held.batch_bytes));
             match out.push(frame) {
                 Ok(()) => {
                     tally.messages += 1;
@@ -434,7 +434,7 @@ impl Delivery {
 }
 
 /// `{"type":"batch","ticks":[...]}` from held frames (each already a tick object).
-pub(super) fn batch_frame(held: &[(Symbol, Frame)], bytes: usize) -> Frame {
+pub(super) fn batch_frame(held: &[(Symbol, Frame)], bytes: usize) -> String {
     let mut out = String::with_capacity(bytes + held.len() + 32);
     out.push_str(r#"{"type":"batch","ticks":["#);
     for (i, (_, f)) in held.iter().enumerate() {
@@ -444,7 +444,7 @@ pub(super) fn batch_frame(held: &[(Symbol, Frame)], bytes: usize) -> Frame {
         out.push_str(f.as_str());
     }
     out.push_str("]}");
-    Frame::from(out)
+    out
 }
 
 /// The tick frame with `"conflated":K` added before the closing brace.

@@ -147,6 +147,9 @@ pub struct Dispatcher<S: TickSink> {
     groups: Groups,
     /// Ticks stamped so far: a group takes each tick once however many members offer it.
     stamped: u64,
+    /// Registered clients that negotiated permessage-deflate: while there are any, tick
+    /// frames carry a slot for their compressed form (compressed once, for all of them).
+    deflate_clients: usize,
     sink: S,
     dead_letters: Arc<DeadLetters>,
     stats: Arc<DispatchStats>,
@@ -224,6 +227,7 @@ impl<S: TickSink> Dispatcher<S> {
             timers: BinaryHeap::new(),
             groups: Groups::default(),
             stamped: 0,
+            deflate_clients: 0,
             sink,
             dead_letters,
             stats,
@@ -427,7 +431,7 @@ impl<S: TickSink> Dispatcher<S> {
         state.price = tick.price;
         state.ts = tick.ts;
         tick.seq = state.seq;
-        let frame = Frame::from(tick.to_json());
+        let frame = Frame::shared(tick.to_json(), self.deflate_clients > 0);
         state.recent.push(tick.seq, frame.clone(), self.recent_cap);
         frame
     }
@@ -608,8 +612,11 @@ impl<S: TickSink> Dispatcher<S> {
 
     fn deregister(&mut self, key: ClientKey) {
         self.drop_client(key, 0);
-        if self.clients.try_remove(key).is_some() {
+        if let Some(client) = self.clients.try_remove(key) {
             self.stats.clients.fetch_sub(1, Ordering::Relaxed);
+            if client.out.deflate() {
+                self.deflate_clients -= 1;
+            }
         }
     }
 
@@ -629,6 +636,9 @@ impl<S: TickSink> Dispatcher<S> {
         match cmd {
             Command::Register { out, reply } => {
                 self.next_serial += 1;
+                if out.deflate() {
+                    self.deflate_clients += 1;
+                }
                 let key = self.clients.insert(Client {
                     serial: self.next_serial,
                     awaiting: SymbolSet::default(),

@@ -17,17 +17,121 @@
 //! never one message per drained frame.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{
+    AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use once_cell::race::OnceBox;
 use parking_lot::Mutex;
 
-/// A frame on its way to one client.
-pub type Frame = Utf8Bytes;
+/// A frame on its way to clients: its text, serialized once and shared (a clone is a
+/// reference count) by every connection it goes to. A frame the dispatcher shares (a tick, a
+/// batch group's batch) can also carry a slot for its permessage-deflate form, filled by the
+/// first connection that negotiated compression and needs it, and shared by all the others:
+/// a frame is compressed at most once, however many clients get it compressed.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    text: Utf8Bytes,
+    /// The compressed form, once made (`None` inside: not worth compressing).
+    deflated: Option<Arc<OnceLock<Option<Bytes>>>>,
+}
+
+impl Frame {
+    /// A frame several connections will get: with a slot for its compressed form when
+    /// `compressible` (some client negotiated compression).
+    #[must_use]
+    pub fn shared(text: impl Into<Utf8Bytes>, compressible: bool) -> Self {
+        Self {
+            text: text.into(),
+            deflated: compressible.then(Default::default),
+        }
+    }
+
+    /// Whether several connections get this frame (its compressed form is made once).
+    #[must_use]
+    pub fn is_shared(&self) -> bool {
+        self.deflated.is_some()
+    }
+
+    /// The text.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        self.text.as_str()
+    }
+
+    /// The compressed form for a connection that negotiated permessage-deflate: made by
+    /// `compress` once for a shared frame (later calls, from any connection, get the same
+    /// bytes), or each time for a frame made for one connection. `None`: send it plain.
+    pub fn deflated(&self, compress: impl FnOnce(&[u8]) -> Option<Bytes>) -> Option<Bytes> {
+        match &self.deflated {
+            Some(slot) => slot.get_or_init(|| compress(self.text.as_bytes())).clone(),
+            None => compress(self.text.as_bytes()),
+        }
+    }
+}
+
+impl std::ops::Deref for Frame {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.text.as_str()
+    }
+}
+
+impl From<String> for Frame {
+    fn from(text: String) -> Self {
+        Self::shared(text, false)
+    }
+}
+
+impl From<&str> for Frame {
+    fn from(text: &str) -> Self {
+        Self::shared(text, false)
+    }
+}
+
+impl TryFrom<Bytes> for Frame {
+    type Error = std::str::Utf8Error;
+
+    fn try_from(bytes: Bytes) -> Result<Self, Self::Error> {
+        Utf8Bytes::try_from(bytes).map(|text| Self::shared(text, false))
+    }
+}
+
+impl From<Frame> for Bytes {
+    fn from(frame: Frame) -> Self {
+        frame.text.into()
+    }
+}
+
+impl PartialEq for Frame {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Frame {}
+
+impl PartialEq<&str> for Frame {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<str> for Frame {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+/// Frames [`OutboundReceiver::drain`] takes out of the queue per lock: the lock is held only
+/// to move them, never while the connection works on them.
+const DRAIN_BATCH: usize = 32;
 
 /// Why a push failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,8 +164,8 @@ struct Shared {
     max_messages: u32,
     /// Close code the connection must use (0: none yet). First caller wins.
     close_code: AtomicU16,
-    /// The receiving side has gone: pushes fail with `Closed`.
-    closed: AtomicBool,
+    /// [`CLOSED`] and [`DEFLATE`]: two flags in one byte (see `LINK_BUDGET`).
+    flags: AtomicU8,
     ping_due: AtomicBool,
     /// When the connection last heard from its client, ms on the server's clock, in 32 bits:
     /// it is only ever compared with the clock a few heartbeats later, and a wrapping
@@ -82,6 +186,12 @@ struct Shared {
     /// replay. One pointer: links that never replay (nearly all) pay 8 bytes for it.
     refill: OnceBox<Refill>,
 }
+
+/// Link flag: the receiving side has gone; pushes fail with `Closed`.
+const CLOSED: u8 = 1;
+/// Link flag: the connection negotiated permessage-deflate; the dispatcher gives the frames
+/// it shares a slot for their compressed form while such clients are registered.
+const DEFLATE: u8 = 2;
 
 /// A link's paced-replay state, boxed because few links ever have one.
 #[derive(Debug)]
@@ -180,7 +290,7 @@ pub fn channel(max_messages: usize, byte_limit: usize) -> (Outbound, OutboundRec
         byte_limit: u32::try_from(byte_limit).unwrap_or(u32::MAX),
         max_messages: u32::try_from(max_messages).unwrap_or(u32::MAX),
         close_code: AtomicU16::new(0),
-        closed: AtomicBool::new(false),
+        flags: AtomicU8::new(0),
         ping_due: AtomicBool::new(false),
         heard_ms: AtomicU32::new(0),
         auth_deadline_ms: AtomicU32::new(0),
@@ -224,7 +334,7 @@ impl Outbound {
         let len = frame.len();
         let was_empty = {
             let mut queue = shared.queue.lock();
-            if shared.closed.load(Ordering::Acquire) {
+            if shared.flags.load(Ordering::Acquire) & CLOSED != 0 {
                 return Err(PushError::Closed);
             }
             if queue.len() >= shared.max_messages as usize
@@ -242,6 +352,17 @@ impl Outbound {
             shared.waker.wake();
         }
         Ok(())
+    }
+
+    /// Marks the connection as one that negotiated permessage-deflate (before it registers).
+    pub fn set_deflate(&self) {
+        self.shared.flags.fetch_or(DEFLATE, Ordering::Release);
+    }
+
+    /// Whether the connection negotiated permessage-deflate.
+    #[must_use]
+    pub fn deflate(&self) -> bool {
+        self.shared.flags.load(Ordering::Acquire) & DEFLATE != 0
     }
 
     /// Bytes queued and not yet taken by the connection.
@@ -434,30 +555,54 @@ impl OutboundReceiver {
         Some(frame)
     }
 
-    /// Takes queued frames in order, under one lock, until `budget` bytes are taken or the
-    /// queue is empty; returns the number of frames and bytes taken.
+    /// Takes queued frames in order until `budget` bytes are taken or the queue is empty;
+    /// returns the number of frames and bytes taken. Frames leave the queue [`DRAIN_BATCH`]
+    /// at a time under the lock and are handed to `take` with the lock released: `take` may
+    /// compress them, and the dispatcher's pushes to this link must not wait for that.
     pub fn drain(&self, budget: usize, mut take: impl FnMut(Frame)) -> (u64, usize) {
         let mut frames = 0;
         let mut bytes = 0;
-        {
-            let mut queue = self.shared.queue.lock();
-            while bytes < budget {
-                let Some(frame) = queue.pop_front() else {
-                    break;
-                };
-                bytes += frame.len();
-                frames += 1;
+        let mut batch: [Option<Frame>; DRAIN_BATCH] = Default::default();
+        let mut remaining = None;
+        while bytes < budget {
+            let (got, got_bytes) = {
+                let mut queue = self.shared.queue.lock();
+                let mut got = 0;
+                let mut got_bytes = 0;
+                while got < DRAIN_BATCH && bytes + got_bytes < budget {
+                    let Some(frame) = queue.pop_front() else {
+                        break;
+                    };
+                    got_bytes += frame.len();
+                    batch[got] = Some(frame);
+                    got += 1;
+                }
+                if queue.is_empty() && queue.capacity() > 0 {
+                    // An idle connection keeps no queue storage.
+                    *queue = VecDeque::new();
+                }
+                (got, got_bytes)
+            };
+            if got == 0 {
+                break;
+            }
+            let before = self
+                .shared
+                .queued_bytes
+                .fetch_sub(got_bytes, Ordering::AcqRel);
+            remaining = Some(before - got_bytes);
+            frames += got as u64;
+            bytes += got_bytes;
+            for frame in batch[..got].iter_mut().filter_map(Option::take) {
                 take(frame);
             }
-            if queue.is_empty() && queue.capacity() > 0 {
-                // An idle connection keeps no queue storage.
-                *queue = VecDeque::new();
+            if got < DRAIN_BATCH {
+                break;
             }
         }
-        let before = self.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
-        if frames > 0 {
+        if let Some(remaining) = remaining {
             self.shared.active.store(true, Ordering::Release);
-            self.drained_to(before - bytes);
+            self.drained_to(remaining);
         }
         (frames, bytes)
     }
@@ -491,7 +636,7 @@ impl OutboundReceiver {
 impl Drop for OutboundReceiver {
     fn drop(&mut self) {
         let mut queue = self.shared.queue.lock();
-        self.shared.closed.store(true, Ordering::Release);
+        self.shared.flags.fetch_or(CLOSED, Ordering::Release);
         queue.clear();
         self.shared.queued_bytes.store(0, Ordering::Release);
     }
@@ -565,6 +710,30 @@ mod tests {
         assert_eq!(tx.queued_bytes(), 4);
         assert_eq!(rx.drain(100, |f| got.push(f)), (1, 4));
         assert_eq!(rx.shared.queue.lock().capacity(), 0);
+    }
+
+    /// The connection compresses (or otherwise works on) what it takes: that must never
+    /// happen under the link's lock, which the dispatcher's push waits on.
+    #[test]
+    fn drain_hands_frames_over_with_the_queue_unlocked() {
+        let (tx, rx) = channel(10_000, 1 << 20);
+        for i in 0..1000 {
+            tx.push(Frame::from(format!("frame {i}"))).unwrap();
+        }
+        let mut taken = 0;
+        let (frames, _) = rx.drain(usize::MAX, |f| {
+            assert!(
+                rx.shared.queue.try_lock().is_some(),
+                "the queue is locked while {f:?} is taken"
+            );
+            // The dispatcher may push meanwhile; those frames are taken too.
+            if taken < 10 {
+                tx.push(Frame::from("pushed while draining")).unwrap();
+            }
+            taken += 1;
+        });
+        assert_eq!((frames, taken), (1010, 1010));
+        assert_eq!(tx.queued_bytes(), 0);
     }
 
     #[test]

@@ -113,6 +113,25 @@ pub fn render(s: &AppState) -> String {
         &[],
         load(&c.pongs_coalesced) + load(&p.pongs_coalesced),
     );
+    r.gauge(
+        &m::DEFLATE_CONNECTIONS,
+        &[],
+        load(&c.deflate_open) + load(&p.deflate_open),
+    );
+    r.counter(&m::DEFLATE_COMPRESSIONS, &[], load(&c.deflate_compressions));
+    r.counter(&m::DEFLATE_FRAMES_SENT, &[], load(&c.deflate_frames));
+    r.counter(&m::DEFLATE_PLAIN_BYTES, &[], load(&c.deflate_plain_bytes));
+    r.counter(&m::DEFLATE_WIRE_BYTES, &[], load(&c.deflate_wire_bytes));
+    r.counter(
+        &m::INFLATE_TOO_BIG,
+        &[],
+        load(&c.inflate_too_big) + load(&p.inflate_too_big),
+    );
+    r.counter(
+        &m::INFLATE_DEFERRED,
+        &[],
+        load(&c.inflate_deferred) + load(&p.inflate_deferred),
+    );
     r.gauge(&m::DEAD_LETTERS, &[], s.dead_letters.len() as u64);
     r.counter(
         &m::DEAD_LETTERS_SKIPPED,

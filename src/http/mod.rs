@@ -341,7 +341,7 @@ async fn ws_client(
 ) -> Response {
     // A missing or wrong token is answered on the WebSocket (a late `auth` op, or 4001).
     let auth = AuthState::of(&state.config.auth.client_tokens, token.as_deref());
-    let (resp, pending) = ws.accept();
+    let (resp, pending) = ws.accept(state.config.server.permessage_deflate);
     let ctx = state.clients.clone();
     tokio::spawn(session::serve(
         pending,
@@ -361,7 +361,7 @@ async fn ws_ingest(
 ) -> Response {
     // tickfan's own transport, as `/ws`: frames and messages bounded by
     // `limits.max_message_bytes`, protocol errors answered with their close code.
-    let (resp, pending) = ws.accept();
+    let (resp, pending) = ws.accept(state.config.server.permessage_deflate);
     let ctx = state.producers.clone();
     tokio::spawn(tracked(&state, slot, move || producer::serve(pending, ctx)));
     resp

@@ -36,7 +36,7 @@ use crate::dispatch::registry::ClientKey;
 use crate::dispatch::DispatcherHandle;
 use crate::protocol::{self, close, error_message, ErrorCode};
 use crate::transport::ws::frame::{opcode, FrameError};
-use crate::transport::ws::{Incoming, PendingUpgrade, ReadError, WsSocket};
+use crate::transport::ws::{deflate, Incoming, PendingUpgrade, ReadError, WsSocket};
 
 pub mod admission;
 pub mod liveness;
@@ -113,13 +113,39 @@ pub struct ClientStats {
     /// Pings left unanswered because a newer ping replaced a pong not sent yet (see
     /// `transport::ws::socket`; `/ingest` counts its own in [`producer::ProducerStats`]).
     pub pongs_coalesced: AtomicU64,
+    /// Open connections that negotiated permessage-deflate.
+    pub deflate_open: AtomicU64,
+    /// Messages compressed: a shared frame once however many clients get it, a frame made
+    /// for one connection each time.
+    pub deflate_compressions: AtomicU64,
+    /// Frames written compressed (RSV1), and their plain and compressed payload bytes.
+    pub deflate_frames: AtomicU64,
+    /// Plain payload bytes of the frames in `deflate_frames`.
+    pub deflate_plain_bytes: AtomicU64,
+    /// Compressed payload bytes of the frames in `deflate_frames` (what went on the wire).
+    pub deflate_wire_bytes: AtomicU64,
+    /// Connections closed 1009 for a compressed message inflating past the limit (also
+    /// counted in `too_big`).
+    pub inflate_too_big: AtomicU64,
+    /// Reads whose compressed frames passed the per-read inflate budget: the rest waited for
+    /// the connection's next turn.
+    pub inflate_deferred: AtomicU64,
 }
+
+/// Frames made for one connection (replies, snapshots, conflated ticks) are compressed for it
+/// only from this size: below it the compressor's per-message cost buys too little. Shared
+/// frames (ticks, batch groups' batches) are compressed from `deflate::MIN_COMPRESS_BYTES`,
+/// once for all their clients.
+const OWN_FRAME_DEFLATE_MIN: usize = 1024;
 
 struct Conn {
     ctx: Arc<ClientContext>,
     out: Outbound,
     key: Option<ClientKey>,
     auth: AuthState,
+    /// permessage-deflate was negotiated: shared frames go out compressed, and the client may
+    /// send compressed messages (kept here, as the socket is rebuilt after parking).
+    deflate: bool,
     /// The request rate limiter: created with the first request, dropped at parking once it
     /// is full again (see [`requests::BURST_REFILL_MS`]).
     limiter: Option<Box<RequestLimiter>>,
@@ -185,6 +211,9 @@ impl Drop for Session {
             ctx.dispatcher.deregister(key);
         }
         ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
+        if self.conn.deflate {
+            ctx.stats.deflate_open.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -197,6 +226,7 @@ pub async fn serve(
     slot: ConnectionSlot,
     tracked: TaskTrackerToken,
 ) {
+    let deflate = pending.deflate();
     let Some((stream, early)) = pending.stream().await else {
         return;
     };
@@ -205,6 +235,10 @@ pub async fn serve(
         ctx.config.dispatch.outbound_messages,
         ctx.config.limits.outbound_buffer_bytes,
     );
+    if deflate {
+        ctx.stats.deflate_open.fetch_add(1, Ordering::Relaxed);
+        out.set_deflate();
+    }
     let now = ctx.connections.clock_ms();
     rx.heard(now);
     if auth == AuthState::Pending {
@@ -222,6 +256,7 @@ pub async fn serve(
             out,
             key: None,
             auth,
+            deflate,
             limiter: None,
             limited_in_a_row: 0,
         },
@@ -231,6 +266,9 @@ pub async fn serve(
         _tracked: tracked,
     };
     let mut socket = WsSocket::new(stream, ctx.config.limits.max_message_bytes);
+    if deflate {
+        socket.inflate_compressed();
+    }
     // Messages read but not handled yet, starting with any the client sent right behind the
     // handshake. `early` is a view into hyper's whole read buffer: let it go at once.
     let mut inbox = Vec::new();
@@ -254,6 +292,9 @@ pub async fn resume(session: Session, stream: std::net::TcpStream, unsent: Optio
         return;
     };
     let mut socket = WsSocket::new(stream, session.conn.ctx.config.limits.max_message_bytes);
+    if session.conn.deflate {
+        socket.inflate_compressed();
+    }
     if let Some(bytes) = unsent {
         socket.queue_framed(bytes);
     }
@@ -305,6 +346,8 @@ fn next_event<'a>(
         // A peer that pings without reading the pongs is not read until the socket drains.
         match socket.poll_read_ready(cx) {
             _ if socket.read_paused() => {}
+            // Frames read earlier and left over by the inflate budget: no need to wait.
+            _ if socket.has_buffered() => return Poll::Ready(Event::Readable),
             Poll::Ready(Ok(())) => return Poll::Ready(Event::Readable),
             Poll::Ready(Err(_)) => return Poll::Ready(Event::SocketFailed),
             Poll::Pending => {}
@@ -372,7 +415,18 @@ async fn run(
             }
         }
         match next_event(socket, rx).await {
-            Event::Readable => broken = socket.read_some(&mut inbox).err(),
+            Event::Readable => {
+                if socket.has_buffered() {
+                    // Leftovers of a read full of compressed frames: let other tasks run
+                    // between two budgets' worth when this one has run long.
+                    tokio::task::coop::consume_budget().await;
+                }
+                broken = socket.read_some(&mut inbox).err();
+                if socket.has_buffered() {
+                    let stats = &conn.ctx.stats;
+                    stats.inflate_deferred.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             Event::SocketFailed => return Exit::Ended,
             Event::Link(Wake::Close(code)) => break (code, close_reason(code), Ending::Order),
             // The sweep saw nothing happen for `server.park_after_ms`. Anything still in
@@ -419,7 +473,8 @@ async fn run(
     });
     if ending != Ending::Order {
         // Replies to requests read before the close go out first (up to a burst).
-        rx.drain(WRITE_BURST_BYTES, |frame| socket.queue_text(frame.into()));
+        let stats = &conn.ctx.stats;
+        rx.drain(WRITE_BURST_BYTES, |frame| queue_frame(socket, frame, stats));
     }
     Box::pin(close_with(
         socket,
@@ -492,6 +547,11 @@ fn read_failure(ctx: &ClientContext, e: ReadError) -> Option<(u16, &'static str)
             ctx.stats.too_big.fetch_add(1, Ordering::Relaxed);
             Some((close::TOO_BIG, "message too big"))
         }
+        ReadError::Frame(FrameError::InflatedTooBig) => {
+            ctx.stats.too_big.fetch_add(1, Ordering::Relaxed);
+            ctx.stats.inflate_too_big.fetch_add(1, Ordering::Relaxed);
+            Some((close::TOO_BIG, "message inflates past max_message_bytes"))
+        }
         ReadError::Frame(FrameError::InvalidUtf8) => {
             ctx.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
             Some((close::INVALID_PAYLOAD, "text is not UTF-8"))
@@ -555,7 +615,7 @@ async fn write_until_done(
                 if first.is_none() {
                     first = Some(frame.clone());
                 }
-                socket.queue_text(frame.into());
+                queue_frame(socket, frame, stats);
             })
         };
         stats.frames_sent.fetch_add(frames, Ordering::Relaxed);
@@ -582,6 +642,7 @@ async fn write_until_done(
                 }
                 match socket.poll_read_ready(cx) {
                     _ if socket.read_paused() => Poll::Pending,
+                    _ if socket.has_buffered() => Poll::Ready(Err(Written::Readable)),
                     Poll::Ready(_) => Poll::Ready(Err(Written::Readable)),
                     Poll::Pending => Poll::Pending,
                 }
@@ -603,6 +664,34 @@ async fn write_until_done(
             return Written::Done;
         }
     }
+}
+
+/// Queues a frame from the link: compressed (RSV1) on a connection that negotiated
+/// permessage-deflate when that pays, made once for a shared frame and reused for every
+/// client that gets it; otherwise plain.
+fn queue_frame(socket: &mut WsSocket, frame: Frame, stats: &ClientStats) {
+    if socket.deflate() {
+        let shared = frame.is_shared();
+        let deflated = frame.deflated(|plain| {
+            if !shared && plain.len() < OWN_FRAME_DEFLATE_MIN {
+                return None;
+            }
+            stats.deflate_compressions.fetch_add(1, Ordering::Relaxed);
+            deflate::compress(plain)
+        });
+        if let Some(deflated) = deflated {
+            stats.deflate_frames.fetch_add(1, Ordering::Relaxed);
+            stats
+                .deflate_plain_bytes
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
+            stats
+                .deflate_wire_bytes
+                .fetch_add(deflated.len() as u64, Ordering::Relaxed);
+            socket.queue_compressed(opcode::TEXT, deflated);
+            return;
+        }
+    }
+    socket.queue_text(frame.into());
 }
 
 /// How long closing may wait behind data already queued in the socket.

@@ -50,6 +50,30 @@ pub struct ProducerStats {
     pub bad_frames: AtomicU64,
     /// Pings left unanswered because a newer ping replaced a pong not sent yet.
     pub pongs_coalesced: AtomicU64,
+    /// Open connections that negotiated permessage-deflate (they may send compressed frames).
+    pub deflate_open: AtomicU64,
+    /// Connections closed 1009 for a compressed message inflating past the limit (also
+    /// counted in `too_big`).
+    pub inflate_too_big: AtomicU64,
+    /// Reads whose compressed frames passed the per-read inflate budget: the rest waited for
+    /// the connection's next turn.
+    pub inflate_deferred: AtomicU64,
+}
+
+/// Counts an open connection that negotiated permessage-deflate, for as long as it lives.
+struct DeflateOpen<'a>(&'a AtomicU64);
+
+impl<'a> DeflateOpen<'a> {
+    fn new(open: &'a AtomicU64) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self(open)
+    }
+}
+
+impl Drop for DeflateOpen<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Frames whose acks may be outstanding per producer connection.
@@ -73,12 +97,18 @@ enum Ending {
 
 /// Serves one upgraded producer connection until it closes.
 pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>) {
+    let deflate = pending.deflate();
     let Some((stream, early)) = pending.stream().await else {
         return;
     };
     let ingestor = &ctx.ingestor;
     let mut socket = WsSocket::new(stream, ctx.max_message_bytes);
     socket.set_read_buffer(READ_BUFFER);
+    // Producers' frames may come compressed; acks go out plain (they are small).
+    let _deflate_open = deflate.then(|| {
+        socket.inflate_compressed();
+        DeflateOpen::new(&ctx.stats.deflate_open)
+    });
     let mut inbox = Vec::new();
     // A producer may send its first frame right behind the handshake.
     let mut broken = socket.absorb(&early, &mut inbox).err();
@@ -133,11 +163,18 @@ pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>) {
                     break Ending::Gone;
                 }
             }
+            // Frames read earlier and left over by the inflate budget: decoded without waiting
+            // for the socket (other tasks run in between once this one has run long).
+            () = tokio::task::coop::consume_budget(), if may_read && socket.has_buffered() => {
+                broken = socket.read_some(&mut inbox).err();
+                count_deferred(&ctx, &socket);
+            }
             ready = socket.readable(), if may_read => {
                 broken = match ready {
                     Ok(()) => socket.read_some(&mut inbox).err(),
                     Err(e) => Some(e.into()),
                 };
+                count_deferred(&ctx, &socket);
             }
         }
     };
@@ -161,6 +198,13 @@ pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>) {
     };
     if matches!(tokio::time::timeout(grace, finish).await, Ok(Ok(()))) {
         socket.await_peer_close(Duration::from_secs(2)).await;
+    }
+}
+
+/// Counts a read that left compressed frames for the next turn (the inflate budget).
+fn count_deferred(ctx: &ProducerContext, socket: &WsSocket) {
+    if socket.has_buffered() {
+        ctx.stats.inflate_deferred.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -195,6 +239,9 @@ fn queue_acks<F>(
 fn read_failure(ctx: &ProducerContext, e: ReadError) -> Ending {
     match e {
         ReadError::Frame(e) => {
+            if e == FrameError::InflatedTooBig {
+                ctx.stats.inflate_too_big.fetch_add(1, Ordering::Relaxed);
+            }
             if e.close_code() == close::TOO_BIG {
                 ctx.stats.too_big.fetch_add(1, Ordering::Relaxed);
             } else {
@@ -212,5 +259,6 @@ fn frame_reason(e: FrameError) -> &'static str {
         FrameError::Protocol(why) => why,
         FrameError::TooBig => "message too big",
         FrameError::InvalidUtf8 => "text is not UTF-8",
+        FrameError::InflatedTooBig => "message inflates past max_message_bytes",
     }
 }

@@ -8,9 +8,19 @@
 //! `max_message`: the tail of an incomplete frame (its header is checked against the limit
 //! before its payload is waited for) and the reassembled message. An idle decoder holds no
 //! buffer at all.
+//!
+//! With permessage-deflate negotiated ([`Decoder::inflate_compressed`]), a message whose first
+//! frame has RSV1 set is inflated as its frames arrive (`deflate`), into the same bounded
+//! message buffer: the inflated size, not the wire size, is held to `max_message`, and the
+//! inflater exists only while such a message is in progress. One [`Decoder::absorb`] call
+//! inflates at most `max_message` bytes before it starts on another compressed frame (so under
+//! twice that in all): a read full of small frames that each inflate to nearly the limit is
+//! not inflated all at once. What is left stays in the carry, [`Decoder::has_buffered`] says
+//! so, and the connection absorbs again (with no new bytes) before it reads more.
 
 use bytes::Bytes;
 
+use super::deflate::{self, Inflater};
 use super::frame::{self, opcode, FrameError, Head};
 
 /// A complete message from the peer.
@@ -40,6 +50,8 @@ struct Partial {
     /// How much of `message` is known to be valid UTF-8 (text only): the rest is the start
     /// of a code point the next fragment completes.
     utf8_valid: usize,
+    /// The message is compressed: its fragments are inflated onto `message` as they come.
+    inflater: Option<Box<Inflater>>,
 }
 
 /// Decodes one connection's inbound bytes into messages.
@@ -49,6 +61,10 @@ pub struct Decoder {
     partial: Option<Box<Partial>>,
     /// A close frame (well-formed or not) arrived: nothing after it is decoded.
     closed: bool,
+    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
+    deflate: bool,
+    /// The last absorb stopped at its inflate budget with whole frames left in the carry.
+    buffered: bool,
 }
 
 impl Decoder {
@@ -59,7 +75,27 @@ impl Decoder {
             max_message,
             partial: None,
             closed: false,
+            deflate: false,
+            buffered: false,
         }
+    }
+
+    /// Accepts compressed messages (RSV1) from now on: permessage-deflate was negotiated.
+    pub fn inflate_compressed(&mut self) {
+        self.deflate = true;
+    }
+
+    /// Whether permessage-deflate was negotiated.
+    #[must_use]
+    pub fn inflates(&self) -> bool {
+        self.deflate
+    }
+
+    /// Whether an absorb stopped at its inflate budget with whole frames left over: the
+    /// connection calls [`Decoder::absorb`] again (with nothing new) before it reads more.
+    #[must_use]
+    pub fn has_buffered(&self) -> bool {
+        self.buffered
     }
 
     /// Whether nothing is half done: no frame half read, no message half reassembled.
@@ -81,6 +117,7 @@ impl Decoder {
     /// # Errors
     /// A protocol violation or a limit; the connection must be closed with its code.
     pub fn absorb(&mut self, fresh: &[u8], out: &mut Vec<Incoming>) -> Result<(), FrameError> {
+        self.buffered = false;
         if self.closed {
             return Ok(());
         }
@@ -94,8 +131,10 @@ impl Decoder {
         };
         let data = joined.as_deref().unwrap_or(fresh);
         let mut at = 0;
+        // Bytes inflated by this call: past the budget, the next compressed frame waits.
+        let mut inflated = 0;
         while !self.closed {
-            let head = match frame::decode_head(&data[at..], self.max_message) {
+            let head = match frame::decode_head_with(&data[at..], self.max_message, self.deflate) {
                 Ok(Some(head)) => head,
                 Ok(None) => break,
                 Err(e) => {
@@ -108,7 +147,26 @@ impl Decoder {
             if end > data.len() {
                 break;
             }
+            let inflating = self.inflating(&head);
+            if inflating && inflated >= self.max_message {
+                self.buffered = true;
+                break;
+            }
+            let before = self.message_len();
+            let outputs = out.len();
             self.on_frame(&head, &data[at + head.payload_start..end], out)?;
+            if inflating {
+                // What the frame added: to the message in progress, or the message it ended.
+                let ended: usize = out[outputs..]
+                    .iter()
+                    .map(|m| match m {
+                        Incoming::Text(t) => t.len(),
+                        Incoming::Binary(b) => b.len(),
+                        _ => 0,
+                    })
+                    .sum();
+                inflated += (self.message_len() + ended).saturating_sub(before);
+            }
             at = end;
         }
         let total = data.len();
@@ -133,6 +191,19 @@ impl Decoder {
         Ok(())
     }
 
+    /// Whether `head` is a frame whose payload gets inflated: the first frame of a compressed
+    /// message, or a continuation of one.
+    fn inflating(&self, head: &Head) -> bool {
+        head.compressed
+            || (head.opcode == opcode::CONTINUATION
+                && self.partial.as_ref().is_some_and(|p| p.inflater.is_some()))
+    }
+
+    /// Bytes of the fragmented message reassembled so far.
+    fn message_len(&self) -> usize {
+        self.partial.as_ref().map_or(0, |p| p.message.len())
+    }
+
     fn on_frame(
         &mut self,
         head: &Head,
@@ -151,13 +222,20 @@ impl Decoder {
             opcode::TEXT | opcode::BINARY if head.fin => {
                 let mut payload = Vec::new();
                 frame::unmask_into(masked, head.mask, &mut payload);
+                if head.compressed {
+                    payload = deflate::inflate_message(&payload, self.max_message)?;
+                }
                 out.push(message(head.opcode, payload)?);
                 Ok(())
             }
             opcode::TEXT | opcode::BINARY => {
+                let max = self.max_message;
                 let partial = self.partial.get_or_insert_with(Box::default);
                 partial.message_opcode = Some(head.opcode);
-                frame::unmask_into(masked, head.mask, &mut partial.message);
+                if head.compressed {
+                    partial.inflater = Some(Box::default());
+                }
+                partial.append(masked, head.mask, false, max)?;
                 partial.check_utf8(false)
             }
             opcode::CONTINUATION => {
@@ -165,15 +243,13 @@ impl Decoder {
                 let Some(partial) = self.partial.as_mut().filter(|_| in_message) else {
                     return Err(FrameError::Protocol("continuation frame without a message"));
                 };
-                if partial.message.len() + masked.len() > max {
-                    return Err(FrameError::TooBig);
-                }
-                frame::unmask_into(masked, head.mask, &mut partial.message);
+                partial.append(masked, head.mask, head.fin, max)?;
                 partial.check_utf8(head.fin)?;
                 if head.fin {
                     let kind = partial.message_opcode.take().unwrap_or(opcode::TEXT);
                     let payload = std::mem::take(&mut partial.message);
                     partial.utf8_valid = 0;
+                    partial.inflater = None;
                     out.push(message(kind, payload)?);
                 }
                 Ok(())
@@ -201,6 +277,27 @@ impl Decoder {
 }
 
 impl Partial {
+    /// Adds a fragment's payload to the message: unmasked, and inflated if the message is
+    /// compressed (`last`: its final fragment). The message never grows past `max`.
+    fn append(
+        &mut self,
+        masked: &[u8],
+        mask: [u8; 4],
+        last: bool,
+        max: usize,
+    ) -> Result<(), FrameError> {
+        let Some(inflater) = self.inflater.as_mut() else {
+            if self.message.len() + masked.len() > max {
+                return Err(FrameError::TooBig);
+            }
+            frame::unmask_into(masked, mask, &mut self.message);
+            return Ok(());
+        };
+        let mut compressed = Vec::with_capacity(masked.len());
+        frame::unmask_into(masked, mask, &mut compressed);
+        inflater.inflate(&compressed, last, &mut self.message, max)
+    }
+
     /// Checks the text received so far; `complete`: no code point may be left unfinished.
     fn check_utf8(&mut self, complete: bool) -> Result<(), FrameError> {
         if self.message_opcode != Some(opcode::TEXT) {
@@ -339,6 +436,54 @@ mod tests {
         bytes.extend(client_frame(true, opcode::TEXT, b"late"));
         assert_eq!(d.absorb(&bytes, &mut out), Ok(()));
         assert_eq!(out, [Incoming::Close(None)]);
+    }
+
+    /// Many small frames that each inflate to nearly the limit, all in one read: one absorb
+    /// inflates at most its budget (the limit) before it stops, and the rest waits as carry
+    /// until the connection asks again; every message still comes out, in order.
+    #[test]
+    fn compressed_frames_in_one_read_inflate_a_budget_at_a_time() {
+        let max = 64 * 1024;
+        let mut bytes = Vec::new();
+        for i in 0..50 {
+            let mut text = format!(r#"{{"op":"ping","id":{i},"pad":""#).into_bytes();
+            text.resize(max - 100, b' ');
+            text.extend_from_slice(br#""}"#);
+            let mut f = client_frame(true, opcode::TEXT, &deflate::compress(&text).unwrap());
+            f[0] |= frame::RSV1;
+            bytes.extend(f);
+        }
+        assert!(bytes.len() < 8 * 1024, "{}", bytes.len());
+        let mut d = Decoder::new(max);
+        d.inflate_compressed();
+        let mut out = Vec::new();
+        d.absorb(&bytes, &mut out).unwrap();
+        assert!(
+            out.len() <= 2,
+            "{} messages inflated by one absorb",
+            out.len()
+        );
+        assert!(d.has_buffered());
+        assert!(
+            !d.is_idle(),
+            "a connection with buffered frames does not park"
+        );
+        let mut turns = 1;
+        while d.has_buffered() {
+            let before = out.len();
+            d.absorb(&[], &mut out).unwrap();
+            assert!(out.len() - before <= 2);
+            turns += 1;
+        }
+        assert_eq!(out.len(), 50);
+        assert!(turns >= 25, "{turns}");
+        for (i, msg) in out.iter().enumerate() {
+            let Incoming::Text(text) = msg else {
+                panic!("{msg:?}")
+            };
+            assert!(text.starts_with(&format!(r#"{{"op":"ping","id":{i},"#)));
+        }
+        assert!(d.is_idle());
     }
 
     #[test]

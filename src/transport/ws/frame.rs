@@ -48,6 +48,8 @@ pub enum FrameError {
     Protocol(&'static str),
     /// A text message that is not UTF-8 (close 1007).
     InvalidUtf8,
+    /// A compressed message (permessage-deflate) that inflates past the limit (close 1009).
+    InflatedTooBig,
 }
 
 impl fmt::Display for FrameError {
@@ -56,6 +58,7 @@ impl fmt::Display for FrameError {
             Self::TooBig => f.write_str("message too big"),
             Self::Protocol(why) => f.write_str(why),
             Self::InvalidUtf8 => f.write_str("text is not UTF-8"),
+            Self::InflatedTooBig => f.write_str("message inflates past max_message_bytes"),
         }
     }
 }
@@ -67,7 +70,7 @@ impl FrameError {
     #[must_use]
     pub fn close_code(&self) -> u16 {
         match self {
-            Self::TooBig => 1009,
+            Self::TooBig | Self::InflatedTooBig => 1009,
             Self::Protocol(_) => 1002,
             Self::InvalidUtf8 => 1007,
         }
@@ -81,6 +84,8 @@ pub struct Head {
     pub fin: bool,
     /// The opcode.
     pub opcode: u8,
+    /// RSV1: the message is compressed (permessage-deflate; only ever set when negotiated).
+    pub compressed: bool,
     /// The masking key.
     pub mask: [u8; 4],
     /// Where the payload starts in the input.
@@ -97,17 +102,36 @@ impl Head {
     }
 }
 
+/// RSV1, the bit of a frame's first byte that marks a compressed message (RFC 7692 §6).
+pub const RSV1: u8 = 0x40;
+
 /// Decodes the header of the frame at the start of `data`. `Ok(None)`: not all of the header
 /// is there yet. The payload may still be incomplete; compare [`Head::frame_len`] with the
-/// input. A payload over `max_payload` fails at once, before it is read.
+/// input. A payload over `max_payload` fails at once, before it is read. No extension is
+/// negotiated: every reserved bit is an error.
 ///
 /// # Errors
 /// [`FrameError`] for a frame the connection must be closed for.
 pub fn decode_head(data: &[u8], max_payload: usize) -> Result<Option<Head>, FrameError> {
+    decode_head_with(data, max_payload, false)
+}
+
+/// [`decode_head`] for a connection that negotiated permessage-deflate when `deflate` is set:
+/// RSV1 is then allowed on the first frame of a data message (never on a continuation or a
+/// control frame, RFC 7692 §6.1).
+///
+/// # Errors
+/// As [`decode_head`].
+pub fn decode_head_with(
+    data: &[u8],
+    max_payload: usize,
+    deflate: bool,
+) -> Result<Option<Head>, FrameError> {
     let [b0, b1, ..] = *data else {
         return Ok(None);
     };
-    if b0 & 0x70 != 0 {
+    let compressed = b0 & RSV1 != 0;
+    if b0 & 0x30 != 0 || (compressed && !deflate) {
         return Err(FrameError::Protocol(
             "reserved bits set (no extension was negotiated)",
         ));
@@ -115,6 +139,11 @@ pub fn decode_head(data: &[u8], max_payload: usize) -> Result<Option<Head>, Fram
     let fin = b0 & 0x80 != 0;
     let opcode = b0 & 0x0F;
     let control = opcode & 0x8 != 0;
+    if compressed && (control || opcode == opcode::CONTINUATION) {
+        return Err(FrameError::Protocol(
+            "RSV1 set on a control or continuation frame",
+        ));
+    }
     match opcode {
         opcode::CONTINUATION | opcode::TEXT | opcode::BINARY => {}
         opcode::CLOSE | opcode::PING | opcode::PONG => {}
@@ -158,6 +187,7 @@ pub fn decode_head(data: &[u8], max_payload: usize) -> Result<Option<Head>, Fram
     Ok(Some(Head {
         fin,
         opcode,
+        compressed,
         mask: [m[0], m[1], m[2], m[3]],
         payload_start: at + 4,
         payload_len,

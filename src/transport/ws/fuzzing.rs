@@ -19,10 +19,13 @@ pub fn frames(data: &[u8]) {
     let Some((&seed, input)) = data.split_first() else {
         return;
     };
-    let whole = decode(input, &mut std::iter::once(input.len().max(1)));
+    // The seed's top bit: decode as a connection that negotiated permessage-deflate, where
+    // RSV1 frames are inflated (and must stay within the limit once inflated).
+    let deflate = seed & 0x80 != 0;
+    let whole = decode(input, &mut std::iter::once(input.len().max(1)), deflate);
     // Piece sizes 1..=16 from the seed's bits, repeating.
     let mut sizes = (0..).map(|i: u32| 1 + usize::from(seed.rotate_left(i % 8) & 0x0F));
-    let pieces = decode(input, &mut sizes);
+    let pieces = decode(input, &mut sizes, deflate);
     assert_eq!(whole, pieces, "decoding depends on how the input is cut");
     for msg in &whole.0 {
         match msg {
@@ -37,14 +40,27 @@ pub fn frames(data: &[u8]) {
 fn decode(
     input: &[u8],
     sizes: &mut dyn Iterator<Item = usize>,
+    deflate: bool,
 ) -> (Vec<Incoming>, Option<FrameError>) {
     let mut decoder = Decoder::new(MAX_MESSAGE);
+    if deflate {
+        decoder.inflate_compressed();
+    }
     let mut out = Vec::new();
     let mut at = 0;
     while at < input.len() {
         let end = (at + sizes.next().unwrap_or(1)).min(input.len());
-        if let Err(e) = decoder.absorb(&input[at..end], &mut out) {
-            return (out, Some(e));
+        let mut fresh = &input[at..end];
+        // As the socket does: frames left over by the inflate budget are decoded before
+        // anything new is read.
+        loop {
+            if let Err(e) = decoder.absorb(fresh, &mut out) {
+                return (out, Some(e));
+            }
+            if !decoder.has_buffered() {
+                break;
+            }
+            fresh = &[];
         }
         at = end;
     }
@@ -52,7 +68,7 @@ fn decode(
 }
 
 /// The HTTP upgrade head: parsed as hyper parses it (httparse), then checked by
-/// [`super::accept_key`]. An accepted request yields a 28-character base64 accept value.
+/// [`super::accept_key`] and [`super::deflate::negotiate`]. An accepted request yields a 28-character base64 accept value.
 pub fn upgrade(data: &[u8]) {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
@@ -68,6 +84,13 @@ pub fn upgrade(data: &[u8]) {
             return;
         };
         map.append(name, value);
+    }
+    // The permessage-deflate offer: any header parses to an answer or to none, never a panic,
+    // and an answer is always the no-context-takeover form.
+    if let Some(answer) = super::deflate::negotiate(&map) {
+        assert!(answer
+            .to_str()
+            .is_ok_and(|a| a.starts_with(super::deflate::RESPONSE)));
     }
     match super::accept_key(&map) {
         Ok(accept) => {

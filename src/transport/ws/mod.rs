@@ -4,10 +4,12 @@
 //! decodes with the pure [`Decoder`], holds no buffer while a connection is idle and writes the
 //! dispatcher's shared frames without copying them. Both endpoints share this one framing
 //! layer, so limits (`limits.max_message_bytes`) and close behaviour (1002/1007/1009 before
-//! FIN) are the same on both. [`fuzzing`] holds the checks the fuzz targets (and the corpus
+//! FIN) are the same on both, and so is permessage-deflate ([`deflate`], negotiated here in
+//! the upgrade). [`fuzzing`] holds the checks the fuzz targets (and the corpus
 //! replay test) run.
 
 pub mod decoder;
+pub mod deflate;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -28,6 +30,8 @@ use tokio::net::TcpStream;
 pub struct ClientUpgrade {
     accept: HeaderValue,
     on_upgrade: OnUpgrade,
+    /// The answer to the client's acceptable permessage-deflate offer, if it made one.
+    deflate: Option<HeaderValue>,
 }
 
 /// Why an upgrade request was refused (answered 400 with this text, or 426 for the version).
@@ -101,33 +105,61 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientUpgrade {
             .extensions
             .remove::<OnUpgrade>()
             .ok_or(UpgradeRefused("connection cannot be upgraded"))?;
-        Ok(Self { accept, on_upgrade })
+        let deflate = deflate::negotiate(&parts.headers);
+        Ok(Self {
+            accept,
+            on_upgrade,
+            deflate,
+        })
     }
 }
 
 impl ClientUpgrade {
-    /// Answers 101; the connection is served from the returned [`PendingUpgrade`] once hyper
-    /// has sent the response and hands the stream over.
+    /// Answers 101, with permessage-deflate (no context takeover) if the client offered it
+    /// acceptably and `allow_deflate` (the server's config) permits it; the connection is
+    /// served from the returned [`PendingUpgrade`] once hyper has sent the response and hands
+    /// the stream over.
     #[must_use]
-    pub fn accept(self) -> (Response, PendingUpgrade) {
+    pub fn accept(self, allow_deflate: bool) -> (Response, PendingUpgrade) {
         let mut resp = StatusCode::SWITCHING_PROTOCOLS.into_response();
         let headers = resp.headers_mut();
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert(header::SEC_WEBSOCKET_ACCEPT, self.accept);
-        (resp, PendingUpgrade(self.on_upgrade))
+        let deflate = self.deflate.filter(|_| allow_deflate);
+        let negotiated = deflate.is_some();
+        if let Some(answer) = deflate {
+            headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, answer);
+        }
+        (
+            resp,
+            PendingUpgrade {
+                on_upgrade: self.on_upgrade,
+                deflate: negotiated,
+            },
+        )
     }
 }
 
 /// An accepted upgrade whose stream hyper has not handed over yet. The connection's task
 /// starts from this (not from a closure around it) so that its future stores nothing twice.
-pub struct PendingUpgrade(OnUpgrade);
+pub struct PendingUpgrade {
+    on_upgrade: OnUpgrade,
+    deflate: bool,
+}
 
 impl PendingUpgrade {
+    /// Whether permessage-deflate was negotiated (the connection then sends and accepts
+    /// compressed messages; see [`deflate`]).
+    #[must_use]
+    pub fn deflate(&self) -> bool {
+        self.deflate
+    }
+
     /// The bare stream and the bytes hyper had already read past the request (a client may
     /// send its first frame right behind the handshake); `None` if the upgrade failed.
     pub async fn stream(self) -> Option<(TcpStream, bytes::Bytes)> {
-        let upgraded = match self.0.await {
+        let upgraded = match self.on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade failed");

@@ -3,7 +3,9 @@
 //!
 //! Inbound: [`WsSocket::read_some`] reads what the kernel has into a stack buffer and hands it
 //! to the [`Decoder`]; only the tail of an incomplete frame (or a fragmented message) is kept,
-//! on the heap, until it completes. Outbound: queued frames are written with one `writev` per
+//! on the heap, until it completes, plus, on a connection that negotiated permessage-deflate,
+//! whole frames the decoder's per-read inflate budget left over ([`WsSocket::has_buffered`]),
+//! which the next [`WsSocket::read_some`] decodes before it reads anything new. Outbound: queued frames are written with one `writev` per
 //! burst straight from the shared, serialize-once payloads, so no per-connection write buffer
 //! exists and nothing is copied. An idle connection therefore holds the socket and two empty
 //! fields: no buffers at all.
@@ -157,12 +159,24 @@ impl WsSocket {
         self.decoder.peer_closed()
     }
 
+    /// Whether whole frames read earlier wait to be decoded (the decoder stopped at its
+    /// inflate budget): the connection calls [`WsSocket::read_some`] again without waiting
+    /// for the socket, which then decodes those instead of reading.
+    #[must_use]
+    pub fn has_buffered(&self) -> bool {
+        self.decoder.has_buffered()
+    }
+
     /// Reads once without waiting and appends every message completed by the bytes read.
     /// Nothing read (a spurious wake-up) leaves `out` untouched.
     ///
     /// # Errors
     /// EOF, a socket error, or a protocol violation (the caller closes with its code).
     pub fn read_some(&mut self, out: &mut Vec<Incoming>) -> Result<(), ReadError> {
+        // Frames already read but left for this turn (the inflate budget) come first.
+        if self.decoder.has_buffered() {
+            return self.absorb(&[], out);
+        }
         if let Some(mut buf) = self.read_buf.take() {
             let read = self.read_into(&mut buf, out);
             self.read_buf = Some(buf);
@@ -224,6 +238,28 @@ impl WsSocket {
     /// [`WsSocket::try_flush`].
     pub fn queue_text(&mut self, payload: Bytes) {
         self.queue(opcode::TEXT, payload);
+    }
+
+    /// Queues a data message (text or binary) compressed with permessage-deflate (RSV1 set;
+    /// the payload is what `deflate::compress` made). Only for a connection that negotiated
+    /// the extension.
+    pub fn queue_compressed(&mut self, opcode: u8, payload: Bytes) {
+        debug_assert!(opcode == opcode::TEXT || opcode == opcode::BINARY);
+        self.push(opcode, payload);
+        if let Some(chunk) = self.unsent.back_mut() {
+            chunk.head[0] |= frame::RSV1;
+        }
+    }
+
+    /// Accepts compressed messages from the peer: permessage-deflate was negotiated.
+    pub fn inflate_compressed(&mut self) {
+        self.decoder.inflate_compressed();
+    }
+
+    /// Whether permessage-deflate was negotiated on this connection.
+    #[must_use]
+    pub fn deflate(&self) -> bool {
+        self.decoder.inflates()
     }
 
     /// Queues a frame with `opcode` (a pong goes through [`WsSocket::queue_pong`]).
