@@ -113,6 +113,22 @@ pub fn render(s: &AppState) -> String {
         &[],
         load(&c.pongs_coalesced) + load(&p.pongs_coalesced),
     );
+    let tls = s.tls.as_ref().map(|t| &t.stats);
+    let tls_count = |f: fn(&crate::transport::tls::TlsStats) -> &AtomicU64| tls.map_or(0, |t| load(f(t)));
+    r.counter(&m::TLS_HANDSHAKES, &[], tls_count(|t| &t.handshakes));
+    for (reason, v) in [
+        ("timeout", tls_count(|t| &t.failed_timeout)),
+        ("plaintext", tls_count(|t| &t.failed_plaintext)),
+        ("error", tls_count(|t| &t.failed_error)),
+    ] {
+        r.counter(&m::TLS_HANDSHAKE_FAILURES, &[reason], v);
+    }
+    for (result, v) in [
+        ("ok", tls_count(|t| &t.reloads_ok)),
+        ("failed", tls_count(|t| &t.reloads_failed)),
+    ] {
+        r.counter(&m::TLS_CERT_RELOADS, &[result], v);
+    }
     r.gauge(&m::DEAD_LETTERS, &[], s.dead_letters.len() as u64);
     r.counter(
         &m::DEAD_LETTERS_SKIPPED,

@@ -380,7 +380,7 @@ async fn run(
             Event::Link(Wake::Park) => {
                 let now = conn.ctx.connections.clock_ms();
                 let refilled = conn.limiter.as_ref().is_none_or(|l| l.is_full(now));
-                if inbox.is_empty() && socket.is_quiet() && refilled {
+                if inbox.is_empty() && socket.is_quiet() && socket.can_park() && refilled {
                     conn.limiter = None;
                     conn.limited_in_a_row = 0;
                     return Exit::Park;

@@ -2,7 +2,9 @@
 //! here: the [`listener`] accepts TCP connections (admitted by the caps in [`accept`] before
 //! anything is read) and hands them to hyper with the router above as the service; a WebSocket
 //! upgrade takes the bare stream back and frames it with [`ws`]; a quiet connection's socket
-//! waits in the parking [`lot`] until something arrives for it. Outbound, the layer writes
+//! waits in the parking [`lot`] until something arrives for it. With a certificate configured,
+//! every accepted connection first completes a TLS handshake ([`tls`]) and the same paths run
+//! over rustls. Outbound, the layer writes
 //! what the outbound link ([`crate::dispatch::outbound`]) holds.
 //!
 //! It imports nothing from the rest of the crate except that link: sessions, routing and the
@@ -16,6 +18,7 @@
 pub mod accept;
 pub mod listener;
 pub mod lot;
+pub mod tls;
 pub mod ws;
 
 use std::sync::OnceLock;

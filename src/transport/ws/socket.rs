@@ -16,13 +16,27 @@
 //! while the kernel took none exceed [`CONTROL_DEBT_CAP`], [`WsSocket::read_paused`] tells the
 //! connection to stop reading until the socket drains: a ping flood that never reads meets TCP
 //! backpressure instead of growing memory.
+//!
+//! Over TLS the same socket drives rustls's sync API on the same readiness model: a read
+//! feeds what the kernel has to `read_tls`, decrypts (`process_new_packets`) and hands the
+//! plaintext to the decoder; a flush moves queued frames into rustls's writer, where they are
+//! encrypted, and writes the records with `write_tls`. Encryption is the one copy the TLS path
+//! cannot avoid (the shared frames are read once into the record layer, not copied per frame
+//! beforehand), and rustls holds at most `server.tls_buffer_bytes` of records the kernel has
+//! not taken: past that, frames wait in the queue (and the backlog in the outbound link, where
+//! the slow-consumer rule sees it) exactly as on a plain socket. A TLS connection is never
+//! quiet enough to park (its rustls state would have to go with it, and the lot writes
+//! heartbeats in plain text), see [`WsSocket::can_park`].
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Read, Write};
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
 
+use rustls::ServerConnection;
+
+use super::super::tls::{NonBlocking, Upgraded};
 use super::decoder::{Decoder, Incoming};
 use super::frame::{self, opcode, FrameError, MAX_HEADER};
 
@@ -82,14 +96,25 @@ pub struct WsSocket {
     /// A bigger read buffer than the stack chunk, for connections that carry large frames
     /// (producers); `None` for clients, which keep no buffer while idle.
     read_buf: Option<Box<[u8]>>,
+    /// The rustls state of a TLS connection; `None` on a plain one.
+    tls: Option<Box<ServerConnection>>,
+    /// A TLS close_notify is to follow the queue (queued with our close frame).
+    close_notify_due: bool,
 }
 
 impl WsSocket {
-    /// Wraps an upgraded stream; messages over `max_message` bytes are refused.
+    /// Wraps an upgraded stream (a bare `TcpStream`, or one with its rustls state); messages
+    /// over `max_message` bytes are refused.
     #[must_use]
-    pub fn new(stream: TcpStream, max_message: usize) -> Self {
+    pub fn new(stream: impl Into<Upgraded>, max_message: usize) -> Self {
+        let (stream, tls) = match stream.into() {
+            Upgraded::Plain(stream) => (stream, None),
+            Upgraded::Tls(stream, conn) => (stream, Some(conn)),
+        };
         Self {
             stream,
+            tls,
+            close_notify_due: false,
             decoder: Decoder::new(max_message),
             unsent: VecDeque::new(),
             front_written: 0,
@@ -173,12 +198,64 @@ impl WsSocket {
     }
 
     fn read_into(&mut self, buf: &mut [u8], out: &mut Vec<Incoming>) -> Result<(), ReadError> {
+        if self.tls.is_some() {
+            return self.read_tls_into(buf, out);
+        }
         match self.stream.try_read(buf) {
             Ok(0) => Err(ReadError::Eof),
             Ok(n) => self.absorb(&buf[..n], out),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// [`WsSocket::read_into`] over TLS: one read from the kernel into rustls, then every
+    /// byte of plaintext that completed, through `buf`, to the decoder.
+    fn read_tls_into(&mut self, buf: &mut [u8], out: &mut Vec<Incoming>) -> Result<(), ReadError> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(());
+        };
+        let eof = match tls.read_tls(&mut NonBlocking(&self.stream)) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if let Err(e) = tls.process_new_packets() {
+            // rustls queued an alert saying why: give it to the kernel if it takes it now.
+            let _ = tls.write_tls(&mut NonBlocking(&self.stream));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e).into());
+        }
+        loop {
+            let Some(tls) = self.tls.as_mut() else {
+                return Ok(());
+            };
+            let n = match tls.reader().read(buf) {
+                // The peer's close_notify: nothing more comes.
+                Ok(0) => return Err(ReadError::Eof),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                // EOF without close_notify.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(ReadError::Eof),
+                Err(e) => return Err(e.into()),
+            };
+            self.decoder.absorb(&buf[..n], out)?;
+        }
+        if eof {
+            return Err(ReadError::Eof);
+        }
+        // Records rustls answers on its own (a key update): out with them now if the kernel
+        // takes them, else they wait in rustls and `has_unsent` says so.
+        if let Some(tls) = self.tls.as_mut() {
+            if tls.wants_write() {
+                match tls.write_tls(&mut NonBlocking(&self.stream)) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.backed_up = true,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Decodes `fresh` bytes as if just read: for the bytes the HTTP layer read past the
@@ -247,9 +324,10 @@ impl WsSocket {
         });
     }
 
-    /// Queues a close frame.
+    /// Queues a close frame (on TLS, followed by a close_notify).
     pub fn queue_close(&mut self, code: u16, reason: &str) {
         self.queue(opcode::CLOSE, frame::close_payload(code, reason).into());
+        self.close_notify_due = self.tls.is_some();
     }
 
     /// Queues bytes that are already framed: the rest of a frame another writer started (a
@@ -267,7 +345,14 @@ impl WsSocket {
     /// half reassembled, nothing waiting for the kernel. Only then may the socket be parked.
     #[must_use]
     pub fn is_quiet(&self) -> bool {
-        self.decoder.is_idle() && self.unsent.is_empty()
+        self.decoder.is_idle() && !self.has_unsent()
+    }
+
+    /// Whether the connection may leave the runtime for the parking lot: plain ones only
+    /// (see the module header).
+    #[must_use]
+    pub fn can_park(&self) -> bool {
+        self.tls.is_none()
     }
 
     /// The client's address.
@@ -285,13 +370,16 @@ impl WsSocket {
     /// Deregistering from the reactor failed.
     pub fn into_std(self) -> io::Result<std::net::TcpStream> {
         debug_assert!(self.is_quiet());
+        if self.tls.is_some() {
+            return Err(io::Error::other("a TLS connection cannot park"));
+        }
         self.stream.into_std()
     }
 
     /// Whether queued frames are still waiting for the kernel.
     #[must_use]
     pub fn has_unsent(&self) -> bool {
-        !self.unsent.is_empty()
+        !self.unsent.is_empty() || self.tls.as_ref().is_some_and(|tls| tls.wants_write())
     }
 
     /// Writes as much of the queue as the kernel takes now; `true` when all of it went.
@@ -299,25 +387,12 @@ impl WsSocket {
     /// # Errors
     /// The socket failed.
     pub fn try_flush(&mut self) -> io::Result<bool> {
+        if self.tls.is_some() {
+            return self.try_flush_tls();
+        }
         while !self.unsent.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOV];
-            let mut used = 0;
-            let mut skip = self.front_written;
-            'fill: for chunk in &self.unsent {
-                let head = &chunk.head[..usize::from(chunk.head_len)];
-                for part in [head, &chunk.payload[..]] {
-                    if skip >= part.len() {
-                        skip -= part.len();
-                        continue;
-                    }
-                    slices[used] = IoSlice::new(&part[skip..]);
-                    skip = 0;
-                    used += 1;
-                    if used == MAX_IOV {
-                        break 'fill;
-                    }
-                }
-            }
+            let used = Self::slices(&self.unsent, self.front_written, &mut slices);
             match self.stream.try_write_vectored(&slices[..used]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.advance(n),
@@ -329,6 +404,72 @@ impl WsSocket {
             }
         }
         // Give the queue's memory back: idle connections should hold none.
+        self.unsent = VecDeque::new();
+        self.control_debt = 0;
+        self.backed_up = false;
+        Ok(true)
+    }
+
+    /// Fills up to [`MAX_IOV`] slices with the queue, past what was already written.
+    fn slices<'a>(
+        unsent: &'a VecDeque<Chunk>,
+        front_written: usize,
+        slices: &mut [IoSlice<'a>; MAX_IOV],
+    ) -> usize {
+        let mut used = 0;
+        let mut skip = front_written;
+        for chunk in unsent {
+            let head = &chunk.head[..usize::from(chunk.head_len)];
+            for part in [head, &chunk.payload[..]] {
+                if skip >= part.len() {
+                    skip -= part.len();
+                    continue;
+                }
+                slices[used] = IoSlice::new(&part[skip..]);
+                skip = 0;
+                used += 1;
+                if used == MAX_IOV {
+                    return used;
+                }
+            }
+        }
+        used
+    }
+
+    /// [`WsSocket::try_flush`] over TLS: records rustls holds go to the kernel first; while it
+    /// takes them, queued frames are encrypted into rustls (up to its buffer limit) and follow.
+    fn try_flush_tls(&mut self) -> io::Result<bool> {
+        loop {
+            let Some(tls) = self.tls.as_mut() else {
+                return Ok(true);
+            };
+            while tls.wants_write() {
+                match tls.write_tls(&mut NonBlocking(&self.stream)) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.backed_up = true;
+                        return Ok(false);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if self.unsent.is_empty() {
+                if std::mem::take(&mut self.close_notify_due) {
+                    tls.send_close_notify();
+                    continue;
+                }
+                break;
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let used = Self::slices(&self.unsent, self.front_written, &mut slices);
+            // rustls's buffer is empty here, so it takes at least one record's worth.
+            match tls.writer().write_vectored(&slices[..used]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.advance(n),
+                Err(e) => return Err(e),
+            }
+        }
         self.unsent = VecDeque::new();
         self.control_debt = 0;
         self.backed_up = false;
