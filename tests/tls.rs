@@ -1,0 +1,426 @@
+//! TLS on the listener (`server.tls_cert_file`/`tls_key_file`): `wss://` and `https://` end to
+//! end with a CA and leaf made here with rcgen, a plain-text client refused cleanly, a stalled
+//! handshake cut off, many ticks and the slow-consumer rule through rustls, idle TLS
+//! connections kept alive without parking, and a certificate reload on SIGHUP in the real
+//! binary.
+
+mod common;
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::Connector;
+
+/// A test CA and the files of a leaf it signed for 127.0.0.1 and localhost.
+struct Pki {
+    ca: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "tickfan test CA");
+        let key = KeyPair::generate().unwrap();
+        let ca = params.self_signed(&key).unwrap().der().clone();
+        let pki = Self {
+            ca,
+            issuer: Issuer::new(params, key),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        pki.write_leaf("leaf A");
+        pki
+    }
+
+    fn cert_file(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
+    }
+
+    fn key_file(&self) -> PathBuf {
+        self.dir.path().join("key.pem")
+    }
+
+    /// Signs a new leaf named `name` and writes it (over the old one); returns its DER.
+    fn write_leaf(&self, name: &str) -> CertificateDer<'static> {
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        std::fs::write(self.cert_file(), cert.pem()).unwrap();
+        std::fs::write(self.key_file(), key.serialize_pem()).unwrap();
+        cert.der().clone()
+    }
+
+    fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.clone()).unwrap();
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+
+    fn config(&self) -> tickfan::Config {
+        let mut config = test_config();
+        config.server.tls_cert_file = Some(self.cert_file());
+        config.server.tls_key_file = Some(self.key_file());
+        config
+    }
+}
+
+/// A TLS connection to `addr` that trusts the test CA.
+async fn tls_connect(
+    pki: &Pki,
+    addr: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(pki.client_config())
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
+/// One HTTPS request (`Connection: close`); the status and body.
+async fn https(pki: &Pki, addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut tls = tokio::time::timeout(DEADLINE, tls_connect(pki, addr))
+        .await
+        .unwrap()
+        .unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    // The server ends with close_notify; a reset after the whole response is also fine.
+    let _ = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut response))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// One sample of `/metrics`, over https.
+async fn metric(pki: &Pki, addr: &str, series: &str) -> f64 {
+    let (_, text) = https(pki, addr, "GET", "/metrics", "").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A `wss://` connection trusting the test CA.
+async fn wss(pki: &Pki, addr: &str, path: &str) -> Ws {
+    let url = format!("wss://localhost:{}{path}", addr.rsplit(':').next().unwrap());
+    let connect = tokio_tungstenite::connect_async_tls_with_config(
+        url,
+        None,
+        false,
+        Some(Connector::Rustls(pki.client_config())),
+    );
+    let (inner, _) = tokio::time::timeout(DEADLINE, connect)
+        .await
+        .expect("wss connect timed out")
+        .expect("wss connect failed");
+    Ws { inner }
+}
+
+async fn wss_client(pki: &Pki, addr: &str) -> Ws {
+    let mut ws = wss(pki, addr, "/ws").await;
+    let welcome = ws.recv().await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    ws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_and_https_end_to_end() {
+    let pki = Pki::new();
+    let server = TestServer::start_with(pki.config()).await;
+    let addr = server.addr.to_string();
+
+    let (status, body) = https(&pki, &addr, "GET", "/health", "").await;
+    assert_eq!(status, 200, "{body}");
+    let health: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["status"], "ok", "{health}");
+    for page in ["/", "/tickfan.js", "/api/symbols"] {
+        let (status, body) = https(&pki, &addr, "GET", page, "").await;
+        assert_eq!(status, 200, "{page}: {body}");
+    }
+
+    let mut client = wss_client(&pki, &addr).await;
+    subscribe(&mut client, 1, json!({"symbols": ["TLS"]})).await;
+    // A tick from a wss producer...
+    let mut producer = wss(&pki, &addr, "/ingest").await;
+    let ack = ingest(&mut producer, &[tick("TLS", 1.5, 2.0)]).await;
+    assert_eq!(ack["accepted"], 1, "{ack}");
+    let got = client.recv_until(|m| m["type"] == "tick").await;
+    let t = got.last().unwrap();
+    assert_eq!((t["symbol"].as_str(), t["price"].as_f64()), (Some("TLS"), Some(1.5)));
+    // ...and one posted over https.
+    let body = serde_json::to_string(&tick("TLS", 2.5, 1.0)).unwrap();
+    let (status, ack) = https(&pki, &addr, "POST", "/api/ticks", &body).await;
+    assert_eq!(status, 200, "{ack}");
+    let got = client.recv_until(|m| m["type"] == "tick").await;
+    assert_eq!(got.last().unwrap()["price"].as_f64(), Some(2.5));
+    assert!(metric(&pki, &addr, "tickfan_tls_handshakes_total").await >= 5.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_text_is_refused_and_the_server_keeps_serving() {
+    let pki = Pki::new();
+    let server = TestServer::start_with(pki.config()).await;
+    let addr = server.addr.to_string();
+
+    let mut tcp = TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, tcp.read_to_end(&mut response))
+        .await
+        .expect("the plain-text connection was not closed");
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("\"tls_required\""), "{text}");
+
+    // A plain ws:// client is refused too.
+    let plain = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await;
+    assert!(plain.is_err(), "a ws:// upgrade succeeded on the TLS listener");
+
+    let (status, _) = https(&pki, &addr, "GET", "/health", "").await;
+    assert_eq!(status, 200);
+    let _client = wss_client(&pki, &addr).await;
+    let plaintext = r#"tickfan_tls_handshake_failures_total{reason="plaintext"}"#;
+    assert_eq!(metric(&pki, &addr, plaintext).await, 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_handshake_is_cut_off() {
+    let pki = Pki::new();
+    let mut config = pki.config();
+    config.limits.header_timeout_ms = 300;
+    let server = TestServer::start_with(config).await;
+    let addr = server.addr.to_string();
+
+    // One sends nothing at all; one starts a TLS record and stops.
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    let mut stalled = TcpStream::connect(&addr).await.unwrap();
+    stalled.write_all(&[0x16, 0x03, 0x01, 0x02]).await.unwrap();
+    for tcp in [&mut silent, &mut stalled] {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(DEADLINE, tcp.read(&mut buf))
+            .await
+            .expect("a stalled handshake was not cut off");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    }
+    let timeouts = r#"tickfan_tls_handshake_failures_total{reason="timeout"}"#;
+    assert_eq!(metric(&pki, &addr, timeouts).await, 2.0);
+    // A client that goes through the handshake in time is served.
+    let (status, _) = https(&pki, &addr, "GET", "/health", "").await;
+    assert_eq!(status, 200);
+}
+
+/// Many ticks through rustls to a reading client arrive whole and in order, while a client
+/// that stops reading is still closed by the slow-consumer rule (its backlog waits in the
+/// outbound link, not in rustls).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_ticks_arrive_in_order_and_a_slow_tls_client_is_closed() {
+    let pki = Pki::new();
+    let mut config = pki.config();
+    config.limits.outbound_buffer_bytes = 64 * 1024;
+    let server = TestServer::start_with(config).await;
+    let addr = server.addr.to_string();
+    let mut slow = wss_client(&pki, &addr).await;
+    subscribe(&mut slow, 1, json!({"symbols": ["SLOW"]})).await;
+    let mut fast = wss_client(&pki, &addr).await;
+    subscribe(&mut fast, 1, json!({"symbols": ["SLOW"]})).await;
+
+    const BATCHES: u64 = 100;
+    const PER_BATCH: u64 = 200;
+    let reader = tokio::spawn(async move {
+        let mut expect = 1;
+        while expect <= BATCHES * PER_BATCH {
+            let m = fast.recv().await;
+            assert_eq!(m["seq"].as_u64(), Some(expect), "{m}");
+            expect += 1;
+        }
+    });
+    let mut producer = wss(&pki, &addr, "/ingest").await;
+    // Ids padded so that the ticks fill sockets quickly (a batch stays under
+    // limits.max_message_bytes).
+    let pad = "x".repeat(100);
+    for b in 0..BATCHES {
+        let ticks: Vec<Value> = (0..PER_BATCH)
+            .map(|i| {
+                let mut t = tick("SLOW", 1.0 + (b * PER_BATCH + i) as f64 * 1e-6, 1.0);
+                t["id"] = json!(format!("{pad}{b}-{i}"));
+                t
+            })
+            .collect();
+        let ack = ingest(&mut producer, &ticks).await;
+        assert_eq!(ack["accepted"], PER_BATCH);
+    }
+    reader.await.unwrap();
+    let (seen, ended) = slow.until_closed().await;
+    assert_eq!(ended, Ended::Close(4008));
+    assert_eq!(seen.last().unwrap()["code"], "slow_consumer");
+    let seqs: Vec<u64> = seen
+        .iter()
+        .filter(|m| m["type"] == "tick")
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+    assert!((seqs.len() as u64) < BATCHES * PER_BATCH);
+}
+
+/// TLS connections do not park (their rustls state stays on the runtime): an idle one keeps
+/// getting heartbeats and ticks long after `park_after_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tls_clients_stay_live_without_parking() {
+    let pki = Pki::new();
+    let mut config = pki.config();
+    config.server.heartbeat_ms = 300;
+    config.server.park_after_ms = 100;
+    let server = TestServer::start_with(config).await;
+    let addr = server.addr.to_string();
+    let mut client = wss_client(&pki, &addr).await;
+    subscribe(&mut client, 1, json!({"symbols": ["IDLE"]})).await;
+    // Idle through several sweeps (each heartbeat is 300 ms; the sweep runs every second).
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut heartbeats = 0;
+    while heartbeats < 8 {
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = client.next_by(deadline).await {
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            heartbeats += u32::from(v["type"] == "heartbeat");
+        }
+    }
+    let body = serde_json::to_string(&tick("IDLE", 3.0, 1.0)).unwrap();
+    let (status, _) = https(&pki, &addr, "POST", "/api/ticks", &body).await;
+    assert_eq!(status, 200);
+    let got = client.recv_until(|m| m["type"] == "tick").await;
+    assert_eq!(got.last().unwrap()["symbol"], "IDLE");
+    assert_eq!(metric(&pki, &addr, "tickfan_connection_parks_total").await, 0.0);
+}
+
+#[test]
+fn cert_and_key_go_together() {
+    let mut config = test_config();
+    config.server.tls_cert_file = Some("cert.pem".into());
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.contains("tls_cert_file"), "{err}");
+    config.server.tls_cert_file = None;
+    config.server.tls_key_file = Some("key.pem".into());
+    assert!(config.validate().is_err());
+}
+
+/// The served certificate, from a new handshake.
+async fn served_certificate(pki: &Pki, addr: &str) -> CertificateDer<'static> {
+    let tls = tls_connect(pki, addr).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+}
+
+fn write_config(dir: &Path, pki: &Pki) -> PathBuf {
+    let path = dir.join("tickfan.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ntls_cert_file = {:?}\ntls_key_file = {:?}\n\n[feed]\nsimulator = false\n\n[store]\ndir = {:?}\n",
+        pki.cert_file(),
+        pki.key_file(),
+        dir.join("data"),
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// SIGHUP reloads the certificate in the real binary: new handshakes get the new one, an open
+/// connection keeps working, and a file that does not load keeps the current one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificate() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &pki);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tickfan"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on https://")
+        .unwrap_or_else(|| panic!("no listening line: {line:?}"))
+        .to_owned();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Kill(child);
+    let hangup = || {
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.0.id() as i32, libc::SIGHUP) };
+    };
+
+    let cert_a = std::fs::read(pki.cert_file()).unwrap();
+    let first = served_certificate(&pki, &addr).await;
+    assert!(String::from_utf8_lossy(&cert_a).contains("BEGIN CERTIFICATE"));
+    let mut client = wss_client(&pki, &addr).await;
+    subscribe(&mut client, 1, json!({"symbols": ["HUP"]})).await;
+
+    let cert_b = pki.write_leaf("leaf B");
+    assert_ne!(first, cert_b);
+    hangup();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while served_certificate(&pki, &addr).await != cert_b {
+        assert!(tokio::time::Instant::now() < deadline, "cert B never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The connection made under cert A still works.
+    let ping = client.request(json!({"op": "ping", "id": 2})).await;
+    assert_eq!(ping["type"], "pong", "{ping}");
+    let ok = r#"tickfan_tls_cert_reloads_total{result="ok"}"#;
+    assert_eq!(metric(&pki, &addr, ok).await, 1.0);
+
+    // A broken file: the reload fails, is counted, and cert B stays.
+    std::fs::write(pki.key_file(), "not a key").unwrap();
+    hangup();
+    let failed = r#"tickfan_tls_cert_reloads_total{result="failed"}"#;
+    while metric(&pki, &addr, failed).await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "failed reload not counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(served_certificate(&pki, &addr).await, cert_b);
+    let ping = client.request(json!({"op": "ping", "id": 3})).await;
+    assert_eq!(ping["type"], "pong", "{ping}");
+}
