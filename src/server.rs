@@ -293,7 +293,8 @@ pub async fn run(
 /// SIGHUP until `stop` (the handler is installed here, before the listener serves, so a
 /// SIGHUP never finds the process without one).
 fn tls(config: &Config, stop: &CancellationToken) -> Result<Option<Arc<Tls>>, ServerError> {
-    let (Some(cert_file), Some(key_file)) = (&config.server.tls_cert_file, &config.server.tls_key_file)
+    let (Some(cert_file), Some(key_file)) =
+        (&config.server.tls_cert_file, &config.server.tls_key_file)
     else {
         return Ok(None);
     };

@@ -8,154 +8,14 @@ mod common;
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::tls::*;
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::Connector;
-
-/// A test CA and the files of a leaf it signed for 127.0.0.1 and localhost.
-struct Pki {
-    ca: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "tickfan test CA");
-        let key = KeyPair::generate().unwrap();
-        let ca = params.self_signed(&key).unwrap().der().clone();
-        let pki = Self {
-            ca,
-            issuer: Issuer::new(params, key),
-            dir: tempfile::tempdir().unwrap(),
-        };
-        pki.write_leaf("leaf A");
-        pki
-    }
-
-    fn cert_file(&self) -> PathBuf {
-        self.dir.path().join("cert.pem")
-    }
-
-    fn key_file(&self) -> PathBuf {
-        self.dir.path().join("key.pem")
-    }
-
-    /// Signs a new leaf named `name` and writes it (over the old one); returns its DER.
-    fn write_leaf(&self, name: &str) -> CertificateDer<'static> {
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        std::fs::write(self.cert_file(), cert.pem()).unwrap();
-        std::fs::write(self.key_file(), key.serialize_pem()).unwrap();
-        cert.der().clone()
-    }
-
-    fn client_config(&self) -> Arc<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca.clone()).unwrap();
-        #[allow(deprecated)]
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        Arc::new(
-            rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        )
-    }
-
-    fn config(&self) -> tickfan::Config {
-        let mut config = test_config();
-        config.server.tls_cert_file = Some(self.cert_file());
-        config.server.tls_key_file = Some(self.key_file());
-        config
-    }
-}
-
-/// A TLS connection to `addr` that trusts the test CA.
-async fn tls_connect(
-    pki: &Pki,
-    addr: &str,
-) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
-    tokio_rustls::TlsConnector::from(pki.client_config())
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-}
-
-/// One HTTPS request (`Connection: close`); the status and body.
-async fn https(pki: &Pki, addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut tls = tokio::time::timeout(DEADLINE, tls_connect(pki, addr))
-        .await
-        .unwrap()
-        .unwrap();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    tls.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    // The server ends with close_notify; a reset after the whole response is also fine.
-    let _ = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut response))
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line: {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
-/// One sample of `/metrics`, over https.
-async fn metric(pki: &Pki, addr: &str, series: &str) -> f64 {
-    let (_, text) = https(pki, addr, "GET", "/metrics", "").await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// A `wss://` connection trusting the test CA.
-async fn wss(pki: &Pki, addr: &str, path: &str) -> Ws {
-    let url = format!("wss://localhost:{}{path}", addr.rsplit(':').next().unwrap());
-    let connect = tokio_tungstenite::connect_async_tls_with_config(
-        url,
-        None,
-        false,
-        Some(Connector::Rustls(pki.client_config())),
-    );
-    let (inner, _) = tokio::time::timeout(DEADLINE, connect)
-        .await
-        .expect("wss connect timed out")
-        .expect("wss connect failed");
-    Ws { inner }
-}
-
-async fn wss_client(pki: &Pki, addr: &str) -> Ws {
-    let mut ws = wss(pki, addr, "/ws").await;
-    let welcome = ws.recv().await;
-    assert_eq!(welcome["type"], "welcome", "{welcome}");
-    ws
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wss_and_https_end_to_end() {
@@ -180,7 +40,10 @@ async fn wss_and_https_end_to_end() {
     assert_eq!(ack["accepted"], 1, "{ack}");
     let got = client.recv_until(|m| m["type"] == "tick").await;
     let t = got.last().unwrap();
-    assert_eq!((t["symbol"].as_str(), t["price"].as_f64()), (Some("TLS"), Some(1.5)));
+    assert_eq!(
+        (t["symbol"].as_str(), t["price"].as_f64()),
+        (Some("TLS"), Some(1.5))
+    );
     // ...and one posted over https.
     let body = serde_json::to_string(&tick("TLS", 2.5, 1.0)).unwrap();
     let (status, ack) = https(&pki, &addr, "POST", "/api/ticks", &body).await;
@@ -210,7 +73,10 @@ async fn plain_text_is_refused_and_the_server_keeps_serving() {
 
     // A plain ws:// client is refused too.
     let plain = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await;
-    assert!(plain.is_err(), "a ws:// upgrade succeeded on the TLS listener");
+    assert!(
+        plain.is_err(),
+        "a ws:// upgrade succeeded on the TLS listener"
+    );
 
     let (status, _) = https(&pki, &addr, "GET", "/health", "").await;
     assert_eq!(status, 200);
@@ -324,7 +190,10 @@ async fn idle_tls_clients_stay_live_without_parking() {
     assert_eq!(status, 200);
     let got = client.recv_until(|m| m["type"] == "tick").await;
     assert_eq!(got.last().unwrap()["symbol"], "IDLE");
-    assert_eq!(metric(&pki, &addr, "tickfan_connection_parks_total").await, 0.0);
+    assert_eq!(
+        metric(&pki, &addr, "tickfan_connection_parks_total").await,
+        0.0
+    );
 }
 
 #[test]
@@ -403,7 +272,10 @@ async fn sighup_reloads_the_certificate() {
     hangup();
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while served_certificate(&pki, &addr).await != cert_b {
-        assert!(tokio::time::Instant::now() < deadline, "cert B never served");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cert B never served"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The connection made under cert A still works.
@@ -417,7 +289,10 @@ async fn sighup_reloads_the_certificate() {
     hangup();
     let failed = r#"tickfan_tls_cert_reloads_total{result="failed"}"#;
     while metric(&pki, &addr, failed).await < 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "failed reload not counted");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "failed reload not counted"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(served_certificate(&pki, &addr).await, cert_b);

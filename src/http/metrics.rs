@@ -114,7 +114,8 @@ pub fn render(s: &AppState) -> String {
         load(&c.pongs_coalesced) + load(&p.pongs_coalesced),
     );
     let tls = s.tls.as_ref().map(|t| &t.stats);
-    let tls_count = |f: fn(&crate::transport::tls::TlsStats) -> &AtomicU64| tls.map_or(0, |t| load(f(t)));
+    let tls_count =
+        |f: fn(&crate::transport::tls::TlsStats) -> &AtomicU64| tls.map_or(0, |t| load(f(t)));
     r.counter(&m::TLS_HANDSHAKES, &[], tls_count(|t| &t.handshakes));
     for (reason, v) in [
         ("timeout", tls_count(|t| &t.failed_timeout)),

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::time::Duration;

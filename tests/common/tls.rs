@@ -1,0 +1,157 @@
+//! TLS test helpers: a CA and a leaf for 127.0.0.1 and localhost made with rcgen, a server
+//! config that uses them, and `https://`/`wss://` clients that trust the CA.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::Connector;
+
+use super::{test_config, Ws, DEADLINE};
+
+/// A test CA and the files of a leaf it signed for 127.0.0.1 and localhost.
+pub struct Pki {
+    pub ca: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "tickfan test CA");
+        let key = KeyPair::generate().unwrap();
+        let ca = params.self_signed(&key).unwrap().der().clone();
+        let pki = Self {
+            ca,
+            issuer: Issuer::new(params, key),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        pki.write_leaf("leaf A");
+        pki
+    }
+
+    pub fn cert_file(&self) -> PathBuf {
+        self.dir.path().join("cert.pem")
+    }
+
+    pub fn key_file(&self) -> PathBuf {
+        self.dir.path().join("key.pem")
+    }
+
+    /// Signs a new leaf named `name` and writes it (over the old one); returns its DER.
+    pub fn write_leaf(&self, name: &str) -> CertificateDer<'static> {
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        std::fs::write(self.cert_file(), cert.pem()).unwrap();
+        std::fs::write(self.key_file(), key.serialize_pem()).unwrap();
+        cert.der().clone()
+    }
+
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.clone()).unwrap();
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+
+    pub fn config(&self) -> tickfan::Config {
+        let mut config = test_config();
+        config.server.tls_cert_file = Some(self.cert_file());
+        config.server.tls_key_file = Some(self.key_file());
+        config
+    }
+}
+
+/// A TLS connection to `addr` that trusts the test CA.
+pub async fn tls_connect(
+    pki: &Pki,
+    addr: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tokio_rustls::TlsConnector::from(pki.client_config())
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
+/// One HTTPS request (`Connection: close`); the status and body.
+pub async fn https(pki: &Pki, addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut tls = tokio::time::timeout(DEADLINE, tls_connect(pki, addr))
+        .await
+        .unwrap()
+        .unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    // The server ends with close_notify; a reset after the whole response is also fine.
+    let _ = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut response))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// One sample of `/metrics`, over https.
+pub async fn metric(pki: &Pki, addr: &str, series: &str) -> f64 {
+    let (_, text) = https(pki, addr, "GET", "/metrics", "").await;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A `wss://` connection trusting the test CA.
+pub async fn wss(pki: &Pki, addr: &str, path: &str) -> Ws {
+    let url = format!("wss://localhost:{}{path}", addr.rsplit(':').next().unwrap());
+    let connect = tokio_tungstenite::connect_async_tls_with_config(
+        url,
+        None,
+        false,
+        Some(Connector::Rustls(pki.client_config())),
+    );
+    let (inner, _) = tokio::time::timeout(DEADLINE, connect)
+        .await
+        .expect("wss connect timed out")
+        .expect("wss connect failed");
+    Ws { inner }
+}
+
+pub async fn wss_client(pki: &Pki, addr: &str) -> Ws {
+    let mut ws = wss(pki, addr, "/ws").await;
+    let welcome = ws.recv().await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    ws
+}
