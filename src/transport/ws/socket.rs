@@ -95,7 +95,9 @@ pub struct WsSocket {
     backed_up: bool,
     /// A bigger read buffer than the stack chunk, for connections that carry large frames
     /// (producers); `None` for clients, which keep no buffer while idle.
-    /// (A thin pointer to the buffer, so that clients pay 8 bytes for it, not 16.)
+    /// (A thin pointer to the buffer, so that clients pay 8 bytes for it, not 16: the extra
+    /// allocation is made once, for producers only.)
+    #[allow(clippy::box_collection)]
     read_buf: Option<Box<Vec<u8>>>,
     /// The rustls state of a TLS connection; `None` on a plain one.
     tls: Option<Box<ServerConnection>>,
