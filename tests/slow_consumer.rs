@@ -32,15 +32,8 @@ async fn slow_client_is_closed_with_4008_and_fast_client_gets_everything() {
         }
     });
     let mut producer = server.producer().await;
-    let pad = "x".repeat(100);
     for b in 0..BATCHES {
-        let ticks: Vec<Value> = (0..PER_BATCH)
-            .map(|i| {
-                let mut t = tick("SLOW", 1.0 + (b * PER_BATCH + i) as f64 * 1e-6, 1.0);
-                t["id"] = json!(format!("{pad}{b}-{i}"));
-                t
-            })
-            .collect();
+        let ticks = padded_batch("SLOW", b, PER_BATCH, 100);
         let ack = ingest(&mut producer, &ticks).await;
         assert_eq!(ack["accepted"], PER_BATCH);
     }

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -137,17 +136,9 @@ async fn many_ticks_arrive_in_order_and_a_slow_tls_client_is_closed() {
         }
     });
     let mut producer = wss(&pki, &addr, "/ingest").await;
-    // Ids padded so that the ticks fill sockets quickly (a batch stays under
-    // limits.max_message_bytes).
-    let pad = "x".repeat(100);
     for b in 0..BATCHES {
-        let ticks: Vec<Value> = (0..PER_BATCH)
-            .map(|i| {
-                let mut t = tick("SLOW", 1.0 + (b * PER_BATCH + i) as f64 * 1e-6, 1.0);
-                t["id"] = json!(format!("{pad}{b}-{i}"));
-                t
-            })
-            .collect();
+        // Padded ids fill sockets quickly (a batch stays under limits.max_message_bytes).
+        let ticks = padded_batch("SLOW", b, PER_BATCH, 100);
         let ack = ingest(&mut producer, &ticks).await;
         assert_eq!(ack["accepted"], PER_BATCH);
     }
@@ -214,12 +205,12 @@ async fn served_certificate(pki: &Pki, addr: &str) -> CertificateDer<'static> {
 }
 
 fn write_config(dir: &Path, pki: &Pki) -> PathBuf {
+    // Binary::spawn adds --listen 127.0.0.1:0, --no-simulator and --data-dir.
     let path = dir.join("tickfan.toml");
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ntls_cert_file = {:?}\ntls_key_file = {:?}\n\n[feed]\nsimulator = false\n\n[store]\ndir = {:?}\n",
+        "[server]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
         pki.cert_file(),
         pki.key_file(),
-        dir.join("data"),
     );
     std::fs::write(&path, text).unwrap();
     path
@@ -232,33 +223,16 @@ async fn sighup_reloads_the_certificate() {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), &pki);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tickfan"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on https://")
-        .unwrap_or_else(|| panic!("no listening line: {line:?}"))
-        .to_owned();
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let child = Kill(child);
+    let config = config.to_str().unwrap();
+    let binary = Binary::spawn(
+        dir.path(),
+        &["--config", config],
+        std::process::Stdio::null(),
+    );
+    let addr = binary.addr.clone();
     let hangup = || {
         // SAFETY: signalling our own child process.
-        unsafe { libc::kill(child.0.id() as i32, libc::SIGHUP) };
+        unsafe { libc::kill(binary.child.id() as i32, libc::SIGHUP) };
     };
 
     let cert_a = std::fs::read(pki.cert_file()).unwrap();

@@ -153,17 +153,7 @@ impl TestServer {
     /// One sample from `/metrics` (0 when the series is absent), e.g.
     /// `tickfan_limit_hits_total{limit="slow_consumer"}`.
     pub async fn metric(&self, series: &str) -> f64 {
-        self.metrics_text()
-            .await
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(series)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0)
+        sample(&self.metrics_text().await, series)
     }
 
     /// Polls `/api/stats` until `pred` holds.
@@ -330,6 +320,33 @@ pub async fn ingest(producer: &mut Ws, ticks: &[Value]) -> Value {
     ack
 }
 
+/// One sample from a `/metrics` exposition (0 when the series is absent).
+pub fn sample(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// `PER_BATCH` ticks for `symbol`, batch `b`, with ids padded by `pad` bytes so that they fill
+/// sockets quickly (prices rise by 1e-6 per tick across batches).
+pub fn padded_batch(symbol: &str, b: u64, per_batch: u64, pad: usize) -> Vec<Value> {
+    let pad = "x".repeat(pad);
+    (0..per_batch)
+        .map(|i| {
+            let mut t = tick(symbol, 1.0 + (b * per_batch + i) as f64 * 1e-6, 1.0);
+            t["id"] = format!("{pad}{b}-{i}").into();
+            t
+        })
+        .collect()
+}
+
 /// Subscribes and returns the ack.
 pub async fn subscribe(ws: &mut Ws, id: u64, body: Value) -> Value {
     let mut req = body;
@@ -404,7 +421,11 @@ impl Binary {
             .unwrap();
         let addr = line
             .trim()
-            .strip_prefix("listening on http://")
+            .strip_prefix("listening on ")
+            .and_then(|url| {
+                url.strip_prefix("http://")
+                    .or_else(|| url.strip_prefix("https://"))
+            })
             .unwrap_or_else(|| panic!("no listening line: {line:?}"))
             .to_owned();
         Self { child, addr }

@@ -122,15 +122,7 @@ pub async fn https(pki: &Pki, addr: &str, method: &str, path: &str, body: &str) 
 /// One sample of `/metrics`, over https.
 pub async fn metric(pki: &Pki, addr: &str, series: &str) -> f64 {
     let (_, text) = https(pki, addr, "GET", "/metrics", "").await;
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
+    super::sample(&text, series)
 }
 
 /// A `wss://` connection trusting the test CA.

@@ -701,18 +701,24 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn queued_frames_arrive_whole_and_in_order_through_a_full_socket() {
-        let (mut socket, mut client) = pair(100).await;
-        // Far more than the socket buffers hold, so writes go partial and resume.
+    /// Queues 200 frames of 100 kB (far more than the socket buffers hold, so writes go
+    /// partial and resume) and then the frame `last` adds, flushes them all while `client`
+    /// reads, and checks that everything arrived whole and in order, ending with `last_frame`.
+    async fn big_frames_arrive_in_order(
+        mut socket: WsSocket,
+        mut client: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+        last: impl FnOnce(&mut WsSocket),
+        last_frame: (u8, &[u8]),
+    ) {
         let payload = Bytes::from(vec![b'a'; 100_000]);
         let frames = 200;
         for _ in 0..frames {
             socket.queue_text(payload.clone());
         }
-        socket.queue(opcode::PING, Bytes::from_static(b"hb"));
+        last(&mut socket);
         let reader = tokio::spawn(async move {
             let mut all = Vec::new();
+            // Over TLS this ends at our close_notify: a clean close, no truncation error.
             client.read_to_end(&mut all).await.unwrap();
             all
         });
@@ -722,14 +728,6 @@ mod tests {
         let all = reader.await.unwrap();
         let mut at = 0;
         for i in 0..=frames {
-            assert_eq!(
-                all[at] & 0x0F,
-                if i < frames {
-                    opcode::TEXT
-                } else {
-                    opcode::PING
-                }
-            );
             let (len, start) = match all[at + 1] {
                 127 => (
                     u64::from_be_bytes(all[at + 2..at + 10].try_into().unwrap()) as usize,
@@ -742,14 +740,23 @@ mod tests {
                 n => (n as usize, at + 2),
             };
             if i < frames {
+                assert_eq!(all[at] & 0x0F, opcode::TEXT);
                 assert_eq!(len, 100_000);
                 assert!(all[start..start + len].iter().all(|&b| b == b'a'));
             } else {
-                assert_eq!(&all[start..start + len], b"hb");
+                assert_eq!(all[at] & 0x0F, last_frame.0);
+                assert_eq!(&all[start..start + len], last_frame.1);
             }
             at = start + len;
         }
         assert_eq!(at, all.len());
+    }
+
+    #[tokio::test]
+    async fn queued_frames_arrive_whole_and_in_order_through_a_full_socket() {
+        let (socket, client) = pair(100).await;
+        let ping = |s: &mut WsSocket| s.queue(opcode::PING, Bytes::from_static(b"hb"));
+        big_frames_arrive_in_order(socket, client, ping, (opcode::PING, b"hb")).await;
     }
 
     /// A connected TLS pair: the server side taken apart and wrapped as after an upgrade,
@@ -828,47 +835,10 @@ mod tests {
 
     #[tokio::test]
     async fn tls_frames_arrive_whole_and_in_order_through_a_full_socket() {
-        let (mut socket, mut client) = tls_pair(100).await;
-        let payload = Bytes::from(vec![b'a'; 100_000]);
-        let frames = 200;
-        for _ in 0..frames {
-            socket.queue_text(payload.clone());
-        }
-        socket.queue_close(1000, "done");
-        let reader = tokio::spawn(async move {
-            let mut all = Vec::new();
-            // Ends at our close_notify: a clean TLS close, no truncation error.
-            client.read_to_end(&mut all).await.unwrap();
-            all
-        });
-        // The kernel and rustls both fill: the flush goes partial and resumes many times.
-        socket.flush().await.unwrap();
-        assert!(!socket.has_unsent());
-        drop(socket);
-        let all = reader.await.unwrap();
-        let mut at = 0;
-        for i in 0..=frames {
-            let (len, start) = match all[at + 1] {
-                127 => (
-                    u64::from_be_bytes(all[at + 2..at + 10].try_into().unwrap()) as usize,
-                    at + 10,
-                ),
-                126 => (
-                    u16::from_be_bytes([all[at + 2], all[at + 3]]) as usize,
-                    at + 4,
-                ),
-                n => (n as usize, at + 2),
-            };
-            if i < frames {
-                assert_eq!(all[at] & 0x0F, opcode::TEXT);
-                assert_eq!(len, 100_000);
-                assert!(all[start..start + len].iter().all(|&b| b == b'a'));
-            } else {
-                assert_eq!(all[at] & 0x0F, opcode::CLOSE);
-                assert_eq!(&all[start..start + 2], &1000u16.to_be_bytes());
-            }
-            at = start + len;
-        }
-        assert_eq!(at, all.len());
+        // The kernel and rustls's 16 KiB both fill: the flush goes partial many times.
+        let (socket, client) = tls_pair(100).await;
+        let close = |s: &mut WsSocket| s.queue_close(1000, "done");
+        let payload = frame::close_payload(1000, "done");
+        big_frames_arrive_in_order(socket, client, close, (opcode::CLOSE, &payload)).await;
     }
 }
