@@ -125,34 +125,9 @@ async fn many_ticks_arrive_in_order_and_a_slow_tls_client_is_closed() {
     let mut fast = wss_client(&pki, &addr).await;
     subscribe(&mut fast, 1, json!({"symbols": ["SLOW"]})).await;
 
-    const BATCHES: u64 = 100;
-    const PER_BATCH: u64 = 200;
-    let reader = tokio::spawn(async move {
-        let mut expect = 1;
-        while expect <= BATCHES * PER_BATCH {
-            let m = fast.recv().await;
-            assert_eq!(m["seq"].as_u64(), Some(expect), "{m}");
-            expect += 1;
-        }
-    });
     let mut producer = wss(&pki, &addr, "/ingest").await;
-    for b in 0..BATCHES {
-        // Padded ids fill sockets quickly (a batch stays under limits.max_message_bytes).
-        let ticks = padded_batch("SLOW", b, PER_BATCH, 100);
-        let ack = ingest(&mut producer, &ticks).await;
-        assert_eq!(ack["accepted"], PER_BATCH);
-    }
-    reader.await.unwrap();
-    let (seen, ended) = slow.until_closed().await;
-    assert_eq!(ended, Ended::Close(4008));
-    assert_eq!(seen.last().unwrap()["code"], "slow_consumer");
-    let seqs: Vec<u64> = seen
-        .iter()
-        .filter(|m| m["type"] == "tick")
-        .map(|m| m["seq"].as_u64().unwrap())
-        .collect();
-    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
-    assert!((seqs.len() as u64) < BATCHES * PER_BATCH);
+    flood_while_fast_reads(&mut producer, fast, 100, 200).await;
+    assert_closed_as_slow(&mut slow, 100 * 200).await;
 }
 
 /// TLS connections do not park (their rustls state stays on the runtime): an idle one keeps

@@ -347,6 +347,47 @@ pub fn padded_batch(symbol: &str, b: u64, per_batch: u64, pad: usize) -> Vec<Val
         .collect()
 }
 
+/// The slow-consumer flood: `batches` x `per_batch` padded ticks for "SLOW" from `producer`,
+/// while `fast` (subscribed to it) must read every one in seq order.
+pub async fn flood_while_fast_reads(producer: &mut Ws, mut fast: Ws, batches: u64, per_batch: u64) {
+    let reader = tokio::spawn(async move {
+        let mut expect = 1;
+        while expect <= batches * per_batch {
+            let m = fast.recv().await;
+            assert_eq!(
+                m["seq"].as_u64(),
+                Some(expect),
+                "fast client must see every tick in order"
+            );
+            expect += 1;
+        }
+    });
+    for b in 0..batches {
+        // Padded ids fill sockets quickly (a batch stays under limits.max_message_bytes).
+        let ack = ingest(producer, &padded_batch("SLOW", b, per_batch, 100)).await;
+        assert_eq!(ack["accepted"], per_batch);
+    }
+    reader.await.unwrap();
+}
+
+/// The slow client of [`flood_while_fast_reads`] now reads: what was buffered, then the
+/// `slow_consumer` error, then close 4008; what it got was in order (so it can resume from
+/// its last seq) and not everything.
+pub async fn assert_closed_as_slow(slow: &mut Ws, total: u64) {
+    let (seen, ended) = slow.until_closed().await;
+    assert_eq!(ended, Ended::Close(4008));
+    let last = seen.last().unwrap();
+    assert_eq!(last["type"], "error");
+    assert_eq!(last["code"], "slow_consumer");
+    let seqs: Vec<u64> = seen
+        .iter()
+        .filter(|m| m["type"] == "tick")
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+    assert!((seqs.len() as u64) < total);
+}
+
 /// Subscribes and returns the ack.
 pub async fn subscribe(ws: &mut Ws, id: u64, body: Value) -> Value {
     let mut req = body;
