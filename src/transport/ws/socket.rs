@@ -762,6 +762,17 @@ mod tests {
     /// A connected TLS pair: the server side taken apart and wrapped as after an upgrade,
     /// the client side a tokio-rustls stream trusting a CA made here.
     async fn tls_pair(max: usize) -> (WsSocket, tokio_rustls::client::TlsStream<TcpStream>) {
+        let (server, client) = tls_streams().await;
+        let (upgraded, early) = crate::transport::tls::take_apart(server, Bytes::new()).unwrap();
+        assert!(early.is_empty());
+        (WsSocket::new(upgraded, max), client)
+    }
+
+    /// Both ends of a TLS connection after the handshake, as tokio-rustls streams.
+    async fn tls_streams() -> (
+        tokio_rustls::server::TlsStream<TcpStream>,
+        tokio_rustls::client::TlsStream<TcpStream>,
+    ) {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
         use rustls::pki_types::{PrivateKeyDer, ServerName};
 
@@ -805,9 +816,26 @@ mod tests {
         let mut server = server.unwrap();
         // Small, so the write path meets rustls's limit as well as the kernel's.
         server.get_mut().1.set_buffer_limit(Some(16 * 1024));
+        (server, client.unwrap())
+    }
+
+    /// A frame that came in the same TLS record as the end of the upgrade request is already
+    /// decrypted inside rustls when hyper lets go; no readiness event will announce it, so
+    /// taking the stream apart hands it over with the early bytes.
+    #[tokio::test]
+    async fn plaintext_rustls_already_holds_comes_out_as_early_bytes() {
+        let (mut server, mut client) = tls_streams().await;
+        let mut record = b"HEAD".to_vec();
+        record.extend(client_frame(true, opcode::TEXT, b"behind"));
+        client.write_all(&record).await.unwrap();
+        client.flush().await.unwrap();
+        let mut head = [0u8; 4];
+        server.read_exact(&mut head).await.unwrap();
         let (upgraded, early) = crate::transport::tls::take_apart(server, Bytes::new()).unwrap();
-        assert!(early.is_empty());
-        (WsSocket::new(upgraded, max), client.unwrap())
+        let mut socket = WsSocket::new(upgraded, 100);
+        let mut got = Vec::new();
+        socket.absorb(&early, &mut got).unwrap();
+        assert_eq!(got, [Incoming::Text("behind".into())]);
     }
 
     #[tokio::test]
