@@ -131,21 +131,25 @@ async fn many_ticks_arrive_in_order_and_a_slow_tls_client_is_closed() {
 }
 
 /// TLS connections do not park (their rustls state stays on the runtime): an idle one keeps
-/// getting heartbeats and ticks long after `park_after_ms`.
+/// getting heartbeats and ticks long after `park_after_ms`, and the sweep does not keep asking
+/// it to park (each request would wake its task for nothing, every sweep, forever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_tls_clients_stay_live_without_parking() {
     let pki = Pki::new();
     let mut config = pki.config();
-    config.server.heartbeat_ms = 300;
+    // Sweeps every 200 ms (the auth timeout's resolution; these clients need no token), a
+    // heartbeat every 5th sweep, and quiet enough to park after one sweep.
+    config.auth.auth_timeout_ms = 200;
+    config.server.heartbeat_ms = 1_000;
     config.server.park_after_ms = 100;
     let server = TestServer::start_with(config).await;
     let addr = server.addr.to_string();
     let mut client = wss_client(&pki, &addr).await;
     subscribe(&mut client, 1, json!({"symbols": ["IDLE"]})).await;
-    // Idle through several sweeps (each heartbeat is 300 ms; the sweep runs every second).
+    // Idle through many sweeps (the sweeps between two heartbeats see nothing happen).
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let mut heartbeats = 0;
-    while heartbeats < 8 {
+    while heartbeats < 3 {
         if let tokio_tungstenite::tungstenite::Message::Text(t) = client.next_by(deadline).await {
             let v: Value = serde_json::from_str(t.as_str()).unwrap();
             heartbeats += u32::from(v["type"] == "heartbeat");
@@ -159,6 +163,11 @@ async fn idle_tls_clients_stay_live_without_parking() {
     assert_eq!(
         metric(&pki, &addr, "tickfan_connection_parks_total").await,
         0.0
+    );
+    assert_eq!(
+        metric(&pki, &addr, "tickfan_park_requests_total").await,
+        0.0,
+        "the sweep asked a TLS connection to park"
     );
 }
 

@@ -62,6 +62,7 @@ pub fn render(s: &AppState) -> String {
     r.counter(&m::CONNECTION_UNPARKS, &[], load(&pk.unparks));
     r.counter(&m::PARKED_HEARTBEATS, &[], load(&pk.heartbeats));
     r.counter(&m::PARKED_PONGS, &[], load(&pk.pongs));
+    r.counter(&m::PARK_REQUESTS, &[], load(&pk.park_requests));
     r.counter(
         &m::PARKING_WAKE_OVERFLOWS,
         &[],

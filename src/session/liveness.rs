@@ -43,8 +43,18 @@ pub const YIELD_EVERY: usize = 1024;
 /// The open connections, by a key each connection holds while it runs.
 #[derive(Debug)]
 pub struct Connections {
-    links: Mutex<Slab<Outbound>>,
+    links: Mutex<Slab<Entry>>,
     started: Instant,
+}
+
+/// One connection in the set.
+#[derive(Debug, Clone)]
+struct Entry {
+    link: Outbound,
+    /// Whether the connection can park at all (a TLS one cannot): the sweep asks only those,
+    /// since a declined request leaves the link as quiet as before and would be repeated, a
+    /// wake-up for nothing, on every sweep.
+    parks: bool,
 }
 
 impl Default for Connections {
@@ -63,17 +73,18 @@ impl Connections {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Adds a connection's link; the key removes it again.
-    pub fn insert(&self, link: Outbound) -> usize {
-        self.links.lock().insert(link)
+    /// Adds a connection's link (`parks`: whether it can ever park); the key removes it
+    /// again.
+    pub fn insert(&self, link: Outbound, parks: bool) -> usize {
+        self.links.lock().insert(Entry { link, parks })
     }
 
-    /// A copy of every link, to work on without holding the set's lock.
-    fn snapshot(&self) -> Vec<Outbound> {
+    /// A copy of every entry, to work on without holding the set's lock.
+    fn snapshot(&self) -> Vec<Entry> {
         self.links
             .lock()
             .iter()
-            .map(|(_, link)| link.clone())
+            .map(|(_, entry)| entry.clone())
             .collect()
     }
 
@@ -145,7 +156,7 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
             release_due = false;
         }
         parked_last_sweep = 0;
-        for (i, link) in links.iter().enumerate() {
+        for (i, Entry { link, parks }) in links.iter().enumerate() {
             if i > 0 && i % YIELD_EVERY == 0 {
                 tokio::task::yield_now().await;
             }
@@ -169,8 +180,16 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
                         beat_one(&ctx, link, beat);
                     }
                 }
-                if park_after_ms > 0 && link.parked_at().is_none() && link.quiet_for(park_sweeps) {
+                if *parks
+                    && park_after_ms > 0
+                    && link.parked_at().is_none()
+                    && link.quiet_for(park_sweeps)
+                {
                     link.request_park();
+                    ctx.parking
+                        .stats
+                        .park_requests
+                        .fetch_add(1, Ordering::Relaxed);
                     parked_last_sweep += 1;
                 }
             }
@@ -189,7 +208,7 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
     }
     // Killed outside the lock: a kill may resume a parked connection, and a session that
     // ends on the spot (its runtime shutting down) removes itself from this set.
-    for link in connections.snapshot() {
+    for Entry { link, .. } in connections.snapshot() {
         let _ = link.kill(close::GOING_AWAY);
     }
 }

@@ -210,7 +210,8 @@ pub async fn serve(
     if auth == AuthState::Pending {
         out.set_auth_deadline(now + ctx.config.auth.auth_timeout_ms);
     }
-    let link = ctx.connections.insert(out.clone());
+    let mut socket = WsSocket::new(stream, ctx.config.limits.max_message_bytes);
+    let link = ctx.connections.insert(out.clone(), socket.can_park());
     // Shutdown closes the connections in the set; one that joins after that sweep sees the
     // cancelled token instead.
     if ctx.shutdown.is_cancelled() {
@@ -230,7 +231,6 @@ pub async fn serve(
         _slot: slot,
         _tracked: tracked,
     };
-    let mut socket = WsSocket::new(stream, ctx.config.limits.max_message_bytes);
     // Messages read but not handled yet, starting with any the client sent right behind the
     // handshake. `early` is a view into hyper's whole read buffer: let it go at once.
     let mut inbox = Vec::new();

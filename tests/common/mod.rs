@@ -322,16 +322,19 @@ pub async fn ingest(producer: &mut Ws, ticks: &[Value]) -> Value {
 
 /// One sample from a `/metrics` exposition (0 when the series is absent).
 pub fn sample(exposition: &str, series: &str) -> f64 {
-    exposition
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
+    sample_of(exposition, series).unwrap_or(0.0)
+}
+
+/// One sample from a `/metrics` exposition; `None` when the series is absent (for tests that
+/// must tell "0" from "gone").
+pub fn sample_of(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// `PER_BATCH` ticks for `symbol`, batch `b`, with ids padded by `pad` bytes so that they fill

@@ -119,10 +119,11 @@ pub async fn https(pki: &Pki, addr: &str, method: &str, path: &str, body: &str) 
     (status, body)
 }
 
-/// One sample of `/metrics`, over https.
+/// One sample of `/metrics`, over https. Panics when the series is absent: every series the
+/// TLS tests read is always exported, so a missing one is a bug, not a 0.
 pub async fn metric(pki: &Pki, addr: &str, series: &str) -> f64 {
     let (_, text) = https(pki, addr, "GET", "/metrics", "").await;
-    super::sample(&text, series)
+    super::sample_of(&text, series).unwrap_or_else(|| panic!("no series {series} in /metrics"))
 }
 
 /// A `wss://` connection trusting the test CA.
