@@ -212,40 +212,48 @@ impl WsSocket {
         }
     }
 
-    /// [`WsSocket::read_into`] over TLS: one read from the kernel into rustls, then every
-    /// byte of plaintext that completed, through `buf`, to the decoder.
+    /// [`WsSocket::read_into`] over TLS: reads from the kernel into rustls (4 KiB per
+    /// `read_tls`) and hands every byte of plaintext that completed, through `buf`, to the
+    /// decoder, until the kernel has nothing more or about `buf.len()` bytes were taken: one
+    /// wake-up takes as much as a plain read would, not one 4 KiB slice of it.
     fn read_tls_into(&mut self, buf: &mut [u8], out: &mut Vec<Incoming>) -> Result<(), ReadError> {
-        let Some(tls) = self.tls.as_mut() else {
-            return Ok(());
-        };
-        let eof = match tls.read_tls(&mut NonBlocking(&self.stream)) {
-            Ok(0) => true,
-            Ok(_) => false,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        if let Err(e) = tls.process_new_packets() {
-            // rustls queued an alert saying why: give it to the kernel if it takes it now.
-            let _ = tls.write_tls(&mut NonBlocking(&self.stream));
-            return Err(io::Error::new(io::ErrorKind::InvalidData, e).into());
-        }
-        loop {
+        let mut taken = 0;
+        while taken < buf.len() {
             let Some(tls) = self.tls.as_mut() else {
                 return Ok(());
             };
-            let n = match tls.reader().read(buf) {
-                // The peer's close_notify: nothing more comes.
-                Ok(0) => return Err(ReadError::Eof),
-                Ok(n) => n,
+            let eof = match tls.read_tls(&mut NonBlocking(&self.stream)) {
+                Ok(0) => true,
+                Ok(n) => {
+                    taken += n;
+                    false
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                // EOF without close_notify.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(ReadError::Eof),
                 Err(e) => return Err(e.into()),
             };
-            self.decoder.absorb(&buf[..n], out)?;
-        }
-        if eof {
-            return Err(ReadError::Eof);
+            if let Err(e) = tls.process_new_packets() {
+                // rustls queued an alert saying why: give it to the kernel if it takes it now.
+                let _ = tls.write_tls(&mut NonBlocking(&self.stream));
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e).into());
+            }
+            // Drained every time: rustls holds at most 16 KiB of plaintext unread.
+            loop {
+                let n = match tls.reader().read(buf) {
+                    // The peer's close_notify: nothing more comes.
+                    Ok(0) => return Err(ReadError::Eof),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    // EOF without close_notify.
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        return Err(ReadError::Eof)
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                self.decoder.absorb(&buf[..n], out)?;
+            }
+            if eof {
+                return Err(ReadError::Eof);
+            }
         }
         // Records rustls answers on its own (a key update): out with them now if the kernel
         // takes them, else they wait in rustls and `has_unsent` says so.
@@ -836,6 +844,61 @@ mod tests {
         let mut got = Vec::new();
         socket.absorb(&early, &mut got).unwrap();
         assert_eq!(got, [Incoming::Text("behind".into())]);
+    }
+
+    /// Bytes waiting in the kernel's receive queue of `stream`.
+    fn kernel_queued(stream: &TcpStream) -> usize {
+        use std::os::fd::AsRawFd;
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the pointer, which points at `n`.
+        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(rc, 0, "FIONREAD failed");
+        usize::try_from(n).unwrap()
+    }
+
+    /// Encrypts `plain` on the client's rustls connection and writes the records in one go;
+    /// returns how many bytes went on the wire.
+    async fn send_records(
+        client: &mut tokio_rustls::client::TlsStream<TcpStream>,
+        plain: &[u8],
+    ) -> usize {
+        let (tcp, conn) = client.get_mut();
+        conn.writer().write_all(plain).unwrap();
+        let mut wire = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut wire).unwrap();
+        }
+        tcp.write_all(&wire).await.unwrap();
+        wire.len()
+    }
+
+    /// Waits (with a deadline) until the server's kernel holds all `n` bytes sent to it.
+    async fn until_queued(socket: &WsSocket, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while kernel_queued(&socket.stream) < n {
+            assert!(std::time::Instant::now() < deadline, "bytes never arrived");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// One read over TLS takes as much as the read buffer holds, not the 4 KiB rustls takes
+    /// per `read_tls`: a producer's wake-up decodes every frame that is there.
+    #[tokio::test]
+    async fn one_tls_read_takes_a_read_buffer_full() {
+        let (mut socket, mut client) = tls_pair(1 << 16).await;
+        socket.set_read_buffer(64 * 1024);
+        let mut plain = Vec::new();
+        for i in 0..10u8 {
+            plain.extend(client_frame(true, opcode::BINARY, &[i; 4_000]));
+        }
+        let sent = send_records(&mut client, &plain).await;
+        until_queued(&socket, sent).await;
+        socket.readable().await.unwrap();
+        let mut got = Vec::new();
+        socket.read_some(&mut got).unwrap();
+        assert_eq!(got.len(), 10, "one read decoded {} of 10 frames", got.len());
+        assert_eq!(got[9], Incoming::Binary(vec![9; 4_000]));
+        assert_eq!(kernel_queued(&socket.stream), 0);
     }
 
     #[tokio::test]
