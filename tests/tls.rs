@@ -257,3 +257,69 @@ async fn sighup_reloads_the_certificate() {
     let ping = client.request(json!({"op": "ping", "id": 3})).await;
     assert_eq!(ping["type"], "pong", "{ping}");
 }
+
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    tickfan::transport::ws::frame::client_frame(true, opcode, payload)
+}
+
+/// A client that writes the upgrade request and its first frames in one flight, before it
+/// reads the 101: hyper takes only part of the TLS record's plaintext, the rest is already
+/// decrypted inside rustls when the upgrade takes the stream apart, and no readiness event
+/// will announce it. The subscribe at its end must still be answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_and_requests_in_one_flight_are_all_answered() {
+    let pki = Pki::new();
+    let server = TestServer::start_with(pki.config()).await;
+    let addr = server.addr.to_string();
+    // ~9 KiB of pings (more than hyper's first read), then the subscribe, all in one record.
+    let mut behind = Vec::new();
+    for i in 0..70u8 {
+        behind.extend(client_frame(0x9, &[i; 125]));
+    }
+    let subscribe = json!({"op": "subscribe", "id": 7, "symbols": ["FLIGHT"]}).to_string();
+    behind.extend(client_frame(0x1, subscribe.as_bytes()));
+    assert!(behind.len() > 8_192 && behind.len() < 16_000);
+    let mut raw = RawTls::open(&pki, &addr, "/ws", &behind).await;
+    assert_eq!(raw.text().await["type"], "welcome");
+    let ack = raw.text().await;
+    assert_eq!(ack["id"], 7, "{ack}");
+    assert_eq!(ack["type"], "ack", "{ack}");
+}
+
+/// A producer that ends its side of the TLS connection (close_notify, or a bare FIN) after
+/// its last batch still gets that batch's ack, and then our close_notify: a clean end, not a
+/// truncation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_half_close_over_tls_still_gets_its_acks() {
+    let pki = Pki::new();
+    let server = TestServer::start_with(pki.config()).await;
+    let addr = server.addr.to_string();
+    for (i, with_close_notify) in [true, false].into_iter().enumerate() {
+        let batch = json!([tick("HALF", 1.0 + i as f64, 1.0)]).to_string();
+        let mut raw = RawTls::open(&pki, &addr, "/ingest", &[]).await;
+        raw.tls
+            .write_all(&client_frame(0x1, batch.as_bytes()))
+            .await
+            .unwrap();
+        if with_close_notify {
+            // close_notify, then FIN.
+            raw.tls.shutdown().await.unwrap();
+        } else {
+            raw.tls.flush().await.unwrap();
+            raw.tls.get_mut().0.shutdown().await.unwrap();
+        }
+        let ack = raw.text().await;
+        assert_eq!(ack["type"], "ingest_ack", "{ack}");
+        assert_eq!(ack["accepted"], 1, "{ack}");
+        let end = raw.frame().await;
+        assert!(
+            matches!(end, Ok(None)),
+            "close_notify={with_close_notify}: {end:?}"
+        );
+    }
+    // Acked means stored.
+    let (status, body) = https(&pki, &addr, "GET", "/api/history/HALF?limit=10", "").await;
+    assert_eq!(status, 200, "{body}");
+    let history: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(history["ticks"].as_array().map(Vec::len), Some(2), "{history}");
+}

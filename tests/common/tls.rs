@@ -148,3 +148,88 @@ pub async fn wss_client(pki: &Pki, addr: &str) -> Ws {
     assert_eq!(welcome["type"], "welcome", "{welcome}");
     ws
 }
+
+/// A `wss://` connection written byte by byte (for what a library client does not do: the
+/// upgrade and frames in one flight, a TLS half-close).
+pub struct RawTls {
+    pub tls: tokio_rustls::client::TlsStream<TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl RawTls {
+    /// Sends the upgrade request to `path` and `behind` (masked client frames) in one write,
+    /// so they travel in one TLS record; checks the 101.
+    pub async fn open(pki: &Pki, addr: &str, path: &str, behind: &[u8]) -> Self {
+        let mut tls = tls_connect(pki, addr).await.unwrap();
+        let mut first = format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .into_bytes();
+        first.extend_from_slice(behind);
+        tls.write_all(&first).await.unwrap();
+        tls.flush().await.unwrap();
+        let mut raw = Self {
+            tls,
+            buf: Vec::new(),
+        };
+        while !raw.buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            assert!(raw.fill().await.unwrap(), "closed before the 101");
+        }
+        let end = raw.buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&raw.buf[..end]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        raw.buf.drain(..end + 4);
+        raw
+    }
+
+    /// Reads more; `Ok(false)` at a clean end (the server's close_notify), `Err` at an
+    /// unclean one (EOF without close_notify reads as `UnexpectedEof`).
+    async fn fill(&mut self) -> std::io::Result<bool> {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(DEADLINE, self.tls.read(&mut chunk))
+            .await
+            .expect("server went quiet")?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n > 0)
+    }
+
+    /// The next server frame as (opcode, payload); `Ok(None)` at a clean end of the stream.
+    pub async fn frame(&mut self) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+        loop {
+            let len = match self.buf.get(1).map(|b| b & 0x7F) {
+                Some(126) if self.buf.len() >= 4 => {
+                    Some((usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]])), 4))
+                }
+                Some(n @ 0..=125) => Some((usize::from(n), 2)),
+                _ => None,
+            };
+            if let Some((len, start)) = len.filter(|(len, start)| self.buf.len() >= start + len) {
+                let opcode = self.buf[0] & 0x0F;
+                let payload = self.buf[start..start + len].to_vec();
+                self.buf.drain(..start + len);
+                return Ok(Some((opcode, payload)));
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// The next text frame that is not a heartbeat, as JSON (control frames skipped).
+    pub async fn text(&mut self) -> serde_json::Value {
+        loop {
+            match self.frame().await.unwrap() {
+                Some((1, payload)) => {
+                    let v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+                    if v["type"] != "heartbeat" {
+                        return v;
+                    }
+                }
+                Some((8, payload)) => panic!("closed while waiting for text: {payload:?}"),
+                Some(_) => {}
+                None => panic!("end of stream while waiting for text"),
+            }
+        }
+    }
+}

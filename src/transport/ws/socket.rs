@@ -101,7 +101,8 @@ pub struct WsSocket {
     read_buf: Option<Box<Vec<u8>>>,
     /// The rustls state of a TLS connection; `None` on a plain one.
     tls: Option<Box<ServerConnection>>,
-    /// A TLS close_notify is to follow the queue (queued with our close frame).
+    /// A TLS close_notify is to follow the queue: set once our close frame is queued and the
+    /// peer's close frame or EOF has arrived (see [`WsSocket::queue_close`]).
     close_notify_due: bool,
 }
 
@@ -335,10 +336,13 @@ impl WsSocket {
         });
     }
 
-    /// Queues a close frame (on TLS, followed by a close_notify).
+    /// Queues a close frame. On TLS a close_notify follows it only if the peer's close frame
+    /// already came; otherwise [`WsSocket::await_peer_close`] sends it once the peer's close
+    /// or EOF arrives (a TLS 1.2 peer that gets close_notify first shuts down, and its close
+    /// reply is lost).
     pub fn queue_close(&mut self, code: u16, reason: &str) {
         self.queue(opcode::CLOSE, frame::close_payload(code, reason).into());
-        self.close_notify_due = self.tls.is_some();
+        self.close_notify_due = self.tls.is_some() && self.peer_closed();
     }
 
     /// Queues bytes that are already framed: the rest of a frame another writer started (a
@@ -533,20 +537,26 @@ impl WsSocket {
     /// EOF, so that the peer, not us, ends the TCP connection (RFC 6455 §7.1.1). Returns at
     /// once if the peer's close already came, even a malformed one: there is nothing left to
     /// wait for, and holding the connection only delays a peer that waits for our FIN.
+    ///
+    /// On TLS our close_notify goes out then (if the kernel takes it at once): the WebSocket
+    /// closing handshake is over, or the peer is not going to finish it.
     pub async fn await_peer_close(&mut self, wait: std::time::Duration) {
-        if self.peer_closed() {
-            return;
-        }
-        let _ = tokio::time::timeout(wait, async {
-            let mut seen = Vec::new();
-            while self.readable().await.is_ok() {
-                if self.read_some(&mut seen).is_err() || self.peer_closed() {
-                    return;
+        if !self.peer_closed() {
+            let _ = tokio::time::timeout(wait, async {
+                let mut seen = Vec::new();
+                while self.readable().await.is_ok() {
+                    if self.read_some(&mut seen).is_err() || self.peer_closed() {
+                        return;
+                    }
+                    seen.clear();
                 }
-                seen.clear();
-            }
-        })
-        .await;
+            })
+            .await;
+        }
+        if self.tls.is_some() {
+            self.close_notify_due = true;
+            let _ = self.try_flush();
+        }
     }
 
     /// Writes the whole queue, waiting for the socket as needed.
@@ -732,6 +742,8 @@ mod tests {
         });
         socket.flush().await.unwrap();
         assert!(!socket.has_unsent());
+        // This peer never answers: end at once (over TLS, that sends our close_notify).
+        socket.await_peer_close(std::time::Duration::ZERO).await;
         drop(socket);
         let all = reader.await.unwrap();
         let mut at = 0;
@@ -899,6 +911,61 @@ mod tests {
         assert_eq!(got.len(), 10, "one read decoded {} of 10 frames", got.len());
         assert_eq!(got[9], Incoming::Binary(vec![9; 4_000]));
         assert_eq!(kernel_queued(&socket.stream), 0);
+    }
+
+    /// Our close frame goes out alone: the close_notify waits for the peer's close frame (a
+    /// TLS 1.2 peer that sees close_notify first shuts down, and its close reply is lost),
+    /// then follows it, so the peer's read ends cleanly.
+    #[tokio::test]
+    async fn tls_close_notify_waits_for_the_peers_close_frame() {
+        use futures_util::FutureExt;
+        let (mut socket, mut client) = tls_pair(100).await;
+        socket.queue_close(1000, "bye");
+        socket.flush().await.unwrap();
+        let mut ours = [0u8; 7];
+        client.read_exact(&mut ours).await.unwrap();
+        assert_eq!(&ours[2..], &frame::close_payload(1000, "bye")[..]);
+        // Everything the server wrote is in our kernel (loopback): no close_notify among it.
+        let mut more = [0u8; 16];
+        let early = client.read(&mut more).now_or_never();
+        assert!(early.is_none(), "close_notify came before our close reply: {early:?}");
+        let reply = client_frame(true, opcode::CLOSE, &frame::close_payload(1000, "ok"));
+        client.write_all(&reply).await.unwrap();
+        client.flush().await.unwrap();
+        socket
+            .await_peer_close(std::time::Duration::from_secs(10))
+            .await;
+        assert!(socket.peer_closed());
+        drop(socket);
+        // A clean end: close_notify, not a bare FIN (which reads as UnexpectedEof).
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+
+    /// When the peer closed first, our close frame is the reply and close_notify follows it
+    /// at once.
+    #[tokio::test]
+    async fn tls_close_notify_follows_the_reply_to_a_peers_close() {
+        let (mut socket, mut client) = tls_pair(100).await;
+        let close = client_frame(true, opcode::CLOSE, &frame::close_payload(1000, "done"));
+        client.write_all(&close).await.unwrap();
+        client.flush().await.unwrap();
+        let got = messages(&mut socket, 1).await.unwrap();
+        assert_eq!(got, [Incoming::Close(Some(1000))]);
+        socket.queue_close(1000, "bye");
+        socket.flush().await.unwrap();
+        let mut all = Vec::new();
+        // Ends at the close_notify while the server still holds the socket.
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.read_to_end(&mut all),
+        )
+        .await
+        .expect("no close_notify after the close reply")
+        .unwrap();
+        assert_eq!(&all[2..], &frame::close_payload(1000, "bye")[..]);
+        drop(socket);
     }
 
     #[tokio::test]
