@@ -191,6 +191,8 @@ metrics! {
         "TLS connections that did not complete a handshake, by reason: timeout (limits.header_timeout_ms), plaintext (answered 400 tls_required), error (refused by rustls).";
     TLS_CERT_RELOADS: Counter "tickfan_tls_cert_reloads_total" ["result"]
         "Certificate reloads on SIGHUP, by result: ok, or failed (the old certificate stays).";
+    TLS_CONNECTION_ERRORS: Counter "tickfan_tls_connection_errors_total" []
+        "WebSocket connections (/ws and /ingest) ended by a TLS error after the handshake (a record that does not decrypt, a fatal alert).";
     PARK_REQUESTS: Counter "tickfan_park_requests_total" []
         "Times the liveness sweep asked a quiet client connection to park (TLS connections are never asked).";
     UPSTREAM_STATE: Gauge "tickfan_upstream_state" ["upstream"]

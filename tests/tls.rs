@@ -323,3 +323,39 @@ async fn a_producer_half_close_over_tls_still_gets_its_acks() {
     let history: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(history["ticks"].as_array().map(Vec::len), Some(2), "{history}");
 }
+
+/// A TLS error after the handshake (here a record that does not decrypt) ends the connection
+/// and is counted, on `/ws` and on `/ingest`; the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_record_after_the_upgrade_is_counted() {
+    let pki = Pki::new();
+    let server = TestServer::start_with(pki.config()).await;
+    let addr = server.addr.to_string();
+    let errors = "tickfan_tls_connection_errors_total";
+    assert_eq!(metric(&pki, &addr, errors).await, 0.0);
+    for (n, path) in [(1.0, "/ws"), (2.0, "/ingest")] {
+        let mut raw = RawTls::open(&pki, &addr, path, &[]).await;
+        if path == "/ws" {
+            assert_eq!(raw.text().await["type"], "welcome");
+        }
+        // An application-data record with 32 bytes that are not a valid ciphertext.
+        let mut record = vec![0x17, 0x03, 0x03, 0x00, 0x20];
+        record.extend([0xAB; 32]);
+        raw.tls.get_mut().0.write_all(&record).await.unwrap();
+        // The server answers with an alert and closes: the stream ends in an error.
+        loop {
+            match raw.frame().await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("{path}: a clean end after a broken record"),
+                Err(_) => break,
+            }
+        }
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while metric(&pki, &addr, errors).await < n {
+            assert!(tokio::time::Instant::now() < deadline, "{path}: not counted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let (status, _) = https(&pki, &addr, "GET", "/health", "").await;
+    assert_eq!(status, 200);
+}

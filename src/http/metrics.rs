@@ -131,6 +131,11 @@ pub fn render(s: &AppState) -> String {
     ] {
         r.counter(&m::TLS_CERT_RELOADS, &[result], v);
     }
+    r.counter(
+        &m::TLS_CONNECTION_ERRORS,
+        &[],
+        load(&c.tls_errors) + load(&p.tls_errors),
+    );
     r.gauge(&m::DEAD_LETTERS, &[], s.dead_letters.len() as u64);
     r.counter(
         &m::DEAD_LETTERS_SKIPPED,

@@ -113,6 +113,8 @@ pub struct ClientStats {
     /// Pings left unanswered because a newer ping replaced a pong not sent yet (see
     /// `transport::ws::socket`; `/ingest` counts its own in [`producer::ProducerStats`]).
     pub pongs_coalesced: AtomicU64,
+    /// Connections ended by a TLS error after the upgrade (`/ingest` counts its own).
+    pub tls_errors: AtomicU64,
 }
 
 struct Conn {
@@ -499,6 +501,11 @@ fn read_failure(ctx: &ClientContext, e: ReadError) -> Option<(u16, &'static str)
         ReadError::Frame(FrameError::Protocol(why)) => {
             ctx.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
             Some((close::PROTOCOL_ERROR, why))
+        }
+        // No close frame: the TLS session is broken, nothing more can be sent on it.
+        ReadError::Tls(_) => {
+            ctx.stats.tls_errors.fetch_add(1, Ordering::Relaxed);
+            None
         }
         _ => None,
     }

@@ -50,6 +50,8 @@ pub struct ProducerStats {
     pub bad_frames: AtomicU64,
     /// Pings left unanswered because a newer ping replaced a pong not sent yet.
     pub pongs_coalesced: AtomicU64,
+    /// Connections ended by a TLS error after the upgrade.
+    pub tls_errors: AtomicU64,
 }
 
 /// Frames whose acks may be outstanding per producer connection.
@@ -203,6 +205,10 @@ fn read_failure(ctx: &ProducerContext, e: ReadError) -> Ending {
             Ending::Close(e.close_code(), frame_reason(e))
         }
         ReadError::Eof => Ending::Eof,
+        ReadError::Tls(_) => {
+            ctx.stats.tls_errors.fetch_add(1, Ordering::Relaxed);
+            Ending::Gone
+        }
         _ => Ending::Gone,
     }
 }

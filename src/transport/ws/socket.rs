@@ -63,6 +63,10 @@ pub enum ReadError {
     /// The socket failed.
     #[error(transparent)]
     Io(#[from] io::Error),
+    /// TLS failed after the handshake (a record that does not decrypt, a fatal alert from
+    /// the peer); rustls's alert to the peer has been offered to the kernel.
+    #[error("TLS: {0}")]
+    Tls(rustls::Error),
 }
 
 /// A frame waiting for the kernel to take it.
@@ -235,7 +239,8 @@ impl WsSocket {
             if let Err(e) = tls.process_new_packets() {
                 // rustls queued an alert saying why: give it to the kernel if it takes it now.
                 let _ = tls.write_tls(&mut NonBlocking(&self.stream));
-                return Err(io::Error::new(io::ErrorKind::InvalidData, e).into());
+                tracing::debug!(peer = ?self.stream.peer_addr().ok(), error = %e, "TLS error: connection ends");
+                return Err(ReadError::Tls(e));
             }
             // Drained every time: rustls holds at most 16 KiB of plaintext unread.
             loop {
