@@ -290,19 +290,18 @@ pub async fn run(
 }
 
 /// The listener's TLS if `server.tls_cert_file` is set, with its certificate reloaded on every
-/// SIGHUP until `stop` (the handler is installed here, before the listener serves, so a
-/// SIGHUP never finds the process without one).
+/// SIGHUP until `stop`. The handler is installed here, before the listener serves, and also
+/// without TLS (a SIGHUP, e.g. from `systemctl reload`, is then logged as having nothing to
+/// reload): the signal's default action would end the process.
 fn tls(config: &Config, stop: &CancellationToken) -> Result<Option<Arc<Tls>>, ServerError> {
-    let (Some(cert_file), Some(key_file)) =
-        (&config.server.tls_cert_file, &config.server.tls_key_file)
-    else {
-        return Ok(None);
+    let tls = match (&config.server.tls_cert_file, &config.server.tls_key_file) {
+        (Some(cert_file), Some(key_file)) => Some(Arc::new(Tls::new(TlsSettings {
+            cert_file: cert_file.clone(),
+            key_file: key_file.clone(),
+            buffer_bytes: config.server.tls_buffer_bytes,
+        })?)),
+        _ => None,
     };
-    let tls = Arc::new(Tls::new(TlsSettings {
-        cert_file: cert_file.clone(),
-        key_file: key_file.clone(),
-        buffer_bytes: config.server.tls_buffer_bytes,
-    })?);
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let reloading = tls.clone();
     let stop = stop.clone();
@@ -312,13 +311,16 @@ fn tls(config: &Config, stop: &CancellationToken) -> Result<Option<Arc<Tls>>, Se
                 () = stop.cancelled() => return,
                 got = hangups.recv() => if got.is_none() { return },
             }
+            let Some(tls) = reloading.clone() else {
+                tracing::info!("SIGHUP: no TLS certificate configured, nothing to reload");
+                continue;
+            };
             tracing::info!("SIGHUP: reloading the TLS certificate");
             // Off the runtime: it reads two files. A failure is logged and counted there.
-            let tls = reloading.clone();
             let _ = tokio::task::spawn_blocking(move || tls.reload()).await;
         }
     });
-    Ok(Some(tls))
+    Ok(tls)
 }
 
 /// Drops the server's parked connections when `run` ends (normally none are left: the

@@ -359,3 +359,48 @@ async fn a_broken_record_after_the_upgrade_is_counted() {
     let (status, _) = https(&pki, &addr, "GET", "/health", "").await;
     assert_eq!(status, 200);
 }
+
+/// Without TLS, SIGHUP is harmless: it is logged as having nothing to reload and the process
+/// keeps serving (its default action would end the process, e.g. on a `systemctl reload`).
+#[test]
+fn sighup_without_tls_keeps_the_process_running() {
+    use std::io::{BufRead, Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let mut binary = Binary::spawn(dir.path(), &[], std::process::Stdio::piped());
+    let stderr = binary.child.stderr.take().unwrap();
+    let (lines, log) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let health = |addr: &str| {
+        let mut answer = String::new();
+        if let Ok(mut c) = std::net::TcpStream::connect(addr) {
+            let _ = c.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+            let _ = c.read_to_string(&mut answer);
+        }
+        answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200")
+    };
+    // Serving means the handler is installed (it is, before the listener serves).
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !health(&binary.addr) {
+        assert!(std::time::Instant::now() < deadline, "no healthy server");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(binary.child.id() as i32, libc::SIGHUP) };
+    loop {
+        let wait = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = log
+            .recv_timeout(wait)
+            .expect("no 'nothing to reload' line: did SIGHUP end the process?");
+        if line.contains("nothing to reload") {
+            break;
+        }
+    }
+    assert!(health(&binary.addr), "not serving after SIGHUP");
+    assert_eq!(binary.terminate(), Some(0));
+}
