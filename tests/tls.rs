@@ -242,6 +242,18 @@ async fn sighup_reloads_the_certificate() {
     let ok = r#"tickfan_tls_cert_reloads_total{result="ok"}"#;
     assert_eq!(metric(&pki, &addr, ok).await, 1.0);
 
+    // A renewal that keeps the key: only the certificate file changes.
+    let cert_c = pki.reissue_leaf("leaf C, key B");
+    hangup();
+    while served_certificate(&pki, &addr).await != cert_c {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cert C never served"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(&pki, &addr, ok).await, 2.0);
+
     // A broken file: the reload fails, is counted, and cert B stays.
     std::fs::write(pki.key_file(), "not a key").unwrap();
     hangup();
@@ -253,7 +265,7 @@ async fn sighup_reloads_the_certificate() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(served_certificate(&pki, &addr).await, cert_b);
+    assert_eq!(served_certificate(&pki, &addr).await, cert_c);
     let ping = client.request(json!({"op": "ping", "id": 3})).await;
     assert_eq!(ping["type"], "pong", "{ping}");
 }

@@ -57,6 +57,18 @@ impl Pki {
         cert.der().clone()
     }
 
+    /// Signs a new leaf named `name` for the key already in the key file and writes only the
+    /// certificate file (a renewal that keeps the key); returns its DER.
+    pub fn reissue_leaf(&self, name: &str) -> CertificateDer<'static> {
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::from_pem(&std::fs::read_to_string(self.key_file()).unwrap()).unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        std::fs::write(self.cert_file(), cert.pem()).unwrap();
+        cert.der().clone()
+    }
+
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca.clone()).unwrap();

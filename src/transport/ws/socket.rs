@@ -973,6 +973,31 @@ mod tests {
         drop(socket);
     }
 
+    /// A TLS 1.3 key update from the peer asks for ours: rustls queues it while reading, and
+    /// the read path writes it (nothing else would, on a connection with nothing to send).
+    /// Both directions keep working under the new keys, twice over.
+    #[tokio::test]
+    async fn tls_key_updates_are_answered_from_the_read_path() {
+        let (mut socket, mut client) = tls_pair(100).await;
+        for round in 0..2u8 {
+            client.get_mut().1.refresh_traffic_keys().unwrap();
+            client
+                .write_all(&client_frame(true, opcode::TEXT, &[b'a' + round]))
+                .await
+                .unwrap();
+            client.flush().await.unwrap();
+            let got = messages(&mut socket, 1).await.unwrap();
+            assert_eq!(got, [Incoming::Text(char::from(b'a' + round).to_string())]);
+            // The answer went out while reading: nothing is left for a flush to send.
+            assert!(!socket.has_unsent());
+            socket.queue_text(Bytes::from(vec![b'x' + round]));
+            socket.flush().await.unwrap();
+            let mut frame = [0u8; 3];
+            client.read_exact(&mut frame).await.unwrap();
+            assert_eq!(frame, [0x81, 1, b'x' + round]);
+        }
+    }
+
     #[tokio::test]
     async fn tls_frames_split_across_records_and_reads() {
         let (mut socket, mut client) = tls_pair(1 << 16).await;
