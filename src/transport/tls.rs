@@ -170,25 +170,27 @@ impl Tls {
             let mut first = [0u8; 1];
             match tcp.peek(&mut first).await {
                 Ok(1) if first[0] == HANDSHAKE_RECORD => {}
-                Ok(1) => {
-                    stats.failed_plaintext.fetch_add(1, Ordering::Relaxed);
-                    refuse_plaintext(&tcp);
-                    return None;
-                }
-                _ => return None,
+                // Answered below, outside the handshake deadline.
+                Ok(1) => return Err(tcp),
+                _ => return Ok(None),
             }
             match self.acceptor.accept(tcp).await {
-                Ok(stream) => Some(stream),
+                Ok(stream) => Ok(Some(stream)),
                 Err(e) => {
                     stats.failed_error.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(error = %e, "TLS handshake failed");
-                    None
+                    Ok(None)
                 }
             }
         })
         .await;
         match shaken {
-            Ok(Some(mut stream)) => {
+            Ok(Err(tcp)) => {
+                stats.failed_plaintext.fetch_add(1, Ordering::Relaxed);
+                refuse_plaintext(tcp).await;
+                None
+            }
+            Ok(Ok(Some(mut stream))) => {
                 stats.handshakes.fetch_add(1, Ordering::Relaxed);
                 stream
                     .get_mut()
@@ -196,7 +198,7 @@ impl Tls {
                     .set_buffer_limit(Some(self.settings.buffer_bytes));
                 Some(stream)
             }
-            Ok(None) => None,
+            Ok(Ok(None)) => None,
             Err(_) => {
                 stats.failed_timeout.fetch_add(1, Ordering::Relaxed);
                 None
@@ -224,9 +226,17 @@ fn load(settings: &TlsSettings, provider: &CryptoProvider) -> Result<CertifiedKe
     Ok(CertifiedKey::from_der(chain, key, provider)?)
 }
 
+/// How long, and for how many bytes, a refused plain-text connection is read after its 400.
+const PLAINTEXT_LINGER: Duration = Duration::from_secs(1);
+const PLAINTEXT_DRAIN_BYTES: usize = 64 * 1024;
+
 /// Answers a plain-text request on the TLS listener, if the empty send buffer takes it at once
-/// (it does; a socket that does not gets nothing).
-fn refuse_plaintext(tcp: &TcpStream) {
+/// (it does; a socket that does not gets nothing), then ends our side and reads what the
+/// client sent until it closes too (at most [`PLAINTEXT_DRAIN_BYTES`] within
+/// [`PLAINTEXT_LINGER`]): closing with the request unread would send a reset, which can reach
+/// the client before the 400 and destroy it.
+async fn refuse_plaintext(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let body = super::error_body(
         "tls_required",
         "this listener speaks TLS: use https:// or wss://",
@@ -236,6 +246,19 @@ fn refuse_plaintext(tcp: &TcpStream) {
         body.len()
     );
     let _ = tcp.try_write(response.as_bytes());
+    let _ = tokio::time::timeout(PLAINTEXT_LINGER, async {
+        tcp.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        while drained < PLAINTEXT_DRAIN_BYTES {
+            match tcp.read(&mut sink).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        io::Result::Ok(())
+    })
+    .await;
 }
 
 /// An upgraded connection's stream as the framing layer gets it: bare, or bare plus the
