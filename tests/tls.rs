@@ -271,6 +271,26 @@ async fn sighup_reloads_the_certificate() {
     assert_eq!(served_certificate(&pki, &addr).await, cert_c);
     let ping = client.request(json!({"op": "ping", "id": 3})).await;
     assert_eq!(ping["type"], "pong", "{ping}");
+
+    // An expired certificate and one not valid yet (key matching) are refused too.
+    for (n, (from, to)) in [((2000, 1, 1), (2001, 1, 1)), ((2999, 1, 1), (3000, 1, 1))]
+        .into_iter()
+        .enumerate()
+    {
+        pki.write_leaf_with("out of its validity", |p| {
+            p.not_before = rcgen::date_time_ymd(from.0, from.1, from.2);
+            p.not_after = rcgen::date_time_ymd(to.0, to.1, to.2);
+        });
+        hangup();
+        while metric(&pki, &addr, failed).await < 2.0 + n as f64 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "reload of a certificate out of its validity not refused"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(served_certificate(&pki, &addr).await, cert_c);
+    }
 }
 
 fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
@@ -336,7 +356,11 @@ async fn a_producer_half_close_over_tls_still_gets_its_acks() {
     let (status, body) = https(&pki, &addr, "GET", "/api/history/HALF?limit=10", "").await;
     assert_eq!(status, 200, "{body}");
     let history: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(history["ticks"].as_array().map(Vec::len), Some(2), "{history}");
+    assert_eq!(
+        history["ticks"].as_array().map(Vec::len),
+        Some(2),
+        "{history}"
+    );
 }
 
 /// A TLS error after the handshake (here a record that does not decrypt) ends the connection
@@ -367,7 +391,10 @@ async fn a_broken_record_after_the_upgrade_is_counted() {
         }
         let deadline = tokio::time::Instant::now() + DEADLINE;
         while metric(&pki, &addr, errors).await < n {
-            assert!(tokio::time::Instant::now() < deadline, "{path}: not counted");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{path}: not counted"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -385,7 +412,10 @@ fn sighup_without_tls_keeps_the_process_running() {
     let stderr = binary.child.stderr.take().unwrap();
     let (lines, log) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
             if lines.send(line).is_err() {
                 break;
             }

@@ -11,7 +11,9 @@
 //! Certificates are served by [`CertStore`], a `ResolvesServerCert` whose certified key is
 //! swapped under a lock: [`Tls::reload`] (SIGHUP, wired in `crate::server`) reads the files
 //! again, and new handshakes use the new certificate while established connections keep the
-//! keys they negotiated. A file that does not load leaves the old certificate in place.
+//! keys they negotiated. A file that does not load leaves the old certificate in place, and so
+//! does a leaf outside its validity period (expired, or not valid yet: x509-parser reads the
+//! dates), which every client would refuse.
 
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
@@ -56,6 +58,14 @@ pub enum TlsError {
     /// rustls refused the key or the chain (unsupported key type, key not matching the leaf).
     #[error("certificate or key refused: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The leaf certificate does not parse, has expired or is not valid yet.
+    #[error("{file}: {why}")]
+    Validity {
+        /// The certificate file.
+        file: String,
+        /// What is wrong with its dates.
+        why: String,
+    },
 }
 
 /// Counters of the TLS layer, for `/metrics`.
@@ -145,7 +155,6 @@ impl Tls {
             Ok(key) => {
                 *self.certs.0.write() = Arc::new(key);
                 self.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(cert = %self.settings.cert_file.display(), "TLS certificate reloaded");
                 Ok(())
             }
             Err(e) => {
@@ -221,9 +230,58 @@ fn load(settings: &TlsSettings, provider: &CryptoProvider) -> Result<CertifiedKe
     if chain.is_empty() {
         return Err(pem(cert_file, "no CERTIFICATE in the file".into()));
     }
+    check_validity(cert_file, &chain[0])?;
     let key_file = &settings.key_file;
     let key = PrivateKeyDer::from_pem_file(key_file).map_err(|e| pem(key_file, e.to_string()))?;
+    warn_if_key_readable(key_file);
     Ok(CertifiedKey::from_der(chain, key, provider)?)
+}
+
+/// Refuses a leaf outside its validity period, and logs whose it is and until when it holds.
+fn check_validity(file: &std::path::Path, leaf: &CertificateDer<'_>) -> Result<(), TlsError> {
+    use x509_parser::time::ASN1Time;
+    let refuse = |why: String| TlsError::Validity {
+        file: file.display().to_string(),
+        why,
+    };
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| refuse(format!("the leaf certificate does not parse: {e}")))?;
+    let validity = cert.validity();
+    let now = ASN1Time::now();
+    if now < validity.not_before {
+        return Err(refuse(format!(
+            "the leaf certificate is not valid before {}",
+            validity.not_before
+        )));
+    }
+    if now > validity.not_after {
+        return Err(refuse(format!(
+            "the leaf certificate expired on {}",
+            validity.not_after
+        )));
+    }
+    tracing::info!(
+        cert = %file.display(),
+        subject = %cert.subject(),
+        not_after = %validity.not_after,
+        "TLS certificate loaded"
+    );
+    Ok(())
+}
+
+/// Warns when the private key file can be read by its group or others.
+fn warn_if_key_readable(file: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(file) {
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                key = %file.display(),
+                mode = format!("{:o}", mode & 0o777),
+                "the TLS private key file is readable by its group or others: chmod 600 it"
+            );
+        }
+    }
 }
 
 /// How long, and for how many bytes, a refused plain-text connection is read after its 400.

@@ -47,9 +47,19 @@ impl Pki {
 
     /// Signs a new leaf named `name` and writes it (over the old one); returns its DER.
     pub fn write_leaf(&self, name: &str) -> CertificateDer<'static> {
+        self.write_leaf_with(name, |_| {})
+    }
+
+    /// [`Pki::write_leaf`] with the parameters changed by `edit` first (e.g. the validity).
+    pub fn write_leaf_with(
+        &self,
+        name: &str,
+        edit: impl FnOnce(&mut CertificateParams),
+    ) -> CertificateDer<'static> {
         let mut params =
             CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
+        edit(&mut params);
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         std::fs::write(self.cert_file(), cert.pem()).unwrap();
@@ -210,9 +220,10 @@ impl RawTls {
     pub async fn frame(&mut self) -> std::io::Result<Option<(u8, Vec<u8>)>> {
         loop {
             let len = match self.buf.get(1).map(|b| b & 0x7F) {
-                Some(126) if self.buf.len() >= 4 => {
-                    Some((usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]])), 4))
-                }
+                Some(126) if self.buf.len() >= 4 => Some((
+                    usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]])),
+                    4,
+                )),
                 Some(n @ 0..=125) => Some((usize::from(n), 2)),
                 _ => None,
             };

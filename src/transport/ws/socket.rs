@@ -933,7 +933,10 @@ mod tests {
         // Everything the server wrote is in our kernel (loopback): no close_notify among it.
         let mut more = [0u8; 16];
         let early = client.read(&mut more).now_or_never();
-        assert!(early.is_none(), "close_notify came before our close reply: {early:?}");
+        assert!(
+            early.is_none(),
+            "close_notify came before our close reply: {early:?}"
+        );
         let reply = client_frame(true, opcode::CLOSE, &frame::close_payload(1000, "ok"));
         client.write_all(&reply).await.unwrap();
         client.flush().await.unwrap();
