@@ -64,9 +64,10 @@ pub enum ReadError {
     #[error(transparent)]
     Io(#[from] io::Error),
     /// TLS failed after the handshake (a record that does not decrypt, a fatal alert from
-    /// the peer); rustls's alert to the peer has been offered to the kernel.
+    /// the peer); rustls's alert to the peer has been offered to the kernel. (Boxed: the
+    /// error is held across awaits in every connection's future, and rustls's is large.)
     #[error("TLS: {0}")]
-    Tls(rustls::Error),
+    Tls(Box<rustls::Error>),
 }
 
 /// A frame waiting for the kernel to take it.
@@ -240,7 +241,7 @@ impl WsSocket {
                 // rustls queued an alert saying why: give it to the kernel if it takes it now.
                 let _ = tls.write_tls(&mut NonBlocking(&self.stream));
                 tracing::debug!(peer = ?self.stream.peer_addr().ok(), error = %e, "TLS error: connection ends");
-                return Err(ReadError::Tls(e));
+                return Err(ReadError::Tls(Box::new(e)));
             }
             // Drained every time: rustls holds at most 16 KiB of plaintext unread.
             loop {
