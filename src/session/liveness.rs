@@ -3,9 +3,10 @@
 //! connections, plus a WebSocket ping request; parked connections get it written straight to
 //! their socket), closes connections that have sent nothing for three heartbeats and those
 //! that did not authenticate in time, asks connections quiet for `server.park_after_ms` to
-//! park, and on shutdown tells every connection to close with 1001. Heartbeats for parked
-//! connections are socket writes (one syscall each), so the sweep hands them, as one list, to
-//! a blocking-pool thread instead of doing 100k of them in one poll of its task; and it
+//! park (only those that can: not TLS ones), and on shutdown tells every connection to close
+//! with 1001. Heartbeats for parked connections are socket writes (one syscall each), so the
+//! sweep hands them, as one list, to a blocking-pool thread instead of doing 100k of them in
+//! one poll of its task; and it
 //! yields every [`YIELD_EVERY`] connections, so a sweep of many running ones does not hold a
 //! runtime worker either. Connections enter and leave the set with their [`super::Session`];
 //! the sweep reads and writes them only through their `Outbound` link and the parking lot,

@@ -26,7 +26,9 @@
 //! not taken: past that, frames wait in the queue (and the backlog in the outbound link, where
 //! the slow-consumer rule sees it) exactly as on a plain socket. A TLS connection is never
 //! quiet enough to park (its rustls state would have to go with it, and the lot writes
-//! heartbeats in plain text), see [`WsSocket::can_park`].
+//! heartbeats in plain text), see [`WsSocket::can_park`]. Closing, our close_notify follows
+//! the WebSocket closing handshake rather than our close frame: a TLS 1.2 peer that sees
+//! close_notify shuts down, and its close reply would be lost.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
