@@ -62,6 +62,16 @@ pub struct ServerConfig {
     /// rate limiter is full again and need not be kept). 0 keeps every connection on the
     /// runtime.
     pub park_after_ms: u64,
+    /// PEM certificate chain (leaf first) that makes the listener serve `https://` and
+    /// `wss://` instead of plain text; needs `tls_key_file`. Reloaded on SIGHUP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file` (PKCS#8, PKCS#1 or SEC1); needs `tls_cert_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Encrypted bytes rustls may hold per TLS connection that the kernel has not taken yet;
+    /// past it, frames wait in the outbound link as on a plain connection. Minimum 4096.
+    pub tls_buffer_bytes: usize,
     /// Accept a client's permessage-deflate offer (RFC 7692) on `/ws` and `/ingest`, in the one
     /// form where every message is compressed on its own (`server_no_context_takeover;
     /// client_no_context_takeover`): a tick or batch frame is then compressed once and the same
@@ -81,6 +91,9 @@ impl Default for ServerConfig {
             listen_backlog: 4_096,
             close_timeout_ms: 30_000,
             park_after_ms: 2_000,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_buffer_bytes: 64 * 1024,
             permessage_deflate: true,
         }
     }
@@ -712,6 +725,15 @@ impl Config {
         let invalid = |key: &str, why: &str| Err(ConfigError::Invalid(format!("{key}: {why}")));
         if self.queue.capacity == 0 {
             return invalid("queue.capacity", "must be at least 1");
+        }
+        if self.server.tls_cert_file.is_some() != self.server.tls_key_file.is_some() {
+            return invalid(
+                "server.tls_cert_file",
+                "tls_cert_file and tls_key_file go together: set both or neither",
+            );
+        }
+        if self.server.tls_buffer_bytes < 4096 {
+            return invalid("server.tls_buffer_bytes", "must be at least 4096");
         }
         for (key, pct) in [
             ("queue.high_limit_pct", self.queue.high_limit_pct),

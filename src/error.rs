@@ -40,4 +40,7 @@ pub enum ServerError {
     /// Cluster mode could not start (NATS, the stream, or the store's replica file).
     #[error("cluster error: {0}")]
     Cluster(String),
+    /// The TLS certificate or key could not be used (`server.tls_cert_file`, `tls_key_file`).
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::transport::tls::TlsError),
 }

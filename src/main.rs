@@ -135,7 +135,14 @@ fn serve(cfg: Config) -> ExitCode {
             }
         };
         match listener.local_addr() {
-            Ok(addr) => println!("listening on http://{addr}"),
+            Ok(addr) => {
+                let scheme = if cfg.server.tls_cert_file.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                println!("listening on {scheme}://{addr}");
+            }
             Err(e) => {
                 eprintln!("tickfan: {e}");
                 return ExitCode::FAILURE;

@@ -199,6 +199,16 @@ metrics! {
         "Cluster mode: ticks not confirmed by the bus within publish_timeout_ms.";
     BUS_DUPLICATES: Counter "tickfan_bus_duplicates_total" []
         "Cluster mode: publishes the stream answered as duplicates.";
+    TLS_HANDSHAKES: Counter "tickfan_tls_handshakes_total" []
+        "TLS handshakes completed (0 without server.tls_cert_file).";
+    TLS_HANDSHAKE_FAILURES: Counter "tickfan_tls_handshake_failures_total" ["reason"]
+        "TLS connections that did not complete a handshake, by reason: timeout (limits.header_timeout_ms), plaintext (answered 400 tls_required), error (refused by rustls).";
+    TLS_CERT_RELOADS: Counter "tickfan_tls_cert_reloads_total" ["result"]
+        "Certificate reloads on SIGHUP, by result: ok, or failed (the old certificate stays).";
+    TLS_CONNECTION_ERRORS: Counter "tickfan_tls_connection_errors_total" []
+        "WebSocket connections (/ws and /ingest) ended by a TLS error after the handshake (a record that does not decrypt, a fatal alert).";
+    PARK_REQUESTS: Counter "tickfan_park_requests_total" []
+        "Times the liveness sweep asked a quiet client connection to park (TLS connections are never asked).";
     UPSTREAM_STATE: Gauge "tickfan_upstream_state" ["upstream"]
         "Upstream feeds: breaker state, 0 closed, 1 open, 2 half-open.";
     UPSTREAM_CONNECTED: Gauge "tickfan_upstream_connected" ["upstream"]

@@ -32,6 +32,7 @@ use crate::session::{ClientContext, ClientStats};
 use crate::simulator;
 use crate::store::Store;
 use crate::transport::accept::{self, AcceptConfig, AcceptLimits};
+use crate::transport::tls::{Tls, TlsSettings};
 
 /// Runs the server on `listener` until `shutdown` resolves, then shuts down in order.
 ///
@@ -57,6 +58,8 @@ pub async fn run(
         tracing::warn!("auth is off for {who}: no [auth] tokens configured for them, so any token (or none) is accepted");
     }
     let stop = CancellationToken::new();
+    // Before anything else starts: a certificate that does not load is a startup error.
+    let tls = tls(&config, &stop)?;
     let queue = Arc::new(PriorityQueue::new(&config.queue));
     // Open the store off the runtime: recovery may verify the whole file.
     let store_config = config.store.clone();
@@ -210,10 +213,16 @@ pub async fn run(
         store: store.clone(),
         cluster: cluster.as_ref().map(|c| c.status.clone()),
         feeds: feeds.clone(), // feeds
+        tls: tls.clone(),
     });
     let app = http::router(state.clone());
     let local = listener.local_addr()?;
-    tracing::info!(%local, simulator = config.feed.simulator, "tickfan serving");
+    tracing::info!(
+        %local,
+        simulator = config.feed.simulator,
+        tls = state.tls.is_some(),
+        "tickfan serving"
+    );
 
     // Histogram samples are held until folded; fold them on a timer so an unscraped server
     // stays bounded.
@@ -240,6 +249,7 @@ pub async fn run(
         app,
         state.accept.clone(),
         move || upgraded.open(),
+        tls,
         stop.clone(),
         grace,
     )
@@ -277,6 +287,40 @@ pub async fn run(
     }
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// The listener's TLS if `server.tls_cert_file` is set, with its certificate reloaded on every
+/// SIGHUP until `stop`. The handler is installed here, before the listener serves, and also
+/// without TLS (a SIGHUP, e.g. from `systemctl reload`, is then logged as having nothing to
+/// reload): the signal's default action would end the process.
+fn tls(config: &Config, stop: &CancellationToken) -> Result<Option<Arc<Tls>>, ServerError> {
+    let tls = match (&config.server.tls_cert_file, &config.server.tls_key_file) {
+        (Some(cert_file), Some(key_file)) => Some(Arc::new(Tls::new(TlsSettings {
+            cert_file: cert_file.clone(),
+            key_file: key_file.clone(),
+            buffer_bytes: config.server.tls_buffer_bytes,
+        })?)),
+        _ => None,
+    };
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let reloading = tls.clone();
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                got = hangups.recv() => if got.is_none() { return },
+            }
+            let Some(tls) = reloading.clone() else {
+                tracing::info!("SIGHUP: no TLS certificate configured, nothing to reload");
+                continue;
+            };
+            tracing::info!("SIGHUP: reloading the TLS certificate");
+            // Off the runtime: it reads two files. A failure is logged and counted there.
+            let _ = tokio::task::spawn_blocking(move || tls.reload()).await;
+        }
+    });
+    Ok(tls)
 }
 
 /// Drops the server's parked connections when `run` ends (normally none are left: the

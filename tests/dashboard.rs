@@ -174,6 +174,11 @@ impl Browser {
     /// Starts chromedriver and a headless Chromium session; `None` when the browser is not
     /// installed and this is not CI.
     async fn launch() -> Option<Browser> {
+        Self::launch_with(&[]).await
+    }
+
+    /// [`Browser::launch`] with more Chromium flags.
+    async fn launch_with(extra_args: &[&str]) -> Option<Browser> {
         let missing: Vec<&str> = [CHROMIUM, CHROMEDRIVER]
             .into_iter()
             .filter(|p| !Path::new(p).exists())
@@ -250,6 +255,10 @@ impl Browser {
                 },
                 "goog:loggingPrefs": { "browser": "ALL" },
             });
+            let mut caps = caps;
+            if let Some(args) = caps["goog:chromeOptions"]["args"].as_array_mut() {
+                args.extend(extra_args.iter().map(|a| json!(a)));
+            }
             let Value::Object(caps) = caps else {
                 unreachable!()
             };
@@ -742,6 +751,56 @@ async fn dashboard_end_to_end() {
     let _ = browser.client.clone().close().await;
     drop(browser);
     let _ = server.stop().await;
+}
+
+/// The dashboard over `https://` from a TLS listener (certificates made by the test; Chromium
+/// is told to accept the test CA's leaf with `--ignore-certificate-errors`): the page loads,
+/// connects over `wss://` (it picks the scheme from the page's) and shows ticks as they arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_over_https() {
+    let Some(browser) = Browser::launch_with(&["--ignore-certificate-errors"]).await else {
+        return;
+    };
+    let pki = common::tls::Pki::new();
+    let server = TestServer::start_with(pki.config()).await;
+    let addr = server.addr.to_string();
+    let mut producer = common::tls::wss(&pki, &addr, "/ingest").await;
+    ingest_all(&mut producer, &[tick_at("SECURE", now_ms(), 42.5, 1)]).await;
+
+    browser
+        .client
+        .goto(&format!("https://{addr}/"))
+        .await
+        .unwrap();
+    browser
+        .wait_page("connected over wss, watchlist filled", |s| {
+            s["connected"] == true && s["rows"]["SECURE"]["seq"] == "1"
+        })
+        .await;
+    // A tick sent now reaches the page live over wss.
+    ingest_all(&mut producer, &[tick_at("SECURE", now_ms(), 43.25, 2)]).await;
+    let s = browser
+        .wait_page("a live tick over wss", |s| {
+            s["rows"]["SECURE"]["seq"] == "2" && count(s, "tick") >= 1
+        })
+        .await;
+    assert!(
+        s["rows"]["SECURE"]["price"]
+            .as_str()
+            .is_some_and(|p| p.contains("43.25")),
+        "{s:#}"
+    );
+    let schemes = browser
+        .js("return [location.protocol, performance.getEntriesByType('resource').filter((e) => e.name.startsWith('http:')).length]")
+        .await;
+    assert_eq!(
+        schemes,
+        json!(["https:", 0]),
+        "the page and everything it loaded is https"
+    );
+    assert_eq!(s["e2e"]["errors"], json!([]), "page errors: {s:#}");
+    let handshakes = common::tls::metric(&pki, &addr, "tickfan_tls_handshakes_total").await;
+    assert!(handshakes >= 3.0, "page, script and wss: {handshakes}");
 }
 
 /// Chromium offers permessage-deflate on its own; the server accepts it with no context

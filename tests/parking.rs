@@ -36,6 +36,8 @@ async fn a_parked_connection_gets_every_tick_and_answer_and_parks_again() {
     subscribe(&mut ws, 1, json!({"symbols": ["PARK"]})).await;
     let first = wait_parked(&server, 1).await;
     assert_eq!(first["unparks"], 0);
+    // The sweep asked it to (the counter the TLS test expects to stay at 0 moves here).
+    assert!(server.metric("tickfan_park_requests_total").await >= 1.0);
 
     // A tick resumes it; the tick arrives.
     let (status, _, _) = server

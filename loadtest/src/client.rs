@@ -26,7 +26,6 @@ use hdrhistogram::Histogram;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -683,7 +682,7 @@ fn ws_reason(e: &WsError) -> String {
 
 /// TCP connect (from this connection's source address) plus WebSocket handshake. Returns
 /// the stream and the bytes that came in behind the handshake response.
-async fn connect(ctx: &ClientCtx, index: usize) -> Result<(TcpStream, Vec<u8>), String> {
+async fn connect(ctx: &ClientCtx, index: usize) -> Result<(net::Stream, Vec<u8>), String> {
     let source = ctx.spread_source.then(|| {
         IpAddr::V4(net::source_ip(
             index + ctx.source_offset * ctx.conns_per_ip,
@@ -691,7 +690,10 @@ async fn connect(ctx: &ClientCtx, index: usize) -> Result<(TcpStream, Vec<u8>), 
         ))
     });
     let target = &ctx.targets[index % ctx.targets.len()];
-    let mut stream = net::open_tcp(target.addr, source)
+    let stream = net::open_tcp(target.addr, source)
+        .await
+        .map_err(|e| io_reason(&e))?;
+    let mut stream = net::secure(stream, target.addr)
         .await
         .map_err(|e| io_reason(&e))?;
     let mut request = target
@@ -854,7 +856,7 @@ pub async fn run(
 /// A clean close is done here; a loss is left to the caller to count.
 async fn serve(
     conn: &mut Conn,
-    mut stream: TcpStream,
+    mut stream: net::Stream,
     leftover: Vec<u8>,
     symbols: &[u32],
     index: usize,
@@ -981,7 +983,7 @@ fn fail(reason: &str) {
 /// the server's close arrives or [`CLOSE_TIMEOUT`] passes. Ticks read meanwhile are not
 /// counted; a lossless client gets them again when it resumes. A churn close that is not
 /// clean is tallied with the closes (`churn_timeout`, ...), since it should not happen.
-async fn close(stream: &mut TcpStream, input: &mut WsIn, churn: bool) {
+async fn close(stream: &mut net::Stream, input: &mut WsIn, churn: bool) {
     let outcome = tokio::time::timeout(CLOSE_TIMEOUT, async {
         let mut frame = Vec::new();
         ws::encode_close(1000, "load test done", &mut frame);

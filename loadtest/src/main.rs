@@ -86,6 +86,10 @@ struct Args {
     /// load-test processes on one box use disjoint 127.0.0.x addresses.
     #[arg(long, default_value_t = 0)]
     source_offset: usize,
+    /// Speak TLS to the server (wss:// for clients and the producer), trusting the CA
+    /// certificate(s) in this PEM file; --url stays ws://HOST:PORT.
+    #[arg(long)]
+    tls_ca: Option<std::path::PathBuf>,
     /// Allow a server that is not on a loopback address.
     #[arg(long)]
     allow_remote: bool,
@@ -219,7 +223,7 @@ fn parse_target(url: &str, allow_remote: bool) -> anyhow::Result<Target> {
         .with_context(|| format!("--url {url:?} is not a URL"))?;
     match uri.scheme_str() {
         Some("ws" | "http") => {}
-        Some("wss" | "https") => bail!("--url: TLS is not supported; use ws://"),
+        Some("wss" | "https") => bail!("--url: for TLS keep ws:// and add --tls-ca FILE"),
         _ => bail!("--url must start with ws:// (or http://)"),
     }
     if !matches!(uri.path(), "" | "/") {
@@ -300,6 +304,9 @@ fn try_main() -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let args = Args::parse();
+    if let Some(ca) = &args.tls_ca {
+        net::use_tls(ca).with_context(|| format!("--tls-ca {}", ca.display()))?;
+    }
     if !(args.duration > 0.0 && args.duration <= 86_400.0) {
         bail!("--duration must be > 0 and at most 86400 seconds");
     }

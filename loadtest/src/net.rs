@@ -1,13 +1,64 @@
 //! Loopback socket plumbing shared by the client connections and the producer: which
 //! 127.0.0.x source address a connection uses (one source address has only so many
 //! ephemeral ports, and servers cap connections per peer IP), and opening a TCP stream from
-//! it. Nothing here knows about WebSocket or ticks.
+//! it, over TLS with `--tls-ca` ([`use_tls`], [`secure`]). Nothing here knows about WebSocket
+//! or ticks.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::{TcpSocket, TcpStream};
+
+/// A connection to the server: plain, or TLS after [`use_tls`].
+pub type Stream = tokio_tungstenite::MaybeTlsStream<TcpStream>;
+
+/// The TLS client every connection uses, once `--tls-ca` set it.
+static TLS: OnceLock<tokio_rustls::TlsConnector> = OnceLock::new();
+
+/// Makes every later connection speak TLS, trusting only the CA certificate(s) in `ca_pem`
+/// (the server's certificate must name the address connected to, e.g. 127.0.0.1).
+///
+/// # Errors
+/// The file does not hold a usable certificate.
+pub fn use_tls(ca_pem: &Path) -> io::Result<()> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_pem).map_err(io::Error::other)? {
+        roots
+            .add(cert.map_err(io::Error::other)?)
+            .map_err(io::Error::other)?;
+    }
+    // ring: the provider the server's rustls uses too.
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let _ = TLS.set(tokio_rustls::TlsConnector::from(Arc::new(config)));
+    Ok(())
+}
+
+/// `stream` as the connection to use: with a TLS handshake to `server` first after
+/// [`use_tls`], else as it is.
+///
+/// # Errors
+/// The handshake failed.
+pub async fn secure(stream: TcpStream, server: SocketAddr) -> io::Result<Stream> {
+    match TLS.get() {
+        None => Ok(Stream::Plain(stream)),
+        Some(tls) => {
+            let name = ServerName::IpAddress(server.ip().into());
+            Ok(Stream::Rustls(tls.connect(name, stream).await?))
+        }
+    }
+}
 
 /// Source address of the `index`-th connection: 127.0.0.1 for the first `per_ip`
 /// connections, 127.0.0.2 for the next `per_ip`, and so on. One source address can hold

@@ -289,6 +289,9 @@ async fn run(
         let stream = crate::net::open_tcp(cfg.server, cfg.source)
             .await
             .map_err(|e| e.to_string())?;
+        let stream = crate::net::secure(stream, cfg.server)
+            .await
+            .map_err(|e| e.to_string())?;
         tokio_tungstenite::client_async(request, stream)
             .await
             .map_err(|e| e.to_string())

@@ -28,8 +28,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_tungstenite::tungstenite::error::{CapacityError, ProtocolError};
 use tokio_tungstenite::tungstenite::handshake::client::{generate_request, Request};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -596,7 +595,10 @@ impl WsIn {
 ///
 /// # Errors
 /// The error tungstenite would have returned (I/O, HTTP status, missing headers, ...).
-pub async fn handshake(stream: &mut TcpStream, request: Request) -> Result<Vec<u8>, WsError> {
+pub async fn handshake(
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    request: Request,
+) -> Result<Vec<u8>, WsError> {
     let (bytes, key) = generate_request(request)?;
     stream.write_all(&bytes).await?;
     let accept = derive_accept_key(key.as_bytes());
@@ -679,6 +681,7 @@ fn check_response(buf: &[u8], accept: &str) -> Result<Option<usize>, WsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
 
     /// An unmasked server frame.
     fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {

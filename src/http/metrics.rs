@@ -62,6 +62,7 @@ pub fn render(s: &AppState) -> String {
     r.counter(&m::CONNECTION_UNPARKS, &[], load(&pk.unparks));
     r.counter(&m::PARKED_HEARTBEATS, &[], load(&pk.heartbeats));
     r.counter(&m::PARKED_PONGS, &[], load(&pk.pongs));
+    r.counter(&m::PARK_REQUESTS, &[], load(&pk.park_requests));
     r.counter(
         &m::PARKING_WAKE_OVERFLOWS,
         &[],
@@ -131,6 +132,28 @@ pub fn render(s: &AppState) -> String {
         &m::INFLATE_DEFERRED,
         &[],
         load(&c.inflate_deferred) + load(&p.inflate_deferred),
+    );
+    let tls = s.tls.as_ref().map(|t| &t.stats);
+    let tls_count =
+        |f: fn(&crate::transport::tls::TlsStats) -> &AtomicU64| tls.map_or(0, |t| load(f(t)));
+    r.counter(&m::TLS_HANDSHAKES, &[], tls_count(|t| &t.handshakes));
+    for (reason, v) in [
+        ("timeout", tls_count(|t| &t.failed_timeout)),
+        ("plaintext", tls_count(|t| &t.failed_plaintext)),
+        ("error", tls_count(|t| &t.failed_error)),
+    ] {
+        r.counter(&m::TLS_HANDSHAKE_FAILURES, &[reason], v);
+    }
+    for (result, v) in [
+        ("ok", tls_count(|t| &t.reloads_ok)),
+        ("failed", tls_count(|t| &t.reloads_failed)),
+    ] {
+        r.counter(&m::TLS_CERT_RELOADS, &[result], v);
+    }
+    r.counter(
+        &m::TLS_CONNECTION_ERRORS,
+        &[],
+        load(&c.tls_errors) + load(&p.tls_errors),
     );
     r.gauge(&m::DEAD_LETTERS, &[], s.dead_letters.len() as u64);
     r.counter(

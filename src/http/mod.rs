@@ -85,6 +85,8 @@ pub struct AppState {
     pub cluster: Option<Arc<crate::cluster::ClusterStatus>>,
     /// Upstream feeds (`/health`'s `upstreams`, `tickfan_upstream_*` metrics). // feeds
     pub feeds: Arc<crate::feed::FeedSet>,
+    /// The listener's TLS, if configured (`tickfan_tls_*` metrics).
+    pub tls: Option<Arc<crate::transport::tls::Tls>>,
 }
 
 /// Builds the router.

@@ -3,9 +3,10 @@
 //! connections, plus a WebSocket ping request; parked connections get it written straight to
 //! their socket), closes connections that have sent nothing for three heartbeats and those
 //! that did not authenticate in time, asks connections quiet for `server.park_after_ms` to
-//! park, and on shutdown tells every connection to close with 1001. Heartbeats for parked
-//! connections are socket writes (one syscall each), so the sweep hands them, as one list, to
-//! a blocking-pool thread instead of doing 100k of them in one poll of its task; and it
+//! park (only those that can: not TLS ones), and on shutdown tells every connection to close
+//! with 1001. Heartbeats for parked connections are socket writes (one syscall each), so the
+//! sweep hands them, as one list, to a blocking-pool thread instead of doing 100k of them in
+//! one poll of its task; and it
 //! yields every [`YIELD_EVERY`] connections, so a sweep of many running ones does not hold a
 //! runtime worker either. Connections enter and leave the set with their [`super::Session`];
 //! the sweep reads and writes them only through their `Outbound` link and the parking lot,
@@ -43,8 +44,18 @@ pub const YIELD_EVERY: usize = 1024;
 /// The open connections, by a key each connection holds while it runs.
 #[derive(Debug)]
 pub struct Connections {
-    links: Mutex<Slab<Outbound>>,
+    links: Mutex<Slab<Entry>>,
     started: Instant,
+}
+
+/// One connection in the set.
+#[derive(Debug, Clone)]
+struct Entry {
+    link: Outbound,
+    /// Whether the connection can park at all (a TLS one cannot): the sweep asks only those,
+    /// since a declined request leaves the link as quiet as before and would be repeated, a
+    /// wake-up for nothing, on every sweep.
+    parks: bool,
 }
 
 impl Default for Connections {
@@ -63,17 +74,18 @@ impl Connections {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Adds a connection's link; the key removes it again.
-    pub fn insert(&self, link: Outbound) -> usize {
-        self.links.lock().insert(link)
+    /// Adds a connection's link (`parks`: whether it can ever park); the key removes it
+    /// again.
+    pub fn insert(&self, link: Outbound, parks: bool) -> usize {
+        self.links.lock().insert(Entry { link, parks })
     }
 
-    /// A copy of every link, to work on without holding the set's lock.
-    fn snapshot(&self) -> Vec<Outbound> {
+    /// A copy of every entry, to work on without holding the set's lock.
+    fn snapshot(&self) -> Vec<Entry> {
         self.links
             .lock()
             .iter()
-            .map(|(_, link)| link.clone())
+            .map(|(_, entry)| entry.clone())
             .collect()
     }
 
@@ -145,7 +157,7 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
             release_due = false;
         }
         parked_last_sweep = 0;
-        for (i, link) in links.iter().enumerate() {
+        for (i, Entry { link, parks }) in links.iter().enumerate() {
             if i > 0 && i % YIELD_EVERY == 0 {
                 tokio::task::yield_now().await;
             }
@@ -169,8 +181,16 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
                         beat_one(&ctx, link, beat);
                     }
                 }
-                if park_after_ms > 0 && link.parked_at().is_none() && link.quiet_for(park_sweeps) {
+                if *parks
+                    && park_after_ms > 0
+                    && link.parked_at().is_none()
+                    && link.quiet_for(park_sweeps)
+                {
                     link.request_park();
+                    ctx.parking
+                        .stats
+                        .park_requests
+                        .fetch_add(1, Ordering::Relaxed);
                     parked_last_sweep += 1;
                 }
             }
@@ -189,7 +209,7 @@ pub async fn run(ctx: Arc<ClientContext>, stop: CancellationToken) {
     }
     // Killed outside the lock: a kill may resume a parked connection, and a session that
     // ends on the spot (its runtime shutting down) removes itself from this set.
-    for link in connections.snapshot() {
+    for Entry { link, .. } in connections.snapshot() {
         let _ = link.kill(close::GOING_AWAY);
     }
 }

@@ -130,6 +130,8 @@ pub struct ClientStats {
     /// Reads whose compressed frames passed the per-read inflate budget: the rest waited for
     /// the connection's next turn.
     pub inflate_deferred: AtomicU64,
+    /// Connections ended by a TLS error after the upgrade (`/ingest` counts its own).
+    pub tls_errors: AtomicU64,
 }
 
 /// Frames made for one connection (replies, snapshots, conflated ticks) are compressed for it
@@ -244,7 +246,11 @@ pub async fn serve(
     if auth == AuthState::Pending {
         out.set_auth_deadline(now + ctx.config.auth.auth_timeout_ms);
     }
-    let link = ctx.connections.insert(out.clone());
+    let mut socket = WsSocket::new(stream, ctx.config.limits.max_message_bytes);
+    if deflate {
+        socket.inflate_compressed();
+    }
+    let link = ctx.connections.insert(out.clone(), socket.can_park());
     // Shutdown closes the connections in the set; one that joins after that sweep sees the
     // cancelled token instead.
     if ctx.shutdown.is_cancelled() {
@@ -265,10 +271,6 @@ pub async fn serve(
         _slot: slot,
         _tracked: tracked,
     };
-    let mut socket = WsSocket::new(stream, ctx.config.limits.max_message_bytes);
-    if deflate {
-        socket.inflate_compressed();
-    }
     // Messages read but not handled yet, starting with any the client sent right behind the
     // handshake. `early` is a view into hyper's whole read buffer: let it go at once.
     let mut inbox = Vec::new();
@@ -434,7 +436,7 @@ async fn run(
             Event::Link(Wake::Park) => {
                 let now = conn.ctx.connections.clock_ms();
                 let refilled = conn.limiter.as_ref().is_none_or(|l| l.is_full(now));
-                if inbox.is_empty() && socket.is_quiet() && refilled {
+                if inbox.is_empty() && socket.is_quiet() && socket.can_park() && refilled {
                     conn.limiter = None;
                     conn.limited_in_a_row = 0;
                     return Exit::Park;
@@ -559,6 +561,11 @@ fn read_failure(ctx: &ClientContext, e: ReadError) -> Option<(u16, &'static str)
         ReadError::Frame(FrameError::Protocol(why)) => {
             ctx.stats.bad_requests.fetch_add(1, Ordering::Relaxed);
             Some((close::PROTOCOL_ERROR, why))
+        }
+        // No close frame: the TLS session is broken, nothing more can be sent on it.
+        ReadError::Tls(_) => {
+            ctx.stats.tls_errors.fetch_add(1, Ordering::Relaxed);
+            None
         }
         _ => None,
     }

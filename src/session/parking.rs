@@ -38,6 +38,9 @@ pub struct ParkingStats {
     pub heartbeats: AtomicU64,
     /// Pongs read from parked sockets (answers to those heartbeats' pings).
     pub pongs: AtomicU64,
+    /// Times the liveness sweep asked a quiet connection to park (one that is in the middle
+    /// of something declines and is asked again).
+    pub park_requests: AtomicU64,
 }
 
 /// One server's way into the parking lot.

@@ -58,6 +58,8 @@ pub struct ProducerStats {
     /// Reads whose compressed frames passed the per-read inflate budget: the rest waited for
     /// the connection's next turn.
     pub inflate_deferred: AtomicU64,
+    /// Connections ended by a TLS error after the upgrade.
+    pub tls_errors: AtomicU64,
 }
 
 /// Counts an open connection that negotiated permessage-deflate, for as long as it lives.
@@ -250,6 +252,10 @@ fn read_failure(ctx: &ProducerContext, e: ReadError) -> Ending {
             Ending::Close(e.close_code(), frame_reason(e))
         }
         ReadError::Eof => Ending::Eof,
+        ReadError::Tls(_) => {
+            ctx.stats.tls_errors.fetch_add(1, Ordering::Relaxed);
+            Ending::Gone
+        }
         _ => Ending::Gone,
     }
 }

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
 use super::accept::{self, AcceptLimits, Refusal};
+use super::tls::Tls;
 
 /// Pause after an accept error that is not about one connection (e.g. out of file
 /// descriptors), so the loop does not spin.
@@ -38,7 +39,9 @@ const TIMED_OUT_GRACE: Duration = Duration::from_secs(1);
 /// to finish its request and close, and returns once they have (at most after `grace`).
 /// Upgraded connections are not waited for here; their own tasks own them from the upgrade on.
 /// `accept` holds the caps and deadlines; `upgraded` tells how many sockets the upgraded
-/// connections hold (they count toward the total cap).
+/// connections hold (they count toward the total cap). With `tls`, every connection must
+/// complete a TLS handshake within `limits.header_timeout_ms` first; it holds its admission
+/// slot meanwhile, so TLS connections count toward the caps exactly as plain ones do.
 ///
 /// # Errors
 /// None today; the signature leaves room for listener failures worth ending the server.
@@ -47,6 +50,7 @@ pub async fn serve(
     app: Router,
     accept: Arc<AcceptLimits>,
     upgraded: impl Fn() -> usize,
+    tls: Option<Arc<Tls>>,
     stop: CancellationToken,
     grace: Duration,
 ) -> io::Result<()> {
@@ -78,6 +82,7 @@ pub async fn serve(
         let app = app.clone();
         let stop = stop.clone();
         let accept = accept.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
             let _slot = slot;
             let timed_out = Arc::new(Notify::new());
@@ -108,25 +113,22 @@ pub async fn serve(
                     Ok(accept::request_timeout(accept.config.body_timeout_ms))
                 }
             });
-            let conn = http1::Builder::new()
+            let io = match &tls {
+                None => Io::Plain(tcp),
+                Some(tls) => match tls.handshake(tcp, header_timeout).await {
+                    Some(stream) => Io::Tls(Box::new(stream)),
+                    None => return,
+                },
+            };
+            let builder = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades();
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                result = conn.as_mut() => result,
-                () = stop.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-                () = timed_out.notified() => {
-                    match tokio::time::timeout(TIMED_OUT_GRACE, conn.as_mut()).await {
-                        Ok(result) => result,
-                        Err(_) => return,
-                    }
-                }
+                .clone();
+            let result = match io {
+                Io::Plain(tcp) => drive(&builder, tcp, service, &stop, &timed_out).await,
+                Io::Tls(tls) => drive(&builder, *tls, service, &stop, &timed_out).await,
             };
+            let Some(result) = result else { return };
             if let Err(e) = result {
                 if e.is_timeout() {
                     accept.header_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -143,6 +145,46 @@ pub async fn serve(
         tracing::warn!("http connections still open after the shutdown grace period");
     }
     Ok(())
+}
+
+/// An admitted connection's stream, before hyper gets it.
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// Serves HTTP/1 on `io` until the connection ends (`None`: dropped after a body deadline's
+/// grace). Generic so that hyper gets the bare stream (plain or TLS), which is what an
+/// upgrade downcasts back to ([`super::ws::PendingUpgrade`]).
+async fn drive<I, S>(
+    builder: &http1::Builder,
+    io: I,
+    service: S,
+    stop: &CancellationToken,
+    timed_out: &Notify,
+) -> Option<Result<(), hyper::Error>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<Incoming, ResBody = axum::body::Body>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    Some(tokio::select! {
+        result = conn.as_mut() => result,
+        () = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        () = timed_out.notified() => {
+            match tokio::time::timeout(TIMED_OUT_GRACE, conn.as_mut()).await {
+                Ok(result) => result,
+                Err(_) => return None,
+            }
+        }
+    })
 }
 
 /// Tells a refused connection why, if that fits into its empty send buffer at once (it always

@@ -3,7 +3,9 @@
 //! anything is read) and hands them to hyper with the router above as the service; a WebSocket
 //! upgrade takes the bare stream back and frames it with [`ws`]; a quiet connection's socket
 //! waits in the parking [`lot`] until something arrives for it. Outbound, the layer writes
-//! what the outbound link ([`crate::dispatch::outbound`]) holds.
+//! what the outbound link ([`crate::dispatch::outbound`]) holds. With a certificate configured,
+//! every accepted connection first completes a TLS handshake ([`tls`]) and the same paths run
+//! over rustls (TLS connections do not park).
 //!
 //! It imports nothing from the rest of the crate except that link: sessions, routing and the
 //! HTTP routes sit on top of it and plug in through generic parameters ([`lot::Parked`]) and
@@ -16,6 +18,7 @@
 pub mod accept;
 pub mod listener;
 pub mod lot;
+pub mod tls;
 pub mod ws;
 
 use std::sync::OnceLock;

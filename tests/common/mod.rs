@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -151,17 +153,7 @@ impl TestServer {
     /// One sample from `/metrics` (0 when the series is absent), e.g.
     /// `tickfan_limit_hits_total{limit="slow_consumer"}`.
     pub async fn metric(&self, series: &str) -> f64 {
-        self.metrics_text()
-            .await
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(series)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0)
+        sample(&self.metrics_text().await, series)
     }
 
     /// Polls `/api/stats` until `pred` holds.
@@ -328,6 +320,77 @@ pub async fn ingest(producer: &mut Ws, ticks: &[Value]) -> Value {
     ack
 }
 
+/// One sample from a `/metrics` exposition (0 when the series is absent).
+pub fn sample(exposition: &str, series: &str) -> f64 {
+    sample_of(exposition, series).unwrap_or(0.0)
+}
+
+/// One sample from a `/metrics` exposition; `None` when the series is absent (for tests that
+/// must tell "0" from "gone").
+pub fn sample_of(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// `PER_BATCH` ticks for `symbol`, batch `b`, with ids padded by `pad` bytes so that they fill
+/// sockets quickly (prices rise by 1e-6 per tick across batches).
+pub fn padded_batch(symbol: &str, b: u64, per_batch: u64, pad: usize) -> Vec<Value> {
+    let pad = "x".repeat(pad);
+    (0..per_batch)
+        .map(|i| {
+            let mut t = tick(symbol, 1.0 + (b * per_batch + i) as f64 * 1e-6, 1.0);
+            t["id"] = format!("{pad}{b}-{i}").into();
+            t
+        })
+        .collect()
+}
+
+/// The slow-consumer flood: `batches` x `per_batch` padded ticks for "SLOW" from `producer`,
+/// while `fast` (subscribed to it) must read every one in seq order.
+pub async fn flood_while_fast_reads(producer: &mut Ws, mut fast: Ws, batches: u64, per_batch: u64) {
+    let reader = tokio::spawn(async move {
+        let mut expect = 1;
+        while expect <= batches * per_batch {
+            let m = fast.recv().await;
+            assert_eq!(
+                m["seq"].as_u64(),
+                Some(expect),
+                "fast client must see every tick in order"
+            );
+            expect += 1;
+        }
+    });
+    for b in 0..batches {
+        // Padded ids fill sockets quickly (a batch stays under limits.max_message_bytes).
+        let ack = ingest(producer, &padded_batch("SLOW", b, per_batch, 100)).await;
+        assert_eq!(ack["accepted"], per_batch);
+    }
+    reader.await.unwrap();
+}
+
+/// The slow client of [`flood_while_fast_reads`] now reads: what was buffered, then the
+/// `slow_consumer` error, then close 4008; what it got was in order (so it can resume from
+/// its last seq) and not everything.
+pub async fn assert_closed_as_slow(slow: &mut Ws, total: u64) {
+    let (seen, ended) = slow.until_closed().await;
+    assert_eq!(ended, Ended::Close(4008));
+    let last = seen.last().unwrap();
+    assert_eq!(last["type"], "error");
+    assert_eq!(last["code"], "slow_consumer");
+    let seqs: Vec<u64> = seen
+        .iter()
+        .filter(|m| m["type"] == "tick")
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+    assert!((seqs.len() as u64) < total);
+}
+
 /// Subscribes and returns the ack.
 pub async fn subscribe(ws: &mut Ws, id: u64, body: Value) -> Value {
     let mut req = body;
@@ -402,7 +465,11 @@ impl Binary {
             .unwrap();
         let addr = line
             .trim()
-            .strip_prefix("listening on http://")
+            .strip_prefix("listening on ")
+            .and_then(|url| {
+                url.strip_prefix("http://")
+                    .or_else(|| url.strip_prefix("https://"))
+            })
             .unwrap_or_else(|| panic!("no listening line: {line:?}"))
             .to_owned();
         Self { child, addr }

@@ -1,6 +1,7 @@
 //! The WebSocket transport of `/ws` client and `/ingest` producer connections, written for many
 //! mostly idle connections: the HTTP upgrade ([`ClientUpgrade`], checked before the 101 goes
-//! out), then the bare `TcpStream` taken back from hyper and framed by [`WsSocket`], which
+//! out), then the bare `TcpStream` (and on a TLS listener its rustls state, see
+//! [`super::tls`]) taken back from hyper and framed by [`WsSocket`], which
 //! decodes with the pure [`Decoder`], holds no buffer while a connection is idle and writes the
 //! dispatcher's shared frames without copying them. Both endpoints share this one framing
 //! layer, so limits (`limits.max_message_bytes`) and close behaviour (1002/1007/1009 before
@@ -25,6 +26,9 @@ use axum::response::{IntoResponse, Response};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+use super::tls::Upgraded;
 
 /// A valid WebSocket upgrade request, not answered yet.
 pub struct ClientUpgrade {
@@ -156,9 +160,10 @@ impl PendingUpgrade {
         self.deflate
     }
 
-    /// The bare stream and the bytes hyper had already read past the request (a client may
-    /// send its first frame right behind the handshake); `None` if the upgrade failed.
-    pub async fn stream(self) -> Option<(TcpStream, bytes::Bytes)> {
+    /// The bare stream (with its rustls state on a TLS listener) and the bytes hyper had
+    /// already read past the request (a client may send its first frame right behind the
+    /// handshake); `None` if the upgrade failed.
+    pub async fn stream(self) -> Option<(Upgraded, bytes::Bytes)> {
         let upgraded = match self.on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
@@ -166,13 +171,23 @@ impl PendingUpgrade {
                 return None;
             }
         };
-        // The listener (`transport::listener`) hands hyper the plain stream, so this cannot
-        // fail unless the accept loop changes; say so loudly rather than serve through a
-        // slower path.
-        let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
-            tracing::error!("upgraded connection is not a bare TcpStream");
+        // The listener (`transport::listener`) hands hyper the bare stream, plain or TLS, so
+        // one of these fits unless the accept loop changes; say so loudly rather than serve
+        // through a slower path.
+        let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => return Some((parts.io.into_inner().into(), parts.read_buf)),
+            Err(upgraded) => upgraded,
+        };
+        let Ok(parts) = upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() else {
+            tracing::error!("upgraded connection is neither a bare TcpStream nor a TLS stream");
             return None;
         };
-        Some((parts.io.into_inner(), parts.read_buf))
+        match super::tls::take_apart(parts.io.into_inner(), parts.read_buf) {
+            Ok(taken) => Some(taken),
+            Err(e) => {
+                tracing::debug!(error = %e, "TLS stream broken at the upgrade");
+                None
+            }
+        }
     }
 }
