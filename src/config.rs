@@ -357,6 +357,20 @@ pub struct AuthConfig {
     /// Time a client that connected without a token has to send `{"op":"auth"}` before it is
     /// closed with 4001, in ms.
     pub auth_timeout_ms: u64,
+    /// HS256 secret (at least 32 bytes) that JWTs are signed with. Setting it (or
+    /// `jwt_public_key_file`) turns auth on for clients and producers.
+    pub jwt_hs256_secret: Option<String>,
+    /// PEM public key (RSA or EC) that RS*/PS*/ES* JWTs are verified with.
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// The one algorithm JWTs must use with `jwt_public_key_file`; empty: RS256 for an RSA
+    /// key, ES256 for an EC key.
+    pub jwt_algorithm: String,
+    /// Clock skew, in seconds, allowed on a JWT's `exp` and `nbf` (JWT times are whole seconds).
+    pub jwt_leeway_secs: u64,
+    /// The `aud` a JWT must carry; unset: `aud` is not checked.
+    pub jwt_audience: Option<String>,
+    /// The `iss` a JWT must carry; unset: `iss` is not checked.
+    pub jwt_issuer: Option<String>,
 }
 
 impl Default for AuthConfig {
@@ -365,6 +379,12 @@ impl Default for AuthConfig {
             client_tokens: Vec::new(),
             ingest_tokens: Vec::new(),
             auth_timeout_ms: 10_000,
+            jwt_hs256_secret: None,
+            jwt_public_key_file: None,
+            jwt_algorithm: String::new(),
+            jwt_leeway_secs: 5,
+            jwt_audience: None,
+            jwt_issuer: None,
         }
     }
 }
@@ -748,6 +768,9 @@ impl Config {
         }
         if self.auth.auth_timeout_ms < 100 {
             return invalid("auth.auth_timeout_ms", "must be at least 100");
+        }
+        if self.auth.jwt_leeway_secs > 300 {
+            return invalid("auth.jwt_leeway_secs", "must be at most 300");
         }
         if self.server.heartbeat_ms < 100 {
             return invalid("server.heartbeat_ms", "must be at least 100");

@@ -263,6 +263,10 @@ pub enum ErrorCode {
     Internal,
     /// Outbound buffer overflow (followed by close 4008).
     SlowConsumer,
+    /// A symbol outside what the connection's token permits.
+    Forbidden,
+    /// The connection's token expired (followed by close 4001), or an expired one was sent.
+    TokenExpired,
 }
 
 impl ErrorCode {
@@ -277,6 +281,8 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::Internal => "internal",
             Self::SlowConsumer => "slow_consumer",
+            Self::Forbidden => "forbidden",
+            Self::TokenExpired => "token_expired",
         }
     }
 }

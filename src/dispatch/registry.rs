@@ -8,9 +8,15 @@
 //! keys: O(1) add and remove (subscribe storms stay linear), and about 10 bytes a
 //! subscription, which matters when thousands of mostly idle clients hold ten symbols each
 //! (an insertion-ordered set of full keys took about 47).
+//!
+//! A wildcard subscriber whose token permits only some symbols (a JWT's `symbols` claim) is
+//! kept apart, with its patterns, and matched against each symbol; the unrestricted wildcard
+//! set, the common case, is walked with no check at all.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
+use crate::auth::SymbolPatterns;
 use crate::tick::Symbol;
 
 /// Slab key of a registered client.
@@ -103,6 +109,8 @@ fn compact(client: ClientKey) -> u32 {
 pub struct Registry {
     by_symbol: HashMap<Symbol, Subscribers>,
     wildcard: Subscribers,
+    /// Wildcard subscribers limited to some symbols by their token.
+    limited_wildcard: HashMap<u32, Arc<SymbolPatterns>, ahash::RandomState>,
 }
 
 impl Registry {
@@ -131,20 +139,33 @@ impl Registry {
         }
     }
 
-    /// Adds a wildcard subscriber (idempotent).
-    pub fn add_wildcard(&mut self, client: ClientKey) {
-        self.wildcard.insert(compact(client));
+    /// Adds a wildcard subscriber (idempotent), limited to `permitted` if given.
+    pub fn add_wildcard(&mut self, client: ClientKey, permitted: Option<&Arc<SymbolPatterns>>) {
+        match permitted {
+            None => {
+                self.wildcard.insert(compact(client));
+            }
+            Some(p) => {
+                self.limited_wildcard.insert(compact(client), p.clone());
+            }
+        }
     }
 
     /// Removes a wildcard subscriber.
     pub fn remove_wildcard(&mut self, client: ClientKey) {
         self.wildcard.remove(&compact(client));
+        self.limited_wildcard.remove(&compact(client));
     }
 
     /// Calls `f` for every client that wants `symbol`.
     pub fn for_each_subscriber(&self, symbol: &Symbol, mut f: impl FnMut(ClientKey)) {
         for &c in &self.wildcard {
             f(c as ClientKey);
+        }
+        for (&c, permitted) in &self.limited_wildcard {
+            if permitted.allows(symbol.as_str()) {
+                f(c as ClientKey);
+            }
         }
         if let Some(set) = self.by_symbol.get(symbol) {
             for &c in set {
@@ -191,7 +212,14 @@ mod tests {
         r.add(&s("A"), 1);
         r.add(&s("A"), 2);
         r.add(&s("B"), 2);
-        r.add_wildcard(3);
+        r.add_wildcard(3, None);
+        let btc = Arc::new(SymbolPatterns::parse(&["BTC*"]).unwrap().unwrap());
+        r.add_wildcard(4, Some(&btc));
+        assert_eq!(
+            subscribers(&r, "BTCUSD"),
+            [3, 4],
+            "limited wildcards match their own"
+        );
         assert_eq!(subscribers(&r, "A"), [1, 2, 3]);
         assert_eq!(
             subscribers(&r, "NEW"),
@@ -201,7 +229,9 @@ mod tests {
         r.remove(&s("A"), 1);
         assert_eq!(subscribers(&r, "A"), [2, 3]);
         r.remove_wildcard(3);
+        r.remove_wildcard(4);
         assert_eq!(subscribers(&r, "A"), [2]);
+        assert!(subscribers(&r, "BTCUSD").is_empty());
         r.remove(&s("B"), 2);
         assert_eq!(r.by_symbol.get(&s("B")).map_or(0, HashSet::len), 0);
         assert!(!r.by_symbol.contains_key(&s("B")), "empty sets are dropped");

@@ -29,7 +29,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::auth::AuthState;
+use crate::auth::{AuthError, AuthState, Grant, Verifier};
 use crate::config::Config;
 use crate::dispatch::outbound::{self, Frame, Outbound, OutboundReceiver, Wake};
 use crate::dispatch::registry::ClientKey;
@@ -76,6 +76,8 @@ pub struct ClientContext {
     pub connections: Connections,
     /// Where quiet connections wait off the runtime.
     pub parking: Parking,
+    /// The token check (`auth` op and refreshes).
+    pub verifier: Arc<Verifier>,
 }
 
 /// Per-server client counters.
@@ -113,13 +115,43 @@ pub struct ClientStats {
     /// Pings left unanswered because a newer ping replaced a pong not sent yet (see
     /// `transport::ws::socket`; `/ingest` counts its own in [`producer::ProducerStats`]).
     pub pongs_coalesced: AtomicU64,
+    /// Connections closed 4001 because their JWT expired (also counted in `unauthorized`).
+    pub token_expired: AtomicU64,
+}
+
+/// How a running connection stands with authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// No token yet: the auth deadline is the time to send one.
+    Pending,
+    /// Authorized for good (a static token, or auth off).
+    Authorized,
+    /// Authorized by a JWT: the auth deadline is its expiry.
+    Expiring,
+}
+
+/// The liveness-clock time (ms) at which `grant` expires, if it does.
+fn expiry_deadline(ctx: &ClientContext, grant: &Grant) -> Option<u64> {
+    let at = grant.expires_at_ms()?;
+    let left = at.saturating_sub(crate::tick::now_ms().try_into().unwrap_or(0));
+    Some(ctx.connections.clock_ms().saturating_add(left))
+}
+
+/// The error message a refused token gets.
+fn refusal(id: Option<&serde_json::Value>, e: AuthError) -> String {
+    let code = match e {
+        AuthError::Expired => ErrorCode::TokenExpired,
+        AuthError::NotProducer => ErrorCode::Forbidden,
+        _ => ErrorCode::Unauthorized,
+    };
+    error_message(id, code, &e.to_string(), None)
 }
 
 struct Conn {
     ctx: Arc<ClientContext>,
     out: Outbound,
     key: Option<ClientKey>,
-    auth: AuthState,
+    auth: Standing,
     /// The request rate limiter: created with the first request, dropped at parking once it
     /// is full again (see [`requests::BURST_REFILL_MS`]).
     limiter: Option<Box<RequestLimiter>>,
@@ -207,9 +239,22 @@ pub async fn serve(
     );
     let now = ctx.connections.clock_ms();
     rx.heard(now);
-    if auth == AuthState::Pending {
-        out.set_auth_deadline(now + ctx.config.auth.auth_timeout_ms);
-    }
+    // One deadline on the link, kept by the liveness sweep (no timer per connection): the
+    // time to authenticate, or a JWT's expiry.
+    let standing = match &auth {
+        AuthState::Pending => {
+            out.set_auth_deadline(now + ctx.config.auth.auth_timeout_ms);
+            Standing::Pending
+        }
+        AuthState::Authorized(grant) => match expiry_deadline(&ctx, grant) {
+            Some(at) => {
+                out.set_auth_deadline(at);
+                Standing::Expiring
+            }
+            None => Standing::Authorized,
+        },
+        AuthState::Rejected(_) => Standing::Pending,
+    };
     let link = ctx.connections.insert(out.clone());
     // Shutdown closes the connections in the set; one that joins after that sweep sees the
     // cancelled token instead.
@@ -221,7 +266,7 @@ pub async fn serve(
             ctx: ctx.clone(),
             out,
             key: None,
-            auth,
+            auth: standing,
             limiter: None,
             limited_in_a_row: 0,
         },
@@ -238,7 +283,7 @@ pub async fn serve(
     drop(early);
     // Boxed: it runs once, and an idle connection's future is only as big as what is alive
     // at its largest await.
-    if Box::pin(setup(&mut session.conn, &mut socket))
+    if Box::pin(setup(&mut session.conn, &mut socket, auth))
         .await
         .is_none()
     {
@@ -406,7 +451,17 @@ async fn run(
             "outbound buffer overflow: reconnect and resume with since_seq",
             None,
         )),
-        close::UNAUTHORIZED if conn.auth == AuthState::Pending => Some(error_message(
+        close::UNAUTHORIZED if conn.auth == Standing::Expiring => {
+            conn.ctx.stats.token_expired.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("client token expired: closing 4001");
+            Some(error_message(
+                None,
+                ErrorCode::TokenExpired,
+                "token expired: refresh it with {\"op\":\"auth\"} before exp",
+                None,
+            ))
+        }
+        close::UNAUTHORIZED if conn.auth == Standing::Pending => Some(error_message(
             None,
             ErrorCode::Unauthorized,
             &format!(
@@ -435,14 +490,15 @@ async fn run(
 
 /// Sends the welcome and registers with the dispatcher (or refuses a wrong token). `None`:
 /// the connection is over.
-async fn setup(conn: &mut Conn, socket: &mut WsSocket) -> Option<()> {
+async fn setup(conn: &mut Conn, socket: &mut WsSocket, auth: AuthState) -> Option<()> {
     let ctx = conn.ctx.clone();
     socket.queue_text(welcome(&ctx).into());
     socket.flush().await.ok()?;
-    match conn.auth {
-        AuthState::Rejected => {
+    match auth {
+        AuthState::Rejected(e) => {
             ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
-            let err = error_message(None, ErrorCode::Unauthorized, "invalid token", None);
+            tracing::debug!(reason = e.reason(), "client token refused: closing 4001");
+            let err = refusal(None, e);
             close_with(
                 socket,
                 Some(err),
@@ -454,8 +510,18 @@ async fn setup(conn: &mut Conn, socket: &mut WsSocket) -> Option<()> {
             .await;
             None
         }
-        AuthState::Authorized => {
-            conn.key = Some(ctx.dispatcher.register(conn.out.clone()).await.ok()?);
+        AuthState::Authorized(grant) => {
+            if let Some(sub) = grant.sub() {
+                tracing::debug!(sub, "client authenticated");
+            }
+            let permitted = grant.symbols().cloned();
+            drop(grant);
+            conn.key = Some(
+                ctx.dispatcher
+                    .register(conn.out.clone(), permitted)
+                    .await
+                    .ok()?,
+            );
             Some(())
         }
         AuthState::Pending => Some(()),

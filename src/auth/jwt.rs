@@ -1,0 +1,225 @@
+//! JWT verification through `jsonwebtoken`: the key and the one algorithm it is pinned to come
+//! from `[auth]` (an HS256 secret, or a PEM public key whose type picks RS256 or ES256 unless
+//! `jwt_algorithm` names another of its family), and a verified token's claims become a
+//! [`TokenGrant`]. A token signed with any other algorithm (including `none`, and HS256 when a
+//! public key is configured, the classic key-confusion attack) is refused before its signature
+//! is looked at. `exp` is required; `nbf`, and `aud`/`iss` when configured, are checked; the
+//! leeway (`jwt_leeway_secs`) applies to `exp` and `nbf`.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use super::patterns::SymbolPatterns;
+use super::AuthError;
+use crate::config::AuthConfig;
+use crate::error::ConfigError;
+
+/// Longest `sub` kept for logs; longer ones are cut (a `sub` is the issuer's, but log lines
+/// stay bounded anyway).
+const MAX_SUB_CHARS: usize = 128;
+
+/// What a verified token allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenGrant {
+    /// The `sub` claim, for logs.
+    pub sub: Option<Box<str>>,
+    /// Symbols the holder may read (`None`: all).
+    pub symbols: Option<Arc<SymbolPatterns>>,
+    /// Whether the holder may publish (`"ingest": true`).
+    pub ingest: bool,
+    /// Symbols the holder may publish (`None`: all, when `ingest` is set).
+    pub ingest_symbols: Option<Arc<SymbolPatterns>>,
+    /// When the token stops being accepted: `exp` plus the leeway, in Unix ms.
+    pub expires_at_ms: u64,
+}
+
+/// The claims tickfan reads; others are ignored.
+#[derive(Debug, Deserialize)]
+struct Claims {
+    exp: u64,
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    symbols: Option<Vec<String>>,
+    #[serde(default)]
+    ingest: bool,
+    #[serde(default)]
+    ingest_symbols: Option<Vec<String>>,
+}
+
+/// The configured key and its pinned algorithm.
+pub struct JwtVerifier {
+    key: DecodingKey,
+    algorithm: Algorithm,
+    validation: Validation,
+    leeway_secs: u64,
+}
+
+impl std::fmt::Debug for JwtVerifier {
+    // The key stays out of any debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("algorithm", &self.algorithm)
+            .field("leeway_secs", &self.leeway_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+fn invalid(why: String) -> ConfigError {
+    ConfigError::Invalid(why)
+}
+
+impl JwtVerifier {
+    /// The verifier `[auth]` configures, if it configures one (reads the key file).
+    ///
+    /// # Errors
+    /// Both a secret and a key file, a secret under 32 bytes, an unreadable or unusable key
+    /// file, or a `jwt_algorithm` that does not fit the key.
+    pub fn from_config(auth: &AuthConfig) -> Result<Option<Self>, ConfigError> {
+        let (key, algorithm) = match (&auth.jwt_hs256_secret, &auth.jwt_public_key_file) {
+            (None, None) => return Ok(None),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "auth.jwt_hs256_secret and auth.jwt_public_key_file: set one, not both".into(),
+                ))
+            }
+            (Some(secret), None) => {
+                if secret.len() < 32 {
+                    return Err(invalid(
+                        "auth.jwt_hs256_secret: must be at least 32 bytes".into(),
+                    ));
+                }
+                if !matches!(auth.jwt_algorithm.as_str(), "" | "HS256") {
+                    return Err(invalid(
+                        "auth.jwt_algorithm: an HS256 secret verifies HS256 only".into(),
+                    ));
+                }
+                (
+                    DecodingKey::from_secret(secret.as_bytes()),
+                    Algorithm::HS256,
+                )
+            }
+            (None, Some(path)) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    invalid(format!(
+                        "auth.jwt_public_key_file: cannot read {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                public_key(&pem, &auth.jwt_algorithm)?
+            }
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.leeway = auth.jwt_leeway_secs;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        validation.required_spec_claims = HashSet::from(["exp".to_owned()]);
+        match &auth.jwt_audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &auth.jwt_issuer {
+            validation.set_issuer(&[iss]);
+            validation.required_spec_claims.insert("iss".to_owned());
+        }
+        Ok(Some(Self {
+            key,
+            algorithm,
+            validation,
+            leeway_secs: auth.jwt_leeway_secs,
+        }))
+    }
+
+    /// The algorithm tokens must be signed with.
+    #[must_use]
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// Verifies `token` and reads its grant.
+    ///
+    /// # Errors
+    /// Why the token is refused (never says more than the reason: no token text).
+    pub fn verify(&self, token: &str) -> Result<TokenGrant, AuthError> {
+        // The header first, so a token of another algorithm is told apart from a forgery.
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid)?;
+        if header.alg != self.algorithm {
+            return Err(AuthError::WrongAlgorithm);
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(
+            |e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                ErrorKind::InvalidSignature => AuthError::BadSignature,
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                    AuthError::WrongAlgorithm
+                }
+                _ => AuthError::Invalid,
+            },
+        )?;
+        let claims = data.claims;
+        let patterns = |list: Option<Vec<String>>| -> Result<_, AuthError> {
+            match list {
+                None => Ok(None),
+                Some(list) => Ok(SymbolPatterns::parse(&list)
+                    .map_err(|_| AuthError::Invalid)?
+                    .map(Arc::new)),
+            }
+        };
+        Ok(TokenGrant {
+            sub: claims
+                .sub
+                .map(|s| s.chars().take(MAX_SUB_CHARS).collect::<String>().into()),
+            symbols: patterns(claims.symbols)?,
+            ingest: claims.ingest,
+            ingest_symbols: patterns(claims.ingest_symbols)?,
+            expires_at_ms: claims
+                .exp
+                .saturating_add(self.leeway_secs)
+                .saturating_mul(1000),
+        })
+    }
+}
+
+/// The decoding key of a PEM public key and the algorithm it verifies: the configured one,
+/// or the key type's usual one (RS256, ES256).
+fn public_key(pem: &[u8], configured: &str) -> Result<(DecodingKey, Algorithm), ConfigError> {
+    let configured = match configured {
+        "" => None,
+        name => Some(name.parse::<Algorithm>().map_err(|_| {
+            invalid(format!(
+                "auth.jwt_algorithm: unknown algorithm {name:?} (RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384)"
+            ))
+        })?),
+    };
+    if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
+        let alg = configured.unwrap_or(Algorithm::RS256);
+        return match alg {
+            Algorithm::RS256
+            | Algorithm::RS384
+            | Algorithm::RS512
+            | Algorithm::PS256
+            | Algorithm::PS384
+            | Algorithm::PS512 => Ok((key, alg)),
+            other => Err(invalid(format!(
+                "auth.jwt_algorithm: {other:?} does not fit an RSA key"
+            ))),
+        };
+    }
+    if let Ok(key) = DecodingKey::from_ec_pem(pem) {
+        let alg = configured.unwrap_or(Algorithm::ES256);
+        return match alg {
+            Algorithm::ES256 | Algorithm::ES384 => Ok((key, alg)),
+            other => Err(invalid(format!(
+                "auth.jwt_algorithm: {other:?} does not fit an EC key"
+            ))),
+        };
+    }
+    Err(invalid(
+        "auth.jwt_public_key_file: not a PEM RSA or EC public key".into(),
+    ))
+}
