@@ -551,19 +551,7 @@ async fn expire_on(server: &TestServer, parked: bool) {
     let mut producer = ws_connect(&server.ws_url("/ingest"), Some(&short)).await;
     let reader = hs(&claims(3600, json!({})));
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    while parked {
-        let stats: Value = reqwest::Client::new()
-            .get(server.http("/api/stats"))
-            .bearer_auth(&reader)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if stats["parking"]["parked"].as_u64() >= Some(1) {
-            break;
-        }
+    while parked && !is_parked(server, &reader).await {
         assert!(
             tokio::time::Instant::now() < deadline && now_s() < short_exp(&short),
             "the connection did not park before its token expired"
@@ -590,6 +578,20 @@ async fn expire_on(server: &TestServer, parked: bool) {
         "{text}"
     );
     assert!(text.contains("tickfan_token_expiries_total{route=\"ingest\"} 1"));
+}
+
+/// Whether `/api/stats` shows a parked connection.
+async fn is_parked(server: &TestServer, token: &str) -> bool {
+    let stats: Value = reqwest::Client::new()
+        .get(server.http("/api/stats"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    stats["parking"]["parked"].as_u64() >= Some(1)
 }
 
 /// The `exp` of a token this file signed.

@@ -20,16 +20,15 @@ use crate::auth::Grant;
 use crate::store::{Store, Timeframe};
 use crate::tick::{Priority, Symbol};
 
-/// 403 `forbidden` unless `grant` may read `symbol`.
-fn readable(grant: &Grant, symbol: &str) -> Result<(), Response> {
-    if grant.may_read(symbol) {
-        return Ok(());
-    }
-    Err(error_response(
-        StatusCode::FORBIDDEN,
-        "forbidden",
-        "the token does not permit this symbol",
-    ))
+/// 403 `forbidden` if `grant` may not read `symbol`.
+fn unreadable(grant: &Grant, symbol: &str) -> Option<Response> {
+    (!grant.may_read(symbol)).then(|| {
+        error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the token does not permit this symbol",
+        )
+    })
 }
 
 pub(super) async fn symbols(
@@ -220,7 +219,7 @@ pub(super) async fn history(
     Path(symbol): Path<String>,
     Params(q): Params<HistoryQuery>,
 ) -> Response {
-    if let Err(resp) = readable(&grant, &symbol) {
+    if let Some(resp) = unreadable(&grant, &symbol) {
         return resp;
     }
     let limit = q.limit.unwrap_or(100).min(MAX_HTTP_LIMIT);
@@ -267,7 +266,7 @@ pub(super) async fn bars(
     Path(symbol): Path<String>,
     Params(q): Params<BarsQuery>,
 ) -> Response {
-    if let Err(resp) = readable(&grant, &symbol) {
+    if let Some(resp) = unreadable(&grant, &symbol) {
         return resp;
     }
     let Some(tf) = Timeframe::parse(q.tf.as_deref().unwrap_or("1m")) else {
