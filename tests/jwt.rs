@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::Read;
 use std::time::Duration;
 
 use common::*;
@@ -261,14 +260,8 @@ async fn hs256_tokens_on_every_path() {
         .post_ticks(json!([tick("S", 1.0, 1.0)]).to_string())
         .await;
     assert_eq!(status, 401, "no token on a producer route");
-    let resp = reqwest::Client::new()
-        .post(server.http("/api/ticks"))
-        .bearer_auth("static-producer")
-        .body(json!([tick("S", 1.0, 1.0)]).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    let (status, _) = post_as(&server, "static-producer", &[tick("S", 1.0, 1.0)]).await;
+    assert_eq!(status, 200);
     let failures = server.metrics_text().await;
     for reason in [
         "expired",
@@ -434,27 +427,12 @@ async fn producer_ingest_symbols_and_client_tokens_that_cannot_publish() {
     assert_eq!(ack["accepted"], 1, "{ack}");
     assert_eq!(reject_codes(&ack), ["forbidden"], "{ack}");
     // POST /api/ticks too.
-    let resp = reqwest::Client::new()
-        .post(server.http("/api/ticks"))
-        .bearer_auth(&token)
-        .body(json!([tick("ETHUSD", 2.0, 1.0)]).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let ack: Value = resp.json().await.unwrap();
+    let (status, ack) = post_as(&server, &token, &[tick("ETHUSD", 2.0, 1.0)]).await;
+    assert_eq!(status, 200);
     assert_eq!(reject_codes(&ack), ["forbidden"], "{ack}");
     // Dead-lettered, with the tick and never the token.
     let reader = hs(&claims(3600, json!({})));
-    let dlq: Value = reqwest::Client::new()
-        .get(server.http("/api/dlq"))
-        .bearer_auth(&reader)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let dlq = get_as(&server, "/api/dlq", &reader).await;
     let entries = dlq["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 2, "{dlq}");
     assert!(entries.iter().all(|e| e["code"] == "forbidden"), "{dlq}");
@@ -463,15 +441,8 @@ async fn producer_ingest_symbols_and_client_tokens_that_cannot_publish() {
         "token in the dead letters"
     );
     // A client token (no "ingest": true) must not publish.
-    let resp = reqwest::Client::new()
-        .post(server.http("/api/ticks"))
-        .bearer_auth(&reader)
-        .body(json!([tick("BTCUSD", 2.0, 1.0)]).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 403);
-    let body: Value = resp.json().await.unwrap();
+    let (status, body) = post_as(&server, &reader, &[tick("BTCUSD", 2.0, 1.0)]).await;
+    assert_eq!(status, 403);
     assert_eq!(body["code"], "forbidden", "{body}");
     let refused =
         tokio_tungstenite::connect_async(server.ws_url(&format!("/ingest?token={reader}"))).await;
@@ -582,16 +553,34 @@ async fn expire_on(server: &TestServer, parked: bool) {
 
 /// Whether `/api/stats` shows a parked connection.
 async fn is_parked(server: &TestServer, token: &str) -> bool {
-    let stats: Value = reqwest::Client::new()
-        .get(server.http("/api/stats"))
+    let stats = get_as(server, "/api/stats", token).await;
+    stats["parking"]["parked"].as_u64() >= Some(1)
+}
+
+/// `POST /api/ticks` with `token` as the bearer: status and JSON body.
+async fn post_as(server: &TestServer, token: &str, ticks: &[Value]) -> (u16, Value) {
+    let resp = reqwest::Client::new()
+        .post(server.http("/api/ticks"))
+        .bearer_auth(token)
+        .body(Value::Array(ticks.to_vec()).to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// A GET of the read API with `token` as the bearer: its JSON body.
+async fn get_as(server: &TestServer, path: &str, token: &str) -> Value {
+    reqwest::Client::new()
+        .get(server.http(path))
         .bearer_auth(token)
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
-    stats["parking"]["parked"].as_u64() >= Some(1)
+        .unwrap()
 }
 
 /// The `exp` of a token this file signed.
@@ -615,47 +604,25 @@ async fn no_token_reaches_the_log() {
     let config = dir.path().join("tickfan.toml");
     let static_client = "static-client-token-Zq8vX1";
     let static_producer = "static-producer-token-Pw3kR7";
+    // The log level from the config file, so the child gets debug whatever the test's env.
     std::fs::write(
         &config,
         format!(
-            "[auth]\nclient_tokens = [\"{static_client}\"]\ningest_tokens = [\"{static_producer}\"]\n\
+            "[log]\nlevel = \"debug\"\n[auth]\nclient_tokens = [\"{static_client}\"]\n\
+             ingest_tokens = [\"{static_producer}\"]\n\
              jwt_hs256_secret = \"{SECRET}\"\njwt_leeway_secs = 0\n"
         ),
     )
     .unwrap();
     let log_path = dir.path().join("stderr.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tickfan"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--no-simulator",
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "debug")
-        .stdout(std::process::Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let addr = {
-        let mut line = Vec::new();
-        let mut b = [0u8; 1];
-        while stdout.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
-            line.push(b[0]);
-        }
-        String::from_utf8(line)
-            .unwrap()
-            .trim()
-            .strip_prefix("listening on http://")
-            .unwrap()
-            .to_owned()
-    };
-    let mut child = KillOnDrop(child);
+    let config = config.to_str().unwrap().to_owned();
+    let mut child = Binary::spawn(
+        &dir.path().join("data"),
+        &["--config", &config],
+        std::process::Stdio::from(log),
+    );
+    let addr = child.addr.clone();
     let client = hs(&claims(3600, json!({"symbols": ["OK*"]})));
     let producer = hs(&claims(
         3600,
@@ -736,11 +703,7 @@ async fn no_token_reaches_the_log() {
         .text()
         .await
         .unwrap();
-    // SAFETY: signalling our own child process.
-    unsafe {
-        libc::kill(child.0.id() as i32, libc::SIGTERM);
-    }
-    let _ = child.0.wait();
+    child.terminate();
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("DEBUG"), "the log ran at debug level");
     assert!(
@@ -770,14 +733,5 @@ async fn pong_or_close(ws: &mut Ws) {
             Ok(Some(Ok(_))) => {}
             Err(_) => panic!("neither a reply nor a close"),
         }
-    }
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
