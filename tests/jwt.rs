@@ -374,7 +374,7 @@ async fn symbol_permissions_on_subscribe_wildcard_snapshots_and_reads() {
         "MSFT leaked in the replay: {replay:?}"
     );
     assert_eq!(replay.last().unwrap()["symbol"], "BTCUSD");
-    // A batch-mode wildcard with the same token shares nothing with an unlimited one.
+    // Live: the wildcard gets BTCUSD, never MSFT or ETHUSD published before it.
     ingest(
         &mut producer,
         &[
