@@ -196,6 +196,26 @@ async fn try_every_path(server: &TestServer, token: &str, expect: Expect, what: 
     }
 }
 
+/// A valid, an expired and a not-yet-valid producer token signed by `sign`, on every path.
+async fn try_time_cases(server: &TestServer, sign: impl Fn(&Value) -> String, alg: &str) {
+    let ingest = json!({"ingest": true});
+    let valid = sign(&claims(3600, ingest.clone()));
+    try_every_path(server, &valid, Expect::Accepted, &format!("{alg} valid")).await;
+    let expired = sign(&claims(-60, ingest.clone()));
+    let what = format!("{alg} expired");
+    try_every_path(server, &expired, Expect::Refused("token_expired"), &what).await;
+    let mut early = claims(3600, ingest);
+    early["nbf"] = json!(now_s() + 600);
+    let what = format!("{alg} nbf");
+    try_every_path(
+        server,
+        &sign(&early),
+        Expect::Refused("unauthorized"),
+        &what,
+    )
+    .await;
+}
+
 async fn check_http(resp: reqwest::Response, expect: Expect, what: &str) {
     let status = resp.status().as_u16();
     let body: Value = resp.json().await.unwrap_or(Value::Null);
@@ -215,20 +235,7 @@ async fn hs256_tokens_on_every_path() {
     config.auth.ingest_tokens = vec!["static-producer".into()];
     let server = TestServer::start_with(config).await;
     let ingest = json!({"ingest": true});
-    let valid = hs(&claims(3600, ingest.clone()));
-    try_every_path(&server, &valid, Expect::Accepted, "valid").await;
-    let expired = hs(&claims(-60, ingest.clone()));
-    try_every_path(
-        &server,
-        &expired,
-        Expect::Refused("token_expired"),
-        "expired",
-    )
-    .await;
-    let mut early = claims(3600, ingest.clone());
-    early["nbf"] = json!(now_s() + 600);
-    let early = hs(&early);
-    try_every_path(&server, &early, Expect::Refused("unauthorized"), "nbf").await;
+    try_time_cases(&server, hs, "HS256").await;
     let forged = hs_with(
         &claims(3600, ingest.clone()),
         "another-secret-of-at-least-32-bytes-long",
@@ -291,25 +298,7 @@ async fn es256_tokens_and_no_key_confusion() {
     config.auth.jwt_leeway_secs = 0;
     let server = TestServer::start_with(config).await;
     let ingest = json!({"ingest": true});
-    let valid = es(&claims(3600, ingest.clone()), &private);
-    try_every_path(&server, &valid, Expect::Accepted, "ES256").await;
-    let expired = es(&claims(-60, ingest.clone()), &private);
-    try_every_path(
-        &server,
-        &expired,
-        Expect::Refused("token_expired"),
-        "ES256 expired",
-    )
-    .await;
-    let mut early = claims(3600, ingest.clone());
-    early["nbf"] = json!(now_s() + 600);
-    try_every_path(
-        &server,
-        &es(&early, &private),
-        Expect::Refused("unauthorized"),
-        "ES256 nbf",
-    )
-    .await;
+    try_time_cases(&server, |c| es(c, &private), "ES256").await;
     let (other_private, _) = es256_keys();
     let forged = es(&claims(3600, ingest.clone()), &other_private);
     try_every_path(
