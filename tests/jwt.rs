@@ -319,18 +319,23 @@ async fn es256_tokens_and_no_key_confusion() {
     .await;
 }
 
-/// The messages of type `kind` for `symbol` that arrive before `until` does.
+/// The messages that arrive up to and including a tick of `until`.
 async fn read_until_symbol(ws: &mut Ws, until: &str) -> Vec<Value> {
     ws.recv_until(|v| v["type"] == "tick" && v["symbol"] == until)
         .await
 }
 
+/// An HS256 server and a producer on it whose JWT may publish anything.
+async fn hs_server_and_producer() -> (TestServer, Ws) {
+    let server = TestServer::start_with(hs_config()).await;
+    let token = hs(&claims(3600, json!({"ingest": true})));
+    let producer = Ws::connect(&server.ws_url(&format!("/ingest?token={token}"))).await;
+    (server, producer)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn symbol_permissions_on_subscribe_wildcard_snapshots_and_reads() {
-    let server = TestServer::start_with(hs_config()).await;
-    let producer_token = hs(&claims(3600, json!({"ingest": true})));
-    let mut producer =
-        Ws::connect(&server.ws_url(&format!("/ingest?token={producer_token}"))).await;
+    let (server, mut producer) = hs_server_and_producer().await;
     // Known before anyone subscribes: a wildcard's history must not replay MSFT.
     let ack = ingest(
         &mut producer,
@@ -443,10 +448,7 @@ async fn producer_ingest_symbols_and_client_tokens_that_cannot_publish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_narrows_permissions_and_outlives_the_old_token() {
-    let server = TestServer::start_with(hs_config()).await;
-    let producer_token = hs(&claims(3600, json!({"ingest": true})));
-    let mut producer =
-        Ws::connect(&server.ws_url(&format!("/ingest?token={producer_token}"))).await;
+    let (server, mut producer) = hs_server_and_producer().await;
     // Two connections with the same short token: one refreshes, the other is the control
     // whose close marks the moment the old token ran out.
     let short = hs(&claims(4, json!({"symbols": ["A*"]})));
