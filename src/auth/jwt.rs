@@ -223,3 +223,84 @@ fn public_key(pem: &[u8], configured: &str) -> Result<(DecodingKey, Algorithm), 
         "auth.jwt_public_key_file: not a PEM RSA or EC public key".into(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(f: impl FnOnce(&mut AuthConfig)) -> AuthConfig {
+        let mut c = AuthConfig::default();
+        f(&mut c);
+        c
+    }
+
+    #[test]
+    fn unusable_settings_are_refused_at_start() {
+        let short = with(|c| c.jwt_hs256_secret = Some("too-short".into()));
+        assert!(JwtVerifier::from_config(&short).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let file = dir.path().join("k.pem");
+        std::fs::write(&file, key.public_key_pem()).unwrap();
+        let both = with(|c| {
+            c.jwt_hs256_secret = Some("x".repeat(32));
+            c.jwt_public_key_file = Some(file.clone());
+        });
+        assert!(JwtVerifier::from_config(&both).is_err());
+        let ec = with(|c| c.jwt_public_key_file = Some(file.clone()));
+        let v = JwtVerifier::from_config(&ec).unwrap().unwrap();
+        assert_eq!(
+            v.algorithm(),
+            Algorithm::ES256,
+            "an EC key defaults to ES256"
+        );
+        let mismatch = with(|c| {
+            c.jwt_public_key_file = Some(file.clone());
+            c.jwt_algorithm = "RS256".into();
+        });
+        assert!(JwtVerifier::from_config(&mismatch).is_err());
+        let garbage = dir.path().join("g.pem");
+        std::fs::write(&garbage, "not a key").unwrap();
+        let garbage = with(|c| c.jwt_public_key_file = Some(garbage.clone()));
+        assert!(JwtVerifier::from_config(&garbage).is_err());
+        let hs_other = with(|c| {
+            c.jwt_hs256_secret = Some("x".repeat(32));
+            c.jwt_algorithm = "HS512".into();
+        });
+        assert!(JwtVerifier::from_config(&hs_other).is_err());
+        assert!(JwtVerifier::from_config(&AuthConfig::default())
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn the_grant_reads_the_claims_and_the_leeway_extends_expiry() {
+        let secret = "x".repeat(32);
+        let v = JwtVerifier::from_config(&with(|c| c.jwt_hs256_secret = Some(secret.clone())))
+            .unwrap()
+            .unwrap();
+        let exp = u64::try_from(crate::tick::now_ms() / 1000).unwrap() + 60;
+        let claims = serde_json::json!({
+            "exp": exp, "sub": "bob", "symbols": ["A*"], "ingest": true, "ingest_symbols": ["*"],
+        });
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        let g = v.verify(&token).unwrap();
+        assert_eq!(g.sub.as_deref(), Some("bob"));
+        assert!(g.symbols.as_ref().unwrap().allows("AB") && g.ingest);
+        assert_eq!(g.ingest_symbols, None, "\"*\" is no limit");
+        assert_eq!(g.expires_at_ms, (exp + 5) * 1000, "default leeway 5 s");
+        let bad = serde_json::json!({"exp": exp, "symbols": ["A*B"]});
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &bad,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap();
+        assert_eq!(v.verify(&token), Err(AuthError::Invalid));
+    }
+}
