@@ -43,12 +43,24 @@ struct Claims {
     exp: u64,
     #[serde(default)]
     sub: Option<String>,
-    #[serde(default)]
-    symbols: Option<Vec<String>>,
+    /// Absent: all symbols; `null`: refused (see [`present`]).
+    #[serde(default, deserialize_with = "present")]
+    symbols: Option<Option<Vec<String>>>,
     #[serde(default)]
     ingest: bool,
-    #[serde(default)]
-    ingest_symbols: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
+    ingest_symbols: Option<Option<Vec<String>>>,
+}
+
+/// Tells a present `null` (`Some(None)`) from an absent claim (`None`, by `default`). A list
+/// claim written as `null` is what Go's encoding/json makes of a nil slice, a user with no
+/// entitlements; reading it as "absent" would grant every symbol, so it is refused instead.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// The configured key and its pinned algorithm.
@@ -162,10 +174,11 @@ impl JwtVerifier {
             },
         )?;
         let claims = data.claims;
-        let patterns = |list: Option<Vec<String>>| -> Result<_, AuthError> {
+        let patterns = |list: Option<Option<Vec<String>>>| -> Result<_, AuthError> {
             match list {
                 None => Ok(None),
-                Some(list) => Ok(SymbolPatterns::parse(&list)
+                Some(None) => Err(AuthError::Invalid),
+                Some(Some(list)) => Ok(SymbolPatterns::parse(&list)
                     .map_err(|_| AuthError::Invalid)?
                     .map(Arc::new)),
             }
@@ -302,5 +315,37 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v.verify(&token), Err(AuthError::Invalid));
+    }
+
+    fn hs_verifier(secret: &str) -> JwtVerifier {
+        JwtVerifier::from_config(&with(|c| c.jwt_hs256_secret = Some(secret.into())))
+            .unwrap()
+            .unwrap()
+    }
+
+    fn sign(secret: &str, claims: &serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_null_symbol_list_is_refused_not_everything() {
+        // Go's encoding/json writes a nil []string as null: a user with no entitlements.
+        let secret = "x".repeat(32);
+        let v = hs_verifier(&secret);
+        let exp = u64::try_from(crate::tick::now_ms() / 1000).unwrap() + 60;
+        for claim in ["symbols", "ingest_symbols"] {
+            let mut c = serde_json::json!({"exp": exp, "ingest": true});
+            c[claim] = serde_json::Value::Null;
+            let verdict = v.verify(&sign(&secret, &c));
+            assert!(verdict.is_err(), "{claim}: null granted {verdict:?}");
+        }
+        let empty = serde_json::json!({"exp": exp, "symbols": []});
+        let g = v.verify(&sign(&secret, &empty)).unwrap();
+        assert!(!g.symbols.unwrap().allows("AAPL"), "[] permits nothing");
     }
 }

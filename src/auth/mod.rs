@@ -22,6 +22,7 @@ use self::jwt::{JwtVerifier, TokenGrant};
 pub use self::patterns::SymbolPatterns;
 use crate::config::AuthConfig;
 use crate::error::ConfigError;
+use crate::protocol::ErrorCode;
 
 /// Why a token was refused. Never carries the token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -84,11 +85,11 @@ impl AuthError {
     /// The wire error code: `token_expired`, `forbidden` (a valid token that does not allow
     /// the route), or `unauthorized`.
     #[must_use]
-    pub fn code(self) -> &'static str {
+    pub fn code(self) -> ErrorCode {
         match self {
-            Self::Expired => "token_expired",
-            Self::NotProducer => "forbidden",
-            _ => "unauthorized",
+            Self::Expired => ErrorCode::TokenExpired,
+            Self::NotProducer => ErrorCode::Forbidden,
+            _ => ErrorCode::Unauthorized,
         }
     }
 }
@@ -357,5 +358,36 @@ mod tests {
         assert_eq!(v.check(Role::Producer, None), Ok(Grant::full()));
         assert_eq!(AuthState::of(&v, None), AuthState::Pending);
         assert_eq!(v.stats.failures()[AuthError::Invalid.index()], 1);
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_secret_or_token() {
+        let auth = AuthConfig {
+            client_tokens: vec!["client-secret-tok".into()],
+            ingest_tokens: vec!["ingest-secret-tok".into()],
+            jwt_hs256_secret: Some("hs256-secret-of-at-least-32-bytes!!".into()),
+            ..AuthConfig::default()
+        };
+        let v = Verifier::new(&auth).unwrap();
+        let request = crate::protocol::Request::Auth {
+            token: "op-secret-tok".into(),
+        };
+        let mut config = crate::config::Config::default();
+        config.auth = auth.clone();
+        for shown in [
+            format!("{auth:?}"),
+            format!("{v:?}"),
+            format!("{request:?}"),
+            format!("{config:?}"),
+        ] {
+            for secret in [
+                "client-secret-tok",
+                "ingest-secret-tok",
+                "hs256-secret",
+                "op-secret-tok",
+            ] {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+        }
     }
 }

@@ -241,7 +241,7 @@ impl<L: TokenList> FromRequestParts<Arc<AppState>> for Token<L> {
         if e == AuthError::NotProducer {
             return Err(error_response(
                 StatusCode::FORBIDDEN,
-                e.code(),
+                e.code().as_str(),
                 &e.to_string(),
             ));
         }
@@ -254,7 +254,11 @@ impl<L: TokenList> FromRequestParts<Arc<AppState>> for Token<L> {
             AuthError::Missing | AuthError::Invalid => "missing or invalid token".to_owned(),
             e => e.to_string(),
         };
-        Err(error_response(StatusCode::UNAUTHORIZED, e.code(), &message))
+        Err(error_response(
+            StatusCode::UNAUTHORIZED,
+            e.code().as_str(),
+            &message,
+        ))
     }
 }
 

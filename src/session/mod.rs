@@ -139,12 +139,7 @@ fn expiry_deadline(ctx: &ClientContext, grant: &Grant) -> Option<u64> {
 
 /// The error message a refused token gets.
 fn refusal(id: Option<&serde_json::Value>, e: AuthError) -> String {
-    let code = match e {
-        AuthError::Expired => ErrorCode::TokenExpired,
-        AuthError::NotProducer => ErrorCode::Forbidden,
-        _ => ErrorCode::Unauthorized,
-    };
-    error_message(id, code, &e.to_string(), None)
+    error_message(id, e.code(), &e.to_string(), None)
 }
 
 struct Conn {
@@ -152,6 +147,8 @@ struct Conn {
     out: Outbound,
     key: Option<ClientKey>,
     auth: Standing,
+    /// What the token in force grants: its `sub` is named in logs and must match a refresh's.
+    grant: Grant,
     /// The request rate limiter: created with the first request, dropped at parking once it
     /// is full again (see [`requests::BURST_REFILL_MS`]).
     limiter: Option<Box<RequestLimiter>>,
@@ -255,6 +252,10 @@ pub async fn serve(
         },
         AuthState::Rejected(_) => Standing::Pending,
     };
+    let grant = match &auth {
+        AuthState::Authorized(grant) => grant.clone(),
+        AuthState::Pending | AuthState::Rejected(_) => Grant::full(),
+    };
     let link = ctx.connections.insert(out.clone());
     // Shutdown closes the connections in the set; one that joins after that sweep sees the
     // cancelled token instead.
@@ -267,6 +268,7 @@ pub async fn serve(
             out,
             key: None,
             auth: standing,
+            grant,
             limiter: None,
             limited_in_a_row: 0,
         },
@@ -453,7 +455,7 @@ async fn run(
         )),
         close::UNAUTHORIZED if conn.auth == Standing::Expiring => {
             conn.ctx.stats.token_expired.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!("client token expired: closing 4001");
+            tracing::debug!(sub = conn.grant.sub(), "client token expired: closing 4001");
             Some(error_message(
                 None,
                 ErrorCode::TokenExpired,

@@ -162,11 +162,9 @@ async fn on_auth(conn: &mut Conn, id: Option<Value>, token: &str) -> Flow {
     if let Some(sub) = grant.sub() {
         tracing::debug!(sub, "client authenticated");
     }
-    match ctx
-        .dispatcher
-        .register(conn.out.clone(), grant.symbols().cloned())
-        .await
-    {
+    let permitted = grant.symbols().cloned();
+    conn.grant = grant;
+    match ctx.dispatcher.register(conn.out.clone(), permitted).await {
         Ok(key) => {
             conn.key = Some(key);
             reply(conn, json!({"type":"ack","id":id,"op":"auth"}).to_string())
@@ -175,10 +173,11 @@ async fn on_auth(conn: &mut Conn, id: Option<Value>, token: &str) -> Flow {
     }
 }
 
-/// A token sent on a live session. A refused one changes nothing (the session keeps its
-/// current token until that one expires) and is answered with an error; an accepted one moves
-/// the expiry and replaces the permissions (the dispatcher acks, after telling the client
-/// which subscriptions it lost).
+/// A token sent on a live session. A refused one ends the session like any failed auth (its
+/// error, then close 4001), and so does one naming another user (`sub`) than the token in
+/// force: a refresh extends a session, it does not switch users. An accepted one moves the
+/// expiry and replaces the permissions (the dispatcher acks, after telling the client which
+/// subscriptions it lost).
 async fn refresh(
     conn: &mut Conn,
     id: Option<Value>,
@@ -188,10 +187,31 @@ async fn refresh(
     let grant = match verdict {
         Ok(grant) => grant,
         Err(e) => {
-            tracing::debug!(reason = e.reason(), "token refresh refused");
-            return reply(conn, refusal(id.as_ref(), e));
+            ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                reason = e.reason(),
+                sub = conn.grant.sub(),
+                "token refresh refused: closing 4001"
+            );
+            return Flow::CloseWith(close::UNAUTHORIZED, "unauthorized", refusal(id.as_ref(), e));
         }
     };
+    if let (Some(old), Some(new)) = (conn.grant.sub(), grant.sub()) {
+        if old != new {
+            ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                sub = old,
+                new_sub = new,
+                "token refresh for another user refused: closing 4001"
+            );
+            let msg = "the new token names another user (sub) than the session's";
+            return Flow::CloseWith(
+                close::UNAUTHORIZED,
+                "unauthorized",
+                error_message(id.as_ref(), ErrorCode::Forbidden, msg, None),
+            );
+        }
+    }
     let deadline = expiry_deadline(&ctx, &grant);
     let in_time = match (conn.auth, deadline) {
         (Standing::Expiring, Some(at)) => conn.out.replace_auth_deadline(at),
@@ -219,6 +239,7 @@ async fn refresh(
         id,
         permitted: grant.symbols().cloned(),
     };
+    conn.grant = grant;
     match ctx.dispatcher.send(cmd).await {
         Ok(()) => Flow::Continue,
         Err(_) => Flow::Close(close::GOING_AWAY, "server shutting down"),
