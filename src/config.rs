@@ -346,8 +346,35 @@ mod upstream_defaults {
     }
 }
 
+/// A TOML error as it may be printed: the position and the message, without the source
+/// snippet `toml` adds (the offending line may hold a secret, say a misspelled
+/// `jwt_hs256_secret` key), and with the quoted values of that line taken out of the message
+/// too (serde names a wrongly typed value in it).
+fn parse_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let mut message = e.message().trim().to_owned();
+    let Some(span) = e.span() else {
+        return ConfigError::Parse(format!("TOML parse error: {message}"));
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    // The quoted values on the reported line: whatever sits between a pair of quotes.
+    for quote in ['"', '\''] {
+        for (i, value) in line.split(quote).enumerate() {
+            if i % 2 == 1 && !value.is_empty() {
+                message = message.replace(value, "***");
+            }
+        }
+    }
+    ConfigError::Parse(format!(
+        "TOML parse error at line {line_no}, column {column}: {message}"
+    ))
+}
+
 /// `[auth]`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Tokens accepted on `/ws`; empty means clients need no token.
@@ -371,6 +398,27 @@ pub struct AuthConfig {
     pub jwt_audience: Option<String>,
     /// The `iss` a JWT must carry; unset: `iss` is not checked.
     pub jwt_issuer: Option<String>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    // Tokens and the secret stay out of debug output (a config is logged or printed in
+    // errors); only how many there are, and whether a secret is set, show.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("client_tokens", &self.client_tokens.len())
+            .field("ingest_tokens", &self.ingest_tokens.len())
+            .field("auth_timeout_ms", &self.auth_timeout_ms)
+            .field(
+                "jwt_hs256_secret",
+                &self.jwt_hs256_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("jwt_public_key_file", &self.jwt_public_key_file)
+            .field("jwt_algorithm", &self.jwt_algorithm)
+            .field("jwt_leeway_secs", &self.jwt_leeway_secs)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .finish()
+    }
 }
 
 impl Default for AuthConfig {
@@ -696,7 +744,7 @@ impl Config {
     /// # Errors
     /// Malformed TOML, an unknown key (named in the message) or an out-of-range value.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let config: Config = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
         config.validate()?;
         Ok(config)
     }

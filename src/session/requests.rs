@@ -112,7 +112,7 @@ pub(super) async fn on_request(conn: &mut Conn, text: &str) -> Flow {
             conn,
             json!({"type":"pong","id":id,"server_time":now_ms()}).to_string(),
         ),
-        Request::Auth { token } => on_auth(conn, id, &token).await,
+        Request::Auth { token } => on_auth(conn, id, &token.0).await,
         _ if conn.key.is_none() => reply(
             conn,
             error_message(
