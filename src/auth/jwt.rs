@@ -40,7 +40,12 @@ pub struct TokenGrant {
 /// The claims tickfan reads; others are ignored.
 #[derive(Debug, Deserialize)]
 struct Claims {
-    exp: u64,
+    /// A NumericDate (RFC 7519 2: seconds, fractions allowed); required.
+    exp: f64,
+    /// Checked here rather than by `jsonwebtoken`, which reads only whole seconds and skips
+    /// a fractional `nbf` unchecked. A present non-number (`null` included) is refused.
+    #[serde(default, deserialize_with = "present")]
+    nbf: Option<Option<f64>>,
     #[serde(default)]
     sub: Option<String>,
     /// Absent: all symbols; `null`: refused (see [`present`]).
@@ -126,10 +131,11 @@ impl JwtVerifier {
             }
         };
         let mut validation = Validation::new(algorithm);
+        // `exp` (required) and `nbf` are read as NumericDates and checked in `verify`.
         validation.leeway = auth.jwt_leeway_secs;
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        validation.required_spec_claims = HashSet::from(["exp".to_owned()]);
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.required_spec_claims = HashSet::new();
         match &auth.jwt_audience {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
@@ -174,6 +180,19 @@ impl JwtVerifier {
             },
         )?;
         let claims = data.claims;
+        #[allow(clippy::cast_precision_loss)] // ms since 1970 fit an f64's 52 bits exactly
+        let now = crate::tick::now_ms() as f64 / 1000.0;
+        #[allow(clippy::cast_precision_loss)]
+        let leeway = self.leeway_secs as f64;
+        if !claims.exp.is_finite() || claims.exp + leeway < now {
+            return Err(AuthError::Expired);
+        }
+        match claims.nbf {
+            None => {}
+            Some(Some(nbf)) if nbf.is_finite() && nbf - leeway <= now => {}
+            Some(Some(_)) => return Err(AuthError::NotYetValid),
+            Some(None) => return Err(AuthError::Invalid),
+        }
         let patterns = |list: Option<Option<Vec<String>>>| -> Result<_, AuthError> {
             match list {
                 None => Ok(None),
@@ -190,10 +209,9 @@ impl JwtVerifier {
             symbols: patterns(claims.symbols)?,
             ingest: claims.ingest,
             ingest_symbols: patterns(claims.ingest_symbols)?,
-            expires_at_ms: claims
-                .exp
-                .saturating_add(self.leeway_secs)
-                .saturating_mul(1000),
+            // Finite and not in the past (checked above); `as` saturates.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            expires_at_ms: ((claims.exp + leeway) * 1000.0) as u64,
         })
     }
 }
@@ -347,5 +365,38 @@ mod tests {
         let empty = serde_json::json!({"exp": exp, "symbols": []});
         let g = v.verify(&sign(&secret, &empty)).unwrap();
         assert!(!g.symbols.unwrap().allows("AAPL"), "[] permits nothing");
+    }
+
+    #[test]
+    fn exp_and_nbf_are_numeric_dates_fractions_included() {
+        let secret = "x".repeat(32);
+        let v = JwtVerifier::from_config(&with(|c| {
+            c.jwt_hs256_secret = Some(secret.clone());
+            c.jwt_leeway_secs = 0;
+        }))
+        .unwrap()
+        .unwrap();
+        #[allow(clippy::cast_precision_loss)]
+        let now = crate::tick::now_ms() as f64 / 1000.0;
+        let ok = serde_json::json!({"exp": now + 60.5});
+        let g = v
+            .verify(&sign(&secret, &ok))
+            .expect("a fractional exp is a NumericDate");
+        assert!(g.expires_at_ms > 0);
+        let early = serde_json::json!({"exp": now + 3600.0, "nbf": now + 600.5});
+        assert_eq!(
+            v.verify(&sign(&secret, &early)),
+            Err(AuthError::NotYetValid),
+            "a fractional nbf is honoured"
+        );
+        let past = serde_json::json!({"exp": now - 60.5});
+        assert_eq!(v.verify(&sign(&secret, &past)), Err(AuthError::Expired));
+        for bad in [
+            serde_json::json!({"exp": now + 60.0, "nbf": "soon"}),
+            serde_json::json!({"exp": "later"}),
+            serde_json::json!({"exp": now + 60.0, "nbf": null}),
+        ] {
+            assert!(v.verify(&sign(&secret, &bad)).is_err(), "{bad}");
+        }
     }
 }
