@@ -377,9 +377,11 @@ fn parse_error(text: &str, e: &toml::de::Error) -> ConfigError {
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// Tokens accepted on `/ws`; empty means clients need no token.
+    /// Tokens accepted on `/ws`; empty means clients need no token, unless a JWT key is set
+    /// (then a JWT is needed).
     pub client_tokens: Vec<String>,
-    /// Tokens accepted on `/ingest` and `POST /api/ticks`; empty means producers need none.
+    /// Tokens accepted on `/ingest` and `POST /api/ticks`; empty means producers need none,
+    /// unless a JWT key is set (then a JWT with `"ingest": true` is needed).
     pub ingest_tokens: Vec<String>,
     /// Time a client that connected without a token has to send `{"op":"auth"}` before it is
     /// closed with 4001, in ms.
@@ -398,6 +400,9 @@ pub struct AuthConfig {
     pub jwt_audience: Option<String>,
     /// The `iss` a JWT must carry; unset: `iss` is not checked.
     pub jwt_issuer: Option<String>,
+    /// Most patterns a JWT's `symbols` or `ingest_symbols` claim may list; a token with more
+    /// is refused (`unauthorized`, reason `bad_claims`).
+    pub jwt_max_patterns: usize,
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -417,6 +422,7 @@ impl std::fmt::Debug for AuthConfig {
             .field("jwt_leeway_secs", &self.jwt_leeway_secs)
             .field("jwt_audience", &self.jwt_audience)
             .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_max_patterns", &self.jwt_max_patterns)
             .finish()
     }
 }
@@ -433,6 +439,7 @@ impl Default for AuthConfig {
             jwt_leeway_secs: 5,
             jwt_audience: None,
             jwt_issuer: None,
+            jwt_max_patterns: 1_024,
         }
     }
 }
@@ -819,6 +826,9 @@ impl Config {
         }
         if self.auth.jwt_leeway_secs > 300 {
             return invalid("auth.jwt_leeway_secs", "must be at most 300");
+        }
+        if !(1..=65_536).contains(&self.auth.jwt_max_patterns) {
+            return invalid("auth.jwt_max_patterns", "must be between 1 and 65536");
         }
         if self.server.heartbeat_ms < 100 {
             return invalid("server.heartbeat_ms", "must be at least 100");

@@ -548,11 +548,21 @@ async fn a_failed_refresh_closes_4001() {
 }
 
 /// `"symbols": null` (Go writes a nil list so) is refused, never read as "everything"; `[]`
-/// permits nothing.
+/// permits nothing; a list over `auth.jwt_max_patterns` is refused as bad claims.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn null_and_empty_symbol_claims() {
-    let (server, mut producer) = hs_server_and_producer().await;
+async fn null_empty_and_over_limit_symbol_claims() {
+    let mut config = hs_config();
+    config.auth.jwt_max_patterns = 3;
+    let server = TestServer::start_with(config).await;
+    let token = hs(&claims(3600, json!({"ingest": true})));
+    let mut producer = Ws::connect(&server.ws_url(&format!("/ingest?token={token}"))).await;
     ingest(&mut producer, &[tick("AAPL", 1.0, 1.0)]).await;
+    let four = hs(&claims(3600, json!({"symbols": ["A", "B", "C", "D"]})));
+    let ws = ws_connect(&server.ws_url("/ws"), Some(&four)).await;
+    expect_ws(ws, Expect::Refused("unauthorized"), "4 patterns, limit 3").await;
+    let three = hs(&claims(3600, json!({"symbols": ["A", "B", "C*"]})));
+    let ws = ws_connect(&server.ws_url("/ws"), Some(&three)).await;
+    expect_ws(ws, Expect::Accepted, "3 patterns, limit 3").await;
     let null = hs(&claims(3600, json!({"symbols": null})));
     let ws = ws_connect(&server.ws_url("/ws"), Some(&null)).await;
     expect_ws(ws, Expect::Refused("unauthorized"), "symbols null").await;
@@ -573,6 +583,14 @@ async fn null_and_empty_symbol_claims() {
     );
     let list = ws.request(json!({"op": "symbols", "id": 2})).await;
     assert_eq!(list["symbols"], json!([]), "{list}");
+    let text = server.metrics_text().await;
+    assert!(
+        text.lines().any(
+            |l| l.starts_with("tickfan_auth_failures_total{reason=\"bad_claims\"} ")
+                && !l.ends_with(" 0")
+        ),
+        "{text}"
+    );
 }
 
 /// A misspelled secret key in the config file: the error names the key and never echoes

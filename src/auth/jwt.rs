@@ -74,6 +74,8 @@ pub struct JwtVerifier {
     algorithm: Algorithm,
     validation: Validation,
     leeway_secs: u64,
+    /// `auth.jwt_max_patterns`.
+    max_patterns: usize,
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -149,6 +151,7 @@ impl JwtVerifier {
             algorithm,
             validation,
             leeway_secs: auth.jwt_leeway_secs,
+            max_patterns: auth.jwt_max_patterns,
         }))
     }
 
@@ -191,14 +194,17 @@ impl JwtVerifier {
             None => {}
             Some(Some(nbf)) if nbf.is_finite() && nbf - leeway <= now => {}
             Some(Some(_)) => return Err(AuthError::NotYetValid),
-            Some(None) => return Err(AuthError::Invalid),
+            Some(None) => return Err(AuthError::BadClaims),
         }
         let patterns = |list: Option<Option<Vec<String>>>| -> Result<_, AuthError> {
             match list {
                 None => Ok(None),
-                Some(None) => Err(AuthError::Invalid),
-                Some(Some(list)) => Ok(SymbolPatterns::parse(&list)
-                    .map_err(|_| AuthError::Invalid)?
+                Some(None) => Err(AuthError::BadClaims),
+                Some(Some(list)) => Ok(SymbolPatterns::parse(&list, self.max_patterns)
+                    .map_err(|e| {
+                        tracing::debug!(error = %e, "token symbol claims refused");
+                        AuthError::BadClaims
+                    })?
                     .map(Arc::new)),
             }
         };
@@ -332,7 +338,16 @@ mod tests {
             &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
         )
         .unwrap();
-        assert_eq!(v.verify(&token), Err(AuthError::Invalid));
+        assert_eq!(v.verify(&token), Err(AuthError::BadClaims));
+        assert_eq!(AuthError::BadClaims.reason(), "bad_claims");
+        let v = JwtVerifier::from_config(&with(|c| {
+            c.jwt_hs256_secret = Some(secret.clone());
+            c.jwt_max_patterns = 2;
+        }))
+        .unwrap()
+        .unwrap();
+        let many = serde_json::json!({"exp": exp, "ingest_symbols": ["A", "B", "C"]});
+        assert_eq!(v.verify(&sign(&secret, &many)), Err(AuthError::BadClaims));
     }
 
     fn hs_verifier(secret: &str) -> JwtVerifier {
@@ -360,7 +375,7 @@ mod tests {
             let mut c = serde_json::json!({"exp": exp, "ingest": true});
             c[claim] = serde_json::Value::Null;
             let verdict = v.verify(&sign(&secret, &c));
-            assert!(verdict.is_err(), "{claim}: null granted {verdict:?}");
+            assert_eq!(verdict, Err(AuthError::BadClaims), "{claim}: null");
         }
         let empty = serde_json::json!({"exp": exp, "symbols": []});
         let g = v.verify(&sign(&secret, &empty)).unwrap();

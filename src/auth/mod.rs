@@ -49,12 +49,17 @@ pub enum AuthError {
     /// A valid JWT without `"ingest": true` on a producer route.
     #[error("token does not allow publishing (no \"ingest\": true)")]
     NotProducer,
+    /// A JWT with a signature that verifies but claims that cannot be used: a `symbols` or
+    /// `ingest_symbols` list that is `null`, over `auth.jwt_max_patterns`, or holds a
+    /// malformed pattern; or an `nbf` that is not a number.
+    #[error("token claims not usable: symbols/ingest_symbols must be a list of at most auth.jwt_max_patterns patterns (NAME, PREFIX* or *), nbf a number")]
+    BadClaims,
 }
 
 impl AuthError {
     /// Every reason, in [`AuthError::reason`]'s order: the `reason` label values of
     /// `tickfan_auth_failures_total`.
-    pub const REASONS: [&'static str; 7] = [
+    pub const REASONS: [&'static str; 8] = [
         "missing",
         "invalid",
         "bad_signature",
@@ -62,6 +67,7 @@ impl AuthError {
         "expired",
         "not_yet_valid",
         "not_producer",
+        "bad_claims",
     ];
 
     fn index(self) -> usize {
@@ -73,6 +79,7 @@ impl AuthError {
             Self::Expired => 4,
             Self::NotYetValid => 5,
             Self::NotProducer => 6,
+            Self::BadClaims => 7,
         }
     }
 

@@ -4,6 +4,8 @@
 //! prefixes, with no allocation. A list that holds `"*"` is no restriction at all, which the
 //! parser reports as `None` so callers keep their unrestricted fast path.
 
+use crate::tick::Symbol;
+
 /// The symbols a token permits (never "everything": that is the absence of a list).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct SymbolPatterns {
@@ -13,24 +15,31 @@ pub struct SymbolPatterns {
     prefixes: Vec<Box<str>>,
 }
 
-/// A pattern that is not an exact name, `PREFIX*` or `*`.
+/// A claim's list that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("bad symbol pattern {0:?}: use an exact name, PREFIX* or *")]
-pub struct PatternError(pub String);
-
-/// Most patterns one claim may list: a token is untrusted input until its claims are read,
-/// and a claim list is walked for every wildcard delivery of a restricted connection.
-pub const MAX_PATTERNS: usize = 1_024;
+#[non_exhaustive]
+pub enum PatternError {
+    /// A pattern that is not an exact symbol name, `PREFIX*` (a prefix of symbol characters)
+    /// or `*`.
+    #[error("bad symbol pattern {0:?}: use an exact symbol name, PREFIX* or *")]
+    Malformed(String),
+    /// More patterns than `auth.jwt_max_patterns`.
+    #[error("{0} patterns, at most {1} (auth.jwt_max_patterns)")]
+    TooMany(usize, usize),
+}
 
 impl SymbolPatterns {
-    /// Parses a claim's list; `Ok(None)` when it holds `"*"` (everything).
+    /// Parses a claim's list of at most `max` patterns (`auth.jwt_max_patterns`: a token is
+    /// untrusted input until its claims are read, and a claim list is walked for every
+    /// wildcard delivery of a restricted connection); `Ok(None)` when it holds `"*"`
+    /// (everything).
     ///
     /// # Errors
-    /// A pattern with `*` anywhere but at its end, an empty pattern, or more than
-    /// [`MAX_PATTERNS`].
-    pub fn parse<S: AsRef<str>>(list: &[S]) -> Result<Option<Self>, PatternError> {
-        if list.len() > MAX_PATTERNS {
-            return Err(PatternError(format!("{} patterns", list.len())));
+    /// A pattern with `*` anywhere but at its end, a stem that is not a valid symbol name
+    /// (empty, over 32 bytes, characters outside a symbol's), or more than `max` patterns.
+    pub fn parse<S: AsRef<str>>(list: &[S], max: usize) -> Result<Option<Self>, PatternError> {
+        if list.len() > max {
+            return Err(PatternError::TooMany(list.len(), max));
         }
         let mut out = Self::default();
         for p in list {
@@ -42,8 +51,9 @@ impl SymbolPatterns {
                 Some(stem) => (stem, true),
                 None => (p, false),
             };
-            if stem.is_empty() || stem.contains('*') {
-                return Err(PatternError(p.chars().take(64).collect()));
+            // A stem is a symbol name or a prefix of one: the same characters, as long.
+            if !Symbol::is_valid(stem) {
+                return Err(PatternError::Malformed(p.chars().take(64).collect()));
             }
             if prefix {
                 out.prefixes.push(stem.into());
@@ -80,23 +90,38 @@ mod tests {
 
     #[test]
     fn exact_prefix_and_everything() {
-        let p = SymbolPatterns::parse(&["AAPL", "BTC*", "AAPL"])
+        let p = SymbolPatterns::parse(&["AAPL", "BTC*", "AAPL"], 16)
             .unwrap()
             .unwrap();
         assert!(p.allows("AAPL") && p.allows("BTC") && p.allows("BTCUSD"));
         assert!(!p.allows("AAP") && !p.allows("AAPLX") && !p.allows("ETHUSD"));
-        assert_eq!(SymbolPatterns::parse(&["X", "*"]).unwrap(), None);
-        let none = SymbolPatterns::parse::<&str>(&[]).unwrap().unwrap();
+        assert_eq!(SymbolPatterns::parse(&["X", "*"], 16).unwrap(), None);
+        let none = SymbolPatterns::parse::<&str>(&[], 16).unwrap().unwrap();
         assert!(!none.allows("AAPL"), "an empty list permits nothing");
         assert!(SymbolPatterns::permits(None, "ANY"));
     }
 
     #[test]
     fn malformed_patterns_are_refused() {
-        for bad in ["A*B", "**", "", "*A"] {
-            assert!(SymbolPatterns::parse(&[bad]).is_err(), "{bad:?}");
+        let long = "X".repeat(33);
+        let long_prefix = format!("{long}*");
+        for bad in [
+            "A*B",
+            "**",
+            "",
+            "*A",
+            "A B",
+            "A\"*",
+            "\u{e9}*",
+            &long,
+            &long_prefix,
+        ] {
+            let err = SymbolPatterns::parse(&[bad], 16).unwrap_err();
+            assert!(err.to_string().contains("pattern"), "{bad:?}: {err}");
         }
-        let many: Vec<String> = (0..=MAX_PATTERNS).map(|i| format!("S{i}")).collect();
-        assert!(SymbolPatterns::parse(&many).is_err());
+        let many: Vec<String> = (0..3).map(|i| format!("S{i}")).collect();
+        let err = SymbolPatterns::parse(&many, 2).unwrap_err();
+        assert!(err.to_string().contains("3 patterns, at most 2"), "{err}");
+        assert!(SymbolPatterns::parse(&many, 3).is_ok());
     }
 }

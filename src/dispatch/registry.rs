@@ -213,7 +213,7 @@ mod tests {
         r.add(&s("A"), 2);
         r.add(&s("B"), 2);
         r.add_wildcard(3, None);
-        let btc = Arc::new(SymbolPatterns::parse(&["BTC*"]).unwrap().unwrap());
+        let btc = Arc::new(SymbolPatterns::parse(&["BTC*"], 16).unwrap().unwrap());
         r.add_wildcard(4, Some(&btc));
         assert_eq!(
             subscribers(&r, "BTCUSD"),
