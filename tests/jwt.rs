@@ -753,8 +753,11 @@ async fn no_token_reaches_the_log() {
     let http = |path: String| format!("http://{addr}{path}");
     for t in &tokens {
         // /ws: query, header, op.
+        // The key percent-encoded too: the server reads it as `token`, so the log must
+        // redact it as one.
         for (url, bearer) in [
             (ws(format!("/ws?token={t}")), None),
+            (ws(format!("/ws?tok%65n={t}")), None),
             (ws("/ws".into()), Some(t.as_str())),
         ] {
             let mut c = ws_connect(&url, bearer).await;
@@ -788,6 +791,10 @@ async fn no_token_reaches_the_log() {
             .send()
             .await;
         let _ = h.get(http(format!("/api/symbols?token={t}"))).send().await;
+        let _ = h
+            .get(http(format!("/api/symbols?%74oken={t}")))
+            .send()
+            .await;
         let _ = h.get(http("/api/dlq".into())).bearer_auth(t).send().await;
     }
     let h = reqwest::Client::new();

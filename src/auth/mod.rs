@@ -291,21 +291,18 @@ pub fn redact_query(uri: &str) -> std::borrow::Cow<'_, str> {
         Some((q, f)) => (q, Some(f)),
         None => (query, None),
     };
-    if !query
-        .split('&')
-        .any(|kv| kv.split('=').next() == Some("token"))
-    {
+    // The key as the route's query parser reads it (`tok%65n` is `token` to it).
+    let is_token = |kv: &str| {
+        form_urlencoded::parse(kv.as_bytes())
+            .next()
+            .is_some_and(|(k, _)| k == "token")
+    };
+    if !query.split('&').any(is_token) {
         return uri.into();
     }
     let pairs: Vec<&str> = query
         .split('&')
-        .map(|kv| {
-            if kv.split('=').next() == Some("token") {
-                "token=REDACTED"
-            } else {
-                kv
-            }
-        })
+        .map(|kv| if is_token(kv) { "token=REDACTED" } else { kv })
         .collect();
     let mut out = format!("{head}?{}", pairs.join("&"));
     if let Some(f) = fragment {
@@ -363,6 +360,12 @@ mod tests {
         );
         assert_eq!(redact_query("/api/symbols?limit=3"), "/api/symbols?limit=3");
         assert_eq!(redact_query("/ws?tokens=1"), "/ws?tokens=1");
+        // The key as the query parser reads it: percent-encoded forms are the same key.
+        assert_eq!(redact_query("/ws?tok%65n=s3cret"), "/ws?token=REDACTED");
+        assert_eq!(
+            redact_query("/ws?a=1&%74%6F%6B%65%6E=s3cret"),
+            "/ws?a=1&token=REDACTED"
+        );
     }
 
     #[test]
