@@ -151,6 +151,7 @@ pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>, grant: Gr
             () = shutdown.cancelled() => break Ending::Close(close::GOING_AWAY, "server shutting down"),
             () = &mut expired => {
                 ctx.stats.token_expired.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(sub = grant.sub(), "producer token expired: closing 4001");
                 break Ending::Expired;
             }
             Some(settled) = settling.next(), if may_ack => {
