@@ -100,7 +100,18 @@ impl JwtVerifier {
     /// file, or a `jwt_algorithm` that does not fit the key.
     pub fn from_config(auth: &AuthConfig) -> Result<Option<Self>, ConfigError> {
         let (key, algorithm) = match (&auth.jwt_hs256_secret, &auth.jwt_public_key_file) {
-            (None, None) => return Ok(None),
+            (None, None) => {
+                // Settings that only mean something with a key would be ignored silently.
+                if !auth.jwt_algorithm.is_empty()
+                    || auth.jwt_audience.is_some()
+                    || auth.jwt_issuer.is_some()
+                {
+                    return Err(invalid(
+                        "auth.jwt_algorithm, jwt_audience and jwt_issuer need a JWT key: set auth.jwt_hs256_secret or auth.jwt_public_key_file".into(),
+                    ));
+                }
+                return Ok(None);
+            }
             (Some(_), Some(_)) => {
                 return Err(invalid(
                     "auth.jwt_hs256_secret and auth.jwt_public_key_file: set one, not both".into(),
@@ -222,9 +233,47 @@ impl JwtVerifier {
     }
 }
 
+/// DER of the named-curve OIDs of an EC `PUBLIC KEY` (SPKI): P-256 (1.2.840.10045.3.1.7) and
+/// P-384 (1.3.132.0.34).
+const P256_OID: &[u8] = &[0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
+const P384_OID: &[u8] = &[0x06, 0x05, 0x2B, 0x81, 0x04, 0x00, 0x22];
+
+/// The DER of a file that holds exactly one PEM block labelled `PUBLIC KEY` or
+/// `RSA PUBLIC KEY`. `jsonwebtoken` also reads certificates (and some private keys) as
+/// keys; a key file is the public key alone, so anything else is refused as a likely mix-up.
+fn public_key_der(pem: &[u8]) -> Result<Vec<u8>, ConfigError> {
+    use base64::Engine;
+    let not_public = || {
+        invalid(
+            "auth.jwt_public_key_file: must hold one PEM public key (BEGIN PUBLIC KEY or BEGIN RSA PUBLIC KEY), not a private key or certificate".into(),
+        )
+    };
+    let text = std::str::from_utf8(pem).map_err(|_| not_public())?;
+    let mut labels = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("-----BEGIN "));
+    let label = labels.next().ok_or_else(not_public)?;
+    if labels.next().is_some() || !matches!(label, "PUBLIC KEY-----" | "RSA PUBLIC KEY-----") {
+        return Err(not_public());
+    }
+    let body: String = text
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| !l.starts_with("-----BEGIN "))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END "))
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .map_err(|_| not_public())
+}
+
 /// The decoding key of a PEM public key and the algorithm it verifies: the configured one,
-/// or the key type's usual one (RS256, ES256).
+/// or the key type's usual one (RS256, ES256). An EC key's curve must be the algorithm's
+/// (P-256 for ES256, P-384 for ES384).
 fn public_key(pem: &[u8], configured: &str) -> Result<(DecodingKey, Algorithm), ConfigError> {
+    let der = public_key_der(pem)?;
+    let has = |oid: &[u8]| der.windows(oid.len()).any(|w| w == oid);
     let configured = match configured {
         "" => None,
         name => Some(name.parse::<Algorithm>().map_err(|_| {
@@ -250,7 +299,16 @@ fn public_key(pem: &[u8], configured: &str) -> Result<(DecodingKey, Algorithm), 
     if let Ok(key) = DecodingKey::from_ec_pem(pem) {
         let alg = configured.unwrap_or(Algorithm::ES256);
         return match alg {
-            Algorithm::ES256 | Algorithm::ES384 => Ok((key, alg)),
+            Algorithm::ES256 if has(P256_OID) => Ok((key, alg)),
+            Algorithm::ES384 if has(P384_OID) => Ok((key, alg)),
+            Algorithm::ES256 | Algorithm::ES384 => Err(invalid(format!(
+                "auth.jwt_algorithm: {alg:?} needs a {} key (ES256: P-256, ES384: P-384)",
+                if alg == Algorithm::ES256 {
+                    "P-256"
+                } else {
+                    "P-384"
+                }
+            ))),
             other => Err(invalid(format!(
                 "auth.jwt_algorithm: {other:?} does not fit an EC key"
             ))),
@@ -412,6 +470,56 @@ mod tests {
             serde_json::json!({"exp": now + 60.0, "nbf": null}),
         ] {
             assert!(v.verify(&sign(&secret, &bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn key_files_that_are_not_a_fitting_public_key_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let p256 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&p256)
+            .unwrap();
+        let key = |path: std::path::PathBuf, alg: &str| {
+            with(|c| {
+                c.jwt_public_key_file = Some(path);
+                c.jwt_algorithm = alg.into();
+            })
+        };
+        let private = file("private.pem", &p256.serialize_pem());
+        let certificate = file("cert.pem", &cert.pem());
+        let p384_file = file("p384.pem", &p384.public_key_pem());
+        for (what, config) in [
+            ("a private key", key(private, "")),
+            ("a certificate", key(certificate, "")),
+            ("P-384 with ES256", key(p384_file.clone(), "")),
+            ("P-384 with ES256 named", key(p384_file.clone(), "ES256")),
+        ] {
+            assert!(
+                JwtVerifier::from_config(&config).is_err(),
+                "{what} accepted"
+            );
+        }
+        let v = JwtVerifier::from_config(&key(p384_file, "ES384"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.algorithm(), Algorithm::ES384);
+        let p256_as_384 = key(file("p256.pem", &p256.public_key_pem()), "ES384");
+        assert!(JwtVerifier::from_config(&p256_as_384).is_err());
+        // JWT-only settings with no key would be silently ignored: refused instead.
+        for config in [
+            with(|c| c.jwt_algorithm = "RS256".into()),
+            with(|c| c.jwt_audience = Some("tickfan".into())),
+            with(|c| c.jwt_issuer = Some("https://id".into())),
+        ] {
+            assert!(JwtVerifier::from_config(&config).is_err(), "{config:?}");
         }
     }
 }
