@@ -325,6 +325,88 @@ async fn read_until_symbol(ws: &mut Ws, until: &str) -> Vec<Value> {
         .await
 }
 
+/// Publishes a tick of `sentinel` and reads `ws` until it arrives live: every message the
+/// client got before it (its snapshots included).
+async fn settle(ws: &mut Ws, producer: &mut Ws, sentinel: &str) -> Vec<Value> {
+    ingest(producer, &[tick(sentinel, 9.0, 1.0)]).await;
+    ws.recv_until(|v| v["type"] == "tick" && v["symbol"] == sentinel && v["price"] == 9.0)
+        .await
+}
+
+/// Batch mode: a `*` client limited by its token and an unlimited one never share a batch
+/// (each gets what its own token permits); and a `*` subscribe whose `since_seq` names a
+/// forbidden symbol replays only permitted ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_wildcards_and_since_seq_keep_to_the_token() {
+    let (server, mut producer) = hs_server_and_producer().await;
+    let ack = ingest(
+        &mut producer,
+        &[tick("MSFT", 1.0, 1.0), tick("BTCUSD", 2.0, 1.0)],
+    )
+    .await;
+    assert_eq!(ack["accepted"], 2, "{ack}");
+    let limited = hs(&claims(3600, json!({"symbols": ["BTC*"]})));
+    let unlimited = hs(&claims(3600, json!({})));
+    let batch = json!({"symbols": ["*"], "mode": "batch", "interval_ms": 100});
+    let mut clients = Vec::new();
+    for token in [&limited, &unlimited] {
+        let mut ws = Ws::connect(&server.ws_url(&format!("/ws?token={token}"))).await;
+        assert_eq!(ws.recv().await["type"], "welcome");
+        subscribe(&mut ws, 1, batch.clone()).await;
+        clients.push(ws);
+    }
+    ingest(
+        &mut producer,
+        &[
+            tick("MSFT", 1.5, 1.0),
+            tick("ETHUSD", 3.0, 1.0),
+            tick("BTCUSD", 2.5, 1.0),
+        ],
+    )
+    .await;
+    let batched = |m: &Value, sym: &str| {
+        m["type"] == "batch"
+            && m["ticks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["symbol"] == sym)
+    };
+    let seen = clients[0].recv_until(|m| batched(m, "BTCUSD")).await;
+    assert!(
+        seen.iter()
+            .all(|m| !batched(m, "MSFT") && !batched(m, "ETHUSD")),
+        "the limited batch client got a forbidden symbol: {seen:?}"
+    );
+    let mut got = std::collections::HashSet::new();
+    while !(got.contains("MSFT") && got.contains("ETHUSD") && got.contains("BTCUSD")) {
+        let m = clients[1].recv().await;
+        for t in m["ticks"].as_array().into_iter().flatten() {
+            got.insert(t["symbol"].as_str().unwrap().to_owned());
+        }
+    }
+    // since_seq naming a forbidden symbol, with `*`: only permitted symbols replay.
+    let mut resumer = Ws::connect(&server.ws_url(&format!("/ws?token={limited}"))).await;
+    assert_eq!(resumer.recv().await["type"], "welcome");
+    let ack = subscribe(
+        &mut resumer,
+        1,
+        json!({"symbols": ["*"], "since_seq": {"MSFT": 0, "BTCUSD": 0}}),
+    )
+    .await;
+    assert!(!ack.to_string().contains("MSFT"), "{ack}");
+    let seen = settle(&mut resumer, &mut producer, "BTCUSD").await;
+    assert!(
+        seen.iter().all(|m| !m.to_string().contains("MSFT")),
+        "MSFT replayed to a token without it: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|m| m["type"] == "snapshot" && m["symbol"] == "BTCUSD"),
+        "no BTCUSD replay: {seen:?}"
+    );
+}
+
 /// An HS256 server and a producer on it whose JWT may publish anything.
 async fn hs_server_and_producer() -> (TestServer, Ws) {
     let server = TestServer::start_with(hs_config()).await;
@@ -362,12 +444,16 @@ async fn symbol_permissions_on_subscribe_wildcard_snapshots_and_reads() {
     assert_eq!(wild.recv().await["type"], "welcome");
     wild.send_json(&json!({"op": "subscribe", "id": 2, "symbols": ["*"], "history": 10}))
         .await;
-    let replay = wild.recv_until(|v| v["type"] == "snapshot").await;
+    // Every message up to a live tick published after the subscribe: all the snapshots, in
+    // whatever order they come.
+    let replay = settle(&mut wild, &mut producer, "BTCUSD").await;
+    let snapshots: Vec<&Value> = replay.iter().filter(|m| m["type"] == "snapshot").collect();
     assert!(
         replay.iter().all(|m| !m.to_string().contains("MSFT")),
         "MSFT leaked in the replay: {replay:?}"
     );
-    assert_eq!(replay.last().unwrap()["symbol"], "BTCUSD");
+    assert_eq!(snapshots.len(), 1, "{snapshots:?}");
+    assert_eq!(snapshots[0]["symbol"], "BTCUSD");
     // Live: the wildcard gets BTCUSD, never MSFT or ETHUSD published before it.
     ingest(
         &mut producer,
