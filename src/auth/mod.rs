@@ -394,8 +394,10 @@ mod tests {
         let request = crate::protocol::Request::Auth {
             token: "op-secret-tok".into(),
         };
-        let mut config = crate::config::Config::default();
-        config.auth = auth.clone();
+        let config = crate::config::Config {
+            auth: auth.clone(),
+            ..crate::config::Config::default()
+        };
         for shown in [
             format!("{auth:?}"),
             format!("{v:?}"),
