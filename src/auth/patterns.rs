@@ -1,8 +1,9 @@
 //! Symbol patterns from a token's `symbols` and `ingest_symbols` claims: an exact name
 //! (`"AAPL"`), a prefix (`"BTC*"`) or everything (`"*"`). Parsed once when the token is
-//! verified; matching is a binary search over the exact names plus a scan of the (few)
-//! prefixes, with no allocation. A list that holds `"*"` is no restriction at all, which the
-//! parser reports as `None` so callers keep their unrestricted fast path.
+//! verified; matching is a binary search over the exact names plus one over the prefixes for
+//! each prefix of the symbol (at most 32), with no allocation. A list that holds `"*"` is no
+//! restriction at all, which the parser reports as `None` so callers keep their unrestricted
+//! fast path.
 
 use crate::tick::Symbol;
 
@@ -68,13 +69,17 @@ impl SymbolPatterns {
         Ok(Some(out))
     }
 
-    /// Whether `symbol` matches one of the patterns.
+    /// Whether `symbol` matches one of the patterns: a binary search for the name, then one
+    /// for each of its prefixes (a symbol is at most 32 bytes), so the cost does not grow with
+    /// the number of prefix patterns (up to `auth.jwt_max_patterns`).
     #[must_use]
     pub fn allows(&self, symbol: &str) -> bool {
-        self.exact
-            .binary_search_by(|e| e.as_ref().cmp(symbol))
-            .is_ok()
-            || self.prefixes.iter().any(|p| symbol.starts_with(&**p))
+        let find = |list: &[Box<str>], s: &str| list.binary_search_by(|e| (**e).cmp(s)).is_ok();
+        find(&self.exact, symbol)
+            || (!self.prefixes.is_empty()
+                && (1..=symbol.len())
+                    .filter(|&i| symbol.is_char_boundary(i))
+                    .any(|i| find(&self.prefixes, &symbol[..i])))
     }
 
     /// Whether `symbol` is permitted by `patterns` (`None`: everything is).
@@ -99,6 +104,13 @@ mod tests {
         let none = SymbolPatterns::parse::<&str>(&[], 16).unwrap().unwrap();
         assert!(!none.allows("AAPL"), "an empty list permits nothing");
         assert!(SymbolPatterns::permits(None, "ANY"));
+        let many: Vec<String> = (0..500)
+            .map(|i| format!("P{i}*"))
+            .chain(["B*".into(), "BTCU*".into(), "ZZ".into()])
+            .collect();
+        let p = SymbolPatterns::parse(&many, 1024).unwrap().unwrap();
+        assert!(p.allows("B") && p.allows("BTCUSD") && p.allows("P499X") && p.allows("ZZ"));
+        assert!(!p.allows("A") && !p.allows("P") && !p.allows("ZZZ") && !p.allows(""));
     }
 
     #[test]
