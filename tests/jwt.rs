@@ -319,10 +319,27 @@ async fn es256_tokens_and_no_key_confusion() {
     .await;
 }
 
-/// The messages that arrive up to and including a tick of `until`.
-async fn read_until_symbol(ws: &mut Ws, until: &str) -> Vec<Value> {
-    ws.recv_until(|v| v["type"] == "tick" && v["symbol"] == until)
-        .await
+/// Publishes ticks of `forbidden` then one of `allowed`, and checks that each client gets
+/// the `allowed` one and none of the others before it.
+async fn only_permitted_arrive(
+    producer: &mut Ws,
+    clients: &mut [&mut Ws],
+    forbidden: &[&str],
+    allowed: &str,
+) {
+    let mut ticks: Vec<Value> = forbidden.iter().map(|s| tick(s, 1.0, 1.0)).collect();
+    ticks.push(tick(allowed, 2.0, 1.0));
+    ingest(producer, &ticks).await;
+    for ws in clients.iter_mut() {
+        let seen = ws
+            .recv_until(|v| v["type"] == "tick" && v["symbol"] == allowed)
+            .await;
+        assert!(
+            seen.iter()
+                .all(|m| !forbidden.iter().any(|f| m["symbol"] == *f)),
+            "a forbidden symbol was delivered: {seen:?}"
+        );
+    }
 }
 
 /// Publishes a tick of `sentinel` and reads `ws` until it arrives live: every message the
@@ -407,6 +424,29 @@ async fn batch_wildcards_and_since_seq_keep_to_the_token() {
     );
 }
 
+/// `/ingest` applies the connection limits before it verifies a token (an RS/ES signature
+/// check costs more than a refusal): over the limit, a bad token is answered
+/// `too_many_connections` and never looked at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_admission_comes_before_token_checks() {
+    let mut config = hs_config();
+    config.limits.max_connections = 1;
+    let server = TestServer::start_with(config).await;
+    let token = hs(&claims(3600, json!({})));
+    let mut held = ws_connect(&server.ws_url("/ws"), Some(&token)).await;
+    assert_eq!(held.recv().await["type"], "welcome");
+    let refused = tokio_tungstenite::connect_async(server.ws_url("/ingest?token=garbage")).await;
+    let Err(tokio_tungstenite::tungstenite::Error::Http(resp)) = refused else {
+        panic!("{refused:?}");
+    };
+    assert!(matches!(resp.status().as_u16(), 429 | 503), "{resp:?}");
+    let text = server.metrics_text().await;
+    assert!(
+        text.contains("tickfan_auth_failures_total{reason=\"invalid\"} 0"),
+        "{text}"
+    );
+}
+
 /// An HS256 server and a producer on it whose JWT may publish anything.
 async fn hs_server_and_producer() -> (TestServer, Ws) {
     let server = TestServer::start_with(hs_config()).await;
@@ -454,24 +494,14 @@ async fn symbol_permissions_on_subscribe_wildcard_snapshots_and_reads() {
     );
     assert_eq!(snapshots.len(), 1, "{snapshots:?}");
     assert_eq!(snapshots[0]["symbol"], "BTCUSD");
-    // Live: the wildcard gets BTCUSD, never MSFT or ETHUSD published before it.
-    ingest(
+    // Live: both get BTCUSD, never MSFT or ETHUSD published before it.
+    only_permitted_arrive(
         &mut producer,
-        &[
-            tick("MSFT", 1.5, 1.0),
-            tick("ETHUSD", 3.0, 1.0),
-            tick("BTCUSD", 2.5, 1.0),
-        ],
+        &mut [&mut wild, &mut named],
+        &["MSFT", "ETHUSD"],
+        "BTCUSD",
     )
     .await;
-    let seen = read_until_symbol(&mut wild, "BTCUSD").await;
-    assert!(
-        seen.iter()
-            .all(|m| m["symbol"] != "MSFT" && m["symbol"] != "ETHUSD"),
-        "wildcard delivered a forbidden symbol: {seen:?}"
-    );
-    let seen = read_until_symbol(&mut named, "BTCUSD").await;
-    assert!(seen.iter().all(|m| m["symbol"] != "MSFT"), "{seen:?}");
     // The symbols op and the read API show only permitted symbols.
     let list = wild.request(json!({"op": "symbols", "id": 3})).await;
     let names: Vec<&str> = list["symbols"]
@@ -569,24 +599,14 @@ async fn refresh_narrows_permissions_and_outlives_the_old_token() {
     let (seen, ended) = control.until_closed().await;
     assert_eq!(ended, Ended::Close(4001));
     assert_eq!(seen.last().unwrap()["code"], "token_expired", "{seen:?}");
-    // ...and the refreshed ones still answer, now with only AAPL.
-    ingest(
+    // ...and the refreshed ones still answer, now with only AAPL (the `*` narrowed too).
+    only_permitted_arrive(
         &mut producer,
-        &[
-            tick("AMZN", 1.0, 1.0),
-            tick("ABC", 1.0, 1.0),
-            tick("AAPL", 2.0, 1.0),
-        ],
+        &mut [&mut ws, &mut wild],
+        &["AMZN", "ABC"],
+        "AAPL",
     )
     .await;
-    let seen = read_until_symbol(&mut ws, "AAPL").await;
-    assert!(seen.iter().all(|m| m["symbol"] != "AMZN"), "{seen:?}");
-    let seen = read_until_symbol(&mut wild, "AAPL").await;
-    assert!(
-        seen.iter()
-            .all(|m| m["symbol"] != "AMZN" && m["symbol"] != "ABC"),
-        "the narrowed * delivered a symbol the new token forbids: {seen:?}"
-    );
     for c in [&mut ws, &mut wild] {
         let pong = c.request(json!({"op": "ping", "id": 4})).await;
         assert_eq!(pong["type"], "pong");

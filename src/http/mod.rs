@@ -373,9 +373,11 @@ async fn ws_client(
 
 async fn ws_ingest(
     ws: ClientUpgrade,
+    // Extractors run in order: the connection limits first, so a flood over them never
+    // pays for signature checks (RS/ES verification costs far more than a refusal).
+    Admitted(slot): Admitted,
     Token(grant, _): IngestToken,
     State(state): State<Arc<AppState>>,
-    Admitted(slot): Admitted,
 ) -> Response {
     // tickfan's own transport, as `/ws`: frames and messages bounded by
     // `limits.max_message_bytes`, protocol errors answered with their close code.

@@ -145,7 +145,9 @@ fn refusal(id: Option<&serde_json::Value>, e: AuthError) -> String {
 struct Conn {
     ctx: Arc<ClientContext>,
     out: Outbound,
-    key: Option<ClientKey>,
+    /// The dispatcher's key, in 32 bits as the registry keeps it (slab keys are bounded by
+    /// the connection cap), so the token's grant below fits without growing an idle session.
+    key: Option<u32>,
     auth: Standing,
     /// What the token in force grants: its `sub` is named in logs and must match a refresh's.
     grant: Grant,
@@ -153,6 +155,17 @@ struct Conn {
     /// is full again (see [`requests::BURST_REFILL_MS`]).
     limiter: Option<Box<RequestLimiter>>,
     limited_in_a_row: u32,
+}
+
+impl Conn {
+    fn key(&self) -> Option<ClientKey> {
+        self.key.map(|k| k as ClientKey)
+    }
+
+    fn set_key(&mut self, key: ClientKey) {
+        debug_assert!(u32::try_from(key).is_ok(), "client key over 32 bits");
+        self.key = u32::try_from(key).ok();
+    }
 }
 
 enum Flow {
@@ -210,7 +223,7 @@ impl Drop for Session {
             .is_err()
             .then(|| ctx.parking.runtime().enter());
         ctx.connections.remove(self.link);
-        if let Some(key) = self.conn.key {
+        if let Some(key) = self.conn.key() {
             ctx.dispatcher.deregister(key);
         }
         ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
@@ -518,12 +531,12 @@ async fn setup(conn: &mut Conn, socket: &mut WsSocket, auth: AuthState) -> Optio
             }
             let permitted = grant.symbols().cloned();
             drop(grant);
-            conn.key = Some(
-                ctx.dispatcher
-                    .register(conn.out.clone(), permitted)
-                    .await
-                    .ok()?,
-            );
+            let key = ctx
+                .dispatcher
+                .register(conn.out.clone(), permitted)
+                .await
+                .ok()?;
+            conn.set_key(key);
             Some(())
         }
         AuthState::Pending => Some(()),

@@ -123,7 +123,7 @@ pub(super) async fn on_request(conn: &mut Conn, text: &str) -> Flow {
             ),
         ),
         request => {
-            let Ok(cmd) = Command::from_request(conn.key.unwrap_or_default(), id, request) else {
+            let Ok(cmd) = Command::from_request(conn.key().unwrap_or_default(), id, request) else {
                 // Ping and auth were answered above.
                 return Flow::Continue;
             };
@@ -166,7 +166,7 @@ async fn on_auth(conn: &mut Conn, id: Option<Value>, token: &str) -> Flow {
     conn.grant = grant;
     match ctx.dispatcher.register(conn.out.clone(), permitted).await {
         Ok(key) => {
-            conn.key = Some(key);
+            conn.set_key(key);
             reply(conn, json!({"type":"ack","id":id,"op":"auth"}).to_string())
         }
         Err(_) => Flow::Close(close::GOING_AWAY, "server shutting down"),
@@ -235,7 +235,7 @@ async fn refresh(
         tracing::debug!(sub, "client token refreshed");
     }
     let cmd = Command::Reauthorize {
-        key: conn.key.unwrap_or_default(),
+        key: conn.key().unwrap_or_default(),
         id,
         permitted: grant.symbols().cloned(),
     };
