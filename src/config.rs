@@ -394,7 +394,8 @@ pub struct AuthConfig {
     /// The one algorithm JWTs must use with `jwt_public_key_file`; empty: RS256 for an RSA
     /// key, ES256 for an EC key.
     pub jwt_algorithm: String,
-    /// Clock skew, in seconds, allowed on a JWT's `exp` and `nbf` (JWT times are whole seconds).
+    /// Clock skew, in seconds, allowed on a JWT's `exp` and `nbf` (NumericDates: seconds,
+    /// fractions allowed).
     pub jwt_leeway_secs: u64,
     /// The `aud` a JWT must carry; unset: `aud` is not checked.
     pub jwt_audience: Option<String>,

@@ -522,4 +522,28 @@ mod tests {
             assert!(JwtVerifier::from_config(&config).is_err(), "{config:?}");
         }
     }
+
+    #[test]
+    fn the_leeway_admits_a_little_clock_skew_and_no_more() {
+        let secret = "x".repeat(32);
+        let verifier = |leeway| {
+            JwtVerifier::from_config(&with(|c| {
+                c.jwt_hs256_secret = Some(secret.clone());
+                c.jwt_leeway_secs = leeway;
+            }))
+            .unwrap()
+            .unwrap()
+        };
+        let now = crate::tick::now_ms() / 1000;
+        let just_expired = sign(&secret, &serde_json::json!({"exp": now - 30}));
+        let almost_valid = sign(
+            &secret,
+            &serde_json::json!({"exp": now + 3600, "nbf": now + 30}),
+        );
+        let (strict, lenient) = (verifier(0), verifier(120));
+        assert_eq!(strict.verify(&just_expired), Err(AuthError::Expired));
+        assert_eq!(strict.verify(&almost_valid), Err(AuthError::NotYetValid));
+        assert!(lenient.verify(&just_expired).is_ok());
+        assert!(lenient.verify(&almost_valid).is_ok());
+    }
 }
