@@ -653,6 +653,35 @@ async fn a_failed_refresh_closes_4001() {
     }
 }
 
+/// A session opened with a static token may move to a JWT: its permissions and expiry apply
+/// from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_token_session_refreshes_to_a_jwt() {
+    let mut config = hs_config();
+    config.auth.client_tokens = vec!["static-client".into()];
+    let server = TestServer::start_with(config).await;
+    let mut ws = Ws::connect(&server.ws_url("/ws?token=static-client")).await;
+    assert_eq!(ws.recv().await["type"], "welcome");
+    let ack = subscribe(&mut ws, 1, json!({"symbols": ["AAPL", "MSFT"]})).await;
+    assert_eq!(ack["symbols"], json!(["AAPL", "MSFT"]));
+    let jwt = hs(&claims(3600, json!({"symbols": ["AAPL"]})));
+    ws.send_json(&json!({"op": "auth", "id": 2, "token": jwt}))
+        .await;
+    let seen = ws.recv_until(|v| v["id"] == 2).await;
+    assert!(
+        seen.iter()
+            .any(|m| m["type"] == "unsubscribed" && m["symbols"] == json!(["MSFT"])),
+        "{seen:?}"
+    );
+    assert_eq!(seen.last().unwrap()["type"], "ack", "{seen:?}");
+    let ack = subscribe(&mut ws, 3, json!({"symbols": ["MSFT"]})).await;
+    assert_eq!(
+        ack["rejected"],
+        json!([{"symbol": "MSFT", "code": "forbidden"}]),
+        "{ack}"
+    );
+}
+
 /// `"symbols": null` (Go writes a nil list so) is refused, never read as "everything"; `[]`
 /// permits nothing; a list over `auth.jwt_max_patterns` is refused as bad claims.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
