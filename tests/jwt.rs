@@ -566,9 +566,10 @@ async fn producer_ingest_symbols_and_client_tokens_that_cannot_publish() {
 async fn refresh_narrows_permissions_and_outlives_the_old_token() {
     let (server, mut producer) = hs_server_and_producer().await;
     // Connections with the same token, which lives long enough for the refreshes below to
-    // happen first even on a loaded machine: two refresh, the third is the control whose
-    // close marks the moment the old token ran out.
-    let short = hs(&claims(20, json!({"symbols": ["A*"]})));
+    // happen first even on a loaded machine (they take well under a second), and ends well
+    // within the wait for the control's close (`DEADLINE`, 20 s): two refresh, the third is
+    // the control whose close marks the moment the old token ran out.
+    let short = hs(&claims(12, json!({"symbols": ["A*"]})));
     let mut control = Ws::connect(&server.ws_url(&format!("/ws?token={short}"))).await;
     let mut ws = Ws::connect(&server.ws_url(&format!("/ws?token={short}"))).await;
     let mut wild = Ws::connect(&server.ws_url(&format!("/ws?token={short}"))).await;
