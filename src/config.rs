@@ -367,17 +367,86 @@ mod upstream_defaults {
     }
 }
 
+/// A TOML error as it may be printed: the position and the message, without the source
+/// snippet `toml` adds (the offending line may hold a secret, say a misspelled
+/// `jwt_hs256_secret` key), and with the quoted values of that line taken out of the message
+/// too (serde names a wrongly typed value in it).
+fn parse_error(text: &str, e: &toml::de::Error) -> ConfigError {
+    let mut message = e.message().trim().to_owned();
+    let Some(span) = e.span() else {
+        return ConfigError::Parse(format!("TOML parse error: {message}"));
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    // The quoted values on the reported line: whatever sits between a pair of quotes.
+    for quote in ['"', '\''] {
+        for (i, value) in line.split(quote).enumerate() {
+            if i % 2 == 1 && !value.is_empty() {
+                message = message.replace(value, "***");
+            }
+        }
+    }
+    ConfigError::Parse(format!(
+        "TOML parse error at line {line_no}, column {column}: {message}"
+    ))
+}
+
 /// `[auth]`
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// Tokens accepted on `/ws`; empty means clients need no token.
+    /// Tokens accepted on `/ws`; empty means clients need no token, unless a JWT key is set
+    /// (then a JWT is needed).
     pub client_tokens: Vec<String>,
-    /// Tokens accepted on `/ingest` and `POST /api/ticks`; empty means producers need none.
+    /// Tokens accepted on `/ingest` and `POST /api/ticks`; empty means producers need none,
+    /// unless a JWT key is set (then a JWT with `"ingest": true` is needed).
     pub ingest_tokens: Vec<String>,
     /// Time a client that connected without a token has to send `{"op":"auth"}` before it is
     /// closed with 4001, in ms.
     pub auth_timeout_ms: u64,
+    /// HS256 secret (at least 32 bytes) that JWTs are signed with. Setting it (or
+    /// `jwt_public_key_file`) turns auth on for clients and producers.
+    pub jwt_hs256_secret: Option<String>,
+    /// PEM public key (RSA or EC) that RS*/PS*/ES* JWTs are verified with.
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// The one algorithm JWTs must use with `jwt_public_key_file`; empty: RS256 for an RSA
+    /// key, ES256 for an EC key.
+    pub jwt_algorithm: String,
+    /// Clock skew, in seconds, allowed on a JWT's `exp` and `nbf` (NumericDates: seconds,
+    /// fractions allowed).
+    pub jwt_leeway_secs: u64,
+    /// The `aud` a JWT must carry; unset: `aud` is not checked.
+    pub jwt_audience: Option<String>,
+    /// The `iss` a JWT must carry; unset: `iss` is not checked.
+    pub jwt_issuer: Option<String>,
+    /// Most patterns a JWT's `symbols` or `ingest_symbols` claim may list; a token with more
+    /// is refused (`unauthorized`, reason `bad_claims`).
+    pub jwt_max_patterns: usize,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    // Tokens and the secret stay out of debug output (a config is logged or printed in
+    // errors); only how many there are, and whether a secret is set, show.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("client_tokens", &self.client_tokens.len())
+            .field("ingest_tokens", &self.ingest_tokens.len())
+            .field("auth_timeout_ms", &self.auth_timeout_ms)
+            .field(
+                "jwt_hs256_secret",
+                &self.jwt_hs256_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("jwt_public_key_file", &self.jwt_public_key_file)
+            .field("jwt_algorithm", &self.jwt_algorithm)
+            .field("jwt_leeway_secs", &self.jwt_leeway_secs)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_max_patterns", &self.jwt_max_patterns)
+            .finish()
+    }
 }
 
 impl Default for AuthConfig {
@@ -386,6 +455,13 @@ impl Default for AuthConfig {
             client_tokens: Vec::new(),
             ingest_tokens: Vec::new(),
             auth_timeout_ms: 10_000,
+            jwt_hs256_secret: None,
+            jwt_public_key_file: None,
+            jwt_algorithm: String::new(),
+            jwt_leeway_secs: 5,
+            jwt_audience: None,
+            jwt_issuer: None,
+            jwt_max_patterns: 1_024,
         }
     }
 }
@@ -697,7 +773,7 @@ impl Config {
     /// # Errors
     /// Malformed TOML, an unknown key (named in the message) or an out-of-range value.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let config: Config = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
         config.validate()?;
         Ok(config)
     }
@@ -778,6 +854,12 @@ impl Config {
         }
         if self.auth.auth_timeout_ms < 100 {
             return invalid("auth.auth_timeout_ms", "must be at least 100");
+        }
+        if self.auth.jwt_leeway_secs > 300 {
+            return invalid("auth.jwt_leeway_secs", "must be at most 300");
+        }
+        if !(1..=65_536).contains(&self.auth.jwt_max_patterns) {
+            return invalid("auth.jwt_max_patterns", "must be between 1 and 65536");
         }
         if self.server.heartbeat_ms < 100 {
             return invalid("server.heartbeat_ms", "must be at least 100");

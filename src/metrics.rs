@@ -243,7 +243,14 @@ metrics! {
         "Upstream feeds: tickfan-kind resumes with since_seq.";
     UPSTREAM_LIMIT_HITS: Counter "tickfan_upstream_limit_hits_total" ["upstream", "limit"]
         "Upstream feeds: upstream limits hit, by limit.";
+    AUTH_FAILURES: Counter "tickfan_auth_failures_total" ["reason"]
+        "Tokens refused on any path (HTTP, /ws upgrade or auth op, /ingest), by reason.";
+    TOKEN_EXPIRIES: Counter "tickfan_token_expiries_total" ["route"]
+        "Live /ws and /ingest sessions closed 4001 because their JWT expired, by route.";
 }
+
+/// Every value of `tickfan_token_expiries_total`'s `route` label.
+pub const TOKEN_EXPIRY_ROUTES: &[&str] = &["ws", "ingest"];
 
 /// Every value of `tickfan_upstream_limit_hits_total`'s `limit` label.
 pub const UPSTREAM_LIMITS: &[&str] = &["max_message_bytes", "max_json_depth", "seam_ticks"];

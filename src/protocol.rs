@@ -91,8 +91,24 @@ pub enum Request {
     /// Late authentication.
     Auth {
         /// The token.
-        token: String,
+        token: Token,
     },
+}
+
+/// A token as a request carries it: its `Debug` never shows it, so a request can be logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
+}
+
+impl From<&str> for Token {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
 }
 
 /// A request that could not be understood; echo `id` with `bad_request`.
@@ -170,7 +186,9 @@ pub fn parse_request_with_depth(
         "symbols" => Request::Symbols,
         "ping" => Request::Ping,
         "auth" => match obj.get("token") {
-            Some(Value::String(t)) => Request::Auth { token: t.clone() },
+            Some(Value::String(t)) => Request::Auth {
+                token: Token(t.clone()),
+            },
             _ => return Err(bad("`token` must be a string".into())),
         },
         other => return Err(bad(format!("unknown op `{other}`"))),
@@ -263,6 +281,10 @@ pub enum ErrorCode {
     Internal,
     /// Outbound buffer overflow (followed by close 4008).
     SlowConsumer,
+    /// A symbol outside what the connection's token permits.
+    Forbidden,
+    /// The connection's token expired (followed by close 4001), or an expired one was sent.
+    TokenExpired,
 }
 
 impl ErrorCode {
@@ -277,6 +299,8 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::Internal => "internal",
             Self::SlowConsumer => "slow_consumer",
+            Self::Forbidden => "forbidden",
+            Self::TokenExpired => "token_expired",
         }
     }
 }

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{Role, Verifier};
 use crate::cluster::{Cluster, Wiring};
 use crate::config::Config;
 use crate::dispatch::{DispatchStats, Dispatcher, Seed, StoreSink};
@@ -45,9 +46,10 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let config = Arc::new(config);
     // A token sent to an open server is accepted without a word; say once that auth is off.
+    let verifier = Arc::new(Verifier::new(&config.auth)?);
     let open_to = match (
-        config.auth.client_tokens.is_empty(),
-        config.auth.ingest_tokens.is_empty(),
+        !verifier.required(Role::Client),
+        !verifier.required(Role::Producer),
     ) {
         (true, true) => Some("clients and producers"),
         (true, false) => Some("clients"),
@@ -179,6 +181,7 @@ pub async fn run(
         write_latency: Some(metrics.ingest_to_write()),
         connections: Connections::default(),
         parking: Parking::start()?,
+        verifier: verifier.clone(),
     });
     tokio::spawn(liveness::run(clients.clone(), stop.clone()));
     // However `run` ends, none of this server's connections stays behind in the process-wide

@@ -18,6 +18,8 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use slab::Slab;
 
 use super::delivery::{Outcome, Tally};
@@ -25,6 +27,7 @@ use super::filter::Filter;
 use super::outbound::{Frame, PushError};
 use super::registry::ClientKey;
 use super::{Dispatcher, TickSink};
+use crate::auth::SymbolPatterns;
 use crate::protocol::{close, Mode};
 use crate::tick::Symbol;
 
@@ -36,6 +39,8 @@ pub struct GroupKey {
     min_volume_bits: u64,
     wildcard: bool,
     symbols: Vec<Symbol>,
+    /// A wildcard limited by its token: only clients with the same limits share a batch.
+    permitted: Option<Arc<SymbolPatterns>>,
 }
 
 impl GroupKey {
@@ -48,7 +53,17 @@ impl GroupKey {
             min_volume_bits: filter.min_volume.to_bits(),
             wildcard,
             symbols,
+            permitted: None,
         }
+    }
+
+    /// The same key, for a wildcard client whose token permits only `permitted`.
+    #[must_use]
+    pub fn limited_to(mut self, permitted: Option<&Arc<SymbolPatterns>>) -> Self {
+        if self.wildcard {
+            self.permitted = permitted.cloned();
+        }
+        self
     }
 }
 
@@ -275,6 +290,7 @@ impl<S: TickSink> Dispatcher<S> {
                 client.wildcard,
                 client.symbols.iter().cloned().collect(),
             )
+            .limited_to(client.permitted.as_ref())
         });
         if let (Membership::Member(g) | Membership::Joining(g), Some(k)) = (client.group, &want) {
             if self.groups.key_of(g) == Some(k) {

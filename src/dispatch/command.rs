@@ -7,9 +7,12 @@ use std::collections::HashMap;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use std::sync::Arc;
+
 use super::outbound::Outbound;
 use super::registry::ClientKey;
 use super::SymbolInfo;
+use crate::auth::SymbolPatterns;
 use crate::protocol::{Request, Settings};
 use crate::store::History;
 use crate::tick::Symbol;
@@ -21,6 +24,8 @@ pub enum Command {
     Register {
         /// Its outbound queue.
         out: Outbound,
+        /// The symbols its token permits (`None`: all).
+        permitted: Option<Arc<SymbolPatterns>>,
         /// Receives the key.
         reply: oneshot::Sender<ClientKey>,
     },
@@ -75,6 +80,17 @@ pub enum Command {
         read: SnapshotRead,
         /// The read's outcome.
         result: Result<History, String>,
+    },
+    /// A refreshed token (`{"op":"auth"}` on a live session): its permissions replace the
+    /// old ones; subscriptions they no longer cover end, with an `unsubscribed` notice; then
+    /// the `auth` ack.
+    Reauthorize {
+        /// Whose.
+        key: ClientKey,
+        /// Request id to echo.
+        id: Option<Value>,
+        /// The symbols the new token permits (`None`: all).
+        permitted: Option<Arc<SymbolPatterns>>,
     },
     /// `/api/symbols`
     ListSymbols {
@@ -149,13 +165,22 @@ impl DispatcherHandle {
         self.tx.send_async(cmd).await.map_err(|_| DispatcherGone)
     }
 
-    /// Registers a connection.
+    /// Registers a connection whose token permits `permitted` (`None`: all symbols).
     ///
     /// # Errors
     /// The dispatcher has stopped.
-    pub async fn register(&self, out: Outbound) -> Result<ClientKey, DispatcherGone> {
+    pub async fn register(
+        &self,
+        out: Outbound,
+        permitted: Option<Arc<SymbolPatterns>>,
+    ) -> Result<ClientKey, DispatcherGone> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Register { out, reply }).await?;
+        self.send(Command::Register {
+            out,
+            permitted,
+            reply,
+        })
+        .await?;
         rx.await.map_err(|_| DispatcherGone)
     }
 

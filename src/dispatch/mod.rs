@@ -47,6 +47,7 @@ use self::outbound::{Frame, Outbound, Refills};
 use self::recent::RecentTicks;
 use self::registry::{ClientKey, Registry, SymbolSet};
 pub use self::sink::{StoreSink, TickSink};
+use crate::auth::SymbolPatterns;
 use crate::config::Config;
 use crate::dlq::{DeadLetter, DeadLetters};
 use crate::protocol::{close, Settings};
@@ -109,6 +110,9 @@ struct Client {
     detached: bool,
     symbols: SymbolSet,
     wildcard: bool,
+    /// The symbols its token permits (`None`: all, the common case). Subscribes outside
+    /// them are refused, and its wildcard matches only them (see `registry`).
+    permitted: Option<Arc<SymbolPatterns>>,
     filter: Filter,
     delivery: Delivery,
     /// Batch mode: served by a shared batch group, or joining one.
@@ -627,6 +631,7 @@ impl<S: TickSink> Dispatcher<S> {
             | Command::Unsubscribe { key, .. }
             | Command::Configure { key, .. }
             | Command::ClientSymbols { key, .. }
+            | Command::Reauthorize { key, .. }
                 if detached(*key) =>
             {
                 return;
@@ -634,7 +639,11 @@ impl<S: TickSink> Dispatcher<S> {
             _ => {}
         }
         match cmd {
-            Command::Register { out, reply } => {
+            Command::Register {
+                out,
+                permitted,
+                reply,
+            } => {
                 self.next_serial += 1;
                 if out.deflate() {
                     self.deflate_clients += 1;
@@ -646,6 +655,7 @@ impl<S: TickSink> Dispatcher<S> {
                     detached: false,
                     symbols: SymbolSet::default(),
                     wildcard: false,
+                    permitted,
                     filter: Filter::default(),
                     delivery: Delivery::new(self.default_interval),
                     group: Membership::Private,
@@ -692,8 +702,17 @@ impl<S: TickSink> Dispatcher<S> {
                     );
                 }
             }
+            Command::Reauthorize { key, id, permitted } => {
+                self.leave_group(key);
+                self.reauthorize(key, id, permitted);
+                self.regroup(key);
+            }
             Command::ClientSymbols { key, id } => {
-                let list = self.symbol_list();
+                let mut list = self.symbol_list();
+                // A token's symbols are all a client learns of, names included.
+                if let Some(p) = self.clients.get(key).and_then(|c| c.permitted.as_ref()) {
+                    list.retain(|s| p.allows(s.symbol.as_str()));
+                }
                 self.reply(key, &json!({"type":"symbols","id":id,"symbols":list}));
             }
             Command::SnapshotLoaded { read, result } => self.snapshot_loaded(read, result),

@@ -415,8 +415,20 @@ impl Outbound {
         self.shared.auth_deadline_ms.swap(0, Ordering::AcqRel) != 0
     }
 
+    /// Moves a pending auth deadline to `at_ms`: a JWT's expiry replaces the time to
+    /// authenticate, and a refreshed token's expiry the old one's, on the same sweep. `false`
+    /// if the deadline had already expired (the connection is ordered closed).
+    pub fn replace_auth_deadline(&self, at_ms: u64) -> bool {
+        self.shared
+            .auth_deadline_ms
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |at| {
+                (at != 0).then_some(clock32(at_ms).max(1))
+            })
+            .is_ok()
+    }
+
     /// Takes the auth deadline if it has passed at `now_ms`; exactly one of this and
-    /// [`Outbound::lift_auth_deadline`] wins.
+    /// [`Outbound::lift_auth_deadline`] (or [`Outbound::replace_auth_deadline`]) wins.
     #[must_use]
     pub fn expire_auth_deadline(&self, now_ms: u64) -> bool {
         self.shared

@@ -217,7 +217,7 @@ fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
         };
         for _ in 0..CLIENTS {
             let (out, rx) = channel(config.dispatch.outbound_messages, 2048);
-            let key = handle.register(out).await.unwrap();
+            let key = handle.register(out, None).await.unwrap();
             h.clients.push((key, rx));
         }
         for op in ops {

@@ -8,9 +8,17 @@
 //! keys: O(1) add and remove (subscribe storms stay linear), and about 10 bytes a
 //! subscription, which matters when thousands of mostly idle clients hold ten symbols each
 //! (an insertion-ordered set of full keys took about 47).
+//!
+//! A wildcard subscriber whose token permits only some symbols (a JWT's `symbols` claim) is
+//! kept apart, grouped with the others whose patterns are equal (by content: each connection
+//! parses its own token, but a thousand dashboards sold the same plan hold the same list), so
+//! a tick costs one pattern check per distinct set, not one per connection; the unrestricted
+//! wildcard set, the common case, is walked with no check at all.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
+use crate::auth::SymbolPatterns;
 use crate::tick::Symbol;
 
 /// Slab key of a registered client.
@@ -103,6 +111,11 @@ fn compact(client: ClientKey) -> u32 {
 pub struct Registry {
     by_symbol: HashMap<Symbol, Subscribers>,
     wildcard: Subscribers,
+    /// Wildcard subscribers limited to some symbols by their token, by pattern set (hashed
+    /// and compared by content).
+    limited_wildcard: HashMap<Arc<SymbolPatterns>, Subscribers, ahash::RandomState>,
+    /// The pattern set each limited wildcard subscriber is filed under.
+    limited_of: HashMap<u32, Arc<SymbolPatterns>, ahash::RandomState>,
 }
 
 impl Registry {
@@ -131,20 +144,60 @@ impl Registry {
         }
     }
 
-    /// Adds a wildcard subscriber (idempotent).
-    pub fn add_wildcard(&mut self, client: ClientKey) {
-        self.wildcard.insert(compact(client));
+    /// Adds a wildcard subscriber (idempotent), limited to `permitted` if given.
+    pub fn add_wildcard(&mut self, client: ClientKey, permitted: Option<&Arc<SymbolPatterns>>) {
+        match permitted {
+            None => {
+                self.wildcard.insert(compact(client));
+            }
+            Some(p) => {
+                let c = compact(client);
+                if self.limited_of.get(&c).is_some_and(|old| old == p) {
+                    return;
+                }
+                self.remove_limited(c);
+                // The set's entry keeps the first allocation of these patterns; the client
+                // is filed under that one.
+                self.limited_wildcard
+                    .entry(p.clone())
+                    .or_default()
+                    .insert(c);
+                if let Some((shared, _)) = self.limited_wildcard.get_key_value(p) {
+                    self.limited_of.insert(c, shared.clone());
+                }
+            }
+        }
     }
 
     /// Removes a wildcard subscriber.
     pub fn remove_wildcard(&mut self, client: ClientKey) {
         self.wildcard.remove(&compact(client));
+        self.remove_limited(compact(client));
+    }
+
+    fn remove_limited(&mut self, c: u32) {
+        let Some(p) = self.limited_of.remove(&c) else {
+            return;
+        };
+        if let Some(set) = self.limited_wildcard.get_mut(&p) {
+            set.remove(&c);
+            if set.is_empty() {
+                self.limited_wildcard.remove(&p);
+            }
+        }
     }
 
     /// Calls `f` for every client that wants `symbol`.
     pub fn for_each_subscriber(&self, symbol: &Symbol, mut f: impl FnMut(ClientKey)) {
         for &c in &self.wildcard {
             f(c as ClientKey);
+        }
+        for (permitted, set) in &self.limited_wildcard {
+            if permitted.allows(symbol.as_str()) {
+                for &c in set {
+                    f(c as ClientKey);
+                }
+            }
         }
         if let Some(set) = self.by_symbol.get(symbol) {
             for &c in set {
@@ -191,7 +244,14 @@ mod tests {
         r.add(&s("A"), 1);
         r.add(&s("A"), 2);
         r.add(&s("B"), 2);
-        r.add_wildcard(3);
+        r.add_wildcard(3, None);
+        let btc = Arc::new(SymbolPatterns::parse(&["BTC*"], 16).unwrap().unwrap());
+        r.add_wildcard(4, Some(&btc));
+        assert_eq!(
+            subscribers(&r, "BTCUSD"),
+            [3, 4],
+            "limited wildcards match their own"
+        );
         assert_eq!(subscribers(&r, "A"), [1, 2, 3]);
         assert_eq!(
             subscribers(&r, "NEW"),
@@ -201,9 +261,41 @@ mod tests {
         r.remove(&s("A"), 1);
         assert_eq!(subscribers(&r, "A"), [2, 3]);
         r.remove_wildcard(3);
+        r.remove_wildcard(4);
         assert_eq!(subscribers(&r, "A"), [2]);
+        assert!(subscribers(&r, "BTCUSD").is_empty());
         r.remove(&s("B"), 2);
         assert_eq!(r.by_symbol.get(&s("B")).map_or(0, HashSet::len), 0);
         assert!(!r.by_symbol.contains_key(&s("B")), "empty sets are dropped");
+    }
+
+    #[test]
+    fn limited_wildcards_with_equal_patterns_share_one_check() {
+        let mut r = Registry::default();
+        // Each connection parses its own token: equal patterns, distinct allocations.
+        let parse = |p: &[&str]| Arc::new(SymbolPatterns::parse(p, 16).unwrap().unwrap());
+        for c in 0..100 {
+            r.add_wildcard(c, Some(&parse(&["BTC*", "ETH*"])));
+        }
+        r.add_wildcard(100, Some(&parse(&["AAPL"])));
+        assert_eq!(
+            r.limited_wildcard.len(),
+            2,
+            "one entry per distinct pattern set"
+        );
+        assert_eq!(subscribers(&r, "BTCUSD").len(), 100);
+        assert_eq!(subscribers(&r, "AAPL"), [100]);
+        r.add_wildcard(5, Some(&parse(&["AAPL"])));
+        assert_eq!(
+            subscribers(&r, "AAPL"),
+            [5, 100],
+            "a client moves to its new set"
+        );
+        assert_eq!(subscribers(&r, "BTCUSD").len(), 99);
+        for c in 0..=100 {
+            r.remove_wildcard(c);
+        }
+        assert!(r.limited_wildcard.is_empty(), "empty sets are dropped");
+        assert!(subscribers(&r, "BTCUSD").is_empty());
     }
 }

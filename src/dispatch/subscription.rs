@@ -1,15 +1,20 @@
 //! `subscribe` and `unsubscribe` for one client: validate the symbols, enforce
 //! `max_symbols`, update the routing index, answer with the ack on the client's own queue (so
-//! it is ordered with its ticks), then start the snapshots the request asked for.
+//! it is ordered with its ticks), then start the snapshots the request asked for. A
+//! connection whose token permits only some symbols gets `forbidden` for the others, its `*`
+//! and its snapshots cover only its own, and a refreshed token ([`Dispatcher::reauthorize`])
+//! ends the subscriptions the new one no longer permits.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 
 use super::outbound::Frame;
 use super::registry::ClientKey;
 use super::{Dispatcher, TickSink};
+use crate::auth::SymbolPatterns;
 use crate::protocol::{self, ErrorCode, Settings};
 use crate::tick::Symbol;
 
@@ -33,6 +38,10 @@ impl<S: TickSink> Dispatcher<S> {
             if name == "*" {
                 wildcard = true;
             } else if let Some(sym) = Symbol::parse(name) {
+                if !SymbolPatterns::permits(client.permitted.as_deref(), sym.as_str()) {
+                    rejected.push(json!({"symbol": name, "code": ErrorCode::Forbidden.as_str()}));
+                    continue;
+                }
                 let sym = self.shared_symbol(sym);
                 if !accepted.contains(&sym) {
                     accepted.push(sym);
@@ -68,7 +77,7 @@ impl<S: TickSink> Dispatcher<S> {
         if wildcard && !client.wildcard {
             // While `*` is on, named subscriptions are parked outside the index (see registry).
             client.wildcard = true;
-            self.registry.add_wildcard(key);
+            self.registry.add_wildcard(key, client.permitted.as_ref());
             for sym in &client.symbols {
                 self.registry.remove(sym, key);
             }
@@ -104,9 +113,13 @@ impl<S: TickSink> Dispatcher<S> {
             }
         }
         if wildcard {
-            // Every known symbol comes through `*`: resume points and history apply to them too.
+            // Every known symbol comes through `*`: resume points and history apply to them too
+            // (those the token permits: a replay must not leak the others).
+            let permitted = self.clients.get(key).and_then(|c| c.permitted.clone());
             for sym in self.symbols.keys() {
-                if accepted.contains(sym) {
+                if accepted.contains(sym)
+                    || !SymbolPatterns::permits(permitted.as_deref(), sym.as_str())
+                {
                     continue;
                 }
                 match since_seq.get(sym.as_str()) {
@@ -129,6 +142,57 @@ impl<S: TickSink> Dispatcher<S> {
             .or_else(|| self.registry.shared_name(&sym))
             .cloned()
             .unwrap_or(sym)
+    }
+
+    /// Applies a refreshed token's permissions to `key`: named subscriptions outside them
+    /// end (with their held ticks and replays), a `*` narrows or widens to them, and the
+    /// client is told which symbols it lost (`unsubscribed`, code `forbidden`) before the
+    /// `auth` ack.
+    pub(super) fn reauthorize(
+        &mut self,
+        key: ClientKey,
+        id: Option<Value>,
+        permitted: Option<Arc<SymbolPatterns>>,
+    ) {
+        let Some(client) = self.clients.get_mut(key) else {
+            return;
+        };
+        let allowed = |s: &Symbol| SymbolPatterns::permits(permitted.as_deref(), s.as_str());
+        let lost: Vec<Symbol> = client
+            .symbols
+            .iter()
+            .filter(|s| !allowed(s))
+            .cloned()
+            .collect();
+        for sym in &lost {
+            client.symbols.remove(sym);
+            if !client.wildcard {
+                self.registry.remove(sym, key);
+            }
+        }
+        if client.wildcard {
+            self.registry.remove_wildcard(key);
+            self.registry.add_wildcard(key, permitted.as_ref());
+        }
+        client.delivery.retain(|s| allowed(s));
+        client.permitted = permitted.clone();
+        if self.replays.contains_key(&key) {
+            self.cancel_replays(key, |s| {
+                !SymbolPatterns::permits(permitted.as_deref(), s.as_str())
+            });
+        }
+        if !lost.is_empty() {
+            let names: Vec<&str> = lost.iter().map(Symbol::as_str).collect();
+            self.reply(
+                key,
+                &json!({
+                    "type": "unsubscribed", "code": ErrorCode::Forbidden.as_str(),
+                    "symbols": names,
+                    "message": "the refreshed token does not permit these symbols",
+                }),
+            );
+        }
+        self.reply(key, &json!({"type":"ack","id":id,"op":"auth"}));
     }
 
     pub(super) fn unsubscribe(&mut self, key: ClientKey, id: Option<Value>, requested: &[String]) {

@@ -37,9 +37,9 @@ async fn replies_to_a_client_that_left_are_not_slow_consumers() {
     let limit = config.limits.outbound_buffer_bytes;
 
     let (gone_out, gone_rx) = channel(config.dispatch.outbound_messages, limit);
-    let gone = handle.register(gone_out).await.unwrap();
+    let gone = handle.register(gone_out, None).await.unwrap();
     let (live_out, live_rx) = channel(config.dispatch.outbound_messages, limit);
-    let live = handle.register(live_out).await.unwrap();
+    let live = handle.register(live_out, None).await.unwrap();
     // The client closes its end before the dispatcher gets to its requests.
     drop(gone_rx);
     for (key, id) in [(gone, 1), (live, 2)] {

@@ -290,7 +290,7 @@ impl Connector {
                         breaker.success();
                         *backoff = self.backoff();
                         self.set_connected(true);
-                        tracing::info!(upstream = %self.status.name, url = %self.config.url, "upstream connected");
+                        tracing::info!(upstream = %self.status.name, url = %crate::auth::redact_query(&self.config.url), "upstream connected");
                     }
                     Ok(_) => {}
                     Err(why) => break Some(why),

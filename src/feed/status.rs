@@ -95,7 +95,8 @@ impl Status {
         Self {
             name: config.name.clone(),
             kind: config.kind,
-            url: config.url.clone(),
+            // Shown by /health, which takes no token: a `?token=` in the URL stays out.
+            url: crate::auth::redact_query(&config.url).into_owned(),
             backup_for: config.backup_for.clone(),
             symbols,
             stale: Duration::from_millis(config.stale_ms),

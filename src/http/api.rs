@@ -1,7 +1,9 @@
 //! The read-only HTTP API: symbols, dead letters, stats, history and bars (store reads run
 //! off the async runtime), plus `/health` and `/metrics`. Every route checks the client token
-//! ([`ClientToken`]) when `[auth] client_tokens` is set, except health and metrics (for probes
-//! and scrapers).
+//! ([`ClientToken`]) when `[auth] client_tokens` or a JWT key is set, except health and metrics
+//! (for probes and scrapers). A JWT limited to some symbols reads only those: `/api/symbols`
+//! lists only them, history and bars of others are 403 `forbidden`, and so is `/api/dlq`
+//! (dead letters may hold any symbol).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,13 +15,31 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{error_response, AppState, ClientToken, Params};
+use super::{error_response, AppState, ClientToken, Params, Token};
+use crate::auth::Grant;
 use crate::store::{Store, Timeframe};
 use crate::tick::{Priority, Symbol};
 
-pub(super) async fn symbols(_: ClientToken, State(state): State<Arc<AppState>>) -> Response {
+/// 403 `forbidden` if `grant` may not read `symbol`.
+fn unreadable(grant: &Grant, symbol: &str) -> Option<Response> {
+    (!grant.may_read(symbol)).then(|| {
+        error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the token does not permit this symbol",
+        )
+    })
+}
+
+pub(super) async fn symbols(
+    Token(grant, _): ClientToken,
+    State(state): State<Arc<AppState>>,
+) -> Response {
     match state.dispatcher.symbols().await {
-        Ok(list) => Json(json!({ "symbols": list })).into_response(),
+        Ok(mut list) => {
+            list.retain(|s| grant.may_read(s.symbol.as_str()));
+            Json(json!({ "symbols": list })).into_response()
+        }
         Err(_) => error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
@@ -35,10 +55,17 @@ pub struct LimitQuery {
 }
 
 pub(super) async fn dlq(
-    _: ClientToken,
+    Token(grant, _): ClientToken,
     State(state): State<Arc<AppState>>,
     Params(q): Params<LimitQuery>,
 ) -> Response {
+    if grant.symbols().is_some() {
+        return error_response(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "dead letters may hold any symbol: a token limited to some symbols cannot read them",
+        );
+    }
     let limit = q.limit.unwrap_or(100).min(MAX_HTTP_LIMIT);
     Json(json!({ "entries": state.dead_letters.recent(limit) })).into_response()
 }
@@ -187,11 +214,14 @@ async fn read_store<T: Send + 'static>(
 }
 
 pub(super) async fn history(
-    _: ClientToken,
+    Token(grant, _): ClientToken,
     State(state): State<Arc<AppState>>,
     Path(symbol): Path<String>,
     Params(q): Params<HistoryQuery>,
 ) -> Response {
+    if let Some(resp) = unreadable(&grant, &symbol) {
+        return resp;
+    }
     let limit = q.limit.unwrap_or(100).min(MAX_HTTP_LIMIT);
     let since = q.since_seq;
     let h = match read_store(&state, &symbol, move |store, sym| {
@@ -231,11 +261,14 @@ pub struct BarsQuery {
 }
 
 pub(super) async fn bars(
-    _: ClientToken,
+    Token(grant, _): ClientToken,
     State(state): State<Arc<AppState>>,
     Path(symbol): Path<String>,
     Params(q): Params<BarsQuery>,
 ) -> Response {
+    if let Some(resp) = unreadable(&grant, &symbol) {
+        return resp;
+    }
     let Some(tf) = Timeframe::parse(q.tf.as_deref().unwrap_or("1m")) else {
         return error_response(
             StatusCode::BAD_REQUEST,

@@ -104,6 +104,14 @@ pub fn render(s: &AppState) -> String {
     for (limit, v) in limits {
         r.counter(&m::LIMIT_HITS, &[limit], v);
     }
+    let failures = s.clients.verifier.stats.failures();
+    for (reason, v) in crate::auth::AuthError::REASONS.iter().zip(failures) {
+        r.counter(&m::AUTH_FAILURES, &[reason], v);
+    }
+    let expiries = [load(&c.token_expired), load(&p.token_expired)];
+    for (route, v) in m::TOKEN_EXPIRY_ROUTES.iter().zip(expiries) {
+        r.counter(&m::TOKEN_EXPIRIES, &[route], v);
+    }
     r.counter(
         &m::BAD_REQUESTS,
         &[],

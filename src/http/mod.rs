@@ -34,7 +34,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{request_token, token_ok, AuthState};
+use crate::auth::{redact_query, request_token, AuthError, AuthState, Grant, Role};
 use crate::config::Config;
 use crate::dispatch::{DispatchStats, DispatcherHandle};
 use crate::dlq::DeadLetters;
@@ -186,36 +186,34 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestToken {
     }
 }
 
-/// Which token list guards a route.
+/// Which role's tokens a route takes.
 pub trait TokenList {
-    /// The configured tokens (empty: none needed).
-    fn tokens(config: &Config) -> &[String];
+    /// The role checked.
+    const ROLE: Role;
 }
 
-/// `[auth] client_tokens`: `/ws` and the read APIs.
+/// Client tokens: `/ws` and the read APIs.
 #[derive(Debug)]
 pub struct Clients;
 
 impl TokenList for Clients {
-    fn tokens(config: &Config) -> &[String] {
-        &config.auth.client_tokens
-    }
+    const ROLE: Role = Role::Client;
 }
 
-/// `[auth] ingest_tokens`: `/ingest` and `POST /api/ticks`.
+/// Producer tokens: `/ingest` and `POST /api/ticks`.
 #[derive(Debug)]
 pub struct Producers;
 
 impl TokenList for Producers {
-    fn tokens(config: &Config) -> &[String] {
-        &config.auth.ingest_tokens
-    }
+    const ROLE: Role = Role::Producer;
 }
 
-/// The request carries an acceptable token for the routes of `L` (or none is needed).
-/// Rejection: 401 `unauthorized`, counted.
+/// The request carries an acceptable token for the routes of `L` (or none is needed), and
+/// this is what it grants. Rejection: 401 `unauthorized` or `token_expired`, or 403
+/// `forbidden` for a valid token that does not allow the route (a client JWT on a producer
+/// route); counted.
 #[derive(Debug)]
-pub struct Token<L>(PhantomData<L>);
+pub struct Token<L>(pub Grant, PhantomData<L>);
 
 /// The token check of the read APIs.
 pub type ClientToken = Token<Clients>;
@@ -230,18 +228,38 @@ impl<L: TokenList> FromRequestParts<Arc<AppState>> for Token<L> {
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
         let Ok(RequestToken(token)) = RequestToken::from_request_parts(parts, state).await;
-        if token_ok(L::tokens(&state.config), token.as_deref()) {
-            return Ok(Self(PhantomData));
+        let e = match state.clients.verifier.check(L::ROLE, token.as_deref()) {
+            Ok(grant) => {
+                if let Some(sub) = grant.sub() {
+                    tracing::debug!(sub, path = parts.uri.path(), "request authorized");
+                }
+                return Ok(Self(grant, PhantomData));
+            }
+            Err(e) => e,
+        };
+        // The URL as it may be logged: a `?token=` value never is.
+        let uri = parts.uri.to_string();
+        tracing::debug!(uri = %redact_query(&uri), reason = e.reason(), "request token refused");
+        if e == AuthError::NotProducer {
+            return Err(error_response(
+                StatusCode::FORBIDDEN,
+                e.code().as_str(),
+                &e.to_string(),
+            ));
         }
         state
             .clients
             .stats
             .http_unauthorized
             .fetch_add(1, Ordering::Relaxed);
+        let message = match e {
+            AuthError::Missing | AuthError::Invalid => "missing or invalid token".to_owned(),
+            e => e.to_string(),
+        };
         Err(error_response(
             StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or invalid token",
+            e.code().as_str(),
+            &message,
         ))
     }
 }
@@ -342,7 +360,7 @@ async fn ws_client(
     Admitted(slot): Admitted,
 ) -> Response {
     // A missing or wrong token is answered on the WebSocket (a late `auth` op, or 4001).
-    let auth = AuthState::of(&state.config.auth.client_tokens, token.as_deref());
+    let auth = AuthState::of(&state.clients.verifier, token.as_deref());
     let (resp, pending) = ws.accept(state.config.server.permessage_deflate);
     let ctx = state.clients.clone();
     tokio::spawn(session::serve(
@@ -357,19 +375,27 @@ async fn ws_client(
 
 async fn ws_ingest(
     ws: ClientUpgrade,
-    _: IngestToken,
-    State(state): State<Arc<AppState>>,
+    // Extractors run in order: the connection limits first, so a flood over them never
+    // pays for signature checks (RS/ES verification costs far more than a refusal).
     Admitted(slot): Admitted,
+    Token(grant, _): IngestToken,
+    State(state): State<Arc<AppState>>,
 ) -> Response {
     // tickfan's own transport, as `/ws`: frames and messages bounded by
     // `limits.max_message_bytes`, protocol errors answered with their close code.
     let (resp, pending) = ws.accept(state.config.server.permessage_deflate);
     let ctx = state.producers.clone();
-    tokio::spawn(tracked(&state, slot, move || producer::serve(pending, ctx)));
+    tokio::spawn(tracked(&state, slot, move || {
+        producer::serve(pending, ctx, grant)
+    }));
     resp
 }
 
-async fn post_ticks(_: IngestToken, State(state): State<Arc<AppState>>, body: Body) -> Response {
+async fn post_ticks(
+    Token(grant, _): IngestToken,
+    State(state): State<Arc<AppState>>,
+    body: Body,
+) -> Response {
     let limit = state.config.limits.max_body_bytes;
     let Ok(body) = axum::body::to_bytes(body, limit).await else {
         state
@@ -385,7 +411,11 @@ async fn post_ticks(_: IngestToken, State(state): State<Arc<AppState>>, body: Bo
     };
     let ingestor = state.ingestor.clone();
     // Parsing a large body is CPU work; keep it off the async workers' fast path.
-    let report = match tokio::task::spawn_blocking(move || ingestor.ingest_body(&body)).await {
+    let report = match tokio::task::spawn_blocking(move || {
+        ingestor.ingest_body_for(&body, grant.ingest_symbols().map(Arc::as_ref))
+    })
+    .await
+    {
         Ok(report) => report,
         Err(_) => {
             return error_response(

@@ -34,11 +34,13 @@ pub enum RejectCode {
     InvalidField,
     /// Extension: accepted, but its queue TTL ran out before dispatch.
     Expired,
+    /// The producer's token does not permit the symbol (`ingest_symbols`).
+    Forbidden,
 }
 
 impl RejectCode {
     /// Every code, for metrics labels.
-    pub const ALL: [RejectCode; 12] = [
+    pub const ALL: [RejectCode; 13] = [
         Self::BadJson,
         Self::MissingField,
         Self::InvalidSymbol,
@@ -51,6 +53,7 @@ impl RejectCode {
         Self::InvalidTimestamp,
         Self::InvalidField,
         Self::Expired,
+        Self::Forbidden,
     ];
 
     /// The wire code.
@@ -69,6 +72,7 @@ impl RejectCode {
             Self::InvalidTimestamp => "invalid_timestamp",
             Self::InvalidField => "invalid_field",
             Self::Expired => "expired",
+            Self::Forbidden => "forbidden",
         }
     }
 }

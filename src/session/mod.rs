@@ -29,7 +29,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::auth::AuthState;
+use crate::auth::{AuthError, AuthState, Grant, Verifier};
 use crate::config::Config;
 use crate::dispatch::outbound::{self, Frame, Outbound, OutboundReceiver, Wake};
 use crate::dispatch::registry::ClientKey;
@@ -76,6 +76,8 @@ pub struct ClientContext {
     pub connections: Connections,
     /// Where quiet connections wait off the runtime.
     pub parking: Parking,
+    /// The token check (`auth` op and refreshes).
+    pub verifier: Arc<Verifier>,
 }
 
 /// Per-server client counters.
@@ -132,6 +134,31 @@ pub struct ClientStats {
     pub inflate_deferred: AtomicU64,
     /// Connections ended by a TLS error after the upgrade (`/ingest` counts its own).
     pub tls_errors: AtomicU64,
+    /// Connections closed 4001 because their JWT expired (also counted in `unauthorized`).
+    pub token_expired: AtomicU64,
+}
+
+/// How a running connection stands with authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// No token yet: the auth deadline is the time to send one.
+    Pending,
+    /// Authorized for good (a static token, or auth off).
+    Authorized,
+    /// Authorized by a JWT: the auth deadline is its expiry.
+    Expiring,
+}
+
+/// The liveness-clock time (ms) at which `grant` expires, if it does.
+fn expiry_deadline(ctx: &ClientContext, grant: &Grant) -> Option<u64> {
+    let at = grant.expires_at_ms()?;
+    let left = at.saturating_sub(crate::tick::now_ms().try_into().unwrap_or(0));
+    Some(ctx.connections.clock_ms().saturating_add(left))
+}
+
+/// The error message a refused token gets.
+fn refusal(id: Option<&serde_json::Value>, e: AuthError) -> String {
+    error_message(id, e.code(), &e.to_string(), None)
 }
 
 /// Frames made for one connection (replies, snapshots, conflated ticks) are compressed for it
@@ -143,8 +170,12 @@ const OWN_FRAME_DEFLATE_MIN: usize = 1024;
 struct Conn {
     ctx: Arc<ClientContext>,
     out: Outbound,
-    key: Option<ClientKey>,
-    auth: AuthState,
+    /// The dispatcher's key, in 32 bits as the registry keeps it (slab keys are bounded by
+    /// the connection cap), so the token's grant below fits without growing an idle session.
+    key: Option<u32>,
+    auth: Standing,
+    /// What the token in force grants: its `sub` is named in logs and must match a refresh's.
+    grant: Grant,
     /// permessage-deflate was negotiated: shared frames go out compressed, and the client may
     /// send compressed messages (kept here, as the socket is rebuilt after parking).
     deflate: bool,
@@ -152,6 +183,17 @@ struct Conn {
     /// is full again (see [`requests::BURST_REFILL_MS`]).
     limiter: Option<Box<RequestLimiter>>,
     limited_in_a_row: u32,
+}
+
+impl Conn {
+    fn key(&self) -> Option<ClientKey> {
+        self.key.map(|k| k as ClientKey)
+    }
+
+    fn set_key(&mut self, key: ClientKey) {
+        debug_assert!(u32::try_from(key).is_ok(), "client key over 32 bits");
+        self.key = u32::try_from(key).ok();
+    }
 }
 
 enum Flow {
@@ -209,7 +251,7 @@ impl Drop for Session {
             .is_err()
             .then(|| ctx.parking.runtime().enter());
         ctx.connections.remove(self.link);
-        if let Some(key) = self.conn.key {
+        if let Some(key) = self.conn.key() {
             ctx.dispatcher.deregister(key);
         }
         ctx.stats.open.fetch_sub(1, Ordering::Relaxed);
@@ -243,9 +285,26 @@ pub async fn serve(
     }
     let now = ctx.connections.clock_ms();
     rx.heard(now);
-    if auth == AuthState::Pending {
-        out.set_auth_deadline(now + ctx.config.auth.auth_timeout_ms);
-    }
+    // One deadline on the link, kept by the liveness sweep (no timer per connection): the
+    // time to authenticate, or a JWT's expiry.
+    let standing = match &auth {
+        AuthState::Pending => {
+            out.set_auth_deadline(now + ctx.config.auth.auth_timeout_ms);
+            Standing::Pending
+        }
+        AuthState::Authorized(grant) => match expiry_deadline(&ctx, grant) {
+            Some(at) => {
+                out.set_auth_deadline(at);
+                Standing::Expiring
+            }
+            None => Standing::Authorized,
+        },
+        AuthState::Rejected(_) => Standing::Pending,
+    };
+    let grant = match &auth {
+        AuthState::Authorized(grant) => grant.clone(),
+        AuthState::Pending | AuthState::Rejected(_) => Grant::full(),
+    };
     let mut socket = WsSocket::new(stream, ctx.config.limits.max_message_bytes);
     if deflate {
         socket.inflate_compressed();
@@ -261,7 +320,8 @@ pub async fn serve(
             ctx: ctx.clone(),
             out,
             key: None,
-            auth,
+            auth: standing,
+            grant,
             deflate,
             limiter: None,
             limited_in_a_row: 0,
@@ -278,7 +338,7 @@ pub async fn serve(
     drop(early);
     // Boxed: it runs once, and an idle connection's future is only as big as what is alive
     // at its largest await.
-    if Box::pin(setup(&mut session.conn, &mut socket))
+    if Box::pin(setup(&mut session.conn, &mut socket, auth))
         .await
         .is_none()
     {
@@ -462,7 +522,17 @@ async fn run(
             "outbound buffer overflow: reconnect and resume with since_seq",
             None,
         )),
-        close::UNAUTHORIZED if conn.auth == AuthState::Pending => Some(error_message(
+        close::UNAUTHORIZED if conn.auth == Standing::Expiring => {
+            conn.ctx.stats.token_expired.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(sub = conn.grant.sub(), "client token expired: closing 4001");
+            Some(error_message(
+                None,
+                ErrorCode::TokenExpired,
+                "token expired: refresh it with {\"op\":\"auth\"} before exp",
+                None,
+            ))
+        }
+        close::UNAUTHORIZED if conn.auth == Standing::Pending => Some(error_message(
             None,
             ErrorCode::Unauthorized,
             &format!(
@@ -492,14 +562,15 @@ async fn run(
 
 /// Sends the welcome and registers with the dispatcher (or refuses a wrong token). `None`:
 /// the connection is over.
-async fn setup(conn: &mut Conn, socket: &mut WsSocket) -> Option<()> {
+async fn setup(conn: &mut Conn, socket: &mut WsSocket, auth: AuthState) -> Option<()> {
     let ctx = conn.ctx.clone();
     socket.queue_text(welcome(&ctx).into());
     socket.flush().await.ok()?;
-    match conn.auth {
-        AuthState::Rejected => {
+    match auth {
+        AuthState::Rejected(e) => {
             ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
-            let err = error_message(None, ErrorCode::Unauthorized, "invalid token", None);
+            tracing::debug!(reason = e.reason(), "client token refused: closing 4001");
+            let err = refusal(None, e);
             close_with(
                 socket,
                 Some(err),
@@ -511,8 +582,18 @@ async fn setup(conn: &mut Conn, socket: &mut WsSocket) -> Option<()> {
             .await;
             None
         }
-        AuthState::Authorized => {
-            conn.key = Some(ctx.dispatcher.register(conn.out.clone()).await.ok()?);
+        AuthState::Authorized(grant) => {
+            if let Some(sub) = grant.sub() {
+                tracing::debug!(sub, "client authenticated");
+            }
+            let permitted = grant.symbols().cloned();
+            drop(grant);
+            let key = ctx
+                .dispatcher
+                .register(conn.out.clone(), permitted)
+                .await
+                .ok()?;
+            conn.set_key(key);
             Some(())
         }
         AuthState::Pending => Some(()),

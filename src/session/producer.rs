@@ -13,6 +13,12 @@
 //! shutdown): the socket's state (a half-read frame, queued acks and pongs) has one owner.
 //! A producer session needs only the ingest stage, a few limits, the shutdown token and its
 //! own counters ([`ProducerContext`]), nothing of the `/ws` sessions.
+//!
+//! A producer authorized by a JWT publishes only the symbols its `ingest_symbols` permit
+//! (others are rejected `forbidden`, into the dead-letter list) and is closed with 4001 after
+//! a `token_expired` error when the token expires. That expiry is a timer in the connection's
+//! own `select!`: producers are few, unlike `/ws` clients, whose expiries the liveness sweep
+//! keeps.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,8 +28,9 @@ use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Grant;
 use crate::ingest::{Backpressure, IngestAck, Ingestor};
-use crate::protocol::close;
+use crate::protocol::{close, error_message, ErrorCode};
 use crate::transport::ws::frame::FrameError;
 use crate::transport::ws::{Incoming, PendingUpgrade, ReadError, WsSocket};
 
@@ -60,6 +67,8 @@ pub struct ProducerStats {
     pub inflate_deferred: AtomicU64,
     /// Connections ended by a TLS error after the upgrade.
     pub tls_errors: AtomicU64,
+    /// Connections closed 4001 because their JWT expired.
+    pub token_expired: AtomicU64,
 }
 
 /// Counts an open connection that negotiated permessage-deflate, for as long as it lives.
@@ -95,14 +104,28 @@ enum Ending {
     Eof,
     /// The socket failed: nothing more can be sent.
     Gone,
+    /// The producer's token expired: `token_expired`, then close 4001.
+    Expired,
 }
 
-/// Serves one upgraded producer connection until it closes.
-pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>) {
+/// Serves one upgraded producer connection, authorized by `grant`, until it closes.
+pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>, grant: Grant) {
     let deflate = pending.deflate();
     let Some((stream, early)) = pending.stream().await else {
         return;
     };
+    let permitted = grant.ingest_symbols().map(Arc::as_ref);
+    let expiry = grant.expires_at_ms().map(|at| {
+        let now = u64::try_from(crate::tick::now_ms()).unwrap_or(0);
+        tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now))
+    });
+    let expired = async move {
+        match expiry {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
     let ingestor = &ctx.ingestor;
     let mut socket = WsSocket::new(stream, ctx.max_message_bytes);
     socket.set_read_buffer(READ_BUFFER);
@@ -123,11 +146,11 @@ pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>) {
             match msg {
                 // Ingest copies the frame once into simd-json's scratch buffer; no copy here.
                 Incoming::Text(text) => {
-                    settling.push_back(ingestor.ingest_text(&text).settle());
+                    settling.push_back(ingestor.ingest_text_for(&text, permitted).settle());
                 }
                 // Binary frames carrying JSON are accepted too: producers often send bytes.
                 Incoming::Binary(bytes) => {
-                    settling.push_back(ingestor.ingest_frame(&bytes).settle());
+                    settling.push_back(ingestor.ingest_frame_for(&bytes, permitted).settle());
                 }
                 Incoming::Ping(payload) => {
                     if socket.queue_pong(payload) {
@@ -154,6 +177,11 @@ pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>) {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break Ending::Close(close::GOING_AWAY, "server shutting down"),
+            () = &mut expired => {
+                ctx.stats.token_expired.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(sub = grant.sub(), "producer token expired: closing 4001");
+                break Ending::Expired;
+            }
             Some(settled) = settling.next(), if may_ack => {
                 queue_acks(&mut socket, settled, &mut settling);
                 if socket.try_flush().is_err() {
@@ -193,6 +221,11 @@ pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>) {
         let (code, reason) = match ending {
             Ending::PeerClosed(code) => (code, "bye"),
             Ending::Close(code, reason) => (code, reason),
+            Ending::Expired => {
+                let msg = "token expired: reconnect with a fresh token";
+                socket.queue_text(error_message(None, ErrorCode::TokenExpired, msg, None).into());
+                (close::UNAUTHORIZED, "token expired")
+            }
             Ending::Eof | Ending::Gone => return socket.flush().await,
         };
         socket.queue_close(code, reason);

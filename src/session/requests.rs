@@ -1,7 +1,8 @@
 //! What a `/ws` client's text requests do, in order: the request rate limit (a GCRA per
 //! connection, created with its first request), parsing, the late `auth` op, and either an
 //! answer from here (`pong`, errors) or a command to the dispatcher (subscribe, unsubscribe,
-//! configure, list). Requests come in from the connection loop in [`super`]; replies go out
+//! configure, list). An `auth` op on a live session is a token refresh: the new token's
+//! expiry replaces the old one's on the link, and its permissions go to the dispatcher. Requests come in from the connection loop in [`super`]; replies go out
 //! through the connection's link.
 
 use std::num::NonZeroU32;
@@ -10,8 +11,8 @@ use std::sync::atomic::Ordering;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde_json::{json, Value};
 
-use super::{Conn, Flow};
-use crate::auth::{token_ok, AuthState};
+use super::{expiry_deadline, refusal, Conn, Flow, Standing};
+use crate::auth::{Grant, Role};
 use crate::dispatch::outbound::{Frame, PushError};
 use crate::dispatch::Command;
 use crate::protocol::{self, close, error_message, ErrorCode, Request};
@@ -111,7 +112,7 @@ pub(super) async fn on_request(conn: &mut Conn, text: &str) -> Flow {
             conn,
             json!({"type":"pong","id":id,"server_time":now_ms()}).to_string(),
         ),
-        Request::Auth { token } => on_auth(conn, id, &token).await,
+        Request::Auth { token } => on_auth(conn, id, &token.0).await,
         _ if conn.key.is_none() => reply(
             conn,
             error_message(
@@ -122,7 +123,7 @@ pub(super) async fn on_request(conn: &mut Conn, text: &str) -> Flow {
             ),
         ),
         request => {
-            let Ok(cmd) = Command::from_request(conn.key.unwrap_or_default(), id, request) else {
+            let Ok(cmd) = Command::from_request(conn.key().unwrap_or_default(), id, request) else {
                 // Ping and auth were answered above.
                 return Flow::Continue;
             };
@@ -136,27 +137,111 @@ pub(super) async fn on_request(conn: &mut Conn, text: &str) -> Flow {
 
 async fn on_auth(conn: &mut Conn, id: Option<Value>, token: &str) -> Flow {
     let ctx = conn.ctx.clone();
+    let verdict = ctx.verifier.check(Role::Client, Some(token));
     if conn.key.is_some() {
-        return reply(conn, json!({"type":"ack","id":id,"op":"auth"}).to_string());
+        return refresh(conn, id, verdict).await;
     }
-    if !token_ok(&ctx.config.auth.client_tokens, Some(token)) {
-        ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
-        return Flow::CloseWith(
-            close::UNAUTHORIZED,
-            "unauthorized",
-            error_message(id.as_ref(), ErrorCode::Unauthorized, "invalid token", None),
-        );
-    }
-    if !conn.out.lift_auth_deadline() {
+    let grant = match verdict {
+        Ok(grant) => grant,
+        Err(e) => {
+            ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(reason = e.reason(), "auth op refused: closing 4001");
+            return Flow::CloseWith(close::UNAUTHORIZED, "unauthorized", refusal(id.as_ref(), e));
+        }
+    };
+    // The time to authenticate becomes the token's expiry, or goes.
+    let (in_time, standing) = match expiry_deadline(&ctx, &grant) {
+        Some(at) => (conn.out.replace_auth_deadline(at), Standing::Expiring),
+        None => (conn.out.lift_auth_deadline(), Standing::Authorized),
+    };
+    if !in_time {
         // The deadline passed first; the close order is on its way.
         return Flow::Continue;
     }
-    conn.auth = AuthState::Authorized;
-    match ctx.dispatcher.register(conn.out.clone()).await {
+    conn.auth = standing;
+    if let Some(sub) = grant.sub() {
+        tracing::debug!(sub, "client authenticated");
+    }
+    let permitted = grant.symbols().cloned();
+    conn.grant = grant;
+    match ctx.dispatcher.register(conn.out.clone(), permitted).await {
         Ok(key) => {
-            conn.key = Some(key);
+            conn.set_key(key);
             reply(conn, json!({"type":"ack","id":id,"op":"auth"}).to_string())
         }
+        Err(_) => Flow::Close(close::GOING_AWAY, "server shutting down"),
+    }
+}
+
+/// A token sent on a live session. A refused one ends the session like any failed auth (its
+/// error, then close 4001), and so does one naming another user (`sub`) than the token in
+/// force: a refresh extends a session, it does not switch users. An accepted one moves the
+/// expiry and replaces the permissions (the dispatcher acks, after telling the client which
+/// subscriptions it lost).
+async fn refresh(
+    conn: &mut Conn,
+    id: Option<Value>,
+    verdict: Result<Grant, crate::auth::AuthError>,
+) -> Flow {
+    let ctx = conn.ctx.clone();
+    let grant = match verdict {
+        Ok(grant) => grant,
+        Err(e) => {
+            ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                reason = e.reason(),
+                sub = conn.grant.sub(),
+                "token refresh refused: closing 4001"
+            );
+            return Flow::CloseWith(close::UNAUTHORIZED, "unauthorized", refusal(id.as_ref(), e));
+        }
+    };
+    if let (Some(old), Some(new)) = (conn.grant.sub(), grant.sub()) {
+        if old != new {
+            ctx.stats.unauthorized.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                sub = old,
+                new_sub = new,
+                "token refresh for another user refused: closing 4001"
+            );
+            let msg = "the new token names another user (sub) than the session's";
+            return Flow::CloseWith(
+                close::UNAUTHORIZED,
+                "unauthorized",
+                error_message(id.as_ref(), ErrorCode::Forbidden, msg, None),
+            );
+        }
+    }
+    let deadline = expiry_deadline(&ctx, &grant);
+    let in_time = match (conn.auth, deadline) {
+        (Standing::Expiring, Some(at)) => conn.out.replace_auth_deadline(at),
+        (Standing::Expiring, None) => conn.out.lift_auth_deadline(),
+        (_, Some(at)) => {
+            conn.out.set_auth_deadline(at);
+            true
+        }
+        (_, None) => true,
+    };
+    if !in_time {
+        // The old token expired first; the close order is on its way.
+        return Flow::Continue;
+    }
+    conn.auth = if deadline.is_some() {
+        Standing::Expiring
+    } else {
+        Standing::Authorized
+    };
+    if let Some(sub) = grant.sub() {
+        tracing::debug!(sub, "client token refreshed");
+    }
+    let cmd = Command::Reauthorize {
+        key: conn.key().unwrap_or_default(),
+        id,
+        permitted: grant.symbols().cloned(),
+    };
+    conn.grant = grant;
+    match ctx.dispatcher.send(cmd).await {
+        Ok(()) => Flow::Continue,
         Err(_) => Flow::Close(close::GOING_AWAY, "server shutting down"),
     }
 }
