@@ -900,8 +900,9 @@ mod budgets {
     /// Budgets of the connection futures, per profile: the release build's are what
     /// docs/benchmarks.md measures (648 B when last measured there); `cargo test` builds
     /// unoptimized, where the same futures are bigger (1,120 and 1,152 B when these were
-    /// set). Growth shows in both, so the test profile's pins catch it.
-    const FUTURE_BUDGET: usize = if cfg!(debug_assertions) { 1_152 } else { 700 };
+    /// set; 1,176 once TLS, permessage-deflate and JWT grants merged, each within 1,152 on its
+    /// own). Growth shows in both, so the test profile's pins catch it.
+    const FUTURE_BUDGET: usize = if cfg!(debug_assertions) { 1_184 } else { 700 };
 
     /// A connection's task: started from the upgrade (`serve`), or from the parking lot
     /// (`resume`). Idle, it waits inside `run`, so its future is what an idle running
