@@ -387,12 +387,22 @@ impl Cluster {
             ..Default::default()
         };
         // A NATS cluster that has just elected its JetStream leader may still refuse a
-        // replicated stream for a moment (peers not all known yet): a node started beside it
-        // waits, as it does for the connect, instead of failing its start.
+        // replicated stream for a moment (peers not all known yet), and a just-created R3
+        // stream may not answer its first info request before its own leader is elected: a
+        // node started beside it waits, as it does for the connect, instead of failing its
+        // start.
         let mut backoff = Duration::from_millis(100);
-        let mut stream = loop {
-            match js.get_or_create_stream(stream_config.clone()).await {
-                Ok(stream) => break stream,
+        let (stream, info) = loop {
+            let attempt = async {
+                let mut stream = js
+                    .get_or_create_stream(stream_config.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let info = stream.info().await.map_err(|e| e.to_string())?.clone();
+                Ok::<_, String>((stream, info))
+            };
+            match attempt.await {
+                Ok(ready) => break ready,
                 Err(e) if tokio::time::Instant::now() + backoff < deadline => {
                     tracing::warn!(error = %e, stream = %c.stream, "JetStream stream not ready; retrying");
                     tokio::time::sleep(backoff).await;
@@ -401,7 +411,6 @@ impl Cluster {
                 Err(e) => return Err(stream_err(&e)),
             }
         };
-        let info = stream.info().await.map_err(|e| stream_err(&e))?.clone();
         let replicas = info.config.num_replicas;
         let epoch = u64::try_from(info.created.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
         let replica = replica_path(&config.store.dir);
