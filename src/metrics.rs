@@ -151,6 +151,8 @@ metrics! {
         "Connections closed 1009 because a compressed message inflated past limits.max_message_bytes.";
     INFLATE_DEFERRED: Counter "tickfan_inflate_deferred_total" []
         "Reads (/ws and /ingest) whose compressed frames inflated past the per-read budget (limits.max_message_bytes): the rest was decoded on the connection's next turn.";
+    INGEST_BACKPRESSURE_PAUSES: Counter "tickfan_ingest_backpressure_pauses_total" []
+        "Times an /ingest connection was not read after ticks of it were refused, until the queue was down to half its capacity (or retry_after_ms passed).";
     DEAD_LETTERS: Gauge "tickfan_dead_letters" [] "Entries in the dead-letter list.";
     DEAD_LETTERS_SKIPPED: Counter "tickfan_dead_letters_skipped_total" []
         "Rejections not written to the dead-letter list because one frame or body had more than store.dlq_capacity.";

@@ -141,6 +141,11 @@ pub fn render(s: &AppState) -> String {
         &[],
         load(&c.inflate_deferred) + load(&p.inflate_deferred),
     );
+    r.counter(
+        &m::INGEST_BACKPRESSURE_PAUSES,
+        &[],
+        load(&p.backpressure_pauses),
+    );
     let tls = s.tls.as_ref().map(|t| &t.stats);
     let tls_count =
         |f: fn(&crate::transport::tls::TlsStats) -> &AtomicU64| tls.map_or(0, |t| load(f(t)));

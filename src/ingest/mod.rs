@@ -243,6 +243,13 @@ pub struct Backpressure {
 }
 
 impl IngestReport {
+    /// Whether ticks were refused because the priority queue was full (not because the
+    /// store or the bus is failing).
+    #[must_use]
+    pub fn queue_full(&self) -> bool {
+        !self.refused.is_empty() && !self.store_failing && !self.bus_unavailable
+    }
+
     /// Waits until the accepted ticks have settled and builds the ack. Ticks that expired in
     /// the queue are moved from `accepted` to `rejected` with code `expired`.
     pub async fn settle(self) -> (IngestAck, Option<Backpressure>) {
@@ -408,6 +415,22 @@ impl Ingestor {
         let mut batch = self.batch();
         self.parse_text_into(text, &mut batch);
         self.admit(batch, permitted)
+    }
+
+    /// When a producer refused now should be read again at the latest: `retry_after_ms` on.
+    #[must_use]
+    pub fn pause_deadline(&self) -> tokio::time::Instant {
+        tokio::time::Instant::now()
+            + std::time::Duration::from_millis(self.queue.retry_after_ms().max(1))
+    }
+
+    /// Waits until the priority queue has room again after a refusal (see
+    /// [`PriorityQueue::wait_room`]), or until `deadline` (from
+    /// [`Ingestor::pause_deadline`]): a producer whose ticks were refused is not read
+    /// meanwhile, so it feels TCP backpressure instead of having every further tick parsed
+    /// and refused.
+    pub async fn wait_room(&self, deadline: tokio::time::Instant) {
+        let _ = tokio::time::timeout_at(deadline, self.queue.wait_room()).await;
     }
 
     /// Ingests a `POST /api/ticks` body: a JSON array, one object, or NDJSON (one tick, or an

@@ -114,15 +114,21 @@ const MAX_ID_LEN: usize = 128;
 /// # Errors
 /// The first rule the tick breaks.
 pub fn validate(obj: &TickObject<'_, '_>, rules: TimeRules, t_in: i64) -> Result<Tick, Reject> {
-    for name in ["symbol", "ts", "price", "volume"] {
-        if obj.get(name) == Field::Absent {
+    let [symbol, ts, price, volume, bid, ask, open, high, low, close, id, priority] = obj.fields();
+    for (name, field) in [
+        ("symbol", &symbol),
+        ("ts", &ts),
+        ("price", &price),
+        ("volume", &volume),
+    ] {
+        if *field == Field::Absent {
             return Err(Reject::new(
                 RejectCode::MissingField,
                 format!("missing required field `{name}`"),
             ));
         }
     }
-    let symbol = match obj.get("symbol") {
+    let symbol = match symbol {
         Field::Str(s) => Symbol::parse(&s).ok_or_else(|| {
             Reject::new(
                 RejectCode::InvalidSymbol,
@@ -136,7 +142,7 @@ pub fn validate(obj: &TickObject<'_, '_>, rules: TimeRules, t_in: i64) -> Result
             ))
         }
     };
-    let ts = match obj.get("ts") {
+    let ts = match ts {
         Field::Int(i) => i,
         #[allow(clippy::cast_possible_truncation)]
         Field::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => f as i64,
@@ -147,8 +153,8 @@ pub fn validate(obj: &TickObject<'_, '_>, rules: TimeRules, t_in: i64) -> Result
             ))
         }
     };
-    let price = positive(&obj.get("price"), "price", RejectCode::InvalidPrice)?;
-    let volume = match obj.get("volume").as_f64() {
+    let price = positive(&price, "price", RejectCode::InvalidPrice)?;
+    let volume = match volume.as_f64() {
         Some(v) if v.is_finite() && v >= 0.0 => v,
         _ => {
             return Err(Reject::new(
@@ -157,8 +163,8 @@ pub fn validate(obj: &TickObject<'_, '_>, rules: TimeRules, t_in: i64) -> Result
             ))
         }
     };
-    let bid = optional_positive(&obj.get("bid"), "bid", RejectCode::InvalidPrice)?;
-    let ask = optional_positive(&obj.get("ask"), "ask", RejectCode::InvalidPrice)?;
+    let bid = optional_positive(&bid, "bid", RejectCode::InvalidPrice)?;
+    let ask = optional_positive(&ask, "ask", RejectCode::InvalidPrice)?;
     if let (Some(b), Some(a)) = (bid, ask) {
         if b > a {
             return Err(Reject::new(
@@ -167,10 +173,10 @@ pub fn validate(obj: &TickObject<'_, '_>, rules: TimeRules, t_in: i64) -> Result
             ));
         }
     }
-    let open = optional_positive(&obj.get("open"), "open", RejectCode::InvalidOhlc)?;
-    let high = optional_positive(&obj.get("high"), "high", RejectCode::InvalidOhlc)?;
-    let low = optional_positive(&obj.get("low"), "low", RejectCode::InvalidOhlc)?;
-    let close = optional_positive(&obj.get("close"), "close", RejectCode::InvalidOhlc)?;
+    let open = optional_positive(&open, "open", RejectCode::InvalidOhlc)?;
+    let high = optional_positive(&high, "high", RejectCode::InvalidOhlc)?;
+    let low = optional_positive(&low, "low", RejectCode::InvalidOhlc)?;
+    let close = optional_positive(&close, "close", RejectCode::InvalidOhlc)?;
     if let (Some(h), Some(l)) = (high, low) {
         if h < l {
             return Err(Reject::new(
@@ -187,7 +193,7 @@ pub fn validate(obj: &TickObject<'_, '_>, rules: TimeRules, t_in: i64) -> Result
             }
         }
     }
-    let id = match obj.get("id") {
+    let id = match id {
         Field::Absent | Field::Null => None,
         Field::Str(s) if !s.is_empty() && s.len() <= MAX_ID_LEN => Some(TradeId::Str(s.into())),
         Field::Int(i) => Some(TradeId::Int(i)),
@@ -198,7 +204,7 @@ pub fn validate(obj: &TickObject<'_, '_>, rules: TimeRules, t_in: i64) -> Result
             ))
         }
     };
-    let priority = match obj.get("priority") {
+    let priority = match priority {
         Field::Absent | Field::Null => Priority::Normal,
         Field::Str(s) => Priority::parse(&s).ok_or_else(|| {
             Reject::new(

@@ -5,7 +5,11 @@
 //! store). At most `PIPELINE_FRAMES` acks may be outstanding and a new ack is only taken once
 //! the socket took the previous ones, so a producer that outruns the server (or does not read
 //! its acks) stops being read and feels TCP backpressure. Refused ticks get a `backpressure`
-//! error right after the frame's ack. Frames and reassembled messages are bounded by
+//! error right after the frame's ack, and the connection is not read again until the queue
+//! has room (or `retry_after_ms` passed): under overload, parsing ticks only to refuse them
+//! took the cores the dispatcher needed, and accepted throughput collapsed. A task that
+//! ingested a read buffer's worth yields before reading on, so a fast producer cannot keep a
+//! worker (and the dispatcher waiting on it) to itself. Frames and reassembled messages are bounded by
 //! `limits.max_message_bytes` (1009); every protocol error is answered with its close code
 //! (1002, 1007) before the connection ends.
 //!
@@ -69,6 +73,8 @@ pub struct ProducerStats {
     pub tls_errors: AtomicU64,
     /// Connections closed 4001 because their JWT expired.
     pub token_expired: AtomicU64,
+    /// Times a producer was not read after a refusal, until the queue had room.
+    pub backpressure_pauses: AtomicU64,
 }
 
 /// Counts an open connection that negotiated permessage-deflate, for as long as it lives.
@@ -140,17 +146,32 @@ pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>, grant: Gr
     drop(early);
     let shutdown = ctx.shutdown.clone();
     let mut settling = FuturesOrdered::new();
+    // Bytes ingested since this task last yielded.
+    let mut ingested = 0;
+    // Set when a frame had ticks refused: no reads until the queue has room, or until this
+    // deadline (set once per pause, so acks going out meanwhile do not extend it).
+    let mut paused_until: Option<tokio::time::Instant> = None;
     let ending = loop {
         let mut peer_close = None;
         for msg in inbox.drain(..) {
             match msg {
                 // Ingest copies the frame once into simd-json's scratch buffer; no copy here.
                 Incoming::Text(text) => {
-                    settling.push_back(ingestor.ingest_text_for(&text, permitted).settle());
+                    ingested += text.len();
+                    let report = ingestor.ingest_text_for(&text, permitted);
+                    if report.queue_full() && paused_until.is_none() {
+                        paused_until = Some(ingestor.pause_deadline());
+                    }
+                    settling.push_back(report.settle());
                 }
                 // Binary frames carrying JSON are accepted too: producers often send bytes.
                 Incoming::Binary(bytes) => {
-                    settling.push_back(ingestor.ingest_frame_for(&bytes, permitted).settle());
+                    ingested += bytes.len();
+                    let report = ingestor.ingest_frame_for(&bytes, permitted);
+                    if report.queue_full() && paused_until.is_none() {
+                        paused_until = Some(ingestor.pause_deadline());
+                    }
+                    settling.push_back(report.settle());
                 }
                 Incoming::Ping(payload) => {
                     if socket.queue_pong(payload) {
@@ -170,8 +191,16 @@ pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>, grant: Gr
         if let Some(e) = broken.take() {
             break read_failure(&ctx, e);
         }
-        // Read only while acks may still be outstanding and pongs are being taken.
-        let may_read = settling.len() < PIPELINE_FRAMES && !socket.read_paused();
+        if ingested >= READ_BUFFER {
+            // A read buffer's worth of ticks parsed: let the dispatcher (and other
+            // connections) run before reading on.
+            ingested = 0;
+            tokio::task::yield_now().await;
+        }
+        // Read only while acks may still be outstanding, pongs are being taken and nothing
+        // was refused since the queue last had room.
+        let may_read =
+            settling.len() < PIPELINE_FRAMES && !socket.read_paused() && paused_until.is_none();
         // A new ack only once the socket took the previous ones.
         let may_ack = !settling.is_empty() && !socket.has_unsent();
         tokio::select! {
@@ -192,6 +221,10 @@ pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>, grant: Gr
                 if ready.is_err() || socket.try_flush().is_err() {
                     break Ending::Gone;
                 }
+            }
+            () = ingestor.wait_room(paused_until.unwrap_or_else(tokio::time::Instant::now)), if paused_until.is_some() => {
+                ctx.stats.backpressure_pauses.fetch_add(1, Ordering::Relaxed);
+                paused_until = None;
             }
             // Frames read earlier and left over by the inflate budget: decoded without waiting
             // for the socket (other tasks run in between once this one has run long).
