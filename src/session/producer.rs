@@ -9,9 +9,9 @@
 //! has room (or `retry_after_ms` passed): under overload, parsing ticks only to refuse them
 //! took the cores the dispatcher needed, and accepted throughput collapsed. A task that
 //! ingested a read buffer's worth yields before reading on, so a fast producer cannot keep a
-//! worker (and the dispatcher waiting on it) to itself. Frames and reassembled messages are bounded by
-//! `limits.max_message_bytes` (1009); every protocol error is answered with its close code
-//! (1002, 1007) before the connection ends.
+//! worker (and the dispatcher waiting on it) to itself. Frames and reassembled messages are
+//! bounded by `limits.max_message_bytes` (1009); every protocol error is answered with its
+//! close code (1002, 1007) before the connection ends.
 //!
 //! One task does both directions (a `select!` over reading, the next settled ack, writing and
 //! shutdown): the socket's state (a half-read frame, queued acks and pongs) has one owner.
