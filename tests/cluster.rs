@@ -707,7 +707,11 @@ impl NatsCluster {
                 })
                 .collect();
             let leader = texts.iter().any(|t| t.contains("metadata leader"));
-            if ports.len() == 3 && leader {
+            // A node with `replicas = 0` sizes its stream by the servers its NATS server
+            // gossips to clients (`connect_urls`): until every route is up that can be 2, and
+            // the stream would be created R2 (seen in a loaded run). Ready means every server
+            // tells clients about all three.
+            if ports.len() == 3 && leader && ports.iter().all(|p| gossiped_servers(*p) == 3) {
                 this.urls = ports
                     .iter()
                     .map(|p| format!("nats://127.0.0.1:{p}"))
@@ -728,6 +732,27 @@ impl NatsCluster {
             let _ = c.wait();
         }
     }
+}
+
+/// The client URLs the NATS server on `port` announces in its INFO line (`connect_urls`),
+/// or 0 when it cannot be read.
+fn gossiped_servers(port: u16) -> usize {
+    use std::io::BufRead;
+    let Ok(stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return 0;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut line = String::new();
+    if std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .is_err()
+    {
+        return 0;
+    }
+    line.strip_prefix("INFO ")
+        .and_then(|info| serde_json::from_str::<Value>(info).ok())
+        .and_then(|info| info["connect_urls"].as_array().map(Vec::len))
+        .unwrap_or(0)
 }
 
 impl Drop for NatsCluster {
