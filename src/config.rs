@@ -394,21 +394,56 @@ fn parse_error(text: &str, e: &toml::de::Error) -> ConfigError {
     ))
 }
 
+/// Serializes a secret (or a list of them) as `"[redacted]"`: nothing serializes the config
+/// today, and whatever does later (a debug dump, a `/health` field) must not carry tokens or
+/// the JWT secret. An absent or empty value stays visibly absent.
+fn serialize_redacted<T, S>(value: &T, serializer: S) -> Result<S::Ok, S::Error>
+where
+    T: RedactedShape,
+    S: serde::Serializer,
+{
+    if value.is_unset() {
+        serializer.serialize_none()
+    } else {
+        serializer.serialize_str("[redacted]")
+    }
+}
+
+/// What [`serialize_redacted`] needs of a secret field: whether anything is set.
+trait RedactedShape {
+    fn is_unset(&self) -> bool;
+}
+
+impl RedactedShape for Vec<String> {
+    fn is_unset(&self) -> bool {
+        self.is_empty()
+    }
+}
+
+impl RedactedShape for Option<String> {
+    fn is_unset(&self) -> bool {
+        self.is_none()
+    }
+}
+
 /// `[auth]`
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// Tokens accepted on `/ws`; empty means clients need no token, unless a JWT key is set
     /// (then a JWT is needed).
+    #[serde(serialize_with = "serialize_redacted")]
     pub client_tokens: Vec<String>,
     /// Tokens accepted on `/ingest` and `POST /api/ticks`; empty means producers need none,
     /// unless a JWT key is set (then a JWT with `"ingest": true` is needed).
+    #[serde(serialize_with = "serialize_redacted")]
     pub ingest_tokens: Vec<String>,
     /// Time a client that connected without a token has to send `{"op":"auth"}` before it is
     /// closed with 4001, in ms.
     pub auth_timeout_ms: u64,
     /// HS256 secret (at least 32 bytes) that JWTs are signed with. Setting it (or
     /// `jwt_public_key_file`) turns auth on for clients and producers.
+    #[serde(serialize_with = "serialize_redacted")]
     pub jwt_hs256_secret: Option<String>,
     /// PEM public key (RSA or EC) that RS*/PS*/ES* JWTs are verified with.
     pub jwt_public_key_file: Option<PathBuf>,

@@ -56,3 +56,25 @@ fn empty_config_is_the_default_and_unknown_keys_fail() {
     assert!(err.contains("nope"), "{err}");
     assert!(Config::from_toml("[queue]\ncapacity = 0").is_err());
 }
+
+#[test]
+fn serializing_the_config_never_carries_a_secret() {
+    let mut config = Config::default();
+    config.auth.client_tokens = vec!["client-secret-token".into()];
+    config.auth.ingest_tokens = vec!["ingest-secret-token".into()];
+    config.auth.jwt_hs256_secret = Some("an-hs256-secret-of-at-least-32-bytes!".into());
+    let json = serde_json::to_string(&config).unwrap();
+    for secret in [
+        "client-secret-token",
+        "ingest-secret-token",
+        "an-hs256-secret",
+    ] {
+        assert!(!json.contains(secret), "{secret} in {json}");
+    }
+    assert!(
+        json.contains(r#""jwt_hs256_secret":"[redacted]""#),
+        "{json}"
+    );
+    let unset = serde_json::to_string(&Config::default()).unwrap();
+    assert!(unset.contains(r#""jwt_hs256_secret":null"#), "{unset}");
+}
