@@ -154,36 +154,33 @@ pub async fn serve(pending: PendingUpgrade, ctx: Arc<ProducerContext>, grant: Gr
     let ending = loop {
         let mut peer_close = None;
         for msg in inbox.drain(..) {
-            match msg {
+            let report = match msg {
                 // Ingest copies the frame once into simd-json's scratch buffer; no copy here.
                 Incoming::Text(text) => {
                     ingested += text.len();
-                    let report = ingestor.ingest_text_for(&text, permitted);
-                    if report.queue_full() && paused_until.is_none() {
-                        paused_until = Some(ingestor.pause_deadline());
-                    }
-                    settling.push_back(report.settle());
+                    ingestor.ingest_text_for(&text, permitted)
                 }
                 // Binary frames carrying JSON are accepted too: producers often send bytes.
                 Incoming::Binary(bytes) => {
                     ingested += bytes.len();
-                    let report = ingestor.ingest_frame_for(&bytes, permitted);
-                    if report.queue_full() && paused_until.is_none() {
-                        paused_until = Some(ingestor.pause_deadline());
-                    }
-                    settling.push_back(report.settle());
+                    ingestor.ingest_frame_for(&bytes, permitted)
                 }
                 Incoming::Ping(payload) => {
                     if socket.queue_pong(payload) {
                         ctx.stats.pongs_coalesced.fetch_add(1, Ordering::Relaxed);
                     }
+                    continue;
                 }
-                Incoming::Pong => {}
+                Incoming::Pong => continue,
                 Incoming::Close(code) => {
                     peer_close = Some(code.unwrap_or(close::NORMAL));
                     break;
                 }
+            };
+            if report.queue_full() && paused_until.is_none() {
+                paused_until = Some(ingestor.pause_deadline());
             }
+            settling.push_back(report.settle());
         }
         if let Some(code) = peer_close {
             break Ending::PeerClosed(code);

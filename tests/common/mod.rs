@@ -157,6 +157,22 @@ impl TestServer {
     }
 
     /// Polls `/api/stats` until `pred` holds.
+    /// Polls `series` in `/metrics` until `pred` holds for its value (or the deadline).
+    pub async fn wait_metric(&self, series: &str, pred: impl Fn(f64) -> bool) -> f64 {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let value = self.metric(series).await;
+            if pred(value) {
+                return value;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {series}: {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn wait_stats(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + DEADLINE;
         loop {
