@@ -24,6 +24,7 @@ pub mod recent;
 pub mod registry;
 pub mod sink;
 mod snapshot;
+mod stage;
 mod subscription;
 #[cfg(test)]
 mod tests;
@@ -47,10 +48,11 @@ use self::outbound::{Frame, Outbound, Refills};
 use self::recent::RecentTicks;
 use self::registry::{ClientKey, Registry, SymbolSet};
 pub use self::sink::{StoreSink, TickSink};
+use self::stage::Stage;
 use crate::auth::SymbolPatterns;
 use crate::config::Config;
 use crate::dlq::{DeadLetter, DeadLetters};
-use crate::protocol::{close, Settings};
+use crate::protocol::{close, Mode, Settings};
 use crate::queue::{PriorityQueue, Queued};
 use crate::store::{Store, StoredTick};
 use crate::tick::{now_ms, Symbol, Tick};
@@ -189,6 +191,8 @@ pub struct Dispatcher<S: TickSink> {
     replay_high_pct: u8,
     /// Tells a restarted replay's reads from the old one's.
     next_generation: u64,
+    /// Realtime frames of the round so far, pushed per client every few ticks.
+    stage: Stage,
 }
 
 /// Commands handled per loop turn before looking at the queue again.
@@ -262,6 +266,7 @@ impl<S: TickSink> Dispatcher<S> {
                 .replay_high_water_pct
                 .clamp(config.dispatch.replay_low_water_pct.clamp(1, 100), 100),
             next_generation: 0,
+            stage: Stage::default(),
         };
         (dispatcher, DispatcherHandle { tx })
     }
@@ -396,6 +401,9 @@ impl<S: TickSink> Dispatcher<S> {
             for g in flush_now {
                 self.flush_group(g, now, &mut tally, &mut gone);
             }
+            if self.stage.tick_done() {
+                self.push_staged(&mut tally, &mut gone);
+            }
             // Straight into the store's shape: a tick is ~200 bytes, and each extra vector it
             // passes through is a copy into cold memory (3-4 % of the worker at 100k ticks/s).
             done.push(StoredTick {
@@ -404,6 +412,7 @@ impl<S: TickSink> Dispatcher<S> {
                 ack: item.ack,
             });
         }
+        self.push_staged(&mut tally, &mut gone);
         self.stats
             .dispatched
             .fetch_add(done.len() as u64, Ordering::Relaxed);
@@ -412,6 +421,13 @@ impl<S: TickSink> Dispatcher<S> {
             self.drop_client(key, code);
         }
         self.sink.accept(done).await;
+    }
+
+    /// Pushes the realtime frames staged so far to their clients' links.
+    fn push_staged(&mut self, tally: &mut Tally, gone: &mut Vec<(ClientKey, u16)>) {
+        let clients = &self.clients;
+        self.stage
+            .push_all(|key| clients.get(key).map(|c| &c.out), tally, gone);
     }
 
     /// Assigns the next seq and serializes the tick once.
@@ -440,8 +456,9 @@ impl<S: TickSink> Dispatcher<S> {
         frame
     }
 
-    /// Offers the tick to every subscriber (or its batch group); returns the groups that must
-    /// flush right away (a critical tick, or a batch at the byte limit).
+    /// Offers the tick to every subscriber (its batch group, or the stage for a realtime
+    /// client); returns the groups that must flush right away (a critical tick, or a batch at
+    /// the byte limit).
     fn fan_out(
         &mut self,
         tick: &Tick,
@@ -453,6 +470,7 @@ impl<S: TickSink> Dispatcher<S> {
         let clients = &mut self.clients;
         let timers = &mut self.timers;
         let groups = &mut self.groups;
+        let stage = &mut self.stage;
         let smart = self.smart;
         let stamped = self.stamped;
         let critical = tick.priority == crate::tick::Priority::Critical;
@@ -478,6 +496,10 @@ impl<S: TickSink> Dispatcher<S> {
                 if let Some(at) = deadline {
                     groups.schedule(g, at);
                 }
+                return;
+            }
+            if client.delivery.mode() == Mode::Realtime {
+                stage.stage(key, frame);
                 return;
             }
             match client

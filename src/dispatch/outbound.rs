@@ -329,6 +329,38 @@ impl Outbound {
         self.push_within(frame, self.byte_limit().saturating_mul(2))
     }
 
+    /// Queues `frames` (a dispatch round's realtime ticks for this client, in order) under one
+    /// lock: all of them, or none when together they would pass the byte or count bound (the
+    /// client is then a slow consumer, as it would have been at the first frame that did not
+    /// fit). Empties `frames` on success and returns how many were queued.
+    ///
+    /// # Errors
+    /// As [`Outbound::push`]; `frames` is left as it was.
+    pub fn push_many(&self, frames: &mut Vec<Frame>) -> Result<usize, PushError> {
+        let shared = &self.shared;
+        let count = frames.len();
+        let len: usize = frames.iter().map(|f| f.len()).sum();
+        let was_empty = {
+            let mut queue = shared.queue.lock();
+            if shared.flags.load(Ordering::Acquire) & CLOSED != 0 {
+                return Err(PushError::Closed);
+            }
+            if queue.len() + count > shared.max_messages as usize
+                || shared.queued_bytes.load(Ordering::Acquire) + len > self.byte_limit()
+            {
+                return Err(PushError::Full);
+            }
+            shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
+            let was_empty = queue.is_empty();
+            queue.extend(frames.drain(..));
+            was_empty
+        };
+        if was_empty && count > 0 {
+            shared.waker.wake();
+        }
+        Ok(count)
+    }
+
     fn push_within(&self, frame: Frame, limit: usize) -> Result<(), PushError> {
         let shared = &self.shared;
         let len = frame.len();
@@ -568,32 +600,43 @@ impl OutboundReceiver {
     }
 
     /// Takes queued frames in order until `budget` bytes are taken or the queue is empty;
-    /// returns the number of frames and bytes taken. Frames leave the queue [`DRAIN_BATCH`]
-    /// at a time under the lock and are handed to `take` with the lock released: `take` may
-    /// compress them, and the dispatcher's pushes to this link must not wait for that.
+    /// returns the number of frames and bytes taken. Frames are handed to `take` with the lock
+    /// released: `take` may compress them, and the dispatcher's pushes to this link must not
+    /// wait for that. A queue that fits in what is left of the budget (the common case: the
+    /// connection keeps up) leaves whole, storage and all, in one swap; a longer one leaves
+    /// [`DRAIN_BATCH`] frames per lock.
     pub fn drain(&self, budget: usize, mut take: impl FnMut(Frame)) -> (u64, usize) {
         let mut frames = 0;
         let mut bytes = 0;
         let mut batch: [Option<Frame>; DRAIN_BATCH] = Default::default();
         let mut remaining = None;
         while bytes < budget {
+            let mut whole = VecDeque::new();
             let (got, got_bytes) = {
                 let mut queue = self.shared.queue.lock();
-                let mut got = 0;
-                let mut got_bytes = 0;
-                while got < DRAIN_BATCH && bytes + got_bytes < budget {
-                    let Some(frame) = queue.pop_front() else {
-                        break;
-                    };
-                    got_bytes += frame.len();
-                    batch[got] = Some(frame);
-                    got += 1;
+                // Under the lock the count is exactly the queue's bytes: pushes add to it
+                // under the lock, and only this receiver takes away.
+                let queued = self.shared.queued_bytes.load(Ordering::Acquire);
+                if queued <= budget - bytes {
+                    whole = std::mem::take(&mut *queue);
+                    (whole.len(), queued)
+                } else {
+                    let mut got = 0;
+                    let mut got_bytes = 0;
+                    while got < DRAIN_BATCH && bytes + got_bytes < budget {
+                        let Some(frame) = queue.pop_front() else {
+                            break;
+                        };
+                        got_bytes += frame.len();
+                        batch[got] = Some(frame);
+                        got += 1;
+                    }
+                    if queue.is_empty() {
+                        // An idle connection keeps no queue storage.
+                        *queue = VecDeque::new();
+                    }
+                    (got, got_bytes)
                 }
-                if queue.is_empty() && queue.capacity() > 0 {
-                    // An idle connection keeps no queue storage.
-                    *queue = VecDeque::new();
-                }
-                (got, got_bytes)
             };
             if got == 0 {
                 break;
@@ -605,11 +648,17 @@ impl OutboundReceiver {
             remaining = Some(before - got_bytes);
             frames += got as u64;
             bytes += got_bytes;
-            for frame in batch[..got].iter_mut().filter_map(Option::take) {
-                take(frame);
-            }
-            if got < DRAIN_BATCH {
-                break;
+            if whole.is_empty() {
+                for frame in batch[..got].iter_mut().filter_map(Option::take) {
+                    take(frame);
+                }
+                if got < DRAIN_BATCH {
+                    break;
+                }
+            } else {
+                // Taken whole, storage and all (an idle connection keeps none); look again
+                // for what the dispatcher pushed meanwhile.
+                whole.into_iter().for_each(&mut take);
             }
         }
         if let Some(remaining) = remaining {
@@ -692,6 +741,31 @@ mod tests {
         assert_eq!(tx.queued_bytes(), 8);
         drop(rx);
         assert_eq!(tx.push(Frame::from("1")), Err(PushError::Closed));
+    }
+
+    #[test]
+    fn push_many_queues_all_in_order_or_none() {
+        let (tx, rx) = channel(5, 10);
+        tx.push(Frame::from("12")).unwrap();
+        let mut frames: Vec<Frame> = ["345", "678"].into_iter().map(Frame::from).collect();
+        assert_eq!(tx.push_many(&mut frames), Ok(2));
+        assert!(frames.is_empty());
+        assert_eq!(tx.queued_bytes(), 8);
+        // Bytes: 8 + 3 > 10; none of the three is queued, and the caller keeps them.
+        let mut frames: Vec<Frame> = ["9", "ab", "c"].into_iter().map(Frame::from).collect();
+        assert_eq!(tx.push_many(&mut frames), Err(PushError::Full));
+        assert_eq!(frames.len(), 3);
+        assert_eq!(tx.queued_bytes(), 8);
+        // Count: 3 queued + 3 > 5.
+        let mut frames: Vec<Frame> = ["", "", ""].into_iter().map(Frame::from).collect();
+        assert_eq!(tx.push_many(&mut frames), Err(PushError::Full));
+        let got: Vec<Frame> = std::iter::from_fn(|| rx.try_recv()).collect();
+        assert_eq!(got, ["12", "345", "678"]);
+        drop(rx);
+        assert_eq!(
+            tx.push_many(&mut vec![Frame::from("x")]),
+            Err(PushError::Closed)
+        );
     }
 
     #[test]
