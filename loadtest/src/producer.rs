@@ -6,7 +6,6 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -242,13 +241,35 @@ impl Generator {
         let volume = 1 + self.next_random() % 100;
         let id = self.id_base + self.n * self.parts + self.part;
         self.n += 1;
-        let _ = write!(
-            out,
-            r#"{{"symbol":"{}","ts":{ts_ms},"price":{p:.4},"volume":{volume},"id":{id}}}"#,
-            self.symbols[i]
-        );
+        let mut num = itoa::Buffer::new();
+        out.push_str(r#"{"symbol":""#);
+        out.push_str(&self.symbols[i]);
+        out.push_str(r#"","ts":"#);
+        out.push_str(num.format(ts_ms));
+        out.push_str(r#","price":"#);
+        write_price(out, p);
+        out.push_str(r#","volume":"#);
+        out.push_str(num.format(volume));
+        out.push_str(r#","id":"#);
+        out.push_str(num.format(id));
+        out.push('}');
         i
     }
+}
+
+/// Appends `price` (positive) with four decimals, from integers: the float formatter's exact
+/// mode was most of the generator's CPU (see Cargo.toml). Rounds the scaled value, so at a
+/// near-tie the last digit may differ from `{:.4}`'s; it is a load generator's price.
+fn write_price(out: &mut String, price: f64) {
+    let units = (price * 10_000.0).round() as u64;
+    let mut num = itoa::Buffer::new();
+    out.push_str(num.format(units / 10_000));
+    out.push('.');
+    let frac = num.format(units % 10_000);
+    for _ in frac.len()..4 {
+        out.push('0');
+    }
+    out.push_str(frac);
 }
 
 fn now_ms() -> u64 {
@@ -502,5 +523,27 @@ mod tests {
             assert_eq!(t["ts"].as_u64(), Some(1_700_000_000_000));
         }
         assert_ne!(ticks[0]["id"], ticks[2]["id"]);
+    }
+
+    #[test]
+    fn prices_are_written_with_four_decimals() {
+        for p in [
+            0.01,
+            0.5,
+            1.0,
+            99.99994,
+            100.04567,
+            123.4,
+            1e6 + 0.0001,
+            42.000_049,
+        ] {
+            let mut out = String::new();
+            write_price(&mut out, p);
+            assert_eq!(out, format!("{p:.4}"), "{p}");
+        }
+        // A near-tie rounds up (`{:.4}` gives 99.9999 from the binary value just below).
+        let mut out = String::new();
+        write_price(&mut out, 99.99995);
+        assert_eq!(out, "100.0000");
     }
 }
