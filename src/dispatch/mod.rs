@@ -4,8 +4,9 @@
 //! talk to it only through [`Command`]s, so subscribe/unsubscribe acks are ordered with the
 //! ticks around them. Accepted ticks then go on to the sink (the store), which settles their
 //! producers' acks after the durable commit. Subscriptions live in `subscription`, snapshots
-//! and resumes in `snapshot`, per-client delivery modes in `delivery`, and batches shared by
-//! batch clients with the same settings in `batch_group`.
+//! and resumes in `snapshot`, per-client delivery modes in `delivery`, batches shared by
+//! batch clients with the same settings in `batch_group`, and a round's realtime frames, pushed
+//! to each client's link in runs, in `stage`.
 //!
 //! This is the routing layer under the connection layers: it never imports the sessions
 //! (`crate::session`) or the transport (`crate::transport`). What it shares with them is its
