@@ -337,50 +337,46 @@ impl Outbound {
     /// # Errors
     /// As [`Outbound::push`]; `frames` is left as it was.
     pub fn push_many(&self, frames: &mut Vec<Frame>) -> Result<usize, PushError> {
-        let shared = &self.shared;
         let count = frames.len();
-        let len: usize = frames.iter().map(|f| f.len()).sum();
+        let len = frames.iter().map(|f| f.len()).sum();
+        self.push_run(count, len, self.byte_limit(), |queue| {
+            queue.extend(frames.drain(..));
+        })?;
+        Ok(count)
+    }
+
+    fn push_within(&self, frame: Frame, limit: usize) -> Result<(), PushError> {
+        self.push_run(1, frame.len(), limit, |queue| queue.push_back(frame))
+    }
+
+    /// The one push: `count` frames of `len` bytes go in through `put` under the lock, unless
+    /// the link is closed or they would pass `limit` bytes or the message bound.
+    fn push_run(
+        &self,
+        count: usize,
+        len: usize,
+        limit: usize,
+        put: impl FnOnce(&mut VecDeque<Frame>),
+    ) -> Result<(), PushError> {
+        let shared = &self.shared;
         let was_empty = {
             let mut queue = shared.queue.lock();
             if shared.flags.load(Ordering::Acquire) & CLOSED != 0 {
                 return Err(PushError::Closed);
             }
             if queue.len() + count > shared.max_messages as usize
-                || shared.queued_bytes.load(Ordering::Acquire) + len > self.byte_limit()
-            {
-                return Err(PushError::Full);
-            }
-            shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
-            let was_empty = queue.is_empty();
-            queue.extend(frames.drain(..));
-            was_empty
-        };
-        if was_empty && count > 0 {
-            shared.waker.wake();
-        }
-        Ok(count)
-    }
-
-    fn push_within(&self, frame: Frame, limit: usize) -> Result<(), PushError> {
-        let shared = &self.shared;
-        let len = frame.len();
-        let was_empty = {
-            let mut queue = shared.queue.lock();
-            if shared.flags.load(Ordering::Acquire) & CLOSED != 0 {
-                return Err(PushError::Closed);
-            }
-            if queue.len() >= shared.max_messages as usize
                 || shared.queued_bytes.load(Ordering::Acquire) + len > limit
             {
                 return Err(PushError::Full);
             }
             shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
-            queue.push_back(frame);
-            queue.len() == 1
+            let was_empty = queue.is_empty();
+            put(&mut queue);
+            was_empty
         };
-        // The connection drains the queue before it waits again, so only the first frame
-        // needs to wake it.
-        if was_empty {
+        // The connection drains the queue before it waits again, so only the first frames
+        // need to wake it.
+        if was_empty && count > 0 {
             shared.waker.wake();
         }
         Ok(())
@@ -608,37 +604,34 @@ impl OutboundReceiver {
     pub fn drain(&self, budget: usize, mut take: impl FnMut(Frame)) -> (u64, usize) {
         let mut frames = 0;
         let mut bytes = 0;
-        let mut batch: [Option<Frame>; DRAIN_BATCH] = Default::default();
         let mut remaining = None;
         while bytes < budget {
-            let mut whole = VecDeque::new();
-            let (got, got_bytes) = {
+            let (taken, got_bytes) = {
                 let mut queue = self.shared.queue.lock();
                 // Under the lock the count is exactly the queue's bytes: pushes add to it
                 // under the lock, and only this receiver takes away.
                 let queued = self.shared.queued_bytes.load(Ordering::Acquire);
                 if queued <= budget - bytes {
-                    whole = std::mem::take(&mut *queue);
-                    (whole.len(), queued)
+                    // Storage and all: an idle connection keeps none.
+                    (std::mem::take(&mut *queue), queued)
                 } else {
-                    let mut got = 0;
+                    let mut taken = VecDeque::with_capacity(DRAIN_BATCH);
                     let mut got_bytes = 0;
-                    while got < DRAIN_BATCH && bytes + got_bytes < budget {
+                    while taken.len() < DRAIN_BATCH && bytes + got_bytes < budget {
                         let Some(frame) = queue.pop_front() else {
                             break;
                         };
                         got_bytes += frame.len();
-                        batch[got] = Some(frame);
-                        got += 1;
+                        taken.push_back(frame);
                     }
                     if queue.is_empty() {
-                        // An idle connection keeps no queue storage.
+                        // The last frame crossed the budget: keep no storage either.
                         *queue = VecDeque::new();
                     }
-                    (got, got_bytes)
+                    (taken, got_bytes)
                 }
             };
-            if got == 0 {
+            if taken.is_empty() {
                 break;
             }
             let before = self
@@ -646,20 +639,10 @@ impl OutboundReceiver {
                 .queued_bytes
                 .fetch_sub(got_bytes, Ordering::AcqRel);
             remaining = Some(before - got_bytes);
-            frames += got as u64;
+            frames += taken.len() as u64;
             bytes += got_bytes;
-            if whole.is_empty() {
-                for frame in batch[..got].iter_mut().filter_map(Option::take) {
-                    take(frame);
-                }
-                if got < DRAIN_BATCH {
-                    break;
-                }
-            } else {
-                // Taken whole, storage and all (an idle connection keeps none); look again
-                // for what the dispatcher pushed meanwhile.
-                whole.into_iter().for_each(&mut take);
-            }
+            // Then look again, for what the dispatcher pushed meanwhile.
+            taken.into_iter().for_each(&mut take);
         }
         if let Some(remaining) = remaining {
             self.shared.active.store(true, Ordering::Release);
