@@ -407,11 +407,7 @@ impl<S: TickSink> Dispatcher<S> {
             }
             // Straight into the store's shape: a tick is ~200 bytes, and each extra vector it
             // passes through is a copy into cold memory (3-4 % of the worker at 100k ticks/s).
-            done.push(StoredTick {
-                tick: item.tick,
-                json: frame.into(),
-                ack: item.ack,
-            });
+            done.push(StoredTick::new(item.tick, item.ack));
         }
         self.push_staged(&mut tally, &mut gone);
         self.stats
@@ -453,7 +449,7 @@ impl<S: TickSink> Dispatcher<S> {
         state.ts = tick.ts;
         tick.seq = state.seq;
         let frame = Frame::shared(tick.to_json(), self.deflate_clients > 0);
-        state.recent.push(tick.seq, frame.clone(), self.recent_cap);
+        state.recent.push(tick.seq, frame.as_str(), self.recent_cap);
         frame
     }
 

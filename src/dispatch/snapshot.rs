@@ -248,34 +248,19 @@ impl<S: TickSink> Dispatcher<S> {
             // The next message: up to the room left under the high-water mark (at least one
             // tick), at most `SNAPSHOT_CHUNK` ticks.
             let room = high - queued;
-            let mut frames: Vec<Frame> = Vec::new();
-            let mut bytes = 0;
-            let mut next = job.cursor + 1;
-            let mut take = |seq: u64, frame: &Frame, frames: &mut Vec<Frame>| {
-                if seq != next
-                    || frames.len() == SNAPSHOT_CHUNK
-                    || (!frames.is_empty() && bytes + frame.len() > room)
-                {
-                    return false;
-                }
-                bytes += frame.len() + 1;
-                frames.push(frame.clone());
-                next += 1;
-                true
-            };
+            let mut frames: Vec<&str> = Vec::new();
             if matches!(source, Source::Page) {
-                for (seq, frame) in &job.page {
-                    if !take(*seq, frame, &mut frames) {
-                        break;
-                    }
-                }
+                let page = job.page.iter().map(|(seq, f)| (*seq, f.as_str()));
+                take_run(page, job.cursor, room, &mut frames);
             } else if let Some(state) = state {
-                for (seq, frame) in state.recent.after(job.cursor) {
-                    if !take(*seq, frame, &mut frames) {
-                        break;
-                    }
-                }
+                take_run(
+                    state.recent.after(job.cursor),
+                    job.cursor,
+                    room,
+                    &mut frames,
+                );
             }
+            let n = frames.len();
             let text = snapshot_text(&job.symbol, &frames, job.gap);
             let pushed = if queued < low {
                 // Below the low-water mark the message goes out even if one big tick passes
@@ -286,7 +271,6 @@ impl<S: TickSink> Dispatcher<S> {
             };
             match pushed {
                 Ok(()) => {
-                    let n = frames.len();
                     self.stats
                         .replayed_ticks
                         .fetch_add(n as u64, Ordering::Relaxed);
@@ -447,13 +431,37 @@ impl<S: TickSink> Dispatcher<S> {
     }
 
     /// Sends one small snapshot message (an empty replay, or the `gap` report) as control.
-    fn push_snapshot(&mut self, key: ClientKey, symbol: &Symbol, frames: &[Frame], gap: bool) {
+    fn push_snapshot(&mut self, key: ClientKey, symbol: &Symbol, frames: &[&str], gap: bool) {
         self.reply_text(key, snapshot_text(symbol, frames, gap).to_string());
     }
 }
 
+/// Takes the next replay message's ticks from `ticks` (seq order) into `frames`: consecutive
+/// seqs from `cursor + 1`, at most `SNAPSHOT_CHUNK`, and no more than `room` bytes (but at
+/// least one tick, so a replay always moves).
+fn take_run<'a>(
+    ticks: impl Iterator<Item = (u64, &'a str)>,
+    cursor: u64,
+    room: usize,
+    frames: &mut Vec<&'a str>,
+) {
+    let mut bytes = 0;
+    let mut next = cursor + 1;
+    for (seq, frame) in ticks {
+        if seq != next
+            || frames.len() == SNAPSHOT_CHUNK
+            || (!frames.is_empty() && bytes + frame.len() > room)
+        {
+            break;
+        }
+        bytes += frame.len() + 1;
+        frames.push(frame);
+        next += 1;
+    }
+}
+
 /// `{"type":"snapshot","symbol":S,"ticks":[...],"gap":G}` from tick frames.
-fn snapshot_text(symbol: &Symbol, frames: &[Frame], gap: bool) -> Frame {
+fn snapshot_text(symbol: &Symbol, frames: &[&str], gap: bool) -> Frame {
     let mut text = String::with_capacity(64 + frames.iter().map(|f| f.len() + 1).sum::<usize>());
     text.push_str(r#"{"type":"snapshot","symbol":"#);
     text.push_str(&serde_json::to_string(symbol.as_str()).unwrap_or_default());
@@ -462,7 +470,7 @@ fn snapshot_text(symbol: &Symbol, frames: &[Frame], gap: bool) -> Frame {
         if j > 0 {
             text.push(',');
         }
-        text.push_str(f.as_str());
+        text.push_str(f);
     }
     text.push_str(r#"],"gap":"#);
     text.push_str(if gap { "true" } else { "false" });
