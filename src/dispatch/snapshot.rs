@@ -446,8 +446,7 @@ fn take_run<'a>(
     frames: &mut Vec<&'a str>,
 ) {
     let mut bytes = 0;
-    let mut next = cursor + 1;
-    for (seq, frame) in ticks {
+    for (next, (seq, frame)) in (cursor + 1..).zip(ticks) {
         if seq != next
             || frames.len() == SNAPSHOT_CHUNK
             || (!frames.is_empty() && bytes + frame.len() > room)
@@ -456,7 +455,6 @@ fn take_run<'a>(
         }
         bytes += frame.len() + 1;
         frames.push(frame);
-        next += 1;
     }
 }
 
