@@ -23,7 +23,7 @@ use crate::dlq::DeadLetter;
 use crate::ingest::dedup;
 use crate::ingest::parse::{parse_document, CsvColumns, Element, TickObject};
 use crate::ingest::validate::{validate, RejectCode, TimeRules};
-use crate::ingest::SymbolIngest;
+use crate::ingest::{SymbolIngest, SymbolStates};
 use crate::store::{Store, StoreError, StoredTick};
 use crate::tick::{now_ms, now_us, Symbol, Tick};
 
@@ -120,7 +120,7 @@ pub fn run(
     let mut importer = Importer {
         config,
         store: &store,
-        symbols: HashMap::new(),
+        symbols: SymbolStates::default(),
         keys: HashMap::new(),
         last_seq: recovery
             .symbols
@@ -158,7 +158,7 @@ pub fn run(
 struct Importer<'c> {
     config: &'c Config,
     store: &'c Store,
-    symbols: HashMap<Symbol, SymbolIngest>,
+    symbols: SymbolStates,
     /// Dedup keys of every stored tick of each symbol seen, plus those imported since.
     keys: HashMap<Symbol, HashSet<u64, ahash::RandomState>>,
     last_seq: HashMap<Symbol, u64>,

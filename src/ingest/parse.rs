@@ -270,7 +270,8 @@ thread_local! {
 
 /// Parses one JSON document nested at most `max_depth` levels. `scratch` is the mutable copy
 /// simd-json works in; `original` is the same text, untouched, for the fallback. The depth is
-/// checked first: simd-json recurses per level and a deep document would overflow the stack.
+/// checked on simd-json's tape (built without recursion) before anything walks it, and on the
+/// bytes before the fallback parser sees them (see `json_depth`).
 ///
 /// # Errors
 /// The text is nested too deeply, or is not JSON for either parser.
@@ -279,17 +280,22 @@ pub fn parse_document<'a>(
     original: &'a str,
     max_depth: usize,
 ) -> Result<Parsed<'a>, ParseError> {
-    json_depth::check(original.as_bytes(), max_depth)?;
     let parsed = if scratch.len() <= KEEP_BUFFERS_UP_TO {
         BUFFERS.with_borrow_mut(|b| simd_json::to_tape_with_buffers(scratch, b))
     } else {
         simd_json::to_tape(scratch)
     };
     match parsed {
-        Ok(v) => Ok(Parsed::Simd(v)),
-        Err(_) => serde_json::from_str::<&RawValue>(original)
-            .map(Parsed::Raw)
-            .map_err(|e| ParseError::Invalid(e.to_string())),
+        Ok(v) => {
+            json_depth::check_tape(&v.0, max_depth)?;
+            Ok(Parsed::Simd(v))
+        }
+        Err(_) => {
+            json_depth::check(original.as_bytes(), max_depth)?;
+            serde_json::from_str::<&RawValue>(original)
+                .map(Parsed::Raw)
+                .map_err(|e| ParseError::Invalid(e.to_string()))
+        }
     }
 }
 

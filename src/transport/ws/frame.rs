@@ -195,14 +195,23 @@ pub fn decode_head_with(
 }
 
 /// Appends `masked` to `out`, unmasked with `mask` (the key restarts with every frame).
+/// Copies, then XORs eight bytes at a time: the byte-by-byte `extend` from an iterator this
+/// replaces could not be vectorized and was 3 % of the ingest worker at 100k ticks/s.
 pub fn unmask_into(masked: &[u8], mask: [u8; 4], out: &mut Vec<u8>) {
-    out.reserve(masked.len());
-    out.extend(
-        masked
-            .iter()
-            .zip(mask.iter().cycle())
-            .map(|(byte, key)| byte ^ key),
-    );
+    let start = out.len();
+    out.extend_from_slice(masked);
+    let [a, b, c, d] = mask;
+    let key = u64::from_ne_bytes([a, b, c, d, a, b, c, d]);
+    let mut words = out[start..].chunks_exact_mut(8);
+    for word in &mut words {
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(word);
+        word.copy_from_slice(&(u64::from_ne_bytes(bytes) ^ key).to_ne_bytes());
+    }
+    // The tail starts at a multiple of 8, so of 4: the key starts over there.
+    for (byte, k) in words.into_remainder().iter_mut().zip(mask.iter().cycle()) {
+        *byte ^= k;
+    }
 }
 
 /// Writes the header of a final, unmasked frame carrying `len` payload bytes into `buf` and
@@ -267,6 +276,22 @@ mod tests {
         let mut payload = Vec::new();
         unmask_into(&frame[head.payload_start..], head.mask, &mut payload);
         (head, payload)
+    }
+
+    #[test]
+    fn unmask_matches_the_bytewise_definition_at_every_length_and_offset() {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let data: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(73) ^ 0x5a).collect();
+        for len in 0..data.len() {
+            for prefix in [0usize, 3] {
+                let mut out = vec![0xee; prefix];
+                unmask_into(&data[..len], mask, &mut out);
+                let want: Vec<u8> = std::iter::repeat_n(0xee, prefix)
+                    .chain(data[..len].iter().enumerate().map(|(i, b)| b ^ mask[i % 4]))
+                    .collect();
+                assert_eq!(out, want, "len {len}, prefix {prefix}");
+            }
+        }
     }
 
     /// The server's own header writer (kept for speed) writes what tungstenite's does.
