@@ -1,6 +1,6 @@
 //! The four-level priority queue between ingest (many pushers) and the dispatcher (the one
-//! popper). Each priority has its own bounded flume lane; one shared depth counter enforces the
-//! total capacity with an admission limit per priority, so as the queue fills `low` is refused
+//! popper). Each priority has its own lane; one shared depth counter enforces the total
+//! capacity with an admission limit per priority, so as the queue fills `low` is refused
 //! first, then `normal`, then `high`, and `critical` is refused only when no capacity at all is
 //! left. A refused push is returned to the caller (the producer hears `backpressure`), never
 //! dropped. Ticks older than their priority's TTL are dropped at dequeue and handed back to the
@@ -10,11 +10,18 @@
 //! ([`PriorityQueue::wait_room`]): parsing more ticks only to refuse them spent the cores the
 //! dispatcher needed to drain the queue, and accepted throughput collapsed under overload
 //! (57k ticks/s accepted of 1.5M/s offered, against 419k/s at 600k/s offered).
+//!
+//! A lane is a `VecDeque` behind a mutex rather than a channel: the depth counter already
+//! bounds it, nobody blocks on it (the dispatcher waits on `ready`), and the dispatcher takes
+//! a lane's whole chunk under one lock. A flume lane cost a lock and two atomic counters per
+//! tick on each side, 5 % of the ingest worker at 100k ticks/s.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::ack::AckGroup;
@@ -66,8 +73,8 @@ pub struct LaneStats {
 }
 
 struct Lane {
-    tx: flume::Sender<Queued>,
-    rx: flume::Receiver<Queued>,
+    /// FIFO; never longer than the queue's capacity (the depth counter admits each push).
+    items: Mutex<VecDeque<Queued>>,
     /// Depth up to which this lane's priority is admitted.
     limit: usize,
     ttl: Option<Duration>,
@@ -94,10 +101,8 @@ impl PriorityQueue {
         let ttl = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
         let lane = |limit: usize, ttl_ms: u64| {
             // Each lane may hold up to the whole capacity; the shared depth is the real bound.
-            let (tx, rx) = flume::bounded(capacity);
             Lane {
-                tx,
-                rx,
+                items: Mutex::new(VecDeque::new()),
                 limit,
                 ttl: ttl(ttl_ms),
                 stats: LaneStats::default(),
@@ -134,21 +139,11 @@ impl PriorityQueue {
             lane.stats.refused.fetch_add(1, Ordering::Relaxed);
             return Err(Refused(Box::new(item)));
         }
-        match lane.tx.try_send(item) {
-            Ok(()) => {
-                lane.stats.depth.fetch_add(1, Ordering::Relaxed);
-                lane.stats.pushed.fetch_add(1, Ordering::Relaxed);
-                self.ready.notify_one();
-                Ok(())
-            }
-            // Unreachable while the depth counter holds (each lane is as large as the whole
-            // queue), but a refusal is the honest answer if it ever happens.
-            Err(e) => {
-                self.depth.fetch_sub(1, Ordering::AcqRel);
-                lane.stats.refused.fetch_add(1, Ordering::Relaxed);
-                Err(Refused(Box::new(e.into_inner())))
-            }
-        }
+        lane.items.lock().push_back(item);
+        lane.stats.depth.fetch_add(1, Ordering::Relaxed);
+        lane.stats.pushed.fetch_add(1, Ordering::Relaxed);
+        self.ready.notify_one();
+        Ok(())
     }
 
     /// Takes one bounded round from every lane, highest priority first, without waiting.
@@ -157,17 +152,25 @@ impl PriorityQueue {
         let mut out = Drained::default();
         let before = self.depth.load(Ordering::Acquire);
         for (lane, chunk) in self.lanes.iter().zip(DRAIN_CHUNK) {
-            for _ in 0..chunk {
-                let Ok(item) = lane.rx.try_recv() else { break };
-                self.depth.fetch_sub(1, Ordering::AcqRel);
-                lane.stats.depth.fetch_sub(1, Ordering::Relaxed);
-                match lane.ttl {
-                    Some(ttl) if now.duration_since(item.enqueued) > ttl => {
-                        lane.stats.expired.fetch_add(1, Ordering::Relaxed);
-                        out.expired.push(item);
+            let mut expired = 0;
+            let taken = {
+                let mut items = lane.items.lock();
+                let n = items.len().min(chunk);
+                for item in items.drain(..n) {
+                    match lane.ttl {
+                        Some(ttl) if now.duration_since(item.enqueued) > ttl => {
+                            expired += 1;
+                            out.expired.push(item);
+                        }
+                        _ => out.ready.push(item),
                     }
-                    _ => out.ready.push(item),
                 }
+                n
+            };
+            if taken > 0 {
+                self.depth.fetch_sub(taken, Ordering::AcqRel);
+                lane.stats.depth.fetch_sub(taken, Ordering::Relaxed);
+                lane.stats.expired.fetch_add(expired, Ordering::Relaxed);
             }
         }
         let room = self.room_level();
