@@ -63,10 +63,12 @@ impl RecentTicks {
             .back()
             .is_some_and(|b| b.capacity() - b.len() >= text.len());
         if !fits {
-            let block = match self.spare.take() {
-                Some(b) if text.len() <= BLOCK_BYTES => b,
-                _ => String::with_capacity(text.len().max(BLOCK_BYTES)),
+            let spare = if text.len() <= BLOCK_BYTES {
+                self.spare.take()
+            } else {
+                None
             };
+            let block = spare.unwrap_or_else(|| String::with_capacity(text.len().max(BLOCK_BYTES)));
             self.blocks.push_back(block);
         }
         let block_no = self.first_block + self.blocks.len() as u64 - 1;
@@ -196,8 +198,13 @@ mod tests {
         r.push(5, "e", 3);
         r.push(6, "f", 3);
         assert_eq!(seqs(r.after(0)), [4, 5, 6]);
-        // The big block was dropped, not kept as the spare.
-        assert!(r.spare.as_ref().is_none_or(|s| s.capacity() == BLOCK_BYTES));
+        // The big block was dropped, the first one kept as the spare.
+        assert_eq!(r.spare.as_ref().map(String::capacity), Some(BLOCK_BYTES));
+        // Another big tick gets a block of its own and leaves the spare alone.
+        r.push(7, &big, 3);
+        assert_eq!(r.spare.as_ref().map(String::capacity), Some(BLOCK_BYTES));
+        let texts: Vec<&str> = r.after(0).map(|(_, t)| t).collect();
+        assert_eq!(texts, ["e", "f", big.as_str()]);
     }
 
     #[test]
