@@ -155,7 +155,7 @@ pub struct Dispatcher<S: TickSink> {
     /// Ticks stamped so far: a group takes each tick once however many members offer it.
     stamped: u64,
     /// The wire object of the tick being dispatched, written by `stamp` (the buffer is reused).
-    json: Vec<u8>,
+    json: String,
     /// Registered clients that negotiated permessage-deflate: while there are any, tick
     /// frames carry a slot for their compressed form (compressed once, for all of them).
     deflate_clients: usize,
@@ -238,7 +238,7 @@ impl<S: TickSink> Dispatcher<S> {
             timers: BinaryHeap::new(),
             groups: Groups::default(),
             stamped: 0,
-            json: Vec::with_capacity(256),
+            json: String::with_capacity(256),
             deflate_clients: 0,
             sink,
             dead_letters,
@@ -460,10 +460,12 @@ impl<S: TickSink> Dispatcher<S> {
         state.price = tick.price;
         state.ts = tick.ts;
         tick.seq = state.seq;
-        self.json.clear();
-        tick.write_json(&mut self.json);
-        let text = std::str::from_utf8(&self.json).expect("tick JSON is UTF-8");
-        state.recent.push(tick.seq, text, self.recent_cap);
+        let mut buf = std::mem::take(&mut self.json).into_bytes();
+        buf.clear();
+        tick.write_json(&mut buf);
+        // Checked once here; the ring and the shared frame take it as text from now on.
+        self.json = String::from_utf8(buf).expect("tick JSON is UTF-8");
+        state.recent.push(tick.seq, &self.json, self.recent_cap);
     }
 
     /// Offers the tick to every subscriber (its batch group, or the stage for a realtime
@@ -498,9 +500,8 @@ impl<S: TickSink> Dispatcher<S> {
             {
                 return;
             }
-            let frame: &Frame = shared.get_or_insert_with(|| {
-                Frame::shared(String::from_utf8_lossy(json).into_owned(), compressible)
-            });
+            let frame: &Frame =
+                shared.get_or_insert_with(|| Frame::shared(json.clone(), compressible));
             if let Membership::Member(g) = client.group {
                 let Some(group) = groups.get_mut(g) else {
                     return;
