@@ -715,6 +715,65 @@ async fn critical_tick_overtakes_a_flood_of_low_priority_ticks() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// realtime runs
+
+/// Realtime ticks fanned out in one round reach a plain client as runs the dispatcher framed
+/// once and shares (`dispatch::stage`). Each tick must still arrive as its own message, in
+/// order, with its seq: for a client of every symbol (consecutive ticks: runs; a tick's JSON
+/// is over 125 bytes, so its frame header carries a 16-bit length) and for a client of one of
+/// three interleaved symbols (its ticks are apart: one frame each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realtime_ticks_of_one_round_arrive_as_separate_messages_in_order() {
+    let server = TestServer::start().await;
+    let (mut all, _) = server.client().await;
+    let (mut one, _) = server.client().await;
+    subscribe(&mut all, 1, json!({"symbols": ["RA", "RB", "RC"]})).await;
+    subscribe(&mut one, 1, json!({"symbols": ["RB"]})).await;
+    let mut producer = server.producer().await;
+    const SYMS: [&str; 3] = ["RA", "RB", "RC"];
+    let mut sent = Vec::new();
+    for frame in 0..3u64 {
+        let ticks: Vec<Value> = (0..60u64)
+            .map(|i| {
+                let n = frame * 60 + i;
+                mk(SYMS[(n % 3) as usize], n)
+            })
+            .collect();
+        assert_eq!(ingest(&mut producer, &ticks).await["accepted"], 60);
+        sent.extend(ticks);
+    }
+    let id_seq = |msgs: &[Value]| -> Vec<(String, String, u64)> {
+        msgs.iter()
+            .filter(|m| m["type"] == "tick")
+            .map(|m| {
+                let field = |k: &str| m[k].as_str().expect(k).to_owned();
+                (
+                    field("symbol"),
+                    field("id"),
+                    m["seq"].as_u64().expect("seq"),
+                )
+            })
+            .collect()
+    };
+    let ticks_in = |msgs: &[Value]| msgs.iter().filter(|m| m["type"] == "tick").count();
+    let got = id_seq(&collect(&mut all, |m| ticks_in(m) >= sent.len()).await);
+    let mut next_seq: HashMap<String, u64> = HashMap::new();
+    let expected: Vec<(String, String, u64)> = sent
+        .iter()
+        .map(|t| {
+            let sym = t["symbol"].as_str().unwrap().to_owned();
+            let seq = next_seq.entry(sym.clone()).or_insert(0);
+            *seq += 1;
+            (sym, t["id"].as_str().unwrap().to_owned(), *seq)
+        })
+        .collect();
+    assert_eq!(got, expected, "every tick, once, in order");
+    let got_one = id_seq(&collect(&mut one, |m| ticks_in(m) >= sent.len() / 3).await);
+    let only_rb: Vec<_> = expected.into_iter().filter(|t| t.0 == "RB").collect();
+    assert_eq!(got_one, only_rb);
+}
+
+// ---------------------------------------------------------------------------------------------
 // shared batches
 
 /// Reads until `done` says the messages so far are enough.

@@ -34,11 +34,83 @@ use parking_lot::Mutex;
 /// batch group's batch) can also carry a slot for its permessage-deflate form, filled by the
 /// first connection that negotiated compression and needs it, and shared by all the others:
 /// a frame is compressed at most once, however many clients get it compressed.
+///
+/// A frame can also be a *run*: several realtime ticks already in wire form (RFC 6455 text
+/// frames, header and text each, back to back), built once per dispatch window by the
+/// dispatcher's stage and shared by every plain connection that takes all of them
+/// (`dispatch::stage`). The connection writes a run as it is, so a client that takes 60 ticks
+/// a round costs one queue entry, one reference count and one write slice instead of 60 each.
 #[derive(Debug, Clone)]
 pub struct Frame {
-    text: Utf8Bytes,
+    body: Body,
     /// The compressed form, once made (`None` inside: not worth compressing).
     deflated: Option<Arc<OnceLock<Option<Bytes>>>>,
+}
+
+#[derive(Debug, Clone)]
+enum Body {
+    /// One message's text.
+    Text(Utf8Bytes),
+    /// `messages` server text frames, framed (see [`Frame::run`]).
+    Run { wire: Bytes, messages: u32 },
+}
+
+/// Longest header of a frame the server sends (unmasked, 64-bit length).
+pub const MAX_HEADER: usize = 10;
+
+/// The text opcode (RFC 6455 section 5.2).
+const TEXT: u8 = 0x1;
+
+/// Writes the header of a final, unmasked frame carrying `len` payload bytes into `buf` and
+/// returns how many bytes it took. The one encoder of server frame headers: the socket
+/// (`transport::ws`) uses it for every frame it sends, and the stage for runs, which is why it
+/// lives on the link both of them import.
+pub fn encode_head(opcode: u8, len: usize, buf: &mut [u8; MAX_HEADER]) -> usize {
+    buf[0] = 0x80 | opcode;
+    if len < 126 {
+        // Fits in seven bits by the check above.
+        buf[1] = len as u8;
+        2
+    } else if let Ok(short) = u16::try_from(len) {
+        buf[1] = 126;
+        buf[2..4].copy_from_slice(&short.to_be_bytes());
+        4
+    } else {
+        buf[1] = 127;
+        buf[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
+}
+
+/// Appends `text` to `wire` as one final, unmasked text frame.
+pub fn append_text_frame(wire: &mut Vec<u8>, text: &str) {
+    let mut head = [0u8; MAX_HEADER];
+    let n = encode_head(TEXT, text.len(), &mut head);
+    wire.extend_from_slice(&head[..n]);
+    wire.extend_from_slice(text.as_bytes());
+}
+
+/// The texts of the frames in `wire`, which [`append_text_frame`] made.
+fn run_texts(wire: &[u8]) -> impl Iterator<Item = &str> + '_ {
+    let mut rest = wire;
+    std::iter::from_fn(move || {
+        let (&len7, after) = rest.get(1..)?.split_first()?;
+        let (len, after) = match len7 {
+            126 => (
+                usize::from(u16::from_be_bytes(after.get(..2)?.try_into().ok()?)),
+                &after[2..],
+            ),
+            127 => (
+                usize::try_from(u64::from_be_bytes(after.get(..8)?.try_into().ok()?)).ok()?,
+                &after[8..],
+            ),
+            n => (usize::from(n), after),
+        };
+        let text = after.get(..len)?;
+        rest = &after[len..];
+        // Built from `&str`s by `append_text_frame`.
+        std::str::from_utf8(text).ok()
+    })
 }
 
 impl Frame {
@@ -47,9 +119,46 @@ impl Frame {
     #[must_use]
     pub fn shared(text: impl Into<Utf8Bytes>, compressible: bool) -> Self {
         Self {
-            text: text.into(),
+            body: Body::Text(text.into()),
             deflated: compressible.then(Default::default),
         }
+    }
+
+    /// A run of `messages` text frames already in wire form (made with
+    /// [`append_text_frame`]); the connection writes the bytes as they are.
+    #[must_use]
+    pub fn run(wire: Bytes, messages: u32) -> Self {
+        Self {
+            body: Body::Run { wire, messages },
+            deflated: None,
+        }
+    }
+
+    /// A run's wire bytes; `None` for a single message.
+    #[must_use]
+    pub fn wire(&self) -> Option<&Bytes> {
+        match &self.body {
+            Body::Run { wire, .. } => Some(wire),
+            Body::Text(_) => None,
+        }
+    }
+
+    /// Messages in this frame: 1, or a run's count.
+    #[must_use]
+    pub fn messages(&self) -> usize {
+        match &self.body {
+            Body::Text(_) => 1,
+            Body::Run { messages, .. } => *messages as usize,
+        }
+    }
+
+    /// The text of every message in this frame, in order.
+    pub fn texts(&self) -> impl Iterator<Item = &str> + '_ {
+        let (single, run) = match &self.body {
+            Body::Text(text) => (Some(text.as_str()), None),
+            Body::Run { wire, .. } => (None, Some(run_texts(wire))),
+        };
+        single.into_iter().chain(run.into_iter().flatten())
     }
 
     /// Whether several connections get this frame (its compressed form is made once).
@@ -58,20 +167,43 @@ impl Frame {
         self.deflated.is_some()
     }
 
-    /// The text.
+    /// The text; of a run, its first message's.
     #[must_use]
     pub fn as_str(&self) -> &str {
-        self.text.as_str()
+        match &self.body {
+            Body::Text(text) => text.as_str(),
+            Body::Run { wire, .. } => run_texts(wire).next().unwrap_or(""),
+        }
     }
 
     /// The compressed form for a connection that negotiated permessage-deflate: made by
     /// `compress` once for a shared frame (later calls, from any connection, get the same
     /// bytes), or each time for a frame made for one connection. `None`: send it plain.
+    /// A run is never compressed (it is already framed): `None`.
     pub fn deflated(&self, compress: impl FnOnce(&[u8]) -> Option<Bytes>) -> Option<Bytes> {
+        let Body::Text(text) = &self.body else {
+            return None;
+        };
         match &self.deflated {
-            Some(slot) => slot.get_or_init(|| compress(self.text.as_bytes())).clone(),
-            None => compress(self.text.as_bytes()),
+            Some(slot) => slot.get_or_init(|| compress(text.as_bytes())).clone(),
+            None => compress(text.as_bytes()),
         }
+    }
+
+    /// Bytes this frame holds on the link: its text, or a run's wire bytes (headers too).
+    /// Shadows `str::len` of the deref, which would give a run's first message only.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        match &self.body {
+            Body::Text(text) => text.len(),
+            Body::Run { wire, .. } => wire.len(),
+        }
+    }
+
+    /// Whether [`Frame::len`] is 0.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -79,7 +211,7 @@ impl std::ops::Deref for Frame {
     type Target = str;
 
     fn deref(&self) -> &str {
-        self.text.as_str()
+        self.as_str()
     }
 }
 
@@ -104,14 +236,19 @@ impl TryFrom<Bytes> for Frame {
 }
 
 impl From<Frame> for Bytes {
+    /// The text, or a run's wire bytes (already framed: see [`Frame::wire`]).
     fn from(frame: Frame) -> Self {
-        frame.text.into()
+        match frame.body {
+            Body::Text(text) => text.into(),
+            Body::Run { wire, .. } => wire,
+        }
     }
 }
 
 impl PartialEq for Frame {
+    /// Equal when they carry the same messages, run or not.
     fn eq(&self, other: &Self) -> bool {
-        self.as_str() == other.as_str()
+        self.texts().eq(other.texts())
     }
 }
 
@@ -119,13 +256,13 @@ impl Eq for Frame {}
 
 impl PartialEq<&str> for Frame {
     fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
+        self.messages() == 1 && self.as_str() == *other
     }
 }
 
 impl PartialEq<str> for Frame {
     fn eq(&self, other: &str) -> bool {
-        self.as_str() == other
+        self.messages() == 1 && self.as_str() == other
     }
 }
 
@@ -332,7 +469,8 @@ impl Outbound {
     /// Queues `frames` (a dispatch round's realtime ticks for this client, in order) under one
     /// lock: all of them, or none when together they would pass the byte or count bound (the
     /// client is then a slow consumer, as it would have been at the first frame that did not
-    /// fit). Empties `frames` on success and returns how many were queued.
+    /// fit). Empties `frames` on success and returns how many were queued. The count bound
+    /// (`dispatch.outbound_messages`) counts queue entries: a run is one.
     ///
     /// # Errors
     /// As [`Outbound::push`]; `frames` is left as it was.
@@ -596,7 +734,8 @@ impl OutboundReceiver {
     }
 
     /// Takes queued frames in order until `budget` bytes are taken or the queue is empty;
-    /// returns the number of frames and bytes taken. Frames are handed to `take` with the lock
+    /// returns the number of messages (a run counts each of its messages) and bytes taken.
+    /// Frames are handed to `take` with the lock
     /// released: `take` may compress them, and the dispatcher's pushes to this link must not
     /// wait for that. A queue that fits in what is left of the budget (the common case: the
     /// connection keeps up) leaves whole, storage and all, in one swap; a longer one leaves
@@ -639,7 +778,7 @@ impl OutboundReceiver {
                 .queued_bytes
                 .fetch_sub(got_bytes, Ordering::AcqRel);
             remaining = Some(before - got_bytes);
-            frames += taken.len() as u64;
+            frames += taken.iter().map(Frame::messages).sum::<usize>() as u64;
             bytes += got_bytes;
             // Then look again, for what the dispatcher pushed meanwhile.
             taken.into_iter().for_each(&mut take);
@@ -689,6 +828,56 @@ impl Drop for OutboundReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_carries_its_messages_at_every_header_length() {
+        // 7-bit, 16-bit and 64-bit length headers, and an empty message.
+        let texts: Vec<String> = [0, 125, 126, 65_535, 65_536, 3]
+            .iter()
+            .map(|&n| "é".repeat(n / 2) + &"x".repeat(n % 2))
+            .collect();
+        let mut wire = Vec::new();
+        for t in &texts {
+            append_text_frame(&mut wire, t);
+        }
+        let run = Frame::run(Bytes::from(wire.clone()), texts.len() as u32);
+        assert_eq!(run.texts().collect::<Vec<_>>(), texts);
+        assert_eq!(run.messages(), texts.len());
+        assert_eq!(run.len(), wire.len());
+        assert_eq!(run.as_str(), texts[0]);
+        // What a client's decoder reads: FIN + text opcode, then the length (the empty first
+        // message is its 2-byte header alone).
+        assert_eq!(wire[..4], [0x81, 0, 0x81, 125]);
+        assert!(run
+            .deflated(|_| panic!("a run is never compressed"))
+            .is_none());
+        assert_eq!(Bytes::from(run.clone()), wire);
+        let single = Frame::from(texts[1].as_str());
+        assert_eq!(single.texts().collect::<Vec<_>>(), [&texts[1]]);
+        assert_ne!(run, single);
+        assert_eq!(single, texts[1].as_str());
+        assert!(run != texts[0].as_str(), "a run of several is not one text");
+    }
+
+    #[test]
+    fn a_drain_counts_a_runs_messages_and_its_bytes() {
+        let (tx, rx) = channel(10, 1 << 20);
+        let mut wire = Vec::new();
+        for t in ["a", "bb", "ccc"] {
+            append_text_frame(&mut wire, t);
+        }
+        let bytes = wire.len();
+        tx.push_many(&mut vec![
+            Frame::run(Bytes::from(wire), 3),
+            Frame::from("dd"),
+        ])
+        .unwrap();
+        let mut got = Vec::new();
+        let (messages, taken) = rx.drain(usize::MAX, |f| got.push(f));
+        assert_eq!((messages, taken), (4, bytes + 2));
+        let texts: Vec<&str> = got.iter().flat_map(Frame::texts).collect();
+        assert_eq!(texts, ["a", "bb", "ccc", "dd"]);
+    }
 
     #[test]
     fn liveness_times_survive_the_32_bit_wrap() {

@@ -12,7 +12,7 @@ use proptest::prelude::*;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::outbound::{channel, OutboundReceiver};
+use super::outbound::{channel, Frame, OutboundReceiver};
 use super::{Command, DispatchStats, Dispatcher, DispatcherHandle, StoreSink};
 use crate::config::Config;
 use crate::dlq::DeadLetters;
@@ -88,8 +88,9 @@ impl Seen {
     fn check(&mut self, rx: &OutboundReceiver, budget: usize) -> Result<(), TestCaseError> {
         let mut frames = Vec::new();
         rx.drain(budget, |f| frames.push(f));
-        for frame in frames {
-            let v: Value = serde_json::from_str(frame.as_str()).expect("server JSON");
+        // A run of realtime ticks carries several messages; each is checked.
+        for text in frames.iter().flat_map(Frame::texts) {
+            let v: Value = serde_json::from_str(text).expect("server JSON");
             let ticks: Vec<&Value> = match v["type"].as_str() {
                 Some("tick") => vec![&v],
                 Some("batch" | "snapshot") => v["ticks"].as_array().unwrap().iter().collect(),

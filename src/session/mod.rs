@@ -797,6 +797,12 @@ async fn write_until_done(
 /// permessage-deflate when that pays, made once for a shared frame and reused for every
 /// client that gets it; otherwise plain.
 fn queue_frame(socket: &mut WsSocket, frame: Frame, stats: &ClientStats) {
+    if frame.wire().is_some() {
+        // A run of ticks already in wire form, shared with other connections (plain ones
+        // only: the stage gives a compressing connection each tick's own frame).
+        socket.queue_framed(frame.into());
+        return;
+    }
     if socket.deflate() {
         let shared = frame.is_shared();
         let deflated = frame.deflated(|plain| {

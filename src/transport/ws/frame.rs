@@ -33,8 +33,9 @@ pub mod opcode {
     pub const PONG: u8 = 0xA;
 }
 
-/// Longest header the server writes: 2 bytes plus a 64-bit length (server frames are unmasked).
-pub const MAX_HEADER: usize = 10;
+// The server's frame header encoder lives on the outbound link, which the dispatcher's stage
+// also uses to pre-frame shared runs of ticks (see `dispatch::outbound::Frame::run`).
+pub use crate::dispatch::outbound::{encode_head, MAX_HEADER};
 /// Longest payload of a control frame.
 pub const MAX_CONTROL_PAYLOAD: usize = 125;
 
@@ -211,25 +212,6 @@ pub fn unmask_into(masked: &[u8], mask: [u8; 4], out: &mut Vec<u8>) {
     // The tail starts at a multiple of 8, so of 4: the key starts over there.
     for (byte, k) in words.into_remainder().iter_mut().zip(mask.iter().cycle()) {
         *byte ^= k;
-    }
-}
-
-/// Writes the header of a final, unmasked frame carrying `len` payload bytes into `buf` and
-/// returns how many bytes it took.
-pub fn encode_head(opcode: u8, len: usize, buf: &mut [u8; MAX_HEADER]) -> usize {
-    buf[0] = 0x80 | opcode;
-    if len < 126 {
-        // Fits in seven bits by the check above.
-        buf[1] = len as u8;
-        2
-    } else if let Ok(short) = u16::try_from(len) {
-        buf[1] = 126;
-        buf[2..4].copy_from_slice(&short.to_be_bytes());
-        4
-    } else {
-        buf[1] = 127;
-        buf[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-        10
     }
 }
 

@@ -390,7 +390,8 @@ impl WsSocket {
     }
 
     /// Queues bytes that are already framed: the rest of a frame another writer started (a
-    /// heartbeat written to a parked connection that the socket only partly took).
+    /// heartbeat written to a parked connection that the socket only partly took), or a run
+    /// of ticks the dispatcher framed once for many connections (`outbound::Frame::run`).
     pub fn queue_framed(&mut self, bytes: Bytes) {
         self.unsent.push_back(Chunk {
             head: [0; MAX_HEADER],
