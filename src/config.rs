@@ -670,7 +670,9 @@ pub struct DispatchConfig {
     pub timer_ms: u64,
     /// Commands (subscribe, configure, ...) waiting for the dispatcher.
     pub command_capacity: usize,
-    /// Messages queued per connection (on top of the byte limit).
+    /// Entries queued per connection (on top of the byte limit): a message, or a run of
+    /// realtime ticks the client takes in a row within one dispatch round (at most 64, shared
+    /// pre-framed; see `dispatch::stage`).
     pub outbound_messages: usize,
     /// Most recent ticks the dispatcher keeps per symbol in memory. Snapshots and resumes
     /// within this window are served from memory, exactly in step with live delivery.
