@@ -37,7 +37,7 @@ use parking_lot::Mutex;
 ///
 /// A frame can also be a *run*: several realtime ticks already in wire form (RFC 6455 text
 /// frames, header and text each, back to back), built once per dispatch window by the
-/// dispatcher's stage and shared by every plain connection that takes all of them
+/// dispatcher's stage and shared by every plain connection that takes that stretch of ticks
 /// (`dispatch::stage`). The connection writes a run as it is, so a client that takes 60 ticks
 /// a round costs one queue entry, one reference count and one write slice instead of 60 each.
 #[derive(Debug, Clone)]

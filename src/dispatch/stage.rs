@@ -10,8 +10,9 @@
 //! of all the symbols that move) gets that stretch as one pre-framed [`Frame::run`]: a slice
 //! of the shared bytes, so one reference count, one queue entry and one write slice for the
 //! stretch instead of one of each per tick (for a stretch of at least a quarter of the
-//! window's bytes: see [`RUN_SHARE_OF_WINDOW`]). Those per-delivery costs were 24 % of the server
-//! at 6M deliveries/s (docs/benchmarks.md). Clients that negotiated compression, and single
+//! window's bytes: see [`RUN_SHARE_OF_WINDOW`]). Those per-delivery costs were about 30 % of
+//! the server at 6M deliveries/s, and halving the server's CPU per delivery there is what
+//! this bought (docs/benchmarks.md, "Shared pre-framed runs"). Clients that negotiated compression, and single
 //! ticks, get the tick's own shared frame as before.
 //!
 //! Nothing else reaches a client's link between staging and the push: commands, timers and
@@ -69,10 +70,17 @@ pub struct Stage {
 }
 
 impl Stage {
-    /// Stages the tick being fanned out (its shared `frame`) for `key`.
+    /// Stages the tick being fanned out (its shared `frame`) for `key`. Every call between
+    /// two [`Stage::tick_done`]s is for the same tick: the first one records it in the window.
     pub fn stage(&mut self, key: ClientKey, frame: &Frame) {
         let tick = match self.current {
-            Some(i) => i,
+            Some(i) => {
+                debug_assert!(
+                    std::ptr::eq(self.window[usize::from(i)].as_str(), frame.as_str()),
+                    "one tick per tick_done"
+                );
+                i
+            }
             None => {
                 // At most STAGE_TICKS (< u16::MAX) ticks between pushes.
                 let i = u16::try_from(self.window.len()).unwrap_or(u16::MAX);
