@@ -778,10 +778,12 @@ impl OutboundReceiver {
                 .queued_bytes
                 .fetch_sub(got_bytes, Ordering::AcqRel);
             remaining = Some(before - got_bytes);
-            frames += taken.iter().map(Frame::messages).sum::<usize>() as u64;
             bytes += got_bytes;
             // Then look again, for what the dispatcher pushed meanwhile.
-            taken.into_iter().for_each(&mut take);
+            for frame in taken {
+                frames += frame.messages() as u64;
+                take(frame);
+            }
         }
         if let Some(remaining) = remaining {
             self.shared.active.store(true, Ordering::Release);

@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 
 use super::{ClientContext, Session};
-use crate::dispatch::outbound::{Frame, Outbound};
+use crate::dispatch::outbound::{self, Frame, Outbound};
 use crate::protocol::close;
 use crate::transport::lot::{Lot, Parked};
 use crate::transport::ws::frame::{self, opcode};
@@ -78,9 +78,7 @@ impl Beat {
         let n = frame::encode_head(opcode::PING, 0, &mut head);
         let mut wire = Vec::with_capacity(n + frame.len() + frame::MAX_HEADER);
         wire.extend_from_slice(&head[..n]);
-        let n = frame::encode_head(opcode::TEXT, frame.len(), &mut head);
-        wire.extend_from_slice(&head[..n]);
-        wire.extend_from_slice(frame.as_bytes());
+        outbound::append_text_frame(&mut wire, frame.as_str());
         Self { frame, wire }
     }
 }
