@@ -121,6 +121,21 @@ pub struct StoreConfig {
     /// Most ticks in one write transaction. Bounds the latency of a single commit (and so the
     /// ack latency of the first tick in it) when a large backlog is waiting.
     pub group_commit_max_ticks: usize,
+    /// Checkpoint interval of the write-ahead log, in ms. A group of ticks smaller than
+    /// `log_max_group_ticks` is made durable by one append to `<dir>/tickfan.log` (acked
+    /// then), and redb takes everything logged in one durable transaction at most this long
+    /// afterwards, which costs far less CPU than a redb commit per group. A crash replays the
+    /// log at the next open. Reads (history, bars, resumes) wait for a checkpoint when
+    /// logged ticks are pending, so they always see every acked tick. 0 turns the log off:
+    /// every group is a durable redb commit.
+    pub checkpoint_ms: u64,
+    /// Logged ticks waiting for a checkpoint at most; reaching it checkpoints at once. Bounds
+    /// the memory they hold and the replay after a crash.
+    pub checkpoint_max_ticks: usize,
+    /// Groups of at least this many ticks skip the log and commit to redb directly (taking
+    /// what is logged with them): a big group shares a redb commit well, and writing it twice
+    /// would cost more than it saves.
+    pub log_max_group_ticks: usize,
     /// Batches waiting for the writer thread. When full, `append` waits: this is the
     /// backpressure that reaches the dispatcher and ingest instead of unbounded memory.
     pub writer_queue: usize,
@@ -158,6 +173,9 @@ impl Default for StoreConfig {
             dlq_capacity: 10_000,
             group_commit_ms: 5,
             group_commit_max_ticks: 100_000,
+            checkpoint_ms: 200,
+            checkpoint_max_ticks: 50_000,
+            log_max_group_ticks: 2_048,
             writer_queue: 256,
             max_ticks_per_symbol: 1_000_000,
             max_age_ms: 0,

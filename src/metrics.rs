@@ -176,6 +176,12 @@ metrics! {
         "Accepted ticks waiting for a failing store commit to be retried.";
     STORE_REOPENS: Counter "tickfan_store_reopens_total" []
         "Times the store file was reopened after a write error.";
+    STORE_LOG_APPENDS: Counter "tickfan_store_log_appends_total" []
+        "Groups of ticks made durable by an append to the write-ahead log.";
+    STORE_LOG_ERRORS: Counter "tickfan_store_log_errors_total" []
+        "Write-ahead log appends or emptyings that failed (their ticks went to redb instead).";
+    STORE_LOG_PENDING: Gauge "tickfan_store_log_pending_ticks" []
+        "Logged (durable, acked) ticks waiting for the next checkpoint into redb.";
     FD_LIMIT: Gauge "tickfan_fd_limit" [] "The open-files limit in force.";
     UPTIME: Gauge "tickfan_uptime_seconds" [] "Seconds since the server started.";
     BUILD_INFO: Gauge "tickfan_build_info" ["version"] "Always 1; the version is its label.";

@@ -73,6 +73,7 @@ pub async fn run(
         epoch = recovery.epoch,
         previous_run = recovery.previous_run(),
         symbols = recovery.symbols.len(),
+        replayed_ticks = recovery.replayed_ticks,
         dir = %config.store.dir.display(),
         "store opened"
     );

@@ -248,8 +248,41 @@ async fn bars_equal_a_hand_computation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_ticks_survive_kill_9_and_the_epoch_changes() {
+    // Defaults: small groups go through the write-ahead log, checkpointed every 200 ms.
+    kill_9_keeps_acked_ticks(&[], None).await;
+}
+
+/// The ticks acked before the kill exist only in the write-ahead log: the checkpoint is ten
+/// minutes away, and nothing reads the store. The next start must replay them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticks_acked_only_in_the_write_ahead_log_survive_kill_9() {
+    kill_9_keeps_acked_ticks(&["checkpoint_ms = 600000"], Some(true)).await;
+}
+
+/// Without the log every ack waits for a durable redb commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_ticks_survive_kill_9_with_the_log_off() {
+    kill_9_keeps_acked_ticks(&["checkpoint_ms = 0"], Some(false)).await;
+}
+
+/// A metric's value from a `/metrics` page.
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// Producer frames pipelined, the server killed mid-stream, every acked tick stored after the
+/// restart. `store` lines go into the `[store]` table of a config file; `logged` says whether
+/// the acked ticks must be waiting in the log (`Some(true)`) or none may be (`Some(false)`)
+/// at the kill.
+async fn kill_9_keeps_acked_ticks(store: &[&str], logged: Option<bool>) {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = Binary::start(dir.path());
+    let conf = tempfile::tempdir().unwrap();
+    let conf_file = conf.path().join("store.toml");
+    std::fs::write(&conf_file, format!("[store]\n{}\n", store.join("\n"))).unwrap();
+    let extra = ["--config", conf_file.to_str().unwrap()];
+    let mut server = Binary::start_with(dir.path(), &extra);
     let mut client = Ws::connect(&format!("ws://{}/ws", server.addr)).await;
     let epoch = client.recv().await["epoch"].as_u64().unwrap();
     let mut producer = Ws::connect(&format!("ws://{}/ingest", server.addr)).await;
@@ -278,11 +311,31 @@ async fn acked_ticks_survive_kill_9_and_the_epoch_changes() {
             acked.extend(in_flight.pop_front().unwrap());
         }
     }
+    if let Some(logged) = logged {
+        let page = reqwest::get(format!("http://{}/metrics", server.addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let pending = metric(&page, "tickfan_store_log_pending_ticks");
+        let appends = metric(&page, "tickfan_store_log_appends_total");
+        if logged {
+            assert!(
+                pending >= acked.len() as f64,
+                "{pending} ticks wait in the log, {} acked",
+                acked.len()
+            );
+        } else {
+            assert_eq!((pending, appends), (0.0, 0.0), "the log is off");
+            assert!(!dir.path().join("tickfan.log").exists());
+        }
+    }
     server.kill9();
     drop(producer);
     drop(client);
 
-    let server = Binary::start(dir.path());
+    let server = Binary::start_with(dir.path(), &extra);
     let mut client = Ws::connect(&format!("ws://{}/ws", server.addr)).await;
     let new_epoch = client.recv().await["epoch"].as_u64().unwrap();
     assert_ne!(new_epoch, epoch, "an unclean stop must change the epoch");

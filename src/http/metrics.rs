@@ -185,6 +185,9 @@ pub fn render(s: &AppState) -> String {
     r.gauge(&m::STORE_FAILING, &[], u64::from(st.failing));
     r.gauge(&m::STORE_RETRY_TICKS, &[], st.retry_ticks);
     r.counter(&m::STORE_REOPENS, &[], st.reopens);
+    r.counter(&m::STORE_LOG_APPENDS, &[], st.log_appends);
+    r.counter(&m::STORE_LOG_ERRORS, &[], st.log_errors);
+    r.gauge(&m::STORE_LOG_PENDING, &[], st.log_pending_ticks);
     r.gauge(&m::OPEN_CONNECTIONS, &[], s.connections.open() as u64);
     r.gauge(&m::HTTP_CONNECTIONS, &[], accept.open() as u64);
     r.gauge(&m::FD_LIMIT, &[], s.fd_limit);

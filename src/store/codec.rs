@@ -53,6 +53,8 @@ pub(super) const IMPORTS: TableDefinition<&str, u64> = TableDefinition::new("imp
 pub(super) const META_FORMAT: &str = "format";
 pub(super) const META_EPOCH: &str = "epoch";
 pub(super) const META_CLEAN: &str = "clean";
+/// The write-ahead log's generation: raised by every durable writer commit (see `log`).
+pub(super) const META_LOG_GENERATION: &str = "log_generation";
 
 /// One stored bar. Besides OHLCV it remembers the seqs of its open and close ticks, so merging
 /// partial bars from different transactions picks open/close by seq order whatever order the
@@ -343,7 +345,9 @@ impl ChunkWriter {
 
     /// Whether the chunk should be closed before another tick.
     pub fn is_full(&self) -> bool {
-        self.count as usize >= CHUNK_MAX_TICKS || self.buf.len() >= CHUNK_MAX_BYTES
+        // `buf` keeps the taken chunk's bytes until the next push: an empty chunk is not full.
+        self.count > 0
+            && (self.count as usize >= CHUNK_MAX_TICKS || self.buf.len() >= CHUNK_MAX_BYTES)
     }
 
     pub fn is_empty(&self) -> bool {

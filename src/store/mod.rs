@@ -1,11 +1,14 @@
 //! The embedded redb store: durable tick history, OHLCV bars, the dead-letter list, the epoch
-//! and import progress, all in one file `<dir>/tickfan.redb`.
+//! and import progress, all in one file `<dir>/tickfan.redb` (plus its write-ahead log).
 //!
 //! Data flows in one direction for writes and another for reads. Writes (`append`,
 //! `push_dead_letters`, `set_import_progress`) are handed over a bounded channel to one
 //! dedicated writer thread (`writer`), which groups everything waiting into a single durable
 //! transaction (group commit), and only after the commit settles each tick's [`AckGroup`], so
-//! an acknowledged tick is never lost. Reads (`history`, `bars`, `dead_letters`, `symbols`) are
+//! an acknowledged tick is never lost. A small group of ticks is made durable by an append to
+//! the write-ahead log (`log`, `<dir>/tickfan.log`) instead, acked, and committed to redb
+//! with others at the next checkpoint; `open` replays what a crash left in the log, and reads
+//! ask for a checkpoint first while logged ticks wait, so they see every acked tick. Reads (`history`, `bars`, `dead_letters`, `symbols`) are
 //! synchronous redb read transactions on the caller's thread (use `spawn_blocking` from async
 //! code); MVCC means they never wait for the writer. Retention also runs on the writer thread,
 //! in small transactions between group commits.
@@ -29,6 +32,7 @@
 //! can tell whether those positions still mean the same ticks.
 
 mod codec;
+mod log;
 mod writer;
 
 #[cfg(test)]
@@ -122,6 +126,9 @@ pub struct Recovery {
     pub created: bool,
     /// Every symbol's last stored tick.
     pub symbols: Vec<SymbolLast>,
+    /// Ticks the write-ahead log held that redb did not (acked before an unclean stop),
+    /// stored again by this open.
+    pub replayed_ticks: u64,
 }
 
 impl Recovery {
@@ -296,6 +303,12 @@ pub struct StoreStats {
     pub retry_ticks: u64,
     /// Times the database file was reopened after a write error.
     pub reopens: u64,
+    /// Groups made durable by a write-ahead log append.
+    pub log_appends: u64,
+    /// Log appends or emptyings that failed (their ticks went to redb).
+    pub log_errors: u64,
+    /// Logged ticks waiting for a checkpoint.
+    pub log_pending_ticks: u64,
 }
 
 /// What one complete retention pass removed.
@@ -336,6 +349,10 @@ pub(crate) struct Shared {
     failing: AtomicBool,
     retry_ticks: AtomicU64,
     reopens: AtomicU64,
+    log_appends: AtomicU64,
+    log_errors: AtomicU64,
+    /// Logged ticks not yet in redb: a reader asks for a checkpoint first when non-zero.
+    pending_ticks: AtomicU64,
     /// Commit duration (seconds) and size (ticks) histograms, once metrics are attached.
     histograms: std::sync::OnceLock<(metrics::Histogram, metrics::Histogram)>,
 }
@@ -390,10 +407,29 @@ impl Store {
         };
         let db = open_database(&path, config).map_err(open_err)?;
         let db = Arc::new(db);
-        let recovery = init(&db, &path).map_err(|e| match e {
+        let log_path = config.dir.join(log::FILE_NAME);
+        let log_err = |e: std::io::Error| StoreError::Open {
+            path: log_path.clone(),
+            reason: e.to_string(),
+        };
+        let (generation, replayed) = replay_log(&db, &log_path).map_err(|e| match e {
+            e @ StoreError::Open { .. } => e,
+            StoreError::Io(e) => log_err(e),
+            other => open_err(other.to_string()),
+        })?;
+        let mut recovery = init(&db, &path).map_err(|e| match e {
             e @ StoreError::Open { .. } => e,
             other => open_err(other.to_string()),
         })?;
+        recovery.replayed_ticks = replayed;
+        let log = if config.checkpoint_ms > 0 {
+            Some(log::Log::create(&log_path, generation).map_err(log_err)?)
+        } else {
+            match std::fs::remove_file(&log_path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(log_err(e)),
+                _ => None,
+            }
+        };
 
         let shared = Arc::new(Shared::default());
         let (tx, rx) = flume::bounded(config.writer_queue.max(1));
@@ -406,6 +442,7 @@ impl Store {
             WriterConfig::from_store_config(config),
             shared.clone(),
             Box::new(move || open_database(&reopen_path, &reopen_config)),
+            log,
         );
         let handle = std::thread::Builder::new()
             .name("tickfan-store".into())
@@ -476,6 +513,7 @@ impl Store {
         limit: usize,
         since_seq: Option<u64>,
     ) -> Result<History, StoreError> {
+        self.checkpoint_logged();
         let rtx = self.inner.db.get()?.begin_read()?;
         let chunks = rtx.open_table(TICKS)?;
         let last = rtx.open_table(LAST)?;
@@ -565,6 +603,7 @@ impl Store {
     /// # Errors
     /// A failed read transaction, or a damaged record.
     pub fn bars(&self, symbol: &str, tf: Timeframe, limit: usize) -> Result<Vec<Bar>, StoreError> {
+        self.checkpoint_logged();
         let rtx = self.inner.db.get()?.begin_read()?;
         let table = rtx.open_table(BARS[tf.index()])?;
         let mut bars = Vec::with_capacity(limit.min(10_000));
@@ -586,6 +625,7 @@ impl Store {
     /// # Errors
     /// A failed read transaction.
     pub fn symbols(&self) -> Result<Vec<SymbolLast>, StoreError> {
+        self.checkpoint_logged();
         let rtx = self.inner.db.get()?.begin_read()?;
         read_symbols(&rtx.open_table(LAST)?)
     }
@@ -600,6 +640,7 @@ impl Store {
         let Some(sym) = Symbol::parse(symbol) else {
             return Ok(());
         };
+        self.checkpoint_logged();
         let rtx = self.inner.db.get()?.begin_read()?;
         let chunks = rtx.open_table(TICKS)?;
         let mut part = Vec::new();
@@ -662,7 +703,17 @@ impl Store {
             .set((commit_seconds, batch_ticks));
     }
 
-    /// Waits until everything handed over before this call is durably committed.
+    /// Before a read: when acked ticks wait in the write-ahead log for their checkpoint,
+    /// asks the writer to checkpoint now, so the read sees every acked tick. A failed
+    /// checkpoint (a full disk) is not the reader's error: it reads what redb holds.
+    fn checkpoint_logged(&self) {
+        if self.inner.shared.pending_ticks.load(Ordering::Acquire) > 0 {
+            let _ = self.flush_blocking();
+        }
+    }
+
+    /// Waits until everything handed over before this call is durably committed (in redb,
+    /// logged ticks included).
     ///
     /// # Errors
     /// [`StoreError::Closed`] after `close()`; [`StoreError::Write`] when the commit failed.
@@ -759,6 +810,9 @@ impl Store {
             failing: s.failing.load(Ordering::Acquire),
             retry_ticks: s.retry_ticks.load(Ordering::Relaxed),
             reopens: s.reopens.load(Ordering::Relaxed),
+            log_appends: s.log_appends.load(Ordering::Relaxed),
+            log_errors: s.log_errors.load(Ordering::Relaxed),
+            log_pending_ticks: s.pending_ticks.load(Ordering::Relaxed),
         }
     }
 
@@ -861,11 +915,45 @@ fn init(db: &Database, path: &Path) -> Result<Recovery, StoreError> {
             clean: clean && !created,
             created,
             symbols,
+            replayed_ticks: 0,
         };
     }
     // Durable (the default), so a kill from here on is seen as unclean by the next open.
     txn.commit()?;
     Ok(recovery)
+}
+
+/// Stores the ticks an unclean stop left in the write-ahead log only (acked, never
+/// checkpointed), in one durable transaction that also raises the log generation, so the log
+/// can be emptied. Returns the generation new records carry and the ticks that were new.
+fn replay_log(db: &Database, log_path: &Path) -> Result<(u64, u64), StoreError> {
+    let generation = {
+        let rtx = db.begin_read()?;
+        match rtx.open_table(META) {
+            Ok(meta) => meta
+                .get(codec::META_LOG_GENERATION)?
+                .map_or(0, |g| g.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => 0,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let replayed = log::replay(log_path, generation)?;
+    if replayed.ticks.is_empty() {
+        return Ok((generation, 0));
+    }
+    let txn = db.begin_write()?;
+    let counts = writer::write_ticks(&txn, std::iter::once(&replayed.ticks))?;
+    txn.open_table(META)?
+        .insert(codec::META_LOG_GENERATION, generation + 1)?;
+    txn.commit()?;
+    tracing::info!(
+        records = replayed.records,
+        ticks = replayed.ticks.len(),
+        stored = counts.fresh,
+        ignored_bytes = replayed.ignored_bytes,
+        "store replayed its write-ahead log"
+    );
+    Ok((generation + 1, counts.fresh))
 }
 
 /// A random nonzero epoch different from the previous one.

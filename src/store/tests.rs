@@ -18,7 +18,7 @@ fn config(dir: &Path) -> StoreConfig {
     }
 }
 
-fn tick(symbol: &str, seq: u64, ts: i64, price: f64, volume: f64) -> Tick {
+pub(super) fn tick(symbol: &str, seq: u64, ts: i64, price: f64, volume: f64) -> Tick {
     Tick {
         symbol: Symbol::parse(symbol).unwrap(),
         ts,
@@ -644,5 +644,179 @@ fn many_chunks_history_and_retention() {
     let h = store.history("AAPL", 5_000, None).unwrap();
     assert_eq!(h.first_seq, Some(404));
     assert_eq!(seqs(&h), (404..=1_003).collect::<Vec<_>>());
+    store.close().unwrap();
+}
+
+fn acked_batch(
+    symbol: &str,
+    seqs: std::ops::RangeInclusive<u64>,
+) -> (Vec<StoredTick>, Arc<AckGroup>) {
+    let ack = Arc::new(AckGroup::new(seqs.clone().count()));
+    let ticks = batch(symbol, seqs, 1_000)
+        .into_iter()
+        .map(|st| StoredTick::new(st.tick, Some(ack.clone())))
+        .collect();
+    (ticks, ack)
+}
+
+fn log_len(dir: &Path) -> u64 {
+    std::fs::metadata(dir.join(log::FILE_NAME)).unwrap().len()
+}
+
+/// A small group is acked once the log holds it, and waits there, not in redb, until a read
+/// asks for a checkpoint: the read then sees every acked tick and the log is emptied.
+#[tokio::test]
+async fn logged_ticks_are_acked_before_redb_and_a_read_checkpoints_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        checkpoint_ms: 600_000,
+        ..config(dir.path())
+    };
+    let (store, _) = Store::open(&cfg).unwrap();
+    let before = store.stats();
+    let (ticks, ack) = acked_batch("AAPL", 1..=3);
+    store.append(ticks).await.unwrap();
+    ack.settled().await;
+    let st = store.stats();
+    assert_eq!(st.log_appends, before.log_appends + 1);
+    assert_eq!(st.log_pending_ticks, 3);
+    assert_eq!(st.commits, before.commits, "acked without a redb commit");
+    assert!(log_len(dir.path()) > 0);
+
+    assert_eq!(seqs(&store.history("AAPL", 10, None).unwrap()), [1, 2, 3]);
+    let st = store.stats();
+    assert_eq!((st.log_pending_ticks, st.commits), (0, before.commits + 1));
+    assert_eq!(st.ticks_committed, 3);
+    assert_eq!(log_len(dir.path()), 0, "a checkpoint empties the log");
+    assert_eq!(store.bars("AAPL", Timeframe::M1, 10).unwrap()[0].count, 3);
+    store.close().unwrap();
+}
+
+/// Nobody reads: the checkpoint still comes within `checkpoint_ms`.
+#[tokio::test]
+async fn logged_ticks_are_checkpointed_on_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        checkpoint_ms: 20,
+        ..config(dir.path())
+    };
+    let (store, _) = Store::open(&cfg).unwrap();
+    let (ticks, ack) = acked_batch("AAPL", 1..=4);
+    store.append(ticks).await.unwrap();
+    ack.settled().await;
+    assert_eq!(store.stats().log_appends, 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.stats().ticks_committed < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint: {:?}",
+            store.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.stats().log_pending_ticks, 0);
+    assert_eq!(log_len(dir.path()), 0);
+    store.close().unwrap();
+}
+
+/// A crash after the acks, before any checkpoint: the files as the kill leaves them (copied
+/// while the server would still run) open with every acked tick, bars counted once.
+#[tokio::test]
+async fn a_crash_copy_replays_the_log_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        checkpoint_ms: 600_000,
+        ..config(dir.path())
+    };
+    let (store, _) = Store::open(&cfg).unwrap();
+    let (a, ack_a) = acked_batch("AAPL", 1..=5);
+    let (m, ack_m) = acked_batch("MSFT", 1..=3);
+    store.append(a).await.unwrap();
+    store.append(m).await.unwrap();
+    ack_a.settled().await;
+    ack_m.settled().await;
+    assert_eq!(store.stats().log_pending_ticks, 8);
+    let crashed = tempfile::tempdir().unwrap();
+    for name in [FILE_NAME, log::FILE_NAME] {
+        std::fs::copy(dir.path().join(name), crashed.path().join(name)).unwrap();
+    }
+    store.close().unwrap();
+
+    let cfg = config(crashed.path());
+    let (store, rec) = Store::open(&cfg).unwrap();
+    assert!(!rec.clean);
+    assert_eq!(rec.replayed_ticks, 8);
+    let mut last: Vec<_> = rec
+        .symbols
+        .iter()
+        .map(|s| (s.symbol.as_str().to_owned(), s.seq))
+        .collect();
+    last.sort();
+    assert_eq!(last, [("AAPL".to_owned(), 5), ("MSFT".to_owned(), 3)]);
+    assert_eq!(
+        seqs(&store.history("AAPL", 10, None).unwrap()),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(log_len(crashed.path()), 0);
+    drop(store);
+    // The replay was durable and emptied the log: the next open replays nothing again.
+    let (store, rec) = Store::open(&cfg).unwrap();
+    assert_eq!(rec.replayed_ticks, 0);
+    assert_eq!(store.bars("AAPL", Timeframe::M1, 10).unwrap()[0].count, 5);
+    assert_eq!(store.stats().ticks_committed, 0);
+    store.close().unwrap();
+}
+
+/// `checkpoint_ms = 0`: no log file, every group is a redb commit.
+#[tokio::test]
+async fn the_log_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        checkpoint_ms: 0,
+        ..config(dir.path())
+    };
+    let (store, _) = Store::open(&cfg).unwrap();
+    let (ticks, ack) = acked_batch("AAPL", 1..=3);
+    store.append(ticks).await.unwrap();
+    ack.settled().await;
+    let st = store.stats();
+    assert_eq!((st.log_appends, st.ticks_committed), (0, 3));
+    assert!(!dir.path().join(log::FILE_NAME).exists());
+    store.close().unwrap();
+}
+
+/// Symbols whose last chunk filled by bytes, followed in the same transaction by another
+/// symbol: each keeps exactly its own ticks (an empty chunk writer that called itself full
+/// once stored a stale chunk under the next symbol, which then read as corrupt).
+#[test]
+fn big_ticks_of_several_symbols_in_one_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(&config(dir.path())).unwrap();
+    let big = |symbol: &str, seqs: std::ops::RangeInclusive<u64>| -> Vec<StoredTick> {
+        batch(symbol, seqs, 1_000)
+            .into_iter()
+            .map(|mut st| {
+                st.tick.id = Some(TradeId::Str("x".repeat(1000).into()));
+                st
+            })
+            .collect()
+    };
+    let mut all = big("A", 1..=16);
+    all.extend(big("B", 100..=102));
+    all.extend(big("C", 200..=215));
+    store.append_blocking(all).unwrap();
+    store.flush_blocking().unwrap();
+    assert_eq!(
+        seqs(&store.history("A", 100, None).unwrap()),
+        (1..=16).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        seqs(&store.history("B", 100, None).unwrap()),
+        [100, 101, 102]
+    );
+    assert_eq!(
+        seqs(&store.history("C", 100, None).unwrap()),
+        (200..=215).collect::<Vec<_>>()
+    );
     store.close().unwrap();
 }

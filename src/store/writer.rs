@@ -13,6 +13,13 @@
 //! retry group (bounded by what was already accepted). Acks settle only after the retry
 //! commits; a close while failing gives up after one more try (those ticks were never acked).
 //!
+//! The write-ahead log (`log`): a small tick-only group is appended to the log instead
+//! (write + fdatasync), its acks settle, and its ticks wait here, `pending`, for the next redb
+//! commit, a checkpoint, at most `checkpoint_ms` later (or sooner: when `checkpoint_max_ticks`
+//! are waiting, or a group arrives that must commit to redb, which takes them with it). Every
+//! redb commit raises the log generation in the same transaction and then empties the log. A
+//! failed append sends that group the redb way, so the retry path above covers the log too.
+//!
 //! Retention runs here too, as small non-durable transactions interleaved with the group
 //! commits (one step after each commit, more while idle), so it never holds ingest back for
 //! longer than one step.
@@ -29,6 +36,7 @@ use redb::{
 };
 
 use super::codec::{self, BarRec, ChunkWriter, BARS, DLQ, IMPORTS, LAST, META, TICKS};
+use super::log::Log;
 use super::{DbSlot, DeadLetter, RetentionReport, Shared, StoreError, StoredTick, Timeframe};
 use crate::config::StoreConfig;
 use crate::tick::{Symbol, Tick};
@@ -61,6 +69,10 @@ pub(super) struct WriterConfig {
     max_ticks: usize,
     dlq_capacity: u64,
     retention: RetentionConfig,
+    /// Longest time logged ticks wait for redb (`None`: no log).
+    checkpoint: Option<Duration>,
+    checkpoint_max_ticks: usize,
+    log_max_group_ticks: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -86,6 +98,9 @@ impl WriterConfig {
             group_commit: Duration::from_millis(c.group_commit_ms),
             max_ticks: c.group_commit_max_ticks.max(1),
             dlq_capacity: c.dlq_capacity as u64,
+            checkpoint: (c.checkpoint_ms > 0).then(|| Duration::from_millis(c.checkpoint_ms)),
+            checkpoint_max_ticks: c.checkpoint_max_ticks.max(1),
+            log_max_group_ticks: c.log_max_group_ticks,
             retention: RetentionConfig {
                 interval: (c.retention_interval_ms > 0)
                     .then(|| Duration::from_millis(c.retention_interval_ms)),
@@ -130,6 +145,13 @@ pub(super) struct Writer {
     retention_due: Option<Instant>,
     /// The retention pass in progress.
     pass: Option<Pass>,
+    /// The write-ahead log (`None`: off, or it could not be opened).
+    log: Option<Log>,
+    /// Logged (durable, acked) ticks not yet in redb, acks taken out.
+    pending: Vec<Vec<StoredTick>>,
+    pending_ticks: usize,
+    /// When the pending ticks must be checkpointed.
+    checkpoint_due: Option<Instant>,
 }
 
 /// A retention pass in progress: symbols are visited in order, a few per step.
@@ -151,6 +173,9 @@ struct Group {
     flushes: Vec<Reply<()>>,
     retention: Vec<Reply<RetentionReport>>,
     close: Option<(bool, Reply<()>)>,
+    /// A retention request came with this group (its replies are taken out before the
+    /// commit): the pass must see every tick handed over before it, so nothing is logged.
+    retention_asked: bool,
 }
 
 impl Group {
@@ -163,7 +188,10 @@ impl Group {
             Cmd::DeadLetters(d) => self.dead_letters.extend(d),
             Cmd::ImportProgress(key, rows) => self.imports.push((key, rows)),
             Cmd::Flush(reply) => self.flushes.push(reply),
-            Cmd::Retention(reply) => self.retention.push(reply),
+            Cmd::Retention(reply) => {
+                self.retention_asked = true;
+                self.retention.push(reply);
+            }
             Cmd::Close { clean, reply } => self.close = Some((clean, reply)),
             #[cfg(test)]
             Cmd::Hold(rx) => {
@@ -200,9 +228,13 @@ impl Group {
 
 /// What a tick transaction stored.
 #[derive(Default)]
-struct TickCounts {
-    fresh: u64,
-    duplicates: u64,
+pub(super) struct TickCounts {
+    pub fresh: u64,
+    pub duplicates: u64,
+}
+
+fn cfg_has_log(cfg: &WriterConfig) -> bool {
+    cfg.checkpoint.is_some()
 }
 
 impl Writer {
@@ -212,6 +244,7 @@ impl Writer {
         cfg: WriterConfig,
         shared: Arc<Shared>,
         reopen: Reopen,
+        log: Option<Log>,
     ) -> Self {
         let db = slot.get().ok();
         let retention_due = if cfg.retention.enabled() {
@@ -224,10 +257,14 @@ impl Writer {
             slot,
             reopen,
             rx,
-            cfg,
             shared,
             retention_due,
             pass: None,
+            log: log.filter(|_| cfg_has_log(&cfg)),
+            cfg,
+            pending: Vec::new(),
+            pending_ticks: 0,
+            checkpoint_due: None,
         }
     }
 
@@ -242,11 +279,24 @@ impl Writer {
                 self.retention_step();
                 continue;
             }
-            let first = match self.retention_due.filter(|_| self.pass.is_none()) {
+            let retention_due = self.retention_due.filter(|_| self.pass.is_none());
+            let due = match (retention_due, self.checkpoint_due) {
+                (Some(r), Some(c)) => Some(r.min(c)),
+                (r, c) => r.or(c),
+            };
+            let first = match due {
                 Some(due) => match self.rx.recv_deadline(due) {
                     Ok(cmd) => cmd,
                     Err(RecvTimeoutError::Timeout) => {
-                        self.start_pass(Vec::new());
+                        if self.checkpoint_due.is_some_and(|c| c <= Instant::now()) {
+                            // Nothing else is waiting: a checkpoint of the logged ticks alone.
+                            let retention = self.commit_with_retry(Group::default());
+                            if !retention.is_empty() {
+                                self.start_pass(retention);
+                            }
+                        } else {
+                            self.start_pass(Vec::new());
+                        }
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -328,25 +378,28 @@ impl Writer {
     /// unacknowledged) plus whatever was handed over meanwhile, so a full disk loses nothing.
     /// Returns retention requests that arrived during retries, for the caller to start.
     fn commit_with_retry(&mut self, mut group: Group) -> Vec<Reply<RetentionReport>> {
+        if self.log_group(&mut group) {
+            return Vec::new();
+        }
         let mut backoff = Duration::from_millis(50);
         loop {
             let started = std::time::Instant::now();
-            let result = if group.has_writes() {
+            let writes = group.has_writes() || self.pending_ticks > 0;
+            let result = if writes {
                 self.commit(&group)
             } else {
                 Ok(TickCounts::default())
             };
             match result {
                 Ok(counts) => {
-                    if let (true, Some((secs, size))) =
-                        (group.has_writes(), self.shared.histograms.get())
-                    {
+                    if let (true, Some((secs, size))) = (writes, self.shared.histograms.get()) {
                         secs.record(started.elapsed().as_secs_f64());
                         #[allow(clippy::cast_precision_loss)]
-                        size.record(group.ticks as f64);
+                        size.record((group.ticks + self.pending_ticks) as f64);
                     }
+                    self.checkpointed();
                     let retention = std::mem::take(&mut group.retention);
-                    self.finish(group, &counts);
+                    self.finish(group, &counts, writes);
                     self.shared.retry_ticks.store(0, Ordering::Relaxed);
                     if self.shared.failing.swap(false, Ordering::AcqRel) {
                         tracing::info!("store writes work again: accepting ticks");
@@ -362,7 +415,7 @@ impl Writer {
                     self.shared.commit_errors.fetch_add(1, Ordering::Relaxed);
                     self.shared
                         .retry_ticks
-                        .store(group.ticks as u64, Ordering::Relaxed);
+                        .store((group.ticks + self.pending_ticks) as u64, Ordering::Relaxed);
                     let closing = group.close.is_some();
                     group.fail(&msg);
                     if closing {
@@ -380,6 +433,68 @@ impl Writer {
                         group.add(cmd);
                     }
                 }
+            }
+        }
+    }
+
+    /// Makes a small tick-only group durable through the log instead of a redb commit:
+    /// appends it, settles its acks, and keeps its ticks for the next checkpoint. `false`
+    /// (the group untouched) when the log is off or broken, the group must reach redb now
+    /// (a waiter, dead letters, a close, too many ticks, the store failing), or the append
+    /// fails; the caller then commits it, with the pending ticks, to redb.
+    fn log_group(&mut self, group: &mut Group) -> bool {
+        let fits = group.ticks > 0
+            && group.ticks < self.cfg.log_max_group_ticks
+            && self.pending_ticks + group.ticks <= self.cfg.checkpoint_max_ticks;
+        let only_ticks = !group.has_waiter()
+            && !group.retention_asked
+            && group.dead_letters.is_empty()
+            && group.imports.is_empty();
+        let Some(log) = self.log.as_mut().filter(|l| l.usable()) else {
+            return false;
+        };
+        if !fits || !only_ticks || self.shared.failing.load(Ordering::Acquire) {
+            return false;
+        }
+        if let Err(e) = log.append(&group.batches) {
+            tracing::warn!(error = %e, path = %log.path().display(),
+                "store log append failed; committing to redb instead");
+            self.shared.log_errors.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.shared.log_appends.fetch_add(1, Ordering::Relaxed);
+        // Readers must know of these ticks before any producer hears of them: a read after
+        // an ack then asks for a checkpoint first.
+        self.pending_ticks += group.ticks;
+        self.shared
+            .pending_ticks
+            .store(self.pending_ticks as u64, Ordering::Release);
+        for mut batch in std::mem::take(&mut group.batches) {
+            for st in &mut batch {
+                if let Some(ack) = st.ack.take() {
+                    ack.settle();
+                }
+            }
+            self.pending.push(batch);
+        }
+        if self.checkpoint_due.is_none() {
+            self.checkpoint_due = self.cfg.checkpoint.map(|c| Instant::now() + c);
+        }
+        true
+    }
+
+    /// After a redb commit: the pending ticks are in it and the log starts a new generation.
+    fn checkpointed(&mut self) {
+        self.pending.clear();
+        self.pending_ticks = 0;
+        self.checkpoint_due = None;
+        self.shared.pending_ticks.store(0, Ordering::Release);
+        if let Some(log) = self.log.as_mut() {
+            if let Err(e) = log.reset(log.generation() + 1) {
+                // Records of the old generation are never replayed, and no append happens
+                // until an emptying succeeds: every group goes to redb meanwhile.
+                tracing::warn!(error = %e, path = %log.path().display(), "store log could not be emptied");
+                self.shared.log_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -422,13 +537,13 @@ impl Writer {
     }
 
     /// After a durable commit: settle acks, answer waiters, count.
-    fn finish(&self, group: Group, counts: &TickCounts) {
+    fn finish(&self, group: Group, counts: &TickCounts, wrote: bool) {
         for st in group.batches.iter().flatten() {
             if let Some(ack) = &st.ack {
                 ack.settle();
             }
         }
-        if group.has_writes() {
+        if wrote {
             self.shared.commits.fetch_add(1, Ordering::Relaxed);
             self.shared
                 .ticks_committed
@@ -450,11 +565,17 @@ impl Writer {
         let mut txn = self.db()?.begin_write()?;
         // Acks are sent after this commit, so it must be on disk when commit() returns.
         txn.set_durability(Durability::Immediate)?;
-        let counts = if group.ticks > 0 {
-            write_ticks(&txn, &group.batches)?
+        // The logged ticks go first: they were handed over first.
+        let counts = if group.ticks + self.pending_ticks > 0 {
+            write_ticks(&txn, self.pending.iter().chain(&group.batches))?
         } else {
             TickCounts::default()
         };
+        if let Some(log) = &self.log {
+            // The log is emptied after this commit; its records become an older generation.
+            txn.open_table(META)?
+                .insert(codec::META_LOG_GENERATION, log.generation() + 1)?;
+        }
         if !group.dead_letters.is_empty() {
             write_dead_letters(&txn, &group.dead_letters, self.cfg.dlq_capacity)?;
         }
@@ -625,13 +746,13 @@ impl TfAgg {
 /// Stores the ticks of a transaction symbol by symbol: new ticks (seq above the symbol's last
 /// stored seq, the normal case) become fresh chunks; older ones are merged into the chunk that
 /// covers them. Last state and bars are then updated once per symbol and bucket.
-fn write_ticks(
+pub(super) fn write_ticks<'a>(
     txn: &WriteTransaction,
-    batches: &[Vec<StoredTick>],
+    batches: impl Iterator<Item = &'a Vec<StoredTick>>,
 ) -> Result<TickCounts, StoreError> {
     let mut counts = TickCounts::default();
     let mut per_symbol: AHashMap<&str, Vec<&Tick>> = AHashMap::new();
-    for st in batches.iter().flatten() {
+    for st in batches.flatten() {
         per_symbol
             .entry(st.tick.symbol.as_str())
             .or_default()
