@@ -1,17 +1,20 @@
 //! The optional producer: one `/ingest` WebSocket sending R ticks per second, round-robin
 //! over the S symbols, as JSON-array frames every few milliseconds, and counting what the
-//! server answers (`ingest_ack`s, rejections, `backpressure` errors). It runs on its own
+//! server answers (`ingest_ack`s, rejections, `backpressure` errors) and how long each ack
+//! took (the server answers a connection's frames in order, so the oldest frame not yet
+//! answered is the one an ack is for). It runs on its own
 //! OS thread with its own single-threaded runtime, so its pacing does not wait behind
 //! thousands of busy client connections.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
@@ -23,6 +26,9 @@ use tokio_tungstenite::tungstenite::Message;
 /// `max_message_bytes` is 64 KiB and a bigger frame would close the connection (1009).
 const MAX_FRAME_TICKS: usize = 400;
 const MAX_FRAME_BYTES: usize = 48 * 1024;
+/// Send times of frames not answered yet, at most; past it (a server that stopped
+/// answering) ack latency is no longer recorded for the run.
+const MAX_UNANSWERED_TIMES: usize = 1 << 20;
 
 /// How long to wait for the acks of frames still in flight when the window ends.
 const ACK_DRAIN: Duration = Duration::from_secs(2);
@@ -93,6 +99,10 @@ pub struct ProducerReport {
     pub errors_by_code: BTreeMap<String, u64>,
     /// Frames that got neither an ack nor an error before the drain timeout.
     pub unanswered_frames: u64,
+    /// Frame sent -> its `ingest_ack` read, in µs.
+    pub ack_latency: crate::report::Latency,
+    #[serde(skip)]
+    pub ack_histogram: Option<Histogram<u64>>,
     /// Set when the producer could not connect or lost its connection.
     pub failure: Option<String>,
     /// Ticks sent per symbol index, for the expected-delivery count.
@@ -124,6 +134,16 @@ impl ProducerReport {
         }
         if self.failure.is_none() {
             self.failure = other.failure;
+        }
+        match (&mut self.ack_histogram, other.ack_histogram) {
+            (Some(mine), Some(theirs)) => {
+                let _ = mine.add(&theirs);
+            }
+            (mine @ None, theirs) => *mine = theirs,
+            (Some(_), None) => {}
+        }
+        if let Some(h) = &self.ack_histogram {
+            self.ack_latency = crate::report::Latency::of(h);
         }
         if self.sent_per_symbol.len() < other.sent_per_symbol.len() {
             self.sent_per_symbol.resize(other.sent_per_symbol.len(), 0);
@@ -324,9 +344,22 @@ async fn run(
     };
     let (mut sink, mut stream) = ws.split();
 
-    // Reader: counts replies; returns the per-code tallies when the stream ends.
+    // Reader: counts replies and times acks; returns the per-code tallies and the ack
+    // latency histogram when the stream ends.
     let reader_live = Arc::clone(&live);
+    let sent_at: Arc<Mutex<VecDeque<Instant>>> = Arc::default();
+    let reader_sent_at = Arc::clone(&sent_at);
     let reader = tokio::spawn(async move {
+        let mut acks = crate::stats::new_histogram();
+        let mut answered = |record: bool| {
+            let Some(t0) = reader_sent_at.lock().expect("not poisoned").pop_front() else {
+                return;
+            };
+            if record {
+                let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+                acks.saturating_record(us.clamp(1, crate::stats::HIST_MAX_US));
+            }
+        };
         let mut rejected_by_code = BTreeMap::new();
         let mut errors_by_code = BTreeMap::new();
         let mut failure = None;
@@ -360,6 +393,7 @@ async fn run(
             };
             match reply.kind.as_ref() {
                 "ingest_ack" => {
+                    answered(true);
                     reader_live.acks.fetch_add(1, Relaxed);
                     reader_live.accepted.fetch_add(reply.accepted, Relaxed);
                     reader_live.duplicates.fetch_add(reply.duplicates, Relaxed);
@@ -374,9 +408,11 @@ async fn run(
                 "error" => {
                     let code = reply.code.as_deref().unwrap_or("unknown");
                     if code == "backpressure" {
+                        // It follows its frame's ack.
                         reader_live.backpressure_errors.fetch_add(1, Relaxed);
                         reader_live.refused.fetch_add(reply.refused, Relaxed);
                     } else {
+                        answered(false);
                         reader_live.other_errors.fetch_add(1, Relaxed);
                     }
                     *errors_by_code.entry(code.to_string()).or_insert(0) += 1;
@@ -388,7 +424,7 @@ async fn run(
                 }
             }
         }
-        (rejected_by_code, errors_by_code, failure)
+        (rejected_by_code, errors_by_code, failure, acks)
     });
 
     let start_ms = now_ms();
@@ -408,6 +444,7 @@ async fn run(
     let start = Instant::now();
     let mut scheduled: u64 = 0;
     let mut frame = String::with_capacity(MAX_FRAME_BYTES + 256);
+    let mut timing_lost = false;
     'outer: loop {
         tokio::select! {
             biased;
@@ -437,6 +474,15 @@ async fn run(
                 n -= 1;
             }
             frame.push(']');
+            {
+                // Before the send: the ack may be read before `send` returns.
+                let mut times = sent_at.lock().expect("not poisoned");
+                if times.len() < MAX_UNANSWERED_TIMES {
+                    times.push_back(Instant::now());
+                } else {
+                    timing_lost = true;
+                }
+            }
             tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => break 'outer,
@@ -472,11 +518,20 @@ async fn run(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
-    let (rejected_by_code, errors_by_code, failure) =
+    let (rejected_by_code, errors_by_code, failure, acks) =
         match tokio::time::timeout(Duration::from_secs(1), reader).await {
             Ok(Ok(t)) => t,
-            _ => Default::default(),
+            _ => (
+                BTreeMap::new(),
+                BTreeMap::new(),
+                None,
+                crate::stats::new_histogram(),
+            ),
         };
+    if !timing_lost {
+        report.ack_latency = crate::report::Latency::of(&acks);
+        report.ack_histogram = Some(acks);
+    }
 
     report.ticks_sent = live.ticks_sent.load(Relaxed);
     report.frames_sent = frames;
@@ -523,6 +578,37 @@ mod tests {
             assert_eq!(t["ts"].as_u64(), Some(1_700_000_000_000));
         }
         assert_ne!(ticks[0]["id"], ticks[2]["id"]);
+    }
+
+    #[test]
+    fn merged_reports_pool_their_ack_latencies() {
+        let report = |us: &[u64]| {
+            let mut h = crate::stats::new_histogram();
+            for &v in us {
+                h.record(v).unwrap();
+            }
+            ProducerReport {
+                ack_latency: crate::report::Latency::of(&h),
+                ack_histogram: Some(h),
+                ..ProducerReport::default()
+            }
+        };
+        let mut a = report(&[100, 200]);
+        a.merge(report(&[5_000]));
+        assert_eq!(a.ack_latency.count, 3);
+        // Three significant digits: 5,000 reads back as up to 5,003.
+        assert!(
+            (5_000..5_010).contains(&a.ack_latency.max),
+            "{:?}",
+            a.ack_latency
+        );
+        assert_eq!(a.ack_latency.p50, 200);
+        // A producer without timings (it lost track) leaves the others' as they are.
+        a.merge(ProducerReport::default());
+        assert_eq!(a.ack_latency.count, 3);
+        let mut none = ProducerReport::default();
+        none.merge(report(&[7]));
+        assert_eq!((none.ack_latency.count, none.ack_latency.p50), (1, 7));
     }
 
     #[test]

@@ -421,6 +421,9 @@ impl Summary {
                 fmt_count(p.unanswered_frames),
                 fmt_count(p.ticks_skipped_behind)
             );
+            if p.ack_latency.count > 0 {
+                let _ = writeln!(o, "producer ack {}", p.ack_latency.line());
+            }
             if !p.rejected_by_code.is_empty() || !p.errors_by_code.is_empty() {
                 let _ = writeln!(
                     o,
