@@ -100,7 +100,7 @@ pub struct ProducerReport {
     /// Frames that got neither an ack nor an error before the drain timeout.
     pub unanswered_frames: u64,
     /// Frame sent -> its `ingest_ack` read, in µs.
-    pub ack_latency: crate::report::Latency,
+    pub ack_latency: crate::stats::Latency,
     #[serde(skip)]
     pub ack_histogram: Option<Histogram<u64>>,
     /// Set when the producer could not connect or lost its connection.
@@ -143,7 +143,7 @@ impl ProducerReport {
             (Some(_), None) => {}
         }
         if let Some(h) = &self.ack_histogram {
-            self.ack_latency = crate::report::Latency::of(h);
+            self.ack_latency = crate::stats::Latency::of(h);
         }
         if self.sent_per_symbol.len() < other.sent_per_symbol.len() {
             self.sent_per_symbol.resize(other.sent_per_symbol.len(), 0);
@@ -529,7 +529,7 @@ async fn run(
             ),
         };
     if !timing_lost {
-        report.ack_latency = crate::report::Latency::of(&acks);
+        report.ack_latency = crate::stats::Latency::of(&acks);
         report.ack_histogram = Some(acks);
     }
 
@@ -588,7 +588,7 @@ mod tests {
                 h.record(v).unwrap();
             }
             ProducerReport {
-                ack_latency: crate::report::Latency::of(&h),
+                ack_latency: crate::stats::Latency::of(&h),
                 ack_histogram: Some(h),
                 ..ProducerReport::default()
             }

@@ -1,44 +1,19 @@
-//! Turning the numbers into answers: histogram merging and percentiles, the one-line live
+//! Turning the numbers into answers: percentile lines (the percentiles themselves are
+//! `stats::Latency`, which the producer's report uses too), the one-line live
 //! report (stderr, once a second), and the final [`Summary`], printed as text (stdout) and
 //! written as JSON for scripts. Nothing here touches the network or `/proc`; it only
 //! formats what the run collected, so it can be tested on made-up numbers.
 
 use std::fmt::Write as _;
 
-use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::producer::ProducerReport;
 use crate::stats::{Counters, Tallies};
 
-/// Latency percentiles in µs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct Latency {
-    pub count: u64,
-    pub p50: u64,
-    pub p90: u64,
-    pub p99: u64,
-    pub p999: u64,
-    pub max: u64,
-    pub mean: f64,
-}
+pub use crate::stats::Latency;
 
 impl Latency {
-    pub fn of(h: &Histogram<u64>) -> Self {
-        if h.is_empty() {
-            return Self::default();
-        }
-        Self {
-            count: h.len(),
-            p50: h.value_at_quantile(0.50),
-            p90: h.value_at_quantile(0.90),
-            p99: h.value_at_quantile(0.99),
-            p999: h.value_at_quantile(0.999),
-            max: h.max(),
-            mean: h.mean(),
-        }
-    }
-
     /// `p50 120µs p90 250µs p99 1.20ms p99.9 3.40ms max 12.0ms (n=12,345)`.
     pub fn line(&self) -> String {
         if self.count == 0 {

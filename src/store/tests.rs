@@ -663,20 +663,30 @@ fn log_len(dir: &Path) -> u64 {
     std::fs::metadata(dir.join(log::FILE_NAME)).unwrap().len()
 }
 
-/// A small group is acked once the log holds it, and waits there, not in redb, until a read
-/// asks for a checkpoint: the read then sees every acked tick and the log is emptied.
-#[tokio::test]
-async fn logged_ticks_are_acked_before_redb_and_a_read_checkpoints_them() {
+/// A store with `checkpoint_ms`, after AAPL ticks `seqs` were appended and acked; the
+/// stats are from before the append.
+async fn store_after_acked(
+    checkpoint_ms: u64,
+    seqs: std::ops::RangeInclusive<u64>,
+) -> (tempfile::TempDir, Store, StoreStats) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = StoreConfig {
-        checkpoint_ms: 600_000,
+        checkpoint_ms,
         ..config(dir.path())
     };
     let (store, _) = Store::open(&cfg).unwrap();
     let before = store.stats();
-    let (ticks, ack) = acked_batch("AAPL", 1..=3);
+    let (ticks, ack) = acked_batch("AAPL", seqs);
     store.append(ticks).await.unwrap();
     ack.settled().await;
+    (dir, store, before)
+}
+
+/// A small group is acked once the log holds it, and waits there, not in redb, until a read
+/// asks for a checkpoint: the read then sees every acked tick and the log is emptied.
+#[tokio::test]
+async fn logged_ticks_are_acked_before_redb_and_a_read_checkpoints_them() {
+    let (dir, store, before) = store_after_acked(600_000, 1..=3).await;
     let st = store.stats();
     assert_eq!(st.log_appends, before.log_appends + 1);
     assert_eq!(st.log_pending_ticks, 3);
@@ -695,15 +705,7 @@ async fn logged_ticks_are_acked_before_redb_and_a_read_checkpoints_them() {
 /// Nobody reads: the checkpoint still comes within `checkpoint_ms`.
 #[tokio::test]
 async fn logged_ticks_are_checkpointed_on_their_own() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = StoreConfig {
-        checkpoint_ms: 20,
-        ..config(dir.path())
-    };
-    let (store, _) = Store::open(&cfg).unwrap();
-    let (ticks, ack) = acked_batch("AAPL", 1..=4);
-    store.append(ticks).await.unwrap();
-    ack.settled().await;
+    let (dir, store, _) = store_after_acked(20, 1..=4).await;
     assert_eq!(store.stats().log_appends, 1);
     let deadline = Instant::now() + Duration::from_secs(10);
     while store.stats().ticks_committed < 4 {
@@ -770,15 +772,7 @@ async fn a_crash_copy_replays_the_log_once() {
 /// `checkpoint_ms = 0`: no log file, every group is a redb commit.
 #[tokio::test]
 async fn the_log_can_be_turned_off() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = StoreConfig {
-        checkpoint_ms: 0,
-        ..config(dir.path())
-    };
-    let (store, _) = Store::open(&cfg).unwrap();
-    let (ticks, ack) = acked_batch("AAPL", 1..=3);
-    store.append(ticks).await.unwrap();
-    ack.settled().await;
+    let (dir, store, _) = store_after_acked(0, 1..=3).await;
     let st = store.stats();
     assert_eq!((st.log_appends, st.ticks_committed), (0, 3));
     assert!(!dir.path().join(log::FILE_NAME).exists());
