@@ -814,3 +814,43 @@ fn big_ticks_of_several_symbols_in_one_transaction() {
     );
     store.close().unwrap();
 }
+
+/// Groups that keep arriving do not hold a checkpoint off: the first group after it came due
+/// commits to redb, taking the logged ticks with it, instead of being logged too.
+#[tokio::test]
+async fn a_group_arriving_after_the_checkpoint_is_due_makes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        checkpoint_ms: 1_000,
+        ..config(dir.path())
+    };
+    let (store, _) = Store::open(&cfg).unwrap();
+    let (a, ack_a) = acked_batch("AAPL", 1..=1);
+    store.append(a).await.unwrap();
+    ack_a.settled().await;
+    assert_eq!(store.stats().log_appends, 1);
+    // The writer is held with B waiting for it until the checkpoint is due: what a busy
+    // stream looks like to the writer, which finds a group waiting every time it looks.
+    let release = store.hold_writer();
+    let (b, ack_b) = acked_batch("AAPL", 2..=2);
+    store.append(b).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    drop(release);
+    ack_b.settled().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.stats().ticks_committed < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint: {:?}",
+            store.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let st = store.stats();
+    assert_eq!(
+        (st.log_appends, st.log_pending_ticks),
+        (1, 0),
+        "B was logged: {st:?}"
+    );
+    store.close().unwrap();
+}

@@ -440,10 +440,15 @@ impl Writer {
     /// Makes a small tick-only group durable through the log instead of a redb commit:
     /// appends it, settles its acks, and keeps its ticks for the next checkpoint. `false`
     /// (the group untouched) when the log is off or broken, the group must reach redb now
-    /// (a waiter, dead letters, a close, too many ticks, the store failing), or the append
+    /// (a waiter, dead letters, a close, too many ticks, a checkpoint due, the store
+    /// failing), or the append
     /// fails; the caller then commits it, with the pending ticks, to redb.
     fn log_group(&mut self, group: &mut Group) -> bool {
+        // A checkpoint that came due while groups kept arriving (the idle timer in `run` never
+        // fires then) is made by this group's redb commit.
+        let due = self.checkpoint_due.is_some_and(|d| Instant::now() >= d);
         let fits = group.ticks > 0
+            && !due
             && group.ticks < self.cfg.log_max_group_ticks
             && self.pending_ticks + group.ticks <= self.cfg.checkpoint_max_ticks;
         let only_ticks = !group.has_waiter()
