@@ -174,7 +174,7 @@ impl Default for StoreConfig {
             group_commit_ms: 5,
             group_commit_max_ticks: 100_000,
             checkpoint_ms: 200,
-            checkpoint_max_ticks: 50_000,
+            checkpoint_max_ticks: 10_000,
             log_max_group_ticks: 2_048,
             writer_queue: 256,
             max_ticks_per_symbol: 1_000_000,
