@@ -387,14 +387,16 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens or creates `<dir>/tickfan.redb` (creating `dir`), picks the epoch, marks the store
-    /// dirty durably (so a kill before `close()` is detected at the next open) and starts the
+    /// Opens or creates `<dir>/tickfan.redb` (creating `dir`), stores what an unclean stop left
+    /// in the write-ahead log `<dir>/tickfan.log`, picks the epoch, marks the store dirty
+    /// durably (so a kill before `close()` is detected at the next open) and starts the
     /// writer thread. Blocking (it reads, and by default verifies, the whole file): call it
     /// before starting the runtime's work or from `spawn_blocking`.
     ///
     /// # Errors
     /// [`StoreError::Open`] naming the file when it cannot be created or read, is not a redb
-    /// database, is corrupted, has an unknown layout, or is open in another process.
+    /// database, is corrupted, has an unknown layout, or is open in another process, or when
+    /// the log cannot be read or its ticks stored.
     pub fn open(config: &StoreConfig) -> Result<(Store, Recovery), StoreError> {
         std::fs::create_dir_all(&config.dir).map_err(|e| StoreError::Open {
             path: config.dir.clone(),
