@@ -126,7 +126,8 @@ pub struct StoreConfig {
     /// then), and redb takes everything logged in one durable transaction at most this long
     /// afterwards, which costs far less CPU than a redb commit per group. A crash replays the
     /// log at the next open. Reads (history, bars, resumes) wait for a checkpoint when
-    /// logged ticks are pending, so they always see every acked tick. 0 turns the log off:
+    /// logged ticks of their symbol are pending, so they always see every acked tick. 0
+    /// turns the log off:
     /// every group is a durable redb commit.
     pub checkpoint_ms: u64,
     /// Logged ticks waiting for a checkpoint at most; reaching it checkpoints at once. Bounds

@@ -7,10 +7,11 @@
 //! transaction (group commit), and only after the commit settles each tick's [`AckGroup`], so
 //! an acknowledged tick is never lost. A small group of ticks is made durable by an append to
 //! the write-ahead log (`log`, `<dir>/tickfan.log`) instead, acked, and committed to redb
-//! with others at the next checkpoint; `open` replays what a crash left in the log, and reads
-//! ask for a checkpoint first while logged ticks wait, so they see every acked tick. Reads (`history`, `bars`, `dead_letters`, `symbols`) are
-//! synchronous redb read transactions on the caller's thread (use `spawn_blocking` from async
-//! code); MVCC means they never wait for the writer. Retention also runs on the writer thread,
+//! with others at the next checkpoint; `open` replays what a crash left in the log.
+//! Reads (`history`, `bars`, `dead_letters`, `symbols`) are synchronous redb read
+//! transactions on the caller's thread (use `spawn_blocking` from async code); MVCC means
+//! they do not wait for the writer, except that a read of a symbol with logged ticks
+//! waiting asks for a checkpoint first, so it sees every acked tick. Retention also runs on the writer thread,
 //! in small transactions between group commits.
 //!
 //! Ticks are stored per symbol in seq-ordered chunks of a compact binary encoding (`codec`),
@@ -351,8 +352,11 @@ pub(crate) struct Shared {
     reopens: AtomicU64,
     log_appends: AtomicU64,
     log_errors: AtomicU64,
-    /// Logged ticks not yet in redb: a reader asks for a checkpoint first when non-zero.
+    /// Logged ticks not yet in redb, and their symbols: a reader of one of those symbols
+    /// asks for a checkpoint first. Both are set before the ticks' acks settle and cleared
+    /// after the checkpoint's commit.
     pending_ticks: AtomicU64,
+    pending_symbols: Mutex<ahash::AHashSet<Box<str>>>,
     /// Commit duration (seconds) and size (ticks) histograms, once metrics are attached.
     histograms: std::sync::OnceLock<(metrics::Histogram, metrics::Histogram)>,
 }
@@ -515,7 +519,7 @@ impl Store {
         limit: usize,
         since_seq: Option<u64>,
     ) -> Result<History, StoreError> {
-        self.checkpoint_logged();
+        self.checkpoint_logged(Some(symbol));
         let rtx = self.inner.db.get()?.begin_read()?;
         let chunks = rtx.open_table(TICKS)?;
         let last = rtx.open_table(LAST)?;
@@ -605,7 +609,7 @@ impl Store {
     /// # Errors
     /// A failed read transaction, or a damaged record.
     pub fn bars(&self, symbol: &str, tf: Timeframe, limit: usize) -> Result<Vec<Bar>, StoreError> {
-        self.checkpoint_logged();
+        self.checkpoint_logged(Some(symbol));
         let rtx = self.inner.db.get()?.begin_read()?;
         let table = rtx.open_table(BARS[tf.index()])?;
         let mut bars = Vec::with_capacity(limit.min(10_000));
@@ -627,7 +631,7 @@ impl Store {
     /// # Errors
     /// A failed read transaction.
     pub fn symbols(&self) -> Result<Vec<SymbolLast>, StoreError> {
-        self.checkpoint_logged();
+        self.checkpoint_logged(None);
         let rtx = self.inner.db.get()?.begin_read()?;
         read_symbols(&rtx.open_table(LAST)?)
     }
@@ -642,7 +646,7 @@ impl Store {
         let Some(sym) = Symbol::parse(symbol) else {
             return Ok(());
         };
-        self.checkpoint_logged();
+        self.checkpoint_logged(Some(symbol));
         let rtx = self.inner.db.get()?.begin_read()?;
         let chunks = rtx.open_table(TICKS)?;
         let mut part = Vec::new();
@@ -705,11 +709,17 @@ impl Store {
             .set((commit_seconds, batch_ticks));
     }
 
-    /// Before a read: when acked ticks wait in the write-ahead log for their checkpoint,
-    /// asks the writer to checkpoint now, so the read sees every acked tick. A failed
+    /// Before a read: when acked ticks of `symbol` (`None`: of any symbol) wait in the
+    /// write-ahead log for their checkpoint, asks the writer to checkpoint now, so the read
+    /// sees every acked tick. Reads of other symbols do not wait: the first read of a new
+    /// symbol by ingest (its dedup memory) happens under the symbol table's lock. A failed
     /// checkpoint (a full disk) is not the reader's error: it reads what redb holds.
-    fn checkpoint_logged(&self) {
-        if self.inner.shared.pending_ticks.load(Ordering::Acquire) > 0 {
+    fn checkpoint_logged(&self, symbol: Option<&str>) {
+        let shared = &self.inner.shared;
+        if shared.pending_ticks.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        if symbol.is_none_or(|s| shared.pending_symbols.lock().contains(s)) {
             let _ = self.flush_blocking();
         }
     }
@@ -940,22 +950,36 @@ fn replay_log(db: &Database, log_path: &Path) -> Result<(u64, u64), StoreError> 
         }
     };
     let replayed = log::replay(log_path, generation)?;
-    if replayed.ticks.is_empty() {
-        return Ok((generation, 0));
+    let (generation, fresh) = if replayed.ticks.is_empty() {
+        (generation, 0)
+    } else {
+        let txn = db.begin_write()?;
+        let counts = writer::write_ticks(&txn, std::iter::once(&replayed.ticks))?;
+        txn.open_table(META)?
+            .insert(codec::META_LOG_GENERATION, generation + 1)?;
+        txn.commit()?;
+        tracing::info!(
+            records = replayed.records,
+            ticks = replayed.ticks.len(),
+            stored = counts.fresh,
+            ignored_bytes = replayed.ignored_bytes,
+            "store replayed its write-ahead log"
+        );
+        (generation + 1, counts.fresh)
+    };
+    if replayed.damaged {
+        // Acked ticks may sit behind the damaged record: keep the file for a person to look
+        // at instead of emptying it with the rest (what came before the damage is stored).
+        let aside = log_path.with_extension(format!("log.damaged-{}", crate::tick::now_ms()));
+        let kept = std::fs::rename(log_path, &aside);
+        tracing::error!(
+            records = replayed.records,
+            kept = %aside.display(),
+            rename_error = kept.err().map(|e| e.to_string()),
+            "store write-ahead log has a damaged record before intact ones; ticks after it were not replayed"
+        );
     }
-    let txn = db.begin_write()?;
-    let counts = writer::write_ticks(&txn, std::iter::once(&replayed.ticks))?;
-    txn.open_table(META)?
-        .insert(codec::META_LOG_GENERATION, generation + 1)?;
-    txn.commit()?;
-    tracing::info!(
-        records = replayed.records,
-        ticks = replayed.ticks.len(),
-        stored = counts.fresh,
-        ignored_bytes = replayed.ignored_bytes,
-        "store replayed its write-ahead log"
-    );
-    Ok((generation + 1, counts.fresh))
+    Ok((generation, fresh))
 }
 
 /// A random nonzero epoch different from the previous one.

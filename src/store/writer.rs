@@ -397,7 +397,11 @@ impl Writer {
                         #[allow(clippy::cast_precision_loss)]
                         size.record((group.ticks + self.pending_ticks) as f64);
                     }
-                    self.checkpointed();
+                    if writes {
+                        // Only a commit raised the generation in redb: the log follows it,
+                        // never leads (records ahead of redb's generation are not replayed).
+                        self.checkpointed();
+                    }
                     let retention = std::mem::take(&mut group.retention);
                     self.finish(group, &counts, writes);
                     self.shared.retry_ticks.store(0, Ordering::Relaxed);
@@ -470,6 +474,15 @@ impl Writer {
         self.shared.log_appends.fetch_add(1, Ordering::Relaxed);
         // Readers must know of these ticks before any producer hears of them: a read after
         // an ack then asks for a checkpoint first.
+        {
+            let mut symbols = self.shared.pending_symbols.lock();
+            for st in group.batches.iter().flatten() {
+                let sym = st.tick.symbol.as_str();
+                if !symbols.contains(sym) {
+                    symbols.insert(sym.into());
+                }
+            }
+        }
         self.pending_ticks += group.ticks;
         self.shared
             .pending_ticks
@@ -494,6 +507,7 @@ impl Writer {
         self.pending_ticks = 0;
         self.checkpoint_due = None;
         self.shared.pending_ticks.store(0, Ordering::Release);
+        self.shared.pending_symbols.lock().clear();
         if let Some(log) = self.log.as_mut() {
             if let Err(e) = log.reset(log.generation() + 1) {
                 // Records of the old generation are never replayed, and no append happens
