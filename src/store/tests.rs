@@ -663,6 +663,29 @@ fn log_len(dir: &Path) -> u64 {
     std::fs::metadata(dir.join(log::FILE_NAME)).unwrap().len()
 }
 
+/// The store's files as a kill would leave them now (the writer idle between groups: redb
+/// holds its last durable commit, the log what was appended since), in a new folder.
+fn crash_copy(dir: &Path) -> tempfile::TempDir {
+    let crashed = tempfile::tempdir().unwrap();
+    for name in [FILE_NAME, log::FILE_NAME] {
+        std::fs::copy(dir.join(name), crashed.path().join(name)).unwrap();
+    }
+    crashed
+}
+
+/// Polls (10 s deadline) until `n` ticks are committed to redb.
+async fn wait_committed(store: &Store, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.stats().ticks_committed < n {
+        assert!(
+            Instant::now() < deadline,
+            "no checkpoint: {:?}",
+            store.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A store with `checkpoint_ms`, after AAPL ticks `seqs` were appended and acked; the
 /// stats are from before the append.
 async fn store_after_acked(
@@ -719,15 +742,7 @@ async fn logged_ticks_are_acked_before_redb_and_a_read_checkpoints_them() {
 async fn logged_ticks_are_checkpointed_on_their_own() {
     let (dir, store, _) = store_after_acked(20, 1..=4).await;
     assert_eq!(store.stats().log_appends, 1);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while store.stats().ticks_committed < 4 {
-        assert!(
-            Instant::now() < deadline,
-            "no checkpoint: {:?}",
-            store.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_committed(&store, 4).await;
     assert_eq!(store.stats().log_pending_ticks, 0);
     assert_eq!(log_len(dir.path()), 0);
     store.close().unwrap();
@@ -737,23 +752,12 @@ async fn logged_ticks_are_checkpointed_on_their_own() {
 /// while the server would still run) open with every acked tick, bars counted once.
 #[tokio::test]
 async fn a_crash_copy_replays_the_log_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = StoreConfig {
-        checkpoint_ms: 600_000,
-        ..config(dir.path())
-    };
-    let (store, _) = Store::open(&cfg).unwrap();
-    let (a, ack_a) = acked_batch("AAPL", 1..=5);
+    let (dir, store, _) = store_after_acked(600_000, 1..=5).await;
     let (m, ack_m) = acked_batch("MSFT", 1..=3);
-    store.append(a).await.unwrap();
     store.append(m).await.unwrap();
-    ack_a.settled().await;
     ack_m.settled().await;
     assert_eq!(store.stats().log_pending_ticks, 8);
-    let crashed = tempfile::tempdir().unwrap();
-    for name in [FILE_NAME, log::FILE_NAME] {
-        std::fs::copy(dir.path().join(name), crashed.path().join(name)).unwrap();
-    }
+    let crashed = crash_copy(dir.path());
     store.close().unwrap();
 
     let cfg = config(crashed.path());
@@ -831,15 +835,7 @@ fn big_ticks_of_several_symbols_in_one_transaction() {
 /// commits to redb, taking the logged ticks with it, instead of being logged too.
 #[tokio::test]
 async fn a_group_arriving_after_the_checkpoint_is_due_makes_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = StoreConfig {
-        checkpoint_ms: 1_000,
-        ..config(dir.path())
-    };
-    let (store, _) = Store::open(&cfg).unwrap();
-    let (a, ack_a) = acked_batch("AAPL", 1..=1);
-    store.append(a).await.unwrap();
-    ack_a.settled().await;
+    let (_dir, store, _) = store_after_acked(1_000, 1..=1).await;
     assert_eq!(store.stats().log_appends, 1);
     // The writer is held with B waiting for it until the checkpoint is due: what a busy
     // stream looks like to the writer, which finds a group waiting every time it looks.
@@ -849,15 +845,7 @@ async fn a_group_arriving_after_the_checkpoint_is_due_makes_it() {
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     drop(release);
     ack_b.settled().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while store.stats().ticks_committed < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "no checkpoint: {:?}",
-            store.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_committed(&store, 2).await;
     let st = store.stats();
     assert_eq!(
         (st.log_appends, st.log_pending_ticks),
@@ -879,10 +867,7 @@ async fn a_flush_with_nothing_to_write_keeps_the_log_in_step() {
     store.append(b).await.unwrap();
     ack_b.settled().await;
     assert_eq!(store.stats().log_pending_ticks, 2);
-    let crashed = tempfile::tempdir().unwrap();
-    for name in [FILE_NAME, log::FILE_NAME] {
-        std::fs::copy(dir.path().join(name), crashed.path().join(name)).unwrap();
-    }
+    let crashed = crash_copy(dir.path());
     store.close().unwrap();
     let (store, rec) = Store::open(&config(crashed.path())).unwrap();
     assert_eq!(rec.replayed_ticks, 2);
@@ -901,10 +886,7 @@ async fn a_damaged_log_is_kept_aside() {
         ack.settled().await;
     }
     assert_eq!(store.stats().log_appends, 3);
-    let crashed = tempfile::tempdir().unwrap();
-    for name in [FILE_NAME, log::FILE_NAME] {
-        std::fs::copy(dir.path().join(name), crashed.path().join(name)).unwrap();
-    }
+    let crashed = crash_copy(dir.path());
     store.close().unwrap();
     // Flip a payload byte of the second record.
     let path = crashed.path().join(log::FILE_NAME);
