@@ -242,3 +242,52 @@ async fn a_full_disk_pushes_back_loses_nothing_and_recovers() {
     // Nothing crashed: the server shuts down cleanly.
     server.shutdown().await;
 }
+
+/// A store closed while its disk is still full stops its writer thread and answers (an
+/// error: the last commit failed) instead of hanging. The writer takes the close during its
+/// retries; it once went on waiting for commands, and `close()` (or the last handle's drop,
+/// at process exit) waited for it forever.
+#[test]
+fn a_store_closed_while_the_disk_is_full_stops_its_writer() {
+    use tickfan::config::StoreConfig;
+    use tickfan::store::{Store, StoredTick};
+    use tickfan::tick::{Symbol, Tick};
+
+    let dir = tempfile::tempdir().unwrap();
+    let _mounted = Tmpfs::mount(dir.path(), FS_BYTES);
+    let cfg = StoreConfig {
+        dir: dir.path().to_owned(),
+        retention_interval_ms: 0,
+        ..StoreConfig::default()
+    };
+    let (store, _) = Store::open(&cfg).unwrap();
+    let _filler = fill(dir.path());
+    let symbol = Symbol::parse("FULL").unwrap();
+    // More than `log_max_group_ticks`: a redb commit, which cannot fit.
+    let batch = (1..=3_000)
+        .map(|seq| {
+            let mut t = Tick::new(symbol.clone(), 1_700_000_000_000, 10.0, 1.0);
+            t.seq = seq;
+            StoredTick::new(t, None)
+        })
+        .collect();
+    store.append_blocking(batch).unwrap();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !store.is_failing() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store never failed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // On a thread of its own: a hung close must fail this test, not hang it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(store.close());
+    });
+    let closed = rx
+        .recv_timeout(DEADLINE)
+        .expect("close() did not return: the store's writer thread did not stop");
+    assert!(closed.is_err(), "the last commit cannot have succeeded");
+}

@@ -418,7 +418,7 @@ impl Store {
             path: log_path.clone(),
             reason: e.to_string(),
         };
-        let (generation, replayed) = replay_log(&db, &log_path).map_err(|e| match e {
+        let (generation, replayed) = replay_log(&db, &path, &log_path).map_err(|e| match e {
             e @ StoreError::Open { .. } => e,
             StoreError::Io(e) => log_err(e),
             other => open_err(other.to_string()),
@@ -903,15 +903,7 @@ fn init(db: &Database, path: &Path) -> Result<Recovery, StoreError> {
         let mut meta = txn.open_table(META)?;
         let format = meta.get(codec::META_FORMAT)?.map(|g| g.value());
         let created = format.is_none();
-        if let Some(v) = format.filter(|&v| v != codec::FORMAT_VERSION) {
-            return Err(StoreError::Open {
-                path: path.to_owned(),
-                reason: format!(
-                    "unknown store format version {v} (this build reads {})",
-                    codec::FORMAT_VERSION
-                ),
-            });
-        }
+        check_format(format, path)?;
         let old_epoch = meta.get(codec::META_EPOCH)?.map(|g| g.value());
         let clean = meta.get(codec::META_CLEAN)?.is_some_and(|g| g.value() == 1);
         let epoch = match old_epoch {
@@ -935,21 +927,56 @@ fn init(db: &Database, path: &Path) -> Result<Recovery, StoreError> {
     Ok(recovery)
 }
 
+/// Refuses a store written in a layout this build does not know (`None`: a new store).
+fn check_format(format: Option<u64>, path: &Path) -> Result<(), StoreError> {
+    match format {
+        Some(v) if v != codec::FORMAT_VERSION => Err(StoreError::Open {
+            path: path.to_owned(),
+            reason: format!(
+                "unknown store format version {v} (this build reads {})",
+                codec::FORMAT_VERSION
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Stores the ticks an unclean stop left in the write-ahead log only (acked, never
 /// checkpointed), in one durable transaction that also raises the log generation, so the log
 /// can be emptied. Returns the generation new records carry and the ticks that were new.
-fn replay_log(db: &Database, log_path: &Path) -> Result<(u64, u64), StoreError> {
+fn replay_log(db: &Database, path: &Path, log_path: &Path) -> Result<(u64, u64), StoreError> {
     let generation = {
         let rtx = db.begin_read()?;
         match rtx.open_table(META) {
-            Ok(meta) => meta
-                .get(codec::META_LOG_GENERATION)?
-                .map_or(0, |g| g.value()),
+            Ok(meta) => {
+                // Before writing anything: a store of another layout must stay untouched.
+                check_format(meta.get(codec::META_FORMAT)?.map(|g| g.value()), path)?;
+                meta.get(codec::META_LOG_GENERATION)?
+                    .map_or(0, |g| g.value())
+            }
             Err(redb::TableError::TableDoesNotExist(_)) => 0,
             Err(e) => return Err(e.into()),
         }
     };
     let replayed = log::replay(log_path, generation)?;
+    if replayed.damaged {
+        // Acked ticks may sit behind the damaged record: a copy is kept for a person to look
+        // at, before anything is stored or the log emptied (what came before the damage is
+        // stored below). If it cannot be kept, the open fails and nothing has changed.
+        let aside = log_path.with_extension(format!("log.damaged-{}", crate::tick::now_ms()));
+        std::fs::copy(log_path, &aside).map_err(|e| StoreError::Open {
+            path: log_path.to_owned(),
+            reason: format!(
+                "the log has a damaged record and could not be kept aside as {}: {e}",
+                aside.display()
+            ),
+        })?;
+        tracing::error!(
+            records = replayed.records,
+            kept = %aside.display(),
+            "store write-ahead log has a damaged record before intact ones; ticks after it were not replayed"
+        );
+    }
     let (generation, fresh) = if replayed.ticks.is_empty() {
         (generation, 0)
     } else {
@@ -967,18 +994,6 @@ fn replay_log(db: &Database, log_path: &Path) -> Result<(u64, u64), StoreError> 
         );
         (generation + 1, counts.fresh)
     };
-    if replayed.damaged {
-        // Acked ticks may sit behind the damaged record: keep the file for a person to look
-        // at instead of emptying it with the rest (what came before the damage is stored).
-        let aside = log_path.with_extension(format!("log.damaged-{}", crate::tick::now_ms()));
-        let kept = std::fs::rename(log_path, &aside);
-        tracing::error!(
-            records = replayed.records,
-            kept = %aside.display(),
-            rename_error = kept.err().map(|e| e.to_string()),
-            "store write-ahead log has a damaged record before intact ones; ticks after it were not replayed"
-        );
-    }
     Ok((generation, fresh))
 }
 

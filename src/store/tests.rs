@@ -911,3 +911,33 @@ async fn a_damaged_log_is_kept_aside() {
     );
     store.close().unwrap();
 }
+
+/// A store of another format version is refused before its log is replayed into it: the
+/// replay would write this build's layout into a file it does not understand.
+#[tokio::test]
+async fn a_store_of_another_format_is_refused_before_its_log_is_touched() {
+    let (dir, store, _) = store_after_acked(600_000, 1..=2).await;
+    let crashed = crash_copy(dir.path());
+    store.close().unwrap();
+    {
+        let db = redb::Database::create(crashed.path().join(FILE_NAME)).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert(codec::META_FORMAT, codec::FORMAT_VERSION + 1)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let log_before = std::fs::read(crashed.path().join(log::FILE_NAME)).unwrap();
+    let err = Store::open(&config(crashed.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown store format version"), "{err}");
+    assert_eq!(
+        std::fs::read(crashed.path().join(log::FILE_NAME)).unwrap(),
+        log_before
+    );
+    let db = redb::Database::create(crashed.path().join(FILE_NAME)).unwrap();
+    let rtx = db.begin_read().unwrap();
+    assert!(rtx.open_table(LAST).unwrap().get("AAPL").unwrap().is_none());
+}

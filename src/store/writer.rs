@@ -274,6 +274,18 @@ impl Writer {
         // Commands the previous window gathered: few means a quiet store (see `gather`).
         let mut last_taken = 0;
         loop {
+            // A checkpoint that came due while nothing waits (idle, or a retention pass under
+            // way). With groups waiting, the next one makes it (`log_group`).
+            if self.checkpoint_due.is_some_and(|c| c <= Instant::now()) && self.rx.is_empty() {
+                let (retention, closed) = self.commit_with_retry(Group::default());
+                if closed {
+                    break;
+                }
+                if !retention.is_empty() {
+                    self.start_pass(retention);
+                }
+                continue;
+            }
             // A retention pass advances whenever nothing is waiting.
             if self.pass.is_some() && self.rx.is_empty() {
                 self.retention_step();
@@ -288,13 +300,8 @@ impl Writer {
                 Some(due) => match self.rx.recv_deadline(due) {
                     Ok(cmd) => cmd,
                     Err(RecvTimeoutError::Timeout) => {
-                        if self.checkpoint_due.is_some_and(|c| c <= Instant::now()) {
-                            // Nothing else is waiting: a checkpoint of the logged ticks alone.
-                            let retention = self.commit_with_retry(Group::default());
-                            if !retention.is_empty() {
-                                self.start_pass(retention);
-                            }
-                        } else {
+                        // A due checkpoint is made at the top of the loop.
+                        if retention_due.is_some_and(|r| r <= Instant::now()) {
                             self.start_pass(Vec::new());
                         }
                         continue;
@@ -313,10 +320,10 @@ impl Writer {
             let deadline = last_commit + self.cfg.group_commit;
             last_taken = self.gather(&mut group, deadline, last_taken < SLEEP_BELOW_COMMANDS);
             last_commit = Instant::now();
-            let stop = group.close.is_some();
             let mut retention = std::mem::take(&mut group.retention);
-            retention.extend(self.commit_with_retry(group));
-            if stop {
+            let (more, closed) = self.commit_with_retry(group);
+            retention.extend(more);
+            if closed {
                 break;
             }
             if !retention.is_empty() {
@@ -376,10 +383,12 @@ impl Writer {
     /// Commits the group; on failure tells the waiters, marks the store failing (ingest stops
     /// admitting), backs off, reopens the file and retries with the same ticks (still
     /// unacknowledged) plus whatever was handed over meanwhile, so a full disk loses nothing.
-    /// Returns retention requests that arrived during retries, for the caller to start.
-    fn commit_with_retry(&mut self, mut group: Group) -> Vec<Reply<RetentionReport>> {
+    /// Returns retention requests that arrived during retries, for the caller to start, and
+    /// whether the group held a close (it may have arrived during the retries): the thread
+    /// must stop then, or the closing handle would wait for it forever.
+    fn commit_with_retry(&mut self, mut group: Group) -> (Vec<Reply<RetentionReport>>, bool) {
         if self.log_group(&mut group) {
-            return Vec::new();
+            return (Vec::new(), false);
         }
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -403,12 +412,13 @@ impl Writer {
                         self.checkpointed();
                     }
                     let retention = std::mem::take(&mut group.retention);
+                    let closed = group.close.is_some();
                     self.finish(group, &counts, writes);
                     self.shared.retry_ticks.store(0, Ordering::Relaxed);
                     if self.shared.failing.swap(false, Ordering::AcqRel) {
                         tracing::info!("store writes work again: accepting ticks");
                     }
-                    return retention;
+                    return (retention, closed);
                 }
                 Err(e) => {
                     let msg = e.to_string();
@@ -423,8 +433,9 @@ impl Writer {
                     let closing = group.close.is_some();
                     group.fail(&msg);
                     if closing {
-                        // The caller is shutting down; these ticks were never acknowledged.
-                        return std::mem::take(&mut group.retention);
+                        // The caller is shutting down; these ticks were never acknowledged
+                        // (logged ones were, and the log keeps them for the next start).
+                        return (std::mem::take(&mut group.retention), true);
                     }
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
