@@ -20,7 +20,9 @@
 //! carry the new generation. Replay takes records of the stored generation from the start of
 //! the file and stops at the first one that is torn, damaged or of another generation: a
 //! crash mid-append leaves a torn tail (never acked), and an emptying that did not reach the
-//! disk leaves records of an older generation (already in redb).
+//! disk leaves records of an older generation (already in redb). A whole record that fails
+//! its check with a record of the generation right after it is damage, not a torn tail:
+//! `Store::open` then keeps a copy of the file before it empties it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
