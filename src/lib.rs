@@ -29,7 +29,7 @@
 //! - [`auth`]: tokens (bearer header or `?token=`), for sessions and routes alike.
 //!
 //! Beside the data path:
-//! - [`store`]: the redb store (history, bars, dead letters, epoch).
+//! - [`store`]: the redb store (history, bars, dead letters, epoch) and its write-ahead log.
 //! - [`dlq`]: the bounded dead-letter list.
 //! - [`import`]: `tickfan import`, bulk loading of CSV/NDJSON history into the store.
 //! - [`ack`]: ingest acks that wait for the tick's durable fate.
