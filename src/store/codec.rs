@@ -235,11 +235,12 @@ fn unzigzag(z: u64) -> i64 {
     v
 }
 
-/// A bounds-checked reader over a stored value: every read returns `None` past the end.
-struct Reader<'a>(&'a [u8]);
+/// A bounds-checked reader over a stored value (or a log record): every read returns `None`
+/// past the end.
+pub(super) struct Reader<'a>(pub &'a [u8]);
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+    pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if self.0.len() < n {
             return None;
         }
@@ -248,8 +249,16 @@ impl<'a> Reader<'a> {
         Some(head)
     }
 
-    fn u8(&mut self) -> Option<u8> {
+    pub fn u8(&mut self) -> Option<u8> {
         Some(self.take(1)?[0])
+    }
+
+    pub fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    pub fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
     }
 
     fn f64(&mut self) -> Option<f64> {

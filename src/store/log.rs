@@ -28,7 +28,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
-use super::codec::{self, ChunkWriter};
+use super::codec::{self, ChunkWriter, Reader};
 use super::StoredTick;
 use crate::tick::{Symbol, Tick};
 
@@ -50,6 +50,8 @@ pub(super) struct Log {
     broken: bool,
     buf: Vec<u8>,
     chunk: ChunkWriter,
+    /// The symbols of the last record, once each (its ticks are grouped by symbol anyway).
+    symbols: Vec<Symbol>,
 }
 
 impl Log {
@@ -73,6 +75,7 @@ impl Log {
             broken: false,
             buf: Vec::with_capacity(64 * 1024),
             chunk: ChunkWriter::new(),
+            symbols: Vec::new(),
         })
     }
 
@@ -82,6 +85,11 @@ impl Log {
 
     pub(super) fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// The symbols of the last record appended, each once.
+    pub(super) fn symbols(&self) -> &[Symbol] {
+        &self.symbols
     }
 
     /// Whether appends are possible now.
@@ -96,7 +104,8 @@ impl Log {
         }
         self.buf.clear();
         self.buf.extend_from_slice(&[0; HEADER]);
-        encode(batches, &mut self.chunk, &mut self.buf);
+        self.symbols.clear();
+        encode(batches, &mut self.chunk, &mut self.buf, &mut self.symbols);
         let len = self.buf.len() - HEADER;
         let len32 = u32::try_from(len).map_err(|_| io::Error::other("log record too large"))?;
         self.buf[0..4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -135,8 +144,14 @@ fn crc(head: &[u8], payload: &[u8]) -> u32 {
 }
 
 /// Appends the payload of a record: each symbol's ticks, stably sorted by seq (of two with one
-/// seq, the first handed over stays first, as the store keeps it), as chunks.
-fn encode(batches: &[Vec<StoredTick>], chunk: &mut ChunkWriter, out: &mut Vec<u8>) {
+/// seq, the first handed over stays first, as the store keeps it), as chunks. Each symbol
+/// goes to `symbols` once.
+fn encode(
+    batches: &[Vec<StoredTick>],
+    chunk: &mut ChunkWriter,
+    out: &mut Vec<u8>,
+    symbols: &mut Vec<Symbol>,
+) {
     let mut ticks: Vec<&Tick> = batches.iter().flatten().map(|st| &st.tick).collect();
     ticks.sort_by(|a, b| {
         a.symbol
@@ -156,8 +171,12 @@ fn encode(batches: &[Vec<StoredTick>], chunk: &mut ChunkWriter, out: &mut Vec<u8
     let mut current: Option<&str> = None;
     for t in ticks {
         let sym = t.symbol.as_str();
-        if current.is_some_and(|c| c != sym) || chunk.is_full() {
-            put(current.expect("a chunk has a symbol"), chunk, out);
+        let new_symbol = current != Some(sym);
+        if let Some(prev) = current.filter(|_| new_symbol || chunk.is_full()) {
+            put(prev, chunk, out);
+        }
+        if new_symbol {
+            symbols.push(t.symbol.clone());
         }
         current = Some(sym);
         chunk.push(t);
@@ -194,31 +213,29 @@ pub(super) fn replay(path: &Path, generation: u64) -> io::Result<Replayed> {
     let mut out = Replayed::default();
     let mut read = 0u64;
     let mut payload = Vec::new();
+    let ours = |head: &[u8; HEADER]| {
+        header(head).filter(|&(magic, gen, len, _)| {
+            magic == MAGIC && gen == generation && len <= MAX_RECORD && len as u64 <= total
+        })
+    };
+    let mut head = [0u8; HEADER];
     loop {
-        let mut head = [0u8; HEADER];
-        if read_full(&mut r, &mut head)? < HEADER {
+        if !fill(&mut r, &mut head)? {
             break;
         }
-        let field = |at: usize, n: usize| &head[at..at + n];
-        let magic = u32::from_le_bytes(field(0, 4).try_into().expect("4 bytes"));
-        let gen = u64::from_le_bytes(field(4, 8).try_into().expect("8 bytes"));
-        let len = u32::from_le_bytes(field(12, 4).try_into().expect("4 bytes")) as usize;
-        let want = u32::from_le_bytes(field(16, 4).try_into().expect("4 bytes"));
-        if magic != MAGIC || gen != generation || len > MAX_RECORD || len as u64 > total {
+        let Some((_, _, len, want)) = ours(&head) else {
             break;
-        }
+        };
         payload.resize(len, 0);
-        if read_full(&mut r, &mut payload)? < len {
+        if !fill(&mut r, &mut payload)? {
             break;
         }
         let ticks = (crc(&head[4..16], &payload) == want)
             .then(|| decode(&payload))
             .flatten();
         let Some(ticks) = ticks else {
-            let mut next = [0u8; HEADER];
-            out.damaged = read_full(&mut r, &mut next)? == HEADER
-                && next[0..4] == MAGIC.to_le_bytes()
-                && next[4..12] == generation.to_le_bytes();
+            // A record of the generation right after this one: damage, not a torn tail.
+            out.damaged = fill(&mut r, &mut head)? && ours(&head).is_some();
             break;
         };
         out.ticks
@@ -232,35 +249,32 @@ pub(super) fn replay(path: &Path, generation: u64) -> io::Result<Replayed> {
     Ok(out)
 }
 
-/// Reads until `buf` is full or the file ends; returns the bytes read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+/// Fills `buf`; `false` when the file ends first (a torn tail).
+fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
+    match r.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
     }
-    Ok(n)
 }
 
-fn decode(mut b: &[u8]) -> Option<Vec<Tick>> {
-    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-        let (head, rest) = (b.get(..n)?, b.get(n..)?);
-        *b = rest;
-        Some(head)
-    }
+fn decode(payload: &[u8]) -> Option<Vec<Tick>> {
+    let mut r = Reader(payload);
     let mut out = Vec::new();
-    while !b.is_empty() {
-        let n = usize::from(*take(&mut b, 1)?.first()?);
-        let symbol = Symbol::parse(std::str::from_utf8(take(&mut b, n)?).ok()?)?;
-        let key = u64::from_le_bytes(take(&mut b, 8)?.try_into().ok()?);
-        let len = u32::from_le_bytes(take(&mut b, 4)?.try_into().ok()?) as usize;
-        codec::decode_chunk(take(&mut b, len)?, key, &symbol, &mut out)?;
+    while !r.0.is_empty() {
+        let n = usize::from(r.u8()?);
+        let symbol = Symbol::parse(std::str::from_utf8(r.take(n)?).ok()?)?;
+        let key = r.u64()?;
+        let len = r.u32()? as usize;
+        codec::decode_chunk(r.take(len)?, key, &symbol, &mut out)?;
     }
     Some(out)
+}
+
+/// A header's fields: `(magic, generation, length, crc)`.
+fn header(head: &[u8; HEADER]) -> Option<(u32, u64, usize, u32)> {
+    let mut r = Reader(head);
+    Some((r.u32()?, r.u64()?, r.u32()? as usize, r.u32()?))
 }
 
 #[cfg(test)]
@@ -287,6 +301,8 @@ mod tests {
         let mut log = Log::create(&path, 7).unwrap();
         log.append(&[vec![tick("B", 2), tick("A", 1), tick("B", 1)]])
             .unwrap();
+        let names: Vec<&str> = log.symbols().iter().map(Symbol::as_str).collect();
+        assert_eq!(names, ["A", "B"], "each symbol of the record once");
         // More ticks than one chunk holds.
         let many: Vec<_> = (1..=600).map(|s| tick("C", s)).collect();
         log.append(&[many]).unwrap();

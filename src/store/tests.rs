@@ -659,6 +659,13 @@ fn acked_batch(
     (ticks, ack)
 }
 
+/// Appends `symbol` ticks `seqs` with an ack and waits until it settles.
+async fn append_acked(store: &Store, symbol: &str, seqs: std::ops::RangeInclusive<u64>) {
+    let (ticks, ack) = acked_batch(symbol, seqs);
+    store.append(ticks).await.unwrap();
+    ack.settled().await;
+}
+
 fn log_len(dir: &Path) -> u64 {
     std::fs::metadata(dir.join(log::FILE_NAME)).unwrap().len()
 }
@@ -699,9 +706,7 @@ async fn store_after_acked(
     };
     let (store, _) = Store::open(&cfg).unwrap();
     let before = store.stats();
-    let (ticks, ack) = acked_batch("AAPL", seqs);
-    store.append(ticks).await.unwrap();
-    ack.settled().await;
+    append_acked(&store, "AAPL", seqs).await;
     (dir, store, before)
 }
 
@@ -728,9 +733,7 @@ async fn logged_ticks_are_acked_before_redb_and_a_read_checkpoints_them() {
     assert_eq!(store.bars("AAPL", Timeframe::M1, 10).unwrap()[0].count, 3);
 
     // The symbol list is about every symbol: it waits for any logged tick.
-    let (m, ack) = acked_batch("MSFT", 1..=2);
-    store.append(m).await.unwrap();
-    ack.settled().await;
+    append_acked(&store, "MSFT", 1..=2).await;
     assert_eq!(store.stats().log_pending_ticks, 2);
     assert_eq!(store.symbols().unwrap().len(), 2);
     assert_eq!(store.stats().log_pending_ticks, 0);
@@ -753,9 +756,7 @@ async fn logged_ticks_are_checkpointed_on_their_own() {
 #[tokio::test]
 async fn a_crash_copy_replays_the_log_once() {
     let (dir, store, _) = store_after_acked(600_000, 1..=5).await;
-    let (m, ack_m) = acked_batch("MSFT", 1..=3);
-    store.append(m).await.unwrap();
-    ack_m.settled().await;
+    append_acked(&store, "MSFT", 1..=3).await;
     assert_eq!(store.stats().log_pending_ticks, 8);
     let crashed = crash_copy(dir.path());
     store.close().unwrap();
@@ -863,9 +864,7 @@ async fn a_flush_with_nothing_to_write_keeps_the_log_in_step() {
     let (dir, store, _) = store_after_acked(600_000, 1..=1).await;
     store.flush().await.unwrap(); // the checkpoint
     store.flush().await.unwrap(); // nothing pending, nothing to write
-    let (b, ack_b) = acked_batch("AAPL", 2..=3);
-    store.append(b).await.unwrap();
-    ack_b.settled().await;
+    append_acked(&store, "AAPL", 2..=3).await;
     assert_eq!(store.stats().log_pending_ticks, 2);
     let crashed = crash_copy(dir.path());
     store.close().unwrap();
@@ -881,9 +880,7 @@ async fn a_flush_with_nothing_to_write_keeps_the_log_in_step() {
 async fn a_damaged_log_is_kept_aside() {
     let (dir, store, _) = store_after_acked(600_000, 1..=1).await;
     for seq in 2..=3 {
-        let (b, ack) = acked_batch("AAPL", seq..=seq);
-        store.append(b).await.unwrap();
-        ack.settled().await;
+        append_acked(&store, "AAPL", seq..=seq).await;
     }
     assert_eq!(store.stats().log_appends, 3);
     let crashed = crash_copy(dir.path());

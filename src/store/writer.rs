@@ -233,10 +233,6 @@ pub(super) struct TickCounts {
     pub duplicates: u64,
 }
 
-fn cfg_has_log(cfg: &WriterConfig) -> bool {
-    cfg.checkpoint.is_some()
-}
-
 impl Writer {
     pub(super) fn new(
         slot: Arc<DbSlot>,
@@ -260,7 +256,7 @@ impl Writer {
             shared,
             retention_due,
             pass: None,
-            log: log.filter(|_| cfg_has_log(&cfg)),
+            log: log.filter(|_| cfg.checkpoint.is_some()),
             cfg,
             pending: Vec::new(),
             pending_ticks: 0,
@@ -487,10 +483,9 @@ impl Writer {
         // an ack then asks for a checkpoint first.
         {
             let mut symbols = self.shared.pending_symbols.lock();
-            for st in group.batches.iter().flatten() {
-                let sym = st.tick.symbol.as_str();
-                if !symbols.contains(sym) {
-                    symbols.insert(sym.into());
+            for sym in log.symbols() {
+                if !symbols.contains(sym.as_str()) {
+                    symbols.insert(sym.as_str().into());
                 }
             }
         }
